@@ -1,0 +1,89 @@
+"""The ``plantml`` command line.
+
+Sub-commands live in their own modules and are imported only when invoked, so that
+``plantml --help`` stays fast (importing mlflow or torch takes seconds).
+Every :class:`plantml.errors.PlantmlError` becomes one line on stderr and its exit
+code here, in one place; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from plantml.errors import PlantmlError
+
+#: command name -> (module, attribute, one-line help shown by ``plantml --help``)
+COMMANDS = {
+    "train": ("plantml.cli.train", "train", "Train a plant classifier with full MLflow tracking."),
+    "data": ("plantml.cli.data", "data", "Make or inspect image data sets."),
+    "stack": ("plantml.cli.stack", "stack", "Start the tracking stack (PostgreSQL, S3, MLflow)."),
+    "registry": ("plantml.cli.registry", "registry", "List, promote, roll back and compare registered models."),
+    "verify": ("plantml.cli.verify", "verify", "Run the eight checks of a tracking installation."),
+    "tracking": ("plantml.cli.tracking", "tracking", "Tracking utilities (journal replay)."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module_name, attribute, _ = COMMANDS[cmd_name]
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in sorted(COMMANDS)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="plantml")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """plantml: train plant-image classifiers with trustworthy MLflow tracking."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``plantml`` console script; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    prog = "plantml"
+    try:
+        cli.main(args=args, prog_name=prog, standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else prog
+        click.echo(f"{command}: error: {exc.format_message()}", err=True)
+        return 2
+    except click.ClickException as exc:
+        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except PlantmlError as exc:
+        if debug:
+            raise
+        click.echo(f"{prog}: error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo(f"{prog}: interrupted", err=True)
+        return 130
+
+
+def run() -> None:
+    """Console-script wrapper: exit with :func:`main`'s code."""
+    sys.exit(main())

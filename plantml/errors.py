@@ -1,0 +1,54 @@
+"""One exception family for every error a user should see as one line.
+
+Library code raises these; only the command-line layer (:mod:`plantml.cli`) turns
+them into a message and an exit code, in one place.
+"""
+
+from __future__ import annotations
+
+
+class PlantmlError(Exception):
+    """Base of every user-facing plantml error. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(PlantmlError):
+    """The caller asked for something invalid (a bad flag, a bad name, a missing folder)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A setting (argument, environment variable or ``.env`` entry) is invalid."""
+
+
+class DataError(UsageError):
+    """The image folder cannot be used as a data set."""
+
+
+class ValidationError(UsageError):
+    """A value handed to the tracker would be rejected by MLflow (bad name, bad value)."""
+
+
+class StackError(PlantmlError):
+    """A service of the tracking stack failed to start, stop or answer."""
+
+    def __init__(self, service: str, cause: str, log_tail: str = "") -> None:
+        self.service = service
+        self.cause = cause
+        self.log_tail = log_tail
+        message = f"{service}: {cause}"
+        if log_tail:
+            message += f"\n--- last lines of the {service} log ---\n{log_tail}"
+        super().__init__(message)
+
+
+class TrackingError(PlantmlError):
+    """The tracking server or the artifact store refused or failed a request."""
+
+
+class RegistryError(PlantmlError):
+    """A registered model, version or alias is unknown or invalid."""
+
+    exit_code = 2
