@@ -1,0 +1,88 @@
+"""What a running stack gives its users: endpoints and credentials, secrets masked.
+
+The same object describes a local stack, a containers stack and an external one
+(the compose stack, a team server), so tests and tools never care which it is.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+ArtifactMode = Literal["direct", "proxied"]
+ARTIFACT_MODES: tuple[ArtifactMode, ...] = ("direct", "proxied")
+
+
+def mask_url_password(url: str | None) -> str | None:
+    """Replace the password of ``scheme://user:password@host`` with the mask."""
+    if url is None:
+        return None
+    return re.sub(r"(://[^:/@]+:)[^@]*@", rf"\g<1>{MASK}@", url)
+
+
+@dataclass(frozen=True)
+class StackEndpoints:
+    """Every endpoint and credential of a tracking stack. ``repr`` masks the secrets."""
+
+    tracking_uri: str
+    s3_endpoint: str | None
+    aws_access_key: str | None
+    aws_secret_key: str | None = field(repr=False)
+    bucket: str = DEFAULT_BUCKET
+    artifact_mode: ArtifactMode = "direct"
+    database_uri: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"StackEndpoints(tracking_uri={self.tracking_uri!r}, s3_endpoint={self.s3_endpoint!r}, "
+            f"aws_access_key={self.aws_access_key!r}, aws_secret_key={MASK!r}, bucket={self.bucket!r}, "
+            f"artifact_mode={self.artifact_mode!r}, database_uri={mask_url_password(self.database_uri)!r})"
+        )
+
+    def client_env(self) -> dict[str, str]:
+        """The variables an MLflow/boto3 client needs: what ``plantml stack up`` exports."""
+        env = {"MLFLOW_TRACKING_URI": self.tracking_uri}
+        if self.s3_endpoint:
+            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
+        if self.aws_access_key:
+            env["AWS_ACCESS_KEY_ID"] = self.aws_access_key
+        if self.aws_secret_key:
+            env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_key
+        return env
+
+    def tracking_settings(self, experiment_name: str = DEFAULT_EXPERIMENT_NAME) -> TrackingSettings:
+        """Tracker settings pointing at this stack."""
+        return TrackingSettings(
+            tracking_uri=self.tracking_uri,
+            experiment_name=experiment_name,
+            s3_endpoint=self.s3_endpoint,
+            aws_access_key=self.aws_access_key,
+            aws_secret_key=self.aws_secret_key,
+        )
+
+    def s3_client(self, **config: Any) -> S3Client:
+        """A boto3 S3 client for this stack's object store (short timeouts, path-style)."""
+        return make_s3_client(self.s3_endpoint, self.aws_access_key, self.aws_secret_key, **config)
+
+
+def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str | None, **config: Any) -> S3Client:
+    """A boto3 S3 client with short timeouts; ``config`` overrides botocore's Config fields."""
+    import boto3
+    from botocore.config import Config
+
+    options = {"connect_timeout": 3, "read_timeout": 30, "retries": {"max_attempts": 2}, "s3": {"addressing_style": "path"}}
+    options.update(config)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+        config=Config(**options),
+    )
