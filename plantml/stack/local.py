@@ -83,6 +83,9 @@ class LocalService:
     def after_start(self) -> None:
         """Work once the service answers (create the database, check the bucket)."""
 
+    def cleanup(self) -> None:
+        """Remove what the service wrote outside the stack's folder, once stopped for good."""
+
     @property
     def running(self) -> bool:
         """True while the process is alive."""
@@ -139,9 +142,12 @@ def find_postgres_bindir() -> Path:
     Looked for in ``$PLANTML_PG_BINDIR``, ``pg_config --bindir``, beside an ``initdb``
     on the PATH (links resolved), then Debian's ``/usr/lib/postgresql/*/bin``.
     """
-    candidates: list[Path] = []
     if os.environ.get("PLANTML_PG_BINDIR"):
-        candidates.append(Path(os.environ["PLANTML_PG_BINDIR"]))
+        folder = Path(os.environ["PLANTML_PG_BINDIR"])
+        if (folder / "initdb").is_file() and (folder / "postgres").is_file():
+            return folder
+        raise StackError("postgres", f"PLANTML_PG_BINDIR={folder} holds no initdb and postgres binaries")
+    candidates: list[Path] = []
     if shutil.which("pg_config"):
         out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
         if out:
@@ -201,9 +207,12 @@ class LocalPostgres(LocalService):
     def __init__(self, workdir: Path, port: int, spec: PostgresSpec) -> None:
         super().__init__(workdir, port)
         self.spec = spec
-        self.datadir = workdir / "postgres"
         self.bindir = find_postgres_bindir()
         self.user = unprivileged_user()
+        # As root, the server runs as another user who may not enter the stack's folder
+        # (a private pytest tmp_path, say): its cluster gets a folder of its own in the system temp dir.
+        self.root = Path(tempfile.mkdtemp(prefix="plantml-pg-")) if self.user else workdir
+        self.datadir = self.root / "postgres"
 
     def _as_user(self) -> dict[str, Any]:
         if self.user is None:
@@ -212,10 +221,10 @@ class LocalPostgres(LocalService):
 
     def prepare(self) -> None:
         self.datadir.mkdir(parents=True)
-        pwfile = self.datadir.parent / "pgpass.tmp"
+        pwfile = self.root / "pgpass.tmp"
         pwfile.write_text(self.spec.password + "\n")
         if self.user is not None:
-            for path in (self.workdir, self.datadir, pwfile):
+            for path in (self.root, self.datadir, pwfile):
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
         try:
             result = subprocess.run(
@@ -239,6 +248,10 @@ class LocalPostgres(LocalService):
             stop_signal=signal.SIGINT,  # "fast" shutdown: do not wait for clients to leave
             stdout=log_file, stderr=subprocess.STDOUT, popen_kwargs=self._as_user(), cwd=str(self.datadir),
         )
+
+    def cleanup(self) -> None:
+        if self.root != self.workdir:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def after_start(self) -> None:
         import psycopg2
@@ -401,8 +414,9 @@ class LocalStack(Stack):
         for name in reversed(SERVICE_NAMES):
             if name in self.services:
                 self.services[name].stop()
+                self.services[name].cleanup()
         self.services = {}
-        if self.workdir is not None and self._workdir_arg is None:
+        if self.workdir is not None:  # always our own mkdtemp, also inside a given parent folder
             shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir = None
         self._endpoints = None
@@ -423,19 +437,17 @@ class LocalStack(Stack):
     def _build_services(self) -> None:
         if self._workdir_arg is not None:
             self._workdir_arg.mkdir(parents=True, exist_ok=True)
-            self.workdir = Path(tempfile.mkdtemp(prefix="plantml-stack-", dir=self._workdir_arg))
-        else:
-            self.workdir = Path(tempfile.mkdtemp(prefix="plantml-stack-"))
-        os.chmod(self.workdir, 0o755)  # PostgreSQL runs as another user when we are root
+        self.workdir = Path(tempfile.mkdtemp(prefix="plantml-stack-", dir=self._workdir_arg))
         taken = {p for p in self._fixed_ports.values() if p}
         ports = {name: port or free_port(taken) for name, port in self._fixed_ports.items()}
         s3_endpoint = f"http://{LOOPBACK}:{ports['s3']}"
         backend_uri = self.spec.postgres.sqlalchemy_uri(LOOPBACK, ports["postgres"])
-        self.services = {
-            "postgres": LocalPostgres(self.workdir, ports["postgres"], self.spec.postgres),
-            "s3": LocalSeaweed(self.workdir, ports["s3"], self.spec.s3, taken),
-            "mlflow": LocalMLflow(self.workdir, ports["mlflow"], self.spec.mlflow, backend_uri, s3_endpoint, self.spec.s3),
-        }
+        # One at a time, so that stop() cleans up whatever was built before a failure.
+        self.services["postgres"] = LocalPostgres(self.workdir, ports["postgres"], self.spec.postgres)
+        self.services["s3"] = LocalSeaweed(self.workdir, ports["s3"], self.spec.s3, taken)
+        self.services["mlflow"] = LocalMLflow(
+            self.workdir, ports["mlflow"], self.spec.mlflow, backend_uri, s3_endpoint, self.spec.s3
+        )
 
     @staticmethod
     def _prepare_and_start(service: LocalService) -> None:

@@ -1,0 +1,200 @@
+"""The real stack: runs land in PostgreSQL, artifacts in the S3 bucket, failures are clear and clean."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+from botocore.exceptions import ClientError
+from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
+
+from plantml.errors import StackError
+from plantml.stack import ExternalStack, LocalStack, Stack
+from plantml.stack.endpoints import make_s3_client
+
+
+def _log_a_run(client, experiment_name: str, artifact: Path) -> tuple[str, str]:
+    from mlflow.entities import Metric, Param
+
+    experiment_id = client.create_experiment(experiment_name)
+    run = client.create_run(experiment_id, run_name="stack-check")
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, params=[Param("backbone", "resnet18")],
+                     metrics=[Metric("val_accuracy", 0.5 + step / 10, now, step) for step in range(3)])
+    client.log_artifact(run_id, str(artifact), artifact_path="checks")
+    client.set_terminated(run_id)
+    return experiment_id, run_id
+
+
+def _bucket_keys(stack: Stack) -> list[str]:
+    listing = stack.s3_client().list_objects_v2(Bucket=stack.bucket)
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+def _children() -> set[int]:
+    """Our live descendants (the session's own stacks included: compare before and after)."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE}
+
+
+def test_a_run_is_stored_in_postgres_and_its_artifact_in_the_bucket(mlflow_stack_any_mode, experiment_name, tmp_path, monkeypatch):
+    import mlflow
+    import psycopg2
+
+    stack = mlflow_stack_any_mode
+    for name, value in stack.client_env().items():
+        monkeypatch.setenv(name, value)
+    if stack.artifact_mode == "proxied":  # proxied clients need no S3 credentials at all
+        for name in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name, raising=False)
+    artifact = tmp_path / f"note-{uuid.uuid4().hex[:6]}.txt"
+    artifact.write_text("leaf")
+    client = mlflow.MlflowClient(stack.tracking_uri)
+
+    _, run_id = _log_a_run(client, experiment_name, artifact)
+
+    run = client.get_run(run_id)
+    assert run.data.params == {"backbone": "resnet18"}
+    assert [m.value for m in client.get_metric_history(run_id, "val_accuracy")] == [0.5, 0.6, 0.7]
+    assert run.info.status == "FINISHED"
+    assert any(key.endswith(f"{run_id}/artifacts/checks/{artifact.name}") for key in _bucket_keys(stack))
+    if stack.endpoints.database_uri:  # the metadata really is in PostgreSQL
+        dsn = stack.endpoints.database_uri.replace("postgresql+psycopg2://", "postgresql://")
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (run_id,))
+            assert cur.fetchone() == ("FINISHED",)
+
+
+def test_a_wrong_s3_secret_is_refused(mlflow_stack):
+    client = make_s3_client(mlflow_stack.s3_endpoint, mlflow_stack.aws_access_key, "not-the-secret")
+    with pytest.raises(ClientError) as refused:
+        client.list_objects_v2(Bucket=mlflow_stack.bucket)
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_the_stack_repr_masks_every_secret(mlflow_stack):
+    shown = repr(mlflow_stack) + repr(mlflow_stack.endpoints)
+    assert mlflow_stack.aws_secret_key not in shown
+    if mlflow_stack.endpoints.database_uri:
+        password = re.search(r"://[^:]+:([^@]+)@", mlflow_stack.endpoints.database_uri).group(1)
+        assert password not in shown
+
+
+def test_an_external_stack_with_a_wrong_secret_names_s3(mlflow_stack, monkeypatch):
+    for name, value in mlflow_stack.client_env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(StackError, match=r"^s3: bucket 'mlflow' .*access denied"):
+        ExternalStack().start()
+
+
+def test_an_external_stack_is_usable_when_its_variables_are_right(mlflow_stack, monkeypatch):
+    for name, value in mlflow_stack.client_env().items():
+        monkeypatch.setenv(name, value)
+    external = ExternalStack().start()
+    assert external.tracking_uri == mlflow_stack.tracking_uri
+    assert external.artifact_mode == "direct"
+
+
+# -- failures at start leave nothing behind ---------------------------------------------------
+
+
+def test_missing_postgres_binaries_name_postgres_and_leave_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLANTML_PG_BINDIR", str(tmp_path / "no-such-bin"))
+    before = _children()
+    with pytest.raises(StackError, match=r"^postgres: PLANTML_PG_BINDIR=.* holds no initdb"):
+        LocalStack(workdir=tmp_path / "work").start()
+    assert _children() <= before
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_taken_port_names_the_service_and_port_and_leaves_nothing(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        before = _children()
+        with pytest.raises(StackError, match=rf"^mlflow: port {port} on 127.0.0.1 is already in use"):
+            LocalStack(mlflow_port=port, workdir=tmp_path).start()
+    assert _children() <= before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_crashing_service_shows_its_log_tail_and_leaves_nothing(tmp_path, monkeypatch):
+    # An S3 binary that dies at once stands for any service failing during start.
+    fake = tmp_path / "bin" / "weed"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'weed: cannot open volume: disk on fire' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr("plantml.stack.local.find_weed", lambda: fake)
+    before = _children()
+    with pytest.raises(StackError) as failed:
+        LocalStack(workdir=tmp_path / "work").start()
+    assert str(failed.value).startswith("s3: exited while starting")
+    assert "disk on fire" in str(failed.value)
+    assert _children() <= before
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+# -- plantml stack up ----------------------------------------------------------------------------
+
+ANOTHER_SHELL = textwrap.dedent("""
+    import mlflow, os, sys
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment(sys.argv[1])
+    run = client.create_run(exp)
+    client.log_text(run.info.run_id, "from another shell", "hello.txt")
+    client.set_terminated(run.info.run_id)
+    print(run.info.run_id)
+""")
+
+
+@retry(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(90), wait=wait_fixed(0.2), reraise=True)
+def _wait_for_file(path: Path) -> bool:
+    return path.exists()
+
+
+def test_stack_up_env_file_works_from_another_shell_and_ctrl_c_leaves_nothing(tmp_path):
+    env_file = tmp_path / "stack.env"
+    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--env-file", str(env_file)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_file(env_file)
+        shell = f'set -a; . "{env_file}"; set +a; exec "{sys.executable}" -c "$0" "$1"'
+        bare_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+        other = subprocess.run(["bash", "-c", shell, ANOTHER_SHELL, f"from_shell_{uuid.uuid4().hex[:6]}"],
+                               env=bare_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert other.returncode == 0, other.stderr[-2000:]
+        run_id = other.stdout.strip().splitlines()[-1]
+        stack_processes = psutil.Process(up.pid).children(recursive=True)
+        assert len(stack_processes) >= 3
+    finally:
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    workdir = Path(re.search(r"logs:\s+(\S+)/logs", output).group(1))
+    assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:" in output
+    assert len(run_id) == 32
+    assert not workdir.exists()
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stack_processes)
+
+
+def test_stack_up_on_a_taken_port_fails_in_one_paragraph_with_exit_1(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "plantml", "stack", "up", "--mlflow-port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"plantml: error: mlflow: port {port} on 127.0.0.1 is already in use by another process"
+    assert "Traceback" not in result.stderr
