@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 INTEGRATION_DIR = Path(__file__).parent / "tests" / "integration"
 
 

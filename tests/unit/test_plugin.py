@@ -1,0 +1,38 @@
+"""The pytest plugin: markers, the gpu skip, and a stack that cannot start failing (never skipping)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_the_markers_are_registered(pytester: pytest.Pytester):
+    result = pytester.runpytest("--markers")
+    for marker in ("integration:", "gpu:", "slow:"):
+        result.stdout.fnmatch_lines([f"@pytest.mark.{marker}*"])
+
+
+def test_a_gpu_test_is_skipped_with_its_reason_without_cuda(pytester: pytest.Pytester):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the gpu test would run")
+    pytester.makepyfile("import pytest\n@pytest.mark.gpu\ndef test_on_cuda():\n    assert False\n")
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*no CUDA device available*"])
+
+
+def test_a_stack_that_cannot_start_errors_every_test_and_skips_none(pytester: pytest.Pytester, monkeypatch):
+    monkeypatch.setenv("PLANTML_PG_BINDIR", "/no/such/folder")
+    pytester.makepyfile(
+        "def test_one(mlflow_stack):\n    assert mlflow_stack\n"
+        "def test_two(tracking_uri):\n    assert tracking_uri\n"
+    )
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(["*postgres: PLANTML_PG_BINDIR=/no/such/folder holds no initdb*"])
+
+
+def test_stack_option_rejects_an_unknown_backend(pytester: pytest.Pytester):
+    pytester.makepyfile("def test_x():\n    pass\n")
+    result = pytester.runpytest("--stack", "cloud")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
