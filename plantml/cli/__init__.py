@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     prog = "plantml"
     try:
-        cli.main(args=args, prog_name=prog, standalone_mode=False)
-        return 0
+        # Without standalone mode click returns the command's value, or the code of a ctx.exit(n).
+        result = cli.main(args=args, prog_name=prog, standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

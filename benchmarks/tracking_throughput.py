@@ -1,0 +1,97 @@
+"""Benchmark: metric throughput of MLflowTracker.log_metrics vs a per-call mlflow.log_metric loop.
+
+Against the local stack (PostgreSQL + S3 + MLflow server), in one run, the same 10,000
+metric points (100 keys x 100 steps) are logged:
+- through ``MLflowTracker.log_metrics``, one call per step (chunked ``log_batch`` requests);
+- through ``mlflow.log_metric``, one call (one HTTP request) per point.
+
+Both runs are read back to check every point arrived. Prints both rates (points/s) and
+their ratio (goal: at least 10), and writes them as JSON under benchmarks/results/.
+Run: ``python benchmarks/tracking_throughput.py [--keys 100] [--steps 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from plantml.stack import start_local_stack
+from plantml.tracking import MLflowTracker
+
+RESULTS = Path(__file__).parent / "results" / "tracking_throughput.json"
+EXPERIMENT = "benchmark_tracking_throughput"
+
+
+def points(keys: int, steps: int) -> list[dict[str, float]]:
+    """One dict of ``keys`` metric values per step."""
+    return [{f"metric_{k:03d}": k + step / 1000 for k in range(keys)} for step in range(steps)]
+
+
+def time_tracker(stack, data: list[dict[str, float]]) -> tuple[float, str]:
+    tracker = MLflowTracker(tracking_uri=stack.tracking_uri, experiment_name=EXPERIMENT)
+    with tracker.start_run(run_name="tracker_log_metrics") as run:
+        started = time.perf_counter()
+        for step, metrics in enumerate(data):
+            tracker.log_metrics(metrics, step=step)
+        elapsed = time.perf_counter() - started
+    return elapsed, run.run_id
+
+
+def time_fluent_loop(stack, data: list[dict[str, float]]) -> tuple[float, str]:
+    import mlflow
+
+    mlflow.set_tracking_uri(stack.tracking_uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="mlflow_log_metric_loop") as run:
+        started = time.perf_counter()
+        for step, metrics in enumerate(data):
+            for key, value in metrics.items():
+                mlflow.log_metric(key, value, step=step)
+        elapsed = time.perf_counter() - started
+    return elapsed, run.info.run_id
+
+
+def count_points(stack, run_id: str, keys: list[str]) -> int:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=stack.tracking_uri)
+    return sum(len(client.get_metric_history(run_id, key)) for key in keys)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100)
+    args = parser.parse_args(argv)
+    data = points(args.keys, args.steps)
+    total = args.keys * args.steps
+    with start_local_stack() as stack:
+        tracker_s, tracker_run = time_tracker(stack, data)
+        fluent_s, fluent_run = time_fluent_loop(stack, data)
+        keys = list(data[0])
+        arrived = {"tracker": count_points(stack, tracker_run, keys), "mlflow_log_metric": count_points(stack, fluent_run, keys)}
+    result = {
+        "points": total,
+        "tracker_seconds": round(tracker_s, 3),
+        "tracker_points_per_s": round(total / tracker_s, 1),
+        "mlflow_log_metric_seconds": round(fluent_s, 3),
+        "mlflow_log_metric_points_per_s": round(total / fluent_s, 1),
+        "ratio": round(fluent_s / tracker_s, 1),
+        "points_arrived": arrived,
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+    }
+    print(f"MLflowTracker.log_metrics : {result['tracker_points_per_s']:>10.1f} points/s ({tracker_s:.2f} s)")
+    print(f"mlflow.log_metric loop    : {result['mlflow_log_metric_points_per_s']:>10.1f} points/s ({fluent_s:.2f} s)")
+    print(f"ratio                     : {result['ratio']:>10.1f} x (goal >= 10)")
+    if arrived != {"tracker": total, "mlflow_log_metric": total}:
+        print(f"WARNING: not every point arrived: {arrived}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

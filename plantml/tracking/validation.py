@@ -1,0 +1,219 @@
+"""Check what the tracker is asked to send, before anything leaves the process.
+
+The rules mirror MLflow's own (``mlflow.utils.validation``), so a value that passes here
+is one the server accepts, and a value that fails gets a one-line
+:class:`~plantml.errors.ValidationError` naming the culprit and the rule, instead of an
+HTTP 400 after part of a batch was already written. The limits are copied rather than
+imported so that ``import plantml.tracking`` stays fast; a unit test checks they still
+equal the installed MLflow's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import posixpath
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from plantml.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+MAX_ENTITY_KEY_LENGTH = 250
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+MAX_EXPERIMENT_NAME_LENGTH = 500
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_ENTITIES_PER_BATCH = 1000
+MAX_BATCH_LOG_REQUEST_SIZE = int(1e6)
+
+# MLflow on POSIX: alphanumerics (Unicode word characters), underscores, dashes, periods,
+# spaces, colons and slashes.
+_NAME_RE = re.compile(r"^[/\w.\- :]*$")
+NAME_RULE = (
+    "names may only contain alphanumerics, underscores (_), dashes (-), periods (.), "
+    "spaces ( ), colons (:) and slashes (/)"
+)
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class NonFiniteMetricWarning(UserWarning):
+    """A metric value is NaN or infinite: MLflow stores it, but charts and searches suffer."""
+
+
+class TruncatedValueWarning(UserWarning):
+    """A param or tag value was longer than MLflow allows and was cut to the limit."""
+
+
+def check_name(kind: str, name: Any) -> str:
+    """Return ``name`` if MLflow accepts it as a ``kind`` (metric, param, tag) key, else raise."""
+    if not isinstance(name, str):
+        raise ValidationError(f"{kind} name {name!r}: must be a string, not {type(name).__name__}")
+    if not _NAME_RE.match(name):
+        raise ValidationError(f"{kind} name {name!r}: {NAME_RULE}")
+    normalised = posixpath.normpath(name)
+    if normalised != name or normalised == "." or normalised.startswith(("..", "/")):
+        raise ValidationError(
+            f"{kind} name {name!r}: must be a normalised relative path "
+            f"(no empty, '.' or '..' parts, no leading or doubled '/'), it would resolve to {normalised!r}"
+        )
+    if len(name) > MAX_ENTITY_KEY_LENGTH:
+        raise ValidationError(f"{kind} name {name[:40]!r}...: longer than {MAX_ENTITY_KEY_LENGTH} characters ({len(name)})")
+    return name
+
+
+def metric_value(key: str, value: Any) -> float:
+    """Return ``value`` as a float; warn on NaN or infinity; raise on a non-number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        value = _unwrap_scalar(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValidationError(f"metric {key!r}: value {value!r} is not a number ({type(value).__name__})")
+    number = float(value)
+    if not math.isfinite(number):
+        warnings.warn(
+            f"metric {key!r} is {number}: MLflow stores NaN as NaN and infinities as +/-1.79e308",
+            NonFiniteMetricWarning,
+            stacklevel=3,
+        )
+    return number
+
+
+def _unwrap_scalar(value: Any) -> Any:
+    """A one-element tensor or array becomes its Python number; anything else is returned as is."""
+    numel = getattr(value, "numel", None)
+    size = numel() if callable(numel) else getattr(value, "size", None)
+    item = getattr(value, "item", None)
+    if size == 1 and callable(item):
+        return item()
+    return value
+
+
+def metric_step(key: str, step: Any) -> int:
+    """Return the step as an int (``None`` means 0, MLflow's default); raise on a non-integer."""
+    if step is None:
+        return 0
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise ValidationError(f"metric {key!r}: step {step!r} is not an integer")
+    return int(step)
+
+
+def param_value(key: str, value: Any) -> str:
+    """The string MLflow stores for a param value, cut to its limit with a warning."""
+    return _truncated("param", key, str(value), MAX_PARAM_VAL_LENGTH)
+
+
+def tag_value(key: str, value: Any) -> str:
+    """The string MLflow stores for a tag value, cut to its limit with a warning."""
+    return _truncated("tag", key, str(value), MAX_TAG_VAL_LENGTH)
+
+
+def _truncated(kind: str, key: str, text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    warnings.warn(
+        f"{kind} {key!r}: value of {len(text)} characters truncated to MLflow's limit of {limit}",
+        TruncatedValueWarning,
+        stacklevel=4,
+    )
+    return text[:limit]
+
+
+def check_mapping(kind: str, values: Any) -> Mapping[str, Any]:
+    """Raise unless ``values`` is a mapping (what log_params, log_metrics and set_tags take)."""
+    if not isinstance(values, Mapping):
+        raise ValidationError(f"{kind}: expected a dict, got {type(values).__name__}")
+    return values
+
+
+def check_json_serialisable(data: Any, name: str) -> None:
+    """Raise, naming the first offending key path, unless ``data`` can be written as JSON."""
+    try:
+        json.dumps(data, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        where = _offending_path(data, "") or "(top level)"
+        raise ValidationError(f"{name}: value at {where} is not JSON-serialisable ({exc})") from None
+
+
+def _offending_path(data: Any, prefix: str) -> str | None:
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return path
+            found = _offending_path(value, path)
+            if found is not None:
+                return found
+        return None
+    if isinstance(data, (list, tuple)):
+        for index, value in enumerate(data):
+            found = _offending_path(value, f"{prefix}[{index}]")
+            if found is not None:
+                return found
+        return None
+    try:
+        json.dumps(data)
+    except (TypeError, ValueError):
+        return prefix or None
+    return None
+
+
+def check_artifact_subpath(artifact_path: str | None) -> str | None:
+    """Raise unless ``artifact_path`` is a relative path inside the run's artifact folder."""
+    if artifact_path is None:
+        return None
+    text = str(artifact_path)
+    parts = text.replace("\\", "/").split("/")
+    if text.startswith(("/", "\\")) or ".." in parts:
+        raise ValidationError(f"artifact path {text!r}: must be relative, without '..' parts")
+    return text
+
+
+def check_artifact_name(name: Any, kind: str) -> str:
+    """Raise unless ``name`` is a usable artifact file name (``confusion_matrix.png``, ``a/b.json``)."""
+    if not isinstance(name, str) or not name or name.endswith("/"):
+        raise ValidationError(f"{kind} name {name!r}: must be a non-empty file name such as 'history.json'")
+    check_artifact_subpath(name)
+    return name
+
+
+def existing_file(path: Any) -> Path:
+    """The path of an existing file to upload, or a ValidationError naming it."""
+    local = Path(path)
+    if not local.exists():
+        raise ValidationError(f"artifact {str(local)!r}: no such file")
+    if local.is_dir():
+        raise ValidationError(f"artifact {str(local)!r}: is a folder, use log_artifacts()")
+    return local
+
+
+def existing_dir(path: Any) -> Path:
+    """The path of an existing folder to upload, or a ValidationError naming it."""
+    local = Path(path)
+    if not local.exists():
+        raise ValidationError(f"artifact folder {str(local)!r}: no such folder")
+    if not local.is_dir():
+        raise ValidationError(f"artifact folder {str(local)!r}: is a file, use log_artifact()")
+    return local
+
+
+def check_status(status: Any) -> str:
+    """Return ``status`` if it ends a run in MLflow (FINISHED, FAILED, KILLED), else raise."""
+    if status not in RUN_STATUSES:
+        raise ValidationError(f"run status {status!r}: must be one of {', '.join(RUN_STATUSES)}")
+    return status
+
+
+def check_experiment_name(name: Any) -> str:
+    """Return ``name`` if MLflow accepts it as an experiment name, else raise."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError(f"experiment name {name!r}: must be a non-empty string")
+    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise ValidationError(f"experiment name {name[:40]!r}...: longer than {MAX_EXPERIMENT_NAME_LENGTH} characters")
+    return name

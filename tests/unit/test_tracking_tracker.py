@@ -1,0 +1,220 @@
+"""MLflowTracker with no server at all: MLflow's local sqlite store in a temporary folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from plantml.errors import UsageError, ValidationError
+from plantml.tracking import MLflowTracker, NonFiniteMetricWarning
+from plantml.tracking.batching import BatchWriter
+
+ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory) -> str:
+    """One sqlite store for the module: creating its tables costs seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+
+
+class CountingWriter(BatchWriter):
+    """The real writer, counting what it is asked to send."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writes: list[dict] = []
+
+    def write(self, run_id, metrics=(), params=(), tags=()) -> None:
+        self.writes.append({"metrics": list(metrics), "params": list(params), "tags": list(tags)})
+        super().write(run_id, metrics, params, tags)
+
+
+@pytest.fixture
+def tracker(store_uri, request, tmp_path, monkeypatch) -> MLflowTracker:
+    monkeypatch.chdir(tmp_path)
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    tracker = MLflowTracker(tracking_uri=store_uri, experiment_name=f"unit_{request.node.name}"[:200])
+    tracker._writer = CountingWriter(tracker.client, store_uri)
+    yield tracker
+    tracker.end_run()
+
+
+def _run(tracker: MLflowTracker, run_id: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracker.tracking_uri).get_run(run_id)
+
+
+def test_design_examples_work_with_no_server(tmp_path, monkeypatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    Path("model.pth").write_bytes(b"weights")
+    Path("logs").mkdir()
+    Path("logs/train.log").write_text("epoch 1\n")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    history, summary, model, epoch = {"val_accuracy": [0.9, 0.95]}, "ResNet18", torch.nn.Linear(4, 2), 3
+
+    tracker = MLflowTracker()
+    tracker.start_run(run_name="resnet18_experiment", tags={"model": "resnet18"})
+    tracker.log_param("learning_rate", 0.001)
+    tracker.log_params({"backbone": "resnet18", "epochs": 10, "batch_size": 32})
+    tracker.log_metric("accuracy", 0.95, step=10)
+    tracker.log_metrics({"train_loss": 0.1, "val_loss": 0.2, "train_acc": 0.95, "val_acc": 0.93}, step=epoch)
+    tracker.log_training_metrics(epoch=10, train_loss=0.1, train_acc=0.95, val_loss=0.2, val_acc=0.93, learning_rate=0.0001)
+    tracker.log_artifact(Path("model.pth"), artifact_path="models")
+    tracker.log_artifacts(Path("logs/"), artifact_path="training_logs")
+    tracker.log_figure(fig, "confusion_matrix.png")
+    tracker.log_dict(history, "training_history.json")
+    tracker.log_text(summary, "model_summary.txt")
+    tracker.log_model(model=model, artifact_path="model", registered_model_name="plant_classifier_resnet18")
+    tracker.set_tag("status", "production")
+    tracker.set_tags({"best_val_accuracy": "0.9500", "best_epoch": "7", "framework": "pytorch"})
+    tracker.log_system_metrics()
+    tracker.end_run(status="FINISHED")
+    runs = tracker.search_runs(filter_string="metrics.val_accuracy > 0.90", max_results=10, order_by=["metrics.val_accuracy DESC"])
+    best_run = tracker.get_best_run(metric="val_accuracy", ascending=False)
+
+    assert Path("mlflow.db").is_file()
+    assert [run["tags.mlflow.runName"] for run in runs] == ["resnet18_experiment"]
+    assert best_run["metrics.val_accuracy"] == 0.93 and best_run["params.backbone"] == "resnet18"
+    assert best_run["status"] == "FINISHED"
+    artifacts = Path(best_run["artifact_uri"])
+    assert artifacts.is_relative_to(tmp_path)
+    for name in ("models/model.pth", "training_logs/train.log", "confusion_matrix.png", "training_history.json", "model_summary.txt"):
+        assert (artifacts / name).is_file(), name
+
+
+def test_context_manager_ends_the_run_finished(tracker) -> None:
+    with tracker.start_run(run_name="ok") as run:
+        tracker.log_metric("loss", 1.0)
+    assert tracker.run_id is None
+    assert _run(tracker, run.run_id).info.status == "FINISHED"
+
+
+def test_exception_in_context_ends_the_run_failed_with_the_error(tracker) -> None:
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with tracker.start_run(run_name="crash") as run:
+            raise RuntimeError("out of memory")
+    stored = _run(tracker, run.run_id)
+    assert stored.info.status == "FAILED"
+    assert stored.data.tags["plantml.error.type"] == "RuntimeError"
+    assert stored.data.tags["plantml.error.message"] == "out of memory"
+    assert "RuntimeError: out of memory" in stored.data.tags["plantml.error.traceback"]
+
+
+def test_run_left_open_is_ended_killed_at_exit(tracker) -> None:
+    from plantml.tracking.tracker import _end_abandoned_runs
+
+    run = tracker.start_run()
+    _end_abandoned_runs()
+    assert _run(tracker, run.run_id).info.status == "KILLED"
+
+
+def test_logging_without_a_run_is_a_usage_error(tracker) -> None:
+    with pytest.raises(UsageError, match="no active run"):
+        tracker.log_metric("loss", 1.0)
+
+
+def test_second_start_run_is_refused(tracker) -> None:
+    tracker.start_run()
+    with pytest.raises(UsageError, match="still active"):
+        tracker.start_run()
+
+
+def test_invalid_input_is_refused_before_anything_is_sent(tracker, tmp_path) -> None:
+    tracker.start_run()
+    tracker._writer.writes.clear()
+    with pytest.raises(ValidationError, match="metric 'val_acc'"):
+        tracker.log_metrics({"ok": 1.0, "val_acc": "high"})
+    with pytest.raises(ValidationError, match="param name 'bad!'"):
+        tracker.log_params({"fine": 1, "bad!": 2})
+    with pytest.raises(ValidationError, match="tag name '../x'"):
+        tracker.set_tags({"../x": 1})
+    with pytest.raises(ValidationError, match="history.json: value at model"):
+        tracker.log_dict({"model": object()}, "history.json")
+    with pytest.raises(ValidationError, match="no such file"):
+        tracker.log_artifact(tmp_path / "absent.pth")
+    assert tracker._writer.writes == []
+
+
+def test_changing_a_param_within_a_run_is_refused(tracker) -> None:
+    tracker.start_run()
+    tracker.log_param("lr", 0.1)
+    tracker.log_param("lr", 0.1)  # the same value again is harmless and sends nothing
+    with pytest.raises(ValidationError, match=r"param 'lr': already logged as '0.1'.*'0.2'"):
+        tracker.log_param("lr", 0.2)
+    assert sum(len(w["params"]) for w in tracker._writer.writes) == 1
+
+
+def test_non_finite_metrics_are_logged_with_a_warning(tracker) -> None:
+    run = tracker.start_run()
+    with pytest.warns(NonFiniteMetricWarning, match="'loss'"):
+        tracker.log_metrics({"loss": math.nan, "grad": math.inf})
+    tracker.end_run()
+    metrics = _run(tracker, run.run_id).data.metrics
+    assert math.isnan(metrics["loss"]) and metrics["grad"] > 1e308
+
+
+def test_log_metrics_is_one_write_with_its_step_and_timestamp(tracker) -> None:
+    run = tracker.start_run()
+    tracker._writer.writes.clear()
+    tracker.log_metrics({f"m{i}": float(i) for i in range(150)}, step=4)
+    assert len(tracker._writer.writes) == 1 and tracker._writer.requests_sent == 1
+    history = tracker.client.get_metric_history(run.run_id, "m7")
+    assert [(m.value, m.step) for m in history] == [(7.0, 4)] and history[0].timestamp > 0
+
+
+def test_two_trackers_on_two_stores_do_not_interfere(tracker, tmp_path) -> None:
+    other = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'other.db'}", experiment_name="other")
+    with tracker.start_run(run_name="first"), other.start_run(run_name="second"):
+        tracker.log_metric("a", 1.0)
+        other.log_metric("b", 2.0)
+        tracker.log_text("one", "one.txt")
+        other.log_text("two", "two.txt")
+    assert [r["tags.mlflow.runName"] for r in tracker.search_runs()] == ["first"]
+    assert [r["tags.mlflow.runName"] for r in other.search_runs()] == ["second"]
+    assert "metrics.b" not in tracker.search_runs()[0]
+
+
+def test_logged_model_loads_and_predicts_any_batch_size(tracker, monkeypatch) -> None:
+    import mlflow.pytorch
+    import torch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)  # where load_model looks
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    with tracker.start_run():
+        pickled = tracker.log_model(model)
+        exported = tracker.log_model(model, artifact_path="model_pt2", input_example=torch.randn(2, 4).numpy())
+    for info in (pickled, exported):
+        loaded = mlflow.pytorch.load_model(info.model_uri)
+        for batch in (1, 2, 7):
+            x = torch.randn(batch, 4)
+            assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert exported.signature is not None
+
+
+def test_get_best_run_is_none_without_the_metric(tracker) -> None:
+    with tracker.start_run():
+        tracker.log_metric("loss", 1.0)
+    assert tracker.get_best_run("val_accuracy") is None
+
+
+def test_get_best_run_honours_the_direction(tracker) -> None:
+    for name, value in (("low", 0.1), ("high", 0.9)):
+        with tracker.start_run(run_name=name):
+            tracker.log_metric("val_loss", value)
+    assert tracker.get_best_run("val_loss")["tags.mlflow.runName"] == "high"
+    assert tracker.get_best_run("val_loss", ascending=True)["tags.mlflow.runName"] == "low"

@@ -1,0 +1,143 @@
+"""Validation: bad input is refused with a one-line error naming the culprit, before any request."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+from plantml.errors import ValidationError
+from plantml.tracking import validation as check
+from plantml.tracking.validation import NonFiniteMetricWarning, TruncatedValueWarning
+
+
+@pytest.mark.parametrize("name", ["val_accuracy", "train/loss", "a.b-c d", "time:ms", "épreuve_1"])
+def test_valid_names_are_accepted(name: str) -> None:
+    assert check.check_name("metric", name) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("bad!name", "may only contain"),
+        ("a,b", "may only contain"),
+        ("../escape", "normalised relative path"),
+        ("/absolute", "normalised relative path"),
+        ("a//b", "normalised relative path"),
+        ("", "normalised relative path"),
+        ("x" * 251, "longer than 250"),
+    ],
+)
+def test_invalid_name_error_names_it_and_the_rule(name: str, fragment: str) -> None:
+    with pytest.raises(ValidationError, match=fragment) as caught:
+        check.check_name("param", name)
+    assert str(caught.value).startswith("param name")
+    assert name[:20] in str(caught.value)
+
+
+def test_non_string_name_is_refused() -> None:
+    with pytest.raises(ValidationError, match="must be a string"):
+        check.check_name("tag", 3)
+
+
+@pytest.mark.parametrize("value", ["0.5", None, True, [1.0], {"a": 1}])
+def test_non_numeric_metric_error_names_the_key(value: object) -> None:
+    with pytest.raises(ValidationError, match="metric 'val_loss'"):
+        check.metric_value("val_loss", value)
+
+
+def test_numpy_and_torch_scalars_become_floats() -> None:
+    import numpy as np
+    import torch
+
+    assert check.metric_value("a", np.float32(0.5)) == 0.5
+    assert check.metric_value("a", torch.tensor(0.25)) == 0.25
+    assert check.metric_value("a", 3) == 3.0
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_metric_warns_and_passes_through(value: float) -> None:
+    with pytest.warns(NonFiniteMetricWarning, match="metric 'loss'"):
+        result = check.metric_value("loss", value)
+    assert result == value or (math.isnan(result) and math.isnan(value))
+
+
+def test_step_must_be_an_integer() -> None:
+    assert check.metric_step("k", None) == 0
+    assert check.metric_step("k", 7) == 7
+    with pytest.raises(ValidationError, match="step 1.5"):
+        check.metric_step("k", 1.5)
+
+
+def test_long_param_value_is_truncated_with_a_warning_naming_the_key() -> None:
+    with pytest.warns(TruncatedValueWarning, match="param 'notes'"):
+        value = check.param_value("notes", "x" * 7000)
+    assert len(value) == check.MAX_PARAM_VAL_LENGTH
+
+
+def test_param_value_at_the_limit_is_kept_silently() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check.param_value("k", "y" * check.MAX_PARAM_VAL_LENGTH) == "y" * 6000
+
+
+def test_unserialisable_dict_error_names_the_offending_key() -> None:
+    with pytest.raises(ValidationError, match=r"history\.json: value at epochs\[1\]\.model"):
+        check.check_json_serialisable({"ok": 1, "epochs": [{"x": 1}, {"model": object()}]}, "history.json")
+
+
+def test_missing_artifact_file_is_refused(tmp_path) -> None:
+    with pytest.raises(ValidationError, match="no such file"):
+        check.existing_file(tmp_path / "absent.pth")
+    with pytest.raises(ValidationError, match="no such folder"):
+        check.existing_dir(tmp_path / "absent")
+    with pytest.raises(ValidationError, match="use log_artifacts"):
+        check.existing_file(tmp_path)
+
+
+@pytest.mark.parametrize("path", ["../up", "/root", "a/../../b"])
+def test_artifact_path_must_stay_inside_the_run(path: str) -> None:
+    with pytest.raises(ValidationError, match="must be relative"):
+        check.check_artifact_subpath(path)
+
+
+def test_run_status_must_be_a_terminal_one() -> None:
+    assert check.check_status("FAILED") == "FAILED"
+    with pytest.raises(ValidationError, match="RUNNING"):
+        check.check_status("RUNNING")
+
+
+def test_limits_equal_the_installed_mlflow_ones() -> None:
+    from mlflow.utils import validation as mlflow_validation
+
+    for name in (
+        "MAX_ENTITY_KEY_LENGTH",
+        "MAX_PARAM_VAL_LENGTH",
+        "MAX_TAG_VAL_LENGTH",
+        "MAX_EXPERIMENT_NAME_LENGTH",
+        "MAX_PARAMS_TAGS_PER_BATCH",
+        "MAX_METRICS_PER_BATCH",
+        "MAX_ENTITIES_PER_BATCH",
+        "MAX_BATCH_LOG_REQUEST_SIZE",
+    ):
+        assert getattr(check, name) == getattr(mlflow_validation, name), name
+
+
+@pytest.mark.parametrize("name", ["ok_name", "bad!name", "../x", "a//b", "./a", "a/", " ", "x" * 251])
+def test_name_rule_agrees_with_mlflow(name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_length_limit, _validate_param_name
+
+    try:
+        _validate_param_name(name)
+        _validate_length_limit("Param key", 250, name)
+        mlflow_accepts = True
+    except MlflowException:
+        mlflow_accepts = False
+    try:
+        check.check_name("param", name)
+        we_accept = True
+    except ValidationError:
+        we_accept = False
+    assert we_accept == mlflow_accepts
