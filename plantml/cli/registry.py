@@ -1,0 +1,152 @@
+"""``plantml registry``: list, promote, roll back, compare and load registered models."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+#: A dead server should fail a registry command in seconds, not after minutes of retries.
+#: Values already in the environment win.
+QUICK_HTTP_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def _registry(ctx: click.Context) -> Any:
+    from plantml.registry import ModelRegistry
+    from plantml.settings import resolve_tracking_settings
+
+    settings = resolve_tracking_settings(tracking_uri=ctx.obj["tracking_uri"])
+    for key, value in QUICK_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    # This command is its own process; loading a model reads S3 settings from the environment.
+    os.environ.update({k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"})
+    return ModelRegistry(settings.tracking_uri)
+
+
+def _table(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Rows as left-aligned columns; the first row is the header."""
+    text = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in text) for i in range(len(text[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in text]
+
+
+def _echo_table(rows: Sequence[Sequence[Any]]) -> None:
+    for line in _table(rows):
+        click.echo(line)
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@click.group()
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, .env, sqlite:///mlflow.db).")
+@click.pass_context
+def registry(ctx: click.Context, tracking_uri: str | None) -> None:
+    """List, promote, roll back and compare registered models.
+
+    Aliases replace MLflow's deprecated stages: Production and Staging (any case) mean
+    the aliases production and staging.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["tracking_uri"] = tracking_uri
+
+
+@registry.command("list")
+@click.argument("name", required=False)
+@click.pass_context
+def list_command(ctx: click.Context, name: str | None) -> None:
+    """List registered models, or NAME's versions with their run, metrics and aliases."""
+    reg = _registry(ctx)
+    if name is None:
+        models = reg.list_models()
+        if not models:
+            click.echo("no registered models")
+            return
+        rows: list[Sequence[Any]] = [("NAME", "LATEST", "ALIASES")]
+        for model in models:
+            aliases = " ".join(f"{alias}=v{version}" for alias, version in model.aliases.items())
+            rows.append((model.name, model.latest_version or "-", aliases or "-"))
+        _echo_table(rows)
+        return
+    versions = reg.list_versions(name)
+    if not versions:
+        click.echo(f"{name}: no versions")
+        return
+    rows = [("VERSION", "RUN", "STATUS", "CREATED", "ALIASES", "METRICS")]
+    for v in versions:
+        metrics = " ".join(f"{key}={_format_value(value)}" for key, value in v.metrics.items())
+        rows.append((v.version, v.run_id or "-", v.status, v.created_at, ",".join(v.aliases) or "-", metrics or "-"))
+    _echo_table(rows)
+
+
+@registry.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--alias", default="production", show_default=True, help="Alias to point at VERSION (Production/Staging map to production/staging).")
+@click.pass_context
+def promote(ctx: click.Context, name: str, version: str, alias: str) -> None:
+    """Point an alias of model NAME at VERSION, recording the move on the version."""
+    move = _registry(ctx).promote(name, version, alias)
+    if move.kind == "unchanged":
+        click.echo(f"{name}: alias {move.alias!r} already points at version {move.to_version}")
+        return
+    was = f"was version {move.from_version}" if move.from_version else "was unset"
+    click.echo(f"{name}: alias {move.alias!r} -> version {move.to_version} ({was})")
+
+
+@registry.command()
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True, help="Alias to move back.")
+@click.pass_context
+def rollback(ctx: click.Context, name: str, alias: str) -> None:
+    """Point an alias of model NAME back at the version it pointed at before."""
+    move = _registry(ctx).rollback(name, alias)
+    click.echo(f"{name}: alias {move.alias!r} rolled back to version {move.to_version} (was version {move.from_version})")
+
+
+@registry.command()
+@click.argument("name")
+@click.argument("first")
+@click.argument("second")
+@click.pass_context
+def compare(ctx: click.Context, name: str, first: str, second: str) -> None:
+    """Compare two versions' (numbers, latest or aliases) params and metrics side by side.
+
+    Rows where the versions differ are marked with *.
+    """
+    comparison = _registry(ctx).compare(name, first, second)
+    header = ("", "KEY", f"v{comparison.first.version}", f"v{comparison.second.version}")
+    for title, rows in (("params", comparison.params), ("metrics", comparison.metrics)):
+        click.echo(f"{title}:")
+        if not rows:
+            click.echo("  (none)")
+            continue
+        table = [header] + [("*" if r.differs else " ", r.key, _format_value(r.first), _format_value(r.second)) for r in rows]
+        for line in _table(table):
+            click.echo("  " + line)
+
+
+@registry.command("load-check")
+@click.argument("model")
+@click.option("--batch-size", default=2, show_default=True, help="Images in the test batch.")
+@click.option("--image-size", default=32, show_default=True, help="Height and width of the test images.")
+@click.pass_context
+def load_check(ctx: click.Context, model: str, batch_size: int, image_size: int) -> None:
+    """Load MODEL (models:/NAME/1, models:/NAME@production, models:/NAME/latest) and run a random batch."""
+    import torch
+
+    loaded = _registry(ctx).load_model(model)
+    with torch.no_grad():
+        output = loaded(torch.rand(batch_size, 3, image_size, image_size))
+    click.echo(f"{model}: loaded {type(loaded).__name__}; batch {batch_size}x3x{image_size}x{image_size} -> output {tuple(output.shape)}")

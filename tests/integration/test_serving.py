@@ -1,0 +1,127 @@
+"""``mlflow models serve -m models:/NAME@production`` answers /invocations with the model's predictions.
+
+Request format (pt2/pickle PyTorch model with a tensor signature ``float32 (-1, 3, -1, -1)``)::
+
+    POST /invocations   Content-Type: application/json
+    {"inputs": [[[[r, ...], ...], [[g, ...]], [[b, ...]]], ...]}   # N x 3 x H x W floats
+
+answered by ``{"predictions": [[logit_0, logit_1], ...]}`` (one row per image).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from plantml.registry import ModelRegistry
+
+SERVE_TIMEOUT_S = 150
+
+
+class TinyNet(torch.nn.Module):
+    """A two-class CNN that takes images of any size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def production_model(mlflow_stack: Any) -> tuple[str, TinyNet]:
+    """A tiny model registered and promoted to the production alias."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from plantml.tracking import MLflowTracker
+
+    name = f"served_plants_{uuid.uuid4().hex[:8]}"
+    torch.manual_seed(7)
+    model = TinyNet().eval()
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2))]),
+    )
+    tracker = MLflowTracker(
+        tracking_uri=mlflow_stack.tracking_uri,
+        experiment_name=f"test_serving_{uuid.uuid4().hex[:8]}",
+        s3_endpoint=mlflow_stack.s3_endpoint,
+        aws_access_key=mlflow_stack.aws_access_key,
+        aws_secret_key=mlflow_stack.aws_secret_key,
+    )
+    with tracker.start_run(run_name="served"):
+        info = tracker.log_model(model, registered_model_name=name, input_example=torch.rand(2, 3, 32, 32).numpy(), signature=signature)
+    ModelRegistry(mlflow_stack.tracking_uri).promote(name, info.registered_model_version, "Production")
+    return name, model
+
+
+@pytest.fixture(scope="module")
+def served(mlflow_stack: Any, production_model: tuple[str, TinyNet], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow models serve`` on the production alias; yields its base URL."""
+    name, _ = production_model
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    bin_dir = str(Path(sys.executable).parent)  # the server execs `uvicorn`, which lives beside python
+    env = {**os.environ, **mlflow_stack.client_env(), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@production",
+         "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + SERVE_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow models serve exited with {process.returncode}: {Path(log.name).read_text()[-2000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve not ready after {SERVE_TIMEOUT_S} s: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (3, 3, 40, 36)], ids=["example-size", "other-size"])
+def test_invocations_answer_the_production_models_predictions(served: str, production_model: tuple[str, TinyNet], shape: tuple[int, ...]) -> None:
+    _, model = production_model
+    batch = np.random.default_rng(0).random(shape, dtype=np.float32)
+    response = requests.post(f"{served}/invocations", json={"inputs": batch.tolist()}, timeout=60)
+    assert response.status_code == 200, response.text
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(np.array(response.json()["predictions"], dtype=np.float32), expected, atol=1e-5)

@@ -1,0 +1,182 @@
+"""ModelRegistry on a local sqlite store: listing, promotion, rollback, comparison, errors.
+
+Versions are registered straight through a plain ``MlflowClient`` (no model files), which
+is all that aliases, tags and comparisons need; loading real models is tested against
+the stack in tests/integration/test_registry_roundtrip.py.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plantml.errors import RegistryError
+from plantml.registry import ModelRegistry, alias_tag
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder: Path = tmp_path_factory.mktemp("registry")
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def client(store_uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=store_uri, registry_uri=store_uri)
+
+
+@pytest.fixture
+def registry(store_uri: str) -> ModelRegistry:
+    return ModelRegistry(store_uri)
+
+
+def register_versions(client: Any, count: int, *, accuracies: tuple[float, ...] = (0.8, 0.9, 0.95)) -> str:
+    """A fresh registered model with ``count`` versions, each from its own run."""
+    name = f"plants_{uuid.uuid4().hex[:8]}"
+    experiment_id = client.create_experiment(name)
+    client.create_registered_model(name)
+    for index in range(count):
+        run = client.create_run(experiment_id, run_name=f"train-{index + 1}")
+        client.log_param(run.info.run_id, "lr", str(0.01 / (index + 1)))
+        client.log_param(run.info.run_id, "backbone", "mobilenet_v2")
+        client.log_metric(run.info.run_id, "val_accuracy", accuracies[index])
+        client.set_terminated(run.info.run_id)
+        client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return name
+
+
+def test_list_models_shows_each_model_with_its_latest_version_and_aliases(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 1, "staging")
+    model = next(m for m in registry.list_models() if m.name == name)
+    assert model.latest_version == 2
+    assert model.aliases == {"staging": 1}
+
+
+def test_list_versions_shows_run_metrics_and_aliases(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 2, "Production")
+    versions = registry.list_versions(name)
+    assert [v.version for v in versions] == [1, 2]
+    assert versions[1].aliases == ("production",)
+    assert versions[1].metrics == {"val_accuracy": 0.9}
+    assert versions[0].run_id == client.get_model_version(name, "1").run_id
+
+
+def test_promote_points_the_alias_and_records_where_it_came_from(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    first = registry.promote(name, 1)
+    second = registry.promote(name, 2, "PRODUCTION")
+    assert (first.from_version, first.to_version) == (None, 1)
+    assert (second.from_version, second.to_version, second.kind) == (1, 2, "promote")
+    assert int(client.get_model_version_by_alias(name, "production").version) == 2
+    tags = client.get_model_version(name, "2").tags
+    assert tags[alias_tag("production", "moved_from")] == "1"
+    assert tags[alias_tag("production", "moved_at")] == second.moved_at
+    assert client.get_model_version(name, "1").tags[alias_tag("production", "moved_from")] == "none"
+
+
+def test_promoting_the_current_version_again_changes_nothing(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 1)
+    registry.promote(name, 2)
+    again = registry.promote(name, 2)
+    assert again.kind == "unchanged"
+    assert client.get_model_version(name, "2").tags[alias_tag("production", "moved_from")] == "1"
+
+
+def test_rollback_returns_the_alias_to_the_version_before(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 1)
+    registry.promote(name, 2)
+    move = registry.rollback(name)
+    assert (move.from_version, move.to_version, move.kind) == (2, 1, "rollback")
+    assert int(client.get_model_version_by_alias(name, "production").version) == 1
+    tags = client.get_model_version(name, "1").tags
+    assert tags[alias_tag("production", "rolled_back_from")] == "2"
+
+
+def test_successive_rollbacks_walk_back_through_the_promotions(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 3)
+    for version in (1, 2, 3):
+        registry.promote(name, version, "staging")
+    assert registry.rollback(name, "Staging").to_version == 2
+    assert registry.rollback(name, "staging").to_version == 1
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback(name, "staging")
+
+
+def test_rollback_without_history_is_a_one_line_error(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 1)
+    registry.promote(name, 1)
+    with pytest.raises(RegistryError, match=f"model '{name}' alias 'production': no earlier version") as info:
+        registry.rollback(name)
+    assert "\n" not in str(info.value)
+
+
+def test_rollback_of_an_unset_alias_names_it(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 1)
+    with pytest.raises(RegistryError, match="alias 'champion': not set"):
+        registry.rollback(name, "champion")
+
+
+def test_resolve_accepts_numbers_latest_and_aliases(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 1, "champion")
+    assert registry.resolve(name, 1).version == 1
+    assert registry.resolve(name, "latest").version == 2
+    assert registry.resolve(name, "champion").version == 1
+    assert registry.resolve(name, "@champion").version == 1
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda r, n: r.get_model("no_such_model"), "registered model 'no_such_model': not found"),
+        (lambda r, n: r.get_version(n, 9), "version 9: not found"),
+        (lambda r, n: r.resolve(n, "ghost"), "alias 'ghost': not set"),
+        (lambda r, n: r.promote(n, 9), "version 9: not found"),
+        (lambda r, n: r.promote(n, 1, "latest"), "alias 'latest'"),
+        (lambda r, n: r.promote(n, 1, "v2"), "alias 'v2'"),
+        (lambda r, n: r.get_version(n, "one"), "version 'one'"),
+    ],
+    ids=["unknown-model", "unknown-version", "unknown-alias", "promote-unknown-version", "reserved-latest", "reserved-v2", "bad-version"],
+)
+def test_unknown_or_reserved_names_give_a_one_line_error_naming_them(registry: ModelRegistry, client: Any, call: Any, message: str) -> None:
+    name = register_versions(client, 1)
+    with pytest.raises(RegistryError, match=message) as info:
+        call(registry, name)
+    assert "\n" not in str(info.value)
+
+
+def test_compare_puts_params_and_metrics_side_by_side(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    comparison = registry.compare(name, 1, 2)
+    params = {row.key: (row.first, row.second, row.differs) for row in comparison.params}
+    metrics = {row.key: (row.first, row.second) for row in comparison.metrics}
+    assert params["lr"] == ("0.01", "0.005", True)
+    assert params["backbone"] == ("mobilenet_v2", "mobilenet_v2", False)
+    assert metrics["val_accuracy"] == (0.8, 0.9)
+
+
+def test_the_design_stage_words_resolve_to_the_aliases(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 2, "staging")
+    assert registry.resolve(name, "Staging").version == 2
+    assert registry.resolve(name, "STAGING").version == 2
+
+
+def test_the_registry_leaves_mlflows_global_tracking_uri_alone(registry: ModelRegistry, client: Any) -> None:
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    name = register_versions(client, 2)
+    registry.promote(name, 2)
+    registry.list_versions(name)
+    registry.compare(name, 1, 2)
+    assert mlflow.get_tracking_uri() == before
