@@ -6,7 +6,7 @@
 ...     print(result.line)
 """
 
-from plantml.verification.checks import ALL_PASSED, CHECKS, VERIFICATION_TAG, Check, CheckResult, VerificationFailed
+from plantml.verification.checks import ALL_PASSED, CHECKS, VERIFICATION_TAG, Check, CheckResult
 from plantml.verification.runner import Verification, run_checks
 
-__all__ = ["ALL_PASSED", "CHECKS", "VERIFICATION_TAG", "Check", "CheckResult", "Verification", "VerificationFailed", "run_checks"]
+__all__ = ["ALL_PASSED", "CHECKS", "VERIFICATION_TAG", "Check", "CheckResult", "Verification", "run_checks"]

@@ -8,14 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plantml.errors import PlantmlError
-
-
-class VerificationFailed(PlantmlError):
-    """A check of ``plantml verify`` failed; the command line exits 1 with this one line."""
-
-    exit_code = 1
-
 
 @dataclass(frozen=True)
 class Check:
