@@ -1,0 +1,182 @@
+"""Benchmark: plantml's training loop, tracking included, against a bare PyTorch loop on CUDA.
+
+For each backbone, in one run and alternating epoch by epoch, on the same data:
+- **bare**: the minimal step (zero_grad, forward, loss, backward, optimizer step) with
+  bf16 autocast and channels_last, nothing else;
+- **plantml**: ``plantml.training.loop.train_one_epoch`` (loss and accuracy accumulated on
+  the device, read once per epoch), the learning-rate scheduler, and the epoch's metrics
+  logged through ``MLflowTracker`` to a local sqlite store.
+
+Both read the synthetic leaf set at 224 px through plantml's device-resident data path
+(decoded once, kept on the GPU, augmented there). Prints images per second (median of
+the timed epochs) and the ratio plantml/bare per backbone, and writes them as JSON.
+
+Needs torch and torchvision; MLflow (``mlflow-skinny`` and its few dependencies, carried
+as wheels on a machine without network) for the tracking. Without MLflow it says so and
+measures the loop without tracking.
+
+Run: ``python benchmarks/gpu_throughput.py`` (``--device cpu --image-size 32 --tile 1`` for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # runs from a checkout without installing plantml
+
+from plantml.training import synth  # noqa: E402
+from plantml.training.data import scan_image_folder  # noqa: E402
+from plantml.training.device_data import DeviceLoader, decode_images  # noqa: E402
+from plantml.training.loop import Precision, choose_precision, train_one_epoch  # noqa: E402
+from plantml.training.models import WeightsChoice, build_model  # noqa: E402
+
+BACKBONES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v2")
+RESULTS = ROOT / "benchmarks" / "results" / "gpu_throughput.json"
+
+
+def make_tracker(workdir: Path, backbone: str):
+    """An MLflowTracker on a local sqlite store, or None (with the reason) when MLflow is missing."""
+    try:
+        from plantml.tracking import MLflowTracker
+
+        tracker = MLflowTracker(tracking_uri=f"sqlite:///{workdir}/mlflow.db", experiment_name="gpu_throughput")
+    except ImportError as exc:
+        return None, f"mlflow is not importable here ({exc}); carry mlflow-skinny and its dependencies as wheels"
+    tracker.start_run(run_name=f"gpu_throughput_{backbone}")
+    tracker.log_params({"backbone": backbone, "benchmark": "gpu_throughput"})
+    return tracker, "MLflowTracker -> sqlite"
+
+
+class Contender:
+    """One model, optimizer and loader; both contenders start from the same weights."""
+
+    def __init__(self, model: nn.Module, loader: DeviceLoader, precision: Precision, lr: float) -> None:
+        self.model = model
+        self.loader = loader
+        self.precision = precision
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.criterion = nn.CrossEntropyLoss()
+
+
+def bare_epoch(c: Contender, device: torch.device) -> None:
+    """The minimal training pass: what a hand-written loop does."""
+    c.model.train()
+    for images, targets in c.loader:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.precision.autocast_dtype is not None):
+            loss = c.criterion(c.model(images), targets)
+        c.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        c.optimizer.step()
+
+
+def plantml_epoch(c: Contender, device: torch.device, scheduler, tracker, epoch: int) -> None:
+    """plantml's loop: stats on the device, one read per epoch, scheduler, metrics tracked."""
+    stats = train_one_epoch(c.model, c.loader, c.criterion, c.optimizer, device, c.precision)
+    scheduler.step()
+    if tracker is not None:
+        tracker.log_metrics({"train_loss": stats.loss, "train_accuracy": stats.accuracy,
+                             "learning_rate": scheduler.get_last_lr()[0]}, step=epoch)
+
+
+def timed(device: torch.device, fn, *args) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_backbone(backbone: str, images: torch.Tensor, labels: torch.Tensor, args, device: torch.device,
+                   workdir: Path) -> dict:
+    precision = choose_precision(device, amp=None if device.type == "cuda" else False, channels_last=None)
+    torch.manual_seed(0)
+    template = build_model(backbone, 2, WeightsChoice("none"))
+    contenders = {}
+    for name in ("bare", "plantml"):
+        model = build_model(backbone, 2, WeightsChoice("none"))
+        model.load_state_dict(template.state_dict())
+        model = model.to(device)
+        if precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loader = DeviceLoader(images, labels, batch_size=args.batch_size, device=device, train=True, seed=1,
+                              channels_last=precision.channels_last)
+        contenders[name] = Contender(model, loader, precision, args.learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(contenders["plantml"].optimizer, T_max=args.epochs + 1)
+    tracker, tracking = make_tracker(workdir, backbone)
+    try:
+        bare_epoch(contenders["bare"], device)  # warm-up: cudnn autotuning, allocator, lazy init
+        plantml_epoch(contenders["plantml"], device, scheduler, tracker, 0)
+        times: dict[str, list[float]] = {"bare": [], "plantml": []}
+        for epoch in range(1, args.epochs + 1):
+            times["bare"].append(timed(device, bare_epoch, contenders["bare"], device))
+            times["plantml"].append(timed(device, plantml_epoch, contenders["plantml"], device, scheduler, tracker, epoch))
+    finally:
+        if tracker is not None:
+            tracker.end_run("FINISHED")
+    n = len(labels)
+    rates = {name: n / statistics.median(values) for name, values in times.items()}
+    return {
+        "backbone": backbone,
+        "images_per_epoch": n,
+        "bare_images_per_s": rates["bare"],
+        "plantml_images_per_s": rates["plantml"],
+        "ratio": rates["plantml"] / rates["bare"],
+        "epoch_seconds": times,
+        "tracking": tracking,
+        "autocast": str(precision.autocast_dtype),
+        "channels_last": precision.channels_last,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per contender (after one warm-up)")
+    parser.add_argument("--tile", type=int, default=12, help="times the 400-image synthetic set is repeated per epoch")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_throughput: no CUDA device here (torch.cuda.is_available() is False); use --device cpu for a smoke test")
+    torch.backends.cudnn.benchmark = True
+    data_dir = synth.ensure_cached(synth.SynthSpec(size=args.image_size))
+    images, labels = decode_images(scan_image_folder(data_dir).samples, args.image_size)
+    images, labels = images.repeat(args.tile, 1, 1, 1), labels.repeat(args.tile)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {gpu}; torch {torch.__version__}; {len(labels)} images of {args.image_size} px per epoch, "
+          f"batch {args.batch_size}", flush=True)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="plantml-gpu-bench-") as tmp:
+        for backbone in args.backbones:
+            result = bench_backbone(backbone, images, labels, args, device, Path(tmp))
+            results.append(result)
+            print(f"{backbone:16s} bare {result['bare_images_per_s']:9.0f} img/s   plantml "
+                  f"{result['plantml_images_per_s']:9.0f} img/s   ratio {result['ratio']:.3f}   "
+                  f"(tracking: {result['tracking']})", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "results": results}, indent=2))
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

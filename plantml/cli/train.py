@@ -1,0 +1,130 @@
+"""``plantml train``: the design's training script as a command.
+
+Flags map one to one onto :class:`plantml.training.run.TrainConfig`. Inputs are checked
+(and the data set loaded) before a tracker is created, so a bad flag or folder never
+leaves a run behind. torch and mlflow are imported only once the command runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import click
+
+BACKBONE_NAMES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v2")
+
+
+def _console_reporter(stream_is_tty: bool):
+    """A progress bar per epoch on a terminal; one plain line per epoch otherwise."""
+    from plantml.training.run import Reporter
+
+    class ConsoleReporter(Reporter):
+        def batches(self, iterable: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
+            if not stream_is_tty:
+                return iterable
+            from tqdm import tqdm
+
+            return tqdm(iterable, total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, file=sys.stderr)
+
+        def epoch_end(self, record: dict[str, float]) -> None:
+            click.echo(
+                f"epoch {record['epoch']}/{record['epochs']}  "
+                f"train_loss {record['train_loss']:.4f}  train_acc {record['train_accuracy']:.4f}  "
+                f"val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.4f}  "
+                f"lr {record['learning_rate']:.2e}  {record['seconds']:.1f}s"
+            )
+
+        def message(self, text: str) -> None:
+            click.echo(text, err=True)
+
+    return ConsoleReporter()
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--backbone", type=click.Choice(BACKBONE_NAMES), default="resnet18", help="torchvision model to fine-tune.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, help="Number of epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Images per batch.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="AdamW learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-2, help="AdamW weight decay.")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Device [default: cuda when present, else cpu].")
+@click.option("--freeze-backbone", is_flag=True, help="Train only the classifier head (until --unfreeze-epoch).")
+@click.option("--unfreeze-epoch", type=click.IntRange(min=1), default=None, help="Epoch (1-based) at which the whole network starts training; needs --freeze-backbone.")
+@click.option("--early-stopping-patience", type=click.IntRange(min=1), default=10, help="Epochs without val_loss improvement before stopping.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Image folder, one sub-folder per class [default: the built-in synthetic leaf set].")
+@click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (counted in a tag) instead of failing.")
+@click.option("--val-split", type=float, default=0.15, help="Fraction of each class for validation.")
+@click.option("--test-split", type=float, default=0.15, help="Fraction of each class for the final test.")
+@click.option("--weights", default="auto", metavar="auto|imagenet|none|PATH", help="Initial weights: auto = ImageNet if in torch's cache, else random.")
+@click.option("--image-size", type=click.IntRange(16, 1024), default=None, help="Square input size in pixels [default: 224 on cuda, 64 on cpu].")
+@click.option("--seed", type=int, default=42, help="Seed of the split, the initialisation and the batch order.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: sized to the machine].")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16, or fp16 where bf16 is missing) [default: on for cuda].")
+@click.option("--channels-last/--no-channels-last", default=None, help="channels-last memory format [default: on for cuda].")
+@click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Also keep best_model.pth and training_history.json here.")
+@click.option("--experiment-name", default=None, help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or plant_classification].")
+@click.option("--run-name", default=None, help="MLflow run name [default: {backbone}_{date-time}].")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, .env, or sqlite:///mlflow.db].")
+@click.option("--registered-model-name", default=None, help="Registry name of the best model [default: {backbone}_plant_classifier].")
+@click.option("--no-register", is_flag=True, help="Log the best model without registering it.")
+@click.option("--no-mlflow", is_flag=True, help="Train without any tracking (nothing from mlflow is imported).")
+def train(**options) -> None:
+    """Train a plant classifier; track params, metrics, artifacts and the model in MLflow."""
+    from plantml.training.run import TrainConfig, fit, prepare
+    from plantml.training.synth import SynthSpec
+
+    config = TrainConfig(
+        backbone=options["backbone"], epochs=options["epochs"], batch_size=options["batch_size"],
+        learning_rate=options["learning_rate"], weight_decay=options["weight_decay"], device=options["device"],
+        freeze_backbone=options["freeze_backbone"], unfreeze_epoch=options["unfreeze_epoch"],
+        early_stopping_patience=options["early_stopping_patience"], data_dir=options["data_dir"],
+        synthetic=SynthSpec(), skip_bad_images=options["skip_bad_images"], val_split=options["val_split"],
+        test_split=options["test_split"], weights=options["weights"], image_size=options["image_size"],
+        seed=options["seed"], num_workers=options["num_workers"], amp=options["amp"],
+        channels_last=options["channels_last"], run_name=options["run_name"],
+        register=not options["no_register"], registered_model_name=options["registered_model_name"],
+        output_dir=options["output_dir"],
+    )
+    _show_warnings()
+    started = time.perf_counter()
+    prepared = prepare(config)  # every input error surfaces here, before any run exists
+    sizes = prepared.loaders.split.sizes()
+    click.echo(
+        f"data: {prepared.scan.name} ({len(prepared.scan.classes)} classes; "
+        f"{sizes['train_size']}/{sizes['val_size']}/{sizes['test_size']} train/val/test)  "
+        f"model: {config.backbone} ({prepared.weights.label} weights, {prepared.image_size}px)  device: {prepared.device.type}",
+        err=True,
+    )
+    tracker = _make_tracker(options)
+    result = fit(prepared, tracker, _console_reporter(sys.stderr.isatty()))
+    click.echo(
+        f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, val_acc {result.best_val_accuracy:.4f}; "
+        f"test_loss {result.test.loss:.4f}, test_acc {result.test.accuracy:.4f}  ({time.perf_counter() - started:.1f}s)"
+    )
+    if result.run_id:
+        click.echo(f"run {result.run_id} in experiment {tracker.experiment_name!r} at {tracker.tracking_uri}")
+
+
+def _show_warnings() -> None:
+    """Print the training package's logged warnings as ``plantml: warning: ...`` lines."""
+    import logging
+
+    log = logging.getLogger("plantml.training")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("plantml: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        log.addHandler(handler)
+        log.propagate = False
+
+
+def _make_tracker(options: dict):
+    if options["no_mlflow"]:
+        from plantml.training.run import NullTracker
+
+        return NullTracker()
+    from plantml.tracking import MLflowTracker
+
+    return MLflowTracker(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])

@@ -1,0 +1,446 @@
+"""One training run, end to end: :func:`prepare` checks and loads, :func:`fit` trains and records.
+
+Everything that can be wrong with the inputs (flags, data folder, weights) fails in
+:func:`prepare`, before any tracking run exists. :func:`fit` receives the tracker as a
+collaborator (an :class:`plantml.tracking.MLflowTracker`, or :class:`NullTracker` for
+``--no-mlflow``, which imports nothing from mlflow) and a :class:`Reporter` for progress;
+it never prints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from plantml.errors import UsageError
+from plantml.training import data as data_mod
+from plantml.training import figures, synth
+from plantml.training.loop import EarlyStopping, EpochStats, Precision, choose_precision, evaluate, train_one_epoch
+from plantml.training.models import (
+    WeightsChoice,
+    build_model,
+    count_parameters,
+    get_backbone,
+    resolve_weights,
+    set_backbone_frozen,
+)
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER = "AdamW"
+SCHEDULER = "CosineAnnealingLR"
+LOSS_FUNCTION = "CrossEntropyLoss"
+DEFAULT_IMAGE_SIZE = {"cuda": 224, "cpu": 64}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every choice of a training run; the command line maps its flags one to one onto these."""
+
+    backbone: str = "resnet18"
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-2
+    device: str | None = None  # None: CUDA when present, else CPU
+    freeze_backbone: bool = False
+    unfreeze_epoch: int | None = None  # 1-based epoch at which the backbone starts training
+    early_stopping_patience: int = 10
+    data_dir: Path | None = None  # None: the cached synthetic set
+    synthetic: synth.SynthSpec = field(default_factory=synth.SynthSpec)
+    skip_bad_images: bool = False
+    val_split: float = 0.15
+    test_split: float = 0.15
+    weights: str = "auto"
+    image_size: int | None = None  # None: 224 on CUDA, 64 on CPU
+    seed: int = 42
+    num_workers: int | None = None  # None: sized to the machine
+    amp: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: on for CUDA
+    run_name: str | None = None
+    register: bool = True
+    registered_model_name: str | None = None  # None: {backbone}_plant_classifier
+    output_dir: Path | None = None  # where best_model.pth and the history are kept; None: a temp folder
+
+
+class NullTracker:
+    """The tracker of ``--no-mlflow``: every call is accepted and does nothing."""
+
+    enabled = False
+    run_id = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+class Reporter:
+    """Where :func:`fit` reports progress; this base reports nothing."""
+
+    def batches(self, iterable: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
+        """Wrap the training batches of one epoch (a progress bar may draw here)."""
+        return iterable
+
+    def epoch_end(self, record: dict[str, float]) -> None:
+        """Called after each epoch with its metrics."""
+
+    def message(self, text: str) -> None:
+        """A line worth telling the user (a fallback taken, a model registered)."""
+
+
+@dataclass
+class Prepared:
+    """A checked configuration with its data and model, ready for :func:`fit`."""
+
+    config: TrainConfig
+    device: torch.device
+    precision: Precision
+    image_size: int
+    num_workers: int
+    scan: data_mod.ImageFolderScan
+    loaders: data_mod.DataLoaders
+    model: nn.Module
+    weights: WeightsChoice
+    synthetic: bool
+    total_parameters: int
+    trainable_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the data set."""
+        return len(self.scan.classes)
+
+    @property
+    def registered_model_name(self) -> str | None:
+        """The registry name the best model goes to, or None when not registering."""
+        if not self.config.register:
+            return None
+        return self.config.registered_model_name or f"{self.config.backbone}_plant_classifier"
+
+    def params(self) -> dict[str, Any]:
+        """The run's params: the design's list, then seed, weights and image_size."""
+        c = self.config
+        return {
+            "backbone": c.backbone,
+            "epochs": c.epochs,
+            "batch_size": c.batch_size,
+            "learning_rate": c.learning_rate,
+            "device": self.device.type,
+            "freeze_backbone": c.freeze_backbone,
+            "unfreeze_epoch": c.unfreeze_epoch,
+            "early_stopping_patience": c.early_stopping_patience,
+            "optimizer": OPTIMIZER,
+            "scheduler": SCHEDULER,
+            "loss_function": LOSS_FUNCTION,
+            "num_classes": self.num_classes,
+            **self.loaders.split.sizes(),
+            "total_parameters": self.total_parameters,
+            "trainable_parameters": self.trainable_parameters,
+            "seed": c.seed,
+            "weights": self.weights.label,
+            "image_size": self.image_size,
+        }
+
+    def tags(self) -> dict[str, str]:
+        """Tags set when the run starts: framework, data set and its hash, code version."""
+        tags = {
+            "framework": "pytorch",
+            "model": self.config.backbone,
+            "dataset": self.scan.name,
+            "dataset_hash": self.scan.content_hash,
+            "dataset_path": str(self.scan.root),
+            "dataset_synthetic": str(self.synthetic).lower(),
+            "dataset_classes": ",".join(self.scan.classes),
+            "dataset_skipped_images": str(len(self.scan.skipped)),
+            "amp": str(self.precision.autocast_dtype).replace("torch.", "") if self.precision.autocast_dtype else "off",
+            "channels_last": str(self.precision.channels_last).lower(),
+            "num_workers": str(self.num_workers),
+        }
+        if self.device.type == "cuda":
+            tags["device_name"] = torch.cuda.get_device_name(self.device)
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        return tags
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    history: dict[str, Any]
+    best_epoch: int
+    best_val_loss: float
+    best_val_accuracy: float
+    test: EpochStats
+    confusion_matrix: list[list[int]]
+    stopped_early: bool
+    run_id: str | None = None
+    model_version: str | None = None
+    checkpoint: Path | None = None
+    images_per_second: float = 0.0
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """The current git commit of ``cwd``, or None outside a repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch so a CPU run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_config(config: TrainConfig) -> torch.device:
+    """Reject impossible flag combinations; return the device to train on."""
+    get_backbone(config.backbone)
+    for name in ("epochs", "batch_size"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+    if not config.learning_rate > 0:
+        raise UsageError(f"--learning-rate {config.learning_rate}: must be positive")
+    if config.early_stopping_patience < 1:
+        raise UsageError(f"--early-stopping-patience {config.early_stopping_patience}: must be at least 1")
+    if config.unfreeze_epoch is not None:
+        if not config.freeze_backbone:
+            raise UsageError("--unfreeze-epoch needs --freeze-backbone")
+        if not 1 <= config.unfreeze_epoch <= config.epochs:
+            raise UsageError(f"--unfreeze-epoch {config.unfreeze_epoch}: must be between 1 and --epochs ({config.epochs})")
+    if config.image_size is not None and not 16 <= config.image_size <= 1024:
+        raise UsageError(f"--image-size {config.image_size}: choose between 16 and 1024 pixels")
+    if config.num_workers is not None and config.num_workers < 0:
+        raise UsageError(f"--num-workers {config.num_workers}: must be 0 or more")
+    if config.device not in (None, "cpu", "cuda"):
+        raise UsageError(f"--device {config.device}: choose cuda or cpu")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
+    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def prepare(config: TrainConfig) -> Prepared:
+    """Check every input, load the data set and build the model; no tracking happens here."""
+    device = check_config(config)
+    weights = resolve_weights(config.backbone, config.weights)
+    data_dir = synth.ensure_cached(config.synthetic) if config.data_dir is None else Path(config.data_dir)
+    synthetic = synth.is_synthetic(data_dir)
+    scan = data_mod.scan_image_folder(data_dir, skip_bad_images=config.skip_bad_images)
+    split = data_mod.stratified_split([label for _, label in scan.samples], config.val_split, config.test_split,
+                                      seed=config.seed, class_names=scan.classes)
+    for name, indices in (("train", split.train), ("val", split.val)):
+        if len(indices) < 1:
+            raise UsageError(f"the {name} split is empty")
+
+    image_size = config.image_size or DEFAULT_IMAGE_SIZE[device.type]
+    num_workers = data_mod.default_num_workers() if config.num_workers is None else config.num_workers
+    loaders = data_mod.build_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
+                                     num_workers=num_workers, seed=config.seed, pin_memory=device.type == "cuda")
+
+    seed_everything(config.seed)
+    model = build_model(config.backbone, len(scan.classes), weights)
+    if config.freeze_backbone:
+        set_backbone_frozen(model, config.backbone, frozen=True)
+    total, trainable = count_parameters(model)
+
+    notes = [weights.note] if weights.note else []
+    if scan.skipped:
+        notes.append(f"{len(scan.skipped)} unreadable image(s) skipped")
+    return Prepared(
+        config=config, device=device, precision=choose_precision(device, config.amp, config.channels_last),
+        image_size=image_size, num_workers=num_workers, scan=scan, loaders=loaders, model=model,
+        weights=weights, synthetic=synthetic, total_parameters=total, trainable_parameters=trainable, notes=notes,
+    )
+
+
+def default_run_name(backbone: str) -> str:
+    """``{backbone}_{YYYYmmdd-HHMMSS}``."""
+    return f"{backbone}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = None) -> TrainResult:
+    """Train, evaluate the best model on the test split and record it all through ``tracker``.
+
+    The tracking run always ends: FINISHED, FAILED on an error, KILLED on Ctrl-C (which
+    is then re-raised).
+    """
+    tracker = tracker if tracker is not None else NullTracker()
+    reporter = reporter or Reporter()
+    for note in prepared.notes:
+        logger.warning(note)
+    config = prepared.config
+    start = tracker.start_run(run_name=config.run_name or default_run_name(config.backbone), tags=prepared.tags())
+    run_id = getattr(tracker, "run_id", None) or getattr(getattr(start, "info", None), "run_id", None)
+    try:
+        tracker.log_params(prepared.params())
+        tracker.log_system_metrics()
+        result = _train_and_record(prepared, tracker, reporter)
+    except KeyboardInterrupt:
+        _end_quietly(tracker, "KILLED")
+        raise
+    except BaseException:
+        _end_quietly(tracker, "FAILED")
+        raise
+    tracker.end_run(status="FINISHED")
+    result.run_id = run_id
+    return result
+
+
+def _end_quietly(tracker: Any, status: str) -> None:
+    # the original exception matters more than a failure to report it
+    try:
+        tracker.end_run(status=status)
+    except Exception:  # noqa: BLE001
+        logger.exception("could not end the tracking run as %s", status)
+
+
+def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> TrainResult:
+    config, device, precision = prepared.config, prepared.device, prepared.precision
+    model = prepared.model.to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = nn.CrossEntropyLoss()
+    # every parameter is in the optimizer from the start; frozen ones have no grad, so AdamW skips them
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    scaler = torch.amp.GradScaler("cuda") if precision.autocast_dtype == torch.float16 and device.type == "cuda" else None
+    stopper = EarlyStopping(config.early_stopping_patience)
+    loaders = prepared.loaders
+
+    history: dict[str, Any] = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")}
+    best_state = None
+    best_val_accuracy = float("nan")
+    stopped_early = False
+    trained_images, train_seconds = 0, 0.0
+    for epoch in range(1, config.epochs + 1):
+        if config.freeze_backbone and config.unfreeze_epoch == epoch:
+            set_backbone_frozen(model, config.backbone, frozen=False)
+            reporter.message(f"epoch {epoch}: backbone unfrozen")
+        learning_rate = optimizer.param_groups[0]["lr"]
+        started = time.perf_counter()
+        wrap = lambda batches, e=epoch: reporter.batches(batches, epoch=e, epochs=config.epochs, total=len(loaders.train))  # noqa: E731
+        train = train_one_epoch(model, loaders.train, criterion, optimizer, device, precision, scaler, wrap)
+        train_time = time.perf_counter() - started
+        val, _ = evaluate(model, loaders.val, criterion, device, precision)
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        trained_images += train.samples
+        train_seconds += train_time
+
+        record = {"epoch": epoch, "train_loss": train.loss, "train_accuracy": train.accuracy, "val_loss": val.loss,
+                  "val_accuracy": val.accuracy, "learning_rate": learning_rate, "seconds": seconds}
+        for key, value in record.items():
+            history[key].append(value)
+        tracker.log_training_metrics(epoch=epoch, train_loss=train.loss, train_acc=train.accuracy,
+                                     val_loss=val.loss, val_acc=val.accuracy, learning_rate=learning_rate)
+        reporter.epoch_end({**record, "epochs": config.epochs})
+
+        if stopper.step(epoch, val.loss) or best_state is None:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_val_accuracy = val.accuracy
+            best_epoch = epoch
+        if stopper.should_stop and epoch < config.epochs:
+            stopped_early = True
+            reporter.message(f"early stopping after epoch {epoch}: no val_loss improvement for {stopper.patience} epoch(s)")
+            break
+
+    model.load_state_dict(best_state)
+    test, matrix = evaluate(model, loaders.test, criterion, device, precision, num_classes=prepared.num_classes)
+    tracker.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy})
+    best_val_loss = history["val_loss"][best_epoch - 1]
+    history.update({
+        "best_epoch": best_epoch, "best_val_loss": best_val_loss, "best_val_accuracy": best_val_accuracy,
+        "stopped_early": stopped_early, "test_loss": test.loss, "test_accuracy": test.accuracy,
+        "classes": list(prepared.scan.classes), "confusion_matrix": matrix,
+    })
+    result = TrainResult(history=history, best_epoch=best_epoch, best_val_loss=best_val_loss,
+                         best_val_accuracy=best_val_accuracy, test=test, confusion_matrix=matrix,
+                         stopped_early=stopped_early,
+                         images_per_second=trained_images / train_seconds if train_seconds else 0.0)
+    _save_and_log(prepared, model, best_state, result, tracker, reporter)
+    return result
+
+
+def _save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result: TrainResult,
+                  tracker: Any, reporter: Reporter) -> None:
+    """Write the checkpoint and history; log them, the figures, tags and the registered model."""
+    config = prepared.config
+    keep = config.output_dir is not None
+    out_dir = Path(config.output_dir) if keep else Path(tempfile.mkdtemp(prefix="plantml-train-"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = out_dir / "best_model.pth"
+        torch.save({
+            "model_state_dict": best_state, "backbone": config.backbone, "num_classes": prepared.num_classes,
+            "classes": list(prepared.scan.classes), "image_size": prepared.image_size,
+            "epoch": result.best_epoch, "val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
+        }, checkpoint)
+        (out_dir / "training_history.json").write_text(json.dumps(result.history, indent=2))
+        result.checkpoint = checkpoint if keep else None
+
+        tracker.log_dict(result.history, "training/training_history.json")
+        tracker.log_artifact(checkpoint, artifact_path="models")
+        tracker.log_figure(figures.learning_curves(result.history), "figures/learning_curves.png")
+        tracker.log_figure(figures.confusion_matrix(result.confusion_matrix, prepared.scan.classes), "figures/confusion_matrix.png")
+        tracker.set_tags({
+            "best_val_accuracy": f"{result.best_val_accuracy:.4f}",
+            "best_epoch": str(result.best_epoch),
+            "stopped_early": str(result.stopped_early).lower(),
+        })
+        if getattr(tracker, "enabled", True):
+            result.model_version = _log_model(prepared, model, tracker)
+            if result.model_version:
+                reporter.message(f"registered {prepared.registered_model_name} version {result.model_version}")
+    finally:
+        if not keep:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None:
+    """Log the best model (PyTorch flavor, signature, a two-image input example) and register it."""
+    from mlflow.models import infer_signature  # only a tracked run imports mlflow
+
+    export = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    # two images: a batch of one would freeze the batch size of the exported (pt2) graph
+    example = torch.stack([prepared.loaders.test.dataset[i][0] for i in range(min(2, len(prepared.loaders.test.dataset)))])
+    with torch.inference_mode():
+        output = export(example)
+    example_np = example.numpy()
+    signature = infer_signature(example_np, output.numpy())
+    info = tracker.log_model(export, artifact_path="model", registered_model_name=prepared.registered_model_name,
+                             input_example=example_np, signature=signature)
+    version = getattr(info, "registered_model_version", None)
+    if version is not None:
+        tracker.set_tags({"registered_model_name": prepared.registered_model_name, "registered_model_version": str(version)})
+    return None if version is None else str(version)
+
+
+def train(config: TrainConfig, tracker: Any = None, reporter: Reporter | None = None) -> TrainResult:
+    """:func:`prepare` then :func:`fit`: the whole run in one call."""
+    return fit(prepare(config), tracker, reporter)
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as plain JSON-able values."""
+    return json.loads(json.dumps(asdict(config), default=str))

@@ -1,0 +1,170 @@
+"""A deterministic, offline two-class leaf data set: healthy leaves and leaves with disease spots.
+
+It exists so that ``plantml train`` works with no download: the images are drawn with
+PIL and numpy from a seed, in the torchvision ``ImageFolder`` layout
+(``DIR/healthy/*.png``, ``DIR/diseased/*.png``). The same parameters always give
+byte-identical files, hence the same content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from plantml.errors import UsageError
+
+CLASSES = ("diseased", "healthy")
+DEFAULT_PER_CLASS = 200
+DEFAULT_SIZE = 96
+DEFAULT_SEED = 0
+GENERATOR_VERSION = 1  # bump when the drawing changes, so caches are not reused
+_MARKER = ".plantml-synthetic"
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """The parameters that fully determine a synthetic data set."""
+
+    per_class: int = DEFAULT_PER_CLASS
+    size: int = DEFAULT_SIZE
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.per_class < 3:
+            raise UsageError(f"--per-class {self.per_class}: need at least 3 images per class")
+        if not 16 <= self.size <= 1024:
+            raise UsageError(f"--size {self.size}: choose between 16 and 1024 pixels")
+
+    @property
+    def name(self) -> str:
+        """A stable name for the set, also used for its cache folder."""
+        digest = hashlib.sha256(repr((GENERATOR_VERSION, self.per_class, self.size, self.seed)).encode()).hexdigest()
+        return f"synthetic-leaves-{self.per_class}x{len(CLASSES)}-{self.size}px-s{self.seed}-{digest[:8]}"
+
+
+def cache_root() -> Path:
+    """``$PLANTML_CACHE_DIR``, else ``~/.cache/plantml``."""
+    env = os.environ.get("PLANTML_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "plantml"
+
+
+def _rng_for(seed: int, label: int, index: int) -> np.random.Generator:
+    # one independent stream per image, so an image does not depend on how many came before
+    return np.random.default_rng([seed, label, index])
+
+
+def _leaf_polygon(rng: np.random.Generator, size: int) -> tuple[list[tuple[float, float]], float, float, float, float]:
+    """A pointed leaf outline, rotated and placed on the canvas; returns points and geometry."""
+    cx = size * rng.uniform(0.42, 0.58)
+    cy = size * rng.uniform(0.42, 0.58)
+    length = size * rng.uniform(0.30, 0.42)  # half-length
+    width = length * rng.uniform(0.38, 0.6)  # half-width
+    angle = rng.uniform(0, math.pi)
+    cos_a, sin_a = math.cos(angle), math.sin(angle)
+    points = []
+    for t in np.linspace(0, 2 * math.pi, 48, endpoint=False):
+        # sin^1.3 profile gives pointed tips at both ends
+        x = length * math.cos(t)
+        y = width * math.copysign(abs(math.sin(t)) ** 1.3, math.sin(t))
+        points.append((cx + x * cos_a - y * sin_a, cy + x * sin_a + y * cos_a))
+    return points, cx, cy, length, angle
+
+
+def draw_leaf(rng: np.random.Generator, size: int, diseased: bool) -> Image.Image:
+    """Draw one leaf image (RGB, ``size`` x ``size``)."""
+    background = tuple(int(v) for v in rng.integers((150, 120, 80), (230, 210, 170)))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+
+    points, cx, cy, length, angle = _leaf_polygon(rng, size)
+    green = (int(rng.integers(30, 90)), int(rng.integers(110, 190)), int(rng.integers(20, 80)))
+    draw.polygon(points, fill=green)
+
+    # midrib and a few side veins, slightly lighter than the blade
+    vein = tuple(min(255, c + 45) for c in green)
+    cos_a, sin_a = math.cos(angle), math.sin(angle)
+    tip = (cx + length * cos_a, cy + length * sin_a)
+    base = (cx - length * cos_a, cy - length * sin_a)
+    line_width = max(1, size // 64)
+    draw.line([base, tip], fill=vein, width=line_width)
+    for frac in np.linspace(-0.6, 0.6, 5):
+        ox, oy = cx + frac * length * cos_a, cy + frac * length * sin_a
+        for side in (-1, 1):
+            vx = ox + 0.45 * length * (0.5 * cos_a - side * 0.8 * sin_a)
+            vy = oy + 0.45 * length * (0.5 * sin_a + side * 0.8 * cos_a)
+            draw.line([(ox, oy), (vx, vy)], fill=vein, width=line_width)
+
+    if diseased:
+        _draw_spots(rng, draw, cx, cy, length, angle, size)
+
+    image = image.filter(ImageFilter.GaussianBlur(radius=size / 200))
+    noise = rng.normal(0, 6, (size, size, 3))
+    pixels = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def _draw_spots(rng: np.random.Generator, draw: ImageDraw.ImageDraw, cx: float, cy: float,
+                length: float, angle: float, size: int) -> None:
+    """Brown and yellow lesions, each a dark core in a yellow halo, inside the leaf blade."""
+    cos_a, sin_a = math.cos(angle), math.sin(angle)
+    for _ in range(int(rng.integers(3, 9))):
+        along = rng.uniform(-0.65, 0.65) * length
+        across = rng.uniform(-0.22, 0.22) * length
+        x = cx + along * cos_a - across * sin_a
+        y = cy + along * sin_a + across * cos_a
+        r = size * rng.uniform(0.025, 0.06)
+        halo = (int(rng.integers(190, 240)), int(rng.integers(170, 215)), int(rng.integers(30, 80)))
+        core = (int(rng.integers(90, 140)), int(rng.integers(50, 85)), int(rng.integers(15, 40)))
+        draw.ellipse([x - 1.5 * r, y - 1.5 * r, x + 1.5 * r, y + 1.5 * r], fill=halo)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=core)
+
+
+def generate(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) -> Path:
+    """Write the data set described by ``spec`` into ``directory`` and return it.
+
+    Existing files of the same names are overwritten; other files are left alone.
+    """
+    root = Path(directory)
+    for label, class_name in enumerate(CLASSES):
+        class_dir = root / class_name
+        class_dir.mkdir(parents=True, exist_ok=True)
+        for index in range(spec.per_class):
+            image = draw_leaf(_rng_for(spec.seed, label, index), spec.size, diseased=class_name == "diseased")
+            # optimize=False and no metadata keep the bytes deterministic
+            image.save(class_dir / f"{class_name}_{index:04d}.png", format="PNG", optimize=False)
+    (root / _MARKER).write_text(f"{spec.name}\n")
+    return root
+
+
+def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
+    """The cached copy of the synthetic set, generated on first use (atomically)."""
+    target = cache_root() / spec.name
+    if (target / _MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # generate into a temporary sibling then rename, so an interrupted run leaves no half set
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        generate(staging, spec)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / _MARKER).is_file():  # not a concurrent twin that won the race
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def is_synthetic(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` was written by :func:`generate`."""
+    return (Path(directory) / _MARKER).is_file()

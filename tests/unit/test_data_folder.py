@@ -1,0 +1,102 @@
+"""Image-folder checks, the stratified split and the loaders."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from plantml.errors import DataError
+from plantml.training import synth
+from plantml.training.data import build_loaders, default_num_workers, scan_image_folder, stratified_split
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=10, size=24, seed=0))
+
+
+def test_missing_folder_is_named(tmp_path):
+    with pytest.raises(DataError, match="not found") as info:
+        scan_image_folder(tmp_path / "nowhere")
+    assert "nowhere" in str(info.value)
+
+
+def test_fewer_than_two_classes_is_refused(folder):
+    shutil.rmtree(folder / "healthy")
+    with pytest.raises(DataError, match="at least two class"):
+        scan_image_folder(folder)
+
+
+def test_an_empty_class_is_named(folder):
+    (folder / "rust").mkdir()
+    with pytest.raises(DataError, match="rust.*no images"):
+        scan_image_folder(folder)
+
+
+def test_an_unreadable_image_is_named(folder):
+    bad = folder / "healthy" / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="broken.png"):
+        scan_image_folder(folder)
+
+
+def test_skip_bad_images_leaves_them_out_and_counts_them(folder):
+    (folder / "healthy" / "broken.png").write_bytes(b"not a png")
+    (folder / "diseased" / "cut.jpg").write_bytes(b"\xff\xd8\xff")
+
+    scan = scan_image_folder(folder, skip_bad_images=True)
+
+    assert len(scan.skipped) == 2
+    assert scan.class_counts() == {"diseased": 10, "healthy": 10}
+
+
+def test_content_hash_changes_with_one_file(folder):
+    before = scan_image_folder(folder).content_hash
+    shutil.copy(folder / "healthy" / "healthy_0000.png", folder / "healthy" / "extra.png")
+
+    assert scan_image_folder(folder).content_hash != before
+
+
+def test_design_set_splits_280_60_60():
+    labels = [0] * 200 + [1] * 200
+
+    split = stratified_split(labels, seed=3)
+
+    assert split.sizes() == {"train_size": 280, "val_size": 60, "test_size": 60}
+    for subset, per_class in ((split.train, 140), (split.val, 30), (split.test, 30)):
+        assert sum(labels[i] for i in subset) == per_class  # stratified: half of each subset is class 1
+
+
+def test_split_is_a_seeded_partition():
+    labels = [0] * 30 + [1] * 50
+    split = stratified_split(labels, seed=5)
+
+    everything = split.train + split.val + split.test
+    assert sorted(everything) == list(range(80))
+    assert stratified_split(labels, seed=5) == split
+    assert stratified_split(labels, seed=6) != split
+
+
+def test_too_few_images_for_the_split_is_refused():
+    with pytest.raises(DataError, match="too few"):
+        stratified_split([0, 0, 1, 1, 1], class_names=["a", "b"])
+
+
+def test_train_loader_augments_and_eval_loaders_do_not(folder):
+    scan = scan_image_folder(folder)
+    split = stratified_split([label for _, label in scan.samples], seed=0)
+    loaders = build_loaders(scan, split, image_size=16, batch_size=4, num_workers=0, seed=0)
+
+    images, labels = next(iter(loaders.val))
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
+    assert abs(float(images.mean())) < 3  # normalised, not 0..255
+    first = torch.stack([loaders.val.dataset[0][0], loaders.val.dataset[0][0]])
+    assert torch.equal(first[0], first[1])
+    assert "RandomHorizontalFlip" in repr(loaders.train.dataset.transform)
+    assert "Random" not in repr(loaders.val.dataset.transform)
+
+
+def test_workers_are_sized_to_the_machine():
+    assert 0 <= default_num_workers() <= 8

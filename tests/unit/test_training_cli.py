@@ -1,0 +1,86 @@
+"""``plantml train`` and ``plantml data synth`` from the command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from plantml.cli import main
+from plantml.training import synth
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory):
+    return synth.generate(tmp_path_factory.mktemp("data") / "leaves", synth.SynthSpec(per_class=12, size=32, seed=0))
+
+
+@pytest.fixture
+def no_tracker(monkeypatch):
+    """Fail the test if the command tries to create a tracker."""
+    import plantml.cli.train as train_cli
+
+    def refuse(options):
+        raise AssertionError("a tracker was created")
+
+    monkeypatch.setattr(train_cli, "_make_tracker", refuse)
+
+
+TINY = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--weights", "none", "--num-workers", "0"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--backbone", "vgg16"], "'vgg16' is not one of"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "3", "--freeze-backbone", "--unfreeze-epoch", "4"], "--unfreeze-epoch 4"),
+    (["--unfreeze-epoch", "2"], "needs --freeze-backbone"),
+    (["--weights", "/nowhere/w.pth"], "--weights /nowhere/w.pth"),
+    (["--learning-rate", "0"], "--learning-rate"),
+])
+def test_usage_errors_exit_2_with_one_line_and_no_run(capsys, leaves, no_tracker, args, expected):
+    code = main(["train", "--data-dir", str(leaves), *args])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda root: root / "missing", "not found"),
+    (lambda root: (root / "one" / "only").mkdir(parents=True) or root / "one", "at least two class"),
+])
+def test_data_errors_exit_2_before_any_run(capsys, tmp_path, no_tracker, make, expected):
+    code = main(["train", "--data-dir", str(make(tmp_path)), *TINY])
+
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_imagenet_weights_missing_is_one_line_suggesting_none(capsys, leaves, no_tracker, monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    code = main(["train", "--data-dir", str(leaves), "--weights", "imagenet"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and "--weights none" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_mlflow_trains_and_prints_plain_epoch_lines(capsys, leaves):
+    code = main(["train", "--data-dir", str(leaves), "--no-mlflow", *TINY, "--epochs", "2"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "epoch 1/2" in out and "epoch 2/2" in out and "test_acc" in out
+    assert "\r" not in out  # no progress bar when not on a terminal
+
+
+def test_data_synth_writes_the_set(capsys, tmp_path):
+    code = main(["data", "synth", str(tmp_path / "set"), "--per-class", "4", "--size", "24", "--seed", "3"])
+
+    assert code == 0
+    assert len(list((tmp_path / "set" / "healthy").glob("*.png"))) == 4
+    assert "8 images" in capsys.readouterr().out
+
+
+def test_data_synth_rejects_a_tiny_count(capsys, tmp_path):
+    assert main(["data", "synth", str(tmp_path / "set"), "--per-class", "1"]) == 2

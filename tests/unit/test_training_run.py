@@ -1,0 +1,192 @@
+"""A whole run against a recording tracker: what is logged, freezing, early stopping, endings."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from plantml.errors import UsageError
+from plantml.training import synth
+from plantml.training.run import NullTracker, Reporter, TrainConfig, fit, prepare, train
+
+DESIGN_PARAMS = {
+    "backbone", "epochs", "batch_size", "learning_rate", "device", "freeze_backbone", "unfreeze_epoch",
+    "early_stopping_patience", "optimizer", "scheduler", "loss_function", "num_classes", "train_size", "val_size",
+    "test_size", "total_parameters", "trainable_parameters",
+}
+
+
+class RecordingTracker:
+    """Has the MLflowTracker API; records every call instead of sending it."""
+
+    enabled = True
+
+    def __init__(self):
+        self.calls = []
+        self.run_id = None
+
+    def __getattr__(self, name):
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            if name == "start_run":
+                self.run_id = "run-1"
+            if name == "log_model":
+                return SimpleNamespace(registered_model_version=1)
+            return None
+        return record
+
+    def named(self, name):
+        return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory):
+    return synth.generate(tmp_path_factory.mktemp("data") / "leaves", synth.SynthSpec(per_class=12, size=32, seed=0))
+
+
+def tiny(leaves, **overrides):
+    base = dict(data_dir=leaves, epochs=2, batch_size=8, image_size=32, weights="none", num_workers=0, seed=1)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_params_are_the_design_list_plus_seed_weights_and_image_size(leaves):
+    tracker = RecordingTracker()
+    train(tiny(leaves), tracker)
+
+    [(args, _)] = tracker.named("log_params")
+    params = args[0]
+    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size"}
+    assert (params["train_size"], params["val_size"], params["test_size"]) == (16, 4, 4)
+    assert params["optimizer"] == "AdamW" and params["scheduler"] == "CosineAnnealingLR"
+    assert params["loss_function"] == "CrossEntropyLoss" and params["num_classes"] == 2
+    assert params["device"] == "cpu" and params["weights"] == "none" and params["image_size"] == 32
+
+
+def test_every_epoch_logs_its_five_metrics_and_the_test_metrics_come_last(leaves):
+    tracker = RecordingTracker()
+    train(tiny(leaves, epochs=3), tracker)
+
+    epochs = tracker.named("log_training_metrics")
+    assert [kwargs["epoch"] for _, kwargs in epochs] == [1, 2, 3]
+    assert set(epochs[0][1]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "learning_rate"}
+    lrs = [kwargs["learning_rate"] for _, kwargs in epochs]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2]  # cosine schedule
+    [(args, _)] = tracker.named("log_metrics")
+    assert set(args[0]) == {"test_loss", "test_accuracy"}
+
+
+def test_artifacts_figures_model_and_tags_are_recorded(leaves):
+    tracker = RecordingTracker()
+    result = train(tiny(leaves), tracker)
+
+    assert tracker.named("log_dict")[0][0][1] == "training/training_history.json"
+    [(args, kwargs)] = tracker.named("log_artifact")
+    assert args[0].name == "best_model.pth" and kwargs["artifact_path"] == "models"
+    assert [args[1] for args, _ in tracker.named("log_figure")] == ["figures/learning_curves.png", "figures/confusion_matrix.png"]
+    [(_, model_kwargs)] = tracker.named("log_model")
+    assert model_kwargs["registered_model_name"] == "resnet18_plant_classifier"
+    assert model_kwargs["input_example"].shape == (2, 3, 32, 32)
+    assert model_kwargs["signature"] is not None
+    start_tags = tracker.named("start_run")[0][1]["tags"]
+    assert start_tags["framework"] == "pytorch" and start_tags["dataset"] == "leaves"
+    assert start_tags["dataset_synthetic"] == "true" and len(start_tags["dataset_hash"]) == 64
+    end_tags = {k: v for args, _ in tracker.named("set_tags") for k, v in args[0].items()}
+    assert end_tags["best_epoch"] == str(result.best_epoch)
+    assert end_tags["best_val_accuracy"] == f"{result.best_val_accuracy:.4f}"
+    assert tracker.named("end_run") == [((), {"status": "FINISHED"})]
+    assert result.model_version == "1"
+
+
+def test_same_seed_repeats_the_run_exactly_on_cpu(leaves):
+    first = train(tiny(leaves)).history
+    second = train(tiny(leaves)).history
+
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss"):
+        assert first[key] == second[key]
+
+
+def test_frozen_backbone_trains_only_the_head_until_the_unfreeze_epoch(leaves):
+    seen = []
+
+    class Watch(Reporter):
+        def __init__(self, model):
+            self.model = model
+
+        def batches(self, iterable, *, epoch, epochs, total):
+            seen.append((epoch, self.model.conv1.weight.requires_grad, self.model.fc.weight.requires_grad,
+                         self.model.conv1.weight.detach().clone()))
+            return iterable
+
+    tracker = RecordingTracker()
+    prepared = prepare(tiny(leaves, epochs=3, freeze_backbone=True, unfreeze_epoch=3))
+    fit(prepared, tracker, Watch(prepared.model))
+
+    assert [(e, conv, fc) for e, conv, fc, _ in seen] == [(1, False, True), (2, False, True), (3, True, True)]
+    assert torch.equal(seen[0][3], seen[2][3])  # the backbone did not move while frozen
+    params = tracker.named("log_params")[0][0][0]
+    assert params["trainable_parameters"] == 2 * 512 + 2  # counted at the start: the head only
+    assert params["freeze_backbone"] is True and params["unfreeze_epoch"] == 3
+
+
+def test_early_stopping_when_validation_stops_improving(tmp_path):
+    # both classes hold the same images: nothing can be learnt, the validation loss stalls
+    data = tmp_path / "same"
+    synth.generate(tmp_path / "src", synth.SynthSpec(per_class=12, size=32, seed=0))
+    shutil.copytree(tmp_path / "src" / "healthy", data / "a")
+    shutil.copytree(tmp_path / "src" / "healthy", data / "b")
+
+    result = train(tiny(data, epochs=10, early_stopping_patience=2))
+
+    epochs_run = len(result.history["epoch"])
+    assert result.stopped_early and epochs_run < 10
+    assert epochs_run == result.best_epoch + 2
+    assert result.best_val_loss == min(result.history["val_loss"])
+
+
+def test_ctrl_c_ends_the_run_killed_and_propagates(leaves):
+    class Interrupt(Reporter):
+        def batches(self, iterable, **_):
+            raise KeyboardInterrupt
+
+    tracker = RecordingTracker()
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(leaves), tracker, Interrupt())
+    assert tracker.named("end_run") == [((), {"status": "KILLED"})]
+
+
+def test_an_error_during_training_ends_the_run_failed(leaves):
+    class Boom(Reporter):
+        def epoch_end(self, record):
+            raise RuntimeError("boom")
+
+    tracker = RecordingTracker()
+    with pytest.raises(RuntimeError, match="boom"):
+        train(tiny(leaves), tracker, Boom())
+    assert tracker.named("end_run") == [((), {"status": "FAILED"})]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"unfreeze_epoch": 5, "freeze_backbone": True}, "--unfreeze-epoch 5"),
+    ({"unfreeze_epoch": 1}, "needs --freeze-backbone"),
+    ({"device": "cuda"} if not torch.cuda.is_available() else {"device": "tpu"}, "--device"),
+    ({"backbone": "vgg"}, "backbone 'vgg'"),
+])
+def test_bad_inputs_fail_in_prepare_before_any_run(leaves, overrides, message):
+    with pytest.raises(UsageError, match=message):
+        prepare(tiny(leaves, **overrides))
+
+
+def test_no_mlflow_tracker_accepts_every_call():
+    tracker = NullTracker()
+    assert tracker.start_run(run_name="x") is None and tracker.log_model(object()) is None
+
+
+def test_output_dir_keeps_checkpoint_and_history(leaves, tmp_path):
+    result = train(tiny(leaves, output_dir=tmp_path / "out"))
+
+    checkpoint = torch.load(tmp_path / "out" / "best_model.pth", weights_only=True)
+    assert checkpoint["epoch"] == result.best_epoch and checkpoint["classes"] == ["diseased", "healthy"]
+    assert (tmp_path / "out" / "training_history.json").is_file()
