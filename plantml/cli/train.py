@@ -63,6 +63,8 @@ def _console_reporter(stream_is_tty: bool):
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: sized to the machine].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16, or fp16 where bf16 is missing) [default: on for cuda].")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels-last memory format [default: on for cuda].")
+@click.option("--data-on-device/--no-data-on-device", default=None, help="Decode the images once onto the GPU and augment there [default: on for cuda when they fit].")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slower start; measure before relying on it).")
 @click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Also keep best_model.pth and training_history.json here.")
 @click.option("--experiment-name", default=None, help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or plant_classification].")
 @click.option("--run-name", default=None, help="MLflow run name [default: {backbone}_{date-time}].")
@@ -83,7 +85,8 @@ def train(**options) -> None:
         synthetic=SynthSpec(), skip_bad_images=options["skip_bad_images"], val_split=options["val_split"],
         test_split=options["test_split"], weights=options["weights"], image_size=options["image_size"],
         seed=options["seed"], num_workers=options["num_workers"], amp=options["amp"],
-        channels_last=options["channels_last"], run_name=options["run_name"],
+        channels_last=options["channels_last"], data_on_device=options["data_on_device"],
+        compile=options["compile_model"], run_name=options["run_name"],
         register=not options["no_register"], registered_model_name=options["registered_model_name"],
         output_dir=options["output_dir"],
     )

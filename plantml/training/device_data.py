@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD
+from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split
 
 #: Keep the cached images under this share of the device's free memory.
 MAX_MEMORY_SHARE = 0.25
@@ -60,7 +60,7 @@ class DeviceLoader:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-        self.dataset = range(len(self.labels))  # len(loader.dataset), as with a DataLoader
+        self.dataset = _Examples(self)  # len(loader.dataset) and loader.dataset[i], as with a DataLoader
 
     def __len__(self) -> int:
         return (len(self.labels) + self.batch_size - 1) // self.batch_size
@@ -92,3 +92,31 @@ class DeviceLoader:
         contrast = (0.9 + 0.2 * rand[:, 3]).view(n, 1, 1, 1)
         mean = images.mean(dim=(1, 2, 3), keepdim=True)
         return ((images * brightness - mean) * contrast + mean).clamp_(0, 255)
+
+
+class _Examples:
+    """``loader.dataset[i]`` -> ``(normalised CPU image, label)``, as an ImageFolder-style data set gives."""
+
+    def __init__(self, loader: DeviceLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = (self.loader.images[index:index + 1].float() - self.loader.mean) / self.loader.std
+        return image[0].contiguous().cpu(), int(self.loader.labels[index])
+
+
+def build_device_loaders(scan: ImageFolderScan, split: Split, *, image_size: int, batch_size: int,
+                         device: torch.device, seed: int, channels_last: bool) -> DataLoaders:
+    """Train/val/test :class:`DeviceLoader` over ``split``, as a :class:`plantml.training.data.DataLoaders`."""
+    images, labels = decode_images(scan.samples, image_size)
+
+    def loader(indices, train: bool) -> DeviceLoader:
+        index = torch.as_tensor(list(indices), dtype=torch.int64)
+        return DeviceLoader(images[index], labels[index], batch_size=batch_size, device=device, train=train,
+                            seed=seed, channels_last=channels_last)
+
+    return DataLoaders(train=loader(split.train, True), val=loader(split.val, False), test=loader(split.test, False),
+                       split=split, classes=scan.classes, extra={"data_on_device": True})

@@ -30,6 +30,7 @@ from torch import nn
 from plantml.errors import UsageError
 from plantml.training import data as data_mod
 from plantml.training import figures, synth
+from plantml.training.device_data import build_device_loaders, fits_on_device
 from plantml.training.loop import EarlyStopping, EpochStats, Precision, choose_precision, evaluate, train_one_epoch
 from plantml.training.models import (
     WeightsChoice,
@@ -72,6 +73,8 @@ class TrainConfig:
     num_workers: int | None = None  # None: sized to the machine
     amp: bool | None = None  # None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA
+    data_on_device: bool | None = None  # None: on for CUDA when the decoded set fits in a quarter of free memory
+    compile: bool = False  # torch.compile the model for training and evaluation
     run_name: str | None = None
     register: bool = True
     registered_model_name: str | None = None  # None: {backbone}_plant_classifier
@@ -172,6 +175,8 @@ class Prepared:
             "amp": str(self.precision.autocast_dtype).replace("torch.", "") if self.precision.autocast_dtype else "off",
             "channels_last": str(self.precision.channels_last).lower(),
             "num_workers": str(self.num_workers),
+            "data_on_device": str(bool(self.loaders.extra.get("data_on_device"))).lower(),
+            "compile": str(self.config.compile).lower(),
         }
         if self.device.type == "cuda":
             tags["device_name"] = torch.cuda.get_device_name(self.device)
@@ -255,8 +260,13 @@ def prepare(config: TrainConfig) -> Prepared:
 
     image_size = config.image_size or DEFAULT_IMAGE_SIZE[device.type]
     num_workers = data_mod.default_num_workers() if config.num_workers is None else config.num_workers
-    loaders = data_mod.build_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
-                                     num_workers=num_workers, seed=config.seed, pin_memory=device.type == "cuda")
+    precision = choose_precision(device, config.amp, config.channels_last)
+    if _data_on_device(config, device, len(scan.samples), image_size):
+        loaders = build_device_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
+                                       device=device, seed=config.seed, channels_last=precision.channels_last)
+    else:
+        loaders = data_mod.build_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
+                                         num_workers=num_workers, seed=config.seed, pin_memory=device.type == "cuda")
 
     seed_everything(config.seed)
     model = build_model(config.backbone, len(scan.classes), weights)
@@ -268,10 +278,19 @@ def prepare(config: TrainConfig) -> Prepared:
     if scan.skipped:
         notes.append(f"{len(scan.skipped)} unreadable image(s) skipped")
     return Prepared(
-        config=config, device=device, precision=choose_precision(device, config.amp, config.channels_last),
+        config=config, device=device, precision=precision,
         image_size=image_size, num_workers=num_workers, scan=scan, loaders=loaders, model=model,
         weights=weights, synthetic=synthetic, total_parameters=total, trainable_parameters=trainable, notes=notes,
     )
+
+
+def _data_on_device(config: TrainConfig, device: torch.device, num_images: int, image_size: int) -> bool:
+    """Whether to decode the set once onto the GPU (see :mod:`plantml.training.device_data`)."""
+    if config.data_on_device is None:
+        return fits_on_device(num_images, image_size, device)
+    if config.data_on_device and device.type != "cuda":
+        raise UsageError("--data-on-device needs --device cuda")
+    return config.data_on_device
 
 
 def default_run_name(backbone: str) -> str:
@@ -320,6 +339,8 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
     model = prepared.model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # the compiled module shares the model's parameters; checkpoints come from the plain one
+    step_model = torch.compile(model) if config.compile else model
     criterion = nn.CrossEntropyLoss()
     # every parameter is in the optimizer from the start; frozen ones have no grad, so AdamW skips them
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -340,9 +361,9 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
         learning_rate = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         wrap = lambda batches, e=epoch: reporter.batches(batches, epoch=e, epochs=config.epochs, total=len(loaders.train))  # noqa: E731
-        train = train_one_epoch(model, loaders.train, criterion, optimizer, device, precision, scaler, wrap)
+        train = train_one_epoch(step_model, loaders.train, criterion, optimizer, device, precision, scaler, wrap)
         train_time = time.perf_counter() - started
-        val, _ = evaluate(model, loaders.val, criterion, device, precision)
+        val, _ = evaluate(step_model, loaders.val, criterion, device, precision)
         scheduler.step()
         seconds = time.perf_counter() - started
         trained_images += train.samples

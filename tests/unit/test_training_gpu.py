@@ -85,3 +85,42 @@ def test_gpu_facts_are_in_the_system_metrics():
 
     assert facts["cuda_available"] is True
     assert facts["gpu_name"] == torch.cuda.get_device_name(0) and facts["gpu_memory_gb"] > 0
+
+
+def test_the_images_live_on_the_gpu_and_batches_come_channels_last(leaves):
+    prepared = prepare(TrainConfig(data_dir=leaves, epochs=1, weights="none", image_size=32, device="cuda"))
+    images, labels = next(iter(prepared.loaders.train))
+
+    assert prepared.loaders.extra["data_on_device"] is True
+    assert images.device.type == "cuda" and labels.device.type == "cuda"
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    model = prepared.model.to("cuda", memory_format=torch.channels_last)
+    with prepared.precision.autocast(prepared.device):
+        assert model(images).dtype == torch.bfloat16
+
+
+def test_the_dataloader_path_still_works_with_pinned_memory(leaves):
+    prepared = prepare(TrainConfig(data_dir=leaves, epochs=1, batch_size=8, weights="none", image_size=32,
+                                   device="cuda", data_on_device=False, num_workers=2))
+    assert prepared.loaders.train.pin_memory is True
+    result = fit(prepared, RecordingTracker())
+    assert math.isfinite(result.history["train_loss"][0])
+
+
+def test_a_short_cuda_run_converges_and_is_logged_with_device_cuda(tmp_path):
+    mlflow = pytest.importorskip("mlflow", reason="gpu test: mlflow is not installed on this runner")
+    from plantml.tracking import MLflowTracker
+
+    data = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=80, size=64, seed=1))
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment_name="gpu_converges")
+    prepared = prepare(TrainConfig(data_dir=data, epochs=8, batch_size=16, weights="none", image_size=64,
+                                   device="cuda", register=False, learning_rate=1e-3))
+    result = fit(prepared, tracker)
+
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    assert result.test.accuracy >= 0.8
+    run = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["device"] == "cuda"
+    assert run.data.tags["amp"] == "bfloat16" and run.data.tags["data_on_device"] == "true"
+    assert "gpu_name" in run.data.params or any(k.startswith("gpu") for k in run.data.params)
