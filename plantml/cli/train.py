@@ -92,7 +92,12 @@ def train(**options) -> None:
     )
     _show_warnings()
     started = time.perf_counter()
+    if not options["no_mlflow"]:  # a mistyped tracking URI is an input error too: say so before any work
+        from plantml.settings import resolve_tracking_settings
+
+        resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
     prepared = prepare(config)  # every input error surfaces here, before any run exists
+    tracker = _make_tracker(options)  # an unreachable server fails here, still before any run
     sizes = prepared.loaders.split.sizes()
     click.echo(
         f"data: {prepared.scan.name} ({len(prepared.scan.classes)} classes; "
@@ -100,7 +105,6 @@ def train(**options) -> None:
         f"model: {config.backbone} ({prepared.weights.label} weights, {prepared.image_size}px)  device: {prepared.device.type}",
         err=True,
     )
-    tracker = _make_tracker(options)
     result = fit(prepared, tracker, _console_reporter(sys.stderr.isatty()))
     click.echo(
         f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, val_acc {result.best_val_accuracy:.4f}; "

@@ -276,6 +276,8 @@ class ModelRegistry:
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
                 raise RegistryError(f"{what}: not found") from exc
+            if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed
+                raise RegistryError(f"{what}: {_first_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
             raise TrackingError(f"{what}: {_first_line(exc)}") from exc
         except OSError as exc:  # connection refused, DNS, timeouts (requests' errors are OSErrors)
             raise TrackingError(f"{what}: tracking server {self.tracking_uri} unreachable ({_first_line(exc)})") from exc
