@@ -47,14 +47,7 @@ class StackEndpoints:
 
     def client_env(self) -> dict[str, str]:
         """The variables an MLflow/boto3 client needs: what ``plantml stack up`` exports."""
-        env = {"MLFLOW_TRACKING_URI": self.tracking_uri}
-        if self.s3_endpoint:
-            env["MLFLOW_S3_ENDPOINT_URL"] = self.s3_endpoint
-        if self.aws_access_key:
-            env["AWS_ACCESS_KEY_ID"] = self.aws_access_key
-        if self.aws_secret_key:
-            env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_key
-        return env
+        return self.tracking_settings().client_env()
 
     def tracking_settings(self, experiment_name: str = DEFAULT_EXPERIMENT_NAME) -> TrackingSettings:
         """Tracker settings pointing at this stack."""

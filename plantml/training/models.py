@@ -162,3 +162,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def image_batch_signature(num_classes: int):
+    """The MLflow signature of a classifier: float32 ``(-1, 3, -1, -1)`` images in, ``(-1, num_classes)`` logits out.
+
+    Batch size, height and width are left free, so the registered model (pyfunc, serving)
+    accepts a batch of any size at any image size; an inferred signature would fix them
+    to the input example's.
+    """
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]),
+    )

@@ -36,6 +36,7 @@ from plantml.training.models import (
     WeightsChoice,
     build_model,
     count_parameters,
+    image_batch_signature,
     get_backbone,
     resolve_weights,
     set_backbone_frozen,
@@ -440,15 +441,13 @@ def _save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result
 
 def _log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None:
     """Log the best model (PyTorch flavor, signature, a two-image input example) and register it."""
-    from mlflow.models import infer_signature  # only a tracked run imports mlflow
-
     export = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     # two images: a batch of one would freeze the batch size of the exported (pt2) graph
     example = torch.stack([prepared.loaders.test.dataset[i][0] for i in range(min(2, len(prepared.loaders.test.dataset)))])
     with torch.inference_mode():
         output = export(example)
     example_np = example.numpy()
-    signature = infer_signature(example_np, output.numpy())
+    signature = image_batch_signature(prepared.num_classes)  # any batch size, any image size
     info = tracker.log_model(export, artifact_path="model", registered_model_name=prepared.registered_model_name,
                              input_example=example_np, signature=signature)
     version = getattr(info, "registered_model_version", None)

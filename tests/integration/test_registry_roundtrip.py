@@ -22,32 +22,11 @@ from click.testing import CliRunner
 
 from plantml.errors import RegistryError
 from plantml.registry import ModelRegistry, alias_tag
+from plantml.training.models import image_batch_signature
+
+from _models import TinyNet
 
 ATOL = 1e-5
-
-
-class TinyNet(torch.nn.Module):
-    """A two-class CNN small enough to train and export in a second; any image size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.pool = torch.nn.AdaptiveAvgPool2d(1)
-        self.head = torch.nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
-
-
-def any_size_signature() -> Any:
-    """Batch, height and width free: the registered model accepts a batch of images of any size."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2))]),
-    )
 
 
 def train_and_register(stack: Any, experiment_name: str, model_name: str, seed: int, lr: float) -> tuple[TinyNet, int]:
@@ -82,7 +61,7 @@ def train_and_register(stack: Any, experiment_name: str, model_name: str, seed: 
             artifact_path="model",
             registered_model_name=model_name,
             input_example=torch.rand(2, 3, 32, 32).numpy(),
-            signature=any_size_signature(),
+            signature=image_batch_signature(2),
         )
     return model, int(info.registered_model_version)
 

@@ -27,21 +27,11 @@ import requests
 import torch
 
 from plantml.registry import ModelRegistry
+from plantml.training.models import image_batch_signature
+
+from _models import TinyNet
 
 SERVE_TIMEOUT_S = 150
-
-
-class TinyNet(torch.nn.Module):
-    """A two-class CNN that takes images of any size."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.pool = torch.nn.AdaptiveAvgPool2d(1)
-        self.head = torch.nn.Linear(8, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
 
 
 def free_port() -> int:
@@ -53,18 +43,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def production_model(mlflow_stack: Any) -> tuple[str, TinyNet]:
     """A tiny model registered and promoted to the production alias."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
     from plantml.tracking import MLflowTracker
 
     name = f"served_plants_{uuid.uuid4().hex[:8]}"
     torch.manual_seed(7)
     model = TinyNet().eval()
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 2))]),
-    )
+    signature = image_batch_signature(2)
     tracker = MLflowTracker(
         tracking_uri=mlflow_stack.tracking_uri,
         experiment_name=f"test_serving_{uuid.uuid4().hex[:8]}",
