@@ -2,11 +2,14 @@
 
 Against the local stack (PostgreSQL + S3 + MLflow server), in one run, the same 10,000
 metric points (100 keys x 100 steps) are logged:
-- through ``MLflowTracker.log_metrics``, one call per step (chunked ``log_batch`` requests);
+- through ``MLflowTracker.log_metrics``, one call per step: each call only enqueues, and
+  the background sender batches across calls (up to 1000 metrics per ``log_batch``);
 - through ``mlflow.log_metric``, one call (one HTTP request) per point.
 
-Both runs are read back to check every point arrived. Prints both rates (points/s) and
-their ratio (goal: at least 10), and writes them as JSON under benchmarks/results/.
+The tracker's time counts until ``end_run`` returns, that is until every point is on the
+server (the time the loop itself took, enqueueing only, is reported beside it). Both
+runs are read back to check every point arrived. Prints both rates (points/s) and their
+ratio (goal: at least 50), and writes them as JSON under benchmarks/results/.
 Run: ``python benchmarks/tracking_throughput.py [--keys 100] [--steps 100]``.
 """
 
@@ -30,14 +33,16 @@ def points(keys: int, steps: int) -> list[dict[str, float]]:
     return [{f"metric_{k:03d}": k + step / 1000 for k in range(keys)} for step in range(steps)]
 
 
-def time_tracker(stack, data: list[dict[str, float]]) -> tuple[float, str]:
+def time_tracker(stack, data: list[dict[str, float]]) -> tuple[float, float, str]:
+    """Seconds until every point is delivered (end_run returned), seconds of the loop alone, run id."""
     tracker = MLflowTracker(tracking_uri=stack.tracking_uri, experiment_name=EXPERIMENT)
     with tracker.start_run(run_name="tracker_log_metrics") as run:
         started = time.perf_counter()
         for step, metrics in enumerate(data):
             tracker.log_metrics(metrics, step=step)
-        elapsed = time.perf_counter() - started
-    return elapsed, run.run_id
+        enqueued = time.perf_counter() - started
+    delivered = time.perf_counter() - started
+    return delivered, enqueued, run.run_id
 
 
 def time_fluent_loop(stack, data: list[dict[str, float]]) -> tuple[float, str]:
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = points(args.keys, args.steps)
     total = args.keys * args.steps
     with start_local_stack() as stack:
-        tracker_s, tracker_run = time_tracker(stack, data)
+        tracker_s, enqueue_s, tracker_run = time_tracker(stack, data)
         fluent_s, fluent_run = time_fluent_loop(stack, data)
         keys = list(data[0])
         arrived = {"tracker": count_points(stack, tracker_run, keys), "mlflow_log_metric": count_points(stack, fluent_run, keys)}
@@ -77,15 +82,18 @@ def main(argv: list[str] | None = None) -> dict:
         "points": total,
         "tracker_seconds": round(tracker_s, 3),
         "tracker_points_per_s": round(total / tracker_s, 1),
+        "tracker_enqueue_seconds": round(enqueue_s, 4),
+        "tracker_enqueue_points_per_s": round(total / enqueue_s, 1),
         "mlflow_log_metric_seconds": round(fluent_s, 3),
         "mlflow_log_metric_points_per_s": round(total / fluent_s, 1),
         "ratio": round(fluent_s / tracker_s, 1),
         "points_arrived": arrived,
         "machine": f"{platform.machine()}, {platform.python_version()}",
     }
-    print(f"MLflowTracker.log_metrics : {result['tracker_points_per_s']:>10.1f} points/s ({tracker_s:.2f} s)")
+    print(f"MLflowTracker.log_metrics : {result['tracker_points_per_s']:>10.1f} points/s ({tracker_s:.2f} s, all delivered)")
+    print(f"  of which the loop        : {result['tracker_enqueue_points_per_s']:>10.1f} points/s ({enqueue_s:.3f} s, enqueue only)")
     print(f"mlflow.log_metric loop    : {result['mlflow_log_metric_points_per_s']:>10.1f} points/s ({fluent_s:.2f} s)")
-    print(f"ratio                     : {result['ratio']:>10.1f} x (goal >= 10)")
+    print(f"ratio                     : {result['ratio']:>10.1f} x (goal >= 50)")
     if arrived != {"tracker": total, "mlflow_log_metric": total}:
         print(f"WARNING: not every point arrived: {arrived}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

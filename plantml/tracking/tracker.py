@@ -3,8 +3,11 @@
 Like Lightning's ``MLFlowLogger``, the tracker never touches MLflow's fluent run stack
 (``mlflow.start_run``): it owns an ``MlflowClient`` bound to its tracking URI and passes
 run ids explicitly, so two trackers on two servers in one process do not interfere.
-Params, metrics and tags are validated here, then leave through one writer object
-(:class:`~plantml.tracking.batching.BatchWriter`) as chunked ``log_batch`` requests.
+Params, metrics, tags, artifacts and models are validated here, then leave through one
+writer object: by default the resilient :class:`~plantml.tracking.sender.BufferedWriter`
+(a bounded, ordered queue drained by a background sender that retries, spills to disk
+and journals what it cannot deliver; see :mod:`plantml.tracking.sender`), or the
+synchronous :class:`~plantml.tracking.batching.BatchWriter` when given as ``writer=``.
 mlflow is imported on first use, so ``import plantml`` stays fast.
 """
 
@@ -12,49 +15,33 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
-import threading
+import shutil
 import time
 import traceback
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError
 from plantml.settings import TrackingSettings, resolve_tracking_settings
 from plantml.tracking import validation as check
-from plantml.tracking.batching import BatchWriter, MetricPoint, Writer, _one_line
+from plantml.tracking.batching import MetricPoint, Writer, _one_line
+from plantml.tracking.delivery import Delivery, discard_spool
+from plantml.tracking.environ import GLOBAL_STATE_LOCK, scoped_environ
+from plantml.tracking.sender import BufferedWriter, DeliveryPending, DeliverySettings, resolve_delivery_settings
 
 logger = logging.getLogger(__name__)
 
 #: Seconds the constructor waits for an HTTP tracking server before giving up.
 CONNECT_TIMEOUT_S = 10.0
 
-# MLflow reads some settings from process-wide state at call time: the S3 artifact
-# repository reads MLFLOW_S3_ENDPOINT_URL and AWS_* from os.environ, and
-# ``mlflow.pytorch.log_model`` uses the global tracking URI. A tracker applies its own
-# values only for the duration of such a call, under this lock, then restores the old
-# ones; that is what keeps two trackers on two servers from writing to each other's.
-_GLOBAL_STATE_LOCK = threading.RLock()
+_GLOBAL_STATE_LOCK = GLOBAL_STATE_LOCK
 _LIVE_TRACKERS: weakref.WeakSet[MLflowTracker] = weakref.WeakSet()
 _ATEXIT_REGISTERED = False
-
-
-@contextlib.contextmanager
-def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set ``values`` in ``os.environ`` under the module lock; restore the previous ones after."""
-    with _GLOBAL_STATE_LOCK:
-        saved = {name: os.environ.get(name) for name in values}
-        os.environ.update(values)
-        try:
-            yield
-        finally:
-            for name, old in saved.items():
-                if old is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = old
 
 
 class TrackedRun:
@@ -85,6 +72,22 @@ class TrackedRun:
         return f"TrackedRun(run_id={self.run_id!r})"
 
 
+@dataclass
+class PendingModel:
+    """What :meth:`MLflowTracker.log_model` returns when the model is not stored yet.
+
+    Delivery goes on in the background; once it is done, the model and its registry
+    version appear on the server (or, if the run ends first, in its journal).
+    """
+
+    artifact_path: str
+    registered_model_name: str | None = None
+    registered_model_version: int | None = None
+    model_id: str | None = None
+    model_uri: str | None = None
+    pending: bool = True
+
+
 class MLflowTracker:
     """Log runs, params, metrics, artifacts and models to MLflow, one client per tracker.
 
@@ -92,7 +95,15 @@ class MLflowTracker:
     ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``), then a ``.env`` file, then MLflow's local
     ``sqlite:///mlflow.db`` with artifacts under ``./mlruns``. The experiment is created
-    when missing. ``writer`` replaces the synchronous write path (for a buffered one).
+    when missing.
+
+    Logging only enqueues: a background sender delivers in order, retrying while the
+    server or the object store is away. ``delivery_timeout`` (``$PLANTML_DELIVERY_TIMEOUT``,
+    60 s) is how long :meth:`end_run` and :meth:`log_model` wait for delivery;
+    ``max_buffered`` (``$PLANTML_MAX_BUFFERED``, 100,000) bounds the entries kept in
+    memory before spilling to disk; ``journal_dir`` (``$PLANTML_JOURNAL_DIR``,
+    ``~/.cache/plantml/journal``) holds spill files, spooled artifacts and journals.
+    ``writer`` replaces the write path (``BatchWriter`` for the synchronous one).
     """
 
     def __init__(
@@ -106,15 +117,21 @@ class MLflowTracker:
         env_file: str | os.PathLike[str] | None = None,
         writer: Writer | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        delivery_timeout: float | None = None,
+        max_buffered: int | None = None,
+        journal_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings: TrackingSettings = resolve_tracking_settings(
             tracking_uri, experiment_name, s3_endpoint, aws_access_key, aws_secret_key, env_file=env_file
         )
         check.check_experiment_name(self.settings.experiment_name)
+        self.delivery_settings: DeliverySettings = resolve_delivery_settings(delivery_timeout, max_buffered, journal_dir)
         self._client = self._connect(connect_timeout)
-        self._writer: Writer = writer or BatchWriter(self._client, self.tracking_uri)
         self.experiment_id: str = self._ensure_experiment()
+        self._delivery = Delivery(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
+        self._writer: Writer = writer or BufferedWriter(self._delivery, self.delivery_settings)
         self._run_id: str | None = None
+        self._spooled = 0
         self._params: dict[str, str] = {}
         _track_for_exit(self)
 
@@ -187,23 +204,50 @@ class MLflowTracker:
             raise
         return TrackedRun(self, run)
 
-    def end_run(self, status: str = "FINISHED") -> None:
-        """End the active run with ``status`` (FINISHED, FAILED or KILLED); no-op without one."""
+    def end_run(self, status: str = "FINISHED", timeout: float | None = None) -> None:
+        """End the active run with ``status`` (FINISHED, FAILED or KILLED); no-op without one.
+
+        Waits up to ``timeout`` seconds (the tracker's ``delivery_timeout`` by default) for
+        everything logged to be delivered, then sets the status. If delivery is not
+        complete by then, the rest goes to a journal on disk, the run is tagged
+        ``plantml.delivery=pending`` and marked FAILED (never FINISHED) where the server
+        answers, and :class:`~plantml.tracking.sender.DeliveryPending` names the journal:
+        ``plantml tracking replay JOURNAL`` delivers it and sets the true status.
+        """
         check.check_status(status)
         run_id = self._run_id
         if run_id is None:
             return
-        try:
-            self._writer.flush(run_id)
-        except BaseException:
-            status = "FAILED"  # what was logged did not all arrive: the run is not a success
-            raise
-        finally:
-            self._run_id, self._params = None, {}
-            # MLflow writes the run's URL to stdout here; library code does not print.
-            with scoped_environ({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
-                self._call(f"end run {run_id}", self._client.set_terminated, run_id, status)
+        finish = getattr(self._writer, "finish", None)
+        if finish is None:  # a synchronous writer: everything has arrived when write returned
+            try:
+                self._writer.flush(run_id)
+            except BaseException:
+                status = "FAILED"  # what was logged did not all arrive: the run is not a success
+                raise
+            finally:
+                self._run_id, self._params = None, {}
+                self._call(f"end run {run_id}", self._delivery.terminate, run_id, status)
+                logger.info("run %s ended %s (%s)", run_id, status, self.tracking_uri)
+            return
+        self._run_id, self._params = None, {}
+        journal = finish(run_id, status, timeout)
+        if journal is None:
             logger.info("run %s ended %s (%s)", run_id, status, self.tracking_uri)
+            return
+        raise DeliveryPending(
+            f"run {run_id}: not everything was delivered to {self.tracking_uri} in time "
+            f"({getattr(self._writer, 'last_error', None) or 'no answer'}); the run is not marked {status}. "
+            f"What is missing is in {journal}: deliver it with `plantml tracking replay {journal}`",
+            journal,
+        )
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything logged so far is delivered; False if ``timeout`` passed first."""
+        if isinstance(self._writer, BufferedWriter):
+            return self._writer.flush(self._run_id, timeout)
+        self._writer.flush(self._run_id)
+        return True
 
     def _fail_run(self, exc: BaseException) -> None:
         """Record ``exc`` on the active run and end it FAILED (KILLED on Ctrl-C), never raising."""
@@ -305,22 +349,27 @@ class MLflowTracker:
         return facts
 
     # -- artifacts --------------------------------------------------------------------
+    # Each artifact is copied (or written) into a spool folder first, so the caller may
+    # delete or change its file at once; the sender uploads it after everything logged
+    # before it, retrying while the object store is away, then removes the copy.
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Upload one existing file to the run's artifacts, under ``artifact_path`` if given."""
         run_id = self._require_run()
         local = check.existing_file(path)
         check.check_artifact_subpath(artifact_path)
-        with self._artifact_scope(f"upload {local}"):
-            self._client.log_artifact(run_id, str(local), artifact_path)
+        spooled = self._spool_path(run_id, local.name)
+        shutil.copy2(local, spooled)
+        self._send_artifact(run_id, spooled, artifact_path, is_dir=False)
 
     def log_artifacts(self, dir: str | os.PathLike[str], artifact_path: str | None = None) -> None:  # noqa: A002 - the design's name
         """Upload an existing folder's files to the run's artifacts, under ``artifact_path`` if given."""
         run_id = self._require_run()
         local = check.existing_dir(dir)
         check.check_artifact_subpath(artifact_path)
-        with self._artifact_scope(f"upload {local}/"):
-            self._client.log_artifacts(run_id, str(local), artifact_path)
+        spooled = self._spool_path(run_id, "dir")
+        shutil.copytree(local, spooled)
+        self._send_artifact(run_id, spooled, artifact_path, is_dir=True)
 
     def log_figure(self, fig: Any, name: str) -> None:
         """Save a matplotlib (or plotly) figure as the artifact ``name`` (e.g. ``confusion_matrix.png``)."""
@@ -328,16 +377,31 @@ class MLflowTracker:
         check.check_artifact_name(name, "figure")
         if not hasattr(fig, "savefig") and not hasattr(fig, "write_image"):
             raise ValidationError(f"figure {name!r}: expected a matplotlib or plotly figure, got {type(fig).__name__}")
-        with self._artifact_scope(f"upload figure {name}"):
-            self._client.log_figure(run_id, fig, name)
+        spooled, folder = self._spool_named(run_id, name)
+        try:
+            if hasattr(fig, "savefig"):
+                fig.savefig(spooled)
+            elif name.endswith(".html"):
+                fig.write_html(spooled)
+            else:
+                fig.write_image(spooled)
+        except Exception as exc:
+            raise TrackingError(f"figure {name!r}: could not be saved: {_one_line(exc)}") from exc
+        self._send_artifact(run_id, spooled, folder, is_dir=False)
 
     def log_dict(self, d: Any, name: str) -> None:
         """Save a JSON-serialisable dict as the artifact ``name`` (JSON, or YAML for ``.yaml``)."""
         run_id = self._require_run()
         check.check_artifact_name(name, "dict")
         check.check_json_serialisable(d, name)
-        with self._artifact_scope(f"upload dict {name}"):
-            self._client.log_dict(run_id, d, name)
+        spooled, folder = self._spool_named(run_id, name)
+        if name.endswith((".yaml", ".yml")):
+            import yaml
+
+            spooled.write_text(yaml.safe_dump(d, default_flow_style=False), encoding="utf-8")
+        else:
+            spooled.write_text(json.dumps(d, indent=2), encoding="utf-8")
+        self._send_artifact(run_id, spooled, folder, is_dir=False)
 
     def log_text(self, text: str, name: str) -> None:
         """Save a string as the artifact ``name`` (e.g. ``model_summary.txt``)."""
@@ -345,8 +409,31 @@ class MLflowTracker:
         check.check_artifact_name(name, "text")
         if not isinstance(text, str):
             raise ValidationError(f"text {name!r}: expected a str, got {type(text).__name__}")
-        with self._artifact_scope(f"upload text {name}"):
-            self._client.log_text(run_id, text, name)
+        spooled, folder = self._spool_named(run_id, name)
+        spooled.write_text(text, encoding="utf-8")
+        self._send_artifact(run_id, spooled, folder, is_dir=False)
+
+    def _spool_path(self, run_id: str, name: str) -> Any:
+        """A fresh path ``<journal_dir>/spool/<run_id>/<n>/<name>`` (its folder created, itself not)."""
+        self._spooled += 1
+        folder = self.delivery_settings.journal_dir / "spool" / run_id / f"{self._spooled:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    def _spool_named(self, run_id: str, name: str) -> tuple[Any, str | None]:
+        """The spool path for artifact ``name`` (``a/b.png``) and the artifact folder it goes to (``a``)."""
+        folder, _, base = name.replace("\\", "/").rpartition("/")
+        return self._spool_path(run_id, base), folder or None
+
+    def _send_artifact(self, run_id: str, spooled: Any, artifact_path: str | None, is_dir: bool) -> None:
+        write_artifact = getattr(self._writer, "write_artifact", None)
+        if write_artifact is not None:
+            write_artifact(run_id, spooled, artifact_path, is_dir)
+            return
+        entry = {"artifact": {"src": str(spooled), "dst": artifact_path, "dir": is_dir}}
+        with self._artifact_scope(f"upload {spooled.name}"):  # a synchronous writer: upload now
+            self._delivery.upload(run_id, entry["artifact"])
+        discard_spool(entry)
 
     @contextlib.contextmanager
     def _artifact_scope(self, action: str) -> Iterator[None]:
@@ -371,6 +458,7 @@ class MLflowTracker:
         signature: Any = None,
         pip_requirements: list[str] | None = None,
         serialization_format: str | None = None,
+        wait: float | None = None,
         **kwargs: Any,
     ) -> Any:
         """Log a PyTorch model with MLflow's pytorch flavor; register it if a name is given.
@@ -379,44 +467,53 @@ class MLflowTracker:
         size) the model is saved in the pickle format; with a batch of two or more, in
         MLflow 3's default pt2 format with a dynamic batch size and an inferred signature.
         Pip requirements default to the running torch/torchvision versions (inferring them
-        costs seconds). Returns MLflow's ``ModelInfo``.
+        costs seconds).
+
+        The model is saved to a local spool folder at once; the sender then creates the
+        logged model, stores every file, and only then registers a version, so no registry
+        version ever points at missing files. This call waits up to ``wait`` seconds (the
+        tracker's ``delivery_timeout`` by default) and returns MLflow's ``ModelInfo``; if
+        the model is not stored by then it returns a :class:`PendingModel` and delivery
+        goes on in the background (the run's end decides its fate).
         """
         run_id = self._require_run()
         check.check_artifact_name(artifact_path, "model")
         fmt = serialization_format or _default_serialization_format(input_example)
         requirements = pip_requirements or _torch_requirements()
-        with self._artifact_scope(f"log model {artifact_path!r}"), _use_tracking_uri(self.tracking_uri):
+        folder = self._spool_path(run_id, "model")
+        try:
             import mlflow.pytorch
+            from mlflow.models import Model
 
-            # Created here, in this tracker's experiment, so MLflow does not guess it from
-            # global state (mlflow.set_experiment, MLFLOW_EXPERIMENT_ID).
-            logged = self._client.create_logged_model(self.experiment_id, name=artifact_path, source_run_id=run_id)
-            info = mlflow.pytorch.log_model(
+            mlflow.pytorch.save_model(
                 model,
-                name=artifact_path,
-                run_id=run_id,
-                model_id=logged.model_id,
+                str(folder),
+                mlflow_model=Model(run_id=run_id),
                 input_example=input_example,
                 signature=signature,
                 pip_requirements=requirements,
                 serialization_format=fmt,
                 **kwargs,
             )
-            if registered_model_name:
-                info.registered_model_version = self._register(registered_model_name, logged.model_id, run_id)
-        return info
-
-    def _register(self, name: str, model_id: str, run_id: str) -> int:
-        """Register the logged model as a new version of ``name``, linked to its run, through this tracker's client."""
-        from mlflow.exceptions import MlflowException
-
+        except PlantmlError:
+            raise
+        except Exception as exc:
+            raise TrackingError(f"model {artifact_path!r}: could not be saved: {_one_line(exc)}") from exc
+        spec = {"src": str(folder), "name": artifact_path, "registered_model_name": registered_model_name}
+        write_model = getattr(self._writer, "write_model", None)
+        if write_model is None:  # a synchronous writer: store and register now
+            with self._artifact_scope(f"log model {artifact_path!r}"):
+                info = self._delivery.deliver_model(run_id, spec)
+            discard_spool({"model": spec})
+            return info
+        future = write_model(run_id, spec)
+        wait = self.delivery_settings.timeout_s if wait is None else wait
         try:
-            self._client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
-        version = self._client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
-        return int(version.version)
+            return future.result(timeout=wait)
+        except (TimeoutError, DeliveryPending):
+            logger.warning("run %s: model %r not stored after %.0f s; delivery goes on in the background",
+                           run_id, artifact_path, wait)
+            return PendingModel(artifact_path, registered_model_name)
 
     # -- search -----------------------------------------------------------------------
 
@@ -492,19 +589,6 @@ def _wait_for_server(uri: str, timeout: float) -> None:
             if time.monotonic() >= deadline:
                 raise TrackingError(f"{uri}: tracking server not reachable ({type(exc).__name__})") from None
         time.sleep(0.5)
-
-
-@contextlib.contextmanager
-def _use_tracking_uri(uri: str) -> Iterator[None]:
-    """Point MLflow's global tracking URI at ``uri`` for one call (log_model reads it).
-
-    MLflow's own switch also sets, then on restore *unsets*, ``MLFLOW_TRACKING_URI`` in
-    the environment; the outer :func:`scoped_environ` puts the caller's value back.
-    """
-    from mlflow.tracking._tracking_service import utils
-
-    with scoped_environ({"MLFLOW_TRACKING_URI": uri}), utils._use_tracking_uri(uri):
-        yield
 
 
 def _default_serialization_format(input_example: Any) -> str:
