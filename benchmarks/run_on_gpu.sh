@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU checks in one go, for a CUDA machine that has torch and torchvision but maybe
+# no network and no mlflow: missing wheels travel in .whl/ (see README, "Performance").
+# Writes its logs and JSON under ${OUT:-benchmarks/results}.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 PLANTML_CACHE_DIR=${PLANTML_CACHE_DIR:-/tmp/plantml-cache} MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+python3 -m pytest -p plantml.testing.plugin -m gpu -q -p no:cacheprovider tests/unit/test_training_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
+python3 benchmarks/gpu_throughput.py --output "$OUT/gpu_throughput.json" 2>&1 | grep -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_throughput.log"
+timeout 150 python3 benchmarks/gpu_throughput.py --backbones resnet18 --compile --epochs 3 --output "$OUT/gpu_compile.json" 2>&1 | grep -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_compile.log"
