@@ -1,11 +1,14 @@
-"""Benchmark: time to ready of the whole local stack vs the MLflow server alone.
+"""Benchmark: time to ready of the whole stack, local and containers, vs the MLflow server alone.
 
 In one run, alternately, N times each:
-- the whole stack (PostgreSQL + S3 + MLflow, from nothing) until every service answers;
-- the MLflow server alone, on a fresh database of an already-running PostgreSQL.
+- the whole local stack (PostgreSQL + S3 + MLflow, from nothing) until every service answers;
+- the MLflow server alone, on a fresh database of an already-running PostgreSQL;
+- the whole containers stack (images present: ``plantml stack build-images`` first),
+  side by side with the local one (``--no-containers`` leaves it out).
 
-Prints the medians and their ratio (goal: whole stack <= 1.3 x the server alone) and
-writes them as JSON. Run: ``python benchmarks/stack_startup.py [--repeats 5]``.
+Prints the medians and their ratios (goals: whole local stack <= 1.3 x the server alone;
+containers <= 2 x local) and writes them as JSON.
+Run: ``python benchmarks/stack_startup.py [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -17,16 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from plantml.stack import LocalStack, PostgresSpec, S3Spec
+from plantml.stack import PostgresSpec, S3Spec, make_stack
 from plantml.stack.local import LOOPBACK, LocalMLflow, LocalPostgres, free_port
 from plantml.stack.services import MLflowServerSpec
 
 RESULTS = Path(__file__).parent / "results" / "stack_startup.json"
 
 
-def time_whole_stack() -> float:
+def time_whole_stack(backend: str = "local") -> float:
+    """From nothing to every service answering (the images already present for containers)."""
+    stack = make_stack(backend)
     started = time.perf_counter()
-    stack = LocalStack().start()
+    stack.start()
     elapsed = time.perf_counter() - started
     stack.stop()
     return elapsed
@@ -57,10 +62,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--no-containers", dest="containers", action="store_false",
+                        help="leave the containers backend out (no Docker here)")
     args = parser.parse_args()
 
     whole: list[float] = []
     alone: list[float] = []
+    containers: list[float] = []
     with tempfile.TemporaryDirectory(prefix="plantml-bench-") as tmp:
         workdir = Path(tmp)
         postgres = LocalPostgres(workdir, free_port(set()), PostgresSpec())
@@ -70,7 +78,11 @@ def main() -> None:
             for index in range(args.repeats):
                 whole.append(time_whole_stack())
                 alone.append(time_mlflow_alone(postgres, index, workdir))
-                print(f"round {index + 1}: whole stack {whole[-1]:.2f} s, MLflow alone {alone[-1]:.2f} s", flush=True)
+                line = f"round {index + 1}: whole stack {whole[-1]:.2f} s, MLflow alone {alone[-1]:.2f} s"
+                if args.containers:
+                    containers.append(time_whole_stack("containers"))
+                    line += f", containers stack {containers[-1]:.2f} s"
+                print(line, flush=True)
         finally:
             postgres.stop()
             postgres.cleanup()
@@ -86,6 +98,12 @@ def main() -> None:
     print(f"median whole stack: {result['whole_stack_median_s']:.2f} s")
     print(f"median MLflow alone: {result['mlflow_alone_median_s']:.2f} s")
     print(f"ratio whole/alone: {result['ratio']:.2f} (goal <= 1.3)")
+    if containers:
+        result["containers_stack_s"] = containers
+        result["containers_stack_median_s"] = statistics.median(containers)
+        result["containers_vs_local_ratio"] = result["containers_stack_median_s"] / result["whole_stack_median_s"]
+        print(f"median containers stack: {result['containers_stack_median_s']:.2f} s")
+        print(f"ratio containers/local: {result['containers_vs_local_ratio']:.2f} (goal <= 2)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"written to {args.output}")

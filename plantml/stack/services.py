@@ -92,3 +92,18 @@ class StackSpec:
     postgres: PostgresSpec = field(default_factory=PostgresSpec)
     s3: S3Spec = field(default_factory=S3Spec)
     mlflow: MLflowServerSpec = field(default_factory=MLflowServerSpec)
+
+
+# SeaweedFS ``weed mini`` opens these ports besides S3: each is chosen too, for parallel instances.
+SEAWEED_EXTRA_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                       "filer.port.grpc", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+def seaweed_mini_args(datadir: str, bucket: str, s3_port: int, extra_ports: dict[str, int],
+                      ip: str = LOOPBACK, bind: str = LOOPBACK) -> list[str]:
+    """Arguments after ``weed mini``: one process serving S3 with the bucket, extras off."""
+    return [
+        "mini", f"-dir={datadir}", f"-ip={ip}", f"-ip.bind={bind}", f"-bucket={bucket}", "-webdav=false",
+        "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", f"-s3.port={s3_port}",
+        *(f"-{flag}={port}" for flag, port in extra_ports.items()),
+    ]

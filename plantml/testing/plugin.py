@@ -5,7 +5,9 @@ Installed with plantml (``pytest11`` entry point), so downstream projects get:
 - ``mlflow_stack``: the stack in the design's ``direct`` artifact mode, started once per session;
 - ``mlflow_stack_any_mode``: the same test run against each artifact mode (``direct``, ``proxied``);
 - ``tracking_uri``, ``s3_client``, ``mlflow_client``, ``mlflow_env`` and ``experiment_name``;
-- ``--stack local|external`` to choose the backend (also ``$PLANTML_STACK``);
+- ``--stack local|containers|external`` to choose the backend (also ``$PLANTML_STACK``); for
+  ``containers``, ``--postgres-image``, ``--s3-image``, ``--mlflow-image`` and ``--s3-flavour``
+  (also ``$PLANTML_POSTGRES_IMAGE``, ``$PLANTML_S3_IMAGE``, ``$PLANTML_MLFLOW_IMAGE``, ``$PLANTML_S3_FLAVOUR``);
 - the markers ``integration``, ``gpu`` (skipped with a reason where CUDA is absent) and ``slow``.
 
 A stack that cannot start makes the tests that need it fail with the cause; it never skips them.
@@ -23,6 +25,9 @@ import pytest
 
 from plantml.stack import ARTIFACT_MODES, BACKENDS, ArtifactMode, Stack, make_stack
 
+# Backends whose stacks plantml starts itself, in either artifact mode.
+OWN_BACKENDS = ("local", "containers")
+
 MARKERS = {
     "integration": "needs the real tracking stack (PostgreSQL, S3, MLflow server)",
     "gpu": "needs a CUDA device; skipped with a reason where there is none",
@@ -34,9 +39,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("plantml", "plantml tracking stack")
     group.addoption(
         "--stack", choices=BACKENDS, default=os.environ.get("PLANTML_STACK", "local"),
-        help="backend of the mlflow_stack fixtures: local processes, or an external stack from the environment "
-             "(default: $PLANTML_STACK or local)",
+        help="backend of the mlflow_stack fixtures: local processes, Docker containers, or an external stack "
+             "from the environment (default: $PLANTML_STACK or local)",
     )
+    for option, variable, what in CONTAINER_OPTIONS:
+        group.addoption(option, default=None, help=f"containers backend: {what} (default: ${variable} or plantml's own)")
+
+
+# pytest option, environment variable, what it sets: the containers backend's settings.
+CONTAINER_OPTIONS = (
+    ("--postgres-image", "PLANTML_POSTGRES_IMAGE", "the PostgreSQL image"),
+    ("--s3-image", "PLANTML_S3_IMAGE", "the object store's image"),
+    ("--mlflow-image", "PLANTML_MLFLOW_IMAGE", "the MLflow server image"),
+    ("--s3-flavour", "PLANTML_S3_FLAVOUR", "the object store, seaweedfs or minio"),
+)
+
+
+def _backend_options(config: pytest.Config) -> dict[str, Any]:
+    """The keyword arguments of ``make_stack`` for the chosen backend (the image overrides)."""
+    if config.getoption("--stack") != "containers":
+        return {}
+    names = {"--postgres-image": "postgres_image", "--s3-image": "s3_image", "--mlflow-image": "mlflow_image",
+             "--s3-flavour": "s3_flavour"}
+    return {names[option]: config.getoption(option) for option, _, _ in CONTAINER_OPTIONS if config.getoption(option)}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,7 +92,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "mlflow_stack_any_mode" in metafunc.fixturenames:
         # An external stack has the one artifact mode it was started with.
-        modes = ARTIFACT_MODES if metafunc.config.getoption("--stack") == "local" else ("external",)
+        modes = ARTIFACT_MODES if metafunc.config.getoption("--stack") in OWN_BACKENDS else ("external",)
         metafunc.parametrize("mlflow_stack_any_mode", modes, indirect=True)
 
 
@@ -78,8 +103,9 @@ class StackPool:
     same cause at once instead of trying again.
     """
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, **options: Any) -> None:
         self.backend = backend
+        self.options = options
         self._stacks: dict[str, Stack] = {}
         self._failures: dict[str, BaseException] = {}
 
@@ -88,7 +114,8 @@ class StackPool:
             raise self._failures[mode]
         if mode not in self._stacks:
             try:
-                stack = make_stack(self.backend) if self.backend != "local" else make_stack("local", mode)  # type: ignore[arg-type]
+                artifact_mode = mode if self.backend in OWN_BACKENDS else "direct"
+                stack = make_stack(self.backend, artifact_mode, **self.options)  # type: ignore[arg-type]
                 self._stacks[mode] = stack.start()
             except BaseException as exc:
                 self._failures[mode] = exc
@@ -103,7 +130,7 @@ class StackPool:
 
 @pytest.fixture(scope="session")
 def _plantml_stack_pool(request: pytest.FixtureRequest) -> Iterator[StackPool]:
-    pool = StackPool(request.config.getoption("--stack"))
+    pool = StackPool(request.config.getoption("--stack"), **_backend_options(request.config))
     yield pool
     pool.stop_all()
 
@@ -111,7 +138,7 @@ def _plantml_stack_pool(request: pytest.FixtureRequest) -> Iterator[StackPool]:
 @pytest.fixture(scope="session")
 def mlflow_stack(_plantml_stack_pool: StackPool, request: pytest.FixtureRequest) -> Stack:
     """The tracking stack in ``direct`` artifact mode (or the external one), shared by the session."""
-    mode: ArtifactMode | str = "direct" if _plantml_stack_pool.backend == "local" else "external"
+    mode: ArtifactMode | str = "direct" if _plantml_stack_pool.backend in OWN_BACKENDS else "external"
     return _plantml_stack_pool.get(mode)
 
 

@@ -1,0 +1,155 @@
+"""The containers backend described as data: settings, commands, labels, image fingerprints (no Docker needed)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from plantml.errors import ConfigError
+from plantml.stack import BACKENDS, make_stack
+from plantml.stack.containers import (
+    LABEL_HOST, LABEL_PID, LABEL_PID_START, ContainerSettings, ContainersStack, MinioContainer, MLflowContainer, Placement,
+    PostgresContainer, SeaweedContainer, owner_is_gone, owner_labels,
+)
+from plantml.stack.images import FINGERPRINT_ENV, ImageRecipe, recipes
+from plantml.stack.services import MLflowServerSpec, PostgresSpec, S3Spec
+
+IMAGE_VARIABLES = ("PLANTML_POSTGRES_IMAGE", "PLANTML_S3_IMAGE", "PLANTML_MLFLOW_IMAGE", "PLANTML_S3_FLAVOUR",
+                   "PLANTML_CONTAINER_NETWORK")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in IMAGE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def _placed(cls, port=15432, **kwargs):
+    return cls("img", Placement("host", port, port, "127.0.0.1"), {}, "c", **kwargs)
+
+
+def test_containers_is_a_backend_and_make_stack_builds_one():
+    assert "containers" in BACKENDS
+    stack = make_stack("containers", "proxied")
+    assert isinstance(stack, ContainersStack)
+    assert stack.spec.mlflow.artifact_mode == "proxied"
+
+
+def test_default_images_are_the_ones_build_images_makes():
+    settings = ContainerSettings.from_env()
+    assert settings.postgres_image == "plantml/postgres:15"
+    assert settings.s3_image.startswith("plantml/seaweedfs:")
+    assert settings.mlflow_image == "plantml/mlflow-server:3.17.2"
+    assert {r.name for r in recipes().values()} == {settings.postgres_image, settings.s3_image, settings.mlflow_image}
+
+
+def test_every_image_is_overridable_by_environment_and_explicit_values_win(monkeypatch):
+    monkeypatch.setenv("PLANTML_POSTGRES_IMAGE", "postgres:15-alpine")
+    monkeypatch.setenv("PLANTML_S3_IMAGE", "env/s3:1")
+    monkeypatch.setenv("PLANTML_MLFLOW_IMAGE", "env/mlflow:1")
+    settings = ContainerSettings.from_env(mlflow_image="given/mlflow:2")
+    assert (settings.postgres_image, settings.s3_image, settings.mlflow_image) == ("postgres:15-alpine", "env/s3:1", "given/mlflow:2")
+
+
+def test_the_minio_flavour_defaults_to_the_minio_image(monkeypatch):
+    monkeypatch.setenv("PLANTML_S3_FLAVOUR", "minio")
+    assert ContainerSettings.from_env().s3_image == "minio/minio:latest"
+
+
+@pytest.mark.parametrize("field,value", [("s3_flavour", "ceph"), ("network", "overlay")])
+def test_an_unknown_flavour_or_network_is_refused(field, value):
+    with pytest.raises(ConfigError, match=value):
+        ContainerSettings.from_env(**{field: value})
+
+
+def test_postgres_listens_on_its_chosen_loopback_port_with_the_specs_credentials():
+    spec = PostgresSpec()
+    pg = _placed(PostgresContainer, spec=spec)
+    command = pg.command()
+    assert command[:3] == ["postgres", "-p", "15432"]
+    assert "listen_addresses=127.0.0.1" in command
+    assert pg.env() == {"POSTGRES_USER": spec.user, "POSTGRES_PASSWORD": spec.password, "POSTGRES_DB": spec.database}
+    assert pg.backend_uri() == spec.sqlalchemy_uri("127.0.0.1", 15432)
+
+
+def test_seaweed_gets_every_port_chosen_and_the_stack_credentials():
+    s3 = S3Spec()
+    weed = _placed(SeaweedContainer, port=18333, spec=s3, extra_ports={"master.port": 19333})
+    command = weed.command()
+    assert command[:2] == ["weed", "mini"]
+    assert {"-s3.port=18333", "-master.port=19333", "-ip.bind=127.0.0.1", f"-bucket={s3.bucket}"} <= set(command)
+    assert weed.env() == {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+
+
+def test_minio_uses_the_stack_keys_as_root_credentials_on_loopback():
+    s3 = S3Spec()
+    minio = _placed(MinioContainer, port=19000, spec=s3, console_port=19001)
+    assert minio.command() == ["server", "/data", "--address", "127.0.0.1:19000", "--console-address", "127.0.0.1:19001"]
+    assert minio.env() == {"MINIO_ROOT_USER": s3.access_key, "MINIO_ROOT_PASSWORD": s3.secret_key}
+
+
+def test_mlflow_runs_the_same_server_command_and_env_as_the_local_backend():
+    spec, s3 = MLflowServerSpec(artifact_mode="proxied"), S3Spec()
+    server = _placed(MLflowContainer, port=15000, spec=spec, backend_uri="postgresql+psycopg2://u:p@127.0.0.1:1/db",
+                     s3_endpoint="http://127.0.0.1:2", s3=s3)
+    assert server.command() == ["mlflow", "server", *spec.server_args("postgresql+psycopg2://u:p@127.0.0.1:1/db", s3.bucket,
+                                                                      "127.0.0.1", 15000)]
+    assert server.env() == spec.server_env("http://127.0.0.1:2", s3)
+
+
+def test_on_a_bridge_services_bind_every_interface_and_reach_each_other_by_name():
+    placement = Placement("bridge", 40000, 5432, "plantml-x-postgres")
+    pg = PostgresContainer("img", placement, {}, "plantml-x-postgres", spec=PostgresSpec(), network_name="net")
+    assert "listen_addresses=0.0.0.0" in pg.command()
+    assert "@plantml-x-postgres:5432/" in pg.backend_uri()
+    assert pg.make_container().ports == {"5432/tcp": ("127.0.0.1", 40000)}  # published on loopback only
+
+
+def test_containers_are_labelled_with_their_owner_process():
+    labels = owner_labels("abc")
+    assert labels[LABEL_PID] == str(os.getpid())
+    assert not owner_is_gone(labels)
+
+
+def test_a_container_whose_owner_process_is_gone_is_an_orphan():
+    labels = {**owner_labels("abc"), LABEL_PID: "999999999"}
+    assert owner_is_gone(labels)
+    reused_pid = {**owner_labels("abc"), LABEL_PID_START: "0"}  # same pid, another process
+    assert owner_is_gone(reused_pid)
+
+
+def test_another_hosts_container_is_never_judged_an_orphan():
+    labels = {**owner_labels("abc"), LABEL_PID: "999999999", LABEL_HOST: socket.gethostname() + "-other"}
+    assert not owner_is_gone(labels)
+
+
+def test_an_image_fingerprint_changes_with_its_inputs_only(tmp_path: Path):
+    binary = tmp_path / "weed"
+    binary.write_bytes(b"v1")
+    recipe = ImageRecipe(service="s3", name="x:1", files=((str(binary), "/usr/local/bin/weed"),))
+    first = recipe.fingerprint()
+    assert ImageRecipe(service="s3", name="x:1", files=((str(binary), "/usr/local/bin/weed"),)).fingerprint() == first
+    binary.write_bytes(b"v2")
+    os.utime(binary, ns=(1, 1))
+    assert recipe.fingerprint() != first
+    assert ImageRecipe(service="mlflow", name="m", pip_requirements=("a==1",)).fingerprint() != \
+        ImageRecipe(service="mlflow", name="m", pip_requirements=("a==2",)).fingerprint()
+
+
+def test_every_recipe_records_its_fingerprint_in_the_image():
+    for recipe in recipes().values():
+        assert not any(FINGERPRINT_ENV in change for change in recipe.changes)  # added at import time, not a fixed input
+        assert len(recipe.fingerprint()) == 16
+
+
+def test_on_the_host_network_nothing_is_published_and_every_container_is_labelled():
+    pg = PostgresContainer("img", Placement("host", 15432, 15432, "127.0.0.1"), {"plantml.stack": "abc"}, "c",
+                           spec=PostgresSpec())
+    container = pg.make_container()
+    assert container.ports == {}
+    assert container._kwargs["network"] == "host"
+    assert container._kwargs["labels"] == {"plantml.stack": "abc"}
+    assert container._kwargs["stop_signal"] == "SIGINT"  # fast shutdown, MLflow's connections do not hold it up
