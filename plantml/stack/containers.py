@@ -199,12 +199,12 @@ def prune_containers(everything: bool = False, client: DockerClient | None = Non
     return removed
 
 
-def container_log_tail(container: Container | None, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a container's output ('' when there is none or it is gone)."""
+def container_log_tail(container: Container | None, lines: int | None = LOG_TAIL_LINES) -> str:
+    """The last lines of a container's output (all of it for None; '' when there is none or it is gone)."""
     if container is None:
         return ""
     try:
-        return container.logs(tail=lines).decode(errors="replace").rstrip()
+        return container.logs(tail=lines or "all").decode(errors="replace").rstrip()
     except Exception:  # noqa: BLE001 - a log is a courtesy: never hide the real error behind it
         return ""
 
@@ -593,6 +593,10 @@ class ContainersStack(Stack):
     def log_tails(self) -> dict[str, str]:
         """The last lines of each container's log."""
         return {name: svc.log_tail() for name, svc in self.services.items()}
+
+    def service_logs(self) -> dict[str, str]:
+        """Each container's whole log so far."""
+        return {name: container_log_tail(svc.docker_container, lines=None) for name, svc in self.services.items()}
 
     # -- internals ------------------------------------------------------------------------------
     def _service(self, name: str) -> ContainerService:

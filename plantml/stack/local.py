@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 LOG_TAIL_LINES = 25
 
 
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('' when it does not exist)."""
+def tail(path: Path, lines: int | None = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file (all of it for None; '' when it does not exist)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines if lines else None:])
     except FileNotFoundError:
         return ""
 
@@ -425,6 +425,10 @@ class LocalStack(Stack):
     def log_paths(self) -> dict[str, Path]:
         """Each service's log file (they live in the stack's folder, removed by :meth:`stop`)."""
         return {name: svc.log_path for name, svc in self.services.items()}
+
+    def service_logs(self) -> dict[str, str]:
+        """Each service's whole log so far."""
+        return {name: tail(path, lines=None) for name, path in self.log_paths().items()}
 
     # -- internals -------------------------------------------------------------------
     def _service(self, name: str) -> LocalService:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +69,21 @@ def _backend_options(config: pytest.Config) -> dict[str, Any]:
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+    _teardown_on_sigterm()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _teardown_on_sigterm() -> None:
+    """Treat SIGTERM (a CI timeout, ``kill``) like Ctrl-C, so the session's stacks are torn down.
+
+    By default SIGTERM ends Python at once: no fixture teardown, no atexit, and the
+    stack's processes would outlive the session.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _cuda_skip_reason() -> str | None:

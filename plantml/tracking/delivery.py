@@ -96,6 +96,8 @@ def is_permanent(exc: BaseException) -> bool:
         return 400 <= exc.status < 500 and exc.status not in (408, 429)
     if isinstance(exc, PlantmlError):
         return False
+    if isinstance(exc, FileNotFoundError):  # a spooled file removed behind our back never comes back
+        return True
     code = getattr(exc, "error_code", None)
     return isinstance(code, str) and code in PERMANENT_ERROR_CODES
 

@@ -22,9 +22,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def docker(request):
-    if request.config.getoption("--stack") != "containers":
-        pytest.skip("containers backend tests: they run in the --stack containers session")
+def docker():
+    """The Docker client (this file is collected only in a ``--stack containers`` session: see conftest.py)."""
     return docker_client()
 
 

@@ -63,10 +63,12 @@ def test_no_artifact_holds_a_secret(trained, mlflow_stack, mlflow_env, tmp_path)
 
 
 def test_the_services_logs_hold_no_secret(trained, mlflow_stack):
-    logs = getattr(mlflow_stack, "log_paths", dict)()
+    if mlflow_stack.backend == "external":
+        pytest.skip("an external stack's service logs are not plantml's to read")
+    logs = mlflow_stack.service_logs()
     if not logs:
         pytest.fail(f"the {mlflow_stack.backend} stack exposes no service logs to scan")
-    text = "\n".join(path.read_text(errors="replace") for path in logs.values() if path.exists())
+    text = "\n".join(logs.values())
     assert "mlflow" in text.lower()  # the scan read real logs
     assert _leaks(text, _secrets(mlflow_stack)) == []
 

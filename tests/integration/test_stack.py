@@ -198,3 +198,34 @@ def test_stack_up_on_a_taken_port_fails_in_one_paragraph_with_exit_1(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == f"plantml: error: mlflow: port {port} on 127.0.0.1 is already in use by another process"
     assert "Traceback" not in result.stderr
+
+
+SESSION_THAT_HANGS = textwrap.dedent("""
+    import json, os, time, psutil
+
+    def test_hangs(mlflow_stack):
+        pids = [p.pid for p in psutil.Process().children(recursive=True)]
+        with open(os.environ["REPORT"] + ".tmp", "w") as handle:
+            json.dump({"pids": pids, "workdir": str(mlflow_stack.workdir)}, handle)
+        os.rename(os.environ["REPORT"] + ".tmp", os.environ["REPORT"])
+        time.sleep(300)
+""")
+
+
+def test_a_pytest_session_killed_with_sigterm_tears_its_stack_down(tmp_path):
+    import json
+
+    (tmp_path / "test_hangs.py").write_text(SESSION_THAT_HANGS)
+    report = tmp_path / "report.json"
+    session = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_hangs.py")],
+                               cwd=tmp_path, env={**os.environ, "REPORT": str(report)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_file(report)
+    finally:
+        session.send_signal(signal.SIGTERM)
+        session.communicate(timeout=60)
+    started = json.loads(report.read_text())
+    assert len(started["pids"]) >= 3
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started["pids"])
+    assert not Path(started["workdir"]).exists()
