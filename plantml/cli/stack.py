@@ -43,8 +43,9 @@ def stack() -> None:
 @click.option("--mlflow-port", type=click.IntRange(1, 65535), help="Port of the MLflow server (default: a free one).")
 @click.option("--s3-port", type=click.IntRange(1, 65535), help="Port of the S3 server (default: a free one).")
 @click.option("--postgres-port", type=click.IntRange(1, 65535), help="Port of PostgreSQL (default: a free one).")
+@click.option("--auth", is_flag=True, help="Run MLflow's basic-auth app: every request needs a user (local backend).")
 def up(backend: str, artifact_mode: str, env_file: Path | None, mlflow_port: int | None, s3_port: int | None,
-       postgres_port: int | None) -> None:
+       postgres_port: int | None, auth: bool) -> None:
     """Start the stack in the foreground; Ctrl-C (or SIGTERM) stops everything and removes its files."""
     from plantml.errors import UsageError
     from plantml.stack import LocalStack, make_stack
@@ -52,9 +53,10 @@ def up(backend: str, artifact_mode: str, env_file: Path | None, mlflow_port: int
     signal.signal(signal.SIGTERM, _raise_interrupt)
     started = time.perf_counter()
     if backend == "local":
-        local = LocalStack(artifact_mode, mlflow_port=mlflow_port, s3_port=s3_port, postgres_port=postgres_port)  # type: ignore[arg-type]
-    elif mlflow_port or s3_port or postgres_port:
-        raise UsageError("--mlflow-port, --s3-port and --postgres-port apply to the local backend only")
+        local = LocalStack(artifact_mode, mlflow_port=mlflow_port, s3_port=s3_port, postgres_port=postgres_port,  # type: ignore[arg-type]
+                           auth=auth)
+    elif mlflow_port or s3_port or postgres_port or auth:
+        raise UsageError("--auth, --mlflow-port, --s3-port and --postgres-port apply to the local backend only")
     else:
         local = make_stack("containers", artifact_mode)  # type: ignore[arg-type,assignment]
     try:

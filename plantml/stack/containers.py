@@ -640,16 +640,8 @@ class ContainersStack(Stack):
         self.services = {"postgres": postgres, "s3": s3, "mlflow": mlflow}
 
     def _make_endpoints(self) -> StackEndpoints:
-        s3, pg = self.services["s3"], self.services["postgres"]
-        return StackEndpoints(
-            tracking_uri=f"http://{LOOPBACK}:{self.services['mlflow'].port}",
-            s3_endpoint=f"http://{LOOPBACK}:{s3.port}",
-            aws_access_key=self.spec.s3.access_key,
-            aws_secret_key=self.spec.s3.secret_key,
-            bucket=self.spec.s3.bucket,
-            artifact_mode=self.spec.mlflow.artifact_mode,
-            database_uri=self.spec.postgres.sqlalchemy_uri(LOOPBACK, pg.port),
-        )
+        ports = {f"{name}_port": service.port for name, service in self.services.items()}
+        return self.spec.endpoints(**ports)
 
 
 def start_containers_stack(artifact_mode: ArtifactMode = "direct", **kwargs: Any) -> ContainersStack:

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings
+from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings, mask
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -37,17 +37,24 @@ class StackEndpoints:
     bucket: str = DEFAULT_BUCKET
     artifact_mode: ArtifactMode = "direct"
     database_uri: str | None = field(default=None, repr=False)
+    #: MLflow basic-auth user of a stack started with ``auth``, else None.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return (
             f"StackEndpoints(tracking_uri={self.tracking_uri!r}, s3_endpoint={self.s3_endpoint!r}, "
             f"aws_access_key={self.aws_access_key!r}, aws_secret_key={MASK!r}, bucket={self.bucket!r}, "
-            f"artifact_mode={self.artifact_mode!r}, database_uri={mask_url_password(self.database_uri)!r})"
+            f"artifact_mode={self.artifact_mode!r}, database_uri={mask_url_password(self.database_uri)!r}, "
+            f"username={self.username!r}, password={mask(self.password)!r})"
         )
 
     def client_env(self) -> dict[str, str]:
         """The variables an MLflow/boto3 client needs: what ``plantml stack up`` exports."""
-        return self.tracking_settings().client_env()
+        env = self.tracking_settings().client_env()
+        if self.username and self.password:  # read by MLflow's client (and plantml's sender) for basic auth
+            env.update({"MLFLOW_TRACKING_USERNAME": self.username, "MLFLOW_TRACKING_PASSWORD": self.password})
+        return env
 
     def tracking_settings(self, experiment_name: str = DEFAULT_EXPERIMENT_NAME) -> TrackingSettings:
         """Tracker settings pointing at this stack."""

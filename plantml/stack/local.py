@@ -30,7 +30,7 @@ from mirakuru.exceptions import AlreadyRunning, ExecutorError, TimeoutExpired
 
 from plantml.errors import ConfigError, StackError
 from plantml.stack.base import Stack
-from plantml.stack.endpoints import ArtifactMode, StackEndpoints, make_s3_client
+from plantml.stack.endpoints import ArtifactMode, make_s3_client
 from plantml.stack.services import LOOPBACK, SERVICE_NAMES, MLflowServerSpec, PostgresSpec, S3Spec, StackSpec
 
 log = logging.getLogger(__name__)
@@ -375,9 +375,10 @@ class LocalStack(Stack):
         s3_port: int | None = None,
         postgres_port: int | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        auth: bool = False,
     ) -> None:
         super().__init__()
-        self.spec = spec or StackSpec(mlflow=MLflowServerSpec(artifact_mode=artifact_mode))
+        self.spec = spec or StackSpec(mlflow=MLflowServerSpec(artifact_mode=artifact_mode, auth=auth))
         self._fixed_ports = {"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port}
         self._workdir_arg = Path(workdir) if workdir else None
         self.workdir: Path | None = None
@@ -459,16 +460,8 @@ class LocalStack(Stack):
         service.start()
 
     def _make_endpoints(self) -> StackEndpoints:
-        s3, pg = self.services["s3"], self.services["postgres"]
-        return StackEndpoints(
-            tracking_uri=f"http://{LOOPBACK}:{self.services['mlflow'].port}",
-            s3_endpoint=f"http://{LOOPBACK}:{s3.port}",
-            aws_access_key=self.spec.s3.access_key,
-            aws_secret_key=self.spec.s3.secret_key,
-            bucket=self.spec.s3.bucket,
-            artifact_mode=self.spec.mlflow.artifact_mode,
-            database_uri=self.spec.postgres.sqlalchemy_uri(LOOPBACK, pg.port),
-        )
+        ports = {f"{name}_port": service.port for name, service in self.services.items()}
+        return self.spec.endpoints(**ports)
 
 
 def start_local_stack(artifact_mode: ArtifactMode = "direct", **kwargs: Any) -> LocalStack:

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from plantml.settings import DEFAULT_BUCKET, MASK
-from plantml.stack.endpoints import ARTIFACT_MODES, ArtifactMode
+from plantml.stack.endpoints import ARTIFACT_MODES, ArtifactMode, StackEndpoints
 from plantml.errors import ConfigError
 
 SERVICE_NAMES = ("postgres", "s3", "mlflow")
@@ -56,6 +56,11 @@ class MLflowServerSpec:
 
     artifact_mode: ArtifactMode = "direct"
     workers: int = 1
+    #: Run MLflow's basic-auth app: every request needs a user (the admin below, to start with).
+    auth: bool = False
+    admin_username: str = "admin"
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16), repr=False)
+    flask_secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     def __post_init__(self) -> None:
         if self.artifact_mode not in ARTIFACT_MODES:
@@ -72,17 +77,29 @@ class MLflowServerSpec:
             args += ["--default-artifact-root", f"s3://{bucket}/", "--no-serve-artifacts"]
         else:
             args += ["--artifacts-destination", f"s3://{bucket}", "--serve-artifacts"]
+        if self.auth:
+            args += ["--app-name", "basic-auth"]
         return args
 
-    @staticmethod
-    def server_env(s3_endpoint: str, s3: S3Spec) -> dict[str, str]:
-        """Environment of the server process: S3 access, and the job runner off (slow start here)."""
-        return {
+    def server_env(self, s3_endpoint: str, s3: S3Spec) -> dict[str, str]:
+        """Environment of the server process: S3 access, the job runner off (slow start here), auth secrets.
+
+        MLflow 3.16+ refuses to start its basic-auth app without an admin password and a
+        Flask secret key; both are fresh random values of this stack.
+        """
+        env = {
             "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
             "AWS_ACCESS_KEY_ID": s3.access_key,
             "AWS_SECRET_ACCESS_KEY": s3.secret_key,
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
+        if self.auth:
+            env.update({
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": self.flask_secret_key,
+                "MLFLOW_AUTH_ADMIN_USERNAME": self.admin_username,
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+            })
+        return env
 
 
 @dataclass(frozen=True)
@@ -92,6 +109,20 @@ class StackSpec:
     postgres: PostgresSpec = field(default_factory=PostgresSpec)
     s3: S3Spec = field(default_factory=S3Spec)
     mlflow: MLflowServerSpec = field(default_factory=MLflowServerSpec)
+
+    def endpoints(self, *, mlflow_port: int, s3_port: int, postgres_port: int) -> StackEndpoints:
+        """What users of a stack started from this description on those loopback ports see."""
+        return StackEndpoints(
+            tracking_uri=f"http://{LOOPBACK}:{mlflow_port}",
+            s3_endpoint=f"http://{LOOPBACK}:{s3_port}",
+            aws_access_key=self.s3.access_key,
+            aws_secret_key=self.s3.secret_key,
+            bucket=self.s3.bucket,
+            artifact_mode=self.mlflow.artifact_mode,
+            database_uri=self.postgres.sqlalchemy_uri(LOOPBACK, postgres_port),
+            username=self.mlflow.admin_username if self.mlflow.auth else None,
+            password=self.mlflow.admin_password if self.mlflow.auth else None,
+        )
 
 
 # SeaweedFS ``weed mini`` opens these ports besides S3: each is chosen too, for parallel instances.

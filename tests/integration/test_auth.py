@@ -1,0 +1,77 @@
+"""``plantml stack up --auth``: MLflow's basic-auth app; the tracker authenticates, anonymous writes are refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from plantml.stack import LocalStack
+
+
+@pytest.fixture(scope="module")
+def auth_stack():
+    """A stack of this module's own, with basic auth on."""
+    with LocalStack(auth=True) as stack:
+        yield stack
+
+
+def _create_experiment(stack, name: str, auth=None) -> int:
+    return requests.post(f"{stack.tracking_uri}/api/2.0/mlflow/experiments/create", json={"name": name},
+                         auth=auth, timeout=10).status_code
+
+
+def test_an_anonymous_write_is_refused(auth_stack):
+    assert _create_experiment(auth_stack, "anonymous") == 401
+
+
+def test_a_wrong_password_is_refused(auth_stack):
+    assert _create_experiment(auth_stack, "wrong_password", auth=(auth_stack.endpoints.username, "not-it")) == 401
+
+
+def test_the_tracker_authenticates_with_the_tracking_username_and_password(auth_stack, monkeypatch, experiment_name):
+    import mlflow
+
+    from plantml.tracking import MLflowTracker
+
+    for name, value in auth_stack.client_env().items():
+        monkeypatch.setenv(name, value)
+    assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(auth_stack.client_env())
+    tracker = MLflowTracker(experiment_name=experiment_name)
+    with tracker.start_run(run_name="authenticated") as run:
+        tracker.log_params({"backbone": "resnet18"})
+        tracker.log_metrics({"val_accuracy": 0.9}, step=1)
+    stored = mlflow.MlflowClient(auth_stack.tracking_uri).get_run(run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.params == {"backbone": "resnet18"} and stored.data.metrics == {"val_accuracy": 0.9}
+
+
+def test_the_admin_password_never_shows_in_a_repr(auth_stack):
+    shown = repr(auth_stack) + repr(auth_stack.endpoints)
+    assert auth_stack.endpoints.password not in shown
+
+
+def test_stack_up_auth_exports_the_tracking_user(tmp_path):
+    env_file = tmp_path / "auth.env"
+    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--auth", "--env-file", str(env_file)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in up.stdout:
+            if line.startswith("Press Ctrl-C"):
+                break
+        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        uri = values["MLFLOW_TRACKING_URI"]
+        anonymous = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "a"}, timeout=10)
+        authenticated = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "b"}, timeout=10,
+                                      auth=(values["MLFLOW_TRACKING_USERNAME"], values["MLFLOW_TRACKING_PASSWORD"]))
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.communicate(timeout=60)
+    assert (anonymous.status_code, authenticated.status_code) == (401, 200)
+    assert re.match(r"http://127\.0\.0\.1:\d+$", uri)
+    assert os.stat(env_file).st_mode & 0o077 == 0  # the file holds secrets: owner only
