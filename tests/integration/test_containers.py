@@ -16,7 +16,8 @@ import requests
 from click.testing import CliRunner
 
 from plantml.errors import StackError
-from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, MLflowContainer, docker_client
+from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, MLflowContainer, Placement, PostgresContainer, docker_client
+from plantml.stack.services import PostgresSpec
 
 pytestmark = pytest.mark.integration
 
@@ -135,3 +136,24 @@ def test_mlflow_answers_again_after_the_postgres_container_restarts(own_stack):
     own_stack.restart("postgres")
     assert mlflow.MlflowClient(own_stack.tracking_uri).create_experiment("after_pg_restart")
     assert requests.get(f"{own_stack.tracking_uri}/health", timeout=5).status_code == 200
+
+
+# -- container descriptions (testcontainers needs a daemon even to describe one) --------------
+
+
+def test_on_a_bridge_services_bind_every_interface_and_reach_each_other_by_name():
+    placement = Placement("bridge", 40000, 5432, "plantml-x-postgres")
+    pg = PostgresContainer("img", placement, {}, "plantml-x-postgres", spec=PostgresSpec(), network_name="net")
+    assert "listen_addresses=0.0.0.0" in pg.command()
+    assert "@plantml-x-postgres:5432/" in pg.backend_uri()
+    assert pg.make_container().ports == {"5432/tcp": ("127.0.0.1", 40000)}  # published on loopback only
+
+
+def test_on_the_host_network_nothing_is_published_and_every_container_is_labelled():
+    pg = PostgresContainer("img", Placement("host", 15432, 15432, "127.0.0.1"), {"plantml.stack": "abc"}, "c",
+                           spec=PostgresSpec())
+    container = pg.make_container()
+    assert container.ports == {}
+    assert container._kwargs["network"] == "host"
+    assert container._kwargs["labels"] == {"plantml.stack": "abc"}
+    assert container._kwargs["stop_signal"] == "SIGINT"  # fast shutdown, MLflow's connections do not hold it up

@@ -100,14 +100,6 @@ def test_mlflow_runs_the_same_server_command_and_env_as_the_local_backend():
     assert server.env() == spec.server_env("http://127.0.0.1:2", s3)
 
 
-def test_on_a_bridge_services_bind_every_interface_and_reach_each_other_by_name():
-    placement = Placement("bridge", 40000, 5432, "plantml-x-postgres")
-    pg = PostgresContainer("img", placement, {}, "plantml-x-postgres", spec=PostgresSpec(), network_name="net")
-    assert "listen_addresses=0.0.0.0" in pg.command()
-    assert "@plantml-x-postgres:5432/" in pg.backend_uri()
-    assert pg.make_container().ports == {"5432/tcp": ("127.0.0.1", 40000)}  # published on loopback only
-
-
 def test_containers_are_labelled_with_their_owner_process():
     labels = owner_labels("abc")
     assert labels[LABEL_PID] == str(os.getpid())
@@ -143,13 +135,3 @@ def test_every_recipe_records_its_fingerprint_in_the_image():
     for recipe in recipes().values():
         assert not any(FINGERPRINT_ENV in change for change in recipe.changes)  # added at import time, not a fixed input
         assert len(recipe.fingerprint()) == 16
-
-
-def test_on_the_host_network_nothing_is_published_and_every_container_is_labelled():
-    pg = PostgresContainer("img", Placement("host", 15432, 15432, "127.0.0.1"), {"plantml.stack": "abc"}, "c",
-                           spec=PostgresSpec())
-    container = pg.make_container()
-    assert container.ports == {}
-    assert container._kwargs["network"] == "host"
-    assert container._kwargs["labels"] == {"plantml.stack": "abc"}
-    assert container._kwargs["stop_signal"] == "SIGINT"  # fast shutdown, MLflow's connections do not hold it up
