@@ -30,7 +30,7 @@ from mirakuru.exceptions import AlreadyRunning, ExecutorError, TimeoutExpired
 
 from plantml.errors import ConfigError, StackError
 from plantml.stack.base import Stack
-from plantml.stack.endpoints import ArtifactMode, make_s3_client
+from plantml.stack.endpoints import ArtifactMode, StackEndpoints, make_s3_client
 from plantml.stack.services import LOOPBACK, SERVICE_NAMES, MLflowServerSpec, PostgresSpec, S3Spec, StackSpec
 
 log = logging.getLogger(__name__)

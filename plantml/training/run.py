@@ -444,8 +444,6 @@ def _log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None
     export = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     # two images: a batch of one would freeze the batch size of the exported (pt2) graph
     example = torch.stack([prepared.loaders.test.dataset[i][0] for i in range(min(2, len(prepared.loaders.test.dataset)))])
-    with torch.inference_mode():
-        output = export(example)
     example_np = example.numpy()
     signature = image_batch_signature(prepared.num_classes)  # any batch size, any image size
     info = tracker.log_model(export, artifact_path="model", registered_model_name=prepared.registered_model_name,

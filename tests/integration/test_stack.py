@@ -182,7 +182,7 @@ def test_stack_up_env_file_works_from_another_shell_and_ctrl_c_leaves_nothing(tm
         up.send_signal(signal.SIGINT)
         output, _ = up.communicate(timeout=60)
     workdir = Path(re.search(r"logs:\s+(\S+)/logs", output).group(1))
-    assert f"export MLFLOW_TRACKING_URI=http://127.0.0.1:" in output
+    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:" in output
     assert len(run_id) == 32
     assert not workdir.exists()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stack_processes)
