@@ -12,10 +12,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 
 GLOBAL_STATE_LOCK = threading.RLock()
+
+#: The variables MLflow's S3 client is built from.
+S3_VARIABLES = frozenset({"MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+_last_s3_settings: dict[str, str | None] = {}
+
+
+def _forget_stale_s3_clients() -> None:
+    """Drop MLflow's cached S3 clients when the S3 settings in force have changed.
+
+    MLflow caches its boto3 clients by endpoint URL only, and boto3's default session
+    caches the credentials it first read from the environment, for the whole process. A
+    second stack (or a tracker with other keys) would otherwise be sent the first one's
+    keys: ``InvalidAccessKeyId``.
+    """
+    current = {name: os.environ.get(name) for name in S3_VARIABLES}
+    if current == _last_s3_settings:
+        return
+    _last_s3_settings.clear()
+    _last_s3_settings.update(current)
+    repo = sys.modules.get("mlflow.store.artifact.s3_artifact_repo")
+    if repo is not None:
+        repo._cached_get_s3_client.cache_clear()
+    boto3 = sys.modules.get("boto3")
+    if boto3 is not None:
+        boto3.DEFAULT_SESSION = None  # the next client resolves the credentials afresh
 
 
 @contextlib.contextmanager
@@ -24,6 +50,8 @@ def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
     with GLOBAL_STATE_LOCK:
         saved = {name: os.environ.get(name) for name in values}
         os.environ.update(values)
+        if S3_VARIABLES & set(values):
+            _forget_stale_s3_clients()
         try:
             yield
         finally:

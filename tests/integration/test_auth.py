@@ -75,3 +75,17 @@ def test_stack_up_auth_exports_the_tracking_user(tmp_path):
     assert (anonymous.status_code, authenticated.status_code) == (401, 200)
     assert re.match(r"http://127\.0\.0\.1:\d+$", uri)
     assert os.stat(env_file).st_mode & 0o077 == 0  # the file holds secrets: owner only
+
+
+def test_two_stacks_in_one_process_each_get_their_own_s3_keys(auth_stack, mlflow_stack, monkeypatch, experiment_name):
+    """boto3 caches the first credentials it reads: a second stack must not be sent the first one's keys."""
+    from plantml.tracking import MLflowTracker
+
+    for stack in (mlflow_stack, auth_stack, mlflow_stack):
+        for name, value in stack.client_env().items():
+            monkeypatch.setenv(name, value)
+        tracker = MLflowTracker(experiment_name=experiment_name)
+        with tracker.start_run() as run:
+            tracker.log_text("leaf", "note.txt")
+        keys = [item["Key"] for item in stack.s3_client().list_objects_v2(Bucket=stack.bucket).get("Contents", [])]
+        assert any(key.endswith(f"{run.run_id}/artifacts/note.txt") for key in keys)
