@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from plantml.errors import ConfigError, StackError
-from plantml.stack.base import Stack
-from plantml.stack.endpoints import ArtifactMode, StackEndpoints, make_s3_client
+from plantml.stack.base import ManagedStack
+from plantml.stack.endpoints import ArtifactMode, make_s3_client, object_store_serves
 from plantml.stack.images import BUILD_HINT, REGISTRY_IMAGES, default_mlflow_image, default_postgres_image, default_seaweedfs_image
 from plantml.stack.local import LOG_TAIL_LINES, free_port
 from plantml.stack.services import (
@@ -425,7 +425,7 @@ class S3Container(ContainerService):
             return self._missing_bucket(exc)
         except BotoCoreError:
             return False
-        return True
+        return object_store_serves(self._client, self.spec.bucket)
 
     def _missing_bucket(self, exc: Exception) -> bool:
         """Whether a head_bucket error means "answering, bucket absent" and the bucket could be made."""
@@ -518,7 +518,7 @@ class MLflowContainer(ContainerService):
 
 # -- the stack -------------------------------------------------------------------------------------------
 
-class ContainersStack(Stack):
+class ContainersStack(ManagedStack):
     """The tracking stack as three containers, with fresh random credentials and free loopback ports.
 
     :meth:`stop` removes every container (and the stack's network on a bridge).
@@ -528,11 +528,9 @@ class ContainersStack(Stack):
 
     def __init__(self, artifact_mode: ArtifactMode = "direct", *, spec: StackSpec | None = None,
                  settings: ContainerSettings | None = None, **settings_overrides: str | None) -> None:
-        super().__init__()
-        self.spec = spec or StackSpec(mlflow=MLflowServerSpec(artifact_mode=artifact_mode))
+        super().__init__(spec or StackSpec(mlflow=MLflowServerSpec(artifact_mode=artifact_mode)))
         self.settings = settings or ContainerSettings.from_env(**settings_overrides)
         self.stack_id = uuid.uuid4().hex[:10]
-        self.services: dict[str, ContainerService] = {}
         self._network: Any = None
         self._client: DockerClient | None = None
 
@@ -599,13 +597,6 @@ class ContainersStack(Stack):
         return {name: container_log_tail(svc.docker_container, lines=None) for name, svc in self.services.items()}
 
     # -- internals ------------------------------------------------------------------------------
-    def _service(self, name: str) -> ContainerService:
-        if name not in SERVICE_NAMES:
-            raise ConfigError(f"service {name!r}: expected one of {', '.join(SERVICE_NAMES)}")
-        if name not in self.services:
-            raise StackError(name, "the stack is not started")
-        return self.services[name]
-
     @staticmethod
     def _placement(mode: Literal["host", "bridge"], container_name: str, bridge_port: int, taken: set[int]) -> Placement:
         port = free_port(taken)
@@ -639,9 +630,6 @@ class ContainersStack(Stack):
                                  s3=self.spec.s3, **common("mlflow", MLflowContainer.bridge_port))
         self.services = {"postgres": postgres, "s3": s3, "mlflow": mlflow}
 
-    def _make_endpoints(self) -> StackEndpoints:
-        ports = {f"{name}_port": service.port for name, service in self.services.items()}
-        return self.spec.endpoints(**ports)
 
 
 def start_containers_stack(artifact_mode: ArtifactMode = "direct", **kwargs: Any) -> ContainersStack:

@@ -86,3 +86,23 @@ def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str
         region_name="us-east-1",
         config=Config(**options),
     )
+
+
+#: Object written and read back to tell that the store really serves data.
+READY_PROBE_KEY = ".plantml-ready"
+
+
+def object_store_serves(client: Any, bucket: str) -> bool:
+    """True once ``bucket`` accepts the client's keys *and* stores and returns an object.
+
+    SeaweedFS answers bucket requests before its volume server has registered; until
+    then writes and reads fail with InternalError. A round trip of a tiny object tells.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.head_bucket(Bucket=bucket)
+        client.put_object(Bucket=bucket, Key=READY_PROBE_KEY, Body=b"ok")
+        return client.get_object(Bucket=bucket, Key=READY_PROBE_KEY)["Body"].read() == b"ok"
+    except (BotoCoreError, ClientError):
+        return False

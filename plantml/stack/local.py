@@ -28,9 +28,9 @@ import port_for
 from mirakuru import HTTPExecutor, TCPExecutor
 from mirakuru.exceptions import AlreadyRunning, ExecutorError, TimeoutExpired
 
-from plantml.errors import ConfigError, StackError
-from plantml.stack.base import Stack
-from plantml.stack.endpoints import ArtifactMode, StackEndpoints, make_s3_client
+from plantml.errors import StackError
+from plantml.stack.base import ManagedStack
+from plantml.stack.endpoints import ArtifactMode, make_s3_client, object_store_serves
 from plantml.stack.services import LOOPBACK, SERVICE_NAMES, MLflowServerSpec, PostgresSpec, S3Spec, StackSpec
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ def find_weed() -> Path:
 
 
 class SeaweedExecutor(TCPExecutor):
-    """Ready when the bucket answers to the stack's credentials."""
+    """Ready when the bucket answers to the stack's credentials and serves an object."""
 
     def __init__(self, *args: Any, s3: S3Spec, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -289,13 +289,7 @@ class SeaweedExecutor(TCPExecutor):
                                       connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
 
     def after_start_check(self) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.head_bucket(Bucket=self.s3.bucket)
-        except (BotoCoreError, ClientError):
-            return False
-        return True
+        return object_store_serves(self._client, self.s3.bucket)
 
 
 class LocalSeaweed(LocalService):
@@ -357,7 +351,7 @@ class LocalMLflow(LocalService):
 # -- the stack ----------------------------------------------------------------------------
 
 
-class LocalStack(Stack):
+class LocalStack(ManagedStack):
     """The tracking stack as local processes in one temporary folder.
 
     Every service runs on a free loopback port (or the one given), with fresh random
@@ -377,12 +371,10 @@ class LocalStack(Stack):
         workdir: str | os.PathLike[str] | None = None,
         auth: bool = False,
     ) -> None:
-        super().__init__()
-        self.spec = spec or StackSpec(mlflow=MLflowServerSpec(artifact_mode=artifact_mode, auth=auth))
+        super().__init__(spec or StackSpec(mlflow=MLflowServerSpec(artifact_mode=artifact_mode, auth=auth)))
         self._fixed_ports = {"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port}
         self._workdir_arg = Path(workdir) if workdir else None
         self.workdir: Path | None = None
-        self.services: dict[str, LocalService] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self, service: str | None = None) -> LocalStack:
@@ -432,13 +424,6 @@ class LocalStack(Stack):
         return {name: tail(path, lines=None) for name, path in self.log_paths().items()}
 
     # -- internals -------------------------------------------------------------------
-    def _service(self, name: str) -> LocalService:
-        if name not in SERVICE_NAMES:
-            raise ConfigError(f"service {name!r}: expected one of {', '.join(SERVICE_NAMES)}")
-        if name not in self.services:
-            raise StackError(name, "the stack is not started")
-        return self.services[name]
-
     def _build_services(self) -> None:
         if self._workdir_arg is not None:
             self._workdir_arg.mkdir(parents=True, exist_ok=True)
@@ -458,10 +443,6 @@ class LocalStack(Stack):
     def _prepare_and_start(service: LocalService) -> None:
         service.prepare()
         service.start()
-
-    def _make_endpoints(self) -> StackEndpoints:
-        ports = {f"{name}_port": service.port for name, service in self.services.items()}
-        return self.spec.endpoints(**ports)
 
 
 def start_local_stack(artifact_mode: ArtifactMode = "direct", **kwargs: Any) -> LocalStack:
