@@ -151,6 +151,7 @@ class Verification:
         tags = {VERIFICATION_TAG: "true", "plantml.verification.id": self.verification_id}
         started = self.tracker.start_run(run_name=self.run_name, tags=tags)
         self.run_id = self._find_run_id(started)
+        _flush(self.tracker)
         run = self.client.get_run(self.run_id)
         if run.info.status != "RUNNING":
             raise CheckFailed(f"run {self.run_id} is {run.info.status}, expected RUNNING")
@@ -162,6 +163,7 @@ class Verification:
     def check_params(self) -> None:
         """Logged params read back equal."""
         self.tracker.log_params(dict(self.params))
+        _flush(self.tracker)
         stored = self.client.get_run(self.run_id).data.params
         _expect_subset("param", self.params, stored)
 
@@ -296,11 +298,14 @@ def _artifact_environ(settings: TrackingSettings) -> Any:
     return scoped_environ({k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"})
 
 
+#: Seconds a check waits for the tracker's background sender to deliver what it wrote.
+DELIVERY_TIMEOUT = 15.0
+
+
 def _flush(tracker: Any) -> None:
-    """Let a tracker that batches or logs asynchronously deliver before reading back."""
-    flush = getattr(tracker, "flush", None)
-    if callable(flush):
-        flush()
+    """Wait for the tracker's sender to deliver what was logged, before reading it back."""
+    if not tracker.flush(timeout=DELIVERY_TIMEOUT):
+        raise CheckFailed(f"not delivered to the server within {DELIVERY_TIMEOUT:.0f} s")
 
 
 def _expect_subset(kind: str, wanted: Mapping[str, Any], stored: Mapping[str, str]) -> None:
