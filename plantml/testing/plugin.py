@@ -4,6 +4,7 @@ Installed with plantml (``pytest11`` entry point), so downstream projects get:
 
 - ``mlflow_stack``: the stack in the design's ``direct`` artifact mode, started once per session;
 - ``mlflow_stack_any_mode``: the same test run against each artifact mode (``direct``, ``proxied``);
+- ``private_mlflow_stack``: a stack of the same backend for one module, to break on purpose;
 - ``tracking_uri``, ``s3_client``, ``mlflow_client``, ``mlflow_env`` and ``experiment_name``;
 - ``--stack local|containers|external`` to choose the backend (also ``$PLANTML_STACK``); for
   ``containers``, ``--postgres-image``, ``--s3-image``, ``--mlflow-image`` and ``--s3-flavour``
@@ -163,6 +164,17 @@ def mlflow_stack(_plantml_stack_pool: StackPool, request: pytest.FixtureRequest)
 def mlflow_stack_any_mode(_plantml_stack_pool: StackPool, request: pytest.FixtureRequest) -> Stack:
     """The stack in each artifact mode in turn: a test using it runs once per mode."""
     return _plantml_stack_pool.get(request.param)
+
+
+@pytest.fixture(scope="module")
+def private_mlflow_stack(_plantml_stack_pool: StackPool) -> Iterator[Stack]:
+    """A stack of the session's backend for one test module alone: for tests that stop,
+    restart or otherwise break its services on purpose. Started for the module, stopped after it."""
+    if _plantml_stack_pool.backend not in OWN_BACKENDS:
+        pytest.fail(f"private_mlflow_stack needs a backend plantml starts ({', '.join(OWN_BACKENDS)}), "
+                    f"not {_plantml_stack_pool.backend!r}")
+    with make_stack(_plantml_stack_pool.backend, "direct", **_plantml_stack_pool.options) as stack:  # type: ignore[arg-type]
+        yield stack
 
 
 @pytest.fixture(scope="session")

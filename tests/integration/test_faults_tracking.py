@@ -17,7 +17,6 @@ import uuid
 
 import pytest
 
-from plantml.stack import LocalStack
 from plantml.tracking import DeliveryPending, MLflowTracker, PendingModel
 from plantml.tracking.replay import replay
 
@@ -27,10 +26,9 @@ METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
 @pytest.fixture(scope="module")
-def stack():
-    """A stack of this module's own: these tests break services on purpose."""
-    with LocalStack() as own:
-        yield own
+def stack(private_mlflow_stack):
+    """A stack of this module's own (the session's backend): these tests break services on purpose."""
+    return private_mlflow_stack
 
 
 @pytest.fixture(autouse=True)

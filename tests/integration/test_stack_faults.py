@@ -7,14 +7,12 @@ import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
 from plantml.errors import ConfigError
-from plantml.stack import LocalStack
 
 
 @pytest.fixture(scope="module")
-def own_stack():
-    """A stack of this module's own: these tests break services on purpose."""
-    with LocalStack() as stack:
-        yield stack
+def own_stack(private_mlflow_stack):
+    """A stack of this module's own (the session's backend): these tests break services on purpose."""
+    return private_mlflow_stack
 
 
 def test_a_restarted_mlflow_server_keeps_its_runs(own_stack):
