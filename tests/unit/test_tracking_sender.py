@@ -153,3 +153,36 @@ def test_finish_ends_the_run_once_everything_arrived(writer, fake) -> None:
     writer.write("run", metrics=points(5))
     assert writer.finish("run", "FINISHED", timeout=5) is None
     assert fake.status == "FINISHED" and len(fake.points) == 5
+
+
+@pytest.fixture
+def lingering(fake, tmp_path):
+    settings = DeliverySettings(timeout_s=5, max_in_memory=1000, max_backoff_s=0.05, request_timeout_s=0.5,
+                                journal_dir=tmp_path / "journal", linger_s=0.5)
+    writer = BufferedWriter(fake, settings)  # type: ignore[arg-type]
+    yield writer
+    writer.close()
+
+
+def test_calls_within_the_linger_leave_in_one_request(lingering, fake) -> None:
+    for epoch in range(3):  # three epochs' metrics, logged in quick succession
+        lingering.write("run", metrics=[MetricPoint("loss", 1.0 / (epoch + 1), 1000 + epoch, epoch)])
+        time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while len(fake.points) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(fake.points) == 3
+    assert fake.requests_sent == 1
+
+
+def test_a_flush_sends_at_once_without_waiting_for_the_linger(fake, tmp_path) -> None:
+    settings = DeliverySettings(timeout_s=5, journal_dir=tmp_path / "journal", linger_s=30)
+    writer = BufferedWriter(fake, settings)  # type: ignore[arg-type]
+    try:
+        writer.write("run", metrics=points(5))
+        started = time.monotonic()
+        assert writer.flush(timeout=5)
+        assert time.monotonic() - started < 2
+        assert len(fake.points) == 5
+    finally:
+        writer.close()
