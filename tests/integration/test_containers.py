@@ -102,40 +102,7 @@ def test_stack_prune_removes_a_killed_sessions_containers(docker):
     assert _containers_of(docker, **{LABEL_PID: pid}) == []
 
 
-@pytest.fixture(scope="module")
-def own_stack(docker):
-    """A containers stack of this module's own: the fault tests stop its services on purpose."""
-    with ContainersStack() as stack:
-        yield stack
-
-
-def test_a_restarted_mlflow_container_keeps_its_runs(own_stack):
-    import mlflow
-
-    client = mlflow.MlflowClient(own_stack.tracking_uri)
-    experiment_id = client.create_experiment("survives_restart")
-    own_stack.restart("mlflow")
-    assert client.get_experiment(experiment_id).name == "survives_restart"
-
-
-def test_a_stopped_s3_container_refuses_then_serves_the_same_objects_once_started(own_stack):
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    s3 = own_stack.s3_client(retries={"max_attempts": 1}, connect_timeout=1)
-    s3.put_object(Bucket=own_stack.bucket, Key="kept.txt", Body=b"leaf")
-    own_stack.stop("s3")
-    with pytest.raises((BotoCoreError, ClientError)):
-        s3.get_object(Bucket=own_stack.bucket, Key="kept.txt")
-    own_stack.start("s3")
-    assert s3.get_object(Bucket=own_stack.bucket, Key="kept.txt")["Body"].read() == b"leaf"
-
-
-def test_mlflow_answers_again_after_the_postgres_container_restarts(own_stack):
-    import mlflow
-
-    own_stack.restart("postgres")
-    assert mlflow.MlflowClient(own_stack.tracking_uri).create_experiment("after_pg_restart")
-    assert requests.get(f"{own_stack.tracking_uri}/health", timeout=5).status_code == 200
+# Stopping, starting and restarting one service: test_stack_faults.py, which runs on this backend too.
 
 
 # -- container descriptions (testcontainers needs a daemon even to describe one) --------------
