@@ -18,7 +18,6 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from plantml.settings import TrackingSettings
 from plantml.verification import CHECKS, VERIFICATION_TAG, CheckResult, Verification
 
 EXPECTED_OUTPUT = [
@@ -34,20 +33,10 @@ EXPECTED_OUTPUT = [
 ]
 
 
-def stack_settings(stack: Any, experiment_name: str) -> TrackingSettings:
-    return TrackingSettings(
-        tracking_uri=stack.tracking_uri,
-        experiment_name=experiment_name,
-        s3_endpoint=stack.s3_endpoint,
-        aws_access_key=stack.aws_access_key,
-        aws_secret_key=stack.aws_secret_key,
-    )
-
-
 @pytest.fixture(scope="module")
 def verified(mlflow_stack: Any) -> tuple[Verification, dict[str, CheckResult]]:
     """One full verification against the stack, and its results by check id."""
-    verification = Verification(stack_settings(mlflow_stack, f"test_verify_{uuid.uuid4().hex[:8]}"))
+    verification = Verification(mlflow_stack.tracking_settings(f"test_verify_{uuid.uuid4().hex[:8]}"))
     results = {result.check.id: result for result in verification.run()}
     return verification, results
 
