@@ -1,8 +1,13 @@
 """Settings, resolved in one place into frozen dataclasses.
 
+Every environment variable plantml reads is a row of :data:`VARIABLES` (name, default,
+what it sets); code reads one only through :func:`env_value`, and the pytest plugin's
+options and the README's table come from the same rows.
+
 Resolution order for every tracking setting: explicit argument, then the process
 environment, then a ``.env`` file, then the embedded default (MLflow's local
-``sqlite:///mlflow.db`` store, so plantml works with no server at all).
+``sqlite:///mlflow.db`` store, so plantml works with no server at all). Where each
+value came from is kept in :attr:`TrackingSettings.sources`, so an error can say.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 from plantml.errors import ConfigError
 
@@ -18,14 +24,68 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT_NAME = "plant_classification"
 DEFAULT_BUCKET = "mlflow"
 
-#: Environment variable read for each :class:`TrackingSettings` field.
-ENV_NAMES = {
-    "tracking_uri": "MLFLOW_TRACKING_URI",
-    "experiment_name": "MLFLOW_EXPERIMENT_NAME",
-    "s3_endpoint": "MLFLOW_S3_ENDPOINT_URL",
-    "aws_access_key": "AWS_ACCESS_KEY_ID",
-    "aws_secret_key": "AWS_SECRET_ACCESS_KEY",
-}
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable plantml reads: its name, default and what it sets."""
+
+    name: str
+    default: str | None
+    group: str
+    help: str
+
+
+#: Every environment variable plantml reads, by group. ``None``: no fixed default (the help says).
+VARIABLES: dict[str, Variable] = {v.name: v for v in (
+    Variable("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI, "tracking", "tracking server URL or local store"),
+    Variable("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT_NAME, "tracking", "experiment of training runs"),
+    Variable("MLFLOW_S3_ENDPOINT_URL", None, "tracking", "S3 endpoint of the artifact store (direct artifact mode)"),
+    Variable("AWS_ACCESS_KEY_ID", None, "tracking", "S3 access key"),
+    Variable("AWS_SECRET_ACCESS_KEY", None, "tracking", "S3 secret key (never shown)"),
+    Variable("PLANTML_VERIFY_EXPERIMENT", "plantml_verification", "tracking", "experiment of `plantml verify` runs"),
+    Variable("PLANTML_DELIVERY_TIMEOUT", "60", "delivery", "seconds end_run waits for delivery"),
+    Variable("PLANTML_MAX_BUFFERED", "100000", "delivery", "entries the sender keeps in memory"),
+    Variable("PLANTML_MAX_BACKOFF", "5", "delivery", "longest wait between retries, in seconds"),
+    Variable("PLANTML_LINGER", "1", "delivery", "seconds a part-filled batch waits for company"),
+    Variable("PLANTML_JOURNAL_DIR", "~/.cache/plantml/journal", "delivery", "folder of run journals"),
+    Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set and downloaded data sets"),
+    Variable("PLANTML_STACK", "local", "stack", "backend of the pytest stack fixtures: local, containers or external"),
+    Variable("PLANTML_PG_BINDIR", None, "stack", "folder of PostgreSQL's initdb and postgres (found by itself)"),
+    Variable("PLANTML_PG_USER", "postgres", "stack", "account that runs PostgreSQL when plantml runs as root"),
+    Variable("PLANTML_S3_BUCKET", DEFAULT_BUCKET, "stack", "artifact bucket of an external stack"),
+    Variable("PLANTML_POSTGRES_IMAGE", None, "containers", "PostgreSQL image (default: the one build-images makes)"),
+    Variable("PLANTML_S3_IMAGE", None, "containers", "object store image (default: the one build-images makes)"),
+    Variable("PLANTML_MLFLOW_IMAGE", None, "containers", "MLflow server image (default: the one build-images makes)"),
+    Variable("PLANTML_S3_FLAVOUR", "seaweedfs", "containers", "object store: seaweedfs or minio"),
+    Variable("PLANTML_CONTAINER_NETWORK", "auto", "containers", "auto, host or bridge"),
+)}
+
+
+def env_value(name: str, explicit: Any = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """``explicit`` if given, else the variable ``name`` from the environment (empty counts as
+    unset), else its default from :data:`VARIABLES`. The one place plantml reads its variables."""
+    if name not in VARIABLES:
+        raise KeyError(f"{name} is not in plantml.settings.VARIABLES")
+    if explicit not in (None, ""):
+        return str(explicit)
+    value = (os.environ if environ is None else environ).get(name)
+    return value if value not in (None, "") else VARIABLES[name].default
+
+
+def env_number(name: str, explicit: Any = None, kind: type = float, environ: Mapping[str, str] | None = None) -> Any:
+    """:func:`env_value` as a number of ``kind``; a malformed value is a one-line :class:`ConfigError`."""
+    text = env_value(name, explicit, environ)
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={text!r}: expected {'a whole number' if kind is int else 'a number'}") from None
+
+
+def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """:func:`env_value` as a path with ``~`` expanded (None when unset and without default)."""
+    text = env_value(name, explicit, environ)
+    return None if text is None else Path(text).expanduser()
+
 
 MASK = "***"
 
@@ -54,18 +114,24 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TrackingSettings:
-    """Where a tracker sends runs and artifacts. Secrets are masked in ``repr``."""
+    """Where a tracker sends runs and artifacts. Secrets are masked in ``repr``.
+
+    ``sources`` says where each resolved field came from (``argument``,
+    ``environment (MLFLOW_TRACKING_URI)``, ``.env in /some/folder``); fields left at their
+    default have no entry.
+    """
 
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment_name: str = DEFAULT_EXPERIMENT_NAME
     s3_endpoint: str | None = None
     aws_access_key: str | None = None
     aws_secret_key: str | None = field(default=None, repr=False)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{f.name}={mask(getattr(self, f.name)) if f.name == 'aws_secret_key' else getattr(self, f.name)!r}"
-            for f in fields(self)
+            for f in fields(self) if f.name != "sources"
         )
         return f"TrackingSettings({shown})"
 
@@ -73,6 +139,10 @@ class TrackingSettings:
     def is_local(self) -> bool:
         """True when the tracking URI is a local store (no server involved)."""
         return not self.tracking_uri.startswith(("http://", "https://", "databricks"))
+
+    def source_of(self, name: str = "tracking_uri") -> str:
+        """Where field ``name`` came from, as words for an error message (``default`` when unset)."""
+        return self.sources.get(name, "default")
 
     def client_env(self) -> dict[str, str]:
         """The environment variables MLflow's and boto3's clients read for these settings."""
@@ -86,8 +156,19 @@ class TrackingSettings:
         return env
 
     def with_overrides(self, **overrides: str | None) -> TrackingSettings:
-        """A copy with the non-None ``overrides`` applied."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with the non-None ``overrides`` applied (their source: ``argument``)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return replace(self, **given, sources={**self.sources, **dict.fromkeys(given, "argument")})
+
+
+#: Environment variable read for each :class:`TrackingSettings` field.
+ENV_NAMES = {
+    "tracking_uri": "MLFLOW_TRACKING_URI",
+    "experiment_name": "MLFLOW_EXPERIMENT_NAME",
+    "s3_endpoint": "MLFLOW_S3_ENDPOINT_URL",
+    "aws_access_key": "AWS_ACCESS_KEY_ID",
+    "aws_secret_key": "AWS_SECRET_ACCESS_KEY",
+}
 
 
 def resolve_tracking_settings(
@@ -110,23 +191,37 @@ def resolve_tracking_settings(
     }
     environ = os.environ if environ is None else environ
     from_file = read_env_file(env_file)
-    resolved: dict[str, str | None] = {}
+    file_words = f".env in {Path.cwd()}" if env_file is None else f"env file {Path(env_file).resolve()}"
+    resolved: dict[str, str] = {}
+    sources: dict[str, str] = {}
     for name, value in arguments.items():
         var = ENV_NAMES[name]
-        for candidate in (value, environ.get(var), from_file.get(var)):
+        for candidate, source in ((value, "argument"), (environ.get(var), f"environment ({var})"),
+                                  (from_file.get(var), f"{var} in {file_words}")):
             if candidate not in (None, ""):
-                resolved[name] = candidate
+                resolved[name], sources[name] = candidate, source
                 break
-    settings = TrackingSettings(**resolved)
-    _check_tracking_uri(settings.tracking_uri)
+    settings = TrackingSettings(**resolved, sources=sources)
+    _check_tracking_uri(settings)
     return settings
 
 
 _KNOWN_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "file:", "databricks")
 
 
-def _check_tracking_uri(uri: str) -> None:
+def _check_tracking_uri(settings: TrackingSettings) -> None:
+    uri = settings.tracking_uri
+    origin = f" (from {settings.source_of()})" if "tracking_uri" in settings.sources else ""
     if "://" not in uri and not uri.startswith(("file:", "databricks")):
-        raise ConfigError(f"tracking URI {uri!r}: expected a URL such as http://127.0.0.1:5001 or sqlite:///mlflow.db")
+        raise ConfigError(f"tracking URI {uri!r}{origin}: expected a URL such as http://127.0.0.1:5001 or sqlite:///mlflow.db")
     if not uri.startswith(_KNOWN_SCHEMES):
-        raise ConfigError(f"tracking URI {uri!r}: unknown scheme {uri.split('://')[0]!r} (use http, https, sqlite, postgresql or file)")
+        raise ConfigError(f"tracking URI {uri!r}{origin}: unknown scheme {uri.split('://')[0]!r} (use http, https, sqlite, postgresql or file)")
+
+
+def variables_table() -> str:
+    """:data:`VARIABLES` as the Markdown table the README shows (a unit test keeps them equal)."""
+    rows = ["| variable | default | what it sets |", "| --- | --- | --- |"]
+    for variable in VARIABLES.values():
+        default = f"`{variable.default}`" if variable.default is not None else "-"
+        rows.append(f"| `{variable.name}` | {default} | {variable.help} |")
+    return "\n".join(rows)

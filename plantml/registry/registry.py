@@ -261,7 +261,7 @@ class ModelRegistry:
     def _paged(self, fetch: Callable[[str | None], Any], what: str) -> Iterator[Any]:
         token: str | None = None
         while True:
-            page = self._call(lambda: fetch(token), what)
+            page = self._call(lambda: fetch(token), what)  # noqa: B023 - called at once
             yield from page
             token = getattr(page, "token", None)
             if not token:

@@ -30,12 +30,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from plantml.errors import ConfigError, StackError
+from plantml.settings import env_value
 from plantml.stack.base import ManagedStack
 from plantml.stack.endpoints import ArtifactMode, make_s3_client, object_store_serves
 from plantml.stack.images import BUILD_HINT, REGISTRY_IMAGES, default_mlflow_image, default_postgres_image, default_seaweedfs_image
 from plantml.stack.local import LOG_TAIL_LINES, free_port
 from plantml.stack.services import (
-    LOOPBACK, SEAWEED_EXTRA_PORTS, SERVICE_NAMES, MLflowServerSpec, PostgresSpec, S3Spec, StackSpec, seaweed_mini_args,
+    LOOPBACK,
+    SEAWEED_EXTRA_PORTS,
+    SERVICE_NAMES,
+    MLflowServerSpec,
+    PostgresSpec,
+    S3Spec,
+    StackSpec,
+    seaweed_mini_args,
 )
 
 if TYPE_CHECKING:
@@ -77,18 +85,17 @@ class ContainerSettings:
     def from_env(cls, postgres_image: str | None = None, s3_image: str | None = None, mlflow_image: str | None = None,
                  s3_flavour: str | None = None, network: str | None = None) -> ContainerSettings:
         """Explicit values first, then the environment, then the defaults."""
-        env = os.environ
-        flavour = s3_flavour or env.get("PLANTML_S3_FLAVOUR") or "seaweedfs"
+        flavour = env_value("PLANTML_S3_FLAVOUR", s3_flavour)
         if flavour not in S3_FLAVOURS:
             raise ConfigError(f"S3 flavour {flavour!r}: expected one of {', '.join(S3_FLAVOURS)}")
-        mode = network or env.get("PLANTML_CONTAINER_NETWORK") or "auto"
+        mode = env_value("PLANTML_CONTAINER_NETWORK", network)
         if mode not in NETWORK_MODES:
             raise ConfigError(f"container network {mode!r}: expected one of {', '.join(NETWORK_MODES)}")
         default_s3 = default_seaweedfs_image() if flavour == "seaweedfs" else REGISTRY_IMAGES["minio"]
         return cls(
-            postgres_image=postgres_image or env.get("PLANTML_POSTGRES_IMAGE") or default_postgres_image(),
-            s3_image=s3_image or env.get("PLANTML_S3_IMAGE") or default_s3,
-            mlflow_image=mlflow_image or env.get("PLANTML_MLFLOW_IMAGE") or default_mlflow_image(),
+            postgres_image=env_value("PLANTML_POSTGRES_IMAGE", postgres_image) or default_postgres_image(),
+            s3_image=env_value("PLANTML_S3_IMAGE", s3_image) or default_s3,
+            mlflow_image=env_value("PLANTML_MLFLOW_IMAGE", mlflow_image) or default_mlflow_image(),
             s3_flavour=flavour,  # type: ignore[arg-type]
             network=mode,  # type: ignore[arg-type]
         )

@@ -12,7 +12,7 @@ import os
 import requests
 
 from plantml.errors import StackError
-from plantml.settings import DEFAULT_BUCKET, resolve_tracking_settings
+from plantml.settings import env_value, resolve_tracking_settings
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
 
@@ -25,7 +25,7 @@ class ExternalStack(Stack):
     def __init__(self, env_file: str | os.PathLike[str] | None = None, bucket: str | None = None) -> None:
         super().__init__()
         self.env_file = env_file
-        self.bucket_name = bucket or os.environ.get("PLANTML_S3_BUCKET", DEFAULT_BUCKET)
+        self.bucket_name = bucket or env_value("PLANTML_S3_BUCKET")
 
     def start(self, service: str | None = None) -> ExternalStack:
         """Resolve the endpoints and check that they answer; starts nothing."""

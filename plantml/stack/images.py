@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -224,9 +223,10 @@ def image_is_current(recipe: ImageRecipe) -> bool:
 # -- building ---------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    """Where wheelhouses are kept between builds."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "plantml"
+    """Where wheelhouses are kept between builds (plantml's cache folder)."""
+    from plantml.settings import env_path
+
+    return env_path("PLANTML_CACHE_DIR")
 
 
 def wheelhouse(recipe: ImageRecipe) -> Path:

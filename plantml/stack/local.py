@@ -29,6 +29,7 @@ from mirakuru import HTTPExecutor, TCPExecutor
 from mirakuru.exceptions import AlreadyRunning, ExecutorError, TimeoutExpired
 
 from plantml.errors import StackError
+from plantml.settings import env_path, env_value
 from plantml.stack.base import ManagedStack
 from plantml.stack.endpoints import ArtifactMode, make_s3_client, object_store_serves
 from plantml.stack.services import LOOPBACK, SERVICE_NAMES, MLflowServerSpec, PostgresSpec, S3Spec, StackSpec
@@ -142,8 +143,8 @@ def find_postgres_bindir() -> Path:
     Looked for in ``$PLANTML_PG_BINDIR``, ``pg_config --bindir``, beside an ``initdb``
     on the PATH (links resolved), then Debian's ``/usr/lib/postgresql/*/bin``.
     """
-    if os.environ.get("PLANTML_PG_BINDIR"):
-        folder = Path(os.environ["PLANTML_PG_BINDIR"])
+    folder = env_path("PLANTML_PG_BINDIR")
+    if folder is not None:
         if (folder / "initdb").is_file() and (folder / "postgres").is_file():
             return folder
         raise StackError("postgres", f"PLANTML_PG_BINDIR={folder} holds no initdb and postgres binaries")
@@ -169,7 +170,7 @@ def unprivileged_user() -> pwd.struct_passwd | None:
     """The account to run PostgreSQL as when we are root (initdb refuses root)."""
     if os.geteuid() != 0:
         return None
-    name = os.environ.get("PLANTML_PG_USER", "postgres")
+    name = env_value("PLANTML_PG_USER")
     for candidate in (name, "nobody"):
         try:
             return pwd.getpwnam(candidate)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
+from plantml.errors import ConfigError
 from plantml.settings import DEFAULT_BUCKET, MASK
 from plantml.stack.endpoints import ARTIFACT_MODES, ArtifactMode, StackEndpoints
-from plantml.errors import ConfigError
 
 SERVICE_NAMES = ("postgres", "s3", "mlflow")
 LOOPBACK = "127.0.0.1"

@@ -16,7 +16,6 @@ A stack that cannot start makes the tests that need it fail with the cause; it n
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import threading
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from plantml.settings import env_value
 from plantml.stack import ARTIFACT_MODES, BACKENDS, ArtifactMode, Stack, make_stack
 
 # Backends whose stacks plantml starts itself, in either artifact mode.
@@ -41,7 +41,7 @@ MARKERS = {
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("plantml", "plantml tracking stack")
     group.addoption(
-        "--stack", choices=BACKENDS, default=os.environ.get("PLANTML_STACK", "local"),
+        "--stack", choices=BACKENDS, default=env_value("PLANTML_STACK"),
         help="backend of the mlflow_stack fixtures: local processes, Docker containers, or an external stack "
              "from the environment (default: $PLANTML_STACK or local)",
     )

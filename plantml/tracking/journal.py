@@ -37,8 +37,9 @@ Entry = dict[str, Any]
 
 def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``~/.cache/plantml/journal``."""
-    chosen = explicit or os.environ.get("PLANTML_JOURNAL_DIR") or DEFAULT_JOURNAL_DIR
-    return Path(chosen).expanduser()
+    from plantml.settings import env_path
+
+    return env_path("PLANTML_JOURNAL_DIR", explicit)
 
 
 def dumps(entry: Entry) -> str:

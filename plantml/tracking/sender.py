@@ -100,25 +100,15 @@ def resolve_delivery_settings(
 ) -> DeliverySettings:
     """Argument, then ``PLANTML_DELIVERY_TIMEOUT`` / ``PLANTML_MAX_BUFFERED`` / ``PLANTML_JOURNAL_DIR``, then the default."""
 
-    def pick(value: Any, variable: str, default: Any, kind: type) -> Any:
-        if value is not None:
-            return kind(value)
-        text = os.environ.get(variable)
-        if not text:
-            return default
-        try:
-            return kind(text)
-        except ValueError:
-            raise ConfigError(f"{variable}={text!r}: expected a {kind.__name__}") from None
+    from plantml.settings import env_number
 
-    defaults = DeliverySettings()
     settings = DeliverySettings(
-        timeout_s=pick(timeout_s, "PLANTML_DELIVERY_TIMEOUT", defaults.timeout_s, float),
-        max_in_memory=pick(max_in_memory, "PLANTML_MAX_BUFFERED", defaults.max_in_memory, int),
-        max_backoff_s=pick(max_backoff_s, "PLANTML_MAX_BACKOFF", defaults.max_backoff_s, float),
-        request_timeout_s=request_timeout_s or defaults.request_timeout_s,
+        timeout_s=env_number("PLANTML_DELIVERY_TIMEOUT", timeout_s),
+        max_in_memory=env_number("PLANTML_MAX_BUFFERED", max_in_memory, int),
+        max_backoff_s=env_number("PLANTML_MAX_BACKOFF", max_backoff_s),
+        request_timeout_s=request_timeout_s or DEFAULT_REQUEST_TIMEOUT_S,
         journal_dir=journal_dir(journal_folder),
-        linger_s=pick(None, "PLANTML_LINGER", defaults.linger_s, float),
+        linger_s=env_number("PLANTML_LINGER"),
     )
     if settings.timeout_s < 0 or settings.max_in_memory < 1 or settings.max_backoff_s <= 0 or settings.linger_s < 0:
         raise ConfigError(f"delivery settings out of range: {settings}")

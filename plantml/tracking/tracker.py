@@ -36,6 +36,9 @@ from plantml.tracking.sender import BufferedWriter, DeliveryPending, DeliverySet
 
 logger = logging.getLogger(__name__)
 
+#: How models are saved: a pickled ``nn.Module`` (see :meth:`MLflowTracker.log_model`).
+MODEL_FORMAT = "pickle"
+
 #: Seconds the constructor waits for an HTTP tracking server before giving up.
 CONNECT_TIMEOUT_S = 10.0
 
@@ -463,10 +466,10 @@ class MLflowTracker:
     ) -> Any:
         """Log a PyTorch model with MLflow's pytorch flavor; register it if a name is given.
 
-        Without an input example (or with a batch of one, which would freeze the batch
-        size) the model is saved in the pickle format; with a batch of two or more, in
-        MLflow 3's default pt2 format with a dynamic batch size and an inferred signature.
-        Pip requirements default to the running torch/torchvision versions (inferring them
+        The model is saved in MLflow's pickle format unless ``serialization_format`` says
+        otherwise, so ``mlflow.pytorch.load_model`` gives back the ``nn.Module`` itself
+        (``eval()``, ``train()``, any batch and image size); MLflow 3's default ``pt2``
+        format would give a ``torch.export`` graph that supports neither. Pip requirements default to the running torch/torchvision versions (inferring them
         costs seconds).
 
         The model is saved to a local spool folder at once; the sender then creates the
@@ -478,7 +481,7 @@ class MLflowTracker:
         """
         run_id = self._require_run()
         check.check_artifact_name(artifact_path, "model")
-        fmt = serialization_format or _default_serialization_format(input_example)
+        fmt = serialization_format or MODEL_FORMAT
         requirements = pip_requirements or _torch_requirements()
         folder = self._spool_path(run_id, "model")
         try:
@@ -589,15 +592,6 @@ def _wait_for_server(uri: str, timeout: float) -> None:
             if time.monotonic() >= deadline:
                 raise TrackingError(f"{uri}: tracking server not reachable ({type(exc).__name__})") from None
         time.sleep(0.5)
-
-
-def _default_serialization_format(input_example: Any) -> str:
-    shape = getattr(input_example, "shape", None)
-    if shape is not None and len(shape) > 0 and shape[0] >= 2:
-        return "pt2"
-    if input_example is not None:
-        logger.info("input example is not a batch of two or more: saving the model as pickle so any batch size loads")
-    return "pickle"
 
 
 def _torch_requirements() -> list[str]:

@@ -36,8 +36,8 @@ from plantml.training.models import (
     WeightsChoice,
     build_model,
     count_parameters,
-    image_batch_signature,
     get_backbone,
+    image_batch_signature,
     resolve_weights,
     set_backbone_frozen,
 )
@@ -442,7 +442,7 @@ def _save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result
 def _log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None:
     """Log the best model (PyTorch flavor, signature, a two-image input example) and register it."""
     export = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    # two images: a batch of one would freeze the batch size of the exported (pt2) graph
+    # two images as the input example shown in the UI and used by `mlflow models serve` checks
     example = torch.stack([prepared.loaders.test.dataset[i][0] for i in range(min(2, len(prepared.loaders.test.dataset)))])
     example_np = example.numpy()
     signature = image_batch_signature(prepared.num_classes)  # any batch size, any image size

@@ -52,8 +52,9 @@ class SynthSpec:
 
 def cache_root() -> Path:
     """``$PLANTML_CACHE_DIR``, else ``~/.cache/plantml``."""
-    env = os.environ.get("PLANTML_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "plantml"
+    from plantml.settings import env_path
+
+    return env_path("PLANTML_CACHE_DIR")
 
 
 def _rng_for(seed: int, label: int, index: int) -> np.random.Generator:

@@ -35,7 +35,7 @@ def stack(private_mlflow_stack):
 def every_service_back(stack):
     """Whatever a test did, the next one starts with every service up."""
     yield
-    for name, service in stack.services.items():
+    for service in stack.services.values():
         if not service.running:
             service.start()
 

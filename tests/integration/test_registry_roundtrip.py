@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _models import TinyNet
 from click.testing import CliRunner
 
 from plantml.errors import RegistryError
 from plantml.registry import ModelRegistry, alias_tag
 from plantml.training.models import image_batch_signature
-
-from _models import TinyNet
 
 ATOL = 1e-5
 

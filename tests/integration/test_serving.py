@@ -25,11 +25,10 @@ import numpy as np
 import pytest
 import requests
 import torch
+from _models import TinyNet
 
 from plantml.registry import ModelRegistry
 from plantml.training.models import image_batch_signature
-
-from _models import TinyNet
 
 SERVE_TIMEOUT_S = 150
 

@@ -11,8 +11,18 @@ import pytest
 from plantml.errors import ConfigError
 from plantml.stack import BACKENDS, make_stack
 from plantml.stack.containers import (
-    LABEL_HOST, LABEL_PID, LABEL_PID_START, ContainerSettings, ContainersStack, MinioContainer, MLflowContainer, Placement,
-    PostgresContainer, SeaweedContainer, owner_is_gone, owner_labels,
+    LABEL_HOST,
+    LABEL_PID,
+    LABEL_PID_START,
+    ContainerSettings,
+    ContainersStack,
+    MinioContainer,
+    MLflowContainer,
+    Placement,
+    PostgresContainer,
+    SeaweedContainer,
+    owner_is_gone,
+    owner_labels,
 )
 from plantml.stack.images import FINGERPRINT_ENV, ImageRecipe, recipes
 from plantml.stack.services import MLflowServerSpec, PostgresSpec, S3Spec

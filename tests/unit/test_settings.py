@@ -53,3 +53,54 @@ def test_the_secret_never_shows_in_the_repr():
     settings = TrackingSettings(aws_access_key="key", aws_secret_key="very-secret-value")
     assert "very-secret-value" not in repr(settings)
     assert "key" in repr(settings)
+
+
+def test_every_source_is_recorded_so_errors_can_name_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MLFLOW_TRACKING_URI=http://from-file:1\n")
+    settings = resolve_tracking_settings(experiment_name="x", environ={"AWS_ACCESS_KEY_ID": "k"})
+    assert settings.source_of("tracking_uri") == f"MLFLOW_TRACKING_URI in .env in {tmp_path}"
+    assert settings.source_of("aws_access_key") == "environment (AWS_ACCESS_KEY_ID)"
+    assert settings.source_of("experiment_name") == "argument"
+    assert settings.source_of("s3_endpoint") == "default"
+
+
+def test_a_bad_uri_from_a_env_file_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MLFLOW_TRACKING_URI=localhost:5001\n")
+    with pytest.raises(ConfigError, match=r"from MLFLOW_TRACKING_URI in \.env in "):
+        resolve_tracking_settings(environ={})
+
+
+def test_every_variable_plantml_reads_is_in_the_one_table():
+    """No module reads the environment by itself: every read goes through settings.env_value."""
+    import re
+    from pathlib import Path
+
+    from plantml import settings
+
+    package = Path(settings.__file__).parent
+    read_names: set[str] = set()
+    for source in package.rglob("*.py"):
+        text = source.read_text(encoding="utf-8")
+        # settings.py reads; tracking/environ.py only saves and restores what a scoped call changes
+        if source.name not in ("settings.py", "environ.py"):
+            assert not re.search(r"os\.environ\.get\(|os\.getenv\(", text), f"{source} reads the environment itself"
+        read_names |= set(re.findall(r"env_(?:value|number|path)\(\s*\"([A-Z0-9_]+)\"", text))
+    assert read_names <= set(settings.VARIABLES)
+
+
+def test_the_readme_lists_every_variable():
+    from pathlib import Path
+
+    from plantml.settings import variables_table
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    assert variables_table() in readme
+
+
+def test_a_malformed_number_is_one_line_naming_the_variable():
+    from plantml.settings import env_number
+
+    with pytest.raises(ConfigError, match=r"PLANTML_LINGER='soon': expected a number"):
+        env_number("PLANTML_LINGER", environ={"PLANTML_LINGER": "soon"})
