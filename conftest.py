@@ -22,11 +22,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
 
 
-CONTAINERS_ONLY = INTEGRATION_DIR / "test_containers.py"
+CONTAINERS_ONLY = {INTEGRATION_DIR / "test_containers.py"}
+#: Integration tests that use no stack (or only the client side of one): the local-backend session runs
+#: them; running them again on the containers backend would test nothing new.
+LOCAL_SESSION_ONLY = {INTEGRATION_DIR / "test_ui.py"}
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     # Not collected rather than skipped: a session on another backend has nothing to say about them.
-    if collection_path == CONTAINERS_ONLY and config.getoption("--stack") != "containers":
+    backend = config.getoption("--stack")
+    if collection_path in CONTAINERS_ONLY and backend != "containers":
+        return True
+    if collection_path in LOCAL_SESSION_ONLY and backend != "local":
         return True
     return None

@@ -23,6 +23,7 @@ COMMANDS = {
     "registry": ("plantml.cli.registry", "registry", "List, promote, roll back and compare registered models."),
     "verify": ("plantml.cli.verify", "verify", "Run the eight checks of a tracking installation."),
     "tracking": ("plantml.cli.tracking", "tracking", "Tracking utilities (journal replay)."),
+    "ui": ("plantml.cli.ui", "ui", "Show MLflow's UI on your runs (serves a local store; prints the newest run's URL)."),
 }
 
 

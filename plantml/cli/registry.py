@@ -66,27 +66,27 @@ def registry(ctx: click.Context, tracking_uri: str | None) -> None:
 @click.argument("name", required=False)
 @click.pass_context
 def list_command(ctx: click.Context, name: str | None) -> None:
-    """List registered models, or NAME's versions with their run, metrics and aliases."""
+    """List every registered model's versions with their stage and aliases, or NAME's versions with runs and metrics."""
     reg = _registry(ctx)
     if name is None:
         models = reg.list_models()
         if not models:
             click.echo("no registered models")
             return
-        rows: list[Sequence[Any]] = [("NAME", "LATEST", "ALIASES")]
+        rows: list[Sequence[Any]] = [("NAME", "VERSION", "STAGE", "ALIASES", "RUN", "CREATED")]
         for model in models:
-            aliases = " ".join(f"{alias}=v{version}" for alias, version in model.aliases.items())
-            rows.append((model.name, model.latest_version or "-", aliases or "-"))
+            for v in reg.list_versions(model.name):
+                rows.append((model.name, v.version, v.stage, ",".join(v.aliases) or "-", v.run_id or "-", v.created_at))
         _echo_table(rows)
         return
     versions = reg.list_versions(name)
     if not versions:
         click.echo(f"{name}: no versions")
         return
-    rows = [("VERSION", "RUN", "STATUS", "CREATED", "ALIASES", "METRICS")]
+    rows = [("VERSION", "STAGE", "ALIASES", "RUN", "STATUS", "CREATED", "METRICS")]
     for v in versions:
         metrics = " ".join(f"{key}={_format_value(value)}" for key, value in v.metrics.items())
-        rows.append((v.version, v.run_id or "-", v.status, v.created_at, ",".join(v.aliases) or "-", metrics or "-"))
+        rows.append((v.version, v.stage, ",".join(v.aliases) or "-", v.run_id or "-", v.status, v.created_at, metrics or "-"))
     _echo_table(rows)
 
 
@@ -139,14 +139,25 @@ def compare(ctx: click.Context, name: str, first: str, second: str) -> None:
 
 @registry.command("load-check")
 @click.argument("model")
-@click.option("--batch-size", default=2, show_default=True, help="Images in the test batch.")
-@click.option("--image-size", default=32, show_default=True, help="Height and width of the test images.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Images in the test batch.")
+@click.option("--image-size", type=click.IntRange(min=8, max=2048), default=64, show_default=True,
+              help="Height and width of the test images.")
+@click.option("--no-pickle", is_flag=True,
+              help="Rebuild the backbone from the run's checkpoint and load its weights only (plantml train models).")
 @click.pass_context
-def load_check(ctx: click.Context, model: str, batch_size: int, image_size: int) -> None:
-    """Load MODEL (models:/NAME/1, models:/NAME@production, models:/NAME/latest) and run a random batch."""
+def load_check(ctx: click.Context, model: str, batch_size: int, image_size: int, no_pickle: bool) -> None:
+    """Load MODEL (models:/NAME/1, models:/NAME/Production, models:/NAME@production, models:/NAME/latest) and run a random batch."""
     import torch
 
-    loaded = _registry(ctx).load_model(model)
-    with torch.no_grad():
-        output = loaded(torch.rand(batch_size, 3, image_size, image_size))
+    from plantml.errors import RegistryError
+
+    reg = _registry(ctx)
+    loaded = reg.load_checkpoint(model) if no_pickle else reg.load_model(model)
+    loaded.eval()
+    try:
+        with torch.no_grad():
+            output = loaded(torch.rand(batch_size, 3, image_size, image_size))
+    except Exception as exc:  # a shape the model cannot take, a dtype clash: one line, no traceback
+        raise RegistryError(f"{model}: loaded, but a {batch_size}x3x{image_size}x{image_size} batch failed: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
     click.echo(f"{model}: loaded {type(loaded).__name__}; batch {batch_size}x3x{image_size}x{image_size} -> output {tuple(output.shape)}")

@@ -111,7 +111,11 @@ def train(**options) -> None:
         f"test_loss {result.test.loss:.4f}, test_acc {result.test.accuracy:.4f}  ({time.perf_counter() - started:.1f}s)"
     )
     if result.run_id:
+        from plantml.ui import how_to_see
+
         click.echo(f"run {result.run_id} in experiment {tracker.experiment_name!r} at {tracker.tracking_uri}")
+        default_store = tracker.settings.source_of("tracking_uri") == "default"
+        click.echo(how_to_see(tracker.tracking_uri, tracker.experiment_id, result.run_id, default_store))
 
 
 def _show_warnings() -> None:

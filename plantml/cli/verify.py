@@ -20,18 +20,22 @@ QUICK_HTTP_ENV = {
 
 @click.command()
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, .env, sqlite:///mlflow.db).")
-@click.option("--experiment-name", default=None, help="Experiment the verification run goes to (default: $MLFLOW_EXPERIMENT_NAME, .env, plant_classification).")
+@click.option("--experiment-name", default=None,
+              help="Experiment the verification run goes to (default: $PLANTML_VERIFY_EXPERIMENT or plantml_verification; "
+                   "never the training experiment).")
 def verify(tracking_uri: str | None, experiment_name: str | None) -> None:
     """Check a tracking installation: connection, experiment, run, params, metrics, artifact, tags, run info.
 
     Prints one ✓ line per check, then ✓ ALL MLFLOW TESTS PASSED (exit 0); on the first
-    failure prints ✗ CHECK: CAUSE and exits 1. The run it makes is tagged
-    plantml.verification=true and always ended.
+    failure prints ✗ CHECK: CAUSE and exits 1. The run it makes goes to the
+    plantml_verification experiment, is tagged plantml.verification=true and always ended.
     """
-    from plantml.settings import resolve_tracking_settings
+    from plantml.settings import env_value, resolve_tracking_settings
     from plantml.verification import ALL_PASSED, run_checks
 
-    settings = resolve_tracking_settings(tracking_uri=tracking_uri, experiment_name=experiment_name)
+    # Its own experiment: verification runs must not mix with training runs.
+    settings = resolve_tracking_settings(tracking_uri=tracking_uri,
+                                         experiment_name=env_value("PLANTML_VERIFY_EXPERIMENT", experiment_name))
     for key, value in QUICK_HTTP_ENV.items():
         os.environ.setdefault(key, value)
     failed = None

@@ -1,8 +1,9 @@
 """Alias names: the design's stage words mapped to aliases, MLflow's rules checked early.
 
-MLflow deprecated registry stages; plantml uses aliases instead. The design's words
-``Production`` and ``Staging`` become the aliases ``production`` and ``staging`` in any
-letter case. Every other name must follow MLflow's alias rules, checked here so that
+MLflow deprecated registry stages in favour of aliases. The design's words ``Production``
+and ``Staging`` become the aliases ``production`` and ``staging`` in any letter case, and
+those two aliases keep MLflow's stage of the same name in step (see :data:`ALIAS_STAGES`),
+so the design's stage URIs keep working. Every other name must follow MLflow's alias rules, checked here so that
 the user gets one line naming the alias rather than a server traceback.
 """
 
@@ -17,6 +18,10 @@ STAGING = "staging"
 
 #: The design's stage words, in lower case, and the alias each one means.
 STAGE_ALIASES = {"production": PRODUCTION, "staging": STAGING}
+
+#: The MLflow registry stage kept in step with each of those aliases, so that the design's
+#: ``models:/NAME/Production`` resolves to the same version as ``models:/NAME@production``.
+ALIAS_STAGES = {PRODUCTION: "Production", STAGING: "Staging"}
 
 # Same rules as mlflow.utils.validation (alphanumerics, "_" and "-"; at most 255
 # characters; "latest" and "v<digits>" reserved), restated so that checking a name

@@ -16,6 +16,9 @@ class VersionInfo:
     run_id: str | None
     status: str
     created_at: str
+    #: MLflow's registry stage (``None``, ``Staging``, ``Production``, ``Archived``), kept in step with the
+    #: ``staging``/``production`` aliases.
+    stage: str = "None"
     aliases: tuple[str, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)

@@ -1,7 +1,12 @@
 """The model registry: list, promote, roll back, compare and load registered models.
 
 Everything goes through one ``MlflowClient(tracking_uri=...)`` held by the
-:class:`ModelRegistry`; nothing touches MLflow's global tracking URI or run stack.
+:class:`ModelRegistry`, models are downloaded from that registry too (see
+:mod:`plantml.registry.loading`); nothing touches MLflow's global tracking URI or run
+stack, nothing is written to the working folder. Moving the ``production`` or
+``staging`` alias also moves MLflow's stage of the same name (older holders of that
+stage are archived), so ``models:/NAME/Production`` and ``models:/NAME@production``
+always name the same version.
 Each alias move is recorded on the model version it lands on, as tags::
 
     plantml.alias.<alias>.moved_from    version the alias pointed at before ("none" if unset)
@@ -16,13 +21,14 @@ back instead of flipping between two versions.
 from __future__ import annotations
 
 import re
-import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from plantml.errors import RegistryError, TrackingError
-from plantml.registry.aliases import PRODUCTION, normalize_alias
+from plantml.registry import loading
+from plantml.registry.aliases import ALIAS_STAGES, PRODUCTION, normalize_alias
 from plantml.registry.models import AliasMove, Comparison, ComparisonRow, ModelInfo, VersionInfo
 
 if TYPE_CHECKING:
@@ -143,7 +149,7 @@ class ModelRegistry:
         # never an alias whose history is missing.
         self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "moved_from"), str(previous or NO_VERSION)), f"model {name!r} version {number}")
         self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "moved_at"), moved_at), f"model {name!r} version {number}")
-        self._call(lambda: self.client.set_registered_model_alias(name, alias, number), f"model {name!r} alias {alias!r}")
+        self._move_alias(name, alias, number)
         return AliasMove(name, alias, previous, target.version, moved_at, "promote")
 
     def rollback(self, name: str, alias: str = PRODUCTION) -> AliasMove:
@@ -161,8 +167,19 @@ class ModelRegistry:
         moved_at = _now()
         self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "rolled_back_from"), str(current.version)), f"model {name!r} version {number}")
         self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "rolled_back_at"), moved_at), f"model {name!r} version {number}")
-        self._call(lambda: self.client.set_registered_model_alias(name, alias, number), f"model {name!r} alias {alias!r}")
+        self._move_alias(name, alias, number)
         return AliasMove(name, alias, current.version, target.version, moved_at, "rollback")
+
+    def _move_alias(self, name: str, alias: str, number: str) -> None:
+        """Point ``alias`` at version ``number``; for production/staging, move MLflow's stage with it."""
+        self._call(lambda: self.client.set_registered_model_alias(name, alias, number), f"model {name!r} alias {alias!r}")
+        stage = ALIAS_STAGES.get(alias)
+        if stage is None:
+            return
+        with warnings.catch_warnings():  # stages are deprecated; plantml keeps them only for the design's URIs
+            warnings.simplefilter("ignore", FutureWarning)
+            self._call(lambda: self.client.transition_model_version_stage(name, number, stage, archive_existing_versions=True),
+                       f"model {name!r} version {number} stage {stage}")
 
     # -- comparing and loading -------------------------------------------------------
 
@@ -171,36 +188,55 @@ class ModelRegistry:
         a, b = self.resolve(name, first), self.resolve(name, second)
         return Comparison(a, b, _rows(a.params, b.params), _rows(a.metrics, b.metrics))
 
-    def download(self, name: str, reference: int | str = LATEST, dst_path: str | None = None) -> str:
-        """Download a version's model folder (MLmodel and data) and return its local path."""
+    def download(self, name: str, reference: int | str, dst_path: str) -> str:
+        """Download a version's model folder (MLmodel and data) into ``dst_path``; return its path."""
         import mlflow.artifacts
 
         version = self.resolve(name, reference)
-        dst = dst_path or tempfile.mkdtemp(prefix="plantml-model-")
-        return self._call(
-            lambda: mlflow.artifacts.download_artifacts(
-                artifact_uri=version.uri, dst_path=dst, tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
-            ),
-            f"model {name!r} version {version.version}",
-        )
+        what = f"model {name!r} version {version.version}"
+        location = self._call(lambda: self.client.get_model_version_download_uri(name, str(version.version)), what)
+        return self._call(lambda: mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst_path,
+                                                                      tracking_uri=self.tracking_uri), what)
 
     def load_model(self, name_or_uri: str, reference: int | str | None = None) -> Any:
-        """Load a registered PyTorch model as a ``torch.nn.Module``.
+        """Load a registered PyTorch model as a ``torch.nn.Module``, from this registry only.
 
         Accepts ``("name", 1)``, ``("name", "production")``, ``("name", "latest")`` or a
-        URI: ``models:/name/1``, ``models:/name/latest``, ``models:/name@production``.
+        URI: ``models:/name/1``, ``models:/name/latest``, ``models:/name/Production``,
+        ``models:/name@production``. The model is unpickled: load only from a registry
+        you trust, or use :meth:`load_checkpoint` (no pickle) for ``plantml train`` models.
         """
-        import mlflow.pytorch
-
-        name, ref = self._split(name_or_uri, reference)
-        return mlflow.pytorch.load_model(self.download(name, ref))
+        return self._load(name_or_uri, reference, loading.load_pytorch)
 
     def load_pyfunc(self, name_or_uri: str, reference: int | str | None = None) -> Any:
         """Load a registered model as an MLflow pyfunc (signature-checked ``predict``)."""
-        import mlflow.pyfunc
+        return self._load(name_or_uri, reference, loading.load_pyfunc)
 
+    def load_checkpoint(self, name_or_uri: str, reference: int | str | None = None) -> Any:
+        """A ``plantml train`` model rebuilt from its run's weights, with no pickle executed.
+
+        The torchvision backbone named in the run's ``models/best_model.pth`` is built
+        afresh and the weights are read with ``torch.load(..., weights_only=True)``; the
+        module is returned in ``eval()`` mode.
+        """
         name, ref = self._split(name_or_uri, reference)
-        return mlflow.pyfunc.load_model(self.download(name, ref))
+        version = self.resolve(name, ref)
+        what = f"model {name!r} version {version.version}"
+        return self._call(lambda: loading.load_checkpoint_model(self.tracking_uri, version.run_id, what), what)
+
+    def _load(self, name_or_uri: str, reference: int | str | None, load: Callable[[Any], T]) -> T:
+        name, ref = self._split(name_or_uri, reference)
+        version = self.resolve(name, ref)
+        what = f"model {name!r} version {version.version}"
+
+        def download_and_load() -> T:
+            with loading.downloaded_version(self.client, self.tracking_uri, name, version.version) as folder:
+                try:
+                    return load(folder)
+                except Exception as exc:  # an unpicklable class, a missing module, a torch version clash
+                    raise RegistryError(f"{what}: downloaded but cannot be loaded here ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+        return self._call(download_and_load, what)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -241,6 +277,7 @@ class ModelRegistry:
             run_id=mv.run_id or None,
             status=str(mv.status or ""),
             created_at=_timestamp(mv.creation_timestamp),
+            stage=str(getattr(mv, "current_stage", None) or "None"),
             aliases=aliases_by_version.get(number, ()),
             metrics=dict(sorted(metrics.items())),
             params=dict(sorted(params.items())),

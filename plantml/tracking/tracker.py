@@ -165,7 +165,7 @@ class MLflowTracker:
 
     def _connect(self, timeout: float) -> Any:
         if self.tracking_uri.startswith(("http://", "https://")):
-            _wait_for_server(self.tracking_uri, timeout)
+            _wait_for_server(self.tracking_uri, timeout, self.settings.source_of("tracking_uri"))
         import mlflow
 
         return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
@@ -575,8 +575,8 @@ def flatten_run(run: Any) -> dict[str, Any]:
     return flat
 
 
-def _wait_for_server(uri: str, timeout: float) -> None:
-    """Raise TrackingError naming ``uri`` unless its server answers within ``timeout`` seconds.
+def _wait_for_server(uri: str, timeout: float, source: str = "default") -> None:
+    """Raise TrackingError naming ``uri`` and where it came from unless its server answers within ``timeout`` seconds.
 
     MLflow's own client retries a dead server for about four minutes; this first contact
     fails fast instead.
@@ -590,7 +590,8 @@ def _wait_for_server(uri: str, timeout: float) -> None:
             return  # any HTTP answer means a server is there; MLflow reports what it thinks
         except requests.RequestException as exc:
             if time.monotonic() >= deadline:
-                raise TrackingError(f"{uri}: tracking server not reachable ({type(exc).__name__})") from None
+                raise TrackingError(f"{uri}: tracking server not reachable ({type(exc).__name__}); "
+                                    f"this URI came from {source}") from None
         time.sleep(0.5)
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+#: Pass as ``code_paths=`` when logging a TinyNet: MLflow ships this file with the pickled model,
+#: so a process that loads it (a fresh interpreter, ``mlflow models serve``) can import the class.
+CODE_PATHS = [str(Path(__file__))]
 
 
 class TinyNet(torch.nn.Module):

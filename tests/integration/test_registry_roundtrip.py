@@ -1,6 +1,6 @@
 """The model registry against the real stack: versions, aliases, rollback, loading, fresh processes.
 
-Two small trainings log real PyTorch models (pt2 format, batch and image size dynamic)
+Two small trainings log real PyTorch models (pickled modules, any batch and image size)
 through plantml's tracker and register them as versions 1 and 2 of a model named for
 this module. Results are read back through a plain ``MlflowClient`` as well as plantml.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _models import TinyNet
+from _models import CODE_PATHS, TinyNet
 from click.testing import CliRunner
 
 from plantml.errors import RegistryError
@@ -61,6 +61,7 @@ def train_and_register(stack: Any, experiment_name: str, model_name: str, seed: 
             registered_model_name=model_name,
             input_example=torch.rand(2, 3, 32, 32).numpy(),
             signature=image_batch_signature(2),
+            code_paths=CODE_PATHS,
         )
     return model, int(info.registered_model_version)
 
@@ -178,7 +179,7 @@ def test_registry_command_lists_versions_and_refuses_reserved_aliases(trained: d
     listed = runner.invoke(cli, ["registry", "--tracking-uri", mlflow_env.tracking_uri, "list", trained["name"]])
     assert listed.exit_code == 0, listed.output
     lines = listed.stdout.splitlines()
-    assert lines[0].split() == ["VERSION", "RUN", "STATUS", "CREATED", "ALIASES", "METRICS"]
+    assert lines[0].split() == ["VERSION", "STAGE", "ALIASES", "RUN", "STATUS", "CREATED", "METRICS"]
     assert [line.split()[0] for line in lines[1:]] == ["1", "2"]
     refused = runner.invoke(cli, ["registry", "--tracking-uri", mlflow_env.tracking_uri, "promote", trained["name"], "1", "--alias", "latest"])
     assert refused.exit_code != 0

@@ -1,6 +1,6 @@
 """``mlflow models serve -m models:/NAME@production`` answers /invocations with the model's predictions.
 
-Request format (pt2/pickle PyTorch model with a tensor signature ``float32 (-1, 3, -1, -1)``)::
+Request format (pickled PyTorch model with a tensor signature ``float32 (-1, 3, -1, -1)``)::
 
     POST /invocations   Content-Type: application/json
     {"inputs": [[[[r, ...], ...], [[g, ...]], [[b, ...]]], ...]}   # N x 3 x H x W floats
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from _models import TinyNet
+from _models import CODE_PATHS, TinyNet
 
 from plantml.registry import ModelRegistry
 from plantml.training.models import image_batch_signature
@@ -56,7 +56,8 @@ def production_model(mlflow_stack: Any) -> tuple[str, TinyNet]:
         aws_secret_key=mlflow_stack.aws_secret_key,
     )
     with tracker.start_run(run_name="served"):
-        info = tracker.log_model(model, registered_model_name=name, input_example=torch.rand(2, 3, 32, 32).numpy(), signature=signature)
+        info = tracker.log_model(model, registered_model_name=name, input_example=torch.rand(2, 3, 32, 32).numpy(), signature=signature,
+                                 code_paths=CODE_PATHS)
     ModelRegistry(mlflow_stack.tracking_uri).promote(name, info.registered_model_version, "Production")
     return name, model
 

@@ -120,7 +120,7 @@ def plantml(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess
 
 
 def test_plantml_verify_prints_the_designs_output_against_the_stack(mlflow_stack: Any, mlflow_client: Any, experiment_name: str) -> None:
-    env = {**os.environ, **mlflow_stack.client_env(), "MLFLOW_EXPERIMENT_NAME": experiment_name}
+    env = {**os.environ, **mlflow_stack.client_env(), "PLANTML_VERIFY_EXPERIMENT": experiment_name}
     result = plantml("verify", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines() == EXPECTED_OUTPUT
@@ -141,3 +141,15 @@ def test_plantml_verify_against_a_stopped_server_fails_fast_with_exit_1(mlflow_s
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.splitlines() == [f"✗ connection to the MLflow server: {uri} unreachable (connection refused or no route)"]
     assert elapsed < 15
+
+
+def test_plantml_verify_never_writes_into_the_training_experiment(mlflow_stack: Any, mlflow_client: Any, experiment_name: str) -> None:
+    env = {**os.environ, **mlflow_stack.client_env(), "MLFLOW_EXPERIMENT_NAME": experiment_name}
+    env.pop("PLANTML_VERIFY_EXPERIMENT", None)
+    started_ms = int(time.time() * 1000)
+    result = plantml("verify", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert mlflow_client.get_experiment_by_name(experiment_name) is None
+    verification = mlflow_client.get_experiment_by_name("plantml_verification")
+    runs = mlflow_client.search_runs([verification.experiment_id], filter_string=f"attributes.start_time >= {started_ms}")
+    assert [run.data.tags[VERIFICATION_TAG] for run in runs] == ["true"]

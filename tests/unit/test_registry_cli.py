@@ -43,19 +43,23 @@ def registry_cli(uri: str, *args: str) -> Any:
     return runner.invoke(cli, ["registry", "--tracking-uri", uri, *args])
 
 
-def test_list_shows_models_with_latest_version_and_aliases(store: tuple[str, str]) -> None:
+def test_list_shows_every_version_with_its_stage_and_aliases(store: tuple[str, str]) -> None:
     uri, name = store
     registry_cli(uri, "promote", name, "2", "--alias", "Staging")
     result = registry_cli(uri, "list")
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[1].split() == [name, "2", "staging=v2"]
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "VERSION", "STAGE", "ALIASES", "RUN", "CREATED"]
+    rows = [line.split()[:4] for line in lines[1:] if line.startswith(name + " ")]
+    assert rows == [[name, "1", "None", "-"], [name, "2", "Staging", "staging"]]
 
 
-def test_list_name_shows_versions_runs_and_metrics(store: tuple[str, str]) -> None:
+def test_list_name_shows_versions_stages_runs_and_metrics(store: tuple[str, str]) -> None:
     uri, name = store
+    registry_cli(uri, "promote", name, "1")
     lines = registry_cli(uri, "list", name).stdout.splitlines()
-    assert lines[0].split() == ["VERSION", "RUN", "STATUS", "CREATED", "ALIASES", "METRICS"]
-    assert lines[1].split()[0] == "1" and lines[1].endswith("val_accuracy=0.6")
+    assert lines[0].split() == ["VERSION", "STAGE", "ALIASES", "RUN", "STATUS", "CREATED", "METRICS"]
+    assert lines[1].split()[:3] == ["1", "Production", "production"] and lines[1].endswith("val_accuracy=0.6")
 
 
 def test_promote_then_rollback_report_each_move(store: tuple[str, str]) -> None:

@@ -180,3 +180,24 @@ def test_the_registry_leaves_mlflows_global_tracking_uri_alone(registry: ModelRe
     registry.list_versions(name)
     registry.compare(name, 1, 2)
     assert mlflow.get_tracking_uri() == before
+
+
+def test_production_and_staging_keep_mlflows_stage_in_step_and_custom_aliases_do_not(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 3)
+    registry.promote(name, 1, "Production")
+    registry.promote(name, 2, "staging")
+    registry.promote(name, 3, "champion")
+    assert {v.version: v.stage for v in registry.list_versions(name)} == {1: "Production", 2: "Staging", 3: "None"}
+    registry.promote(name, 2, "production")
+    assert {v.version: v.stage for v in registry.list_versions(name)} == {1: "Archived", 2: "Production", 3: "None"}
+    registry.rollback(name)
+    assert {v.version: v.stage for v in registry.list_versions(name)} == {1: "Production", 2: "Archived", 3: "None"}
+
+
+def test_stage_moves_show_no_deprecation_warning(registry: ModelRegistry, client: Any) -> None:
+    import warnings
+
+    name = register_versions(client, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        registry.promote(name, 1, "Production")

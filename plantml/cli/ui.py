@@ -1,0 +1,57 @@
+"""``plantml ui``: MLflow's UI on the runs plantml wrote, opened on the newest run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from types import FrameType
+
+import click
+
+#: A dead server should fail this command in seconds (values already in the environment win).
+QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command("ui")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Port on 127.0.0.1 [default: 5000, or a free one when 5000 is taken].")
+@click.option("--tracking-uri", default=None,
+              help="Store or server to show [default: $MLFLOW_TRACKING_URI, .env, or sqlite:///mlflow.db].")
+def ui(port: int | None, tracking_uri: str | None) -> None:
+    """Show MLflow's UI (model-training view) for the store plantml uses, and print the newest run's URL.
+
+    A local store (the default sqlite:///mlflow.db, with its ./mlruns artifacts) is served
+    on 127.0.0.1 until Ctrl-C; for a tracking server the link is printed and nothing is started.
+    """
+    from plantml.settings import resolve_tracking_settings
+    from plantml.ui import LocalUI, is_server_uri, newest_run
+
+    for key, value in QUICK_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    settings = resolve_tracking_settings(tracking_uri=tracking_uri)
+    uri = settings.tracking_uri
+    if is_server_uri(uri):
+        landing = newest_run(uri)
+        click.echo(landing.url(uri) if landing else uri)
+        return
+    server = LocalUI(uri, port)  # refuses a store that does not exist (reading it would create one)
+    landing = newest_run(uri)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
+        signal.signal(signum, _raise_interrupt)
+    try:
+        server.start()
+        click.echo(f"MLflow UI for {uri}: {landing.url(server.base_url) if landing else server.base_url}")
+        click.echo("Press Ctrl-C to stop.")
+        while server.running:
+            time.sleep(0.5)
+        raise click.ClickException(f"the mlflow server for {uri} stopped by itself")
+    except KeyboardInterrupt:
+        click.echo("plantml ui: stopped", err=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the server
+        server.stop()

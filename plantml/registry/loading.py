@@ -1,0 +1,101 @@
+"""Loading registered models from the registry the caller named, leaving no file behind.
+
+MLflow's own ``models:/`` resolution asks the process's *global* registry URI (a
+``mlflow.db`` in the working folder when nothing is set), whatever URI the caller gave:
+a folder holding another store silently yields that store's model. Here every step goes
+through the caller's client instead: the version's storage location comes from
+``get_model_version_download_uri``, the files are downloaded from it with the caller's
+tracking URI (which ``mlflow-artifacts:`` locations of a proxied server need), loaded,
+and the temporary copy is removed before returning.
+
+Two ways in:
+
+- :func:`load_pytorch` / :func:`load_pyfunc`: MLflow's pytorch flavor. plantml saves models
+  pickled (a ``torch.nn.Module`` with ``eval()``, ``train()``, any batch and image size), so
+  loading one runs the pickle: load only models from a registry you trust.
+- :func:`load_checkpoint_model`: no pickle at all. The run of a version trained by
+  ``plantml train`` also stores ``models/best_model.pth`` (weights plus backbone name and
+  class count); the torchvision backbone is rebuilt and the weights loaded with
+  ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from plantml.errors import RegistryError
+
+#: Where ``plantml train`` keeps the best weights in each run's artifacts.
+CHECKPOINT_ARTIFACT = "models/best_model.pth"
+
+
+@contextlib.contextmanager
+def quiet_pickle_warning() -> Iterator[None]:
+    """Hide MLflow's per-call warning about pickled PyTorch models (the README explains the choice once)."""
+    flavor_log = logging.getLogger("mlflow.pytorch")
+    previous = flavor_log.level
+    flavor_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        flavor_log.setLevel(previous)
+
+
+@contextlib.contextmanager
+def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) -> Iterator[Path]:
+    """The folder of version ``version`` of ``name``, downloaded from the client's registry; removed after."""
+    import mlflow.artifacts
+
+    location = client.get_model_version_download_uri(name, str(version))
+    with tempfile.TemporaryDirectory(prefix="plantml-model-") as folder:
+        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
+
+
+def load_pytorch(folder: Path) -> Any:
+    """The ``torch.nn.Module`` saved in an MLflow model folder (pickle: trusted registries only)."""
+    import mlflow.pytorch
+
+    with quiet_pickle_warning():
+        return mlflow.pytorch.load_model(str(folder))
+
+
+def load_pyfunc(folder: Path) -> Any:
+    """The MLflow pyfunc saved in a model folder (a signature-checked ``predict``)."""
+    import mlflow.pyfunc
+
+    with quiet_pickle_warning():
+        return mlflow.pyfunc.load_model(str(folder))
+
+
+def load_checkpoint_model(tracking_uri: str, run_id: str | None, what: str) -> Any:
+    """Rebuild a ``plantml train`` model from its run's checkpoint, without unpickling anything.
+
+    ``what`` names the version in errors (``model 'x' version 2``).
+    """
+    import mlflow.artifacts
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from plantml.training.models import WeightsChoice, build_model
+
+    if not run_id:
+        raise RegistryError(f"{what}: has no run, so no {CHECKPOINT_ARTIFACT} to rebuild it from")
+    with tempfile.TemporaryDirectory(prefix="plantml-checkpoint-") as folder:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
+                                                       dst_path=folder, tracking_uri=tracking_uri)
+        except (MlflowException, OSError) as exc:
+            raise RegistryError(f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} (only `plantml train` "
+                                f"stores one; load such a model with load_model): {str(exc).splitlines()[0][:200]}") from None
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model = build_model(checkpoint["backbone"], int(checkpoint["num_classes"]), WeightsChoice("none"))
+        model.load_state_dict(checkpoint["model_state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise RegistryError(f"{what}: {CHECKPOINT_ARTIFACT} is not a plantml checkpoint ({type(exc).__name__}: {exc})") from None
+    return model.eval()

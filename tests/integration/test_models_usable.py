@@ -1,0 +1,225 @@
+"""Registered models are plain PyTorch modules, the design's registry URIs work, and the
+registry helpers use the registry they are given, against the real stack.
+
+One ``plantml train`` run and one model logged through ``MLflowTracker.log_model`` are each
+registered and promoted to Production; a fresh interpreter loads them through three URIs
+(``/Production``, ``@production``, ``/1``) and exercises them as PyTorch users do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _models import CODE_PATHS, TinyNet
+
+from plantml.registry import ModelRegistry
+from plantml.training import synth
+from plantml.training.models import image_batch_signature
+
+SIZES = (32, 64, 224, 512)
+BATCHES = (1, 3)
+
+#: Loads each URI given in a new interpreter, uses it as a PyTorch user would, prints JSON.
+FRESH_LOAD = """
+import json, sys
+import mlflow.pytorch, torch
+report = {}
+for uri in sys.argv[1:]:
+    model = mlflow.pytorch.load_model(uri)
+    entry = {"module": isinstance(model, torch.nn.Module), "type": type(model).__name__}
+    model.train(); entry["train_mode"] = model.training
+    model.eval(); entry["eval_mode"] = not model.training
+    model = model.to("cpu"); entry["state_dict_keys"] = len(model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        entry["outputs"] = {f"{b}x{s}": model(torch.rand(b, 3, s, s, generator=generator)).tolist()
+                            for b in (1, 3) for s in (32, 64, 224, 512)}
+    report[uri] = entry
+print(json.dumps(report))
+"""
+
+
+def fresh_load(env: dict[str, str], *uris: str) -> dict[str, Any]:
+    """Run FRESH_LOAD on ``uris`` in a new interpreter, from a folder where the tests' modules are not importable."""
+    done = subprocess.run([sys.executable, "-c", FRESH_LOAD, *uris], env=env, cwd=Path(sys.executable).parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def assert_usable_and_identical(report: dict[str, Any], uris: tuple[str, ...]) -> None:
+    """Each URI gives an nn.Module whose modes switch, and all give the same predictions of the right shape."""
+    first = report[uris[0]]["outputs"]
+    for uri in uris:
+        entry = report[uri]
+        assert entry["module"] and entry["train_mode"] and entry["eval_mode"], (uri, entry)
+        assert entry["state_dict_keys"] > 0
+        for batch in BATCHES:
+            for size in SIZES:
+                out = torch.tensor(entry["outputs"][f"{batch}x{size}"])
+                assert out.shape == (batch, 2), (uri, batch, size)
+                torch.testing.assert_close(out, torch.tensor(first[f"{batch}x{size}"]), rtol=0, atol=1e-5)
+
+
+def stages(client: Any, name: str) -> dict[str, str]:
+    return {mv.version: mv.current_stage for mv in client.search_model_versions(f"name='{name}'")}
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.generate(tmp_path_factory.mktemp("data") / "leaves", synth.SynthSpec(per_class=10, size=32, seed=3))
+
+
+@pytest.fixture(scope="module")
+def trained(mlflow_stack: Any, leaves: Path) -> dict[str, Any]:
+    """Two ``plantml train`` runs registered as versions 1 and 2 of a fresh name; the first promoted to Production."""
+    name = f"resnet18_plants_{uuid.uuid4().hex[:8]}"
+    experiment = f"test_models_{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, **mlflow_stack.client_env()}
+    outputs = []
+    for seed in ("1", "2"):
+        done = subprocess.run(
+            [sys.executable, "-m", "plantml", "train", "--epochs", "1", "--batch-size", "8", "--image-size", "32",
+             "--weights", "none", "--num-workers", "0", "--seed", seed, "--data-dir", str(leaves),
+             "--experiment-name", experiment, "--registered-model-name", name],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    registry = ModelRegistry(mlflow_stack.tracking_uri)
+    registry.promote(name, 1, "Production")
+    return {"name": name, "stdout": outputs, "env": env}
+
+
+def test_train_ends_by_printing_the_runs_url_in_the_model_training_view(trained: dict[str, Any], mlflow_client: Any) -> None:
+    line = next(line for line in trained["stdout"][0].splitlines() if line.startswith("see the run: "))
+    url = line.removeprefix("see the run: ")
+    version = mlflow_client.get_model_version(trained["name"], "1")
+    run = mlflow_client.get_run(version.run_id)
+    assert url == (f"{mlflow_client.tracking_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                   "?workflowType=machine_learning")
+
+
+def test_a_trained_model_loads_as_a_module_through_the_designs_three_uris(trained: dict[str, Any]) -> None:
+    name = trained["name"]
+    uris = (f"models:/{name}/Production", f"models:/{name}@production", f"models:/{name}/1")
+    report = fresh_load(trained["env"], *uris)
+    assert {entry["type"] for entry in report.values()} == {"ResNet"}
+    assert_usable_and_identical(report, uris)
+
+
+def test_promotion_and_rollback_move_stage_and_alias_together(trained: dict[str, Any], mlflow_client: Any) -> None:
+    name = trained["name"]
+    registry = ModelRegistry(mlflow_client.tracking_uri)
+    assert stages(mlflow_client, name) == {"1": "Production", "2": "None"}
+
+    registry.promote(name, 2, "production")
+    assert mlflow_client.get_model_version_by_alias(name, "production").version == "2"
+    assert stages(mlflow_client, name) == {"1": "Archived", "2": "Production"}
+
+    registry.rollback(name, "Production")
+    assert mlflow_client.get_model_version_by_alias(name, "production").version == "1"
+    assert stages(mlflow_client, name) == {"1": "Production", "2": "Archived"}
+
+    registry.promote(name, 2, "Staging")
+    assert mlflow_client.get_model_version_by_alias(name, "staging").version == "2"
+    assert stages(mlflow_client, name) == {"1": "Production", "2": "Staging"}
+
+
+def test_the_checkpoint_path_loads_the_same_weights_without_pickle(trained: dict[str, Any], mlflow_env: Any) -> None:
+    registry = ModelRegistry(mlflow_env.tracking_uri)
+    pickled = registry.load_model(trained["name"], 1).eval()
+    rebuilt = registry.load_checkpoint(f"models:/{trained['name']}/1")
+    batch = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(batch), pickled(batch), rtol=0, atol=1e-5)
+    assert not rebuilt.training
+
+
+def test_a_model_logged_through_the_tracker_loads_the_same_way(mlflow_stack: Any) -> None:
+    from plantml.tracking import MLflowTracker
+
+    name = f"tiny_plants_{uuid.uuid4().hex[:8]}"
+    torch.manual_seed(11)
+    tracker = MLflowTracker(tracking_uri=mlflow_stack.tracking_uri, experiment_name=f"test_models_{uuid.uuid4().hex[:8]}",
+                            s3_endpoint=mlflow_stack.s3_endpoint, aws_access_key=mlflow_stack.aws_access_key,
+                            aws_secret_key=mlflow_stack.aws_secret_key)
+    with tracker.start_run(run_name="tiny"):
+        info = tracker.log_model(TinyNet(), registered_model_name=name, input_example=torch.rand(2, 3, 32, 32).numpy(),
+                                 signature=image_batch_signature(2), code_paths=CODE_PATHS)
+    ModelRegistry(mlflow_stack.tracking_uri).promote(name, info.registered_model_version, "Production")
+    uris = (f"models:/{name}/Production", f"models:/{name}@production", f"models:/{name}/1")
+    report = fresh_load({**os.environ, **mlflow_stack.client_env()}, *uris)
+    assert {entry["type"] for entry in report.values()} == {"TinyNet"}
+    assert_usable_and_identical(report, uris)
+
+
+DECOY = """
+import mlflow, mlflow.pytorch, torch
+mlflow.set_tracking_uri("sqlite:///mlflow.db")
+with mlflow.start_run():
+    mlflow.pytorch.log_model(torch.nn.Linear(2, 2), name="model", registered_model_name=__import__("sys").argv[1],
+                             serialization_format="pickle")
+"""
+
+REGISTRY_LOAD = """
+import sys, torch
+from plantml.registry import ModelRegistry
+model = ModelRegistry(sys.argv[1]).load_model(sys.argv[2], 1)
+print(type(model).__name__)
+"""
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file below ``folder`` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_registry_helpers_use_their_uri_beside_a_decoy_store_and_leave_nothing(
+        trained: dict[str, Any], mlflow_stack: Any, tmp_path: Path) -> None:
+    name = trained["name"]
+    decoy, scratch = tmp_path / "decoy", tmp_path / "tmp"
+    decoy.mkdir()
+    scratch.mkdir()
+    base_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    made = subprocess.run([sys.executable, "-c", DECOY, name], cwd=decoy, env=base_env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    before = snapshot(decoy)
+    assert "mlflow.db" in before
+
+    # The server's S3 settings are in the environment; the tracking URI only on the command line.
+    env = {**base_env, **{k: v for k, v in mlflow_stack.client_env().items() if k != "MLFLOW_TRACKING_URI"},
+           "TMPDIR": str(scratch)}
+    uri = mlflow_stack.tracking_uri
+    loaded = subprocess.run([sys.executable, "-c", REGISTRY_LOAD, uri, name], cwd=decoy, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["ResNet"]
+
+    commands = [["list"], ["list", name], ["load-check", f"models:/{name}/1"], ["load-check", f"models:/{name}/Production"],
+                ["load-check", f"models:/{name}@production", "--no-pickle"], ["compare", name, "1", "2"]]
+    for args in commands:
+        done = subprocess.run([sys.executable, "-m", "plantml", "registry", "--tracking-uri", uri, *args], cwd=decoy, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+        if args[0] == "load-check":
+            assert "loaded ResNet" in done.stdout and "-> output (2, 2)" in done.stdout, done.stdout
+        if args == ["list"]:
+            assert any(line.split()[:3] == [name, "1", "Production"] for line in done.stdout.splitlines()), done.stdout
+
+    assert snapshot(decoy) == before
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_load_check_failure_is_one_line(trained: dict[str, Any], mlflow_env: Any) -> None:
+    done = subprocess.run([sys.executable, "-m", "plantml", "registry", "load-check", f"models:/{trained['name']}/7"],
+                          env={**os.environ, **mlflow_env.client_env()}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"plantml: error: model {trained['name']!r} version 7: not found"]

@@ -1,0 +1,39 @@
+"""``plantml ui`` and the links plantml prints: the model-training view, no store created by mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plantml.errors import UsageError
+from plantml.ui import LocalUI, how_to_see, run_url
+
+
+def test_run_links_open_the_model_training_view() -> None:
+    assert run_url("http://127.0.0.1:5001/", "3", "abc") == (
+        "http://127.0.0.1:5001/#/experiments/3/runs/abc?workflowType=machine_learning")
+
+
+def test_train_points_at_the_run_on_a_server_and_at_plantml_ui_on_a_local_store() -> None:
+    assert how_to_see("http://h:1", "2", "r", default_uri=False) == (
+        "see the run: http://h:1/#/experiments/2/runs/r?workflowType=machine_learning")
+    assert "`plantml ui`" in how_to_see("sqlite:///mlflow.db", "1", "r", default_uri=True)
+    assert "`plantml ui --tracking-uri sqlite:////x/m.db`" in how_to_see("sqlite:////x/m.db", "1", "r", default_uri=False)
+
+
+def test_a_missing_local_store_is_refused_without_creating_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from plantml.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["ui"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("plantml: error: sqlite:///mlflow.db: no such store") and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_server_uri_is_not_served_again() -> None:
+    with pytest.raises(UsageError, match="is a tracking server"):
+        LocalUI("http://127.0.0.1:5001")
