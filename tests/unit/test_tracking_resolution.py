@@ -78,3 +78,14 @@ def test_dead_server_fails_fast_naming_the_uri(monkeypatch, tmp_path) -> None:
     with pytest.raises(TrackingError, match=f"{uri}: tracking server not reachable"):
         MLflowTracker(tracking_uri=uri, connect_timeout=1.0)
     assert time.monotonic() - started < 15
+
+
+def test_a_dead_server_from_a_stale_env_file_says_so(monkeypatch, tmp_path) -> None:
+    """The case of a .env left by a stopped `plantml stack up`: the error names the file's folder."""
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{_free_port()}"
+    (tmp_path / ".env").write_text(f"MLFLOW_TRACKING_URI={uri}\n")
+    with pytest.raises(TrackingError, match=rf"not reachable .*this URI came from MLFLOW_TRACKING_URI in \.env in {tmp_path}"):
+        MLflowTracker(connect_timeout=1.0)
