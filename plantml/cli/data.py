@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -12,20 +14,78 @@ def data() -> None:
     """Make or inspect image data sets (ImageFolder layout: one sub-folder per class)."""
 
 
+def _bytes_bar(description: str) -> Any:
+    """A progress bar in bytes on stderr (hidden when stderr is not a terminal); the transfer sets its total."""
+    from tqdm import tqdm
+
+    return tqdm(unit="B", unit_scale=True, desc=description, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+
+
+def _object_store() -> Any:
+    from plantml.datasets.remote import object_store_client
+    from plantml.settings import resolve_tracking_settings
+
+    return object_store_client(resolve_tracking_settings())
+
+
 @data.command("synth", context_settings={"show_default": True})
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("directory")
 @click.option("--per-class", type=click.IntRange(min=3), default=200, help="Images per class.")
 @click.option("--size", type=click.IntRange(16, 1024), default=96, help="Image side in pixels.")
 @click.option("--seed", type=int, default=0, help="Seed; the same values always give the same files.")
-def synth(directory: Path, per_class: int, size: int, seed: int) -> None:
-    """Write the synthetic two-class leaf set (healthy, diseased) into DIRECTORY."""
+def synth(directory: str, per_class: int, size: int, seed: int) -> None:
+    """Write the synthetic two-class leaf set (healthy, diseased) into DIRECTORY, a folder or s3://BUCKET/PREFIX."""
+    import tempfile
+
+    from plantml.datasets.remote import is_s3_uri
     from plantml.training import synth as synth_mod
     from plantml.training.data import scan_image_folder
 
-    synth_mod.generate(directory, synth_mod.SynthSpec(per_class=per_class, size=size, seed=seed))
+    spec = synth_mod.SynthSpec(per_class=per_class, size=size, seed=seed)
+    if is_s3_uri(directory):
+        with tempfile.TemporaryDirectory(prefix="plantml-synth-") as scratch:
+            folder = synth_mod.generate(Path(scratch) / spec.name, spec)
+            _push(folder, directory)
+        return
+    synth_mod.generate(Path(directory), spec)
     scan = scan_image_folder(directory)
     counts = ", ".join(f"{name} {count}" for name, count in scan.class_counts().items())
     click.echo(f"{directory}: {len(scan.samples)} images ({counts}), content hash {scan.content_hash[:16]}")
+
+
+@data.command("push")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("destination")
+def push(directory: Path, destination: str) -> None:
+    """Upload the image set DIRECTORY to DESTINATION (s3://BUCKET/PREFIX) with its manifest.
+
+    Files already there with the same bytes are skipped, so running it again after an
+    interruption resumes. Credentials: MLFLOW_S3_ENDPOINT_URL and AWS_* (environment or .env).
+    """
+    _push(directory, destination)
+
+
+def _push(directory: Path, destination: str) -> None:
+    from plantml.datasets.remote import push as push_set
+
+    with _bytes_bar("push") as bar:
+        result = push_set(_object_store(), directory, destination, progress=bar)
+    m = result.manifest
+    click.echo(f"{destination}: {len(m.files)} files ({result.uploaded} uploaded, {result.skipped} already there, "
+               f"{result.uploaded_bytes / 1e6:.1f} MB sent), {len(m.classes)} classes, digest {m.digest}")
+
+
+@data.command("ls")
+@click.argument("location")
+def ls(location: str) -> None:
+    """List the data sets pushed under LOCATION (s3://BUCKET or s3://BUCKET/PREFIX) with their digests."""
+    from plantml.datasets.remote import iter_manifest_lines, list_sets
+
+    sets = list_sets(_object_store(), location)
+    if not sets:
+        click.echo(f"{location}: no data sets")
+    for line in iter_manifest_lines(sets):
+        click.echo(line)
 
 
 @data.command("inspect")

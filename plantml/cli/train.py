@@ -53,7 +53,7 @@ def _console_reporter(stream_is_tty: bool):
 @click.option("--freeze-backbone", is_flag=True, help="Train only the classifier head (until --unfreeze-epoch).")
 @click.option("--unfreeze-epoch", type=click.IntRange(min=1), default=None, help="Epoch (1-based) at which the whole network starts training; needs --freeze-backbone.")
 @click.option("--early-stopping-patience", type=click.IntRange(min=1), default=10, help="Epochs without val_loss improvement before stopping.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Image folder, one sub-folder per class [default: the built-in synthetic leaf set].")
+@click.option("--data-dir", default=None, help="Image folder (one sub-folder per class) or a pushed set s3://BUCKET/PREFIX [default: the built-in synthetic leaf set].")
 @click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (counted in a tag) instead of failing.")
 @click.option("--val-split", type=float, default=0.15, help="Fraction of each class for validation.")
 @click.option("--test-split", type=float, default=0.15, help="Fraction of each class for the final test.")
@@ -99,8 +99,13 @@ def train(**options) -> None:
     prepared = prepare(config)  # every input error surfaces here, before any run exists
     tracker = _make_tracker(options)  # an unreachable server fails here, still before any run
     sizes = prepared.loaders.split.sizes()
+    source = prepared.source
+    if source.kind == "s3":
+        fetched = (f"{source.downloaded_files} files, {source.downloaded_bytes / 1e6:.1f} MB downloaded" if source.downloaded_files
+                   else "cached, nothing downloaded")
+        click.echo(f"data: {source.uri} ({fetched}) -> {source.folder}", err=True)
     click.echo(
-        f"data: {prepared.scan.name} ({len(prepared.scan.classes)} classes; "
+        f"data: {source.name} ({len(prepared.scan.classes)} classes; "
         f"{sizes['train_size']}/{sizes['val_size']}/{sizes['test_size']} train/val/test)  "
         f"model: {config.backbone} ({prepared.weights.label} weights, {prepared.image_size}px)  device: {prepared.device.type}",
         err=True,

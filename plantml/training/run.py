@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from plantml.datasets.source import DatasetRecord, DataSource, locate
 from plantml.errors import UsageError
 from plantml.training import data as data_mod
 from plantml.training import figures, synth
@@ -63,7 +64,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     unfreeze_epoch: int | None = None  # 1-based epoch at which the backbone starts training
     early_stopping_patience: int = 10
-    data_dir: Path | None = None  # None: the cached synthetic set
+    data_dir: str | Path | None = None  # a folder, s3://BUCKET/PREFIX, or None: the cached synthetic set
     synthetic: synth.SynthSpec = field(default_factory=synth.SynthSpec)
     skip_bad_images: bool = False
     val_split: float = 0.15
@@ -117,6 +118,7 @@ class Prepared:
     precision: Precision
     image_size: int
     num_workers: int
+    source: DataSource
     scan: data_mod.ImageFolderScan
     loaders: data_mod.DataLoaders
     model: nn.Module
@@ -162,14 +164,20 @@ class Prepared:
             "image_size": self.image_size,
         }
 
+    def dataset_record(self) -> DatasetRecord:
+        """The run's dataset input: the set's name, content digest, where it came from, split sizes."""
+        return DatasetRecord(name=self.source.name, digest=self.scan.content_hash, source=self.source.uri,
+                             source_type=self.source.kind, splits=self.loaders.split.sizes(), classes=self.scan.classes)
+
     def tags(self) -> dict[str, str]:
         """Tags set when the run starts: framework, data set and its hash, code version."""
         tags = {
             "framework": "pytorch",
             "model": self.config.backbone,
-            "dataset": self.scan.name,
+            "dataset": self.source.name,
             "dataset_hash": self.scan.content_hash,
             "dataset_path": str(self.scan.root),
+            "dataset_source": self.source.uri,
             "dataset_synthetic": str(self.synthetic).lower(),
             "dataset_classes": ",".join(self.scan.classes),
             "dataset_skipped_images": str(len(self.scan.skipped)),
@@ -250,9 +258,10 @@ def prepare(config: TrainConfig) -> Prepared:
     """Check every input, load the data set and build the model; no tracking happens here."""
     device = check_config(config)
     weights = resolve_weights(config.backbone, config.weights)
-    data_dir = synth.ensure_cached(config.synthetic) if config.data_dir is None else Path(config.data_dir)
-    synthetic = synth.is_synthetic(data_dir)
-    scan = data_mod.scan_image_folder(data_dir, skip_bad_images=config.skip_bad_images)
+    source = locate(config.data_dir, lambda: synth.ensure_cached(config.synthetic))
+    synthetic = source.kind == "synthetic" or synth.is_synthetic(source.folder)
+    scan = data_mod.scan_image_folder(source.folder, skip_bad_images=config.skip_bad_images)
+    source.check_digest(scan.content_hash, len(scan.skipped))
     split = data_mod.stratified_split([label for _, label in scan.samples], config.val_split, config.test_split,
                                       seed=config.seed, class_names=scan.classes)
     for name, indices in (("train", split.train), ("val", split.val)):
@@ -279,7 +288,7 @@ def prepare(config: TrainConfig) -> Prepared:
     if scan.skipped:
         notes.append(f"{len(scan.skipped)} unreadable image(s) skipped")
     return Prepared(
-        config=config, device=device, precision=precision,
+        config=config, device=device, precision=precision, source=source,
         image_size=image_size, num_workers=num_workers, scan=scan, loaders=loaders, model=model,
         weights=weights, synthetic=synthetic, total_parameters=total, trainable_parameters=trainable, notes=notes,
     )

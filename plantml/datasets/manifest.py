@@ -1,0 +1,131 @@
+"""The manifest of an image set: every file with its size and SHA-256, the class names, one digest.
+
+The digest is computed exactly like the content hash of a scanned local folder
+(:func:`content_digest`: each file's relative path and SHA-256, classes in order, files
+sorted within a class), so a set pushed to the object store and the folder it came from
+carry the same digest, and a run's dataset input names the same data wherever it trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from plantml.errors import DataError
+
+#: Name of the manifest object stored beside a pushed set's files.
+MANIFEST_NAME = "plantml-dataset.json"
+MANIFEST_VERSION = 1
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_CHUNK = 1 << 20
+
+
+def content_digest(files: Iterable[tuple[str, str]]) -> str:
+    """SHA-256 over ``(relative POSIX path, SHA-256 hex of the bytes)`` pairs, in the given order."""
+    digest = hashlib.sha256()
+    for relative, sha256 in files:
+        digest.update(relative.encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(bytes.fromhex(sha256))
+    return digest.hexdigest()
+
+
+def file_hashes(path: Path) -> tuple[str, str]:
+    """(SHA-256, MD5) of a file's bytes, read once: the manifest keeps the first, S3's ETag is the second."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as src:
+        while chunk := src.read(_CHUNK):
+            sha256.update(chunk)
+            md5.update(chunk)
+    return sha256.hexdigest(), md5.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a set: where it sits (``class/name.png``), its size, its hashes."""
+
+    path: str
+    size: int
+    sha256: str
+    md5: str
+
+    @property
+    def label(self) -> str:
+        """The class the file belongs to (its top folder)."""
+        return self.path.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An image set as pushed: its name, classes, files and digest."""
+
+    name: str
+    classes: tuple[str, ...]
+    files: tuple[FileEntry, ...]
+    digest: str
+
+    @property
+    def total_bytes(self) -> int:
+        """The size of all files together."""
+        return sum(entry.size for entry in self.files)
+
+    def to_json(self) -> str:
+        """The manifest as the JSON object stored next to the files."""
+        return json.dumps({
+            "plantml_dataset": MANIFEST_VERSION, "name": self.name, "classes": list(self.classes), "digest": self.digest,
+            "files": [[e.path, e.size, e.sha256, e.md5] for e in self.files],
+        }, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> Manifest:
+        """Parse a stored manifest; a malformed one, or one whose digest does not match its files, names ``where``."""
+        try:
+            data: dict[str, Any] = json.loads(text)
+            files = tuple(FileEntry(str(p), int(size), str(sha), str(md5)) for p, size, sha, md5 in data["files"])
+            manifest = cls(str(data["name"]), tuple(map(str, data["classes"])), files, str(data["digest"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{where}: not a plantml data set manifest ({type(exc).__name__}: {exc})") from None
+        if content_digest((e.path, e.sha256) for e in manifest.files) != manifest.digest:
+            raise DataError(f"{where}: the manifest's digest does not match its file list (tampered or truncated)")
+        for entry in manifest.files:
+            _check_relative(entry.path, where)
+        return manifest
+
+
+def _check_relative(path: str, where: str) -> None:
+    parts = path.split("/")
+    if path.startswith("/") or ".." in parts or len(parts) < 2 or "" in parts:
+        raise DataError(f"{where}: file {path!r} is not inside a class folder of the set")
+
+
+def image_files(root: Path) -> list[tuple[str, Path]]:
+    """The set's images as ``(class/relative path, path)``, classes sorted, files sorted in each class."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root}: not found" if not root.exists() else f"data folder {root}: not a directory")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)}")
+    found: list[tuple[str, Path]] = []
+    for class_dir in class_dirs:
+        files = sorted(p for p in class_dir.rglob("*")
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"class folder {class_dir}: no images")
+        found += [(p.relative_to(root).as_posix(), p) for p in files]
+    return found
+
+
+def build_manifest(root: str | os.PathLike[str], name: str | None = None, workers: int = 8) -> Manifest:
+    """Hash every image of ``root`` (ImageFolder layout), in parallel, into a :class:`Manifest`."""
+    root = Path(root).expanduser()
+    found = image_files(root)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib releases the GIL on large buffers
+        hashes = list(pool.map(lambda item: file_hashes(item[1]), found))
+    files = tuple(FileEntry(rel, path.stat().st_size, sha, md5) for (rel, path), (sha, md5) in zip(found, hashes))
+    classes = tuple(dict.fromkeys(entry.label for entry in files))
+    return Manifest(name or root.name, classes, files, content_digest((e.path, e.sha256) for e in files))

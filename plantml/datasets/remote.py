@@ -1,0 +1,272 @@
+"""Image sets in the object store: push a folder, list the sets, pull one into a local cache.
+
+Layout of a pushed set ``s3://BUCKET/PREFIX``: the files under their class folders
+(``PREFIX/healthy/leaf_0001.png``) and the manifest ``PREFIX/plantml-dataset.json``
+(see :mod:`plantml.datasets.manifest`), written last, so a set without a manifest is
+an unfinished push.
+
+- :func:`push` uploads in parallel and skips every file already stored with the same
+  bytes (the stored ETag of a single-part upload is the MD5 of its bytes), so running it
+  again after an interruption resumes where it stopped.
+- :func:`pull` downloads into ``<cache>/datasets/<digest>/``, checking every file against
+  the manifest's SHA-256, and only then makes the folder visible (a rename): a set whose
+  folder exists is complete, and a second pull downloads nothing. A missing, corrupt or
+  tampered file is a :class:`~plantml.errors.DataError` naming it, and nothing is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from plantml.datasets.manifest import MANIFEST_NAME, Manifest, build_manifest
+from plantml.errors import DataError, TrackingError, UsageError
+
+#: Parallel transfers (S3 requests wait on the network, not on the CPU).
+DEFAULT_WORKERS = 16
+#: Files larger than this go up in parts (their ETag is then not an MD5, so they are compared by size and SHA-256 metadata).
+SINGLE_PART_LIMIT = 64 * 1024 * 1024
+SHA256_METADATA = "sha256"
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """``s3://bucket/prefix`` split in two; the prefix has no leading or trailing slash."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        """Split an ``s3://`` URI, or a :class:`UsageError` naming it."""
+        if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
+            raise UsageError(f"{uri!r}: expected s3://BUCKET/PREFIX")
+        bucket, _, prefix = uri[5:].partition("/")
+        return cls(bucket, prefix.strip("/"))
+
+    def key(self, relative: str) -> str:
+        """The object key of ``relative`` inside this location."""
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What :func:`push` did."""
+
+    manifest: Manifest
+    uploaded: int
+    skipped: int
+    uploaded_bytes: int
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What :func:`pull` did: where the set is, and how much it had to download (0 on a cache hit)."""
+
+    manifest: Manifest
+    folder: Path
+    downloaded: int
+    downloaded_bytes: int
+    source: str
+
+
+class Progress(Protocol):
+    """What transfers report to: tqdm's bar fits (``total`` is set once known, ``update`` adds bytes)."""
+
+    total: float | None
+
+    def update(self, n: float = 1) -> bool | None:
+        """``n`` more bytes transferred."""
+
+
+def object_store_client(settings: Any, workers: int = DEFAULT_WORKERS) -> Any:
+    """A boto3 client on the object store of ``settings`` (a :class:`~plantml.settings.TrackingSettings`):
+    ``MLFLOW_S3_ENDPOINT_URL`` and the ``AWS_*`` keys, from the environment or ``.env``."""
+    from plantml.stack.endpoints import make_s3_client
+
+    return make_s3_client(settings.s3_endpoint, settings.aws_access_key, settings.aws_secret_key,
+                          max_pool_connections=workers * 2, retries={"max_attempts": 3})
+
+
+def is_s3_uri(text: str | os.PathLike[str] | None) -> bool:
+    """True for an ``s3://`` location (a data set in the object store), False for a local path."""
+    return isinstance(text, str) and text.startswith("s3://")
+
+
+def _client_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError)
+
+
+def _error_code(exc: BaseException) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
+
+
+def stored_objects(client: Any, where: S3Location) -> dict[str, tuple[int, str]]:
+    """Every object under ``where``: key → (size, ETag without quotes)."""
+    found: dict[str, tuple[int, str]] = {}
+    prefix = f"{where.prefix}/" if where.prefix else ""
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                found[item["Key"]] = (int(item["Size"]), item.get("ETag", "").strip('"'))
+    except _client_errors() as exc:
+        raise TrackingError(f"{where}: cannot list the bucket ({_error_code(exc)}: {exc})") from None
+    return found
+
+
+def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int = DEFAULT_WORKERS,
+         progress: Progress | None = None) -> PushResult:
+    """Upload the image set ``folder`` to ``uri`` with its manifest; files already there and unchanged are skipped."""
+    where = S3Location.parse(uri)
+    root = Path(folder).expanduser()
+    manifest = build_manifest(root, name=root.name, workers=workers)
+    for entry in manifest.files:
+        try:
+            entry.path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"image {root / entry.path}: its name is not valid UTF-8, which S3 keys must be") from None
+    stored = stored_objects(client, where)
+    todo = [e for e in manifest.files if not _unchanged(stored.get(where.key(e.path)), e.size, e.md5)]
+    if progress is not None:
+        progress.total = sum(e.size for e in todo)
+
+    def upload(entry: Any) -> int:
+        key = where.key(entry.path)
+        try:
+            if entry.size <= SINGLE_PART_LIMIT:
+                with open(root / entry.path, "rb") as body:
+                    client.put_object(Bucket=where.bucket, Key=key, Body=body,
+                                      ContentMD5=_b64(entry.md5), Metadata={SHA256_METADATA: entry.sha256})
+            else:
+                client.upload_file(str(root / entry.path), where.bucket, key,
+                                   ExtraArgs={"Metadata": {SHA256_METADATA: entry.sha256}})
+        except _client_errors() as exc:
+            raise TrackingError(f"{where}: upload of {entry.path} failed ({_error_code(exc)}: {exc})") from None
+        if progress is not None:
+            progress.update(entry.size)
+        return entry.size
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        sent = sum(pool.map(upload, todo))
+    try:
+        client.put_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME), Body=manifest.to_json().encode(),
+                          ContentType="application/json")
+    except _client_errors() as exc:
+        raise TrackingError(f"{where}: the manifest could not be stored ({_error_code(exc)}: {exc})") from None
+    return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
+
+
+def _unchanged(stored: tuple[int, str] | None, size: int, md5: str) -> bool:
+    return stored is not None and stored[0] == size and (stored[1] == md5 or size > SINGLE_PART_LIMIT)
+
+
+def _b64(md5_hex: str) -> str:
+    import base64
+
+    return base64.b64encode(bytes.fromhex(md5_hex)).decode()
+
+
+def read_manifest(client: Any, where: S3Location) -> Manifest:
+    """The manifest of the set at ``where``, checked; a missing one names the location."""
+    name = f"{where}/{MANIFEST_NAME}"
+    try:
+        body = client.get_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))["Body"].read()
+    except _client_errors() as exc:
+        code = _error_code(exc)
+        if code in ("NoSuchKey", "404", "NoSuchBucket"):
+            raise DataError(f"{where}: no data set there ({name} not found; push one with `plantml data push`)") from None
+        raise TrackingError(f"{where}: cannot read {MANIFEST_NAME} ({code}: {exc})") from None
+    return Manifest.from_json(body, name)
+
+
+def list_sets(client: Any, uri: str) -> list[tuple[S3Location, Manifest]]:
+    """Every pushed set (one with a manifest) under ``uri``, sorted by location."""
+    where = S3Location.parse(uri)
+    sets = []
+    for key in sorted(stored_objects(client, where)):
+        if key == MANIFEST_NAME or key.endswith("/" + MANIFEST_NAME):
+            location = S3Location(where.bucket, key[: -len(MANIFEST_NAME)].rstrip("/"))
+            sets.append((location, read_manifest(client, location)))
+    return sets
+
+
+def cache_folder(cache_root: Path, digest: str) -> Path:
+    """Where a set with this digest lives once pulled."""
+    return cache_root / "datasets" / digest
+
+
+def pull(client: Any, uri: str, cache_root: Path, *, workers: int = DEFAULT_WORKERS,
+         progress: Progress | None = None) -> PullResult:
+    """Make the set at ``uri`` available locally (see the module docstring); returns where and what it cost."""
+    where = S3Location.parse(uri)
+    manifest = read_manifest(client, where)
+    target = cache_folder(cache_root, manifest.digest)
+    if target.is_dir():
+        return PullResult(manifest, target, 0, 0, str(where))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if progress is not None:
+        progress.total = manifest.total_bytes
+    with _staging(target) as staging:
+
+        def download(entry: Any) -> int:
+            local = staging / entry.path
+            local.parent.mkdir(parents=True, exist_ok=True)
+            name = f"{where}/{entry.path}"
+            try:
+                obj = client.get_object(Bucket=where.bucket, Key=where.key(entry.path))
+                sha256 = hashlib.sha256()
+                with open(local, "wb") as out:
+                    for chunk in obj["Body"].iter_chunks(1 << 20):
+                        sha256.update(chunk)
+                        out.write(chunk)
+            except _client_errors() as exc:
+                code = _error_code(exc)
+                if code in ("NoSuchKey", "404"):
+                    raise DataError(f"{name}: missing from the data set (listed in its manifest)") from None
+                raise TrackingError(f"{name}: download failed ({code}: {exc})") from None
+            if sha256.hexdigest() != entry.sha256:
+                raise DataError(f"{name}: content does not match the manifest (corrupt or tampered); nothing was kept")
+            if progress is not None:
+                progress.update(entry.size)
+            return entry.size
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            received = sum(pool.map(download, manifest.files))
+        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # another process that pulled the same digest at once got there first
+                raise
+    return PullResult(manifest, target, len(manifest.files), received, str(where))
+
+
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A private folder beside ``target``, removed on the way out unless renamed into place."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def iter_manifest_lines(sets: list[tuple[S3Location, Manifest]]) -> Iterator[str]:
+    """``plantml data ls`` lines: location, files, classes, size, digest."""
+    for location, manifest in sets:
+        mb = manifest.total_bytes / 1e6
+        yield (f"{location}  {len(manifest.files)} files  {len(manifest.classes)} classes ({', '.join(manifest.classes)})  "
+               f"{mb:.1f} MB  digest {manifest.digest}")

@@ -1,0 +1,83 @@
+"""Where a training run's images come from, and what its dataset input records.
+
+:func:`locate` turns ``--data-dir`` into a local folder: the built-in synthetic set, a
+folder on disk, or a set in the object store (``s3://BUCKET/PREFIX``, pulled into the cache
+keyed by its digest, see :mod:`plantml.datasets.remote`). :class:`DataSource` carries what
+MLflow records as the run's dataset input: name, digest, source and split sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from plantml.errors import DataError
+
+SourceKind = Literal["synthetic", "local", "s3"]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A data set ready on local disk, with where it came from."""
+
+    folder: Path
+    name: str
+    uri: str
+    kind: SourceKind
+    #: The pushed set's manifest digest (s3 sets); local sets are hashed when scanned.
+    digest: str | None = None
+    downloaded_files: int = 0
+    downloaded_bytes: int = 0
+
+    def check_digest(self, scanned: str, skipped: int) -> None:
+        """Refuse a cached copy of a pushed set that no longer matches its manifest (changed on disk)."""
+        if self.digest is not None and not skipped and scanned != self.digest:
+            raise DataError(f"{self.folder}: the cached copy of {self.uri} changed since it was pulled "
+                            f"(digest {scanned[:12]}… instead of {self.digest[:12]}…); delete the folder to pull it again")
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A run's dataset input, as MLflow stores it (see :meth:`MLflowTracker.log_input`)."""
+
+    name: str
+    digest: str
+    source: str
+    source_type: str
+    splits: dict[str, int]
+    classes: tuple[str, ...]
+    context: str = "training"
+
+    def profile(self) -> str:
+        """The JSON profile MLflow shows beside the data set: split sizes and classes."""
+        return json.dumps({**self.splits, "classes": list(self.classes)}, sort_keys=True)
+
+    def source_json(self) -> str:
+        """MLflow's source field: a JSON object naming the location."""
+        key = "uri" if self.source_type == "s3" else "path"
+        return json.dumps({key: self.source})
+
+
+def locate(data_dir: str | Path | None, synthetic_folder: Any, *, progress: Any = None) -> DataSource:
+    """The data set ``data_dir`` names, on local disk. ``synthetic_folder`` makes the synthetic set when it is None."""
+    from plantml.datasets.remote import is_s3_uri
+
+    if data_dir is None:
+        folder = Path(synthetic_folder())
+        return DataSource(folder, folder.name, "synthetic", "synthetic")
+    if is_s3_uri(str(data_dir)):
+        return pull_for_training(str(data_dir), progress=progress)
+    folder = Path(data_dir).expanduser()
+    return DataSource(folder, folder.name, str(folder.resolve()) if folder.exists() else str(folder), "local")
+
+
+def pull_for_training(uri: str, *, progress: Any = None) -> DataSource:
+    """Pull the set at ``uri`` into plantml's cache (``PLANTML_CACHE_DIR``), with the object store of the settings."""
+    from plantml.datasets.remote import object_store_client, pull
+    from plantml.settings import env_path, resolve_tracking_settings
+
+    result = pull(object_store_client(resolve_tracking_settings()), uri, env_path("PLANTML_CACHE_DIR"), progress=progress)
+    return DataSource(result.folder, result.manifest.name, result.source, "s3", result.manifest.digest,
+                      result.downloaded, result.downloaded_bytes)

@@ -1,0 +1,71 @@
+"""Manifests of image sets: the digest equals a scanned folder's content hash; tampering is caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from plantml.datasets import Manifest, S3Location, build_manifest
+from plantml.errors import DataError, UsageError
+from plantml.training import synth
+from plantml.training.data import scan_image_folder
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.generate(tmp_path_factory.mktemp("m") / "leaves", synth.SynthSpec(per_class=5, size=16, seed=2))
+
+
+def test_the_manifest_digest_is_the_scanned_folders_content_hash(leaves: Path) -> None:
+    manifest = build_manifest(leaves)
+    assert manifest.digest == scan_image_folder(leaves).content_hash
+    assert manifest.classes == ("diseased", "healthy") and len(manifest.files) == 10
+    assert all(len(e.sha256) == 64 and len(e.md5) == 32 and e.size > 0 for e in manifest.files)
+
+
+def test_a_manifest_round_trips_through_json(leaves: Path) -> None:
+    manifest = build_manifest(leaves)
+    assert Manifest.from_json(manifest.to_json(), "x") == manifest
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["files"][0].__setitem__(2, "0" * 64), "does not match its file list"),
+    (lambda d: d["files"].pop(), "does not match its file list"),
+    (lambda d: d.pop("digest"), "not a plantml data set manifest"),
+])
+def test_a_tampered_or_broken_manifest_is_refused_naming_it(leaves: Path, edit, message) -> None:
+    data = json.loads(build_manifest(leaves).to_json())
+    edit(data)
+    with pytest.raises(DataError, match=rf"s3://b/x/plantml-dataset.json: .*{message}"):
+        Manifest.from_json(json.dumps(data), "s3://b/x/plantml-dataset.json")
+
+
+def test_a_manifest_cannot_point_outside_the_set(leaves: Path) -> None:
+    from plantml.datasets import content_digest
+
+    data = json.loads(build_manifest(leaves).to_json())
+    data["files"][0][0] = "../../etc/passwd"
+    data["digest"] = content_digest((f[0], f[2]) for f in data["files"])
+    with pytest.raises(DataError, match="is not inside a class folder"):
+        Manifest.from_json(json.dumps(data), "m")
+
+
+def test_a_folder_without_two_classes_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "only").mkdir()
+    with pytest.raises(DataError, match="need at least two class sub-folders"):
+        build_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("uri, bucket, prefix", [("s3://data", "data", ""), ("s3://data/a/b/", "data", "a/b")])
+def test_s3_locations_split_into_bucket_and_prefix(uri: str, bucket: str, prefix: str) -> None:
+    where = S3Location.parse(uri)
+    assert (where.bucket, where.prefix) == (bucket, prefix)
+    assert where.key("healthy/x.png") == (f"{prefix}/healthy/x.png" if prefix else "healthy/x.png")
+
+
+@pytest.mark.parametrize("uri", ["data/x", "s3:///x", "http://h/x"])
+def test_a_malformed_s3_location_is_a_usage_error(uri: str) -> None:
+    with pytest.raises(UsageError, match="expected s3://BUCKET/PREFIX"):
+        S3Location.parse(uri)
