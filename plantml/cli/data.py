@@ -56,20 +56,21 @@ def synth(directory: str, per_class: int, size: int, seed: int) -> None:
 @data.command("push")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("destination")
-def push(directory: Path, destination: str) -> None:
+@click.option("--workers", type=click.IntRange(1, 128), default=16, show_default=True, help="Parallel uploads.")
+def push(directory: Path, destination: str, workers: int) -> None:
     """Upload the image set DIRECTORY to DESTINATION (s3://BUCKET/PREFIX) with its manifest.
 
     Files already there with the same bytes are skipped, so running it again after an
     interruption resumes. Credentials: MLFLOW_S3_ENDPOINT_URL and AWS_* (environment or .env).
     """
-    _push(directory, destination)
+    _push(directory, destination, workers)
 
 
-def _push(directory: Path, destination: str) -> None:
+def _push(directory: Path, destination: str, workers: int = 16) -> None:
     from plantml.datasets.remote import push as push_set
 
     with _bytes_bar("push") as bar:
-        result = push_set(_object_store(), directory, destination, progress=bar)
+        result = push_set(_object_store(), directory, destination, workers=workers, progress=bar)
     m = result.manifest
     click.echo(f"{destination}: {len(m.files)} files ({result.uploaded} uploaded, {result.skipped} already there, "
                f"{result.uploaded_bytes / 1e6:.1f} MB sent), {len(m.classes)} classes, digest {m.digest}")

@@ -1,0 +1,141 @@
+"""Image sets kept in the stack's object store, on the session's backend: the design's buckets,
+push / ls / pull, training from ``s3://``, the run's dataset input, tampering and resuming.
+
+Everything is read back with boto3 and a plain ``MlflowClient``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plantml.datasets import build_manifest
+from plantml.settings import env_value
+from plantml.training import synth
+
+DESIGN_BUCKETS = {"models", "plants-images", "data", "mlflow"}
+TINY_TRAINING = ["--epochs", "1", "--batch-size", "16", "--image-size", "16", "--weights", "none", "--num-workers", "0",
+                 "--no-register"]
+
+
+def plantml(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "plantml", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.generate(tmp_path_factory.mktemp("data") / "leaves", synth.SynthSpec(per_class=15, size=32, seed=7))
+
+
+@pytest.fixture
+def env(mlflow_stack: Any, tmp_path: Path) -> dict[str, str]:
+    """The stack's client variables and a cache of this test's own."""
+    return {**os.environ, **mlflow_stack.client_env(), "PLANTML_CACHE_DIR": str(tmp_path / "cache")}
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"s3://plants-images/test-{uuid.uuid4().hex[:8]}"
+
+
+def test_the_stack_creates_the_designs_buckets(s3_client: Any) -> None:
+    assert env_value("PLANTML_S3_BUCKETS").split(",") == ["mlflow", "models", "plants-images", "data"]
+    assert DESIGN_BUCKETS <= {bucket["Name"] for bucket in s3_client.list_buckets()["Buckets"]}
+
+
+def test_push_ls_train_and_train_again_from_the_cache(leaves: Path, env: dict[str, str], prefix: str, s3_client: Any,
+                                                      mlflow_client: Any, experiment_name: str) -> None:
+    pushed = plantml(env, "data", "push", str(leaves), prefix)
+    assert pushed.returncode == 0, pushed.stderr
+    digest = build_manifest(leaves).digest
+    assert pushed.stdout.strip().endswith(f"digest {digest}") and "30 uploaded, 0 already there" in pushed.stdout
+    bucket, key_prefix = prefix[5:].split("/", 1)
+    keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix=key_prefix + "/")["Contents"]}
+    assert f"{key_prefix}/plantml-dataset.json" in keys and len(keys) == 31
+
+    listed = plantml(env, "data", "ls", f"s3://{bucket}")
+    assert any(line.startswith(f"{prefix}  30 files  2 classes") and line.endswith(digest) for line in listed.stdout.splitlines())
+
+    first = plantml(env, "train", *TINY_TRAINING, "--data-dir", prefix, "--experiment-name", experiment_name)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert f"data: {prefix} (30 files, " in first.stderr
+    second = plantml(env, "train", *TINY_TRAINING, "--data-dir", prefix, "--experiment-name", experiment_name)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"data: {prefix} (cached, nothing downloaded)" in second.stderr
+
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
+    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string=f"dataset.digest = '{digest}'")
+    assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}
+    for run in runs:
+        [dataset_input] = run.inputs.dataset_inputs
+        dataset = dataset_input.dataset
+        assert (dataset.name, dataset.digest, dataset.source_type) == ("leaves", digest, "s3")
+        assert prefix in dataset.source
+        assert '"train_size": 20' in dataset.profile
+        assert {tag.key: tag.value for tag in dataset_input.tags}["mlflow.data.context"] == "training"
+
+
+def test_a_local_folder_and_the_synthetic_set_are_recorded_too(leaves: Path, env: dict[str, str], mlflow_client: Any,
+                                                              experiment_name: str) -> None:
+    done = plantml(env, "train", *TINY_TRAINING, "--data-dir", str(leaves), "--experiment-name", experiment_name)
+    assert done.returncode == 0, done.stderr[-2000:]
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
+    [run] = mlflow_client.search_runs([experiment.experiment_id])
+    [dataset_input] = run.inputs.dataset_inputs
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("leaves", build_manifest(leaves).digest)
+    assert dataset_input.dataset.source_type == "local" and str(leaves) in dataset_input.dataset.source
+
+
+def test_a_tampered_object_is_refused_by_name_before_any_run(leaves: Path, env: dict[str, str], prefix: str,
+                                                              s3_client: Any, mlflow_client: Any, experiment_name: str) -> None:
+    assert plantml(env, "data", "push", str(leaves), prefix).returncode == 0
+    bucket, key_prefix = prefix[5:].split("/", 1)
+    victim = sorted((leaves / "healthy").iterdir())[3].name
+    s3_client.put_object(Bucket=bucket, Key=f"{key_prefix}/healthy/{victim}", Body=b"not the image that was pushed")
+
+    done = plantml(env, "train", *TINY_TRAINING, "--data-dir", prefix, "--experiment-name", experiment_name)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"plantml: error: {prefix}/healthy/{victim}: content does not match the manifest (corrupt or tampered); nothing was kept"]
+    assert mlflow_client.get_experiment_by_name(experiment_name) is None
+    assert not list((Path(env["PLANTML_CACHE_DIR"]) / "datasets").iterdir())
+
+    s3_client.delete_object(Bucket=bucket, Key=f"{key_prefix}/healthy/{victim}")
+    missing = plantml(env, "train", *TINY_TRAINING, "--data-dir", prefix, "--experiment-name", experiment_name)
+    assert missing.returncode == 2
+    assert f"{prefix}/healthy/{victim}: missing from the data set" in missing.stderr
+
+
+def test_an_interrupted_push_resumes(env: dict[str, str], prefix: str, s3_client: Any, tmp_path: Path) -> None:
+    big = synth.generate(tmp_path / "big", synth.SynthSpec(per_class=150, size=96, seed=8))
+    bucket, key_prefix = prefix[5:].split("/", 1)
+
+    def stored() -> set[str]:
+        pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix + "/")
+        return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+    push = subprocess.Popen([sys.executable, "-m", "plantml", "data", "push", "--workers", "1", str(big), prefix], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(stored()) < 20 and push.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(push.pid, signal.SIGKILL)
+    push.wait()
+    time.sleep(1)  # a request whose body had fully arrived may still be committed by the server
+    before = stored()
+    assert 20 <= len(before) < 300 and f"{key_prefix}/plantml-dataset.json" not in before, "the push was not interrupted"
+
+    resumed = plantml(env, "data", "push", str(big), prefix)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{300 - len(before)} uploaded, {len(before)} already there" in resumed.stdout
+    assert len(stored()) == 301
+    shutil.rmtree(big)
