@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 CONTAINERS_ONLY = {INTEGRATION_DIR / "test_containers.py"}
 #: Integration tests that use no stack (or only the client side of one): the local-backend session runs
 #: them; running them again on the containers backend would test nothing new.
-LOCAL_SESSION_ONLY = {INTEGRATION_DIR / "test_ui.py"}
+LOCAL_SESSION_ONLY = {INTEGRATION_DIR / "test_ui.py", INTEGRATION_DIR / "test_train_distributed.py"}
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

@@ -52,3 +52,15 @@ class RegistryError(PlantmlError):
     """A registered model, version or alias is unknown or invalid."""
 
     exit_code = 2
+
+
+class RankFailed(PlantmlError):
+    """Another process of a distributed training failed first; this one stopped because of it.
+
+    The message names the failing rank and its error; ``exit_code`` is that rank's.
+    """
+
+    def __init__(self, message: str, rank: int, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.exit_code = exit_code

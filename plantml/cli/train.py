@@ -72,9 +72,19 @@ def _console_reporter(stream_is_tty: bool):
 @click.option("--registered-model-name", default=None, help="Registry name of the best model [default: {backbone}_plant_classifier].")
 @click.option("--no-register", is_flag=True, help="Log the best model without registering it.")
 @click.option("--no-mlflow", is_flag=True, help="Train without any tracking (nothing from mlflow is imported).")
-def train(**options) -> None:
-    """Train a plant classifier; track params, metrics, artifacts and the model in MLflow."""
-    from plantml.training.run import TrainConfig, fit, prepare
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Start N training processes on this machine (DDP; one per GPU, or several on a CPU), as torchrun --standalone does.")
+@click.pass_context
+def train(ctx: click.Context, **options) -> int | None:
+    """Train a plant classifier; track params, metrics, artifacts and the model in MLflow.
+
+    Under torchrun (or with --nproc) the processes train one model together; --batch-size
+    is per process, and only rank 0 talks to MLflow and prints.
+    """
+    if options["nproc"]:
+        return _launch(ctx, options["nproc"])
+    from plantml.training import distributed
+    from plantml.training.run import Reporter, TrainConfig, fit
     from plantml.training.synth import SynthSpec
 
     config = TrainConfig(
@@ -90,27 +100,21 @@ def train(**options) -> None:
         register=not options["no_register"], registered_model_name=options["registered_model_name"],
         output_dir=options["output_dir"],
     )
-    _show_warnings()
     started = time.perf_counter()
     if not options["no_mlflow"]:  # a mistyped tracking URI is an input error too: say so before any work
         from plantml.settings import resolve_tracking_settings
 
         resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
-    prepared = prepare(config)  # every input error surfaces here, before any run exists
-    tracker = _make_tracker(options)  # an unreachable server fails here, still before any run
-    sizes = prepared.loaders.split.sizes()
-    source = prepared.source
-    if source.kind == "s3":
-        fetched = (f"{source.downloaded_files} files, {source.downloaded_bytes / 1e6:.1f} MB downloaded" if source.downloaded_files
-                   else "cached, nothing downloaded")
-        click.echo(f"data: {source.uri} ({fetched}) -> {source.folder}", err=True)
-    click.echo(
-        f"data: {source.name} ({len(prepared.scan.classes)} classes; "
-        f"{sizes['train_size']}/{sizes['val_size']}/{sizes['test_size']} train/val/test)  "
-        f"model: {config.backbone} ({prepared.weights.label} weights, {prepared.image_size}px)  device: {prepared.device.type}",
-        err=True,
-    )
-    result = fit(prepared, tracker, _console_reporter(sys.stderr.isatty()))
+    with distributed.session(config.device) as ranks:
+        _show_warnings(ranks.is_main)
+        # every input error surfaces here, before any run exists; on any rank, it stops them all
+        prepared, tracker = ranks.agree(lambda: _prepare_and_connect(config, options, ranks))
+        ranks.require_same(prepared.scan.content_hash, f"the content of {prepared.source.name}")
+        if not ranks.is_main:  # the other ranks train their share, silently
+            fit(prepared, tracker, Reporter())
+            return None
+        _echo_data(prepared)
+        result = fit(prepared, tracker, _console_reporter(sys.stderr.isatty()))
     click.echo(
         f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, val_acc {result.best_val_accuracy:.4f}; "
         f"test_loss {result.test.loss:.4f}, test_acc {result.test.accuracy:.4f}  ({time.perf_counter() - started:.1f}s)"
@@ -121,19 +125,78 @@ def train(**options) -> None:
         click.echo(f"run {result.run_id} in experiment {tracker.experiment_name!r} at {tracker.tracking_uri}")
         default_store = tracker.settings.source_of("tracking_uri") == "default"
         click.echo(how_to_see(tracker.tracking_uri, tracker.experiment_id, result.run_id, default_store))
+    return None
 
 
-def _show_warnings() -> None:
-    """Print the training package's logged warnings as ``plantml: warning: ...`` lines."""
+def _prepare_and_connect(config, options: dict, ranks):
+    """Check the inputs and load the data (:func:`prepare`), then connect rank 0's tracker (an
+    unreachable server fails here, still before any run); the other ranks get a NullTracker."""
+    from plantml.training.run import NullTracker, prepare
+
+    prepared = prepare(config, ranks)
+    return prepared, _make_tracker(options) if ranks.is_main else NullTracker()
+
+
+def _echo_data(prepared) -> None:
+    """The line that says what is about to train, and on what."""
+    config, ranks = prepared.config, prepared.ranks
+    sizes = prepared.loaders.split.sizes()
+    source = prepared.source
+    if source.kind == "s3":
+        fetched = (f"{source.downloaded_files} files, {source.downloaded_bytes / 1e6:.1f} MB downloaded" if source.downloaded_files
+                   else "cached, nothing downloaded")
+        click.echo(f"data: {source.uri} ({fetched}) -> {source.folder}", err=True)
+    click.echo(
+        f"data: {source.name} ({len(prepared.scan.classes)} classes; "
+        f"{sizes['train_size']}/{sizes['val_size']}/{sizes['test_size']} train/val/test)  "
+        f"model: {config.backbone} ({prepared.weights.label} weights, {prepared.image_size}px)  device: {prepared.device.type}"
+        + (f" x {ranks.world_size} processes ({ranks.backend}, {config.batch_size * ranks.world_size} images per step)"
+           if ranks.distributed else ""),
+        err=True,
+    )
+
+
+def _show_warnings(main_rank: bool = True) -> None:
+    """Print the training package's logged warnings as ``plantml: warning: ...`` lines (on rank 0: the others only errors)."""
     import logging
 
     log = logging.getLogger("plantml.training")
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("plantml: warning: %(message)s"))
-        handler.setLevel(logging.WARNING)
+        handler.setLevel(logging.WARNING if main_rank else logging.ERROR)
         log.addHandler(handler)
         log.propagate = False
+
+
+def _launch(ctx: click.Context, nproc: int) -> int:
+    """``--nproc N``: this process becomes torchrun's agent and starts N ranks of the same command."""
+    from plantml.training.launch import launch
+
+    code = launch(nproc, _worker_args(ctx))
+    if code > 128:
+        import signal
+
+        click.echo(f"plantml: stopped by {signal.Signals(code - 128).name}", err=True)
+    return code
+
+
+def _worker_args(ctx: click.Context) -> list[str]:
+    """``-m plantml train …`` as each rank runs it: this command's flags, without ``--nproc``."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name == "nproc" or value is None or value == param.default:
+            continue
+        if isinstance(param, click.Option) and param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    debug = ["--debug"] if (ctx.find_root().obj or {}).get("debug") else []
+    return ["-m", "plantml", *debug, "train", *args]
 
 
 def _make_tracker(options: dict):

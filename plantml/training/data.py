@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from plantml.errors import DataError, UsageError
+from plantml.training.distributed import Ranks
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -207,12 +208,15 @@ class DataLoaders:
 
 
 def build_loaders(scan: ImageFolderScan, split: Split, *, image_size: int, batch_size: int,
-                  num_workers: int, seed: int, pin_memory: bool = False) -> DataLoaders:
-    """Train (shuffled, augmented), validation and test loaders over ``split``."""
+                  num_workers: int, seed: int, pin_memory: bool = False, ranks: Ranks = Ranks()) -> DataLoaders:
+    """Train (shuffled, augmented), validation and test loaders over ``split`` (under torchrun, over this rank's share)."""
     def subset(indices: Sequence[int], train: bool) -> ImageSamples:
         return ImageSamples([scan.samples[i] for i in indices], build_transforms(image_size, train))
 
-    generator = torch.Generator().manual_seed(seed)
+    train_set, val_set, test_set = subset(split.train, True), subset(split.val, False), subset(split.test, False)
+    train_sampler = ranks.train_sampler(train_set, seed)  # None on a single process: the loader shuffles
+    # the seeded generator fixes the shuffle order (single process) and the workers' augmentation seeds, per rank
+    generator = torch.Generator().manual_seed(seed + ranks.rank)
     common = {
         "batch_size": batch_size,
         "num_workers": num_workers,
@@ -221,9 +225,9 @@ def build_loaders(scan: ImageFolderScan, split: Split, *, image_size: int, batch
     }
     return DataLoaders(
         # the seeded generator fixes both the shuffle order and the workers' augmentation seeds
-        train=DataLoader(subset(split.train, True), shuffle=True, generator=generator, **common),
-        val=DataLoader(subset(split.val, False), shuffle=False, **common),
-        test=DataLoader(subset(split.test, False), shuffle=False, **common),
+        train=DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator, **common),
+        val=DataLoader(val_set, shuffle=False, sampler=ranks.eval_sampler(val_set), **common),
+        test=DataLoader(test_set, shuffle=False, sampler=ranks.eval_sampler(test_set), **common),
         split=split,
         classes=scan.classes,
     )

@@ -5,7 +5,9 @@ second), per-image PIL decoding and augmentation in DataLoader workers starves i
 data sets that fit in GPU memory, :class:`DeviceLoader` holds every image once as
 ``uint8`` on the device and builds each batch there: a seeded shuffle, random flips,
 light brightness/contrast jitter, ImageNet normalisation and the memory format the
-model wants. Nothing crosses the host boundary inside an epoch.
+model wants. Nothing crosses the host boundary inside an epoch. Under torchrun each rank
+holds the whole split on its own GPU and iterates its share, as the samplers of
+:mod:`plantml.training.distributed` do for the DataLoader path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from PIL import Image
 
 from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split
+from plantml.training.distributed import Ranks, rank_share
 
 #: Keep the cached images under this share of the device's free memory.
 MAX_MEMORY_SHARE = 0.25
@@ -46,30 +49,39 @@ class DeviceLoader:
     """Batches built on the device from images decoded once; iterable like a DataLoader.
 
     ``train=True`` shuffles (seeded, different each epoch) and augments; otherwise the
-    order is fixed and images are only normalised.
+    order is fixed and images are only normalised. With ``ranks`` of a distributed
+    training, each rank iterates its share (training: padded to equal shares).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, device: torch.device,
-                 train: bool, seed: int = 0, channels_last: bool = False) -> None:
+                 train: bool, seed: int = 0, channels_last: bool = False, ranks: Ranks = Ranks()) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.device = device
         self.train = train
         self.channels_last = channels_last
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rank, self.world_size = ranks.rank, ranks.world_size
+        # augmentation draws differ per rank; the shuffle is one order for every rank, each taking its share
+        self.generator = torch.Generator(device=device).manual_seed(seed + ranks.rank)
+        self.order_generator = torch.Generator(device=device).manual_seed(seed) if ranks.distributed else self.generator
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self.dataset = _Examples(self)  # len(loader.dataset) and loader.dataset[i], as with a DataLoader
 
     def __len__(self) -> int:
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        return (self._share_size() + self.batch_size - 1) // self.batch_size
+
+    def _share_size(self) -> int:
+        count = len(self.labels)
+        return -(-count // self.world_size) if self.train else len(range(self.rank, count, self.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         count = len(self.labels)
-        order = (torch.randperm(count, device=self.device, generator=self.generator) if self.train
+        order = (torch.randperm(count, device=self.device, generator=self.order_generator) if self.train
                  else torch.arange(count, device=self.device))
-        for start in range(0, count, self.batch_size):
+        order = rank_share(order, self.rank, self.world_size, pad=self.train)
+        for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             yield self._batch(self.images[index]), self.labels[index]
 
@@ -109,14 +121,14 @@ class _Examples:
 
 
 def build_device_loaders(scan: ImageFolderScan, split: Split, *, image_size: int, batch_size: int,
-                         device: torch.device, seed: int, channels_last: bool) -> DataLoaders:
+                         device: torch.device, seed: int, channels_last: bool, ranks: Ranks = Ranks()) -> DataLoaders:
     """Train/val/test :class:`DeviceLoader` over ``split``, as a :class:`plantml.training.data.DataLoaders`."""
     images, labels = decode_images(scan.samples, image_size)
 
     def loader(indices, train: bool) -> DeviceLoader:
         index = torch.as_tensor(list(indices), dtype=torch.int64)
         return DeviceLoader(images[index], labels[index], batch_size=batch_size, device=device, train=train,
-                            seed=seed, channels_last=channels_last)
+                            seed=seed, channels_last=channels_last, ranks=ranks)
 
     return DataLoaders(train=loader(split.train, True), val=loader(split.val, False), test=loader(split.test, False),
                        split=split, classes=scan.classes, extra={"data_on_device": True})

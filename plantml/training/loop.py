@@ -1,7 +1,10 @@
 """The training loop as plain functions, in the manner of torchvision's reference scripts.
 
 Loss and accuracy are summed on the device and read once per epoch: no ``.item()``
-per batch, so the GPU never waits on the host inside an epoch.
+per batch, so the GPU never waits on the host inside an epoch. Under torchrun each
+process loops over its share of the data, and ``sum_across`` (see
+:mod:`plantml.training.distributed`) adds the processes' sums before they are read, so
+every process reports the same numbers over the whole split.
 """
 
 from __future__ import annotations
@@ -55,11 +58,14 @@ def choose_precision(device: torch.device, amp: bool | None, channels_last: bool
 
 
 BatchWrapper = Callable[[Iterable], Iterable]
+#: Sums a tensor over every process of a distributed training (identity on a single process).
+SumAcross = Callable[[torch.Tensor], torch.Tensor]
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, precision: Precision = Precision(),
-                    scaler: torch.amp.GradScaler | None = None, wrap: BatchWrapper | None = None) -> EpochStats:
+                    scaler: torch.amp.GradScaler | None = None, wrap: BatchWrapper | None = None,
+                    sum_across: SumAcross | None = None) -> EpochStats:
     """One pass over ``loader`` with gradient steps; ``wrap`` may decorate the batches (a progress bar)."""
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -82,12 +88,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         loss_sum += loss.detach().double() * targets.size(0)
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         seen += targets.size(0)
-    return _stats(loss_sum, correct, seen)
+    return _stats(loss_sum, correct, seen, sum_across)
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, device: torch.device,
-             precision: Precision = Precision(), num_classes: int | None = None) -> tuple[EpochStats, list[list[int]] | None]:
+             precision: Precision = Precision(), num_classes: int | None = None,
+             sum_across: SumAcross | None = None) -> tuple[EpochStats, list[list[int]] | None]:
     """Loss and accuracy over ``loader``; with ``num_classes``, also the confusion matrix (rows: truth)."""
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -106,16 +113,21 @@ def evaluate(model: nn.Module, loader: Iterable, criterion: nn.Module, device: t
         if confusion is not None:
             confusion += torch.bincount(targets * num_classes + predictions, minlength=num_classes * num_classes)
         seen += targets.size(0)
+    if confusion is not None and sum_across is not None:
+        confusion = sum_across(confusion)
     matrix = confusion.view(num_classes, num_classes).tolist() if confusion is not None else None
-    return _stats(loss_sum, correct, seen), matrix
+    return _stats(loss_sum, correct, seen, sum_across), matrix
 
 
-def _stats(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> EpochStats:
-    if seen == 0:
-        return EpochStats(loss=float("nan"), accuracy=float("nan"), samples=0)
+def _stats(loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, sum_across: SumAcross | None = None) -> EpochStats:
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device)])
+    if sum_across is not None:  # every process calls it, even one whose share was empty
+        totals = sum_across(totals)
     # the one host synchronisation of the epoch
-    loss_total, correct_total = torch.stack([loss_sum, correct.double()]).tolist()
-    return EpochStats(loss=loss_total / seen, accuracy=correct_total / seen, samples=seen)
+    loss_total, correct_total, seen_total = totals.tolist()
+    if seen_total == 0:
+        return EpochStats(loss=float("nan"), accuracy=float("nan"), samples=0)
+    return EpochStats(loss=loss_total / seen_total, accuracy=correct_total / seen_total, samples=int(seen_total))
 
 
 class EarlyStopping:

@@ -5,17 +5,18 @@ Everything that can be wrong with the inputs (flags, data folder, weights) fails
 collaborator (an :class:`plantml.tracking.MLflowTracker`, or :class:`NullTracker` for
 ``--no-mlflow``, which imports nothing from mlflow) and a :class:`Reporter` for progress;
 it never prints.
+
+Under torchrun every rank runs :func:`prepare` and :func:`fit` on its share of the data
+(see :mod:`plantml.training.distributed`); only rank 0 is given a real tracker, and only
+it writes files.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -28,17 +29,17 @@ import torch
 from torch import nn
 
 from plantml.datasets.source import DatasetRecord, DataSource, locate
-from plantml.errors import UsageError
+from plantml.errors import RankFailed, UsageError
 from plantml.training import data as data_mod
-from plantml.training import figures, synth
+from plantml.training import distributed, outputs, synth
 from plantml.training.device_data import build_device_loaders, fits_on_device
+from plantml.training.distributed import Ranks
 from plantml.training.loop import EarlyStopping, EpochStats, Precision, choose_precision, evaluate, train_one_epoch
 from plantml.training.models import (
     WeightsChoice,
     build_model,
     count_parameters,
     get_backbone,
-    image_batch_signature,
     resolve_weights,
     set_backbone_frozen,
 )
@@ -127,6 +128,7 @@ class Prepared:
     total_parameters: int
     trainable_parameters: int
     notes: list[str] = field(default_factory=list)
+    ranks: Ranks = field(default_factory=Ranks)
 
     @property
     def num_classes(self) -> int:
@@ -141,7 +143,11 @@ class Prepared:
         return self.config.registered_model_name or f"{self.config.backbone}_plant_classifier"
 
     def params(self) -> dict[str, Any]:
-        """The run's params: the design's list, then seed, weights and image_size."""
+        """The run's params: the design's list, then seed, weights, image_size and the processes.
+
+        ``batch_size`` is per process (``--batch-size``); ``global_batch_size`` is what one
+        optimizer step sees, ``batch_size * world_size``.
+        """
         c = self.config
         return {
             "backbone": c.backbone,
@@ -162,6 +168,8 @@ class Prepared:
             "seed": c.seed,
             "weights": self.weights.label,
             "image_size": self.image_size,
+            "world_size": self.ranks.world_size,
+            "global_batch_size": c.batch_size * self.ranks.world_size,
         }
 
     def dataset_record(self) -> DatasetRecord:
@@ -186,6 +194,7 @@ class Prepared:
             "num_workers": str(self.num_workers),
             "data_on_device": str(bool(self.loaders.extra.get("data_on_device"))).lower(),
             "compile": str(self.config.compile).lower(),
+            "distributed_backend": self.ranks.backend or "none",
         }
         if self.device.type == "cuda":
             tags["device_name"] = torch.cuda.get_device_name(self.device)
@@ -254,11 +263,18 @@ def check_config(config: TrainConfig) -> torch.device:
     return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def prepare(config: TrainConfig) -> Prepared:
-    """Check every input, load the data set and build the model; no tracking happens here."""
+def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
+    """Check every input, load the data set and build the model; no tracking happens here.
+
+    With the ``ranks`` of a distributed training (:func:`plantml.training.distributed.session`),
+    the loaders give this rank its share and CUDA means this rank's GPU.
+    """
     device = check_config(config)
+    if device.type == "cuda" and ranks.distributed:
+        device = ranks.device
     weights = resolve_weights(config.backbone, config.weights)
-    source = locate(config.data_dir, lambda: synth.ensure_cached(config.synthetic))
+    # under torchrun, one rank per machine makes or pulls the set into the cache, then the others read it
+    source = ranks.local_main_first(lambda: locate(config.data_dir, lambda: synth.ensure_cached(config.synthetic)))
     synthetic = source.kind == "synthetic" or synth.is_synthetic(source.folder)
     scan = data_mod.scan_image_folder(source.folder, skip_bad_images=config.skip_bad_images)
     source.check_digest(scan.content_hash, len(scan.skipped))
@@ -273,16 +289,20 @@ def prepare(config: TrainConfig) -> Prepared:
     precision = choose_precision(device, config.amp, config.channels_last)
     if _data_on_device(config, device, len(scan.samples), image_size):
         loaders = build_device_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
-                                       device=device, seed=config.seed, channels_last=precision.channels_last)
+                                       device=device, seed=config.seed, channels_last=precision.channels_last,
+                                       ranks=ranks)
     else:
         loaders = data_mod.build_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
-                                         num_workers=num_workers, seed=config.seed, pin_memory=device.type == "cuda")
+                                         num_workers=num_workers, seed=config.seed, pin_memory=device.type == "cuda",
+                                         ranks=ranks)
 
-    seed_everything(config.seed)
+    seed_everything(config.seed)  # the same initial model on every rank
     model = build_model(config.backbone, len(scan.classes), weights)
     if config.freeze_backbone:
         set_backbone_frozen(model, config.backbone, frozen=True)
     total, trainable = count_parameters(model)
+    if ranks.distributed:
+        seed_everything(config.seed + ranks.rank)  # but each rank its own augmentation draws
 
     notes = [weights.note] if weights.note else []
     if scan.skipped:
@@ -291,6 +311,7 @@ def prepare(config: TrainConfig) -> Prepared:
         config=config, device=device, precision=precision, source=source,
         image_size=image_size, num_workers=num_workers, scan=scan, loaders=loaders, model=model,
         weights=weights, synthetic=synthetic, total_parameters=total, trainable_parameters=trainable, notes=notes,
+        ranks=ranks,
     )
 
 
@@ -312,45 +333,63 @@ def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = Non
     """Train, evaluate the best model on the test split and record it all through ``tracker``.
 
     The tracking run always ends: FINISHED, FAILED on an error, KILLED on Ctrl-C (which
-    is then re-raised).
+    is then re-raised). In a distributed training, a run stopped because another rank
+    failed first ends FAILED, and :class:`plantml.errors.RankFailed` names that rank.
     """
     tracker = tracker if tracker is not None else NullTracker()
     reporter = reporter or Reporter()
-    for note in prepared.notes:
+    ranks = prepared.ranks
+    for note in prepared.notes if ranks.is_main else ():
         logger.warning(note)
     config = prepared.config
-    start = tracker.start_run(run_name=config.run_name or default_run_name(config.backbone), tags=prepared.tags())
-    run_id = getattr(tracker, "run_id", None) or getattr(getattr(start, "info", None), "run_id", None)
-    try:
-        tracker.log_params(prepared.params())
-        tracker.log_system_metrics()
-        result = _train_and_record(prepared, tracker, reporter)
-    except KeyboardInterrupt:
-        _end_quietly(tracker, "KILLED")
-        raise
-    except BaseException:
-        _end_quietly(tracker, "FAILED")
-        raise
-    tracker.end_run(status="FINISHED")
+    with distributed.StopSignals(ranks) as signals:  # torchrun's SIGTERM ends the run rather than the process
+        start = tracker.start_run(run_name=config.run_name or default_run_name(config.backbone), tags=prepared.tags())
+        run_id = getattr(tracker, "run_id", None) or getattr(getattr(start, "info", None), "run_id", None)
+        try:
+            tracker.log_params(prepared.params())
+            tracker.log_system_metrics()
+            result = _train_and_record(prepared, tracker, reporter)
+        except BaseException as exc:
+            signals.ending()
+            cause = distributed.why_stopped(ranks, exc, signals)
+            if isinstance(cause, RankFailed):
+                _quietly(tracker.set_tags, {"failed_rank": str(cause.rank), "failure": str(cause)[:1000]})
+            _end_quietly(tracker, "KILLED" if isinstance(cause, KeyboardInterrupt) else "FAILED")
+            if cause is exc:
+                raise
+            raise cause from exc
+        signals.ending()
+        tracker.end_run(status="FINISHED")
     result.run_id = run_id
     return result
 
 
 def _end_quietly(tracker: Any, status: str) -> None:
+    _quietly(tracker.end_run, status=status)
+
+
+def _quietly(call: Any, *args: Any, **kwargs: Any) -> None:
     # the original exception matters more than a failure to report it
     try:
-        tracker.end_run(status=status)
+        call(*args, **kwargs)
     except Exception:  # noqa: BLE001
-        logger.exception("could not end the tracking run as %s", status)
+        logger.exception("could not record the end of the tracking run (%s)", getattr(call, "__name__", call))
 
 
 def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> TrainResult:
-    config, device, precision = prepared.config, prepared.device, prepared.precision
+    config, device, precision, ranks = prepared.config, prepared.device, prepared.precision, prepared.ranks
     model = prepared.model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # the compiled module shares the model's parameters; checkpoints come from the plain one
-    step_model = torch.compile(model) if config.compile else model
+
+    def step_model() -> nn.Module:
+        # DDP under torchrun; the compiled module shares the model's parameters; checkpoints come from the plain one
+        wrapped = ranks.wrap(model)
+        return torch.compile(wrapped) if config.compile else wrapped
+
+    train_model = step_model()
+    # evaluation runs each rank's share with no collective per batch, so on the plain model, never DDP's
+    eval_model = train_model if not ranks.distributed else (torch.compile(model) if config.compile else model)
     criterion = nn.CrossEntropyLoss()
     # every parameter is in the optimizer from the start; frozen ones have no grad, so AdamW skips them
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -365,15 +404,21 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
     stopped_early = False
     trained_images, train_seconds = 0, 0.0
     for epoch in range(1, config.epochs + 1):
+        distributed.fail_if_asked(ranks, epoch)
         if config.freeze_backbone and config.unfreeze_epoch == epoch:
             set_backbone_frozen(model, config.backbone, frozen=False)
+            if ranks.distributed:
+                train_model = step_model()  # DDP syncs only what required a gradient when it was built
             reporter.message(f"epoch {epoch}: backbone unfrozen")
+        distributed.set_epoch(loaders.train, epoch)
         learning_rate = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         wrap = lambda batches, e=epoch: reporter.batches(batches, epoch=e, epochs=config.epochs, total=len(loaders.train))  # noqa: E731
-        train = train_one_epoch(step_model, loaders.train, criterion, optimizer, device, precision, scaler, wrap)
+        train = train_one_epoch(train_model, loaders.train, criterion, optimizer, device, precision, scaler, wrap,
+                                sum_across=ranks.sum_across)
         train_time = time.perf_counter() - started
-        val, _ = evaluate(step_model, loaders.val, criterion, device, precision)
+        ranks.broadcast_buffers(model)
+        val, _ = evaluate(eval_model, loaders.val, criterion, device, precision, sum_across=ranks.sum_across)
         scheduler.step()
         seconds = time.perf_counter() - started
         trained_images += train.samples
@@ -387,6 +432,7 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
                                      val_loss=val.loss, val_acc=val.accuracy, learning_rate=learning_rate)
         reporter.epoch_end({**record, "epochs": config.epochs})
 
+        # val.loss is the same number on every rank (all-reduced): so are these decisions
         if stopper.step(epoch, val.loss) or best_state is None:
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             best_val_accuracy = val.accuracy
@@ -397,7 +443,8 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
             break
 
     model.load_state_dict(best_state)
-    test, matrix = evaluate(model, loaders.test, criterion, device, precision, num_classes=prepared.num_classes)
+    test, matrix = evaluate(model, loaders.test, criterion, device, precision, num_classes=prepared.num_classes,
+                            sum_across=ranks.sum_across)
     tracker.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy})
     best_val_loss = history["val_loss"][best_epoch - 1]
     history.update({
@@ -409,58 +456,9 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
                          best_val_accuracy=best_val_accuracy, test=test, confusion_matrix=matrix,
                          stopped_early=stopped_early,
                          images_per_second=trained_images / train_seconds if train_seconds else 0.0)
-    _save_and_log(prepared, model, best_state, result, tracker, reporter)
+    if ranks.is_main:  # the other ranks write no files
+        outputs.save_and_log(prepared, model, best_state, result, tracker, reporter)
     return result
-
-
-def _save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result: TrainResult,
-                  tracker: Any, reporter: Reporter) -> None:
-    """Write the checkpoint and history; log them, the figures, tags and the registered model."""
-    config = prepared.config
-    keep = config.output_dir is not None
-    out_dir = Path(config.output_dir) if keep else Path(tempfile.mkdtemp(prefix="plantml-train-"))
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = out_dir / "best_model.pth"
-        torch.save({
-            "model_state_dict": best_state, "backbone": config.backbone, "num_classes": prepared.num_classes,
-            "classes": list(prepared.scan.classes), "image_size": prepared.image_size,
-            "epoch": result.best_epoch, "val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
-        }, checkpoint)
-        (out_dir / "training_history.json").write_text(json.dumps(result.history, indent=2))
-        result.checkpoint = checkpoint if keep else None
-
-        tracker.log_dict(result.history, "training/training_history.json")
-        tracker.log_artifact(checkpoint, artifact_path="models")
-        tracker.log_figure(figures.learning_curves(result.history), "figures/learning_curves.png")
-        tracker.log_figure(figures.confusion_matrix(result.confusion_matrix, prepared.scan.classes), "figures/confusion_matrix.png")
-        tracker.set_tags({
-            "best_val_accuracy": f"{result.best_val_accuracy:.4f}",
-            "best_epoch": str(result.best_epoch),
-            "stopped_early": str(result.stopped_early).lower(),
-        })
-        if getattr(tracker, "enabled", True):
-            result.model_version = _log_model(prepared, model, tracker)
-            if result.model_version:
-                reporter.message(f"registered {prepared.registered_model_name} version {result.model_version}")
-    finally:
-        if not keep:
-            shutil.rmtree(out_dir, ignore_errors=True)
-
-
-def _log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None:
-    """Log the best model (PyTorch flavor, signature, a two-image input example) and register it."""
-    export = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    # two images as the input example shown in the UI and used by `mlflow models serve` checks
-    example = torch.stack([prepared.loaders.test.dataset[i][0] for i in range(min(2, len(prepared.loaders.test.dataset)))])
-    example_np = example.numpy()
-    signature = image_batch_signature(prepared.num_classes)  # any batch size, any image size
-    info = tracker.log_model(export, artifact_path="model", registered_model_name=prepared.registered_model_name,
-                             input_example=example_np, signature=signature)
-    version = getattr(info, "registered_model_version", None)
-    if version is not None:
-        tracker.set_tags({"registered_model_name": prepared.registered_model_name, "registered_model_version": str(version)})
-    return None if version is None else str(version)
 
 
 def train(config: TrainConfig, tracker: Any = None, reporter: Reporter | None = None) -> TrainResult:

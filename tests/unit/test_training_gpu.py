@@ -124,3 +124,33 @@ def test_a_short_cuda_run_converges_and_is_logged_with_device_cuda(tmp_path):
     assert run.data.params["device"] == "cuda"
     assert run.data.tags["amp"] == "bfloat16" and run.data.tags["data_on_device"] == "true"
     assert "gpu_name" in run.data.params or any(k.startswith("gpu") for k in run.data.params)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,  # without CUDA: the plugin's reason
+                    reason=f"gpu test: needs two CUDA devices, this machine has {torch.cuda.device_count()}")
+def test_two_gpus_train_one_model_with_nccl(tmp_path):
+    """torchrun, two ranks on two GPUs: NCCL, each rank its GPU, images on the GPU, bf16 and channels-last."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=20, size=48, seed=0))
+    for extra in sorted((data / "diseased").glob("*.png"))[14:]:
+        extra.unlink()  # 20 + 14 images: 24/5/5, odd shares for the test split
+    # rendezvous and NCCL's bootstrap on the loopback interface: tests talk to 127.0.0.1 only
+    env = {**os.environ, "NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo", "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "plantml", "train", "--no-mlflow", "--device", "cuda", "--data-on-device", "--amp",
+                          "--channels-last", "--epochs", "3", "--batch-size", "8", "--image-size", "32", "--weights", "none",
+                          "--freeze-backbone", "--unfreeze-epoch", "2", "--data-dir", str(data),
+                          "--output-dir", str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=600)
+
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "device: cuda x 2 processes (nccl, 16 images per step)" in out.stderr
+    assert out.stdout.count("best epoch") == 1  # rank 0 alone prints
+    history = json.loads((tmp_path / "out" / "training_history.json").read_text())
+    assert history["epoch"] == [1, 2, 3]
+    assert all(math.isfinite(v) for v in history["train_loss"] + history["val_loss"])
+    assert sum(map(sum, history["confusion_matrix"])) == 5  # the whole test split, each image once

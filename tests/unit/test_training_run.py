@@ -52,13 +52,14 @@ def tiny(leaves, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def test_params_are_the_design_list_plus_seed_weights_and_image_size(leaves):
+def test_params_are_the_design_list_plus_seed_weights_image_size_and_processes(leaves):
     tracker = RecordingTracker()
     train(tiny(leaves), tracker)
 
     [(args, _)] = tracker.named("log_params")
     params = args[0]
-    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size"}
+    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size", "world_size", "global_batch_size"}
+    assert (params["world_size"], params["batch_size"], params["global_batch_size"]) == (1, 8, 8)
     assert (params["train_size"], params["val_size"], params["test_size"]) == (16, 4, 4)
     assert params["optimizer"] == "AdamW" and params["scheduler"] == "CosineAnnealingLR"
     assert params["loss_function"] == "CrossEntropyLoss" and params["num_classes"] == 2

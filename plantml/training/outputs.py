@@ -1,0 +1,74 @@
+"""What a finished training leaves: the checkpoint and history on disk, and in MLflow the
+artifacts, the figures, the closing tags and the registered model.
+
+Called by :func:`plantml.training.run.fit` once the test split is evaluated; under torchrun,
+on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from plantml.training import figures
+from plantml.training.models import image_batch_signature
+
+if TYPE_CHECKING:
+    from plantml.training.run import Prepared, Reporter, TrainResult
+
+
+def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result: TrainResult,
+                 tracker: Any, reporter: Reporter) -> None:
+    """Write the checkpoint and history; log them, the figures, tags and the registered model."""
+    config = prepared.config
+    keep = config.output_dir is not None
+    out_dir = Path(config.output_dir) if keep else Path(tempfile.mkdtemp(prefix="plantml-train-"))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = out_dir / "best_model.pth"
+        torch.save({
+            "model_state_dict": best_state, "backbone": config.backbone, "num_classes": prepared.num_classes,
+            "classes": list(prepared.scan.classes), "image_size": prepared.image_size,
+            "epoch": result.best_epoch, "val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
+        }, checkpoint)
+        (out_dir / "training_history.json").write_text(json.dumps(result.history, indent=2))
+        result.checkpoint = checkpoint if keep else None
+
+        tracker.log_dict(result.history, "training/training_history.json")
+        tracker.log_artifact(checkpoint, artifact_path="models")
+        tracker.log_figure(figures.learning_curves(result.history), "figures/learning_curves.png")
+        tracker.log_figure(figures.confusion_matrix(result.confusion_matrix, prepared.scan.classes), "figures/confusion_matrix.png")
+        tracker.set_tags({
+            "best_val_accuracy": f"{result.best_val_accuracy:.4f}",
+            "best_epoch": str(result.best_epoch),
+            "stopped_early": str(result.stopped_early).lower(),
+        })
+        if getattr(tracker, "enabled", True):
+            result.model_version = log_model(prepared, model, tracker)
+            if result.model_version:
+                reporter.message(f"registered {prepared.registered_model_name} version {result.model_version}")
+    finally:
+        if not keep:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None:
+    """Log the best model (PyTorch flavor, signature, a two-image input example) and register it."""
+    export = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    # two images as the input example shown in the UI and used by `mlflow models serve` checks
+    example = torch.stack([prepared.loaders.test.dataset[i][0] for i in range(min(2, len(prepared.loaders.test.dataset)))])
+    example_np = example.numpy()
+    signature = image_batch_signature(prepared.num_classes)  # any batch size, any image size
+    info = tracker.log_model(export, artifact_path="model", registered_model_name=prepared.registered_model_name,
+                             input_example=example_np, signature=signature)
+    version = getattr(info, "registered_model_version", None)
+    if version is not None:
+        tracker.set_tags({"registered_model_name": prepared.registered_model_name, "registered_model_version": str(version)})
+    return None if version is None else str(version)

@@ -1,0 +1,254 @@
+"""Training on several processes: shares of the data, failures named across ranks, torchrun's signals.
+
+The last test starts two real gloo processes with torchrun (no tracking stack): they must
+take the same decisions and end with the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from plantml.errors import ConfigError, DataError, RankFailed
+from plantml.training import synth
+from plantml.training.device_data import DeviceLoader
+from plantml.training.distributed import (
+    Ranks,
+    ShardSampler,
+    Stopped,
+    StopSignals,
+    rank_info,
+    rank_share,
+    why_stopped,
+)
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("size", [0, 1, 5, 6, 7])
+def test_evaluation_shares_hold_every_image_exactly_once(size, world_size):
+    shares = [list(ShardSampler(size, rank, world_size)) for rank in range(world_size)]
+
+    assert sorted(i for share in shares for i in share) == list(range(size))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.parametrize("size, world_size", [(7, 2), (10, 4), (2, 3), (12, 3)])
+def test_training_shares_are_equal_and_cover_the_split(size, world_size):
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(0))
+    shares = [rank_share(order, rank, world_size, pad=True) for rank in range(world_size)]
+
+    assert len({len(share) for share in shares}) == 1  # as many batches on every rank: DDP steps them together
+    seen = torch.cat(shares).tolist()
+    assert set(seen) == set(range(size))
+    assert len(seen) - size == (-size) % world_size  # only the padding repeats
+
+
+def test_the_device_loader_gives_each_rank_its_share():
+    images = torch.arange(7, dtype=torch.uint8).view(7, 1, 1, 1).expand(7, 3, 2, 2).contiguous()
+    labels = torch.arange(7)
+
+    def loader(rank, train):
+        return DeviceLoader(images, labels, batch_size=2, device=torch.device("cpu"), train=train, seed=3,
+                            ranks=Ranks(rank=rank, world_size=2))
+
+    evaluated = [label for rank in (0, 1) for _, batch in loader(rank, False) for label in batch.tolist()]
+    assert sorted(evaluated) == list(range(7))
+    trained = [[label for _, batch in loader(rank, True) for label in batch.tolist()] for rank in (0, 1)]
+    assert len(trained[0]) == len(trained[1]) == 4 and set(trained[0] + trained[1]) == set(range(7))
+    assert [len(loader(rank, True)) for rank in (0, 1)] == [2, 2]
+
+
+def test_outside_torchrun_a_process_is_rank_0_of_1(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+    ranks = rank_info()
+
+    assert ranks == Ranks() and ranks.is_main and not ranks.distributed
+
+
+def test_torchrun_variables_give_the_place_and_nonsense_is_one_line(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert rank_info() == Ranks(rank=3, world_size=4, local_rank=1)
+
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="RANK=4, WORLD_SIZE=4"):
+        rank_info()
+
+
+def pair_on_one_store():
+    """Rank 0 and rank 1 of a job, sharing a key-value store (no process group needed for the store)."""
+    store = torch.distributed.HashStore()
+    return Ranks(rank=0, world_size=2, store=store), Ranks(rank=1, world_size=2, store=store)
+
+
+def test_the_first_published_failure_is_the_one_named():
+    rank0, rank1 = pair_on_one_store()
+    assert rank0.peer_failure() is None
+
+    rank1.publish_failure(DataError("data folder /nowhere: not found"))
+    rank0.publish_failure(RuntimeError("Connection closed by peer"))  # a consequence, not the cause
+
+    failure = rank0.peer_failure()
+    assert isinstance(failure, RankFailed)
+    assert str(failure) == "rank 1 of 2 failed: data folder /nowhere: not found"
+    assert failure.rank == 1 and failure.exit_code == DataError.exit_code
+    assert rank1.peer_failure() is None  # its own failure is not a peer's
+
+
+def test_a_stop_is_not_published_as_a_failure():
+    rank0, rank1 = pair_on_one_store()
+    rank1.publish_failure(KeyboardInterrupt())
+
+    assert rank0.peer_failure() is None
+
+
+def test_a_single_process_has_no_peers_and_no_store():
+    Ranks().publish_failure(RuntimeError("x"))
+
+    assert Ranks().peer_failure() is None
+
+
+def test_on_rank_0_sigterm_raises_stopped_until_the_run_is_ending():
+    rank0, _ = pair_on_one_store()
+    before = signal.getsignal(signal.SIGTERM)
+
+    with StopSignals(rank0) as signals:
+        with pytest.raises(Stopped) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        assert stopped.value.exit_code == 143
+        signals.ending()
+        os.kill(os.getpid(), signal.SIGTERM)  # remembered, not raised: the end of the run goes on
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_why_stopped_blames_the_peer_that_failed_first_else_the_signal_else_the_error():
+    rank0, rank1 = pair_on_one_store()
+    quiet, signalled = StopSignals(rank0), StopSignals(rank0)
+    signalled.received = signal.SIGTERM
+    broken = RuntimeError("Connection closed by peer")
+
+    assert why_stopped(rank0, broken, quiet) is broken  # FAILED, its own error
+    assert isinstance(why_stopped(rank0, broken, signalled), Stopped)  # torchrun stopped the job: KILLED
+    rank1.publish_failure(MemoryError("out of memory"))
+    assert isinstance(why_stopped(rank0, Stopped(signal.SIGTERM), signalled), RankFailed)  # a peer failed: FAILED
+
+
+def test_a_single_process_keeps_pythons_signal_handling():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals(Ranks()):
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_nproc_starts_the_same_command_without_nproc(monkeypatch, tmp_path):
+    import plantml.training.launch as launch
+    from plantml.cli import main
+
+    started = {}
+    monkeypatch.setattr(launch, "launch", lambda nproc, args: started.update(nproc=nproc, args=args) or 0)
+
+    code = main(["--debug", "train", "--nproc", "3", "--epochs", "2", "--no-amp", "--freeze-backbone",
+                 "--data-dir", str(tmp_path), "--learning-rate", "0.01"])
+
+    assert code == 0 and started["nproc"] == 3
+    assert started["args"] == ["-m", "plantml", "--debug", "train", "--epochs", "2", "--learning-rate", "0.01",
+                               "--freeze-backbone", "--data-dir", str(tmp_path), "--no-amp"]
+
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    from dataclasses import replace
+    import torch
+    from plantml.errors import DataError, RankFailed
+    from plantml.training import distributed
+    from plantml.training.run import TrainConfig, fit, prepare
+
+    data, out = sys.argv[1], sys.argv[2]
+    with distributed.session("cpu") as ranks:
+        # 1. a bad input on rank 1 only: every rank stops, rank 0 names rank 1 and its exit code
+        try:
+            ranks.agree(lambda: 1 / 0 if ranks.rank == 1 else "fine")
+            agreed = "went on"
+        except RankFailed as exc:
+            agreed = [str(exc), exc.exit_code]
+        except ZeroDivisionError:
+            agreed = "own error"
+        ranks = replace(ranks, store=torch.distributed.PrefixStore("training", ranks.store))  # a clean slate
+        try:  # 2. the same data on every machine, or no training
+            ranks.require_same("same", "the data")
+            ranks.require_same(f"files of rank {ranks.rank}", "the data")
+            differ = "went on"
+        except DataError as exc:
+            differ = str(exc)
+
+        # 3. one training on both ranks, backbone frozen then unfrozen, early stopping on
+        config = TrainConfig(data_dir=data, epochs=6, batch_size=4, image_size=32, weights="none", num_workers=0,
+                             seed=5, freeze_backbone=True, unfreeze_epoch=2, early_stopping_patience=1)
+        prepared = prepare(config, ranks)
+        initial = prepared.model.conv1.weight.detach().clone()
+        result = fit(prepared)
+        weights = torch.cat([p.detach().flatten() for p in prepared.model.parameters()])
+    json.dump({"agreed": agreed, "differ": differ, "history": {k: result.history[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy",
+               "learning_rate", "best_epoch", "stopped_early", "test_loss", "test_accuracy", "confusion_matrix")},
+               "checksum": weights.double().sum().item(), "first": weights[:5].tolist(),
+               "backbone_moved": not torch.equal(initial, prepared.model.conv1.weight.detach()),
+               "sizes": prepared.loaders.split.sizes()},
+              open(f"{out}/rank{ranks.rank}.json", "w"))
+""")
+
+
+def test_two_gloo_ranks_decide_alike_and_end_with_the_same_model(tmp_path):
+    data = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=12, size=32, seed=0))
+    for extra in sorted((data / "diseased").glob("*.png"))[9:]:
+        extra.unlink()  # 12 + 9 images: odd splits, so a padded share would count an image twice
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "worker.py"), str(data), str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["agreed"] == ["rank 1 of 2 failed: ZeroDivisionError: division by zero", 1]
+    assert rank1["agreed"] == "own error"
+    assert rank0["differ"] == rank1["differ"] == ("the data differs between rank 0 and rank 1 of 2 (files of ran… and files of ran…): "
+                                                  "every machine needs the same files")
+    assert rank0["history"] == rank1["history"]  # same metrics, same kept epoch, same stop, same schedule
+    assert rank0["history"]["stopped_early"] and len(rank0["history"]["epoch"]) < 6
+    assert rank0["checksum"] == rank1["checksum"] and rank0["first"] == rank1["first"]
+    assert rank0["backbone_moved"]  # unfreezing rebuilt DDP: the backbone trained, and in step on both ranks
+    sizes, history = rank0["sizes"], rank0["history"]
+    assert history["confusion_matrix"] and sum(map(sum, history["confusion_matrix"])) == sizes["test_size"]
+    for accuracy in history["val_accuracy"]:  # each validation image counted once: a whole number of them right
+        assert accuracy * sizes["val_size"] == pytest.approx(round(accuracy * sizes["val_size"]))
+
+
+LAUNCHER = textwrap.dedent("""
+    from plantml.errors import RankFailed
+    from plantml.training.launch import launch
+    try:
+        launch(2, ["-c", "import os, sys; sys.exit(3 if os.environ['RANK'] == '1' else 0)"])
+    except RankFailed as exc:
+        print(f"{exc}|{exc.rank}|{exc.exit_code}")
+""")
+
+
+def test_nproc_names_the_rank_that_failed_with_its_exit_code_and_keeps_no_files(tmp_path):
+    # in a child process: torchrun's agent installs its own signal handlers where it runs
+    out = subprocess.run([sys.executable, "-c", LAUNCHER], env={**os.environ, "TMPDIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)
+
+    assert out.stdout.strip().splitlines()[-1] == "rank 1 of 2 exited with code 3 (its error is above)|1|3", out.stderr
+    assert list(tmp_path.iterdir()) == []  # the agent's error-file folder is gone
