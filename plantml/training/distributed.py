@@ -175,7 +175,10 @@ class Ranks:
         """
         if not self.distributed:
             return step()
-        done = f"local_main_done/{socket.gethostname()}"
+        host = socket.gethostname()
+        # every rank makes the same calls, so the n-th call of each rank is the same one
+        call = self.store.add(f"local_main_calls/{host}/{self.rank}", 1)
+        done = f"local_main_done/{host}/{call}"
         if self.local_rank == 0:
             try:
                 return step()

@@ -107,7 +107,9 @@ def test_torchrun_two_processes_make_one_run_that_agrees_with_one_process(
         assert steps(mlflow_client, run.info.run_id, key) == list(range(1, EPOCHS + 1)), key
     [version] = mlflow_client.search_model_versions(f"name='{name}'")  # registered once
     assert version.run_id == run.info.run_id
-    assert out.stdout.count("best epoch") == 1 and out.stdout.count(f"/{EPOCHS}  train_loss") == EPOCHS  # rank 0 alone prints
+    # rank 0 alone prints
+    assert out.stdout.count("best epoch") == 1 and out.stdout.count(f"/{EPOCHS}  train_loss") == EPOCHS
+    assert out.stderr.count("data: leaves") == 1 and "x 2 processes (gloo, 64 images per step)" in out.stderr
 
     # the logged test metrics are the registered model's, over the 11 test images, each counted once
     import mlflow.pytorch

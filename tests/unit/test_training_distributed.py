@@ -167,8 +167,9 @@ def test_nproc_starts_the_same_command_without_nproc(monkeypatch, tmp_path):
 
 
 WORKER = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from dataclasses import replace
+    from pathlib import Path
     import torch
     from plantml.errors import DataError, RankFailed
     from plantml.training import distributed
@@ -185,21 +186,32 @@ WORKER = textwrap.dedent("""
         except ZeroDivisionError:
             agreed = "own error"
         ranks = replace(ranks, store=torch.distributed.PrefixStore("training", ranks.store))  # a clean slate
-        try:  # 2. the same data on every machine, or no training
+        # 2. a cache the machine's first rank fills (slowly) before the other reads it
+        cache = Path(out) / "cache.txt"
+
+        def fill_or_read():
+            if ranks.local_rank == 0:
+                time.sleep(1)
+                return cache.write_text("filled")
+            return cache.read_text()
+
+        read = ranks.local_main_first(fill_or_read)
+        try:  # 3. the same data on every machine, or no training
             ranks.require_same("same", "the data")
             ranks.require_same(f"files of rank {ranks.rank}", "the data")
             differ = "went on"
         except DataError as exc:
             differ = str(exc)
 
-        # 3. one training on both ranks, backbone frozen then unfrozen, early stopping on
+        # 4. one training on both ranks, backbone frozen then unfrozen, early stopping on
         config = TrainConfig(data_dir=data, epochs=6, batch_size=4, image_size=32, weights="none", num_workers=0,
-                             seed=5, freeze_backbone=True, unfreeze_epoch=2, early_stopping_patience=1)
+                             seed=5, freeze_backbone=True, unfreeze_epoch=2, early_stopping_patience=1,
+                             output_dir=f"{out}/outputs-of-rank{ranks.rank}")
         prepared = prepare(config, ranks)
         initial = prepared.model.conv1.weight.detach().clone()
         result = fit(prepared)
         weights = torch.cat([p.detach().flatten() for p in prepared.model.parameters()])
-    json.dump({"agreed": agreed, "differ": differ, "history": {k: result.history[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy",
+    json.dump({"agreed": agreed, "differ": differ, "read": read, "history": {k: result.history[k] for k in ("epoch", "train_loss", "val_loss", "val_accuracy",
                "learning_rate", "best_epoch", "stopped_early", "test_loss", "test_accuracy", "confusion_matrix")},
                "checksum": weights.double().sum().item(), "first": weights[:5].tolist(),
                "backbone_moved": not torch.equal(initial, prepared.model.conv1.weight.detach()),
@@ -225,6 +237,8 @@ def test_two_gloo_ranks_decide_alike_and_end_with_the_same_model(tmp_path):
     assert rank1["agreed"] == "own error"
     assert rank0["differ"] == rank1["differ"] == ("the data differs between rank 0 and rank 1 of 2 (files of ran… and files of ran…): "
                                                   "every machine needs the same files")
+    assert rank1["read"] == "filled"
+    assert (tmp_path / "outputs-of-rank0" / "best_model.pth").is_file() and not (tmp_path / "outputs-of-rank1").exists()
     assert rank0["history"] == rank1["history"]  # same metrics, same kept epoch, same stop, same schedule
     assert rank0["history"]["stopped_early"] and len(rank0["history"]["epoch"]) < 6
     assert rank0["checksum"] == rank1["checksum"] and rank0["first"] == rank1["first"]
