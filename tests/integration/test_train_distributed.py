@@ -188,3 +188,21 @@ def test_stopping_the_job_ends_the_run_killed_and_leaves_no_process(leaves, job_
     run = only_run(mlflow_client, experiment_name)
     assert run.info.status == "KILLED"
     assert "failed_rank" not in run.data.tags
+
+
+def test_a_server_rank_0_cannot_reach_stops_every_rank_before_any_run(leaves, tmp_path, marker):
+    """An input error on one rank (here: rank 0's tracker) stops all ranks at once, each with one line."""
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+           "PLANTML_JOURNAL_DIR": str(tmp_path / "journal")}
+    out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "plantml", *TRAIN,
+                          "--data-dir", str(leaves), "--run-name", marker],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+    assert out.returncode == 1
+    assert processes_with(marker) == []
+    errors = [line for line in out.stderr.splitlines() if line.startswith("plantml: error:")]
+    assert len(errors) == 2, out.stderr[-3000:]
+    own = next(line for line in errors if "rank 0 of 2 failed" not in line)
+    assert "127.0.0.1:9" in own  # rank 0 names the server
+    assert f"plantml: error: rank 0 of 2 failed: {own.removeprefix('plantml: error: ')}" in errors  # rank 1 names rank 0
+    assert "[rank0]" not in out.stderr and "[rank1]" not in out.stderr  # no rank printed a traceback
