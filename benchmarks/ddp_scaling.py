@@ -74,8 +74,8 @@ def measure(nproc: int, args: argparse.Namespace) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                    __file__, "--worker", "--out", str(out), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                    "--image-size", str(args.image_size), "--backbone", args.backbone, "--device", args.device]
-        # gloo on the loopback interface: benchmarks talk to 127.0.0.1 only
-        env = {**os.environ, "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
+        # gloo, and NCCL's bootstrap, on the loopback interface: benchmarks talk to 127.0.0.1 only
+        env = {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo", **os.environ}
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)

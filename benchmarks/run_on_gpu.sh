@@ -17,3 +17,7 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 python3 -m pytest -p plantml.testing.plugin -m gpu -q -p no:cacheprovider tests/unit/test_training_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
 python3 benchmarks/gpu_throughput.py --output "$OUT/gpu_throughput.json" 2>&1 | grep -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_throughput.log"
 timeout 150 python3 benchmarks/gpu_throughput.py --backbones resnet18 --compile --epochs 3 --output "$OUT/gpu_compile.json" 2>&1 | grep -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_compile.log"
+GPUS=$(nvidia-smi -L | wc -l)
+if [ "$GPUS" -ge 2 ]; then  # one model on every GPU (NCCL) against one GPU
+    python3 benchmarks/ddp_scaling.py --device cuda --nproc "$GPUS" --image-size 224 --batch-size 128 --output "$OUT/ddp_scaling_gpu.json" 2>&1 | tee "$OUT/ddp_scaling_gpu.log"
+fi
