@@ -161,12 +161,16 @@ def test_a_failing_rank_ends_the_run_failed_and_leaves_no_process(leaves, job_en
     assert out.stderr.count(line) == 1, out.stderr[-3000:]
 
 
-def test_stopping_the_job_ends_the_run_killed_and_leaves_no_process(leaves, job_env, mlflow_client, experiment_name,
-                                                                   marker):
-    """``plantml train --nproc 2`` (torchrun's agent in plantml itself), stopped with SIGTERM after epoch 1."""
-    job = subprocess.Popen([sys.executable, "-m", "plantml", *TRAIN, "--epochs", "60", "--nproc", "2",
-                            "--batch-size", "32", "--data-dir", str(leaves), "--experiment-name", experiment_name,
-                            "--no-register", "--run-name", marker],
+@pytest.mark.parametrize("launcher, stop", [("plantml --nproc", signal.SIGTERM), ("torchrun", signal.SIGINT)],
+                         ids=["sigterm-to-plantml-nproc", "ctrl-c-to-torchrun"])
+def test_stopping_the_job_ends_the_run_killed_and_leaves_no_process(launcher, stop, leaves, job_env, mlflow_client,
+                                                                   experiment_name, marker):
+    """The job stopped after epoch 1: SIGTERM to ``plantml train --nproc 2`` (torchrun's agent in plantml
+    itself), or SIGINT to torchrun, which is what Ctrl-C sends it (its ranks run in sessions of their own)."""
+    start = ([sys.executable, "-m", "plantml", *TRAIN, "--nproc", "2"] if launcher == "plantml --nproc"
+             else [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "plantml", *TRAIN])
+    job = subprocess.Popen([*start, "--epochs", "60", "--batch-size", "32", "--data-dir", str(leaves),
+                            "--experiment-name", experiment_name, "--no-register", "--run-name", marker],
                            env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         seen = []
@@ -176,14 +180,17 @@ def test_stopping_the_job_ends_the_run_killed_and_leaves_no_process(leaves, job_
                 break
         else:
             pytest.fail("".join(seen)[-3000:])
-        job.send_signal(signal.SIGTERM)
+        job.send_signal(stop)
         rest, _ = job.communicate(timeout=120)
     finally:
         if job.poll() is None:
             job.kill()
 
-    assert job.returncode == 128 + signal.SIGTERM, rest[-3000:]
-    assert "plantml: stopped by SIGTERM" in rest
+    if launcher == "plantml --nproc":
+        assert job.returncode == 128 + signal.SIGTERM, rest[-3000:]
+        assert "plantml: stopped by SIGTERM" in rest
+    else:
+        assert job.returncode != 0, rest[-3000:]
     assert processes_with(marker) == []
     run = only_run(mlflow_client, experiment_name)
     assert run.info.status == "KILLED"
