@@ -1,38 +1,64 @@
-"""The on-disk side of the resilient write path: entries as JSON lines, spill files and journals.
+"""The write-ahead journal of a run: every accepted entry on local disk before the call returns.
 
-An *entry* is one thing the tracker asked to record, in the order it was asked:
+One file per run, ``<journal_dir>/<run_id>.jsonl``, JSON lines (the only place entries
+become JSON):
 
-- ``{"m": [key, value, timestamp, step]}``: a metric point (timestamp and step as logged);
-- ``{"p": [key, value]}`` / ``{"t": [key, value]}``: a param / a tag;
-- ``{"artifact": {"src": path, "dst": artifact_path, "dir": bool}}``: a spooled file or folder;
-- ``{"model": {...}}``: a spooled MLflow model folder, with its delivery progress;
-- ``{"end": status}``: the run's requested final status.
+- line 1, the header: which run, on which server, written by which process (host, pid
+  and the process's start time, so a later process can tell whether the writer is gone);
+  never a secret;
+- one line per entry, with its sequence number: ``{"n": 7, "m": [key, value, ts, step]}``
+  (``"p"``/``"t"`` params and tags, ``"a"`` an artifact, ``"model"``, ``"end"``);
+- what the sender learnt, appended as it goes: ``{"ack": 7}`` (the server has every entry
+  up to 7, the *cursor*), ``{"refused": 5, "reason": ...}`` (set aside for good), and
+  ``{"progress": 6, ...}`` (how far a model's delivery got).
 
-Each entry also carries ``"run"``, its run id. A *spill file* holds the entries that did
-not fit in memory while the server was away; a *journal* (``<run_id>.jsonl``) is what is
-left of a run when ``end_run`` gave up waiting: a header line (run id, tracking URI,
-experiment id, never a secret) then every undelivered entry in order, the end request
-last. ``plantml tracking replay JOURNAL`` delivers it. Non-finite metric values are
-written as JSON's ``NaN``/``Infinity`` tokens, which :mod:`json` reads back.
+Writes are one ``os.write`` per call, so a process killed at any point (SIGKILL, the OOM
+killer) loses nothing a call accepted: the kernel has it. ``fsync`` (which only power
+loss needs) runs on flush, at epoch ends and the run's end, and at most about once a
+second in between (:meth:`Journal.sync`, driven by the sender). A write the disk refuses
+raises :class:`JournalWriteError` naming the folder and the free space, after cutting the
+file back to its last whole line. The writing process holds an exclusive ``flock`` on the
+file for as long as it delivers, so recovery never races a live writer, and two
+recoveries never race each other. Reading a journal reports corrupt lines by number and
+skips them.
+
+Entries not yet delivered stay in memory, up to ``max_in_memory``; beyond that they are
+read back from the file in order when memory has room again.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
+import shutil
+import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import UsageError
+from plantml.errors import TrackingError, UsageError
+from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, ModelProgress, Param, Record, Tag
 
-#: Folder of journals and spooled artifacts, unless ``PLANTML_JOURNAL_DIR`` says otherwise.
-DEFAULT_JOURNAL_DIR = Path("~/.cache/plantml/journal")
-JOURNAL_VERSION = 1
+logger = logging.getLogger(__name__)
 
-Entry = dict[str, Any]
+JOURNAL_VERSION = 2
+SUFFIX = ".jsonl"
+
+
+class JournalWriteError(TrackingError):
+    """The journal's disk refused a write: the call's entries were not accepted."""
+
+
+class JournalBusy(TrackingError):
+    """Another process (or another recovery) holds the journal's lock."""
 
 
 def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -42,107 +68,499 @@ def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return env_path("PLANTML_JOURNAL_DIR", explicit)
 
 
-def dumps(entry: Entry) -> str:
-    """One entry as one JSON line (no newline)."""
-    return json.dumps(entry, separators=(",", ":"))
+def process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if there is no such process."""
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
 
 
 @dataclass(frozen=True)
 class JournalHeader:
-    """The first line of a journal: which run, on which server. No secret is ever written."""
+    """The first line of a journal: which run, on which server, by which process."""
 
     run_id: str
     tracking_uri: str
     experiment_id: str
     created: float
+    host: str = ""
+    pid: int = 0
+    pid_started: float | None = None
+    journal_id: str = ""
 
-    def to_json(self) -> str:
-        return dumps({"journal": JOURNAL_VERSION, "run_id": self.run_id, "tracking_uri": self.tracking_uri,
-                      "experiment_id": self.experiment_id, "created": self.created})
+    @classmethod
+    def for_this_process(cls, run_id: str, tracking_uri: str, experiment_id: str) -> JournalHeader:
+        """A header naming the current process as the writer."""
+        return cls(run_id, tracking_uri, experiment_id, time.time(), socket.gethostname(), os.getpid(),
+                   process_started(os.getpid()), uuid.uuid4().hex)
+
+    def writer_gone(self) -> bool:
+        """True when the process that wrote this journal no longer runs on this machine."""
+        if self.host != socket.gethostname():
+            return False  # another machine's process: nothing here can tell
+        started = process_started(self.pid)
+        return started is None or self.pid_started is None or abs(started - self.pid_started) > 0.05
 
 
-def write_journal(path: Path, header: JournalHeader, entries: Iterable[Entry]) -> Path:
-    """Write a whole journal atomically (temporary file, then rename); return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(header.to_json() + "\n")
-        for entry in entries:
-            out.write(dumps(entry) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def read_journal(path: str | os.PathLike[str]) -> tuple[JournalHeader, list[Entry]]:
-    """A journal's header and entries; a missing or malformed file is a :class:`UsageError`."""
-    path = Path(path)
+def free_space(folder: Path) -> str:
+    """Free space of the file system holding ``folder``, in words (``12.0 KiB free``)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "free space unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return ""  # pragma: no cover - the loop always returns
+
+
+def write_error(folder: Path, exc: OSError) -> JournalWriteError:
+    """The one-line error of a refused write, naming the folder and its free space."""
+    return JournalWriteError(f"journal folder {folder}: cannot write ({exc.strerror or exc}); {free_space(folder)}")
+
+
+# -- JSON, in and out -----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4096)
+def _quoted(text: str) -> str:
+    return json.dumps(text)
+
+
+def _number(value: float) -> str:
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
+
+
+def encode(record: Record) -> str:
+    """One record as one JSON line (with its newline)."""
+    entry, seq = record.entry, record.seq
+    if isinstance(entry, MetricPoint):  # the hot path: written by hand, about 1 µs
+        return f'{{"n":{seq},"m":[{_quoted(entry.key)},{_number(entry.value)},{entry.timestamp},{entry.step}]}}\n'
+    if isinstance(entry, Param):
+        body: dict[str, Any] = {"p": [entry.key, entry.value]}
+    elif isinstance(entry, Tag):
+        body = {"t": [entry.key, entry.value]}
+    elif isinstance(entry, Artifact):
+        body = {"a": {"src": entry.src, "dst": entry.dst, "dir": entry.is_dir}}
+    elif isinstance(entry, Model):
+        body = {"model": {"src": entry.src, "name": entry.name, "registered_model_name": entry.registered_model_name}}
+    elif isinstance(entry, End):
+        body = {"end": entry.status, "at": entry.at}
+    else:
+        raise TypeError(f"not a journal entry: {entry!r}")
+    return json.dumps({"n": seq, **body}, separators=(",", ":")) + "\n"
+
+
+def _decode_entry(line: dict[str, Any]) -> Entry:
+    if "m" in line:
+        key, value, timestamp, step = line["m"]
+        return MetricPoint(str(key), float(value), int(timestamp), int(step))
+    if "p" in line:
+        return Param(str(line["p"][0]), str(line["p"][1]))
+    if "t" in line:
+        return Tag(str(line["t"][0]), str(line["t"][1]))
+    if "a" in line:
+        spec = line["a"]
+        return Artifact(str(spec["src"]), spec.get("dst"), bool(spec.get("dir")))
+    if "model" in line:
+        spec = line["model"]
+        return Model(str(spec["src"]), str(spec["name"]), spec.get("registered_model_name"))
+    if "end" in line:
+        return End(str(line["end"]), int(line.get("at") or time.time() * 1000))
+    raise ValueError("no entry in it")
+
+
+def _progress_line(seq: int, progress: ModelProgress) -> str:
+    return json.dumps({"progress": seq, "model_id": progress.model_id, "linked": progress.linked,
+                       "uploaded": progress.uploaded, "version": progress.version,
+                       "register_tried": progress.register_tried}, separators=(",", ":")) + "\n"
+
+
+def _header_line(header: JournalHeader) -> str:
+    return json.dumps({"journal": JOURNAL_VERSION, "run_id": header.run_id, "tracking_uri": header.tracking_uri,
+                       "experiment_id": header.experiment_id, "created": header.created, "host": header.host,
+                       "pid": header.pid, "pid_started": header.pid_started, "journal_id": header.journal_id},
+                      separators=(",", ":")) + "\n"
+
+
+def _parse_header(raw: bytes, path: Path) -> JournalHeader:
+    try:
+        head = json.loads(raw.decode("utf-8"))
+        return JournalHeader(str(head["run_id"]), str(head["tracking_uri"]), str(head["experiment_id"]),
+                             float(head["created"]), str(head.get("host", "")), int(head.get("pid", 0)),
+                             head.get("pid_started"), str(head.get("journal_id", "")))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UsageError(f"journal {path}: not a plantml journal (line 1 is not a journal header)") from None
+
+
+@dataclass
+class _Scan:
+    """What one pass over a journal's lines learnt."""
+
+    cursor: int = 0
+    refused: dict[int, str] = field(default_factory=dict)
+    progress: dict[int, ModelProgress] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    last_seq: int = 0
+    end: End | None = None
+
+
+def _read_lines(data: bytes, start: int, scan: _Scan, on_record: Any) -> int:
+    """Parse ``data`` from offset ``start``, handing each record and its offset to ``on_record``.
+
+    Returns the offset after the last line read: the end, or the start of the record for
+    which ``on_record`` returned False (reading stops there).
+    """
+    offset = start
+    number = data.count(b"\n", 0, start) + 1  # line numbers count from the top of the file
+    while offset < len(data):
+        end = data.find(b"\n", offset)
+        if end < 0:
+            scan.problems.append(f"line {number}: incomplete (the file ends in the middle of it)")
+            return len(data)
+        raw, line_start, offset = data[offset:end], offset, end + 1
+        try:
+            line = json.loads(raw.decode("utf-8"))
+            if "ack" in line:
+                scan.cursor = max(scan.cursor, int(line["ack"]))
+            elif "refused" in line:
+                scan.refused[int(line["refused"])] = str(line.get("reason", ""))
+            elif "progress" in line:
+                scan.progress[int(line["progress"])] = ModelProgress(
+                    line.get("model_id"), bool(line.get("linked")), bool(line.get("uploaded")),
+                    line.get("version"), bool(line.get("register_tried")))
+            else:
+                record = Record(int(line["n"]), _decode_entry(line))
+                if on_record(record, line_start) is False:
+                    return line_start
+                scan.last_seq = max(scan.last_seq, record.seq)
+                if isinstance(record.entry, End):
+                    scan.end = record.entry
+        except UnicodeDecodeError:
+            scan.problems.append(f"line {number}: not UTF-8 text")
+        except ValueError as exc:
+            scan.problems.append(f"line {number}: not JSON ({str(exc).split(':')[0]})" if isinstance(exc, json.JSONDecodeError)
+                                 else f"line {number}: not a journal entry ({exc})")
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            scan.problems.append(f"line {number}: not a journal entry ({type(exc).__name__})")
+        number += 1
+    return offset
+
+
+# -- the journal ---------------------------------------------------------------------------------
+
+
+class Journal:
+    """One run's journal, open and locked by this process: append, read back in order, acknowledge."""
+
+    def __init__(self, path: Path, fd: int, header: JournalHeader, max_in_memory: int, scan: _Scan | None = None,
+                 size: int = 0) -> None:
+        self.path = path
+        self.header = header
+        self.max_in_memory = max_in_memory
+        self._fd: int | None = fd
+        self._lock = threading.RLock()
+        self._size = size  # bytes of whole lines in the file
+        scan = scan or _Scan()
+        self.cursor = scan.cursor
+        self.problems: tuple[str, ...] = tuple(scan.problems)
+        self.refused: dict[int, str] = dict(scan.refused)
+        #: The run's end asked for in this journal, if any.
+        self.requested_end: End | None = scan.end
+        self._progress = dict(scan.progress)
+        self._next_seq = scan.last_seq + 1
+        self._memory: deque[Record] = deque()
+        self._backlog_offset: int | None = None  # where the first record not held in memory starts
+        self._unwritten: list[Record] = []  # accepted while the disk refused: memory only, after the rest
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._warned: set[str] = set()
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, folder: Path, header: JournalHeader, max_in_memory: int) -> Journal:
+        """A new, locked journal for ``header.run_id``; :class:`JournalWriteError` if the disk refuses."""
+        path = folder / f"{header.run_id}{SUFFIX}"
+        partial = folder / f".{header.run_id}{SUFFIX}.new"  # recovery never reads a journal without its header
+        fd = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            data = _header_line(header).encode()
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.rename(partial, path)
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+                partial.unlink(missing_ok=True)  # no stray partial file
+            raise write_error(folder, exc) from None
+        return cls(path, fd, header, max_in_memory, size=len(data))
+
+    @classmethod
+    def open_existing(cls, path: Path, max_in_memory: int = 100_000) -> Journal:
+        """Lock and read a journal left by another process (or an earlier run of this one).
+
+        Raises :class:`JournalBusy` while another process holds it, :class:`UsageError`
+        when the file is missing or is not a journal. Corrupt lines are listed in
+        :attr:`problems` and skipped.
+        """
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            raise UsageError(f"journal {path}: no such file") from None
+        except OSError as exc:
+            raise UsageError(f"journal {path}: cannot open ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalBusy(f"journal {path}: in use by another process (its writer, or another recovery)") from None
+        try:
+            data = _read_all(fd)
+            first = data.find(b"\n")
+            header = _parse_header(data[: first if first >= 0 else len(data)], path)
+            body = first + 1 if first >= 0 else len(data)
+            scan = _Scan()
+            _read_lines(data, body, scan, lambda record, at: None)
+        except BaseException:
+            os.close(fd)
+            raise
+        journal = cls(path, fd, header, max_in_memory, scan, size=len(data))
+        journal._backlog_offset = body
+        journal._refill()
+        return journal
+
+    # -- the producer side -------------------------------------------------------------------------
+
+    def append(self, entries: list[Entry], keep_if_refused: bool = False) -> list[Record]:
+        """Write ``entries`` as records; return them once the kernel has them.
+
+        When the disk refuses, the file is cut back to its last whole line and
+        :class:`JournalWriteError` is raised (nothing of this call was accepted), unless
+        ``keep_if_refused``: then the records are kept in memory only, and delivered after
+        everything else.
+        """
+        with self._lock:
+            records = [Record(self._next_seq + i, entry) for i, entry in enumerate(entries)]
+            if not records or self._fd is None:
+                return []
+            lines = [encode(record) for record in records]
+            data = "".join(lines).encode("ascii")  # json.dumps escapes every non-ASCII character
+            try:
+                if self._unwritten:  # earlier records are in memory only: these go after them
+                    raise OSError(errno.EIO, "earlier entries could not be written either")
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self._cut_back()
+                error = write_error(self.path.parent, exc)
+                if not keep_if_refused:
+                    raise error from None
+                self._warn_once("keep", "%s; entries are kept in memory only until delivered", error)
+                self._unwritten.extend(records)
+            else:
+                self._place(records, lines)
+                self._size += len(data)
+                self._dirty = True
+            self._next_seq += len(records)
+            self.requested_end = next((r.entry for r in reversed(records) if isinstance(r.entry, End)), self.requested_end)
+            return records
+
+    def _place(self, records: list[Record], lines: list[str]) -> None:
+        """Keep new records in memory up to the bound; beyond it they wait on disk, in order."""
+        if self._backlog_offset is not None:
+            return  # older records already wait on disk: these come after them
+        room = max(0, self.max_in_memory - len(self._memory))
+        self._memory.extend(records[:room])
+        if room < len(records):
+            self._backlog_offset = self._size + sum(len(line) for line in lines[:room])
+
+    # -- the sender side ---------------------------------------------------------------------------
+
+    def pending(self, limit: int) -> list[Record]:
+        """Up to ``limit`` of the oldest records not acknowledged yet, in order."""
+        with self._lock:
+            if not self._memory:
+                self._refill()
+            if not self._memory and self._backlog_offset is None and self._unwritten:
+                return self._unwritten[:limit]
+            return [self._memory[i] for i in range(min(limit, len(self._memory)))]
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last record accepted (0 before any)."""
+        return self._next_seq - 1
+
+    def has_pending(self) -> bool:
+        """True while some accepted record is not acknowledged."""
+        with self._lock:
+            return bool(self._memory or self._backlog_offset is not None or self._unwritten)
+
+    def pending_count(self) -> int:
+        """Records held in memory and not acknowledged (those waiting on disk are not counted)."""
+        with self._lock:
+            return len(self._memory) + len(self._unwritten)
+
+    def model_progress(self, record: Record) -> ModelProgress:
+        """The latest progress recorded for a model record."""
+        return self._progress.get(record.seq, record.entry.progress if isinstance(record.entry, Model) else ModelProgress())
+
+    def record_progress(self, record: Record, progress: ModelProgress) -> None:
+        """Remember (and journal) how far a model's delivery got."""
+        with self._lock:
+            self._progress[record.seq] = progress
+            self._note(_progress_line(record.seq, progress))
+
+    def set_aside(self, record: Record, reason: str) -> None:
+        """Journal that the server refused ``record`` for good (it is acknowledged with the rest)."""
+        with self._lock:
+            self.refused[record.seq] = reason
+            self._note(json.dumps({"refused": record.seq, "reason": reason[:2000]}, separators=(",", ":")) + "\n")
+
+    def ack(self, seq: int) -> None:
+        """Every record up to ``seq`` is settled (delivered or set aside): drop them, move the cursor."""
+        with self._lock:
+            while self._memory and self._memory[0].seq <= seq:
+                self._memory.popleft()
+            while self._unwritten and self._unwritten[0].seq <= seq and not self._memory and self._backlog_offset is None:
+                self._unwritten.pop(0)
+            self.cursor = max(self.cursor, seq)
+            self._note(f'{{"ack":{seq}}}\n')
+            if not self._memory:
+                self._refill()
+
+    def sync(self, at_most_every: float = 0.0) -> None:
+        """fsync what was written, if anything was, and not more often than ``at_most_every`` seconds."""
+        with self._lock:
+            if self._fd is None or not self._dirty or time.monotonic() - self._last_sync < at_most_every:
+                return
+            fd, self._dirty, self._last_sync = self._fd, False, time.monotonic()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._warn_once("fsync", "journal %s: fsync failed: %s", self.path, exc)
+
+    def close(self) -> None:
+        """Release the lock and the file (it stays on disk for recovery); later writes are ignored."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Delete the journal (everything in it was settled)."""
+        with self._lock:
+            self.path.unlink(missing_ok=True)
+            self.close()
+
+    def keep_aside(self) -> Path:
+        """Move the journal into ``kept/`` beside it (entries refused or lines corrupt); return the new path."""
+        with self._lock:
+            kept = self.path.parent / "kept" / self.path.name
+            try:
+                kept.parent.mkdir(exist_ok=True)
+                os.replace(self.path, kept)
+            except OSError as exc:
+                logger.warning("journal %s: could not move it to %s: %s", self.path, kept.parent, exc)
+                kept = self.path
+            self.close()
+            self.path = kept
+            return kept
+
+    # -- inside ------------------------------------------------------------------------------------
+
+    def _note(self, line: str) -> None:
+        """Append one line of what the sender learnt; a refusing disk is only a warning here."""
+        if self._fd is None:
+            return
+        try:
+            _write_all(self._fd, line.encode())
+        except OSError as exc:
+            self._cut_back()
+            self._warn_once("note", "journal %s: %s (delivery goes on; the server has what was sent)", self.path, exc)
+            return
+        self._size += len(line)
+        self._dirty = True
+
+    def _cut_back(self) -> None:
+        """Drop a partly written line, so the file keeps only whole lines."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError as exc:
+            self._warn_once("truncate", "journal %s: could not cut back a partial line: %s", self.path, exc)
+
+    def _refill(self) -> None:
+        """Read records waiting on disk back into memory, up to the bound, skipping settled ones."""
+        if self._backlog_offset is None or self._fd is None:
+            return
+        base = self._backlog_offset
+        data = _read_all(self._fd, base)
+        scan = _Scan()
+
+        def take(record: Record, at: int) -> bool:
+            if record.seq <= self.cursor or record.seq in self.refused:
+                return True
+            if len(self._memory) >= self.max_in_memory:
+                return False  # memory is full again: the rest waits on disk
+            self._memory.append(record)
+            return True
+
+        stopped = _read_lines(data, 0, scan, take)
+        self._progress.update(scan.progress)
+        self._backlog_offset = base + stopped if stopped < len(data) else None
+
+    def _warn_once(self, what: str, message: str, *args: Any) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning(message, *args)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_all(fd: int, offset: int = 0) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def list_journals(folder: Path) -> list[Path]:
+    """The journals in ``folder`` (not those kept aside, nor ones still being created), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"*{SUFFIX}") if not p.name.startswith(".")]
+    return sorted(found, key=lambda p: p.stat().st_mtime if p.exists() else 0)
+
+
+def read_header(path: Path) -> JournalHeader:
+    """A journal's header alone (no lock taken): enough to decide whether to recover it."""
+    try:
+        with open(path, "rb") as src:
+            first = src.readline()
     except FileNotFoundError:
         raise UsageError(f"journal {path}: no such file") from None
-    try:
-        head = json.loads(lines[0])
-        header = JournalHeader(head["run_id"], head["tracking_uri"], str(head["experiment_id"]), float(head["created"]))
-        entries = [json.loads(line) for line in lines[1:] if line.strip()]
-    except (IndexError, KeyError, ValueError) as exc:
-        raise UsageError(f"journal {path}: not a plantml journal ({exc.__class__.__name__})") from None
-    return header, entries
-
-
-def new_journal_path(folder: Path, run_id: str) -> Path:
-    """``<folder>/<run_id>.jsonl``, or a timestamped name beside an existing one."""
-    path = folder / f"{run_id}.jsonl"
-    return path if not path.exists() else folder / f"{run_id}-{int(time.time() * 1000)}.jsonl"
-
-
-class SpillFile:
-    """An append-only JSON-lines file read back from the front, for entries beyond the memory bound."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._writer: Any = None
-        self._read_offset = 0
-        self.count = 0  # entries written and not yet read back
-
-    def append(self, entries: Iterable[Entry]) -> None:
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in reset()
-        lines = [dumps(entry) + "\n" for entry in entries]
-        self._writer.writelines(lines)
-        self._writer.flush()
-        self.count += len(lines)
-
-    def read(self, limit: int) -> list[Entry]:
-        """Up to ``limit`` of the oldest entries not read yet; the file goes once all are read."""
-        if self.count == 0:
-            return []
-        entries: list[Entry] = []
-        with open(self.path, encoding="utf-8") as src:
-            src.seek(self._read_offset)
-            while len(entries) < limit:
-                line = src.readline()
-                if not line:
-                    break
-                entries.append(json.loads(line))
-            self._read_offset = src.tell()
-        self.count -= len(entries)
-        if self.count == 0:
-            self.reset()
-        return entries
-
-    def read_all(self) -> list[Entry]:
-        return self.read(self.count)
-
-    def reset(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.path.unlink(missing_ok=True)
-        self._read_offset = 0
-        self.count = 0
-
-    def __iter__(self) -> Iterator[Entry]:  # pragma: no cover - convenience
-        return iter(self.read_all())
+    return _parse_header(first.rstrip(b"\n"), path)

@@ -139,7 +139,7 @@ class Prepared:
         return self.config.registered_model_name or f"{self.config.backbone}_plant_classifier"
 
     def params(self) -> dict[str, Any]:
-        """The run's params: the design's list, then seed, weights and image_size."""
+        """The run's params: the design's list, then seed, weights, image_size and skipped_images."""
         c = self.config
         return {
             "backbone": c.backbone,
@@ -160,6 +160,7 @@ class Prepared:
             "seed": c.seed,
             "weights": self.weights.label,
             "image_size": self.image_size,
+            "skipped_images": len(self.scan.skipped),
         }
 
     def tags(self) -> dict[str, str]:
@@ -316,23 +317,23 @@ def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = Non
         tracker.log_params(prepared.params())
         tracker.log_system_metrics()
         result = _train_and_record(prepared, tracker, reporter)
-    except KeyboardInterrupt:
-        _end_quietly(tracker, "KILLED")
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP when the tracker handles signals
+        _end_quietly(tracker, "KILLED", exc)
         raise
-    except BaseException:
-        _end_quietly(tracker, "FAILED")
+    except BaseException as exc:
+        _end_quietly(tracker, "FAILED", exc)
         raise
     tracker.end_run(status="FINISHED")
     result.run_id = run_id
     return result
 
 
-def _end_quietly(tracker: Any, status: str) -> None:
-    # the original exception matters more than a failure to report it
+def _end_quietly(tracker: Any, status: str, error: BaseException) -> None:
+    # the original exception matters more than a failure to report it: one line, no traceback
     try:
-        tracker.end_run(status=status)
-    except Exception:  # noqa: BLE001
-        logger.exception("could not end the tracking run as %s", status)
+        tracker.end_run(status=status, error=error)
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("could not end the tracking run as %s: %s", status, exc)
 
 
 def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> TrainResult:

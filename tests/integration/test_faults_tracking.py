@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from plantml.tracking import DeliveryPending, MLflowTracker, PendingModel
-from plantml.tracking.replay import replay
+from plantml.tracking.recover import recover_journal
 
 pytestmark = pytest.mark.integration
 
@@ -155,8 +155,8 @@ def test_object_store_down_until_the_end_leaves_a_journal_that_replay_completes(
     stack.start("s3")
     for var, value in stack.client_env().items():  # replay's S3 credentials come from the environment
         monkeypatch.setenv(var, value)
-    result = replay(journal, timeout=60)
-    assert result.status == "FINISHED" and result.model_versions == [1]
+    result = recover_journal(journal, timeout=60)
+    assert result.ok and result.status == "FINISHED" and result.model_versions == (1,)
     assert not journal.exists()
     stored = client.get_run(run.run_id)
     assert stored.info.status == "FINISHED" and stored.data.tags["plantml.delivery"] == "complete"

@@ -52,13 +52,14 @@ def tiny(leaves, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def test_params_are_the_design_list_plus_seed_weights_and_image_size(leaves):
+def test_params_are_the_design_list_plus_seed_weights_image_size_and_skipped_images(leaves):
     tracker = RecordingTracker()
     train(tiny(leaves), tracker)
 
     [(args, _)] = tracker.named("log_params")
     params = args[0]
-    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size"}
+    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size", "skipped_images"}
+    assert params["skipped_images"] == 0
     assert (params["train_size"], params["val_size"], params["test_size"]) == (16, 4, 4)
     assert params["optimizer"] == "AdamW" and params["scheduler"] == "CosineAnnealingLR"
     assert params["loss_function"] == "CrossEntropyLoss" and params["num_classes"] == 2
@@ -152,9 +153,9 @@ def test_ctrl_c_ends_the_run_killed_and_propagates(leaves):
             raise KeyboardInterrupt
 
     tracker = RecordingTracker()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as raised:
         train(tiny(leaves), tracker, Interrupt())
-    assert tracker.named("end_run") == [((), {"status": "KILLED"})]
+    assert tracker.named("end_run") == [((), {"status": "KILLED", "error": raised.value})]
 
 
 def test_an_error_during_training_ends_the_run_failed(leaves):
@@ -163,9 +164,9 @@ def test_an_error_during_training_ends_the_run_failed(leaves):
             raise RuntimeError("boom")
 
     tracker = RecordingTracker()
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RuntimeError, match="boom") as raised:
         train(tiny(leaves), tracker, Boom())
-    assert tracker.named("end_run") == [((), {"status": "FAILED"})]
+    assert tracker.named("end_run") == [((), {"status": "FAILED", "error": raised.value})]  # recorded as error tags
 
 
 @pytest.mark.parametrize("overrides, message", [
