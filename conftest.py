@@ -1,5 +1,6 @@
 """Repository-wide pytest setup: tests under tests/integration/ are marked ``integration``;
-the containers backend's own tests are collected only in a ``--stack containers`` session.
+the containers backend's own tests are collected only in a ``--stack containers`` session,
+the tracking client's fault tests only in a ``--stack local`` one.
 
 The stack fixtures themselves come from plantml's pytest plugin (``plantml.testing.plugin``),
 loaded through its ``pytest11`` entry point.
@@ -23,10 +24,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 CONTAINERS_ONLY = INTEGRATION_DIR / "test_containers.py"
+# Tests whose subject is the tracking client, not the stack (signals, faults injected by a proxy, bad values,
+# journals replayed, a full disk): the local backend's session runs them; another backend would repeat them slower.
+CLIENT_ONLY = {INTEGRATION_DIR / name for name in (
+    "test_signals.py", "test_delivery_faults.py", "test_bad_values.py", "test_journal_recovery.py", "test_journal_disk_full.py",
+)}
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     # Not collected rather than skipped: a session on another backend has nothing to say about them.
     if collection_path == CONTAINERS_ONLY and config.getoption("--stack") != "containers":
+        return True
+    if collection_path in CLIENT_ONLY and config.getoption("--stack") != "local":
         return True
     return None

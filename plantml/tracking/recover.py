@@ -87,7 +87,7 @@ def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry:
         done = sender.finish(end, timeout, hurry)
     else:
         end = journal.requested_end
-        done = sender.flush(timeout, hurry)
+        done = sender.flush(timeout, hurry, to_the_end=True)
     sender.stop()
     if done:
         if not journal.refused and not journal.problems:

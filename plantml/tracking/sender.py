@@ -208,8 +208,11 @@ class RunSender:
 
     # -- waiting -------------------------------------------------------------------------------
 
-    def flush(self, timeout: float | None = None, hurry: Callable[[], bool] = lambda: False) -> bool:
-        """Wait until everything journalled so far is settled; False if ``timeout`` (or ``hurry``) came first."""
+    def flush(self, timeout: float | None = None, hurry: Callable[[], bool] = lambda: False, to_the_end: bool = False) -> bool:
+        """Wait until everything journalled so far is settled; False if ``timeout`` (or ``hurry``) came first.
+
+        ``to_the_end``: also what is journalled while waiting (the count of set-aside entries, after the run's end).
+        """
         target = self.journal.last_seq
         deadline = None if timeout is None else time.monotonic() + timeout
         self.journal.sync()
@@ -217,7 +220,7 @@ class RunSender:
             self._flushing += 1
             self._cond.notify_all()  # a lingering batch leaves now
             try:
-                while self.journal.cursor < target:
+                while self.journal.cursor < (self.journal.last_seq if to_the_end else target):
                     left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
                     if left <= 0 or self.gone is not None or hurry() or not self._thread.is_alive():
                         return False
@@ -229,7 +232,7 @@ class RunSender:
     def finish(self, end: End, timeout: float, hurry: Callable[[], bool] = lambda: False) -> bool:
         """Journal the run's end (kept in memory if the disk refuses) and wait up to ``timeout`` for delivery."""
         self.write([end], keep_if_refused=True)
-        return self.flush(timeout, hurry)
+        return self.flush(timeout, hurry, to_the_end=True)
 
     def stop(self) -> None:
         """Stop the thread after its current request; what is not delivered stays in the journal."""

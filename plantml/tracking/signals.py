@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from typing import Any
 from plantml.errors import Interrupted
 
 HANDLED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+#: After an interruption, further signals only hurry the exit for this long (then the handlers before ours act).
+AFTER_INTERRUPT_S = 30.0
 
 
 class _State:
@@ -42,6 +45,7 @@ class _State:
         self.depth = 0  # inside deferred() sections of the main thread
         self.pending = False  # received inside a deferred() section, to raise on leaving it
         self.hook_installed = False
+        self.lingering_until = 0.0  # ours stay after the last uninstall, when it came during an interruption
         self.on_uncaught: list[Callable[[Interrupted], None]] = []
 
 
@@ -57,7 +61,8 @@ def install() -> None:
     if _state.installed == 0:
         _state.owner_pid = os.getpid()
         _state.current, _state.count, _state.pending = None, 0, False
-        _state.previous = {signum: signal.signal(signum, _handler) for signum in HANDLED}
+        if not _state.previous:  # (still there when ours linger after an interruption)
+            _state.previous = {signum: signal.signal(signum, _handler) for signum in HANDLED}
     _state.installed += 1
     if not _state.hook_installed:  # kept for good: the exception may reach the top after the run ended
         _state.hook_installed = True
@@ -66,14 +71,34 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Undo one :func:`install`; the last one restores the previous handlers."""
+    """Undo one :func:`install`; the last one restores the previous handlers.
+
+    Not at once after an interruption: the process is on its way out, and a second Ctrl-C
+    a moment later must not turn into a traceback. For ``AFTER_INTERRUPT_S`` seconds
+    further signals only hurry; the first one after that gets the previous handler.
+    """
     if _state.installed == 0:
         return
     _state.installed -= 1
+    if _state.installed == 0:
+        if _state.current is not None:
+            _state.lingering_until = time.monotonic() + AFTER_INTERRUPT_S
+        elif threading.current_thread() is threading.main_thread():
+            _restore()
+
+
+def reset() -> None:
+    """Forget an interruption and give the signals back to the handlers before ours, at once
+    (an interactive session that caught the :class:`Interrupted` and goes on)."""
     if _state.installed == 0 and threading.current_thread() is threading.main_thread():
-        for signum, previous in _state.previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        _state.previous = {}
+        _state.current, _state.count, _state.lingering_until = None, 0, 0.0
+        _restore()
+
+
+def _restore() -> None:
+    for signum, previous in _state.previous.items():
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    _state.previous = {}
 
 
 def received() -> Interrupted | None:
@@ -117,6 +142,14 @@ def _handler(signum: int, frame: Any) -> None:
             raise KeyboardInterrupt
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+        return
+    if _state.installed == 0 and time.monotonic() > _state.lingering_until:
+        previous = _state.previous.get(signum, signal.SIG_DFL)  # no run handles signals any more: as before us
+        _restore()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
         return
     _state.count += 1
     if _state.current is not None:

@@ -74,3 +74,45 @@ def test_a_signal_ends_the_run_killed_with_one_line_and_the_signal_as_exit_statu
     for key in ("train_loss", "val_accuracy"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == printed, key
     assert not list((tmp_path / "journal").glob("*.jsonl"))
+
+
+@pytest.fixture
+def handling():
+    from plantml.tracking import signals as handling
+
+    handling.install()
+    yield handling
+    handling.uninstall()
+    handling.reset()  # no after-interruption grace left for the next test
+
+
+def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends(handling) -> None:
+    from plantml.errors import Interrupted
+
+    reached_the_end = False
+    with pytest.raises(Interrupted) as raised:
+        with handling.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs here and must not raise
+            reached_the_end = True
+    assert reached_the_end and raised.value.exit_code == 130 and str(raised.value) == "interrupted by SIGINT"
+
+
+def test_after_an_interruption_a_second_signal_only_hurries_then_ctrl_c_works_again(handling, monkeypatch) -> None:
+    from plantml.errors import Interrupted
+
+    monkeypatch.setattr(handling, "AFTER_INTERRUPT_S", 0.3)
+    with pytest.raises(Interrupted):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    handling.uninstall()  # the run ended; the process may be on its way out
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # swallowed: no traceback while exiting
+    assert handling.hurry()
+    time.sleep(0.4)  # the grace is over
+    with pytest.raises(KeyboardInterrupt) as raised:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    assert not isinstance(raised.value, Interrupted)  # Python's own handler again, and for good
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    handling.install()  # for the fixture's uninstall
