@@ -4,7 +4,7 @@ Each artifact (a file, a folder, a figure, a dict, a text) and each model is wri
 ``<journal_dir>/spool/<run_id>/<n>/`` before its journal entry is, so the caller may
 delete or change its own file at once, and a recovery after a crash still finds it. File
 names that are not UTF-8 (a byte Python could not decode) are written with
-:func:`~plantml.tracking.validation.safe_text`, as the object store needs. A copy the disk
+:func:`~plantml.text.safe_text`, as the object store needs. A copy the disk
 refuses raises a one-line :class:`~plantml.tracking.journal.JournalWriteError` naming the
 folder and its free space, and leaves nothing half-written behind.
 """
@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from plantml.text import safe_text
 from plantml.tracking.journal import write_error
-from plantml.tracking.validation import safe_text
 
 
 class Spool:

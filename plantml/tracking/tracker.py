@@ -26,6 +26,7 @@ from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError
 from plantml.settings import TrackingSettings, resolve_tracking_settings
+from plantml.text import safe_text
 from plantml.tracking import signals
 from plantml.tracking import validation as check
 from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, Param, Tag
@@ -570,8 +571,8 @@ def _torch_requirements() -> list[str]:
 def _error_tags(exc: BaseException) -> list[Entry]:
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     limit = check.MAX_TAG_VAL_LENGTH
-    return [Tag("plantml.error.type", type(exc).__name__), Tag("plantml.error.message", check.safe_text(str(exc)[:limit]).replace("\x00", "")),
-            Tag("plantml.error.traceback", check.safe_text(trace[-limit:]).replace("\x00", ""))]
+    return [Tag("plantml.error.type", type(exc).__name__), Tag("plantml.error.message", safe_text(str(exc)[:limit]).replace("\x00", "")),
+            Tag("plantml.error.traceback", safe_text(trace[-limit:]).replace("\x00", ""))]
 
 
 def end_abandoned_runs(announce: bool = True) -> None:

@@ -10,9 +10,8 @@ equal the installed MLflow's.
 Beyond MLflow's own checks, what its stores cannot hold is refused here too: a NUL
 character (PostgreSQL's text cannot), a step outside int64, a number too large for a
 float. A *lone surrogate*, which is what Python makes of a byte that is not UTF-8 in a
-file name (a folder named in Latin-1), cannot be sent either; :func:`safe_text` writes
-each as ``\\xNN`` (the original byte) or ``\\uDNNN`` instead, so such a path is logged
-readably rather than refused.
+file name (a folder named in Latin-1), cannot be sent either; :func:`plantml.text.safe_text`
+writes each such byte as ``%XX`` instead, so such a path is logged readably rather than refused.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ValidationError
+from plantml.text import safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ NAME_RULE = (
 )
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class NonFiniteMetricWarning(UserWarning):
@@ -76,14 +75,6 @@ def check_name(kind: str, name: Any) -> str:
     if len(name) > MAX_ENTITY_KEY_LENGTH:
         raise ValidationError(f"{kind} name {name[:40]!r}...: longer than {MAX_ENTITY_KEY_LENGTH} characters ({len(name)})")
     return name
-
-
-def safe_text(text: str) -> str:
-    """``text`` with each lone surrogate written as ``\\xNN`` (an undecodable file-name byte) or ``\\uDNNN``."""
-    if not _SURROGATE.search(text):
-        return text
-    return _SURROGATE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}" if 0xDC80 <= ord(m.group()) <= 0xDCFF
-                          else f"\\u{ord(m.group()):04x}", text)
 
 
 def checked_text(kind: str, key: str, text: str) -> str:
