@@ -11,8 +11,9 @@ The write path under it: :mod:`~plantml.tracking.entries` (what is logged, typed
 from __future__ import annotations
 
 from plantml.tracking.entries import MetricPoint
+from plantml.tracking.runs import PendingModel, TrackedRun, flatten_run
 from plantml.tracking.sender import DeliveryPending, DeliverySettings
-from plantml.tracking.tracker import MLflowTracker, PendingModel, TrackedRun, flatten_run
+from plantml.tracking.tracker import MLflowTracker
 from plantml.tracking.validation import NonFiniteMetricWarning, TruncatedValueWarning
 
 __all__ = [

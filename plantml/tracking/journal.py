@@ -1,16 +1,8 @@
 """The write-ahead journal of a run: every accepted entry on local disk before the call returns.
 
-One file per run, ``<journal_dir>/<run_id>.jsonl``, JSON lines (the only place entries
-become JSON):
-
-- line 1, the header: which run, on which server, written by which process (host, pid
-  and the process's start time, so a later process can tell whether the writer is gone);
-  never a secret;
-- one line per entry, with its sequence number: ``{"n": 7, "m": [key, value, ts, step]}``
-  (``"p"``/``"t"`` params and tags, ``"a"`` an artifact, ``"model"``, ``"end"``);
-- what the sender learnt, appended as it goes: ``{"ack": 7}`` (the server has every entry
-  up to 7, the *cursor*), ``{"refused": 5, "reason": ...}`` (set aside for good), and
-  ``{"progress": 6, ...}`` (how far a model's delivery got).
+One file per run, ``<journal_dir>/<run_id>.jsonl``: a header, one line per entry, and
+what the sender learnt (the cursor, set-asides, a model's progress); the lines are
+described in :mod:`plantml.tracking.journal_format`.
 
 Writes are one ``os.write`` per call, so a process killed at any point (SIGKILL, the OOM
 killer) loses nothing a call accepted: the kernel has it. ``fsync`` (which only power
@@ -30,26 +22,31 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from plantml.errors import TrackingError, UsageError
-from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, ModelProgress, Param, Record, Tag
+from plantml.tracking.entries import End, Entry, Model, ModelProgress, Record
+from plantml.tracking.journal_format import (
+    JournalHeader,
+    LineScan,
+    ack_line,
+    encode,
+    header_line,
+    parse_header,
+    progress_line,
+    read_lines,
+    refused_line,
+)
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_VERSION = 2
 SUFFIX = ".jsonl"
 
 
@@ -66,43 +63,6 @@ def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     from plantml.settings import env_path
 
     return env_path("PLANTML_JOURNAL_DIR", explicit)
-
-
-def process_started(pid: int) -> float | None:
-    """When process ``pid`` started (seconds since the epoch), or None if there is no such process."""
-    import psutil
-
-    try:
-        return round(psutil.Process(pid).create_time(), 2)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
-
-
-@dataclass(frozen=True)
-class JournalHeader:
-    """The first line of a journal: which run, on which server, by which process."""
-
-    run_id: str
-    tracking_uri: str
-    experiment_id: str
-    created: float
-    host: str = ""
-    pid: int = 0
-    pid_started: float | None = None
-    journal_id: str = ""
-
-    @classmethod
-    def for_this_process(cls, run_id: str, tracking_uri: str, experiment_id: str) -> JournalHeader:
-        """A header naming the current process as the writer."""
-        return cls(run_id, tracking_uri, experiment_id, time.time(), socket.gethostname(), os.getpid(),
-                   process_started(os.getpid()), uuid.uuid4().hex)
-
-    def writer_gone(self) -> bool:
-        """True when the process that wrote this journal no longer runs on this machine."""
-        if self.host != socket.gethostname():
-            return False  # another machine's process: nothing here can tell
-        started = process_started(self.pid)
-        return started is None or self.pid_started is None or abs(started - self.pid_started) > 0.05
 
 
 def free_space(folder: Path) -> str:
@@ -123,145 +83,13 @@ def write_error(folder: Path, exc: OSError) -> JournalWriteError:
     return JournalWriteError(f"journal folder {folder}: cannot write ({exc.strerror or exc}); {free_space(folder)}")
 
 
-# -- JSON, in and out -----------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=4096)
-def _quoted(text: str) -> str:
-    return json.dumps(text)
-
-
-def _number(value: float) -> str:
-    if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "Infinity" if value > 0 else "-Infinity"
-    return repr(value)
-
-
-def encode(record: Record) -> str:
-    """One record as one JSON line (with its newline)."""
-    entry, seq = record.entry, record.seq
-    if isinstance(entry, MetricPoint):  # the hot path: written by hand, about 1 µs
-        return f'{{"n":{seq},"m":[{_quoted(entry.key)},{_number(entry.value)},{entry.timestamp},{entry.step}]}}\n'
-    if isinstance(entry, Param):
-        body: dict[str, Any] = {"p": [entry.key, entry.value]}
-    elif isinstance(entry, Tag):
-        body = {"t": [entry.key, entry.value]}
-    elif isinstance(entry, Artifact):
-        body = {"a": {"src": entry.src, "dst": entry.dst, "dir": entry.is_dir}}
-    elif isinstance(entry, Model):
-        body = {"model": {"src": entry.src, "name": entry.name, "registered_model_name": entry.registered_model_name}}
-    elif isinstance(entry, End):
-        body = {"end": entry.status, "at": entry.at}
-    else:
-        raise TypeError(f"not a journal entry: {entry!r}")
-    return json.dumps({"n": seq, **body}, separators=(",", ":")) + "\n"
-
-
-def _decode_entry(line: dict[str, Any]) -> Entry:
-    if "m" in line:
-        key, value, timestamp, step = line["m"]
-        return MetricPoint(str(key), float(value), int(timestamp), int(step))
-    if "p" in line:
-        return Param(str(line["p"][0]), str(line["p"][1]))
-    if "t" in line:
-        return Tag(str(line["t"][0]), str(line["t"][1]))
-    if "a" in line:
-        spec = line["a"]
-        return Artifact(str(spec["src"]), spec.get("dst"), bool(spec.get("dir")))
-    if "model" in line:
-        spec = line["model"]
-        return Model(str(spec["src"]), str(spec["name"]), spec.get("registered_model_name"))
-    if "end" in line:
-        return End(str(line["end"]), int(line.get("at") or time.time() * 1000))
-    raise ValueError("no entry in it")
-
-
-def _progress_line(seq: int, progress: ModelProgress) -> str:
-    return json.dumps({"progress": seq, "model_id": progress.model_id, "linked": progress.linked,
-                       "uploaded": progress.uploaded, "version": progress.version,
-                       "register_tried": progress.register_tried}, separators=(",", ":")) + "\n"
-
-
-def _header_line(header: JournalHeader) -> str:
-    return json.dumps({"journal": JOURNAL_VERSION, "run_id": header.run_id, "tracking_uri": header.tracking_uri,
-                       "experiment_id": header.experiment_id, "created": header.created, "host": header.host,
-                       "pid": header.pid, "pid_started": header.pid_started, "journal_id": header.journal_id},
-                      separators=(",", ":")) + "\n"
-
-
-def _parse_header(raw: bytes, path: Path) -> JournalHeader:
-    try:
-        head = json.loads(raw.decode("utf-8"))
-        return JournalHeader(str(head["run_id"]), str(head["tracking_uri"]), str(head["experiment_id"]),
-                             float(head["created"]), str(head.get("host", "")), int(head.get("pid", 0)),
-                             head.get("pid_started"), str(head.get("journal_id", "")))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise UsageError(f"journal {path}: not a plantml journal (line 1 is not a journal header)") from None
-
-
-@dataclass
-class _Scan:
-    """What one pass over a journal's lines learnt."""
-
-    cursor: int = 0
-    refused: dict[int, str] = field(default_factory=dict)
-    progress: dict[int, ModelProgress] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
-    last_seq: int = 0
-    end: End | None = None
-
-
-def _read_lines(data: bytes, start: int, scan: _Scan, on_record: Any) -> int:
-    """Parse ``data`` from offset ``start``, handing each record and its offset to ``on_record``.
-
-    Returns the offset after the last line read: the end, or the start of the record for
-    which ``on_record`` returned False (reading stops there).
-    """
-    offset = start
-    number = data.count(b"\n", 0, start) + 1  # line numbers count from the top of the file
-    while offset < len(data):
-        end = data.find(b"\n", offset)
-        if end < 0:
-            scan.problems.append(f"line {number}: incomplete (the file ends in the middle of it)")
-            return len(data)
-        raw, line_start, offset = data[offset:end], offset, end + 1
-        try:
-            line = json.loads(raw.decode("utf-8"))
-            if "ack" in line:
-                scan.cursor = max(scan.cursor, int(line["ack"]))
-            elif "refused" in line:
-                scan.refused[int(line["refused"])] = str(line.get("reason", ""))
-            elif "progress" in line:
-                scan.progress[int(line["progress"])] = ModelProgress(
-                    line.get("model_id"), bool(line.get("linked")), bool(line.get("uploaded")),
-                    line.get("version"), bool(line.get("register_tried")))
-            else:
-                record = Record(int(line["n"]), _decode_entry(line))
-                if on_record(record, line_start) is False:
-                    return line_start
-                scan.last_seq = max(scan.last_seq, record.seq)
-                if isinstance(record.entry, End):
-                    scan.end = record.entry
-        except UnicodeDecodeError:
-            scan.problems.append(f"line {number}: not UTF-8 text")
-        except ValueError as exc:
-            scan.problems.append(f"line {number}: not JSON ({str(exc).split(':')[0]})" if isinstance(exc, json.JSONDecodeError)
-                                 else f"line {number}: not a journal entry ({exc})")
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:
-            scan.problems.append(f"line {number}: not a journal entry ({type(exc).__name__})")
-        number += 1
-    return offset
-
-
 # -- the journal ---------------------------------------------------------------------------------
 
 
 class Journal:
     """One run's journal, open and locked by this process: append, read back in order, acknowledge."""
 
-    def __init__(self, path: Path, fd: int, header: JournalHeader, max_in_memory: int, scan: _Scan | None = None,
+    def __init__(self, path: Path, fd: int, header: JournalHeader, max_in_memory: int, scan: LineScan | None = None,
                  size: int = 0) -> None:
         self.path = path
         self.header = header
@@ -269,7 +97,7 @@ class Journal:
         self._fd: int | None = fd
         self._lock = threading.RLock()
         self._size = size  # bytes of whole lines in the file
-        scan = scan or _Scan()
+        scan = scan or LineScan()
         self.cursor = scan.cursor
         self.problems: tuple[str, ...] = tuple(scan.problems)
         self.refused: dict[int, str] = dict(scan.refused)
@@ -296,7 +124,7 @@ class Journal:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            data = _header_line(header).encode()
+            data = header_line(header).encode()
             _write_all(fd, data)
             os.fsync(fd)
             os.rename(partial, path)
@@ -329,10 +157,10 @@ class Journal:
         try:
             data = _read_all(fd)
             first = data.find(b"\n")
-            header = _parse_header(data[: first if first >= 0 else len(data)], path)
+            header = parse_header(data[: first if first >= 0 else len(data)], path)
             body = first + 1 if first >= 0 else len(data)
-            scan = _Scan()
-            _read_lines(data, body, scan, lambda record, at: None)
+            scan = LineScan()
+            read_lines(data, body, scan, lambda record, at: None)
         except BaseException:
             os.close(fd)
             raise
@@ -419,13 +247,13 @@ class Journal:
         """Remember (and journal) how far a model's delivery got."""
         with self._lock:
             self._progress[record.seq] = progress
-            self._note(_progress_line(record.seq, progress))
+            self._note(progress_line(record.seq, progress))
 
     def set_aside(self, record: Record, reason: str) -> None:
         """Journal that the server refused ``record`` for good (it is acknowledged with the rest)."""
         with self._lock:
             self.refused[record.seq] = reason
-            self._note(json.dumps({"refused": record.seq, "reason": reason[:2000]}, separators=(",", ":")) + "\n")
+            self._note(refused_line(record.seq, reason))
 
     def ack(self, seq: int) -> None:
         """Every record up to ``seq`` is settled (delivered or set aside): drop them, move the cursor."""
@@ -435,7 +263,7 @@ class Journal:
             while self._unwritten and self._unwritten[0].seq <= seq and not self._memory and self._backlog_offset is None:
                 self._unwritten.pop(0)
             self.cursor = max(self.cursor, seq)
-            self._note(f'{{"ack":{seq}}}\n')
+            self._note(ack_line(seq))
             if not self._memory:
                 self._refill()
 
@@ -511,7 +339,7 @@ class Journal:
             return
         base = self._backlog_offset
         data = _read_all(self._fd, base)
-        scan = _Scan()
+        scan = LineScan()
 
         def take(record: Record, at: int) -> bool:
             if record.seq <= self.cursor or record.seq in self.refused:
@@ -521,7 +349,7 @@ class Journal:
             self._memory.append(record)
             return True
 
-        stopped = _read_lines(data, 0, scan, take)
+        stopped = read_lines(data, 0, scan, take)
         self._progress.update(scan.progress)
         self._backlog_offset = base + stopped if stopped < len(data) else None
 
@@ -563,4 +391,4 @@ def read_header(path: Path) -> JournalHeader:
             first = src.readline()
     except FileNotFoundError:
         raise UsageError(f"journal {path}: no such file") from None
-    return _parse_header(first.rstrip(b"\n"), path)
+    return parse_header(first.rstrip(b"\n"), path)

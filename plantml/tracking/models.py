@@ -1,4 +1,4 @@
-"""A spooled model's way to the server: logged model, files, then (only then) a registry version.
+"""A model's way to the server: saved into the spool, then logged model, files and (only then) a registry version.
 
 Each step is done once: :class:`~plantml.tracking.entries.ModelProgress` says which are
 done, and every step that succeeds is reported through ``on_progress`` (the sender
@@ -25,6 +25,33 @@ MODEL_STEPS_ENV = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
+
+
+def save_model(folder: Path, model: Any, run_id: str, serialization_format: str, pip_requirements: list[str] | None = None,
+               **options: Any) -> None:
+    """Save ``model`` with MLflow's pytorch flavor into ``folder`` (in the run's spool).
+
+    Pip requirements default to the running torch/torchvision versions: inferring them
+    costs seconds.
+    """
+    import mlflow.pytorch
+    from mlflow.models import Model as MlflowModel
+
+    mlflow.pytorch.save_model(model, str(folder), mlflow_model=MlflowModel(run_id=run_id),
+                              pip_requirements=pip_requirements or torch_requirements(),
+                              serialization_format=serialization_format, **options)
+
+
+def torch_requirements() -> list[str]:
+    """``torch==X`` and ``torchvision==Y`` of this environment (without local version suffixes)."""
+    import torch
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    try:
+        import torchvision
+    except ImportError:
+        return requirements
+    return [*requirements, f"torchvision=={torchvision.__version__.split('+')[0]}"]
 
 
 def deliver_model(transport: Transport, run_id: str, model: Model, progress: ModelProgress, maybe_sent: bool,

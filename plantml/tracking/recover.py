@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import TrackingError, UsageError
+from plantml.errors import TrackingError, UsageError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
 from plantml.tracking.entries import End, Tag
 from plantml.tracking.journal import Journal, JournalBusy, list_journals, read_header
@@ -42,7 +42,7 @@ from plantml.tracking.sender import (
     resolve_delivery_settings,
 )
 from plantml.tracking.spool import Spool
-from plantml.tracking.transport import DELIVERY_TAG, RetryPolicy, Transport, one_line, read_run_state
+from plantml.tracking.transport import DELIVERY_TAG, RetryPolicy, Transport, read_run_state
 
 logger = logging.getLogger(__name__)
 

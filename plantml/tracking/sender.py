@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, TrackingError
+from plantml.errors import ConfigError, TrackingError, one_line
 from plantml.tracking.entries import End, Entry, MetricPoint, Model, Record, SetAside, Tag
 from plantml.tracking.journal import Journal, journal_dir
 from plantml.tracking.transport import (
@@ -41,7 +41,6 @@ from plantml.tracking.transport import (
     RunGone,
     Transport,
     deliver,
-    one_line,
 )
 from plantml.tracking.validation import (
     MAX_BATCH_LOG_REQUEST_SIZE,

@@ -11,12 +11,15 @@ folder and its free space, and leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from plantml.errors import PlantmlError, TrackingError, one_line
 from plantml.text import safe_text
 from plantml.tracking.journal import write_error
 
@@ -49,10 +52,16 @@ class Spool:
                     shutil.copy2(Path(folder) / name, target / safe_text(name))
         return dest
 
-    def write(self, name: str, writer: Callable[[Path], None]) -> Path:
-        """A new file ``name`` (its base name), written by ``writer(path)``."""
+    def write(self, name: str, writer: Callable[[Path], None], what: str = "artifact") -> Path:
+        """A new file (or folder) ``name``, written by ``writer(path)``; its failure is a one-line
+        :class:`TrackingError` naming ``what`` it was."""
         with self._new(name) as dest:
-            writer(dest)
+            try:
+                writer(dest)
+            except (OSError, PlantmlError):
+                raise
+            except Exception as exc:
+                raise TrackingError(f"{what} {name!r}: could not be saved: {one_line(exc)}") from exc
         return dest
 
     def remove(self) -> None:
@@ -78,3 +87,19 @@ class Spool:
 
 def _safe_relative(path: Path) -> Path:
     return Path(*(safe_text(part) for part in path.parts)) if path.parts else Path()
+
+
+def figure_writer(fig: Any, name: str) -> Callable[[Path], None]:
+    """What saves a matplotlib (``savefig``) or plotly (``write_html``/``write_image``) figure to a path."""
+    if hasattr(fig, "savefig"):
+        return fig.savefig
+    return fig.write_html if name.endswith(".html") else fig.write_image
+
+
+def dict_text(data: Any, name: str) -> str:
+    """``data`` as the artifact ``name`` holds it: YAML for ``.yaml``/``.yml``, JSON otherwise."""
+    if name.endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_dump(data, default_flow_style=False)
+    return json.dumps(data, indent=2)

@@ -13,28 +13,28 @@ returns, delivered in the background. mlflow is imported on first use, so
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError
+from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
-from plantml.text import safe_text
-from plantml.tracking import signals
+from plantml.tracking import connection, signals
 from plantml.tracking import validation as check
 from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, Param, Tag
-from plantml.tracking.journal import Journal, JournalHeader
+from plantml.tracking.journal import Journal
+from plantml.tracking.journal_format import JournalHeader
+from plantml.tracking.models import save_model
 from plantml.tracking.recover import finish_run, recover_at_start
+from plantml.tracking.runs import PendingModel, TrackedRun, error_tags, flatten_run
 from plantml.tracking.sender import HEARTBEAT_TAG, DeliveryPending, DeliverySettings, RunSender, heartbeat_value, resolve_delivery_settings
-from plantml.tracking.spool import Spool
-from plantml.tracking.transport import Transport, one_line
+from plantml.tracking.spool import Spool, dict_text, figure_writer
+from plantml.tracking.transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -48,53 +48,6 @@ RECOVER_AT_START_S = 10.0
 
 _LIVE_TRACKERS: weakref.WeakSet[MLflowTracker] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
-
-
-class TrackedRun:
-    """The run :meth:`MLflowTracker.start_run` opened; as a context manager it always ends it.
-
-    Leaving the ``with`` block normally ends the run ``FINISHED``; an exception ends it
-    ``FAILED`` (``KILLED`` for Ctrl-C or a handled signal) with the error type, message and
-    traceback recorded as ``plantml.error.*`` tags, then lets the exception propagate.
-    """
-
-    def __init__(self, tracker: MLflowTracker, run: Any) -> None:
-        self.tracker = tracker
-        self.run_id: str = run.info.run_id
-        self.info = run.info
-
-    def __enter__(self) -> TrackedRun:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if self.tracker.run_id != self.run_id:
-            return  # already ended inside the block
-        if exc is None:
-            self.tracker.end_run("FINISHED")
-            return
-        try:
-            self.tracker.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error=exc)
-        except Exception as end_exc:  # the original error matters more than this one
-            logger.warning("run %s: %s", self.run_id, one_line(end_exc))
-
-    def __repr__(self) -> str:
-        return f"TrackedRun(run_id={self.run_id!r})"
-
-
-@dataclass
-class PendingModel:
-    """What :meth:`MLflowTracker.log_model` returns when the model is not stored yet.
-
-    Delivery goes on in the background; once it is done, the model and its registry
-    version appear on the server (or, if the run ends first, stay in its journal).
-    """
-
-    artifact_path: str
-    registered_model_name: str | None = None
-    registered_model_version: int | None = None
-    model_id: str | None = None
-    model_uri: str | None = None
-    pending: bool = True
 
 
 @dataclass
@@ -148,8 +101,7 @@ class MLflowTracker:
         check.check_experiment_name(self.settings.experiment_name)
         self.delivery_settings: DeliverySettings = resolve_delivery_settings(delivery_timeout, max_buffered, journal_dir)
         self.handle_signals = handle_signals
-        self._client = self._connect(connect_timeout)
-        self.experiment_id: str = self._ensure_experiment()
+        self._client, self.experiment_id = connection.connect(self.settings, connect_timeout)
         self._transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
         self._active: _ActiveRun | None = None
         self._requests_done = 0  # by the runs that ended
@@ -185,36 +137,6 @@ class MLflowTracker:
     def requests_sent(self) -> int:
         """Requests this tracker's runs have sent to the tracking server so far."""
         return self._requests_done + (self._active.sender.transport.requests_sent if self._active else 0)
-
-    # -- connection -------------------------------------------------------------------
-
-    def _connect(self, timeout: float) -> Any:
-        if self.tracking_uri.startswith(("http://", "https://")):
-            _wait_for_server(self.tracking_uri, timeout)
-        import mlflow
-
-        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-
-    def _ensure_experiment(self) -> str:
-        from mlflow.exceptions import MlflowException
-
-        name = self.experiment_name
-        try:
-            experiment = self._client.get_experiment_by_name(name)
-            if experiment is None:
-                try:
-                    return self._client.create_experiment(name)
-                except MlflowException as exc:
-                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-                    experiment = self._client.get_experiment_by_name(name)  # created meanwhile
-        except PlantmlError:
-            raise
-        except Exception as exc:
-            raise TrackingError(f"{self.tracking_uri}: cannot open experiment {name!r}: {one_line(exc)}") from exc
-        if experiment.lifecycle_stage != "active":
-            raise TrackingError(f"{self.tracking_uri}: experiment {name!r} is deleted; restore it or choose another name")
-        return experiment.experiment_id
 
     # -- runs -------------------------------------------------------------------------
 
@@ -276,7 +198,7 @@ class MLflowTracker:
             with signals.deferred():
                 self._active = None
                 if error is not None:
-                    active.sender.write(_error_tags(error), keep_if_refused=True)
+                    active.sender.write(error_tags(error), keep_if_refused=True)
                 end = End(status, int(time.time() * 1000))
                 hurry = signals.hurry if active.signals else (lambda: False)
                 report = finish_run(active.sender, active.spool, end, timeout, hurry)
@@ -396,27 +318,13 @@ class MLflowTracker:
         check.check_artifact_name(name, "figure")
         if not hasattr(fig, "savefig") and not hasattr(fig, "write_image"):
             raise ValidationError(f"figure {name!r}: expected a matplotlib or plotly figure, got {type(fig).__name__}")
-
-        def save(path: Any) -> None:
-            if hasattr(fig, "savefig"):
-                fig.savefig(path)
-            elif name.endswith(".html"):
-                fig.write_html(path)
-            else:
-                fig.write_image(path)
-
-        self._log_file(name, save, "figure")
+        self._log_file(name, figure_writer(fig, name), "figure")
 
     def log_dict(self, d: Any, name: str) -> None:
         """Save a JSON-serialisable dict as the artifact ``name`` (JSON, or YAML for ``.yaml``)."""
         check.check_artifact_name(name, "dict")
         check.check_json_serialisable(d, name)
-        if name.endswith((".yaml", ".yml")):
-            import yaml
-
-            text = yaml.safe_dump(d, default_flow_style=False)
-        else:
-            text = json.dumps(d, indent=2)
+        text = dict_text(d, name)
         self._log_file(name, lambda path: path.write_text(text, encoding="utf-8"), "dict")
 
     def log_text(self, text: str, name: str) -> None:
@@ -430,12 +338,7 @@ class MLflowTracker:
         """Write artifact ``name`` (``a/b.png``) into the spool with ``writer``, then journal it for folder ``a``."""
         active = self._require_run()
         folder, _, base = check.check_artifact_subpath(name.replace("\\", "/")).rpartition("/")  # type: ignore[union-attr]
-        try:
-            spooled = active.spool.write(base, writer)
-        except PlantmlError:
-            raise
-        except Exception as exc:
-            raise TrackingError(f"{kind} {name!r}: could not be saved: {one_line(exc)}") from exc
+        spooled = active.spool.write(base, writer, kind)
         self._write([Artifact(str(spooled), folder or None, is_dir=False)])
 
     # -- models -----------------------------------------------------------------------
@@ -469,23 +372,9 @@ class MLflowTracker:
         """
         active = self._require_run()
         check.check_artifact_name(artifact_path, "model")
-        fmt = serialization_format or MODEL_FORMAT
-        requirements = pip_requirements or _torch_requirements()
-
-        def save(folder: Any) -> None:
-            import mlflow.pytorch
-            from mlflow.models import Model as MlflowModel
-
-            mlflow.pytorch.save_model(model, str(folder), mlflow_model=MlflowModel(run_id=active.run_id),
-                                      input_example=input_example, signature=signature, pip_requirements=requirements,
-                                      serialization_format=fmt, **kwargs)
-
-        try:
-            folder = active.spool.write("model", save)
-        except PlantmlError:
-            raise
-        except Exception as exc:
-            raise TrackingError(f"model {artifact_path!r}: could not be saved: {one_line(exc)}") from exc
+        options = {"input_example": input_example, "signature": signature, **kwargs}
+        folder = active.spool.write("model", lambda path: save_model(
+            path, model, active.run_id, serialization_format or MODEL_FORMAT, pip_requirements, **options), "model")
         with signals.deferred():
             future = active.sender.write_model(Model(str(folder), artifact_path, registered_model_name))
         wait = self.delivery_settings.timeout_s if wait is None else wait
@@ -523,56 +412,6 @@ class MLflowTracker:
             raise
         except Exception as exc:
             raise TrackingError(f"{self.tracking_uri}: {action} failed: {one_line(exc)}") from exc
-
-
-def flatten_run(run: Any) -> dict[str, Any]:
-    """One MLflow ``Run`` as the flat dict ``search_runs`` returns (the design's keys)."""
-    info = run.info
-    flat: dict[str, Any] = {
-        "run_id": info.run_id, "experiment_id": info.experiment_id, "run_name": info.run_name, "status": info.status,
-        "start_time": info.start_time, "end_time": info.end_time, "artifact_uri": info.artifact_uri,
-    }
-    flat.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
-    flat.update({f"params.{k}": v for k, v in run.data.params.items()})
-    flat.update({f"tags.{k}": v for k, v in run.data.tags.items()})
-    return flat
-
-
-def _wait_for_server(uri: str, timeout: float) -> None:
-    """Raise TrackingError naming ``uri`` unless its server answers within ``timeout`` seconds.
-
-    MLflow's own client retries a dead server for about four minutes; this first contact
-    fails fast instead.
-    """
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=max(1.0, min(5.0, timeout)))
-            return  # any HTTP answer means a server is there; MLflow reports what it thinks
-        except requests.RequestException as exc:
-            if time.monotonic() >= deadline:
-                raise TrackingError(f"{uri}: tracking server not reachable ({type(exc).__name__})") from None
-        time.sleep(0.5)
-
-
-def _torch_requirements() -> list[str]:
-    import torch
-
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    try:
-        import torchvision
-    except ImportError:
-        return requirements
-    return [*requirements, f"torchvision=={torchvision.__version__.split('+')[0]}"]
-
-
-def _error_tags(exc: BaseException) -> list[Entry]:
-    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    limit = check.MAX_TAG_VAL_LENGTH
-    return [Tag("plantml.error.type", type(exc).__name__), Tag("plantml.error.message", safe_text(str(exc)[:limit]).replace("\x00", "")),
-            Tag("plantml.error.traceback", safe_text(trace[-limit:]).replace("\x00", ""))]
 
 
 def end_abandoned_runs(announce: bool = True) -> None:

@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from plantml.errors import PlantmlError, TrackingError
+from plantml.errors import PlantmlError, TrackingError, one_line
 from plantml.settings import TrackingSettings
 from plantml.tracking.entries import End, MetricPoint, Model, ModelProgress, Param, Record, SetAside, Tag
 from plantml.tracking.environ import scoped_environ
@@ -80,12 +80,6 @@ class Refused(TrackingError):
 
 class RunGone(TrackingError):
     """The run is deleted or does not exist on the server: nothing can be delivered to it."""
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none), at most 500 characters."""
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:500]
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -20,7 +20,8 @@ from plantml.cli import main
 from plantml.errors import TrackingError
 from plantml.tracking import MLflowTracker
 from plantml.tracking.entries import End, MetricPoint, Param, Tag
-from plantml.tracking.journal import Journal, JournalHeader
+from plantml.tracking.journal import Journal
+from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.sender import HEARTBEAT_TAG, heartbeat_value
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from plantml.errors import UsageError
 from plantml.tracking.entries import Artifact, End, MetricPoint, Model, ModelProgress, Param, Tag
-from plantml.tracking.journal import Journal, JournalBusy, JournalHeader, read_header
+from plantml.tracking.journal import Journal, JournalBusy, read_header
+from plantml.tracking.journal_format import JournalHeader
 
 
 def header(run_id: str = "run1") -> JournalHeader:
@@ -135,7 +136,8 @@ FILL_A_SMALL_FILE = textwrap.dedent("""
     from pathlib import Path
     from plantml.errors import TrackingError
     from plantml.tracking.entries import End, MetricPoint
-    from plantml.tracking.journal import Journal, JournalHeader
+    from plantml.tracking.journal import Journal
+    from plantml.tracking.journal_format import JournalHeader
 
     folder = Path(sys.argv[1])
     journal = Journal.create(folder, JournalHeader.for_this_process("full", "http://127.0.0.1:1", "1"), 1000)

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from plantml.settings import TrackingSettings
 from plantml.tracking.entries import End, MetricPoint, Param, Record, Tag
-from plantml.tracking.journal import Journal, JournalHeader
+from plantml.tracking.journal import Journal
+from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.recover import finish_run
 from plantml.tracking.sender import DeliverySettings, RunSender, take_batch
 from plantml.tracking.spool import Spool
