@@ -50,6 +50,8 @@ RECOVERED_TAG = "plantml.recovered"
 JOURNAL_TAG = "plantml.delivery.journal"
 REQUESTED_STATUS_TAG = "plantml.delivery.requested_status"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+#: Seconds recovery tries to reach a journal's server before it keeps the journal and moves on.
+FIRST_CONTACT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -146,8 +148,9 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
         transport = Transport(settings, client, header.experiment_id, delivery.request_timeout_s)
         deadline = time.monotonic() + timeout
         policy = RetryPolicy(delivery.max_backoff_s, give_up=lambda: time.monotonic() > deadline)
+        first_contact = time.monotonic() + min(timeout, FIRST_CONTACT_S)  # a server that is gone: move on soon
         try:
-            state = read_run_state(transport, header.run_id, policy)
+            state = read_run_state(transport, header.run_id, replace(policy, give_up=lambda: time.monotonic() > first_contact))
         except Exception as exc:
             journal.close()
             return _report(journal, f"{settings.tracking_uri} not reachable ({one_line(exc)}); journal kept", False)

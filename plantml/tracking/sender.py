@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, TrackingError, one_line
-from plantml.tracking.entries import End, Entry, MetricPoint, Model, Record, SetAside, Tag
+from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
 from plantml.tracking.journal import Journal, journal_dir
 from plantml.tracking.transport import (
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -358,9 +358,13 @@ def describe(record: Record) -> str:
     entry = record.entry
     if isinstance(entry, MetricPoint):
         return f"metric {entry.key!r} at step {entry.step}"
-    kind = type(entry).__name__.lower()
-    name = getattr(entry, "key", None) or getattr(entry, "name", None) or getattr(entry, "src", None) or getattr(entry, "status", "")
-    return f"{kind} {name!r}"
+    if isinstance(entry, (Param, Tag)):
+        return f"{type(entry).__name__.lower()} {entry.key!r}"
+    if isinstance(entry, Model):
+        return f"model {entry.name!r}"
+    if isinstance(entry, Artifact):
+        return f"artifact {Path(entry.src).name!r}"
+    return f"the run's end ({entry.status})"
 
 
 def discard_spooled(records: Sequence[Record]) -> None:
@@ -368,10 +372,9 @@ def discard_spooled(records: Sequence[Record]) -> None:
     import shutil
 
     for record in records:
-        src = getattr(record.entry, "src", None)
-        if src is None:
+        if not isinstance(record.entry, (Artifact, Model)):
             continue
-        path = Path(src)
+        path = Path(record.entry.src)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -155,23 +155,31 @@ class MLflowTracker:
         if use_signals:
             signals.install()
             signals.on_uncaught(_end_runs_quietly)
-        with signals.deferred():
-            run = self._call("start a run", self._client.create_run, self.experiment_id, run_name=name)
-            run_id = run.info.run_id
-            header = JournalHeader.for_this_process(run_id, self.tracking_uri, self.experiment_id)
-            try:
-                journal = Journal.create(self.delivery_settings.journal_dir, header, self.delivery_settings.max_in_memory)
-            except TrackingError as exc:
-                self._call(f"end run {run_id}", self._transport.terminate, run_id, "FAILED")
-                if use_signals:
-                    signals.uninstall()
-                raise TrackingError(f"run {run_id} ended FAILED: {exc}") from None
-            # each run its own transport: a sender left behind by an earlier run never shares its connection
-            transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
-            sender = RunSender(transport, journal, self.delivery_settings, run_id)
-            self._active = _ActiveRun(run_id, sender, Spool.of_run(self.delivery_settings.journal_dir, run_id), {}, use_signals)
-            sender.write(checked)
+        try:
+            with signals.deferred():
+                run = self._open_run(name, checked, use_signals)
+        except BaseException:
+            if use_signals and self._active is None:  # no run to end on a signal: as before
+                signals.uninstall()
+            raise
         return TrackedRun(self, run)
+
+    def _open_run(self, name: str | None, tags: list[Tag], use_signals: bool) -> Any:
+        """Create the run, its journal and its sender; a journal that cannot be written ends the run FAILED."""
+        run = self._call("start a run", self._client.create_run, self.experiment_id, run_name=name)
+        run_id = run.info.run_id
+        header = JournalHeader.for_this_process(run_id, self.tracking_uri, self.experiment_id)
+        try:
+            journal = Journal.create(self.delivery_settings.journal_dir, header, self.delivery_settings.max_in_memory)
+        except TrackingError as exc:
+            self._call(f"end run {run_id}", self._transport.terminate, run_id, "FAILED")
+            raise TrackingError(f"run {run_id} ended FAILED: {exc}") from None
+        # each run its own transport: a sender left behind by an earlier run never shares its connection
+        transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
+        sender = RunSender(transport, journal, self.delivery_settings, run_id)
+        self._active = _ActiveRun(run_id, sender, Spool.of_run(self.delivery_settings.journal_dir, run_id), {}, use_signals)
+        sender.write(tags)
+        return run
 
     def end_run(self, status: str = "FINISHED", timeout: float | None = None, *, error: BaseException | None = None) -> None:
         """End the active run with ``status`` (FINISHED, FAILED or KILLED); no-op without one.

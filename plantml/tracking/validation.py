@@ -49,6 +49,7 @@ NAME_RULE = (
     "spaces ( ), colons (:) and slashes (/)"
 )
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_ACCEPTED_NAMES: set[str] = set()  # names that passed check_name (str only: a set holds them by value)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -62,6 +63,8 @@ class TruncatedValueWarning(UserWarning):
 
 def check_name(kind: str, name: Any) -> str:
     """Return ``name`` if MLflow accepts it as a ``kind`` (metric, param, tag) key, else raise."""
+    if type(name) is str and name in _ACCEPTED_NAMES:  # the same keys come every step: checked once
+        return name
     if not isinstance(name, str):
         raise ValidationError(f"{kind} name {name!r}: must be a string, not {type(name).__name__}")
     if not _NAME_RE.match(name):
@@ -74,6 +77,8 @@ def check_name(kind: str, name: Any) -> str:
         )
     if len(name) > MAX_ENTITY_KEY_LENGTH:
         raise ValidationError(f"{kind} name {name[:40]!r}...: longer than {MAX_ENTITY_KEY_LENGTH} characters ({len(name)})")
+    if len(_ACCEPTED_NAMES) < 100_000:
+        _ACCEPTED_NAMES.add(name)
     return name
 
 
@@ -86,6 +91,8 @@ def checked_text(kind: str, key: str, text: str) -> str:
 
 def metric_value(key: str, value: Any) -> float:
     """Return ``value`` as a float; warn on NaN or infinity; raise on a non-number or one too large."""
+    if type(value) is float and value - value == 0:  # the common case, finite (no ABC check: it costs microseconds)
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         value = _unwrap_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -117,6 +124,8 @@ def metric_step(key: str, step: Any) -> int:
     """Return the step as an int (``None`` means 0, MLflow's default); raise on a non-integer."""
     if step is None:
         return 0
+    if type(step) is int and INT64_MIN <= step <= INT64_MAX:  # the common case
+        return step
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValidationError(f"metric {key!r}: step {step!r} is not an integer")
     if not INT64_MIN <= int(step) <= INT64_MAX:

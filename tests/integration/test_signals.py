@@ -1,10 +1,11 @@
 """Signals sent to a real ``plantml train`` after its second epoch, against the real stack.
 
-SIGTERM (CI timeouts, Kubernetes, Slurm), SIGHUP (a closed terminal), SIGINT (Ctrl-C, once
-or twice) and SIGKILL (the OOM killer). Each time the run must end KILLED, with every
-epoch the process printed before the signal stored exactly once: at once for the first
-three (one line on stderr, the exit status naming the signal, no traceback); through
-``plantml tracking recover`` for the last two, which leave work in the journal.
+SIGTERM (CI timeouts, Kubernetes, Slurm), SIGHUP (a closed terminal), SIGINT (Ctrl-C, once,
+or twice while the server hangs) and SIGKILL (the OOM killer). Each time the run must end
+KILLED, with every epoch the process printed before the signal stored exactly once: at
+once for the first three (one line on stderr, the exit status naming the signal, no
+traceback); through the next ``plantml train`` or ``plantml tracking recover`` for the
+last two, which leave work in the journal.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 import pytest
 
+from plantml.testing.faults import FaultProxy
 from plantml.training import synth
 
 EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate")
@@ -28,13 +30,28 @@ def leaves(tmp_path_factory):
 
 
 @pytest.fixture
-def training(leaves, mlflow_stack, experiment_name, tmp_path):
-    """Start ``plantml train`` for many epochs; return it once it printed its second epoch."""
+def proxy(mlflow_stack):
+    with FaultProxy(mlflow_stack.tracking_uri) as proxy:
+        yield proxy
+
+
+def train_command(leaves, experiment_name: str, epochs: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "plantml", "train", "--epochs", str(epochs), "--batch-size", "8", "--image-size", "16",
+            "--weights", "none", "--num-workers", "0", "--no-register", "--early-stopping-patience", "100",
+            "--data-dir", str(leaves), "--experiment-name", experiment_name, *extra]
+
+
+@pytest.fixture
+def training(leaves, mlflow_stack, experiment_name, tmp_path, request):
+    """Start ``plantml train`` for many epochs; return it once it printed its second epoch.
+
+    Indirectly parametrized with a tracking URI (a fault proxy's), the stack's by default.
+    """
     env = {**os.environ, **mlflow_stack.client_env(), "PLANTML_JOURNAL_DIR": str(tmp_path / "journal"),
            "PLANTML_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "plantml", "train", "--epochs", "40", "--batch-size", "8", "--image-size", "16",
-               "--weights", "none", "--num-workers", "0", "--no-register", "--early-stopping-patience", "100",
-               "--data-dir", str(leaves), "--experiment-name", experiment_name]
+    if getattr(request, "param", None):
+        env["MLFLOW_TRACKING_URI"] = request.getfixturevalue(request.param).url
+    command = train_command(leaves, experiment_name, 40)
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     printed: list[int] = []
     deadline = time.monotonic() + 180
@@ -58,8 +75,9 @@ def finish(process, printed: list[int]) -> tuple[int, str]:
 
 
 def only_run(client, experiment_name):
-    [run] = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])
-    return run
+    """The run of the training under test (the first one, when a second training follows)."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id], order_by=["attributes.start_time ASC"])
+    return runs[0]
 
 
 def assert_printed_epochs_stored_once(client, run_id: str, printed: list[int]) -> None:
@@ -91,19 +109,31 @@ def test_a_signal_ends_the_run_killed_with_every_printed_epoch(signum, training,
     assert_printed_epochs_stored_once(mlflow_client, run.info.run_id, printed)
 
 
-def test_ctrl_c_twice_stops_at_once_and_recover_completes_the_run(training, mlflow_client, experiment_name, tmp_path):
+@pytest.mark.parametrize("training", ["proxy"], indirect=True)
+def test_ctrl_c_twice_while_the_server_hangs_stops_at_once_and_the_next_training_recovers_the_run(
+        training, proxy, leaves, mlflow_client, experiment_name, tmp_path):
     process, printed, env = training
+    proxy.inject("hang", times=None, hold_s=30)  # from now on the server never answers
     process.send_signal(signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(1.5)  # the run's end is waiting on the hung server
     process.send_signal(signal.SIGINT)
+    started = time.monotonic()
     code, err = finish(process, printed)
+    assert time.monotonic() - started < 8, "the second Ctrl-C did not cut the wait short"
     assert code == 130 and "Traceback" not in err, err
-    assert [line for line in err.splitlines() if not line.startswith("data: ")][-1].startswith("plantml: interrupted by SIGINT; run ")
-
-    recovered = recover(env)
-    assert recovered.returncode == 0, recovered.stdout + recovered.stderr
+    [line] = [line for line in err.splitlines() if not line.startswith("data: ")]
+    assert line.startswith("plantml: interrupted by SIGINT; run ") and "the rest is kept in" in line, err
+    assert proxy.mangled["hang"] >= 1
     run = only_run(mlflow_client, experiment_name)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "RUNNING" and list((tmp_path / "journal").glob("*.jsonl"))
+
+    proxy.clear()  # the server is back; the next training delivers the journal first
+    following = subprocess.run(train_command(leaves, experiment_name, 1), env=env, cwd=tmp_path, capture_output=True,
+                               text=True, timeout=300)
+
+    assert following.returncode == 0, following.stderr
+    assert f"plantml: warning: recovered 1 journal(s) left by processes that died: {run.info.run_id} ended KILLED" in following.stderr
+    assert mlflow_client.get_run(run.info.run_id).info.status == "KILLED"
     assert_printed_epochs_stored_once(mlflow_client, run.info.run_id, printed)
     assert not list((tmp_path / "journal").glob("*.jsonl"))
 

@@ -162,6 +162,7 @@ def test_a_refused_entry_is_set_aside_and_the_rest_of_its_batch_arrives(sender, 
     [aside] = sender.rejected
     assert aside.record.entry == Param("bad", "x") and "HTTP 400" in aside.reason
     assert sender.journal.refused == {aside.record.seq: aside.reason}
+    assert sender.flush(timeout=5)  # the count was journalled behind the batch: now it is delivered too
     assert fake.tags[REJECTED_TAG] == "1"  # counted on the run
 
 
@@ -253,3 +254,26 @@ def test_batches_never_exceed_mlflow_limits_and_keep_the_order(n_metrics, n_para
         assert sum(len(getattr(r.entry, "value", "")) if not isinstance(r.entry, MetricPoint) else 0 for r in batch) < 1_000_000
         sent += batch
     assert sent == records
+
+
+def test_the_log_batch_body_is_what_mlflow_protobuf_json_reads() -> None:
+    import json
+    import math
+
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.utils.proto_json_utils import parse_dict
+
+    from plantml.tracking.transport import log_batch_body
+
+    metrics = [MetricPoint("loss", 0.25, 1_700_000_000_000, 2**62), MetricPoint("nan", math.nan, 1, 0),
+               MetricPoint("inf", -math.inf, 1, -1)]
+    body = log_batch_body("run", metrics, [Param("lr", "0.1")], [Tag("note", "é ✓")])
+    message = LogBatch()
+    parse_dict(json.loads(body), message)  # what the server does with it
+    assert [(m.key, m.step) for m in message.metrics] == [("loss", 2**62), ("nan", 0), ("inf", -1)]
+    assert message.metrics[0].value == 0.25 and math.isnan(message.metrics[1].value) and message.metrics[2].value == -math.inf
+    assert message.params[0].value == "0.1" and message.tags[0].value == "é ✓"
+    with pytest.raises(ValueError, match="out of range"):
+        log_batch_body("run", [MetricPoint("loss", 1.0, 1, 2**63)], [], [])
+    with pytest.raises(UnicodeEncodeError):
+        log_batch_body("run", [], [Param("p", "pl\udce9nts")], [])
