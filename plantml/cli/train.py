@@ -118,10 +118,21 @@ def _show_warnings() -> None:
     """Print the training and tracking packages' logged warnings as ``plantml: warning: ...`` lines."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is when a line comes (a stream captured or closed since is not kept)."""
+
+        @property
+        def stream(self):  # noqa: ANN201 - logging's own attribute
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     for name in ("plantml.training", "plantml.tracking"):
         log = logging.getLogger(name)
         if not log.handlers:
-            handler = logging.StreamHandler()
+            handler = CurrentStderr()
             handler.setFormatter(logging.Formatter("plantml: warning: %(message)s"))
             handler.setLevel(logging.WARNING)
             log.addHandler(handler)

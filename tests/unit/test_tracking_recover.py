@@ -158,12 +158,21 @@ def test_recover_dry_run_lists_and_changes_nothing(store, capsys) -> None:
     assert path.exists() and client.get_run(run_id).info.status == "RUNNING"
 
 
-def test_a_new_tracker_recovers_what_dead_processes_left_for_its_store(store, caplog) -> None:
+def test_a_new_tracker_recovers_what_dead_processes_left_for_its_store(store) -> None:
+    import logging
+
     client, uri, _, run_id, _ = store
     path = write_journal(store, ENTRIES)
-    MLflowTracker(tracking_uri=uri, experiment_name="another")
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("plantml.tracking.recover").addHandler(handler)
+    try:
+        MLflowTracker(tracking_uri=uri, experiment_name="another")
+    finally:
+        logging.getLogger("plantml.tracking.recover").removeHandler(handler)
     assert not path.exists() and client.get_run(run_id).info.status == "KILLED"
-    assert f"recovered 1 journal(s) left by processes that died: {run_id} ended KILLED" in caplog.text
+    assert lines == [f"recovered 1 journal(s) left by processes that died: {run_id} ended KILLED"]
 
 
 def test_recovery_asks_the_journal_server_with_credentials_from_the_environment(store) -> None:
