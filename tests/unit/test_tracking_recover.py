@@ -189,3 +189,20 @@ def test_durations(text, seconds) -> None:
 def test_a_bad_duration_names_it() -> None:
     with pytest.raises(UsageError, match="duration 'soon'"):
         parse_duration("soon")
+
+
+def test_recovery_at_start_keeps_to_its_time_budget_when_the_server_is_gone(store) -> None:
+    import socket
+    import time
+
+    from plantml.tracking.recover import recover_at_start
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    _, _, experiment_id, run_id, folder = store
+    path = write_journal((store[0], dead, experiment_id, run_id, folder), ENTRIES)
+    started = time.monotonic()
+    reports = recover_at_start(resolve_delivery_settings(), resolve_tracking_settings(dead), budget=1.0)
+    assert time.monotonic() - started < 5
+    assert [r.ok for r in reports] == [False] and "not reachable" in reports[0].message and path.exists()

@@ -277,3 +277,19 @@ def test_the_log_batch_body_is_what_mlflow_protobuf_json_reads() -> None:
         log_batch_body("run", [MetricPoint("loss", 1.0, 1, 2**63)], [], [])
     with pytest.raises(UnicodeEncodeError):
         log_batch_body("run", [], [Param("p", "pl\udce9nts")], [])
+
+
+def test_the_heartbeat_tag_is_refreshed_while_the_run_lasts(fake, tmp_path, monkeypatch) -> None:
+    from plantml.tracking import sender as sending
+
+    monkeypatch.setattr(sending, "HEARTBEAT_INTERVAL_S", 0.2)
+    sender = make_sender(fake, tmp_path)
+    try:
+        deadline = time.monotonic() + 5
+        while "plantml.heartbeat" not in fake.tags and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = fake.tags["plantml.heartbeat"]
+        assert first.endswith("Z") and len(first) == 20  # 2026-11-29T23:05:35Z
+    finally:
+        sender.stop()
+        sender.journal.close()

@@ -84,11 +84,13 @@ def test_design_examples_work_with_no_server(tmp_path, monkeypatch) -> None:
         assert (artifacts / name).is_file(), name
 
 
-def test_context_manager_ends_the_run_finished(tracker) -> None:
+def test_context_manager_ends_the_run_finished_with_its_heartbeat_and_delivery_tags(tracker) -> None:
     with tracker.start_run(run_name="ok") as run:
         tracker.log_metric("loss", 1.0)
     assert tracker.run_id is None
-    assert _run(tracker, run.run_id).info.status == "FINISHED"
+    stored = _run(tracker, run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.tags["plantml.delivery"] == "complete" and stored.data.tags["plantml.heartbeat"].endswith("Z")
 
 
 def test_exception_in_context_ends_the_run_failed_with_the_error(tracker) -> None:
