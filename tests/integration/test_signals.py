@@ -45,12 +45,13 @@ def train_command(leaves, experiment_name: str, epochs: int, *extra: str) -> lis
 def training(leaves, mlflow_stack, experiment_name, tmp_path, request):
     """Start ``plantml train`` for many epochs; return it once it printed its second epoch.
 
-    Indirectly parametrized with a tracking URI (a fault proxy's), the stack's by default.
+    Indirectly parametrizable with environment variables; ``"proxy"`` as the tracking URI
+    means the fault proxy's (the stack's by default).
     """
     env = {**os.environ, **mlflow_stack.client_env(), "PLANTML_JOURNAL_DIR": str(tmp_path / "journal"),
-           "PLANTML_CACHE_DIR": str(tmp_path / "cache")}
-    if getattr(request, "param", None):
-        env["MLFLOW_TRACKING_URI"] = request.getfixturevalue(request.param).url
+           "PLANTML_CACHE_DIR": str(tmp_path / "cache"), **getattr(request, "param", {})}
+    if env["MLFLOW_TRACKING_URI"] == "proxy":
+        env["MLFLOW_TRACKING_URI"] = request.getfixturevalue("proxy").url
     command = train_command(leaves, experiment_name, 40)
     process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     printed: list[int] = []
@@ -109,17 +110,22 @@ def test_a_signal_ends_the_run_killed_with_every_printed_epoch(signum, training,
     assert_printed_epochs_stored_once(mlflow_client, run.info.run_id, printed)
 
 
-@pytest.mark.parametrize("training", ["proxy"], indirect=True)
-def test_ctrl_c_twice_while_the_server_hangs_stops_at_once_and_the_next_training_recovers_the_run(
-        training, proxy, leaves, mlflow_client, experiment_name, tmp_path):
+@pytest.mark.parametrize("training, signals, bound", [
+    ({"MLFLOW_TRACKING_URI": "proxy"}, 2, 8),  # Ctrl-C twice: the second cuts the wait short
+    ({"MLFLOW_TRACKING_URI": "proxy", "PLANTML_SIGNAL_TIMEOUT": "2"}, 1, 12),  # once: the wait has its bound
+], indirect=["training"], ids=["twice", "once"])
+def test_ctrl_c_while_the_server_hangs_ends_in_bounded_time_and_the_next_training_recovers_the_run(
+        training, signals, bound, proxy, leaves, mlflow_client, experiment_name, tmp_path):
     process, printed, env = training
     proxy.inject("hang", times=None, hold_s=30)  # from now on the server never answers
     process.send_signal(signal.SIGINT)
-    time.sleep(1.5)  # the run's end is waiting on the hung server
-    process.send_signal(signal.SIGINT)
     started = time.monotonic()
+    if signals == 2:
+        time.sleep(1.5)  # the run's end is waiting on the hung server
+        process.send_signal(signal.SIGINT)
+        started = time.monotonic()
     code, err = finish(process, printed)
-    assert time.monotonic() - started < 8, "the second Ctrl-C did not cut the wait short"
+    assert time.monotonic() - started < bound, "the wait for the hung server was not cut short"
     assert code == 130 and "Traceback" not in err, err
     [line] = [line for line in err.splitlines() if not line.startswith("data: ")]
     assert line.startswith("plantml: interrupted by SIGINT; run ") and "the rest is kept in" in line, err
