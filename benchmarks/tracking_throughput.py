@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     total = args.keys * args.steps
     rounds = []
     with start_local_stack() as stack:
+        time_tracker(stack, points(args.keys, 10))  # warm-up, not counted: imports, first connections, caches
         for _ in range(args.repeats):
             tracker_s, enqueue_s, tracker_run = time_tracker(stack, data)
             fluent_s, fluent_run = time_fluent_loop(stack, data)

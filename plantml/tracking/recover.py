@@ -96,7 +96,11 @@ def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry:
             journal.remove()
             spool.remove()
             return EndReport(run_id, f"run {run_id} ended {end.status}, everything delivered")
-        kept = journal.keep_aside() if move_kept else (journal.close() or journal.path)
+        if move_kept:
+            kept = journal.keep_aside()
+        else:
+            journal.close()
+            kept = journal.path
         message = (f"run {run_id} ended {end.status}; {len(journal.refused)} entries the server refused "
                    f"were set aside, {len(journal.problems)} corrupt journal lines skipped; see {kept}")
         logger.warning("%s", message)
