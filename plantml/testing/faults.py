@@ -131,6 +131,8 @@ def _reset(sock: socket.socket) -> None:
 
 def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        """One connection to the proxy: each request is forwarded, or broken as planned."""
+
         protocol_version = "HTTP/1.1"
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
