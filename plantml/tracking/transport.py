@@ -80,7 +80,7 @@ class Refused(TrackingError):
 
 
 class RunGone(TrackingError):
-    """The run is deleted or does not exist on the server: nothing can be delivered to it."""
+    """The run is deleted, does not exist, or cannot be read with these credentials: nothing can be delivered to it."""
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -397,7 +397,12 @@ def deliver(transport: Transport, run_id: str, records: Sequence[Record], policy
         try:
             already, info = policy.retrying(lambda exc: not isinstance(exc, Refused))(once)
         except Refused as exc:
-            run = read_run_state(transport, run_id, policy)
+            try:
+                run = read_run_state(transport, run_id, policy)
+            except Exception as unreadable:  # credentials, permissions: no entry is at fault, none is set aside
+                if not is_refusal(unreadable):
+                    raise
+                raise RunGone(f"run {run_id} cannot be read on {transport.settings.tracking_uri}: {one_line(unreadable)}") from exc
             if run is None or run.deleted:
                 where = "deleted" if run else "not found (no such run)"
                 raise RunGone(f"run {run_id} is {where} on {transport.settings.tracking_uri}") from exc
@@ -426,10 +431,8 @@ def _answers_reads(transport: Transport, run_id: str) -> bool:
 
 
 def read_run_state(transport: Transport, run_id: str, policy: RetryPolicy) -> RunState | None:
-    """The run's state, read with the retry policy; None when it does not exist (or cannot be read, ever)."""
-    try:
-        return policy.retrying(lambda exc: not is_refusal(exc))(transport.run_state, run_id)
-    except Exception as exc:
-        if is_refusal(exc):
-            return None
-        raise
+    """The run's state, read with the retry policy; None when the server has no such run.
+
+    A refusal (401, 403) is raised: the run exists, or may, but cannot be read.
+    """
+    return policy.retrying(lambda exc: not is_refusal(exc))(transport.run_state, run_id)

@@ -38,6 +38,7 @@ class FakeServer(Transport):
         self.fail_500: set[str] = set()
         self.fail_503: set[str] = set()
         self.deleted = False
+        self.forbidden = False
         self.points: list[tuple[str, float, int, int]] = []
         self.params: dict[str, str] = {}
         self.tags: dict[str, str] = {}
@@ -48,6 +49,8 @@ class FakeServer(Transport):
     def _gate(self) -> None:
         if self.down:
             raise ConnectionRefusedError("connection refused")
+        if self.forbidden:
+            raise ServerError(403, "PERMISSION_DENIED", "Permission denied")
 
     def log_batch(self, run_id, metrics, params, tags) -> None:
         self._gate()
@@ -190,6 +193,14 @@ def test_a_deleted_run_stops_delivery_and_keeps_everything_in_the_journal(sender
     assert not sender.flush(timeout=5)
     assert "deleted" in str(sender.gone) and sender.rejected == []
     assert len(sender.journal.pending(100)) == 10
+
+
+def test_credentials_the_server_refuses_set_nothing_aside(sender, fake) -> None:
+    fake.forbidden = True
+    sender.write(points(10))
+    assert not sender.flush(timeout=5)
+    assert "cannot be read" in str(sender.gone) and "403" in str(sender.gone)
+    assert sender.rejected == [] and len(sender.journal.pending(100)) == 10  # all kept for a later try
 
 
 def test_the_sender_survives_an_unexpected_error(sender, fake, monkeypatch) -> None:
