@@ -224,6 +224,8 @@ def recover_at_start(delivery: DeliverySettings, settings: TrackingSettings, bud
             reports.append(recover_journal(path, settings, delivery, timeout=left, move_kept=True))
         except (JournalBusy, UsageError):
             continue  # another process is on it, or it vanished meanwhile
+        except Exception as exc:  # never let an old journal stop a new run: `plantml tracking recover` says more
+            logger.warning("journal %s not recovered: %s", path, one_line(exc))
     if reports:
         ended = ", ".join(f"{r.run_id} {'ended ' + r.status if r.status else 'not ended'}" for r in reports)
         logger.warning("recovered %d journal(s) left by processes that died: %s", len(reports), ended)

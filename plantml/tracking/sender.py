@@ -165,7 +165,8 @@ class RunSender:
         self.rejected: list[SetAside] = []
         self.gone: RunGone | None = None
         self.last_error: str | None = None
-        self.failures = 0
+        self.failures = 0  # tries failed in a row (the log says how long an outage lasts)
+        self.failed_tries = 0  # tries failed in all, for this run
         self.delivered = 0
         self.already_stored = 0
         self.model_versions: list[int] = []
@@ -348,6 +349,7 @@ class RunSender:
 
     def _note_failure(self, exc: BaseException, attempt: int) -> None:
         self.failures += 1
+        self.failed_tries += 1
         self.last_error = one_line(exc)
         log = logger.warning if self.failures in (1, 10) or self.failures % 50 == 0 else logger.debug
         log("tracking delivery failed (try %d), retrying: %s", self.failures, self.last_error)

@@ -105,6 +105,7 @@ class MLflowTracker:
         self._transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
         self._active: _ActiveRun | None = None
         self._requests_done = 0  # by the runs that ended
+        self._failed_tries_done = 0
         with _LIVE_LOCK:
             _LIVE_TRACKERS.add(self)
         if recover_timeout > 0:
@@ -137,6 +138,11 @@ class MLflowTracker:
     def requests_sent(self) -> int:
         """Requests this tracker's runs have sent to the tracking server so far."""
         return self._requests_done + (self._active.sender.transport.requests_sent if self._active else 0)
+
+    @property
+    def failed_tries(self) -> int:
+        """Delivery tries that failed and were retried, over this tracker's runs (0 when the stack never faltered)."""
+        return self._failed_tries_done + (self._active.sender.failed_tries if self._active else 0)
 
     # -- runs -------------------------------------------------------------------------
 
@@ -211,6 +217,7 @@ class MLflowTracker:
                 hurry = signals.hurry if active.signals else (lambda: False)
                 report = finish_run(active.sender, active.spool, end, timeout, hurry)
                 self._requests_done += active.sender.transport.requests_sent
+                self._failed_tries_done += active.sender.failed_tries
         finally:
             if active.signals:
                 signals.uninstall()
