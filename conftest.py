@@ -1,5 +1,6 @@
 """Repository-wide pytest setup: tests under tests/integration/ are marked ``integration``;
-the containers backend's own tests are collected only in a ``--stack containers`` session.
+the containers backend's own tests are collected only in a ``--stack containers`` session,
+the tracking client's fault tests only in a ``--stack local`` one.
 
 The stack fixtures themselves come from plantml's pytest plugin (``plantml.testing.plugin``),
 loaded through its ``pytest11`` entry point.
@@ -23,9 +24,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 CONTAINERS_ONLY = {INTEGRATION_DIR / "test_containers.py"}
-#: Integration tests that use no stack (or only the client side of one): the local-backend session runs
-#: them; running them again on the containers backend would test nothing new.
-LOCAL_SESSION_ONLY = {INTEGRATION_DIR / "test_ui.py", INTEGRATION_DIR / "test_train_distributed.py"}
+#: Integration tests whose subject is the client, not the stack (the UI of a local store, torchrun ranks, signals,
+#: faults injected by a proxy, bad values, journals replayed, a full disk): the local backend's session runs them;
+#: another backend would only repeat them, slower.
+LOCAL_SESSION_ONLY = {INTEGRATION_DIR / name for name in (
+    "test_ui.py", "test_train_distributed.py", "test_signals.py", "test_delivery_faults.py", "test_bad_values.py",
+    "test_journal_recovery.py", "test_journal_disk_full.py",
+)}
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

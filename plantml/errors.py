@@ -64,3 +64,38 @@ class RankFailed(PlantmlError):
         super().__init__(message)
         self.rank = rank
         self.exit_code = exit_code
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process got SIGTERM, SIGHUP or SIGINT while a tracker handled signals.
+
+    A ``KeyboardInterrupt``, so code that cleans up after Ctrl-C does the same for the
+    others. ``exit_code`` is 128 plus the signal's number (143 for SIGTERM, 129 for SIGHUP,
+    130 for SIGINT), as a shell reports a process the signal ended. ``detail`` says how the
+    tracking run ended (set by the tracker that ended it).
+    """
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.detail = detail
+
+    @property
+    def signal_name(self) -> str:
+        """``SIGTERM``, ``SIGHUP``, ``SIGINT``."""
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal_name}" + (f"; {self.detail}" if self.detail else "")
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), at most 500 characters."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:500]

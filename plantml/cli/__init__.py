@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from plantml.errors import PlantmlError
+from plantml.errors import Interrupted, PlantmlError
 
 #: command name -> (module, attribute, one-line help shown by ``plantml --help``)
 COMMANDS = {
@@ -22,13 +22,28 @@ COMMANDS = {
     "stack": ("plantml.cli.stack", "stack", "Start the tracking stack (PostgreSQL, S3, MLflow)."),
     "registry": ("plantml.cli.registry", "registry", "List, promote, roll back and compare registered models."),
     "verify": ("plantml.cli.verify", "verify", "Run the eight checks of a tracking installation."),
-    "tracking": ("plantml.cli.tracking", "tracking", "Tracking utilities (journal replay)."),
+    "tracking": ("plantml.cli.tracking", "tracking", "Recover runs whose process died; replay a run's journal."),
     "ui": ("plantml.cli.ui", "ui", "Show MLflow's UI on your runs (serves a local store; prints the newest run's URL)."),
 }
 
 
+class _Stopped(Exception):
+    """A KeyboardInterrupt (Ctrl-C, or a signal a tracker handled) carried past click, which would
+    turn it into a bare ``Abort`` and print a blank line."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
 class LazyGroup(click.Group):
     """A click group whose sub-commands are imported on first use."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Stopped(exc) from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -81,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"{prog}: error: {exc}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo(f"{prog}: interrupted", err=True)
-        return 130
+    except (KeyboardInterrupt, _Stopped) as exc:
+        interrupt = exc.interrupt if isinstance(exc, _Stopped) else exc
+        click.echo(f"{prog}: {interrupt if isinstance(interrupt, Interrupted) else 'interrupted'}", err=True)
+        return getattr(interrupt, "exit_code", 130)
 
 
 def run() -> None:

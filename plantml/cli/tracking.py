@@ -1,4 +1,4 @@
-"""``plantml tracking``: tracking utilities (``replay JOURNAL``)."""
+"""``plantml tracking``: deliver what runs could not (``recover``, ``replay JOURNAL``)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,24 @@ from pathlib import Path
 
 import click
 
-#: A dead server should fail MLflow client calls in seconds: replay does its own retrying.
+#: A dead server should fail MLflow client calls in seconds: recovery does its own retrying.
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+STATUSES = click.Choice(["KILLED", "FAILED", "FINISHED"])
 
 
 @click.group()
 def tracking() -> None:
-    """Tracking utilities: deliver what a run could not send in time."""
+    """Deliver what runs left in their journals; end runs whose process died."""
+    for key, value in QUICK_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _show(report) -> None:
+    click.echo(report.message)
+    for line in report.skipped_lines:
+        click.echo(f"  {report.journal}: {line}: skipped", err=True)
+    for refused in report.refused:
+        click.echo(f"  {report.journal}: refused by the server, set aside: {refused}", err=True)
 
 
 @tracking.command()
@@ -21,20 +32,77 @@ def tracking() -> None:
 @click.option("--tracking-uri", default=None, help="Deliver to this server instead of the one the journal names.")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds to keep retrying while the server or the object store is away.")
-def replay(journal: Path, tracking_uri: str | None, timeout: float) -> None:
-    """Deliver JOURNAL (left by a run whose end could not wait), then end the run with its true status.
+@click.option("--status", type=STATUSES, default="KILLED", show_default=True,
+              help="End status of a run whose journal asked for none (its process died).")
+def replay(journal: Path, tracking_uri: str | None, timeout: float, status: str) -> int:
+    """Deliver JOURNAL exactly once, then end its run (recovery of one file).
 
     Values the server already has are not sent twice. The journal is removed once
-    everything is delivered; on failure it keeps what is left, and replay can run again.
-    S3 credentials come from the environment or .env, never from the journal.
+    everything is delivered; it is kept, and the exit code is 1, when the server refused
+    entries, lines were corrupt (reported by number, the rest delivered), the run is
+    deleted or already ended, or the server stayed away. S3 credentials come from the
+    environment or .env, never from the journal.
     """
-    from plantml.tracking.replay import replay as replay_journal
+    from plantml.settings import resolve_tracking_settings
+    from plantml.tracking.recover import recover_journal
 
-    for key, value in QUICK_HTTP_ENV.items():
-        os.environ.setdefault(key, value)
-    result = replay_journal(journal, tracking_uri=tracking_uri, timeout=timeout)
-    versions = f", registered version(s) {', '.join(map(str, result.model_versions))}" if result.model_versions else ""
-    click.echo(
-        f"run {result.run_id}: delivered {result.delivered} entries "
-        f"({result.already_stored} already stored, {result.rejected} refused){versions}; ended {result.status}"
-    )
+    settings = resolve_tracking_settings(tracking_uri) if tracking_uri else None
+    report = recover_journal(journal, settings, timeout=timeout, status=status, why="replayed")
+    _show(report)
+    if report.model_versions:
+        click.echo(f"registered version(s) {', '.join(map(str, report.model_versions))}")
+    return 0 if report.ok else 1
+
+
+@tracking.command()
+@click.option("--dry-run", is_flag=True, help="List what would be done, change nothing.")
+@click.option("--stale", metavar="DURATION", default=None,
+              help="Also end RUNNING runs whose heartbeat is older than DURATION (e.g. 10m, 2h): processes that died on another machine.")
+@click.option("--status", type=STATUSES, default="KILLED", show_default=True,
+              help="End status of the runs recovered (a journal that asked for a status keeps it).")
+@click.option("--journal-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of journals [default: $PLANTML_JOURNAL_DIR or ~/.cache/plantml/journal].")
+@click.option("--tracking-uri", default=None, help="Server searched by --stale [default: $MLFLOW_TRACKING_URI, .env].")
+@click.option("--experiment-name", multiple=True, help="Experiment searched by --stale (repeatable) [default: all].")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to keep retrying for each journal.")
+def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | None, tracking_uri: str | None,
+            experiment_name: tuple[str, ...], timeout: float) -> int:
+    """Deliver the journals of processes gone from this machine and end their runs (KILLED by default).
+
+    Each run is tagged plantml.recovered. A journal whose process still runs, or that
+    another recovery holds, is left alone. Exit code 1 when a journal had to be kept.
+    """
+    from plantml.errors import TrackingError
+    from plantml.settings import resolve_tracking_settings
+    from plantml.tracking.journal import journal_dir as default_journal_dir
+    from plantml.tracking.recover import describe_orphan, end_stale_runs, parse_duration, recover_journal, recover_orphans
+    from plantml.tracking.sender import resolve_delivery_settings
+
+    older_than = parse_duration(stale) if stale else None
+    delivery = resolve_delivery_settings(journal_folder=journal_dir)
+    folder = default_journal_dir(journal_dir)
+    orphans = recover_orphans(folder)
+    failures = 0
+    for path in orphans:
+        if dry_run:
+            click.echo(describe_orphan(path))
+            continue
+        try:
+            report = recover_journal(path, None, delivery, timeout=timeout, status=status, move_kept=True)
+        except TrackingError as exc:  # busy: another recovery took it meanwhile
+            click.echo(str(exc), err=True)
+            failures += 1
+            continue
+        _show(report)
+        failures += not report.ok
+    if not orphans:
+        click.echo(f"no journals of dead processes in {folder}")
+    if older_than is not None:
+        settings = resolve_tracking_settings(tracking_uri)
+        runs = end_stale_runs(settings, older_than, experiment_name, dry_run=dry_run, status=status)
+        for run in runs:
+            verb = "would end" if dry_run else "ended"
+            click.echo(f"{verb} run {run.run_id} {status}: heartbeat {run.heartbeat} ({run.age_s / 60:.0f} min old)")
+        if not runs:
+            click.echo(f"no RUNNING run with a heartbeat older than {stale} on {settings.tracking_uri}")
+    return 1 if failures else 0

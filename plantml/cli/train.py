@@ -54,7 +54,7 @@ def _console_reporter(stream_is_tty: bool):
 @click.option("--unfreeze-epoch", type=click.IntRange(min=1), default=None, help="Epoch (1-based) at which the whole network starts training; needs --freeze-backbone.")
 @click.option("--early-stopping-patience", type=click.IntRange(min=1), default=10, help="Epochs without val_loss improvement before stopping.")
 @click.option("--data-dir", default=None, help="Image folder (one sub-folder per class) or a pushed set s3://BUCKET/PREFIX [default: the built-in synthetic leaf set].")
-@click.option("--skip-bad-images", is_flag=True, help="Leave out unreadable images (counted in a tag) instead of failing.")
+@click.option("--skip-bad-images", is_flag=True, help="Leave out images that cannot be decoded (counted in the skipped_images param) instead of failing.")
 @click.option("--val-split", type=float, default=0.15, help="Fraction of each class for validation.")
 @click.option("--test-split", type=float, default=0.15, help="Fraction of each class for the final test.")
 @click.option("--weights", default="auto", metavar="auto|imagenet|none|PATH", help="Initial weights: auto = ImageNet if in torch's cache, else random.")
@@ -157,16 +157,29 @@ def _echo_data(prepared) -> None:
 
 
 def _show_warnings(main_rank: bool = True) -> None:
-    """Print the training package's logged warnings as ``plantml: warning: ...`` lines (on rank 0: the others only errors)."""
+    """Print the training and tracking packages' logged warnings as ``plantml: warning: ...`` lines
+    (on rank 0; the other ranks of a distributed training print only errors)."""
     import logging
 
-    log = logging.getLogger("plantml.training")
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("plantml: warning: %(message)s"))
-        handler.setLevel(logging.WARNING if main_rank else logging.ERROR)
-        log.addHandler(handler)
-        log.propagate = False
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to ``sys.stderr`` as it is when a line comes (a stream captured or closed since is not kept)."""
+
+        @property
+        def stream(self):  # noqa: ANN201 - logging's own attribute
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
+    for name in ("plantml.training", "plantml.tracking"):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            handler = CurrentStderr()
+            handler.setFormatter(logging.Formatter("plantml: warning: %(message)s"))
+            handler.setLevel(logging.WARNING if main_rank else logging.ERROR)
+            log.addHandler(handler)
+            log.propagate = False
 
 
 def _launch(ctx: click.Context, nproc: int) -> int:
@@ -206,4 +219,5 @@ def _make_tracker(options: dict):
         return NullTracker()
     from plantml.tracking import MLflowTracker
 
-    return MLflowTracker(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
+    # SIGTERM, SIGHUP, Ctrl-C: the run ends KILLED with one line, and journals of dead processes are delivered first
+    return MLflowTracker(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"], handle_signals=True)

@@ -1,38 +1,61 @@
-"""The on-disk side of the resilient write path: entries as JSON lines, spill files and journals.
+"""The write-ahead journal of a run: every accepted entry on local disk before the call returns.
 
-An *entry* is one thing the tracker asked to record, in the order it was asked:
+One file per run, ``<journal_dir>/<run_id>.jsonl``: a header, one line per entry, and
+what the sender learnt (the cursor, set-asides, a model's progress); the lines are
+described in :mod:`plantml.tracking.journal_format`.
 
-- ``{"m": [key, value, timestamp, step]}``: a metric point (timestamp and step as logged);
-- ``{"p": [key, value]}`` / ``{"t": [key, value]}``: a param / a tag;
-- ``{"artifact": {"src": path, "dst": artifact_path, "dir": bool}}``: a spooled file or folder;
-- ``{"model": {...}}``: a spooled MLflow model folder, with its delivery progress;
-- ``{"end": status}``: the run's requested final status.
+Writes are one ``os.write`` per call, so a process killed at any point (SIGKILL, the OOM
+killer) loses nothing a call accepted: the kernel has it. ``fsync`` (which only power
+loss needs) runs on flush, at epoch ends and the run's end, and at most about once a
+second in between (:meth:`Journal.sync`, driven by the sender). A write the disk refuses
+raises :class:`JournalWriteError` naming the folder and the free space, after cutting the
+file back to its last whole line. The writing process holds an exclusive ``flock`` on the
+file for as long as it delivers, so recovery never races a live writer, and two
+recoveries never race each other. Reading a journal reports corrupt lines by number and
+skips them.
 
-Each entry also carries ``"run"``, its run id. A *spill file* holds the entries that did
-not fit in memory while the server was away; a *journal* (``<run_id>.jsonl``) is what is
-left of a run when ``end_run`` gave up waiting: a header line (run id, tracking URI,
-experiment id, never a secret) then every undelivered entry in order, the end request
-last. ``plantml tracking replay JOURNAL`` delivers it. Non-finite metric values are
-written as JSON's ``NaN``/``Infinity`` tokens, which :mod:`json` reads back.
+Entries not yet delivered stay in memory, up to ``max_in_memory``; beyond that they are
+read back from the file in order when memory has room again.
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import fcntl
+import logging
 import os
+import shutil
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections import deque
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import UsageError
+from plantml.errors import TrackingError, UsageError
+from plantml.tracking.entries import End, Entry, Model, ModelProgress, Record
+from plantml.tracking.journal_format import (
+    JournalHeader,
+    LineScan,
+    ack_line,
+    encode,
+    header_line,
+    parse_header,
+    progress_line,
+    read_lines,
+    refused_line,
+)
 
-#: Folder of journals and spooled artifacts, unless ``PLANTML_JOURNAL_DIR`` says otherwise.
-DEFAULT_JOURNAL_DIR = Path("~/.cache/plantml/journal")
-JOURNAL_VERSION = 1
+logger = logging.getLogger(__name__)
 
-Entry = dict[str, Any]
+SUFFIX = ".jsonl"
+
+
+class JournalWriteError(TrackingError):
+    """The journal's disk refused a write: the call's entries were not accepted."""
+
+
+class JournalBusy(TrackingError):
+    """Another process (or another recovery) holds the journal's lock."""
 
 
 def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -42,107 +65,330 @@ def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return env_path("PLANTML_JOURNAL_DIR", explicit)
 
 
-def dumps(entry: Entry) -> str:
-    """One entry as one JSON line (no newline)."""
-    return json.dumps(entry, separators=(",", ":"))
-
-
-@dataclass(frozen=True)
-class JournalHeader:
-    """The first line of a journal: which run, on which server. No secret is ever written."""
-
-    run_id: str
-    tracking_uri: str
-    experiment_id: str
-    created: float
-
-    def to_json(self) -> str:
-        return dumps({"journal": JOURNAL_VERSION, "run_id": self.run_id, "tracking_uri": self.tracking_uri,
-                      "experiment_id": self.experiment_id, "created": self.created})
-
-
-def write_journal(path: Path, header: JournalHeader, entries: Iterable[Entry]) -> Path:
-    """Write a whole journal atomically (temporary file, then rename); return its path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.write(header.to_json() + "\n")
-        for entry in entries:
-            out.write(dumps(entry) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def read_journal(path: str | os.PathLike[str]) -> tuple[JournalHeader, list[Entry]]:
-    """A journal's header and entries; a missing or malformed file is a :class:`UsageError`."""
-    path = Path(path)
+def free_space(folder: Path) -> str:
+    """Free space of the file system holding ``folder``, in words (``12.0 KiB free``)."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return "free space unknown"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if free < 1024 or unit == "GiB":
+            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return ""  # pragma: no cover - the loop always returns
+
+
+def write_error(folder: Path, exc: OSError) -> JournalWriteError:
+    """The one-line error of a refused write, naming the folder and its free space."""
+    return JournalWriteError(f"journal folder {folder}: cannot write ({exc.strerror or exc}); {free_space(folder)}")
+
+
+# -- the journal ---------------------------------------------------------------------------------
+
+
+class Journal:
+    """One run's journal, open and locked by this process: append, read back in order, acknowledge."""
+
+    def __init__(self, path: Path, fd: int, header: JournalHeader, max_in_memory: int, scan: LineScan | None = None,
+                 size: int = 0) -> None:
+        self.path = path
+        self.header = header
+        self.max_in_memory = max_in_memory
+        self._fd: int | None = fd
+        self._lock = threading.RLock()
+        self._size = size  # bytes of whole lines in the file
+        scan = scan or LineScan()
+        self.cursor = scan.cursor
+        self.problems: tuple[str, ...] = tuple(scan.problems)
+        self.refused: dict[int, str] = dict(scan.refused)
+        #: The run's end asked for in this journal, if any.
+        self.requested_end: End | None = scan.end
+        self._progress = dict(scan.progress)
+        self._next_seq = scan.last_seq + 1
+        self._memory: deque[Record] = deque()
+        self._backlog_offset: int | None = None  # where the first record not held in memory starts
+        self._unwritten: list[Record] = []  # accepted while the disk refused: memory only, after the rest
+        self._dirty = False
+        self._last_sync = time.monotonic()
+        self._warned: set[str] = set()
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, folder: Path, header: JournalHeader, max_in_memory: int) -> Journal:
+        """A new, locked journal for ``header.run_id``; :class:`JournalWriteError` if the disk refuses."""
+        path = folder / f"{header.run_id}{SUFFIX}"
+        partial = folder / f".{header.run_id}{SUFFIX}.new"  # recovery never reads a journal without its header
+        fd = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            data = header_line(header).encode()
+            _write_all(fd, data)
+            os.fsync(fd)
+            os.rename(partial, path)
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+                partial.unlink(missing_ok=True)  # no stray partial file
+            raise write_error(folder, exc) from None
+        return cls(path, fd, header, max_in_memory, size=len(data))
+
+    @classmethod
+    def open_existing(cls, path: Path, max_in_memory: int = 100_000) -> Journal:
+        """Lock and read a journal left by another process (or an earlier run of this one).
+
+        Raises :class:`JournalBusy` while another process holds it, :class:`UsageError`
+        when the file is missing or is not a journal. Corrupt lines are listed in
+        :attr:`problems` and skipped.
+        """
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+        except FileNotFoundError:
+            raise UsageError(f"journal {path}: no such file") from None
+        except OSError as exc:
+            raise UsageError(f"journal {path}: cannot open ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalBusy(f"journal {path}: in use by another process (its writer, or another recovery)") from None
+        try:
+            data = _read_all(fd)
+            first = data.find(b"\n")
+            header = parse_header(data[: first if first >= 0 else len(data)], path)
+            body = first + 1 if first >= 0 else len(data)
+            scan = LineScan()
+            read_lines(data, body, scan, lambda record, at: None)
+        except BaseException:
+            os.close(fd)
+            raise
+        journal = cls(path, fd, header, max_in_memory, scan, size=len(data))
+        journal._backlog_offset = body
+        journal._refill()
+        return journal
+
+    # -- the producer side -------------------------------------------------------------------------
+
+    def append(self, entries: list[Entry], keep_if_refused: bool = False) -> list[Record]:
+        """Write ``entries`` as records; return them once the kernel has them.
+
+        When the disk refuses, the file is cut back to its last whole line and
+        :class:`JournalWriteError` is raised (nothing of this call was accepted), unless
+        ``keep_if_refused``: then the records are kept in memory only, and delivered after
+        everything else.
+        """
+        with self._lock:
+            records = [Record(self._next_seq + i, entry) for i, entry in enumerate(entries)]
+            if not records or self._fd is None:
+                return []
+            lines = [encode(record) for record in records]
+            data = "".join(lines).encode("ascii")  # json.dumps escapes every non-ASCII character
+            try:
+                if self._unwritten:  # earlier records are in memory only: these go after them
+                    raise OSError(errno.EIO, "earlier entries could not be written either")
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self._cut_back()
+                error = write_error(self.path.parent, exc)
+                if not keep_if_refused:
+                    raise error from None
+                self._warn_once("keep", "%s; entries are kept in memory only until delivered", error)
+                self._unwritten.extend(records)
+            else:
+                self._place(records, lines)
+                self._size += len(data)
+                self._dirty = True
+            self._next_seq += len(records)
+            self.requested_end = next((r.entry for r in reversed(records) if isinstance(r.entry, End)), self.requested_end)
+            return records
+
+    def _place(self, records: list[Record], lines: list[str]) -> None:
+        """Keep new records in memory up to the bound; beyond it they wait on disk, in order."""
+        if self._backlog_offset is not None:
+            return  # older records already wait on disk: these come after them
+        room = max(0, self.max_in_memory - len(self._memory))
+        self._memory.extend(records[:room])
+        if room < len(records):
+            self._backlog_offset = self._size + sum(len(line) for line in lines[:room])
+
+    # -- the sender side ---------------------------------------------------------------------------
+
+    def pending(self, limit: int) -> list[Record]:
+        """Up to ``limit`` of the oldest records not acknowledged yet, in order."""
+        with self._lock:
+            if not self._memory:
+                self._refill()
+            if not self._memory and self._backlog_offset is None and self._unwritten:
+                return self._unwritten[:limit]
+            return [self._memory[i] for i in range(min(limit, len(self._memory)))]
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the last record accepted (0 before any)."""
+        return self._next_seq - 1
+
+    def has_pending(self) -> bool:
+        """True while some accepted record is not acknowledged."""
+        with self._lock:
+            return bool(self._memory or self._backlog_offset is not None or self._unwritten)
+
+    def pending_count(self) -> int:
+        """Records held in memory and not acknowledged (those waiting on disk are not counted)."""
+        with self._lock:
+            return len(self._memory) + len(self._unwritten)
+
+    def model_progress(self, record: Record) -> ModelProgress:
+        """The latest progress recorded for a model record."""
+        return self._progress.get(record.seq, record.entry.progress if isinstance(record.entry, Model) else ModelProgress())
+
+    def record_progress(self, record: Record, progress: ModelProgress) -> None:
+        """Remember (and journal) how far a model's delivery got."""
+        with self._lock:
+            self._progress[record.seq] = progress
+            self._note(progress_line(record.seq, progress))
+
+    def set_aside(self, record: Record, reason: str) -> None:
+        """Journal that the server refused ``record`` for good (it is acknowledged with the rest)."""
+        with self._lock:
+            self.refused[record.seq] = reason
+            self._note(refused_line(record.seq, reason))
+
+    def ack(self, seq: int) -> None:
+        """Every record up to ``seq`` is settled (delivered or set aside): drop them, move the cursor."""
+        with self._lock:
+            while self._memory and self._memory[0].seq <= seq:
+                self._memory.popleft()
+            while self._unwritten and self._unwritten[0].seq <= seq and not self._memory and self._backlog_offset is None:
+                self._unwritten.pop(0)
+            self.cursor = max(self.cursor, seq)
+            self._note(ack_line(seq))
+            if not self._memory:
+                self._refill()
+
+    def sync(self, at_most_every: float = 0.0) -> None:
+        """fsync what was written, if anything was, and not more often than ``at_most_every`` seconds."""
+        with self._lock:
+            if self._fd is None or not self._dirty or time.monotonic() - self._last_sync < at_most_every:
+                return
+            fd, self._dirty, self._last_sync = self._fd, False, time.monotonic()
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self._warn_once("fsync", "journal %s: fsync failed: %s", self.path, exc)
+
+    def close(self) -> None:
+        """Release the lock and the file (it stays on disk for recovery); later writes are ignored."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            os.close(fd)
+
+    def remove(self) -> None:
+        """Delete the journal (everything in it was settled)."""
+        with self._lock:
+            self.path.unlink(missing_ok=True)
+            self.close()
+
+    def keep_aside(self) -> Path:
+        """Move the journal into ``kept/`` beside it (entries refused or lines corrupt); return the new path."""
+        with self._lock:
+            kept = self.path.parent / "kept" / self.path.name
+            try:
+                kept.parent.mkdir(exist_ok=True)
+                os.replace(self.path, kept)
+            except OSError as exc:
+                logger.warning("journal %s: could not move it to %s: %s", self.path, kept.parent, exc)
+                kept = self.path
+            self.close()
+            self.path = kept
+            return kept
+
+    # -- inside ------------------------------------------------------------------------------------
+
+    def _note(self, line: str) -> None:
+        """Append one line of what the sender learnt; a refusing disk is only a warning here."""
+        if self._fd is None:
+            return
+        try:
+            _write_all(self._fd, line.encode())
+        except OSError as exc:
+            self._cut_back()
+            self._warn_once("note", "journal %s: %s (delivery goes on; the server has what was sent)", self.path, exc)
+            return
+        self._size += len(line)
+        self._dirty = True
+
+    def _cut_back(self) -> None:
+        """Drop a partly written line, so the file keeps only whole lines."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError as exc:
+            self._warn_once("truncate", "journal %s: could not cut back a partial line: %s", self.path, exc)
+
+    def _refill(self) -> None:
+        """Read records waiting on disk back into memory, up to the bound, skipping settled ones."""
+        if self._backlog_offset is None or self._fd is None:
+            return
+        base = self._backlog_offset
+        data = _read_all(self._fd, base)
+        scan = LineScan()
+
+        def take(record: Record, at: int) -> bool:
+            if record.seq <= self.cursor or record.seq in self.refused:
+                return True
+            if len(self._memory) >= self.max_in_memory:
+                return False  # memory is full again: the rest waits on disk
+            self._memory.append(record)
+            return True
+
+        stopped = read_lines(data, 0, scan, take)
+        self._progress.update(scan.progress)
+        self._backlog_offset = base + stopped if stopped < len(data) else None
+
+    def _warn_once(self, what: str, message: str, *args: Any) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning(message, *args)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_all(fd: int, offset: int = 0) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def list_journals(folder: Path) -> list[Path]:
+    """The journals in ``folder`` (not those kept aside, nor ones still being created), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"*{SUFFIX}") if not p.name.startswith(".")]
+    return sorted(found, key=lambda p: p.stat().st_mtime if p.exists() else 0)
+
+
+def read_header(path: Path) -> JournalHeader:
+    """A journal's header alone (no lock taken): enough to decide whether to recover it."""
+    try:
+        with open(path, "rb") as src:
+            first = src.readline()
     except FileNotFoundError:
         raise UsageError(f"journal {path}: no such file") from None
-    try:
-        head = json.loads(lines[0])
-        header = JournalHeader(head["run_id"], head["tracking_uri"], str(head["experiment_id"]), float(head["created"]))
-        entries = [json.loads(line) for line in lines[1:] if line.strip()]
-    except (IndexError, KeyError, ValueError) as exc:
-        raise UsageError(f"journal {path}: not a plantml journal ({exc.__class__.__name__})") from None
-    return header, entries
-
-
-def new_journal_path(folder: Path, run_id: str) -> Path:
-    """``<folder>/<run_id>.jsonl``, or a timestamped name beside an existing one."""
-    path = folder / f"{run_id}.jsonl"
-    return path if not path.exists() else folder / f"{run_id}-{int(time.time() * 1000)}.jsonl"
-
-
-class SpillFile:
-    """An append-only JSON-lines file read back from the front, for entries beyond the memory bound."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._writer: Any = None
-        self._read_offset = 0
-        self.count = 0  # entries written and not yet read back
-
-    def append(self, entries: Iterable[Entry]) -> None:
-        if self._writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in reset()
-        lines = [dumps(entry) + "\n" for entry in entries]
-        self._writer.writelines(lines)
-        self._writer.flush()
-        self.count += len(lines)
-
-    def read(self, limit: int) -> list[Entry]:
-        """Up to ``limit`` of the oldest entries not read yet; the file goes once all are read."""
-        if self.count == 0:
-            return []
-        entries: list[Entry] = []
-        with open(self.path, encoding="utf-8") as src:
-            src.seek(self._read_offset)
-            while len(entries) < limit:
-                line = src.readline()
-                if not line:
-                    break
-                entries.append(json.loads(line))
-            self._read_offset = src.tell()
-        self.count -= len(entries)
-        if self.count == 0:
-            self.reset()
-        return entries
-
-    def read_all(self) -> list[Entry]:
-        return self.read(self.count)
-
-    def reset(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self.path.unlink(missing_ok=True)
-        self._read_offset = 0
-        self.count = 0
-
-    def __iter__(self) -> Iterator[Entry]:  # pragma: no cover - convenience
-        return iter(self.read_all())
+    return parse_header(first.rstrip(b"\n"), path)

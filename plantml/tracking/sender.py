@@ -1,74 +1,68 @@
-"""The resilient write path: a bounded, ordered queue drained by one background sender.
+"""The background sender: one thread per run that delivers its journal from the cursor, in order.
 
-:class:`BufferedWriter` is the tracker's default writer. Logging a param, metric, tag,
-artifact or model only *enqueues* an entry (see :mod:`plantml.tracking.journal` for
-their shape) and returns; the training step never waits on the network.
+:class:`RunSender` is the tracker's one writer. A logging call appends its entries to the
+run's journal (:mod:`plantml.tracking.journal`) and returns; the training step never waits
+on the network. The sender thread takes records from the front of the journal, packs
+consecutive params, metrics and tags into one ``log_batch`` request up to MLflow's limits
+(1000 metrics, 100 params, 100 tags, 1000 entries, about 1 MB), sends an artifact, a
+model or the run's end alone, and moves the cursor once the server has them
+(:func:`plantml.tracking.transport.deliver`: one retry policy, exactly once, refusals
+narrowed down to the entries at fault and set aside).
 
-Queue
-    Entries wait in memory, in the order they were logged, up to ``max_in_memory``
-    (100,000 by default). Beyond that, while the server is away, new entries are appended
-    to a spill file on disk, and read back in order once memory has room again: nothing
-    is dropped, and memory stays bounded.
-
-Sender
-    One daemon thread per writer takes entries from the front of the queue. Consecutive
-    params, metrics and tags of one run, whichever calls they came from, leave together
-    in one ``log_batch`` request, up to MLflow's limits (1000 metrics, 100 params, 100
-    tags, 1000 entries, about 1 MB); an artifact, a model or the run's end is sent alone,
-    after everything logged before it. An entry leaves the queue only once the server
-    has it.
-
-Retries
-    A failed request is retried by tenacity with capped exponential backoff (0.2 s
-    doubling to ``max_backoff_s``, 5 s by default), for as long as it takes, while
-    training continues. A refusal no retry can fix (a 4xx) is logged and recorded in
-    :attr:`BufferedWriter.rejected` instead. Whether a retry may duplicate what the last
-    try delivered, and how that is prevented, is explained in
-    :mod:`plantml.tracking.delivery`.
-
-End of a run
-    :meth:`BufferedWriter.finish` queues the run's end (its status) behind everything
-    else and waits up to ``timeout`` seconds for the queue to drain. If it does not, the
-    sender is stopped, every undelivered entry (in flight, in memory, spilled) is written
-    in order to a journal ``<journal_dir>/<run_id>.jsonl``, and the run is tagged
-    ``plantml.delivery=pending`` and marked FAILED when the server can still be reached
-    (otherwise it stays as it is). ``plantml tracking replay JOURNAL`` delivers the
-    journal later and ends the run with the status that was asked for.
+A part-filled batch lingers up to ``linger_s`` (like Kafka's ``linger.ms``) for company:
+fewer, fuller requests while training; a flush, an epoch's end or the run's end sends at
+once. The thread also fsyncs the journal at most about once a second, and sets the
+heartbeat tag about once a minute. It never dies: whatever goes wrong is logged, retried
+and, if the run ends first, left in the journal for recovery.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
 import time
-import uuid
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, TrackingError
-from plantml.tracking.batching import _ENTRY_OVERHEAD, _REQUEST_SIZE_BUDGET, MetricPoint, _one_line
-from plantml.tracking.delivery import DEFAULT_REQUEST_TIMEOUT_S, Delivery, discard_spool, is_permanent, surely_unsent
-from plantml.tracking.journal import Entry, JournalHeader, SpillFile, journal_dir, new_journal_path, write_journal
-from plantml.tracking.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from plantml.errors import ConfigError, TrackingError, one_line
+from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
+from plantml.tracking.journal import Journal, journal_dir
+from plantml.tracking.transport import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    REJECTED_TAG,
+    ModelProgressBook,
+    Refused,
+    RetryPolicy,
+    RunGone,
+    Transport,
+    deliver,
+)
+from plantml.tracking.validation import (
+    MAX_BATCH_LOG_REQUEST_SIZE,
+    MAX_ENTITIES_PER_BATCH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Tags that describe a run whose delivery is incomplete.
-PENDING_TAG = "plantml.delivery"
-JOURNAL_TAG = "plantml.delivery.journal"
-REQUESTED_STATUS_TAG = "plantml.delivery.requested_status"
-
-_LOG_KINDS = ("m", "p", "t")
+#: Tag holding the time the run's process was last seen alive (UTC, ISO 8601).
+HEARTBEAT_TAG = "plantml.heartbeat"
+HEARTBEAT_INTERVAL_S = 60.0
+#: The journal is fsynced at most this often between explicit syncs.
+SYNC_INTERVAL_S = 1.0
+# Room left for the JSON envelope of a request and each entry's field names.
+_REQUEST_SIZE_BUDGET = int(MAX_BATCH_LOG_REQUEST_SIZE * 0.9)
+_ENTRY_OVERHEAD = 96
 
 
 class DeliveryPending(TrackingError):
-    """end_run gave up waiting: what was not delivered is in a journal on disk, for ``plantml tracking replay``."""
+    """end_run gave up waiting: what was not delivered stays in the run's journal, for recovery."""
 
     def __init__(self, message: str, journal: Path) -> None:
         super().__init__(message)
@@ -84,10 +78,9 @@ class DeliverySettings:
     max_backoff_s: float = 5.0
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     journal_dir: Path = Path("~/.cache/plantml/journal").expanduser()
-    #: Seconds a part-filled batch of params, metrics and tags may wait for more before it
-    #: leaves (like Kafka's linger.ms): fewer, fuller requests, less work for the server
-    #: while training. A flush or the end of the run sends at once.
     linger_s: float = 1.0
+    #: Seconds a run ended by a signal waits for delivery before leaving the rest to recovery.
+    signal_timeout_s: float = 10.0
 
 
 def resolve_delivery_settings(
@@ -98,347 +91,293 @@ def resolve_delivery_settings(
     max_backoff_s: float | None = None,
     request_timeout_s: float | None = None,
 ) -> DeliverySettings:
-    """Argument, then ``PLANTML_DELIVERY_TIMEOUT`` / ``PLANTML_MAX_BUFFERED`` / ``PLANTML_JOURNAL_DIR``, then the default."""
-
+    """Argument, then the ``PLANTML_*`` variable, then the default, for each delivery setting."""
     from plantml.settings import env_number
 
     settings = DeliverySettings(
         timeout_s=env_number("PLANTML_DELIVERY_TIMEOUT", timeout_s),
         max_in_memory=env_number("PLANTML_MAX_BUFFERED", max_in_memory, int),
         max_backoff_s=env_number("PLANTML_MAX_BACKOFF", max_backoff_s),
-        request_timeout_s=request_timeout_s or DEFAULT_REQUEST_TIMEOUT_S,
+        request_timeout_s=env_number("PLANTML_REQUEST_TIMEOUT", request_timeout_s),
         journal_dir=journal_dir(journal_folder),
         linger_s=env_number("PLANTML_LINGER"),
+        signal_timeout_s=env_number("PLANTML_SIGNAL_TIMEOUT"),
     )
-    if settings.timeout_s < 0 or settings.max_in_memory < 1 or settings.max_backoff_s <= 0 or settings.linger_s < 0:
+    if (settings.timeout_s < 0 or settings.max_in_memory < 1 or settings.max_backoff_s <= 0 or settings.linger_s < 0
+            or settings.request_timeout_s <= 0 or settings.signal_timeout_s < 0):
         raise ConfigError(f"delivery settings out of range: {settings}")
     return settings
 
 
-def metric_entries(run_id: str, metrics: Sequence[MetricPoint]) -> list[Entry]:
-    return [{"run": run_id, "m": [m.key, m.value, m.timestamp, m.step]} for m in metrics]
-
-
 def _entry_size(entry: Entry) -> int:
-    if "m" in entry:
-        return len(entry["m"][0]) + _ENTRY_OVERHEAD
-    key, value = entry.get("p") or entry["t"]
-    return len(key) + len(value) + _ENTRY_OVERHEAD
+    if isinstance(entry, MetricPoint):
+        return len(entry.key) + _ENTRY_OVERHEAD
+    return len(entry.key) + len(entry.value) + _ENTRY_OVERHEAD  # type: ignore[union-attr]
 
 
-def take_batch(queue: Any) -> list[Entry]:
-    """The entries at the front of ``queue`` that one request can carry, in order.
+def take_batch(records: Sequence[Record]) -> list[Record]:
+    """The records at the front that one request can carry, in order.
 
     An artifact, a model or an end goes alone. Otherwise consecutive params, tags and
-    metrics of one run are taken up to MLflow's limits; a key repeated (a param, or a tag
-    set twice) starts the next request, so the later value is sent later.
+    metrics are taken up to MLflow's limits; a key repeated (a param, or a tag set twice)
+    starts the next request, so the later value is sent later.
     """
-    first = queue[0]
-    if not any(kind in first for kind in _LOG_KINDS):
-        return [first]
-    batch: list[Entry] = []
-    counts = {"m": 0, "p": 0, "t": 0}
-    keys: set[tuple[str, str]] = set()
+    if not records[0].is_log:
+        return [records[0]]
+    batch: list[Record] = []
+    counts: dict[type, int] = {}
+    keys: set[tuple[type, str]] = set()
     size = 0
-    for entry in itertools.islice(queue, MAX_ENTITIES_PER_BATCH):
-        if entry["run"] != first["run"]:
+    for record in records[:MAX_ENTITIES_PER_BATCH]:
+        if not record.is_log:
             break
-        kind = next((k for k in _LOG_KINDS if k in entry), None)
-        if kind is None:
+        kind = type(record.entry)
+        limit = MAX_METRICS_PER_BATCH if kind is MetricPoint else MAX_PARAMS_TAGS_PER_BATCH
+        entry_size = _entry_size(record.entry)
+        if counts.get(kind, 0) >= limit or (batch and size + entry_size > _REQUEST_SIZE_BUDGET):
             break
-        limit = MAX_METRICS_PER_BATCH if kind == "m" else MAX_PARAMS_TAGS_PER_BATCH
-        entry_size = _entry_size(entry)
-        if counts[kind] >= limit or (batch and size + entry_size > _REQUEST_SIZE_BUDGET):
-            break
-        if kind != "m":
-            key = (kind, entry[kind][0])
+        if kind is not MetricPoint:
+            key = (kind, record.entry.key)  # type: ignore[union-attr]
             if key in keys:
                 break
             keys.add(key)
-        counts[kind] += 1
+        counts[kind] = counts.get(kind, 0) + 1
         size += entry_size
-        batch.append(entry)
+        batch.append(record)
     return batch
 
 
-_DONE, _REJECTED, _STOPPED = "done", "rejected", "stopped"
+def heartbeat_value(now: float | None = None) -> str:
+    """The heartbeat tag's value for ``now``: UTC, ISO 8601, to the second."""
+    return datetime.fromtimestamp(now or time.time(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class BufferedWriter:
-    """The tracker's write path: enqueue now, deliver in order in the background, exactly once."""
+class RunSender:
+    """One run's write path: its journal, and the thread that delivers it."""
 
-    def __init__(self, delivery: Delivery, settings: DeliverySettings | None = None) -> None:
-        self._delivery = delivery
-        self.settings = settings or resolve_delivery_settings()
-        self._cond = threading.Condition()
-        self._memory: deque[Entry] = deque()
-        self._spill = SpillFile(self.settings.journal_dir / "spill" / f"{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl")
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._generation = 0
-        self._flushing = 0  # callers waiting in flush(): no lingering while there are any
-        self._waiting_since: float | None = None  # when the queue last went from empty to not
-        self._waiters: dict[str, Future[Any]] = {}
-        self.rejected: list[tuple[Entry, str]] = []
+    def __init__(self, transport: Transport, journal: Journal, settings: DeliverySettings, run_id: str,
+                 recovering: bool = False) -> None:
+        self.transport = transport
+        self.recovering = recovering  # delivering a journal left behind: any record may have arrived already
+        self.journal = journal
+        self.settings = settings
+        self.run_id = run_id
+        self.rejected: list[SetAside] = []
+        self.gone: RunGone | None = None
         self.last_error: str | None = None
-        self.failures = 0
+        self.failures = 0  # tries failed in a row (the log says how long an outage lasts)
+        self.failed_tries = 0  # tries failed in all, for this run
+        self.delivered = 0
+        self.already_stored = 0
+        self.model_versions: list[int] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._flushing = 0
+        self._sync_requested = False
+        self._waiting_since: float | None = None
+        self._waiters: dict[int, Future[Any]] = {}
+        self._last_heartbeat = time.monotonic()
+        self._book = ModelProgressBook(journal.model_progress, journal.record_progress)
+        self._thread = threading.Thread(target=self._run, name=f"plantml-sender-{run_id[:8]}", daemon=True)
+        self._thread.start()
 
-    @property
-    def requests_sent(self) -> int:
-        """Requests that reached the server (successful or not)."""
-        return self._delivery.requests_sent
+    # -- the producer side: never touches the network ---------------------------------------------
 
-    def pending(self) -> int:
-        """Entries not delivered yet (in memory and spilled)."""
+    def write(self, entries: list[Entry], keep_if_refused: bool = False) -> list[Record]:
+        """Journal ``entries`` and wake the sender; :class:`JournalWriteError` if the disk refuses."""
+        records = self.journal.append(entries, keep_if_refused)
         with self._cond:
-            return len(self._memory) + self._spill.count
+            if self._waiting_since is None:
+                self._waiting_since = time.monotonic()
+            self._cond.notify_all()
+        return records
 
-    def in_memory(self) -> int:
-        """Entries waiting in memory."""
-        with self._cond:
-            return len(self._memory)
-
-    # -- the producer side: never touches the network ---------------------------------------
-
-    def write(self, run_id: str, metrics: Sequence[MetricPoint] = (), params: Sequence[tuple[str, str]] = (),
-              tags: Sequence[tuple[str, str]] = ()) -> None:
-        """Enqueue params, tags then metrics for ``run_id``; returns at once."""
-        entries = [{"run": run_id, "p": [k, v]} for k, v in params]
-        entries += [{"run": run_id, "t": [k, v]} for k, v in tags]
-        entries += metric_entries(run_id, metrics)
-        self._put(entries)
-
-    def write_artifact(self, run_id: str, src: Path, artifact_path: str | None, is_dir: bool) -> None:
-        """Enqueue the upload of a spooled file or folder (deleted once stored)."""
-        self._put([{"run": run_id, "artifact": {"src": str(src), "dst": artifact_path, "dir": is_dir}}])
-
-    def write_model(self, run_id: str, spec: dict[str, Any]) -> Future[Any]:
-        """Enqueue a spooled model; the future gives its ModelInfo once stored (and registered)."""
-        spec = {**spec, "id": uuid.uuid4().hex}
+    def write_model(self, model: Model) -> Future[Any]:
+        """Journal a spooled model; the future gives its ModelInfo once stored (and registered)."""
         future: Future[Any] = Future()
-        with self._cond:
-            self._waiters[spec["id"]] = future
-        self._put([{"run": run_id, "model": spec}])
+        with self._cond:  # registered before the sender can see the record
+            [record] = self.write([model])
+            self._waiters[record.seq] = future
         return future
 
-    def _put(self, entries: list[Entry]) -> None:
-        if not entries:
-            return
+    def request_sync(self) -> None:
+        """Ask for an fsync of the journal soon (an epoch ended: a power cut would lose at most the epoch)."""
         with self._cond:
-            if not self._memory and not self._spill.count:
-                self._waiting_since = time.monotonic()
-            room = self.settings.max_in_memory - len(self._memory)
-            if self._spill.count == 0 and room > 0:
-                self._memory.extend(entries[:room])
-                entries = entries[room:]
-            if entries:  # beyond the bound, or behind entries already on disk: keep the order
-                self._spill.append(entries)
-            self._ensure_sender()
+            self._sync_requested = True
             self._cond.notify_all()
 
-    # -- waiting --------------------------------------------------------------------------------
+    # -- waiting -------------------------------------------------------------------------------
 
-    def flush(self, run_id: str | None = None, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far is delivered; False if ``timeout`` passed first."""
+    def flush(self, timeout: float | None = None, hurry: Callable[[], bool] = lambda: False, to_the_end: bool = False) -> bool:
+        """Wait until everything journalled so far is settled; False if ``timeout`` (or ``hurry``) came first.
+
+        ``to_the_end``: also what is journalled while waiting (the count of set-aside entries, after the run's end).
+        """
+        target = self.journal.last_seq
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.journal.sync()
         with self._cond:
             self._flushing += 1
-            self._cond.notify_all()  # a lingering sender sends now
+            self._cond.notify_all()  # a lingering batch leaves now
             try:
-                while self._memory or self._spill.count:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
+                while self.journal.cursor < (self.journal.last_seq if to_the_end else target):
+                    left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                    if left <= 0 or self.gone is not None or hurry() or not self._thread.is_alive():
                         return False
-                    self._cond.wait(left if left is not None else 1.0)
+                    self._cond.wait(left)
             finally:
                 self._flushing -= 1
         return True
 
-    def finish(self, run_id: str, status: str, timeout: float | None = None) -> Path | None:
-        """Queue the run's end, wait up to ``timeout`` (the settings' by default) for delivery.
+    def finish(self, end: End, timeout: float, hurry: Callable[[], bool] = lambda: False) -> bool:
+        """Journal the run's end (kept in memory if the disk refuses) and wait up to ``timeout`` for delivery."""
+        self.write([end], keep_if_refused=True)
+        return self.flush(timeout, hurry, to_the_end=True)
 
-        Returns None once the server has everything and the run has its status; otherwise
-        the path of the journal that now holds what is left (see the module docstring).
-        """
-        timeout = self.settings.timeout_s if timeout is None else timeout
-        self._put([{"run": run_id, "end": status, "at": int(time.time() * 1000)}])
-        if self.flush(run_id, timeout):
-            return None
-        return self._journal_rest(run_id, status)
-
-    def close(self) -> None:
-        """Stop the sender thread (what is still queued stays queued)."""
+    def stop(self) -> None:
+        """Stop the thread after its current request; what is not delivered stays in the journal."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=self.settings.request_timeout_s + 2)
-
-    # -- giving up on a run -----------------------------------------------------------------------
-
-    def _journal_rest(self, run_id: str, status: str) -> Path:
-        thread = self._thread
-        self._stop.set()
-        with self._cond:
-            self._cond.notify_all()
-        if thread is not None:
-            thread.join(timeout=self.settings.request_timeout_s + 2)
-        with self._cond:
-            entries = list(self._memory) + self._spill.read_all()
-            self._memory.clear()
-            self._generation += 1  # a sender still stuck in a call must not pop what comes next
-            self._stop = threading.Event()
-            self._thread = None
-            waiters, self._waiters = self._waiters, {}
-        header = JournalHeader(run_id, self._delivery.settings.tracking_uri, self._delivery.experiment_id, time.time())
-        path = write_journal(new_journal_path(self.settings.journal_dir, run_id), header,
-                             [e for e in entries if e["run"] == run_id])
-        others = [e for e in entries if e["run"] != run_id]
-        if others:  # not expected (one run at a time), but never lost
-            logger.warning("%d entries of other runs found while journalling run %s: journalling them too", len(others), run_id)
-            for other_run in {e["run"] for e in others}:
-                other_header = JournalHeader(other_run, header.tracking_uri, header.experiment_id, header.created)
-                write_journal(new_journal_path(self.settings.journal_dir, other_run), other_header,
-                              [e for e in others if e["run"] == other_run])
-        for future in waiters.values():
+        for future in self._waiters.values():
             if not future.done():
-                future.set_exception(DeliveryPending(f"run {run_id}: model not delivered; journal {path}", path))
-        self._mark_pending(run_id, status, path)
-        return path
+                future.set_exception(DeliveryPending(f"run {self.run_id}: model not delivered", self.journal.path))
 
-    def _mark_pending(self, run_id: str, status: str, path: Path) -> None:
-        """One quick try: tag the run as pending and mark it FAILED (never FINISHED) until replayed."""
-        try:
-            self._delivery.log_batch(run_id, [], [], [(PENDING_TAG, "pending"), (JOURNAL_TAG, str(path)[:5000]),
-                                                      (REQUESTED_STATUS_TAG, status)])
-            self._delivery.terminate(run_id, "FAILED")
-        except Exception as exc:  # the server is away: the run stays as it is, the journal has it all
-            logger.warning("run %s: could not mark it pending (%s); the journal %s has everything", run_id, _one_line(exc), path)
+    # -- the thread ------------------------------------------------------------------------------
 
-    # -- the sender thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._next_batch()
+                if batch:
+                    self._deliver(batch)
+            except Exception as exc:  # a bug or a disk error: log it, never die, try again shortly
+                self._note_failure(exc, self.failures + 1)
+                self._stop.wait(1.0)
 
-    def _ensure_sender(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, args=(self._stop, self._generation),
-                                            name="plantml-sender", daemon=True)
-            self._thread.start()
-
-    def _run(self, stop: threading.Event, generation: int) -> None:
-        while not stop.is_set():
+    def _next_batch(self) -> list[Record]:
+        while not self._stop.is_set():
+            self._housekeeping()  # outside the lock: a producer never waits on an fsync or a request
             with self._cond:
-                while not stop.is_set() and not self._memory and not self._spill.count:
-                    self._cond.wait(1.0)
-                while not stop.is_set() and (linger := self._linger_left()) > 0:
-                    self._cond.wait(linger)
-                if stop.is_set() or generation != self._generation:
-                    return
-                if self._spill.count and len(self._memory) < self.settings.max_in_memory // 2 + 1:
-                    self._memory.extend(self._spill.read(self.settings.max_in_memory - len(self._memory)))
-                batch = take_batch(self._memory)
-            outcome = self._deliver(batch, stop)
-            if outcome == _STOPPED:
-                return
-            with self._cond:
-                if generation != self._generation:
-                    return
-                for _ in batch:
-                    self._memory.popleft()
-                self._cond.notify_all()
-            if outcome == _DONE:
-                for entry in batch:
-                    discard_spool(entry)
+                linger = self._linger_left()
+                if self.gone is None and self.journal.has_pending() and linger <= 0:
+                    return take_batch(self.journal.pending(MAX_ENTITIES_PER_BATCH))
+                self._cond.wait(min(SYNC_INTERVAL_S, linger) if linger > 0 else SYNC_INTERVAL_S)
+        return []
+
+    def _housekeeping(self) -> None:
+        """fsync about once a second (at once when asked), heartbeat about once a minute."""
+        with self._cond:
+            requested, self._sync_requested = self._sync_requested, False
+        self.journal.sync(0.0 if requested else SYNC_INTERVAL_S)
+        if time.monotonic() - self._last_heartbeat >= HEARTBEAT_INTERVAL_S and self.gone is None and not self.recovering:
+            self._last_heartbeat = time.monotonic()
+            try:  # one quick try: a missed beat only makes the run look older to `recover --stale`
+                self.transport.log_batch(self.run_id, [], [], [Tag(HEARTBEAT_TAG, heartbeat_value())])
+            except Exception as exc:
+                logger.debug("heartbeat of run %s not sent: %s", self.run_id, one_line(exc))
 
     def _linger_left(self) -> float:
-        """Seconds the front batch may still wait for company (0: send it now). Called under the lock.
-
-        Only a part-filled batch of params, metrics and tags lingers, for at most
-        ``linger_s`` after the queue stopped being empty, and never while someone flushes.
-        """
-        if self._flushing or self._spill.count or not self._memory or self._waiting_since is None:
+        """Seconds the front batch may still wait for company (0: send it now). Called under the lock."""
+        if self._flushing or self._waiting_since is None or not self.settings.linger_s:
             return 0.0
-        if len(self._memory) >= MAX_METRICS_PER_BATCH:
-            return 0.0  # a full batch (or a backlog) is ready
-        if not all(any(kind in entry for kind in _LOG_KINDS) for entry in self._memory):
-            return 0.0  # an artifact, a model or an end is waiting behind: go
+        front = self.journal.pending(MAX_METRICS_PER_BATCH)
+        if len(front) >= MAX_METRICS_PER_BATCH or not all(record.is_log for record in front):
+            return 0.0  # a full batch, or an artifact, a model or the end waits behind: go
         return self._waiting_since + self.settings.linger_s - time.monotonic()
 
-    def _deliver(self, batch: list[Entry], stop: threading.Event) -> str:
-        from tenacity import Retrying, retry_if_exception, wait_exponential
-
-        state = {"maybe_sent": False}
-        retrying = Retrying(
-            retry=retry_if_exception(lambda exc: not is_permanent(exc)),
-            wait=wait_exponential(multiplier=0.2, min=0.2, max=self.settings.max_backoff_s),
-            stop=lambda retry_state: stop.is_set(),
-            sleep=stop.wait,  # a stop request cuts the backoff short
-            before_sleep=self._note_failure,
-            reraise=True,
-        )
-        is_logs = any(kind in batch[0] for kind in _LOG_KINDS)
+    def _deliver(self, batch: list[Record]) -> None:
+        policy = RetryPolicy(self.settings.max_backoff_s, give_up=self._stop.is_set, sleep=self._stop.wait,
+                             on_failure=self._note_failure)
+        model_refused = any(isinstance(aside.record.entry, Model) for aside in self.rejected)
         try:
-            for attempt in retrying:
-                with attempt:
-                    if is_logs and attempt.retry_state.attempt_number > 1:
-                        # what was logged meanwhile joins the retry (up to the limits): the
-                        # front of the queue is the same, and only this thread removes from it
-                        with self._cond:
-                            if self._memory:
-                                batch[:] = take_batch(self._memory)
-                    self._attempt(batch, state)
-        except Exception as exc:
-            if stop.is_set():
-                return _STOPPED
-            self._reject(batch, exc)
-            return _REJECTED
-        if self.failures:
-            logger.info("delivery resumed after %d failed tries", self.failures)
-            self.failures = 0
-        return _DONE
-
-    def _attempt(self, batch: list[Entry], state: dict[str, bool]) -> None:
-        first = batch[0]
-        run_id = first["run"]
-        try:
-            if "end" in first:
-                status = "FAILED" if any(e.get("model") and e["run"] == run_id for e, _ in self.rejected) else first["end"]
-                self._delivery.terminate(run_id, status, first.get("at"))
-            elif "artifact" in first:
-                self._delivery.upload(run_id, first["artifact"])
-            elif "model" in first:
-                info = self._delivery.deliver_model(run_id, first["model"])
-                future = self._waiters.pop(first["model"]["id"], None)
-                if future is not None and not future.done():
-                    future.set_result(info)
-            else:
-                self._send_logs(run_id, batch, state["maybe_sent"])
-        except Exception as exc:
-            if not surely_unsent(exc):
-                state["maybe_sent"] = True
+            outcome = deliver(self.transport, self.run_id, batch, policy, self._book, model_refused,
+                              maybe_sent=self.recovering, grow=self._front_batch)
+        except RunGone as exc:
+            logger.warning("%s: what it logs is kept in %s", exc, self.journal.path)
+            with self._cond:
+                self.gone = exc
+                self._cond.notify_all()
+            return
+        except Exception:
+            if self._stop.is_set():
+                return  # stopped mid-retry: the journal keeps the batch
             raise
+        if self.failures:
+            logger.info("tracking delivery resumed after %d failed tries", self.failures)
+            self.failures = 0
+        for aside in outcome.set_aside:
+            self._set_aside(aside)
+        if outcome.set_aside:  # counted on the run (every set-aside the journal records), delivered like any tag
+            self.journal.append([Tag(REJECTED_TAG, str(len(self.journal.refused)))], keep_if_refused=True)
+        self.journal.ack(max(r.seq for r in [*outcome.delivered, *(a.record for a in outcome.set_aside)]))
+        self.delivered += len(outcome.delivered)
+        self.already_stored += outcome.already_stored
+        for record in outcome.delivered:
+            if isinstance(record.entry, Model):
+                self._resolve(record.seq, result=outcome.model_info)
+                version = getattr(outcome.model_info, "registered_model_version", None)
+                if version is not None:
+                    self.model_versions.append(int(version))
+        discard_spooled(outcome.delivered)
+        with self._cond:
+            if not self.journal.has_pending():
+                self._waiting_since = None
+            self._cond.notify_all()
 
-    def _send_logs(self, run_id: str, batch: list[Entry], maybe_sent: bool) -> None:
-        metrics = [MetricPoint(*e["m"]) for e in batch if "m" in e]
-        params = [tuple(e["p"]) for e in batch if "p" in e]
-        tags = [tuple(e["t"]) for e in batch if "t" in e]
-        if maybe_sent:  # the last try may have been stored: send only what the server lacks
-            metrics, params = self._delivery.unsent(run_id, metrics, params)
-        if metrics or params or tags:
-            self._delivery.log_batch(run_id, metrics, params, tags)  # type: ignore[arg-type]
+    def _front_batch(self, batch: list[Record]) -> list[Record]:
+        """The batch at the front of the journal now: ``batch`` and what was logged since behind it."""
+        front = take_batch(self.journal.pending(MAX_ENTITIES_PER_BATCH))
+        return front if front[: len(batch)] == batch else batch
 
-    def _note_failure(self, retry_state: Any) -> None:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
+    def _set_aside(self, aside: SetAside) -> None:
+        logger.warning("tracking server refused %s for run %s, set aside: %s",
+                       describe(aside.record), self.run_id, aside.reason)
+        self.rejected.append(aside)
+        self.journal.set_aside(aside.record, aside.reason)
+        if isinstance(aside.record.entry, Model):
+            self._resolve(aside.record.seq, error=Refused(f"model {aside.record.entry.name!r} refused: {aside.reason}"))
+
+    def _resolve(self, seq: int, result: Any = None, error: BaseException | None = None) -> None:
+        with self._cond:
+            future = self._waiters.pop(seq, None)
+        if future is not None and not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    def _note_failure(self, exc: BaseException, attempt: int) -> None:
         self.failures += 1
-        self.last_error = _one_line(exc) if exc else "unknown error"
+        self.failed_tries += 1
+        self.last_error = one_line(exc)
         log = logger.warning if self.failures in (1, 10) or self.failures % 50 == 0 else logger.debug
-        log("tracking delivery failed (try %d, %d entries waiting), retrying: %s",
-            self.failures, len(self._memory) + self._spill.count, self.last_error)
+        log("tracking delivery failed (try %d), retrying: %s", self.failures, self.last_error)
 
-    def _reject(self, batch: list[Entry], exc: BaseException) -> None:
-        message = _one_line(exc)
-        logger.error("tracking server refused %d entries for run %s, dropping them: %s", len(batch), batch[0]["run"], message)
-        self.rejected.extend((entry, message) for entry in batch)
-        model = batch[0].get("model")
-        if model:
-            future = self._waiters.pop(model["id"], None)
-            if future is not None and not future.done():
-                future.set_exception(TrackingError(f"model {model['name']!r} refused: {message}"))
+
+def describe(record: Record) -> str:
+    """A record in words for a log line: ``param 'lr'``, ``metric 'loss' at step 3``."""
+    entry = record.entry
+    if isinstance(entry, MetricPoint):
+        return f"metric {entry.key!r} at step {entry.step}"
+    if isinstance(entry, (Param, Tag)):
+        return f"{type(entry).__name__.lower()} {entry.key!r}"
+    if isinstance(entry, Model):
+        return f"model {entry.name!r}"
+    if isinstance(entry, Artifact):
+        return f"artifact {Path(entry.src).name!r}"
+    return f"the run's end ({entry.status})"
+
+
+def discard_spooled(records: Sequence[Record]) -> None:
+    """Remove the spooled files or folders of delivered artifacts and models."""
+    import shutil
+
+    for record in records:
+        if not isinstance(record.entry, (Artifact, Model)):
+            continue
+        path = Path(record.entry.src)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

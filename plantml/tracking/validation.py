@@ -6,6 +6,12 @@ is one the server accepts, and a value that fails gets a one-line
 HTTP 400 after part of a batch was already written. The limits are copied rather than
 imported so that ``import plantml.tracking`` stays fast; a unit test checks they still
 equal the installed MLflow's.
+
+Beyond MLflow's own checks, what its stores cannot hold is refused here too: a NUL
+character (PostgreSQL's text cannot), a step outside int64, a number too large for a
+float. A *lone surrogate*, which is what Python makes of a byte that is not UTF-8 in a
+file name (a folder named in Latin-1), cannot be sent either; :func:`plantml.text.safe_text`
+writes each such byte as ``%XX`` instead, so such a path is logged readably rather than refused.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ValidationError
+from plantml.text import safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ NAME_RULE = (
     "spaces ( ), colons (:) and slashes (/)"
 )
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_ACCEPTED_NAMES: set[str] = set()  # names that passed check_name (str only: a set holds them by value)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class NonFiniteMetricWarning(UserWarning):
@@ -54,6 +63,8 @@ class TruncatedValueWarning(UserWarning):
 
 def check_name(kind: str, name: Any) -> str:
     """Return ``name`` if MLflow accepts it as a ``kind`` (metric, param, tag) key, else raise."""
+    if type(name) is str and name in _ACCEPTED_NAMES:  # the same keys come every step: checked once
+        return name
     if not isinstance(name, str):
         raise ValidationError(f"{kind} name {name!r}: must be a string, not {type(name).__name__}")
     if not _NAME_RE.match(name):
@@ -66,16 +77,30 @@ def check_name(kind: str, name: Any) -> str:
         )
     if len(name) > MAX_ENTITY_KEY_LENGTH:
         raise ValidationError(f"{kind} name {name[:40]!r}...: longer than {MAX_ENTITY_KEY_LENGTH} characters ({len(name)})")
+    if len(_ACCEPTED_NAMES) < 100_000:
+        _ACCEPTED_NAMES.add(name)
     return name
 
 
+def checked_text(kind: str, key: str, text: str) -> str:
+    """``text`` made safe to send (:func:`safe_text`); a NUL character is refused naming ``kind`` ``key``."""
+    if "\x00" in text:
+        raise ValidationError(f"{kind} {key!r}: value contains a NUL character (\\x00), which MLflow's stores cannot hold")
+    return safe_text(text)
+
+
 def metric_value(key: str, value: Any) -> float:
-    """Return ``value`` as a float; warn on NaN or infinity; raise on a non-number."""
+    """Return ``value`` as a float; warn on NaN or infinity; raise on a non-number or one too large."""
+    if type(value) is float and value - value == 0:  # the common case, finite (no ABC check: it costs microseconds)
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         value = _unwrap_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValidationError(f"metric {key!r}: value {value!r} is not a number ({type(value).__name__})")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValidationError(f"metric {key!r}: value {str(value)[:40]}... is too large for a float") from None
     if not math.isfinite(number):
         warnings.warn(
             f"metric {key!r} is {number}: MLflow stores NaN as NaN and infinities as +/-1.79e308",
@@ -99,19 +124,28 @@ def metric_step(key: str, step: Any) -> int:
     """Return the step as an int (``None`` means 0, MLflow's default); raise on a non-integer."""
     if step is None:
         return 0
+    if type(step) is int and INT64_MIN <= step <= INT64_MAX:  # the common case
+        return step
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValidationError(f"metric {key!r}: step {step!r} is not an integer")
+    if not INT64_MIN <= int(step) <= INT64_MAX:
+        raise ValidationError(f"metric {key!r}: step {step} is outside MLflow's 64-bit range [-2**63, 2**63 - 1]")
     return int(step)
 
 
 def param_value(key: str, value: Any) -> str:
-    """The string MLflow stores for a param value, cut to its limit with a warning."""
-    return _truncated("param", key, str(value), MAX_PARAM_VAL_LENGTH)
+    """The string MLflow stores for a param value (:func:`checked_text`), cut to its limit with a warning."""
+    return _truncated("param", key, checked_text("param", key, str(value)), MAX_PARAM_VAL_LENGTH)
 
 
 def tag_value(key: str, value: Any) -> str:
-    """The string MLflow stores for a tag value, cut to its limit with a warning."""
-    return _truncated("tag", key, str(value), MAX_TAG_VAL_LENGTH)
+    """The string MLflow stores for a tag value (:func:`checked_text`), cut to its limit with a warning."""
+    return _truncated("tag", key, checked_text("tag", key, str(value)), MAX_TAG_VAL_LENGTH)
+
+
+def run_name(name: Any) -> str | None:
+    """A run name MLflow can store (:func:`checked_text`), or None."""
+    return None if name is None else checked_text("run name", str(name), str(name))
 
 
 def _truncated(kind: str, key: str, text: str, limit: int) -> str:
@@ -165,10 +199,10 @@ def _offending_path(data: Any, prefix: str) -> str | None:
 
 
 def check_artifact_subpath(artifact_path: str | None) -> str | None:
-    """Raise unless ``artifact_path`` is a relative path inside the run's artifact folder."""
+    """``artifact_path`` made safe (:func:`checked_text`) if it is a relative path inside the run's artifacts, else raise."""
     if artifact_path is None:
         return None
-    text = str(artifact_path)
+    text = checked_text("artifact path", str(artifact_path), str(artifact_path))
     parts = text.replace("\\", "/").split("/")
     if text.startswith(("/", "\\")) or ".." in parts:
         raise ValidationError(f"artifact path {text!r}: must be relative, without '..' parts")
@@ -179,8 +213,7 @@ def check_artifact_name(name: Any, kind: str) -> str:
     """Raise unless ``name`` is a usable artifact file name (``confusion_matrix.png``, ``a/b.json``)."""
     if not isinstance(name, str) or not name or name.endswith("/"):
         raise ValidationError(f"{kind} name {name!r}: must be a non-empty file name such as 'history.json'")
-    check_artifact_subpath(name)
-    return name
+    return check_artifact_subpath(name)  # type: ignore[return-value]
 
 
 def existing_file(path: Any) -> Path:

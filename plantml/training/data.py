@@ -94,12 +94,14 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
         kept = 0
         for path in files:
             data = path.read_bytes()
-            if not _decodes(data):
+            problem = _decode_problem(data)
+            if problem:
                 if not skip_bad_images:
-                    raise DataError(f"image {path}: cannot be read as an image (use --skip-bad-images to leave it out)")
+                    raise DataError(f"image {path}: cannot be decoded ({problem}); use --skip-bad-images to leave it out")
                 skipped.append(path)
                 continue
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            # fsencode: a name that is not UTF-8 (a Latin-1 folder) hashes as its bytes
+            digest.update(os.fsencode(path.relative_to(root).as_posix()) + b"\0")
             digest.update(hashlib.sha256(data).digest())
             samples.append((path, label))
             kept += 1
@@ -115,13 +117,16 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     )
 
 
-def _decodes(data: bytes) -> bool:
+def _decode_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a whole image, or None. It is decoded, not only verified: ``verify()``
+    passes a truncated JPEG, which then fails mid-epoch. JPEGs decode at reduced scale (draft)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+            image.draft("RGB", (64, 64))
+            image.load()
+        return None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def stratified_split(labels: Sequence[int], val_fraction: float = 0.15, test_fraction: float = 0.15,
@@ -181,8 +186,11 @@ class ImageSamples(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert("RGB")), label
+        try:
+            with Image.open(path) as image:
+                return self.transform(image.convert("RGB")), label
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # changed since the scan
+            raise DataError(f"image {path}: cannot be decoded ({exc})") from None
 
 
 def default_num_workers() -> int:

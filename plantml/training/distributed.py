@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import socket
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -328,68 +325,19 @@ def session(device: str | None = None) -> Iterator[Ranks]:
         stop(ranks, failed)
 
 
-# -- signals on rank 0 (issue 14) --------------------------------------------------------
+# -- why rank 0 stopped ---------------------------------------------------------------------
 # torchrun stops a job by sending SIGTERM (SIGINT for a Ctrl-C) to every rank: when the user
-# stops it, and also when one rank failed. Python's default would end rank 0 on the spot with
-# its tracking run RUNNING. While a run is open, StopSignals turns them into Stopped (a
-# KeyboardInterrupt) so fit ends the run, and remembers one that arrives while an error is
-# already unwinding; why_stopped then picks the status's reason: FAILED when a peer published
-# a failure first, KILLED for a stop. A general handler for `plantml train` (issue 12) can
-# replace StopSignals; why_stopped stays.
+# stops it, and also when one rank failed. On rank 0 the tracker handles those signals (the
+# run ends KILLED, see plantml.tracking.signals); why_stopped picks the status's reason: FAILED
+# when a peer published a failure first, KILLED for a stop, else the error itself.
 
 
-class Stopped(KeyboardInterrupt):
-    """Rank 0 got SIGTERM or SIGINT while training: torchrun is stopping the job."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
-class StopSignals:
-    """On rank 0 of a distributed run: SIGTERM and SIGINT raise :class:`Stopped` until :meth:`ending`.
-
-    Does nothing elsewhere (a single process keeps Python's defaults).
-    """
-
-    HANDLED = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, ranks: Ranks) -> None:
-        self.active = ranks.distributed and ranks.is_main and threading.current_thread() is threading.main_thread()
-        self.received: int | None = None
-        self.raising = False
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if self.active:
-            self.raising = True
-            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.HANDLED}
-        return self
-
-    def ending(self) -> None:
-        """The run is being ended: a signal from now on is remembered, never raised (it would cut the end short)."""
-        self.raising = False
-
-    def __exit__(self, *exc_info: Any) -> None:
-        for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        first = self.received is None
-        self.received = self.received or signum
-        # an error already unwinding (a broken connection to the rank that died) is handled by why_stopped
-        if self.raising and first and sys.exc_info()[1] is None:
-            self.raising = False
-            raise Stopped(signum)
-
-
-def why_stopped(ranks: Ranks, exc: BaseException, signals: StopSignals) -> BaseException:
+def why_stopped(ranks: Ranks, exc: BaseException, received: KeyboardInterrupt | None) -> BaseException:
     """What ended this rank's training: a failure another rank published first (a :class:`RankFailed`:
-    the run FAILED), else a stop signal this process got (:class:`Stopped`: KILLED), else ``exc`` itself."""
+    the run FAILED), else the stop signal this process got (``received``: KILLED), else ``exc`` itself."""
     culprit = ranks.peer_failure()
     if culprit is not None:
         return culprit
-    if signals.received and not isinstance(exc, KeyboardInterrupt):
-        return Stopped(signals.received)
+    if received is not None and not isinstance(exc, KeyboardInterrupt):
+        return received
     return exc

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 
 from matplotlib.figure import Figure
 
+from plantml.text import safe_text
+
 
 def learning_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     """Loss and accuracy per epoch, train against validation, side by side."""
@@ -32,6 +34,7 @@ def learning_curves(history: Mapping[str, Sequence[float]]) -> Figure:
 
 def confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str = "Test confusion matrix") -> Figure:
     """A confusion matrix (rows: true class, columns: predicted class) with counts in the cells."""
+    classes = [safe_text(name) for name in classes]  # a folder name that is not UTF-8 has no glyphs
     n = len(classes)
     size = max(4.0, 0.6 * n + 2)
     fig = Figure(figsize=(size, size), layout="constrained")

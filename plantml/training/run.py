@@ -30,6 +30,7 @@ from torch import nn
 
 from plantml.datasets.source import DatasetRecord, DataSource, locate
 from plantml.errors import RankFailed, UsageError
+from plantml.tracking import signals as tracking_signals
 from plantml.training import data as data_mod
 from plantml.training import distributed, outputs, synth
 from plantml.training.device_data import build_device_loaders, fits_on_device
@@ -143,7 +144,7 @@ class Prepared:
         return self.config.registered_model_name or f"{self.config.backbone}_plant_classifier"
 
     def params(self) -> dict[str, Any]:
-        """The run's params: the design's list, then seed, weights, image_size and the processes.
+        """The run's params: the design's list, then seed, weights, image_size, skipped_images and the processes.
 
         ``batch_size`` is per process (``--batch-size``); ``global_batch_size`` is what one
         optimizer step sees, ``batch_size * world_size``.
@@ -170,6 +171,7 @@ class Prepared:
             "image_size": self.image_size,
             "world_size": self.ranks.world_size,
             "global_batch_size": c.batch_size * self.ranks.world_size,
+            "skipped_images": len(self.scan.skipped),
         }
 
     def dataset_record(self) -> DatasetRecord:
@@ -342,38 +344,32 @@ def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = Non
     for note in prepared.notes if ranks.is_main else ():
         logger.warning(note)
     config = prepared.config
-    with distributed.StopSignals(ranks) as signals:  # torchrun's SIGTERM ends the run rather than the process
-        start = tracker.start_run(run_name=config.run_name or default_run_name(config.backbone), tags=prepared.tags())
-        run_id = getattr(tracker, "run_id", None) or getattr(getattr(start, "info", None), "run_id", None)
-        try:
-            tracker.log_params(prepared.params())
-            tracker.log_system_metrics()
-            result = _train_and_record(prepared, tracker, reporter)
-        except BaseException as exc:
-            signals.ending()
-            cause = distributed.why_stopped(ranks, exc, signals)
+    start = tracker.start_run(run_name=config.run_name or default_run_name(config.backbone), tags=prepared.tags())
+    run_id = getattr(tracker, "run_id", None) or getattr(getattr(start, "info", None), "run_id", None)
+    try:
+        tracker.log_params(prepared.params())
+        tracker.log_system_metrics()
+        result = _train_and_record(prepared, tracker, reporter)
+    except BaseException as exc:  # Ctrl-C, a handled SIGTERM/SIGHUP, an error here or on another rank
+        with tracking_signals.deferred():  # a stop signal arriving now must not cut the end of the run short
+            cause = distributed.why_stopped(ranks, exc, tracking_signals.received())
             if isinstance(cause, RankFailed):
                 _quietly(tracker.set_tags, {"failed_rank": str(cause.rank), "failure": str(cause)[:1000]})
-            _end_quietly(tracker, "KILLED" if isinstance(cause, KeyboardInterrupt) else "FAILED")
-            if cause is exc:
-                raise
-            raise cause from exc
-        signals.ending()
-        tracker.end_run(status="FINISHED")
+            _quietly(tracker.end_run, status="KILLED" if isinstance(cause, KeyboardInterrupt) else "FAILED", error=cause)
+        if cause is exc:
+            raise
+        raise cause from exc
+    tracker.end_run(status="FINISHED")
     result.run_id = run_id
     return result
 
 
-def _end_quietly(tracker: Any, status: str) -> None:
-    _quietly(tracker.end_run, status=status)
-
-
 def _quietly(call: Any, *args: Any, **kwargs: Any) -> None:
-    # the original exception matters more than a failure to report it
+    # the original exception matters more than a failure to report it: one line, no traceback
     try:
         call(*args, **kwargs)
-    except Exception:  # noqa: BLE001
-        logger.exception("could not record the end of the tracking run (%s)", getattr(call, "__name__", call))
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("could not record the end of the tracking run (%s): %s", getattr(call, "__name__", call), exc)
 
 
 def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> TrainResult:

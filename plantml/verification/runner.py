@@ -293,7 +293,7 @@ def _artifact_environ(settings: TrackingSettings) -> Any:
     MLflow's S3 client reads them only from the environment; the tracker's scoped
     helper sets and restores them under its lock.
     """
-    from plantml.tracking.tracker import scoped_environ
+    from plantml.tracking.environ import scoped_environ
 
     return scoped_environ({k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"})
 

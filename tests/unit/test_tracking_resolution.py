@@ -9,7 +9,7 @@ import pytest
 
 from plantml.errors import TrackingError
 from plantml.settings import DEFAULT_EXPERIMENT_NAME, DEFAULT_TRACKING_URI
-from plantml.tracking import MLflowTracker
+from plantml.tracking import MLflowTracker, connection
 
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -20,8 +20,8 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(MLflowTracker, "_connect", lambda self, timeout: object())
-    monkeypatch.setattr(MLflowTracker, "_ensure_experiment", lambda self: "1")
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(tmp_path / "journal"))
+    monkeypatch.setattr(connection, "connect", lambda settings, timeout: (object(), "1"))
 
 
 def test_default_is_local_sqlite_and_plant_classification(offline) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from plantml.errors import UsageError, ValidationError
+from plantml.errors import TrackingError, UsageError, ValidationError
 from plantml.tracking import MLflowTracker, NonFiniteMetricWarning
-from plantml.tracking.batching import BatchWriter
+from plantml.tracking.tracker import end_abandoned_runs
 
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -20,25 +20,13 @@ def store_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
 
 
-class CountingWriter(BatchWriter):
-    """The real writer, counting what it is asked to send."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.writes: list[dict] = []
-
-    def write(self, run_id, metrics=(), params=(), tags=()) -> None:
-        self.writes.append({"metrics": list(metrics), "params": list(params), "tags": list(tags)})
-        super().write(run_id, metrics, params, tags)
-
-
 @pytest.fixture
 def tracker(store_uri, request, tmp_path, monkeypatch) -> MLflowTracker:
     monkeypatch.chdir(tmp_path)
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(tmp_path / "journal"))
     tracker = MLflowTracker(tracking_uri=store_uri, experiment_name=f"unit_{request.node.name}"[:200])
-    tracker._writer = CountingWriter(tracker.client, store_uri)
     yield tracker
     tracker.end_run()
 
@@ -96,11 +84,13 @@ def test_design_examples_work_with_no_server(tmp_path, monkeypatch) -> None:
         assert (artifacts / name).is_file(), name
 
 
-def test_context_manager_ends_the_run_finished(tracker) -> None:
+def test_context_manager_ends_the_run_finished_with_its_heartbeat_and_delivery_tags(tracker) -> None:
     with tracker.start_run(run_name="ok") as run:
         tracker.log_metric("loss", 1.0)
     assert tracker.run_id is None
-    assert _run(tracker, run.run_id).info.status == "FINISHED"
+    stored = _run(tracker, run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.tags["plantml.delivery"] == "complete" and stored.data.tags["plantml.heartbeat"].endswith("Z")
 
 
 def test_exception_in_context_ends_the_run_failed_with_the_error(tracker) -> None:
@@ -115,10 +105,8 @@ def test_exception_in_context_ends_the_run_failed_with_the_error(tracker) -> Non
 
 
 def test_run_left_open_is_ended_killed_at_exit(tracker) -> None:
-    from plantml.tracking.tracker import _end_abandoned_runs
-
     run = tracker.start_run()
-    _end_abandoned_runs()
+    end_abandoned_runs()
     assert _run(tracker, run.run_id).info.status == "KILLED"
 
 
@@ -134,8 +122,7 @@ def test_second_start_run_is_refused(tracker) -> None:
 
 
 def test_invalid_input_is_refused_before_anything_is_sent(tracker, tmp_path) -> None:
-    tracker.start_run()
-    tracker._writer.writes.clear()
+    run = tracker.start_run()
     with pytest.raises(ValidationError, match="metric 'val_acc'"):
         tracker.log_metrics({"ok": 1.0, "val_acc": "high"})
     with pytest.raises(ValidationError, match="param name 'bad!'"):
@@ -146,16 +133,25 @@ def test_invalid_input_is_refused_before_anything_is_sent(tracker, tmp_path) -> 
         tracker.log_dict({"model": object()}, "history.json")
     with pytest.raises(ValidationError, match="no such file"):
         tracker.log_artifact(tmp_path / "absent.pth")
-    assert tracker._writer.writes == []
+    with pytest.raises(ValidationError, match="param 'path': value contains a NUL"):
+        tracker.log_params({"fine": 1, "path": "a\x00b"})
+    with pytest.raises(ValidationError, match="step 9223372036854775808 is outside"):
+        tracker.log_metric("loss", 1.0, step=2**63)
+    with pytest.raises(ValidationError, match="metric 'loss': value 1000.* too large"):
+        tracker.log_metric("loss", 10**400)
+    tracker.end_run()
+    data = _run(tracker, run.run_id).data
+    assert data.params == {} and data.metrics == {}
 
 
 def test_changing_a_param_within_a_run_is_refused(tracker) -> None:
-    tracker.start_run()
+    run = tracker.start_run()
     tracker.log_param("lr", 0.1)
     tracker.log_param("lr", 0.1)  # the same value again is harmless and sends nothing
     with pytest.raises(ValidationError, match=r"param 'lr': already logged as '0.1'.*'0.2'"):
         tracker.log_param("lr", 0.2)
-    assert sum(len(w["params"]) for w in tracker._writer.writes) == 1
+    tracker.end_run()
+    assert _run(tracker, run.run_id).data.params == {"lr": "0.1"}
 
 
 def test_non_finite_metrics_are_logged_with_a_warning(tracker) -> None:
@@ -167,11 +163,13 @@ def test_non_finite_metrics_are_logged_with_a_warning(tracker) -> None:
     assert math.isnan(metrics["loss"]) and metrics["grad"] > 1e308
 
 
-def test_log_metrics_is_one_write_with_its_step_and_timestamp(tracker) -> None:
+def test_log_metrics_is_one_request_with_its_step_and_timestamp(tracker) -> None:
     run = tracker.start_run()
-    tracker._writer.writes.clear()
+    assert tracker.flush(10)
+    before = tracker.requests_sent
     tracker.log_metrics({f"m{i}": float(i) for i in range(150)}, step=4)
-    assert len(tracker._writer.writes) == 1 and tracker._writer.requests_sent == 1
+    assert tracker.flush(10)
+    assert tracker.requests_sent - before == 1
     history = tracker.client.get_metric_history(run.run_id, "m7")
     assert [(m.value, m.step) for m in history] == [(7.0, 4)] and history[0].timestamp > 0
 
@@ -218,3 +216,22 @@ def test_get_best_run_honours_the_direction(tracker) -> None:
             tracker.log_metric("val_loss", value)
     assert tracker.get_best_run("val_loss")["tags.mlflow.runName"] == "high"
     assert tracker.get_best_run("val_loss", ascending=True)["tags.mlflow.runName"] == "low"
+
+
+def test_a_run_is_journalled_while_it_runs_and_the_journal_goes_once_delivered(tracker, tmp_path) -> None:
+    run = tracker.start_run()
+    tracker.log_metric("loss", 0.5, step=1)
+    journal = tmp_path / "journal" / f"{run.run_id}.jsonl"
+    assert '"m":["loss",0.5,' in journal.read_text()
+    tracker.end_run()
+    assert not journal.exists() and not (tmp_path / "journal" / "spool" / run.run_id).exists()
+
+
+def test_a_journal_folder_that_cannot_be_written_fails_the_start_naming_it(tmp_path, store_uri, monkeypatch) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the journal folder should be")
+    tracker = MLflowTracker(tracking_uri=store_uri, experiment_name="unit_journal_unwritable", journal_dir=blocker)
+    with pytest.raises(TrackingError, match=f"ended FAILED: journal folder {blocker}: cannot write") as refused:
+        tracker.start_run()
+    run_id = str(refused.value).split()[1]
+    assert _run(tracker, run_id).info.status == "FAILED" and tracker.run_id is None

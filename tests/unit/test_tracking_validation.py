@@ -141,3 +141,29 @@ def test_name_rule_agrees_with_mlflow(name: str) -> None:
     except ValidationError:
         we_accept = False
     assert we_accept == mlflow_accepts
+
+
+@pytest.mark.parametrize("kind, check_value", [("param", check.param_value), ("tag", check.tag_value)])
+def test_a_nul_character_is_refused_naming_the_key(kind, check_value) -> None:
+    with pytest.raises(ValidationError, match=f"{kind} 'path': value contains a NUL"):
+        check_value("path", "plants\x00")
+
+
+def test_lone_surrogates_from_undecodable_file_names_are_written_as_their_bytes() -> None:
+    latin1_folder = b"/data/pl\xe9nts".decode("utf-8", "surrogateescape")  # what Python makes of that name
+    assert check.tag_value("dataset_path", latin1_folder) == "/data/pl%E9nts"
+    assert check.param_value("odd", "a\ud800b") == "a\ufffdb"
+    assert check.param_value("fine", "plénts ✓ 100%") == "plénts ✓ 100%"
+    assert check.check_artifact_subpath(b"r\xe9sultats".decode("utf-8", "surrogateescape")) == "r%E9sultats"
+
+
+@pytest.mark.parametrize("step", [2**63, -(2**63) - 1, 10**30])
+def test_a_step_outside_int64_is_refused(step) -> None:
+    with pytest.raises(ValidationError, match="outside MLflow's 64-bit range"):
+        check.metric_step("loss", step)
+    assert check.metric_step("loss", 2**63 - 1) == 2**63 - 1
+
+
+def test_a_number_too_large_for_a_float_is_refused() -> None:
+    with pytest.raises(ValidationError, match="metric 'loss': value 1000.* too large for a float"):
+        check.metric_value("loss", 10**400)

@@ -22,8 +22,6 @@ from plantml.training.device_data import DeviceLoader
 from plantml.training.distributed import (
     Ranks,
     ShardSampler,
-    Stopped,
-    StopSignals,
     rank_info,
     rank_share,
     why_stopped,
@@ -118,37 +116,17 @@ def test_a_single_process_has_no_peers_and_no_store():
     assert Ranks().peer_failure() is None
 
 
-def test_on_rank_0_sigterm_raises_stopped_until_the_run_is_ending():
-    rank0, _ = pair_on_one_store()
-    before = signal.getsignal(signal.SIGTERM)
-
-    with StopSignals(rank0) as signals:
-        with pytest.raises(Stopped) as stopped:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):  # the handler runs between bytecodes
-                pass
-        assert stopped.value.exit_code == 143
-        signals.ending()
-        os.kill(os.getpid(), signal.SIGTERM)  # remembered, not raised: the end of the run goes on
-    assert signal.getsignal(signal.SIGTERM) is before
-
-
 def test_why_stopped_blames_the_peer_that_failed_first_else_the_signal_else_the_error():
+    from plantml.errors import Interrupted
+
     rank0, rank1 = pair_on_one_store()
-    quiet, signalled = StopSignals(rank0), StopSignals(rank0)
-    signalled.received = signal.SIGTERM
     broken = RuntimeError("Connection closed by peer")
+    sigterm = Interrupted(signal.SIGTERM)
 
-    assert why_stopped(rank0, broken, quiet) is broken  # FAILED, its own error
-    assert isinstance(why_stopped(rank0, broken, signalled), Stopped)  # torchrun stopped the job: KILLED
+    assert why_stopped(rank0, broken, None) is broken  # FAILED, its own error
+    assert why_stopped(rank0, broken, sigterm) is sigterm  # torchrun stopped the job: KILLED
     rank1.publish_failure(MemoryError("out of memory"))
-    assert isinstance(why_stopped(rank0, Stopped(signal.SIGTERM), signalled), RankFailed)  # a peer failed: FAILED
-
-
-def test_a_single_process_keeps_pythons_signal_handling():
-    before = signal.getsignal(signal.SIGTERM)
-    with StopSignals(Ranks()):
-        assert signal.getsignal(signal.SIGTERM) is before
+    assert isinstance(why_stopped(rank0, sigterm, sigterm), RankFailed)  # a peer failed: FAILED
 
 
 def test_nproc_starts_the_same_command_without_nproc(monkeypatch, tmp_path):

@@ -52,14 +52,15 @@ def tiny(leaves, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def test_params_are_the_design_list_plus_seed_weights_image_size_and_processes(leaves):
+def test_params_are_the_design_list_plus_seed_weights_image_size_skipped_images_and_processes(leaves):
     tracker = RecordingTracker()
     train(tiny(leaves), tracker)
 
     [(args, _)] = tracker.named("log_params")
     params = args[0]
-    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size", "world_size", "global_batch_size"}
+    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size", "skipped_images", "world_size", "global_batch_size"}
     assert (params["world_size"], params["batch_size"], params["global_batch_size"]) == (1, 8, 8)
+    assert params["skipped_images"] == 0
     assert (params["train_size"], params["val_size"], params["test_size"]) == (16, 4, 4)
     assert params["optimizer"] == "AdamW" and params["scheduler"] == "CosineAnnealingLR"
     assert params["loss_function"] == "CrossEntropyLoss" and params["num_classes"] == 2
@@ -153,9 +154,9 @@ def test_ctrl_c_ends_the_run_killed_and_propagates(leaves):
             raise KeyboardInterrupt
 
     tracker = RecordingTracker()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as raised:
         train(tiny(leaves), tracker, Interrupt())
-    assert tracker.named("end_run") == [((), {"status": "KILLED"})]
+    assert tracker.named("end_run") == [((), {"status": "KILLED", "error": raised.value})]
 
 
 def test_an_error_during_training_ends_the_run_failed(leaves):
@@ -164,9 +165,9 @@ def test_an_error_during_training_ends_the_run_failed(leaves):
             raise RuntimeError("boom")
 
     tracker = RecordingTracker()
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RuntimeError, match="boom") as raised:
         train(tiny(leaves), tracker, Boom())
-    assert tracker.named("end_run") == [((), {"status": "FAILED"})]
+    assert tracker.named("end_run") == [((), {"status": "FAILED", "error": raised.value})]  # recorded as error tags
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,0 +1,62 @@
+"""First contact with the tracking server: reachable in bounded time, the experiment opened or created."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from plantml.errors import PlantmlError, TrackingError, one_line
+from plantml.settings import TrackingSettings
+
+
+def connect(settings: TrackingSettings, timeout: float) -> tuple[Any, str]:
+    """An ``MlflowClient`` bound to ``settings.tracking_uri`` and the id of its experiment (created when missing).
+
+    An HTTP server that does not answer within ``timeout`` seconds is a one-line
+    :class:`TrackingError` naming it (MLflow's own client would retry for about four minutes).
+    """
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        wait_for_server(settings.tracking_uri, timeout, settings.source_of("tracking_uri"))
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    return client, open_experiment(client, settings)
+
+
+def wait_for_server(uri: str, timeout: float, source: str = "default") -> None:
+    """Raise TrackingError naming ``uri``, and where it came from, unless its server answers within ``timeout`` seconds."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=max(1.0, min(5.0, timeout)))
+            return  # any HTTP answer means a server is there; MLflow reports what it thinks
+        except requests.RequestException as exc:
+            if time.monotonic() >= deadline:
+                raise TrackingError(f"{uri}: tracking server not reachable ({type(exc).__name__}); "
+                                    f"this URI came from {source}") from None
+        time.sleep(0.5)
+
+
+def open_experiment(client: Any, settings: TrackingSettings) -> str:
+    """The id of the experiment ``settings.experiment_name``, created when missing; a deleted one is an error."""
+    from mlflow.exceptions import MlflowException
+
+    name = settings.experiment_name
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return client.create_experiment(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = client.get_experiment_by_name(name)  # created meanwhile
+    except PlantmlError:
+        raise
+    except Exception as exc:
+        raise TrackingError(f"{settings.tracking_uri}: cannot open experiment {name!r}: {one_line(exc)}") from exc
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(f"{settings.tracking_uri}: experiment {name!r} is deleted; restore it or choose another name")
+    return experiment.experiment_id

@@ -1,0 +1,438 @@
+"""How journal records reach MLflow, once, whatever the server did to the last try.
+
+:func:`deliver` is the one delivery function: the sender, recovery and replay all call
+it with a batch of records, a :class:`RetryPolicy` and what to do with a model's
+progress. Underneath, :class:`Transport` makes one attempt of one request.
+
+Short calls, no hidden retries
+    Against an HTTP server, ``log_batch``, the read-back and the run's end are plain
+    ``requests`` calls to MLflow's REST API with a short timeout and no retry of their own
+    (MLflow's client would retry seven times, about four minutes, per call). Artifacts and
+    models go through ``MlflowClient`` with ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and a
+    short ``MLFLOW_HTTP_REQUEST_TIMEOUT`` applied for the call. A local store (sqlite,
+    file) is written through ``MlflowClient`` directly.
+
+One retry policy
+    A failure is retried by tenacity with capped exponential backoff until the policy's
+    ``give_up`` says stop (the sender: never while the run lasts; recovery: a deadline).
+    A *refusal* is not retried: a 4xx (other than 408/429), a request the client cannot
+    even build (a lone surrogate, a step beyond int64), or an HTTP 500 that repeats three
+    times while the server answers a read of the same run (so the server is fine, and
+    this request is what it cannot take). 502/503/504 mean "not now" and are retried.
+
+Narrowing a refusal
+    A refused batch is split in halves and each half delivered, down to the single
+    entries the server refuses: those are set aside (the caller journals them and counts
+    them on the run), everything else arrives. A refusal because the run itself is
+    deleted or missing is :class:`RunGone` instead: nothing of the batch is set aside.
+
+Exactly once
+    ``log_batch`` is not idempotent in general. Once a try may have reached the server
+    (anything but a refused connection), later tries first read back what the server
+    stores (the metric history of each key, the run's params) and send only the metric
+    points (same key, step, timestamp and value) and params (same value) it lacks; tags
+    are resent (the last value wins). A model keeps its progress (logged model id,
+    files stored, version registered), so a retry resumes after the last step done, and
+    looks for a version it may already have made before registering again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from plantml.errors import PlantmlError, TrackingError, one_line
+from plantml.settings import TrackingSettings
+from plantml.tracking.entries import End, MetricPoint, Model, ModelProgress, Param, Record, SetAside, Tag
+from plantml.tracking.environ import scoped_environ
+from plantml.tracking.models import MODEL_STEPS_ENV, deliver_model
+from plantml.tracking.validation import INT64_MAX, INT64_MIN
+
+#: MLflow error codes that no retry can fix.
+PERMANENT_ERROR_CODES = frozenset({
+    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED",
+    "BAD_REQUEST", "INVALID_STATE", "ENDPOINT_NOT_FOUND", "FEATURE_DISABLED",
+})
+#: Seconds one request may take before it counts as failed.
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+#: Tags the write path sets on runs.
+DELIVERY_TAG = "plantml.delivery"
+REJECTED_TAG = "plantml.rejected"
+#: How many HTTP 500 answers in a row, with the server otherwise fine, make a refusal.
+REPEATED_500 = 3
+
+
+class ServerError(TrackingError):
+    """The tracking server answered a request with an error status."""
+
+    def __init__(self, status: int, error_code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {error_code}: {message}".replace("\n", " "))
+        self.status = status
+        self.error_code = error_code
+
+
+class Refused(TrackingError):
+    """The server (or the client, building the request) will never take this request as it is."""
+
+
+class RunGone(TrackingError):
+    """The run is deleted, does not exist, or cannot be read with these credentials: nothing can be delivered to it."""
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def surely_unsent(exc: BaseException) -> bool:
+    """True when the request cannot have reached the server (no connection was made)."""
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    for link in _chain(exc):
+        if isinstance(link, (requests.exceptions.ConnectTimeout, NewConnectionError, ConnectionRefusedError)):
+            return True
+        if isinstance(link, requests.exceptions.ConnectionError) and link.args and isinstance(
+            getattr(link.args[0], "reason", None), NewConnectionError
+        ):
+            return True
+    return False
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True for a failure no retry can fix: a 4xx other than 408/429, a request that cannot be built."""
+    if isinstance(exc, Refused):
+        return True
+    if isinstance(exc, ServerError):
+        return 400 <= exc.status < 500 and exc.status not in (408, 429)
+    if isinstance(exc, PlantmlError):
+        return False
+    if isinstance(exc, (FileNotFoundError, UnicodeError, OverflowError)):
+        return True  # a spooled file gone for good; a value the client cannot encode
+    if isinstance(exc, ValueError) and "out of range" in str(exc).lower():
+        return True  # protobuf refusing an int64 it cannot hold
+    code = getattr(exc, "error_code", None)
+    return isinstance(code, str) and code in PERMANENT_ERROR_CODES
+
+
+def _json_number(value: float) -> float | str:
+    """A metric value as MLflow's protobuf JSON writes it: non-finite ones as strings."""
+    if value - value == 0:
+        return value
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+
+
+def log_batch_body(run_id: str, metrics: Sequence[MetricPoint], params: Sequence[Param], tags: Sequence[Tag]) -> bytes:
+    """The JSON body of MLflow's ``runs/log-batch``, as its protobuf JSON form would write it.
+
+    Built with :mod:`json` rather than protobuf: twenty times cheaper for 1000 metrics
+    (25 ms against 1.2 ms measured), so the sender holds the GIL less and logging calls
+    wait less. What protobuf would refuse is refused here too: a step or timestamp beyond
+    int64 (``ValueError: Value out of range``), a lone surrogate (``UnicodeEncodeError``).
+    """
+    for m in metrics:
+        if not (INT64_MIN <= m.step <= INT64_MAX and INT64_MIN <= m.timestamp <= INT64_MAX):
+            raise ValueError(f"Value out of range: step {m.step}, timestamp {m.timestamp}")
+    body = {
+        "run_id": run_id,
+        "metrics": [{"key": m.key, "value": _json_number(m.value), "timestamp": m.timestamp, "step": m.step} for m in metrics],
+        "params": [{"key": p.key, "value": p.value} for p in params],
+        "tags": [{"key": t.key, "value": t.value} for t in tags],
+    }
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _point_id(step: int, timestamp: int, value: float) -> tuple[int, int, Any]:
+    return (int(step), int(timestamp), "nan" if math.isnan(value) else float(value))
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What the server says about a run: its status, whether it is deleted, its tags."""
+
+    status: str
+    deleted: bool
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Transport:
+    """One attempt at a time of each kind of request, against one tracking URI."""
+
+    def __init__(self, settings: TrackingSettings, client: Any, experiment_id: str,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.client = client
+        self.experiment_id = experiment_id
+        self.timeout = request_timeout
+        self.is_http = settings.tracking_uri.startswith(("http://", "https://"))
+        self._session: Any = None
+        self.requests_sent = 0
+
+    def client_env(self) -> dict[str, str]:
+        """S3 settings plus MLflow HTTP settings that make one ``MlflowClient`` call fail fast."""
+        env = {k: v for k, v in self.settings.client_env().items() if k != "MLFLOW_TRACKING_URI"}
+        env.update(MODEL_STEPS_ENV)
+        env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, self.timeout * 3)))
+        return env
+
+    def _rest(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: bytes | None = None) -> dict[str, Any]:
+        import requests
+        from mlflow.utils.credentials import get_default_host_creds
+
+        if self._session is None:
+            creds = get_default_host_creds(self.settings.tracking_uri)
+            self._session = requests.Session()
+            if creds.username and creds.password:
+                self._session.auth = (creds.username, creds.password)
+            elif creds.token:
+                self._session.headers["Authorization"] = f"Bearer {creds.token}"
+        url = f"{self.settings.tracking_uri.rstrip('/')}/api/2.0/mlflow/{path}"
+        response = self._session.request(method, url, params=params, data=body,
+                                         headers={"Content-Type": "application/json"},
+                                         timeout=(min(3.0, self.timeout), self.timeout))
+        self.requests_sent += 1
+        if response.status_code >= 400:
+            try:
+                payload = response.json()
+            except ValueError:
+                payload = {}
+            raise ServerError(response.status_code, str(payload.get("error_code", "")),
+                              str(payload.get("message", response.text[:200])))
+        return response.json() if response.content else {}
+
+    # -- params, metrics, tags --------------------------------------------------------------------
+
+    def log_batch(self, run_id: str, metrics: Sequence[MetricPoint], params: Sequence[Param], tags: Sequence[Tag]) -> None:
+        """One ``log_batch`` request (the caller keeps it within MLflow's limits)."""
+        if self.is_http:
+            self._rest("POST", "runs/log-batch", body=log_batch_body(run_id, metrics, params, tags))
+            return
+        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Param as MlflowParam
+
+        self.client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step) for m in metrics],
+                              params=[MlflowParam(p.key, p.value) for p in params],
+                              tags=[RunTag(t.key, t.value) for t in tags], synchronous=True)
+        self.requests_sent += 1
+
+    def stored_points(self, run_id: str, key: str) -> set[tuple[int, int, Any]]:
+        """(step, timestamp, value) of every point the server stores for ``key``."""
+        if not self.is_http:
+            return {_point_id(m.step, m.timestamp, m.value) for m in self.client.get_metric_history(run_id, key)}
+        found: set[tuple[int, int, Any]] = set()
+        token = None
+        while True:
+            params = {"run_id": run_id, "metric_key": key, **({"page_token": token} if token else {})}
+            answer = self._rest("GET", "metrics/get-history", params=params)
+            for m in answer.get("metrics", []):
+                found.add(_point_id(int(m.get("step", 0)), int(m.get("timestamp", 0)), float(m.get("value", 0.0))))
+            token = answer.get("next_page_token")
+            if not token:
+                return found
+
+    def run_state(self, run_id: str) -> RunState | None:
+        """The run's status, lifecycle and tags; None when the server has no such run."""
+        try:
+            if not self.is_http:
+                run = self.client.get_run(run_id)
+                return RunState(run.info.status, run.info.lifecycle_stage == "deleted", dict(run.data.tags))
+            info = self._rest("GET", "runs/get", params={"run_id": run_id}).get("run", {})
+        except Exception as exc:
+            if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or getattr(exc, "status", None) == 404:
+                return None
+            raise
+        tags = {t["key"]: t.get("value", "") for t in info.get("data", {}).get("tags", [])}
+        return RunState(info.get("info", {}).get("status", ""), info.get("info", {}).get("lifecycle_stage") == "deleted", tags)
+
+    def stored_params(self, run_id: str) -> dict[str, str]:
+        """The params the server stores for the run."""
+        if not self.is_http:
+            return dict(self.client.get_run(run_id).data.params)
+        answer = self._rest("GET", "runs/get", params={"run_id": run_id})
+        return {p["key"]: p.get("value", "") for p in answer.get("run", {}).get("data", {}).get("params", [])}
+
+    def unsent(self, run_id: str, metrics: Sequence[MetricPoint], params: Sequence[Param]
+               ) -> tuple[list[MetricPoint], list[Param]]:
+        """The metric points and params of a batch that the server does not store yet."""
+        stored = {key: self.stored_points(run_id, key) for key in {m.key for m in metrics}}
+        missing_metrics = [m for m in metrics if _point_id(m.step, m.timestamp, m.value) not in stored[m.key]]
+        have = self.stored_params(run_id) if params else {}
+        return missing_metrics, [p for p in params if have.get(p.key) != p.value]
+
+    def terminate(self, run_id: str, status: str, end_time: int | None = None) -> None:
+        """Set the run's status and end time; repeating it is harmless."""
+        end_time = end_time or int(time.time() * 1000)
+        if not self.is_http:
+            with scoped_environ({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+                self.client.set_terminated(run_id, status, end_time=end_time)
+            return
+        self._rest("POST", "runs/update", body=json.dumps({"run_id": run_id, "status": status, "end_time": end_time}).encode())
+
+    # -- one attempt at a batch of records -----------------------------------------------------------
+
+    def send(self, run_id: str, records: Sequence[Record], maybe_sent: bool, progress: ModelProgressBook,
+             model_refused: bool = False) -> tuple[int, Any]:
+        """Deliver ``records`` (a log batch, or one artifact, model or end) once.
+
+        Returns how many metric points and params the server already had (read back when
+        ``maybe_sent``) and, for a model, its ``ModelInfo``.
+        """
+        entry = records[0].entry
+        if isinstance(entry, End):
+            status = "FAILED" if model_refused and entry.status == "FINISHED" else entry.status
+            self.log_batch(run_id, [], [], [Tag(DELIVERY_TAG, "complete")])
+            self.terminate(run_id, status, entry.at)
+            return 0, None
+        if isinstance(entry, Model):
+            return 0, deliver_model(self, run_id, entry, progress.of(records[0]), maybe_sent,
+                                    lambda done: progress.record(records[0], done))
+        if not records[0].is_log:
+            with scoped_environ(self.client_env()):
+                if entry.is_dir:
+                    self.client.log_artifacts(run_id, entry.src, entry.dst)
+                else:
+                    self.client.log_artifact(run_id, entry.src, entry.dst)
+            return 0, None
+        metrics = [r.entry for r in records if isinstance(r.entry, MetricPoint)]
+        params = [r.entry for r in records if isinstance(r.entry, Param)]
+        tags = [r.entry for r in records if isinstance(r.entry, Tag)]
+        before = len(metrics) + len(params)
+        if maybe_sent:  # the last try may have been stored: send only what the server lacks
+            metrics, params = self.unsent(run_id, metrics, params)
+        if metrics or params or tags:
+            self.log_batch(run_id, metrics, params, tags)
+        return before - len(metrics) - len(params), None
+
+
+class ModelProgressBook:
+    """Where a model's delivery progress is read and recorded (the sender's and recovery's journal)."""
+
+    def __init__(self, of: Callable[[Record], ModelProgress], record: Callable[[Record, ModelProgress], None]) -> None:
+        self.of = of
+        self.record = record
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to retry and when to stop: capped exponential backoff until ``give_up()`` says so."""
+
+    max_backoff_s: float
+    give_up: Callable[[], bool]
+    sleep: Callable[[float], Any] = time.sleep
+    on_failure: Callable[[BaseException, int], None] = lambda exc, attempt: None
+
+    def retrying(self, retry_on: Callable[[BaseException], bool]) -> Any:
+        """A tenacity ``Retrying`` for this policy, retrying the exceptions ``retry_on`` accepts."""
+        from tenacity import Retrying, retry_if_exception, wait_exponential
+
+        return Retrying(
+            retry=retry_if_exception(retry_on),
+            wait=wait_exponential(multiplier=0.2, min=0.2, max=self.max_backoff_s),
+            stop=lambda retry_state: self.give_up(),
+            sleep=self.sleep,
+            before_sleep=lambda retry_state: self.on_failure(retry_state.outcome.exception(), retry_state.attempt_number),
+            reraise=True,
+        )
+
+
+@dataclass
+class Outcome:
+    """What :func:`deliver` achieved for a batch."""
+
+    delivered: list[Record] = field(default_factory=list)
+    set_aside: list[SetAside] = field(default_factory=list)
+    already_stored: int = 0
+    model_info: Any = None
+
+
+def deliver(transport: Transport, run_id: str, records: Sequence[Record], policy: RetryPolicy,
+            progress: ModelProgressBook, model_refused: bool = False, maybe_sent: bool = False,
+            grow: Callable[[list[Record]], list[Record]] | None = None) -> Outcome:
+    """Deliver ``records`` with retries, narrowing a refusal down to the entries the server refuses.
+
+    ``maybe_sent``: the records may have reached the server already (a recovery), so the
+    first try reads back too. ``grow(batch)``, called before each retry of a log batch,
+    may return it with what was logged meanwhile added behind (after an outage the first
+    request then carries a full batch). Raises :class:`RunGone` when the run is deleted or
+    missing, and the last error when ``policy.give_up()`` stopped the retries first.
+    """
+    state = {"maybe_sent": maybe_sent, "errors_500": 0}
+
+    def attempt(batch: list[Record], grow_it: bool) -> tuple[int, Any]:
+        if grow_it and grow is not None and batch[0].is_log:
+            batch[:] = grow(batch)
+        try:
+            return transport.send(run_id, batch, state["maybe_sent"], progress, model_refused)
+        except Exception as exc:
+            if not surely_unsent(exc):
+                state["maybe_sent"] = True
+            if is_refusal(exc):
+                raise Refused(one_line(exc)) from exc
+            if isinstance(exc, ServerError) and exc.status == 500:
+                state["errors_500"] += 1
+                if state["errors_500"] >= REPEATED_500 and _answers_reads(transport, run_id):
+                    raise Refused(f"{one_line(exc)} (repeated {state['errors_500']} times while the server answers reads)") from exc
+            else:
+                state["errors_500"] = 0
+            raise
+
+    outcome = Outcome()
+
+    def narrow(batch: list[Record], top: bool) -> None:
+        state["errors_500"] = 0
+        tries = [0]
+
+        def once() -> tuple[int, Any]:
+            tries[0] += 1
+            return attempt(batch, top and tries[0] > 1)
+
+        try:
+            already, info = policy.retrying(lambda exc: not isinstance(exc, Refused))(once)
+        except Refused as exc:
+            try:
+                run = read_run_state(transport, run_id, policy)
+            except Exception as unreadable:  # credentials, permissions: no entry is at fault, none is set aside
+                if not is_refusal(unreadable):
+                    raise
+                raise RunGone(f"run {run_id} cannot be read on {transport.settings.tracking_uri}: {one_line(unreadable)}") from exc
+            if run is None or run.deleted:
+                where = "deleted" if run else "not found (no such run)"
+                raise RunGone(f"run {run_id} is {where} on {transport.settings.tracking_uri}") from exc
+            if len(batch) == 1:
+                outcome.set_aside.append(SetAside(batch[0], str(exc)))
+                return
+            middle = len(batch) // 2
+            narrow(batch[:middle], False)
+            narrow(batch[middle:], False)
+            return
+        outcome.delivered.extend(batch)
+        outcome.already_stored += already
+        if info is not None:
+            outcome.model_info = info
+
+    narrow(list(records), True)
+    return outcome
+
+
+def _answers_reads(transport: Transport, run_id: str) -> bool:
+    try:
+        transport.run_state(run_id)
+    except Exception:
+        return False
+    return True
+
+
+def read_run_state(transport: Transport, run_id: str, policy: RetryPolicy) -> RunState | None:
+    """The run's state, read with the retry policy; None when the server has no such run.
+
+    A refusal (401, 403) is raised: the run exists, or may, but cannot be read.
+    """
+    return policy.retrying(lambda exc: not is_refusal(exc))(transport.run_state, run_id)

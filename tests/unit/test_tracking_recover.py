@@ -1,0 +1,208 @@
+"""Recovery and replay against a local sqlite store: exactly once, never over an ended run, corrupt lines named."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from plantml.cli import main
+from plantml.errors import UsageError
+from plantml.settings import resolve_tracking_settings
+from plantml.tracking import MLflowTracker
+from plantml.tracking.entries import End, MetricPoint, Param, Tag
+from plantml.tracking.journal import Journal, JournalBusy
+from plantml.tracking.journal_format import JournalHeader
+from plantml.tracking.recover import parse_duration, recover_journal, recover_orphans
+from plantml.tracking.sender import resolve_delivery_settings
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A sqlite store, a run on it with one point already stored, and an empty journal folder."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(tmp_path / "journal"))
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("recovered")
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_batch(run_id, metrics=[Metric("loss", 1.0, 100, 0)], synchronous=True)  # arrived before the process died
+    return client, uri, experiment_id, run_id, tmp_path / "journal"
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def write_journal(store, entries, *, pid: int | None = None) -> Path:
+    """A journal as a process that then died would have left it (its cursor before the first entry)."""
+    _, uri, experiment_id, run_id, folder = store
+    live = JournalHeader.for_this_process(run_id, uri, experiment_id)
+    header = JournalHeader(run_id, uri, experiment_id, live.created, live.host, pid or dead_pid(), 1.0, "j1")
+    journal = Journal.create(folder, header, 1000)
+    journal.append(entries)
+    journal.close()
+    return journal.path
+
+
+ENTRIES = [MetricPoint("loss", 1.0, 100, 0), MetricPoint("loss", 0.5, 200, 1), Param("lr", "0.1"), Tag("stage", "train")]
+
+
+def history(client, run_id):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+
+
+def test_a_dead_process_journal_is_delivered_once_and_its_run_ended_killed(store) -> None:
+    client, uri, _, run_id, folder = store
+    path = write_journal(store, ENTRIES)
+    assert recover_orphans(folder) == [path]
+
+    report = recover_journal(path)
+
+    assert report.ok and report.status == "KILLED" and report.already_stored == 1
+    assert history(client, run_id) == [(0, 1.0), (1, 0.5)]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.params == {"lr": "0.1"}
+    assert run.data.tags["stage"] == "train" and run.data.tags["plantml.delivery"] == "complete"
+    assert run.data.tags["plantml.recovered"].startswith("recovered ")
+    assert not path.exists()
+
+
+def test_the_status_a_journal_asked_for_is_kept(store) -> None:
+    client, *_ = store
+    path = write_journal(store, [*ENTRIES, End("FAILED", 300)])
+    assert recover_journal(path).status == "FAILED"
+    assert client.get_run(store[3]).info.status == "FAILED"
+
+
+def test_a_stale_copy_never_changes_a_run_that_has_ended(store, tmp_path) -> None:
+    client, _, _, run_id, _ = store
+    path = write_journal(store, [*ENTRIES, End("FINISHED", 300)])
+    stale = tmp_path / "copy.jsonl"
+    shutil.copy(path, stale)
+    assert recover_journal(path).ok
+    with open(stale, "ab") as out:
+        out.write(b'{"n":9,"end":"FAILED","at":400}\n')
+
+    report = recover_journal(stale)
+
+    assert not report.ok and "already ended FINISHED" in report.message and "nothing changed" in report.message
+    assert client.get_run(run_id).info.status == "FINISHED" and stale.exists()
+
+
+def test_a_deleted_run_is_one_line_and_the_journal_is_kept(store) -> None:
+    client, _, _, run_id, _ = store
+    path = write_journal(store, ENTRIES)
+    client.delete_run(run_id)
+
+    report = recover_journal(path)
+
+    assert not report.ok and f"run {run_id} is deleted" in report.message and "\n" not in report.message
+    assert path.exists()
+
+
+def test_corrupt_lines_are_named_the_rest_delivered_and_the_journal_kept(store, capsys) -> None:
+    client, _, _, run_id, _ = store
+    path = write_journal(store, ENTRIES)
+    with open(path, "ab") as out:
+        out.write(b"\x00\x01garbage\n")
+        out.write(b'{"n":5,"m":["loss",0.25,300,2]}\n')
+        out.write(b'{"n":6,"m":["loss",0.1')
+
+    code = main(["tracking", "replay", str(path)])
+
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    assert "line 6: not JSON" in captured.err and "line 8: incomplete" in captured.err
+    assert history(client, run_id) == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert client.get_run(run_id).info.status == "KILLED" and path.exists()
+
+
+def test_a_journal_in_use_is_not_replayed(store, capsys) -> None:
+    path = write_journal(store, ENTRIES)
+    holder = Journal.open_existing(path)
+    try:
+        with pytest.raises(JournalBusy, match="in use"):
+            recover_journal(path)
+        assert main(["tracking", "replay", str(path)]) == 1
+        assert "in use by another process" in capsys.readouterr().err
+    finally:
+        holder.close()
+
+
+def test_only_journals_of_gone_processes_are_recovered(store) -> None:
+    client, uri, experiment_id, _, folder = store
+    dead = write_journal(store, ENTRIES)
+    other_run = client.create_run(experiment_id).info.run_id
+    alive = Journal.create(folder, JournalHeader.for_this_process(other_run, uri, experiment_id), 1000)
+    alive.append(ENTRIES)
+    alive.close()  # unlocked, but its writer (this process) still runs
+    assert recover_orphans(folder) == [dead]
+
+
+def test_recover_dry_run_lists_and_changes_nothing(store, capsys) -> None:
+    client, _, _, run_id, _ = store
+    path = write_journal(store, ENTRIES)
+    assert main(["tracking", "recover", "--dry-run"]) == 0
+    assert f"would recover {path}: run {run_id}" in capsys.readouterr().out
+    assert path.exists() and client.get_run(run_id).info.status == "RUNNING"
+
+
+def test_a_new_tracker_recovers_what_dead_processes_left_for_its_store(store) -> None:
+    import logging
+
+    client, uri, _, run_id, _ = store
+    path = write_journal(store, ENTRIES)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("plantml.tracking.recover").addHandler(handler)
+    try:
+        MLflowTracker(tracking_uri=uri, experiment_name="another")
+    finally:
+        logging.getLogger("plantml.tracking.recover").removeHandler(handler)
+    assert not path.exists() and client.get_run(run_id).info.status == "KILLED"
+    assert lines == [f"recovered 1 journal(s) left by processes that died: {run_id} ended KILLED"]
+
+
+def test_recovery_asks_the_journal_server_with_credentials_from_the_environment(store) -> None:
+    path = write_journal(store, ENTRIES)
+    report = recover_journal(path, resolve_tracking_settings(store[1]), resolve_delivery_settings(timeout_s=1))
+    assert report.ok
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("10m", 600), ("2h", 7200), ("1.5d", 129600)])
+def test_durations(text, seconds) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_a_bad_duration_names_it() -> None:
+    with pytest.raises(UsageError, match="duration 'soon'"):
+        parse_duration("soon")
+
+
+def test_recovery_at_start_keeps_to_its_time_budget_when_the_server_is_gone(store) -> None:
+    import socket
+    import time
+
+    from plantml.tracking.recover import recover_at_start
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    _, _, experiment_id, run_id, folder = store
+    path = write_journal((store[0], dead, experiment_id, run_id, folder), ENTRIES)
+    started = time.monotonic()
+    reports = recover_at_start(resolve_delivery_settings(), resolve_tracking_settings(dead), budget=1.0)
+    assert time.monotonic() - started < 5
+    assert [r.ok for r in reports] == [False] and "not reachable" in reports[0].message and path.exists()
