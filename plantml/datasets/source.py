@@ -51,8 +51,9 @@ class DatasetRecord:
     context: str = "training"
 
     def profile(self) -> str:
-        """The JSON profile MLflow shows beside the data set: split sizes and classes."""
-        return json.dumps({**self.splits, "classes": list(self.classes)}, sort_keys=True)
+        """The JSON profile MLflow shows beside the data set: split sizes, classes and the whole
+        content digest (MLflow's digest field keeps only its first 32 characters)."""
+        return json.dumps({**self.splits, "classes": list(self.classes), "content_sha256": self.digest}, sort_keys=True)
 
     def source_json(self) -> str:
         """MLflow's source field: a JSON object naming the location."""

@@ -1,7 +1,7 @@
 """What a run asks to record, as typed values: the only shapes the write path moves.
 
 An *entry* is one thing the tracker accepted: a metric point, a param, a tag, an
-artifact or a model spooled on local disk, or the run's requested end. A
+artifact or a model spooled on local disk, a data set the run used, or the run's requested end. A
 :class:`Record` is an entry with its place in the run's journal (its sequence number),
 which is how the sender, recovery and the journal speak of it. Entries become JSON only
 in :mod:`plantml.tracking.journal`; everything else handles these dataclasses.
@@ -74,6 +74,18 @@ class Model:
 
 
 @dataclass(frozen=True)
+class DatasetInput:
+    """A data set the run used, as MLflow records a run's input (``log_inputs``); sending it twice is harmless."""
+
+    name: str
+    digest: str
+    source_type: str
+    source: str
+    profile: str | None = None
+    context: str = "training"
+
+
+@dataclass(frozen=True)
 class End:
     """The run's requested end: its status and when it was asked for (ms since the epoch)."""
 
@@ -81,7 +93,7 @@ class End:
     at: int
 
 
-Entry = Union[MetricPoint, Param, Tag, Artifact, Model, End]
+Entry = Union[MetricPoint, Param, Tag, Artifact, Model, DatasetInput, End]
 
 #: Entries that travel together in one ``log_batch`` request.
 LOG_KINDS = (MetricPoint, Param, Tag)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import UsageError
-from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, ModelProgress, Param, Record, Tag
+from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, ModelProgress, Param, Record, Tag
 
 JOURNAL_VERSION = 2
 
@@ -99,6 +99,9 @@ def encode(record: Record) -> str:
         body = {"a": {"src": entry.src, "dst": entry.dst, "dir": entry.is_dir}}
     elif isinstance(entry, Model):
         body = {"model": {"src": entry.src, "name": entry.name, "registered_model_name": entry.registered_model_name}}
+    elif isinstance(entry, DatasetInput):
+        body = {"d": {"name": entry.name, "digest": entry.digest, "source_type": entry.source_type, "source": entry.source,
+                      "profile": entry.profile, "context": entry.context}}
     elif isinstance(entry, End):
         body = {"end": entry.status, "at": entry.at}
     else:
@@ -120,6 +123,10 @@ def _decode_entry(line: dict[str, Any]) -> Entry:
     if "model" in line:
         spec = line["model"]
         return Model(str(spec["src"]), str(spec["name"]), spec.get("registered_model_name"))
+    if "d" in line:
+        spec = line["d"]
+        return DatasetInput(str(spec["name"]), str(spec["digest"]), str(spec["source_type"]), str(spec["source"]),
+                            spec.get("profile"), str(spec.get("context") or "training"))
     if "end" in line:
         return End(str(line["end"]), int(line.get("at") or time.time() * 1000))
     raise ValueError("no entry in it")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, TrackingError, one_line
-from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
+from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
 from plantml.tracking.journal import Journal, journal_dir
 from plantml.tracking.transport import (
     DEFAULT_REQUEST_TIMEOUT_S,
@@ -366,6 +366,8 @@ def describe(record: Record) -> str:
         return f"model {entry.name!r}"
     if isinstance(entry, Artifact):
         return f"artifact {Path(entry.src).name!r}"
+    if isinstance(entry, DatasetInput):
+        return f"data set {entry.name!r}"
     return f"the run's end ({entry.status})"
 
 

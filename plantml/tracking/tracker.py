@@ -26,7 +26,7 @@ from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationEr
 from plantml.settings import TrackingSettings, resolve_tracking_settings
 from plantml.tracking import connection, signals
 from plantml.tracking import validation as check
-from plantml.tracking.entries import Artifact, End, Entry, MetricPoint, Model, Param, Tag
+from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Tag
 from plantml.tracking.journal import Journal
 from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.models import save_model
@@ -299,6 +299,17 @@ class MLflowTracker:
     def _checked_tags(self, tags: Mapping[str, Any]) -> list[Tag]:
         return [Tag(check.check_name("tag", key), check.tag_value(key, value))
                 for key, value in check.check_mapping("tags", tags).items()]
+
+    def log_input(self, name: str, digest: str, source: str, source_type: str = "local", *,
+                  profile: Mapping[str, Any] | str | None = None, context: str = "training") -> None:
+        """Record a data set the active run uses as its MLflow dataset input (the UI's Datasets column).
+
+        ``digest`` identifies the content; MLflow keeps at most 36 characters, so a longer
+        one (a SHA-256 hex) is stored as its first 32. ``profile`` (a dict or JSON) shows
+        beside it, e.g. split sizes. Searchable as ``dataset.name`` and ``dataset.digest``.
+        """
+        self._require_run()
+        self._write([DatasetInput(**check.dataset_fields(name, digest, source, source_type, profile, context))])
 
     def log_system_metrics(self) -> dict[str, Any]:
         """Log machine facts (python_version, platform, cpu_count, memory_gb, torch/GPU) as params.

@@ -47,7 +47,7 @@ from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, one_line
 from plantml.settings import TrackingSettings
-from plantml.tracking.entries import End, MetricPoint, Model, ModelProgress, Param, Record, SetAside, Tag
+from plantml.tracking.entries import DatasetInput, End, MetricPoint, Model, ModelProgress, Param, Record, SetAside, Tag
 from plantml.tracking.environ import scoped_environ
 from plantml.tracking.models import MODEL_STEPS_ENV, deliver_model
 from plantml.tracking.validation import INT64_MAX, INT64_MIN
@@ -267,6 +267,20 @@ class Transport:
         have = self.stored_params(run_id) if params else {}
         return missing_metrics, [p for p in params if have.get(p.key) != p.value]
 
+    def log_input(self, run_id: str, entry: DatasetInput) -> None:
+        """Record a data set as the run's input; MLflow keeps one copy however often it is sent."""
+        dataset = {"name": entry.name, "digest": entry.digest, "source_type": entry.source_type, "source": entry.source}
+        if entry.profile is not None:
+            dataset["profile"] = entry.profile
+        tags = [{"key": "mlflow.data.context", "value": entry.context}]
+        if not self.is_http:
+            from mlflow.entities import Dataset, InputTag
+            from mlflow.entities import DatasetInput as MlflowDatasetInput
+
+            self.client.log_inputs(run_id, [MlflowDatasetInput(Dataset(**dataset), [InputTag(**tag) for tag in tags])])
+            return
+        self._rest("POST", "runs/log-inputs", body=json.dumps({"run_id": run_id, "datasets": [{"dataset": dataset, "tags": tags}]}).encode())
+
     def terminate(self, run_id: str, status: str, end_time: int | None = None) -> None:
         """Set the run's status and end time; repeating it is harmless."""
         end_time = end_time or int(time.time() * 1000)
@@ -290,6 +304,9 @@ class Transport:
             status = "FAILED" if model_refused and entry.status == "FINISHED" else entry.status
             self.log_batch(run_id, [], [], [Tag(DELIVERY_TAG, "complete")])
             self.terminate(run_id, status, entry.at)
+            return 0, None
+        if isinstance(entry, DatasetInput):
+            self.log_input(run_id, entry)
             return 0, None
         if isinstance(entry, Model):
             return 0, deliver_model(self, run_id, entry, progress.of(records[0]), maybe_sent,

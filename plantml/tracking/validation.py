@@ -250,3 +250,34 @@ def check_experiment_name(name: Any) -> str:
     if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
         raise ValidationError(f"experiment name {name[:40]!r}...: longer than {MAX_EXPERIMENT_NAME_LENGTH} characters")
     return name
+
+
+#: MLflow's limits on a dataset input (``mlflow.utils.validation``).
+MAX_DATASET_NAME_LENGTH = 500
+MAX_DATASET_DIGEST_LENGTH = 36
+MAX_DATASET_SOURCE_TYPE_LENGTH = 36
+MAX_INPUT_TAG_VALUE_LENGTH = 500
+
+
+def dataset_fields(name: Any, digest: Any, source: Any, source_type: Any, profile: Any, context: Any) -> dict[str, Any]:
+    """The checked fields of a dataset input. A digest longer than MLflow keeps (36 characters, a SHA-256 hex
+    has 64) is cut to its first 32 characters; a profile mapping is written as JSON."""
+    fields: dict[str, Any] = {}
+    limits = {"name": MAX_DATASET_NAME_LENGTH, "source_type": MAX_DATASET_SOURCE_TYPE_LENGTH, "source": 65535,
+              "context": MAX_INPUT_TAG_VALUE_LENGTH, "digest": None}
+    for field_name, value in (("name", name), ("digest", digest), ("source", source), ("source_type", source_type),
+                              ("context", context)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValidationError(f"data set {field_name} {value!r}: must be a non-empty string")
+        text = checked_text("data set", field_name, value)
+        limit = limits[field_name]
+        if limit is not None and len(text) > limit:
+            raise ValidationError(f"data set {field_name} {text[:40]!r}...: longer than MLflow's {limit} characters")
+        fields[field_name] = text
+    if len(fields["digest"]) > MAX_DATASET_DIGEST_LENGTH:
+        fields["digest"] = fields["digest"][:32]
+    if profile is not None and not isinstance(profile, str):
+        check_json_serialisable(profile, "data set profile")
+        profile = json.dumps(profile, sort_keys=True)
+    fields["profile"] = profile
+    return fields

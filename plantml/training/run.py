@@ -348,6 +348,8 @@ def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = Non
     run_id = getattr(tracker, "run_id", None) or getattr(getattr(start, "info", None), "run_id", None)
     try:
         tracker.log_params(prepared.params())
+        record = prepared.dataset_record()
+        tracker.log_input(record.name, record.digest, record.source_json(), record.source_type, profile=record.profile())
         tracker.log_system_metrics()
         result = _train_and_record(prepared, tracker, reporter)
     except BaseException as exc:  # Ctrl-C, a handled SIGTERM/SIGHUP, an error here or on another rank

@@ -73,12 +73,13 @@ def test_push_ls_train_and_train_again_from_the_cache(leaves: Path, env: dict[st
     assert f"data: {prefix} (cached, nothing downloaded)" in second.stderr
 
     experiment = mlflow_client.get_experiment_by_name(experiment_name)
-    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string=f"dataset.digest = '{digest}'")
+    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string=f"dataset.digest = '{digest[:32]}'")
     assert len(runs) == 2 and {run.info.status for run in runs} == {"FINISHED"}
     for run in runs:
         [dataset_input] = run.inputs.dataset_inputs
         dataset = dataset_input.dataset
-        assert (dataset.name, dataset.digest, dataset.source_type) == ("leaves", digest, "s3")
+        assert (dataset.name, dataset.digest, dataset.source_type) == ("leaves", digest[:32], "s3")
+        assert f'"content_sha256": "{digest}"' in dataset.profile
         assert prefix in dataset.source
         assert '"train_size": 20' in dataset.profile
         assert {tag.key: tag.value for tag in dataset_input.tags}["mlflow.data.context"] == "training"
@@ -91,7 +92,7 @@ def test_a_local_folder_and_the_synthetic_set_are_recorded_too(leaves: Path, env
     experiment = mlflow_client.get_experiment_by_name(experiment_name)
     [run] = mlflow_client.search_runs([experiment.experiment_id])
     [dataset_input] = run.inputs.dataset_inputs
-    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("leaves", build_manifest(leaves).digest)
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("leaves", build_manifest(leaves).digest[:32])
     assert dataset_input.dataset.source_type == "local" and str(leaves) in dataset_input.dataset.source
 
 

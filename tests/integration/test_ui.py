@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from plantml.datasets import build_manifest
 from plantml.training import synth
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -53,8 +54,9 @@ def rendered_page(url: str, profile: Path) -> str:
 
 @pytest.fixture
 def store_with_a_run(tmp_path: Path) -> tuple[Path, str, str]:
-    """A folder whose default local store holds one run of ``plantml train``: (folder, run name, run id)."""
-    leaves = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=6, size=32, seed=1))
+    """A folder whose default local store holds one run of ``plantml train`` on the set ``ui_leaves``:
+    (folder, run name, run id)."""
+    leaves = synth.generate(tmp_path / "ui_leaves", synth.SynthSpec(per_class=6, size=32, seed=1))
     folder = tmp_path / "project"
     folder.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
@@ -87,6 +89,9 @@ def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_
 
         page = rendered_page(url, tmp_path / "chromium")
         assert run_name in page and run_id in page
+        # The run's dataset input: the set's name and (MLflow's 32 characters of) its content digest.
+        digest = build_manifest(store_with_a_run[0].parent / "ui_leaves").digest
+        assert f"ui_leaves ({digest[:32]})" in page
         # The model-training view's sidebar has the model registry; the GenAI view's has judges and a playground.
         assert "Model registry" in page and "Playground" not in page and "Judges" not in page
 

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from plantml.errors import UsageError
-from plantml.tracking.entries import Artifact, End, MetricPoint, Model, ModelProgress, Param, Tag
+from plantml.tracking.entries import Artifact, DatasetInput, End, MetricPoint, Model, ModelProgress, Param, Tag
 from plantml.tracking.journal import Journal, JournalBusy, read_header
 from plantml.tracking.journal_format import JournalHeader
 
@@ -36,6 +36,7 @@ ENTRIES = [
     Tag("note", "é ✓ \udce9"),  # a lone surrogate survives the journal (validation converts it before)
     Artifact("/spool/1/a.txt", "notes", False),
     Model("/spool/2/model", "model", "clf"),
+    DatasetInput("leaves", "0f" * 16, '{"uri": "s3://data/leaves"}', "s3", '{"train_size": 20}'),
     End("FINISHED", 2000),
 ]
 

@@ -235,3 +235,27 @@ def test_a_journal_folder_that_cannot_be_written_fails_the_start_naming_it(tmp_p
         tracker.start_run()
     run_id = str(refused.value).split()[1]
     assert _run(tracker, run_id).info.status == "FAILED" and tracker.run_id is None
+
+
+def test_a_data_set_is_recorded_as_the_runs_dataset_input(tracker) -> None:
+    digest = "ab" * 32  # a SHA-256 hex: longer than the 36 characters MLflow keeps
+    with tracker.start_run() as run:
+        tracker.log_input("leaves", digest, '{"path": "/data/leaves"}', "local", profile={"train_size": 20})
+        tracker.log_input("leaves", digest, '{"path": "/data/leaves"}', "local", profile={"train_size": 20})  # twice: one input
+    [dataset_input] = _run(tracker, run.run_id).inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("leaves", digest[:32], "local")
+    assert dataset.profile == '{"train_size": 20}'
+    assert [(tag.key, tag.value) for tag in dataset_input.tags] == [("mlflow.data.context", "training")]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("name", "", "data set name '': must be a non-empty string"),
+    ("source_type", "s" * 37, "longer than MLflow's 36 characters"),
+    ("name", "le\x00aves", "NUL character"),
+])
+def test_a_data_set_mlflow_cannot_store_is_refused_at_the_call(tracker, field, value, message) -> None:
+    fields = {"name": "leaves", "digest": "d1", "source": "/data", "source_type": "local", field: value}
+    with tracker.start_run():
+        with pytest.raises(ValidationError, match=message):
+            tracker.log_input(**fields)
