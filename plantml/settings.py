@@ -23,6 +23,8 @@ from plantml.errors import ConfigError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT_NAME = "plant_classification"
 DEFAULT_BUCKET = "mlflow"
+#: The design's buckets: MLflow's artifacts, models, plant images, data sets.
+DEFAULT_BUCKETS = "mlflow,models,plants-images,data"
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,11 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("PLANTML_PG_BINDIR", None, "stack", "folder of PostgreSQL's initdb and postgres (found by itself)"),
     Variable("PLANTML_PG_USER", "postgres", "stack", "account that runs PostgreSQL when plantml runs as root"),
     Variable("PLANTML_S3_BUCKET", DEFAULT_BUCKET, "stack", "artifact bucket of an external stack"),
+    Variable("PLANTML_S3_BUCKETS", DEFAULT_BUCKETS, "stack", "buckets every stack creates (the artifact bucket always)"),
+    Variable("PLANTML_S3_FLAVOUR", "seaweedfs", "stack", "object store: seaweedfs or minio"),
     Variable("PLANTML_POSTGRES_IMAGE", None, "containers", "PostgreSQL image (default: the one build-images makes)"),
     Variable("PLANTML_S3_IMAGE", None, "containers", "object store image (default: the one build-images makes)"),
     Variable("PLANTML_MLFLOW_IMAGE", None, "containers", "MLflow server image (default: the one build-images makes)"),
-    Variable("PLANTML_S3_FLAVOUR", "seaweedfs", "containers", "object store: seaweedfs or minio"),
     Variable("PLANTML_CONTAINER_NETWORK", "auto", "containers", "auto, host or bridge"),
 )}
 

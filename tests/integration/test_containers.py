@@ -14,10 +14,10 @@ import textwrap
 import pytest
 import requests
 from click.testing import CliRunner
+from plantml.stack.services import PostgresSpec
 
 from plantml.errors import StackError
 from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, MLflowContainer, Placement, PostgresContainer, docker_client
-from plantml.stack.services import PostgresSpec
 
 pytestmark = pytest.mark.integration
 
