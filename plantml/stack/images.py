@@ -152,7 +152,7 @@ COMPOSE_MLFLOW_IMAGE = "plantml/mlflow-server:local"
 
 def recipes() -> dict[str, ImageRecipe]:
     """The three offline images: PostgreSQL 15, SeaweedFS, the MLflow server."""
-    requirements = (f"mlflow=={MLFLOW_VERSION}", f"psycopg2-binary=={installed_version('psycopg2-binary')}",
+    requirements = (f"mlflow[auth]=={MLFLOW_VERSION}", f"psycopg2-binary=={installed_version('psycopg2-binary')}",
                     f"boto3=={installed_version('boto3')}")
     return {
         "postgres": ImageRecipe(
