@@ -85,7 +85,7 @@ def main() -> None:
                 series["containers_stack_s"].append(time_whole_stack("containers"))
             print(f"round {index + 1}: " + ", ".join(f"{name} {values[-1]:.2f}" for name, values in series.items()), flush=True)
 
-    medians = {name.replace("_s", "_median_s"): statistics.median(values) for name, values in series.items()}
+    medians = {name.removesuffix("_s") + "_median_s": statistics.median(values) for name, values in series.items()}
     result: dict[str, object] = {"repeats": args.repeats, **series, **medians}
     result["ratio"] = medians["whole_stack_median_s"] / medians["mlflow_alone_median_s"]
     result["durable_vs_fast_ratio"] = medians["whole_stack_median_s"] / medians["whole_stack_fast_median_s"]

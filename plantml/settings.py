@@ -50,7 +50,7 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("PLANTML_MAX_BACKOFF", "5", "delivery", "longest wait between retries, in seconds"),
     Variable("PLANTML_LINGER", "1", "delivery", "seconds a part-filled batch waits for company"),
     Variable("PLANTML_JOURNAL_DIR", "~/.cache/plantml/journal", "delivery", "folder of run journals"),
-    Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set and downloaded data sets"),
+    Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set, downloaded data sets and the records of running stacks"),
     Variable("PLANTML_STACK", "local", "stack", "backend of the pytest stack fixtures: local, containers or external"),
     Variable("PLANTML_PG_BINDIR", None, "stack", "folder of PostgreSQL's initdb and postgres (found by itself)"),
     Variable("PLANTML_PG_USER", "postgres", "stack", "account that runs PostgreSQL when plantml runs as root"),

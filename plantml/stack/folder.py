@@ -170,7 +170,10 @@ def prune_local_stacks() -> list[str]:
                 continue  # alive
             for name, process in folder.read_json(STATE).get("processes", {}).items():
                 if process_start_time(process["pid"]) == process["started"]:
-                    os.killpg(process["pid"], signal.SIGKILL)  # each service leads its own process group
+                    try:
+                        os.killpg(process["pid"], signal.SIGKILL)  # each local service leads its own process group
+                    except OSError:  # a container's process, or one that just ended
+                        continue
                     removed.append(f"{name} process {process['pid']}")
         folder.close()
         removed.append(f"stack folder {folder.path}" if folder.temporary else f"lock of {folder.path}")
