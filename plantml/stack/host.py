@@ -114,9 +114,11 @@ class ServiceExecutor(Executor):
         self.spec = spec
 
     def pre_start_check(self) -> bool:
-        return False  # a taken port is found before any start (ManagedStack), with the service's name
+        """Never "already running": a taken port is found before any start (ManagedStack), naming the service."""
+        return False
 
     def after_start_check(self) -> bool:
+        """The description's readiness rule."""
         return self.spec.ready()
 
     def stop(self, stop_signal: int | None = None, expected_returncode: int | None = None) -> ServiceExecutor:
@@ -129,7 +131,8 @@ class ServiceExecutor(Executor):
         return self
 
     def start(self) -> ServiceExecutor:
-        _LAUNCHER.submit(SimpleExecutor.start, self).result()  # fork from the long-lived thread
+        """Fork the process from the launcher thread, then wait here until it is ready."""
+        _LAUNCHER.submit(SimpleExecutor.start, self).result()
         self.wait_for(self.check_subprocess)
         return self
 

@@ -98,10 +98,10 @@ class ManagedStack(Stack):
     Options: ``artifact_mode``; ``data_dir`` (keep the data and credentials there across
     starts; default a temporary folder removed at :meth:`stop`); ``durable`` (PostgreSQL
     with fsync and synchronous commit, the default; False for throwaway stacks);
-    ``auth`` (MLflow's basic-auth app); ``s3_flavour`` (seaweedfs or minio); fixed ``mlflow_port``, ``s3_port``,
-    ``postgres_port`` (default: the ports of the folder's last start when free, else
-    free ones); ``supervise`` (restart a service that dies; default True); ``spec`` (a
-    whole :class:`StackSpec` instead of the options above).
+    ``auth`` (MLflow's basic-auth app); ``s3_flavour`` (seaweedfs or minio); fixed
+    ``mlflow_port``, ``s3_port``, ``postgres_port`` (default: the ports of the folder's
+    last start when free, else free ones); ``supervise`` (restart a service that dies;
+    default True); ``spec`` (a whole :class:`StackSpec` instead of the options above).
     """
 
     def __init__(self, runner: Runner, artifact_mode: ArtifactMode = "direct", *, spec: StackSpec | None = None,

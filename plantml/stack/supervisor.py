@@ -109,8 +109,18 @@ class Supervisor:
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
             for service in self.services.values():
-                if service.wanted and not service.running and not self._stopping.is_set():
+                if self._died(service) and not self._stopping.is_set():
                     self._bring_back(service)
+
+    @staticmethod
+    def _died(service: Service) -> bool:
+        """Down although it should be up; a service a caller is starting or stopping right now is not judged."""
+        if not service.lock.acquire(blocking=False):
+            return False
+        try:
+            return service.wanted and not service.running
+        finally:
+            service.lock.release()
 
     def _bring_back(self, service: Service) -> None:
         up_since = service.started_at if service.started_at > self._attempted.get(service.name, 0.0) else None

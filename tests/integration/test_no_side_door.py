@@ -24,21 +24,26 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("00000004000000
 
 
 @pytest.fixture(scope="module")
-def stack_with_data(auth_stack, tmp_path_factory):
-    """The auth stack with a finished run and its artifact, so that there is something to steal."""
+def model_key(auth_stack) -> str:
+    """A finished run of the auth stack with a model file among its artifacts (something to steal or replace): its key."""
     import mlflow
 
     client = mlflow.MlflowClient(auth_stack.tracking_uri)
     with pytest.MonkeyPatch.context() as patch:
-        for name, value in auth_stack.client_env().items():
+        for name, value in auth_stack.client_env().items():  # the admin user of the basic-auth app
             patch.setenv(name, value)
         run = client.create_run(client.create_experiment("side_doors"))
         client.log_param(run.info.run_id, "backbone", "resnet18")
-        note = tmp_path_factory.mktemp("side") / "best_model.pth"
-        note.write_bytes(b"weights")
-        client.log_artifact(run.info.run_id, str(note), "models")
         client.set_terminated(run.info.run_id)
-    return auth_stack
+    key = f"{artifact_prefix(run)}/models/best_model.pth"
+    # Written with the stack's own S3 client: MLflow's caches the first credentials of the process.
+    auth_stack.s3_client().put_object(Bucket=auth_stack.bucket, Key=key, Body=b"weights")
+    return key
+
+
+def artifact_prefix(run) -> str:
+    """The run's artifact folder as an object-key prefix (``s3://mlflow/<exp>/<run>/artifacts`` -> ``<exp>/<run>/artifacts``)."""
+    return run.info.artifact_uri.split("://", 1)[1].split("/", 1)[1]
 
 
 def stack_pids(stack) -> set[int]:
@@ -60,8 +65,8 @@ def listening(pids: set[int]) -> set[tuple[str, int]]:
     return found
 
 
-def test_no_command_line_on_the_machine_holds_a_secret_of_the_stack(stack_with_data):
-    secrets = stack_with_data.secrets()
+def test_no_command_line_on_the_machine_holds_a_secret_of_the_stack(auth_stack):
+    secrets = auth_stack.secrets()
     command_lines = []
     for process in psutil.process_iter(["cmdline"]):
         command_lines.append(" ".join(process.info["cmdline"] or ()))
@@ -69,26 +74,26 @@ def test_no_command_line_on_the_machine_holds_a_secret_of_the_stack(stack_with_d
     assert [name for name, value in secrets.items() if any(value in line for line in command_lines)] == []
 
 
-def test_another_user_cannot_read_the_environment_of_the_stacks_processes(stack_with_data):
+def test_another_user_cannot_read_the_environment_of_the_stacks_processes(auth_stack):
     if os.geteuid() != 0:
         pytest.fail("this check plays another local user through runuser, which needs root")
-    for name, service in stack_with_data.services.items():
+    for name, service in auth_stack.services.items():
         peek = subprocess.run(["runuser", "-u", "nobody", "--", "cat", f"/proc/{service.process.pid}/environ"],
                               capture_output=True, text=True, timeout=30)
         assert peek.returncode != 0 and "Permission denied" in peek.stderr, name
 
 
-def test_every_listening_port_is_declared_and_on_loopback(stack_with_data):
-    declared = {port for service in stack_with_data.services.values() for port in service.spec.ports.values()}
-    found = listening(stack_pids(stack_with_data))
+def test_every_listening_port_is_declared_and_on_loopback(auth_stack):
+    declared = {port for service in auth_stack.services.values() for port in service.spec.ports.values()}
+    found = listening(stack_pids(auth_stack))
     assert {ip for ip, _ in found} == {"127.0.0.1"}
     assert {port for _, port in found} == declared
 
 
-def test_mlflow_postgres_and_s3_refuse_requests_without_the_stacks_credentials(stack_with_data):
+def test_mlflow_postgres_and_s3_refuse_requests_without_the_stacks_credentials(auth_stack, model_key):
     import psycopg2
 
-    stack = stack_with_data
+    stack = auth_stack
     for method, path in (("GET", "/api/2.0/mlflow/experiments/search?max_results=5"),
                          ("POST", "/api/2.0/mlflow/experiments/create")):
         assert requests.request(method, stack.tracking_uri + path, json={"name": "intruder"}, timeout=10).status_code == 401
@@ -96,16 +101,16 @@ def test_mlflow_postgres_and_s3_refuse_requests_without_the_stacks_credentials(s
         with pytest.raises(psycopg2.OperationalError, match="password"):
             psycopg2.connect(host="127.0.0.1", port=stack.services["postgres"].spec.port, user=user, dbname="mlflow",
                              connect_timeout=5)
-    for method, key in (("GET", ""), ("GET", "models/best_model.pth"), ("PUT", "intruder.txt")):
+    for method, key in (("GET", ""), ("GET", model_key), ("PUT", model_key), ("PUT", "intruder.txt")):
         answer = requests.request(method, f"{stack.s3_endpoint}/{stack.bucket}/{key}", data=b"x", timeout=10)
         assert answer.status_code == 403, (method, key, answer.status_code)
 
 
-def test_the_object_stores_other_http_ports_read_and_write_nothing_without_credentials(stack_with_data):
-    ports = stack_with_data.services["s3"].spec.ports
-    if stack_with_data.spec.s3.flavour != "seaweedfs":
+def test_the_object_stores_other_http_ports_read_and_write_nothing_without_credentials(auth_stack, model_key):
+    ports = auth_stack.services["s3"].spec.ports
+    if auth_stack.spec.s3.flavour != "seaweedfs":
         pytest.fail("this scan knows SeaweedFS's ports; add the MinIO console's before running it on MinIO")
-    run_folder = "/buckets/mlflow/"
+    run_folder = f"/buckets/{auth_stack.bucket}/{model_key.rsplit('/', 2)[0]}/"
     tries = {
         "master.port": [("GET", "/dir/assign"), ("GET", "/dir/lookup?volumeId=1"), ("GET", "/col/delete?collection=mlflow"),
                         ("GET", "/vol/status"), ("POST", "/submit")],
@@ -119,24 +124,16 @@ def test_the_object_stores_other_http_ports_read_and_write_nothing_without_crede
             answer = requests.request(method, f"http://127.0.0.1:{ports[role]}{path}", files={"file": ("x", b"evil")},
                                       timeout=10, allow_redirects=True)
             assert answer.status_code in (401, 403, 404, 405), (role, method, path, answer.status_code, answer.text[:200])
-    assert [entry.path for entry in _artifacts(stack_with_data)] == ["models/best_model.pth"]  # nothing was slipped in
-
-
-def _artifacts(stack) -> list:
-    import mlflow
-
-    client = mlflow.MlflowClient(stack.tracking_uri)
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in stack.client_env().items():
-            patch.setenv(name, value)
-        run = client.search_runs([client.get_experiment_by_name("side_doors").experiment_id])[0]
-        return client.list_artifacts(run.info.run_id, "models")
+    s3 = auth_stack.s3_client()
+    listing = s3.list_objects_v2(Bucket=auth_stack.bucket, Prefix=model_key.rsplit("/", 2)[0])
+    assert [item["Key"] for item in listing["Contents"]] == [model_key]  # nothing slipped in
+    assert s3.get_object(Bucket=auth_stack.bucket, Key=model_key)["Body"].read() == b"weights"  # nor replaced
 
 
 @pytest.mark.parametrize("role", ["master.port.grpc", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc",
                                   "admin.port.grpc"])
-def test_every_grpc_port_wants_a_client_certificate_of_the_stacks_own_ca(stack_with_data, role):
-    port = stack_with_data.services["s3"].spec.ports[role]
+def test_every_grpc_port_wants_a_client_certificate_of_the_stacks_own_ca(auth_stack, role):
+    port = auth_stack.services["s3"].spec.ports[role]
     with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:
         plain.sendall(H2_PREFACE)
         try:

@@ -74,7 +74,8 @@ def test_acknowledged_writes_survive_a_killed_backend_then_a_killed_postmaster(o
     postmaster.wait(timeout=10)
     assert not postmaster.is_running()  # both faults really happened
 
-    eventually(lambda: postgres.running and postgres.process.pid != postmaster.pid)  # the stack brings it back
+    # The stack brings it back: a new postmaster that accepts logins (crash recovery done).
+    eventually(lambda: postgres.process.pid not in (None, postmaster.pid) and postgres.spec.ready())
     client.set_terminated(run_id)
     stored = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in stored) == [(step, 1 / (step + 1)) for step in range(300)]
