@@ -174,3 +174,23 @@ def test_prune_leaves_a_live_stack_alone(tmp_path):
         assert live.path.is_dir()
     finally:
         live.close()
+
+
+def test_a_data_folder_postgres_cannot_reach_is_refused_in_one_line_naming_the_account(tmp_path):
+    from plantml.stack.host import HostRunner
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    spec = ServiceSpec(name="postgres", command=("postgres",), folder=private / "stack" / "postgres", port=1,
+                       ready=lambda: True, refuses_root=True)
+    spec.folder.mkdir(parents=True)
+    runner = HostRunner()
+    runner.open("x", tmp_path)
+    if os.geteuid() != 0:  # PostgreSQL runs as us, who made the folder
+        assert runner.process(spec).spec is spec
+        return
+    with pytest.raises(StackError) as refused:
+        runner.process(spec)
+    assert str(refused.value).startswith(f"postgres: runs as user {spec.account.name} (plantml runs as root), who cannot "
+                                         f"enter {spec.folder}")
+    assert "\n" not in str(refused.value)
