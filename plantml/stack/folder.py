@@ -91,6 +91,9 @@ class StackFolder:
             path, temporary = Path(tempfile.mkdtemp(prefix="plantml-stack-")), True
         else:
             path, temporary = data_dir.expanduser().resolve(), False
+            if path.is_dir() and any(path.iterdir()) and not (path / LOCK).exists():
+                raise StackError("stack", f"data folder {path} is not empty and holds no plantml stack: "
+                                          "give an empty or new folder")
         try:
             private_folder(path, mode=0o711)
         except OSError as exc:

@@ -11,6 +11,7 @@ forked from one launcher thread that lives as long as the process.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -101,11 +102,21 @@ def as_account(account: Account) -> dict[str, Any]:
     return {"user": account.uid, "group": account.gid, "extra_groups": []}
 
 
+@functools.cache
+def has_setpriv() -> bool:
+    """Whether util-linux's ``setpriv`` is here (said once when it is not: services would outlive a killed plantml)."""
+    if shutil.which("setpriv"):
+        return True
+    log.warning("setpriv (util-linux) not found: services will outlive a plantml killed with kill -9; "
+                "`plantml stack prune` removes them")
+    return False
+
+
 class ServiceExecutor(Executor):
     """A mirakuru executor whose readiness is the description's rule, forked by the launcher thread."""
 
     def __init__(self, spec: ServiceSpec, command: list[str], log_file: IO[str]) -> None:
-        pdeathsig = ["setpriv", f"--pdeathsig={spec.stop_signal.name}", "--"] if shutil.which("setpriv") else []
+        pdeathsig = ["setpriv", f"--pdeathsig={spec.stop_signal.name}", "--"] if has_setpriv() else []
         super().__init__(
             [*pdeathsig, *command], timeout=spec.start_timeout, stop_signal=spec.stop_signal,
             envvars=dict(spec.env), stdout=log_file, stderr=subprocess.STDOUT, cwd=str(spec.folder),

@@ -194,3 +194,10 @@ def test_a_data_folder_postgres_cannot_reach_is_refused_in_one_line_naming_the_a
     assert str(refused.value).startswith(f"postgres: runs as user {spec.account.name} (plantml runs as root), who cannot "
                                          f"enter {spec.folder}")
     assert "\n" not in str(refused.value)
+
+
+def test_a_non_empty_folder_that_holds_no_stack_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StackError, match=rf"^stack: data folder {tmp_path} is not empty and holds no plantml stack"):
+        StackFolder.open(tmp_path, "x")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and tmp_path.stat().st_mode & 0o777 != 0o711
