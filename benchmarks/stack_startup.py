@@ -1,12 +1,14 @@
-"""Benchmark: time to ready of the whole stack, local and containers, vs the MLflow server alone.
+"""Benchmark: time to ready of the whole stack (durable and fast, local and containers) vs the MLflow server alone.
 
 In one run, alternately, N times each:
-- the whole local stack (PostgreSQL + S3 + MLflow, from nothing) until every service answers;
+- the whole local stack, durable (the default: fsync and synchronous commit on), from nothing
+  until every service answers;
+- the same with ``durable=False`` (what durability costs at start);
 - the MLflow server alone, on a fresh database of an already-running PostgreSQL;
-- the whole containers stack (images present: ``plantml stack build-images`` first),
-  side by side with the local one (``--no-containers`` leaves it out).
+- the whole containers stack, durable (images present: ``plantml stack build-images`` first);
+  ``--no-containers`` leaves it out.
 
-Prints the medians and their ratios (goals: whole local stack <= 1.3 x the server alone;
+Prints the medians and their ratios (goals: durable local stack <= 1.3 x the server alone;
 containers <= 2 x local) and writes them as JSON.
 Run: ``python benchmarks/stack_startup.py [--repeats 5]``.
 """
@@ -18,18 +20,20 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from plantml.stack import PostgresSpec, S3Spec, make_stack
-from plantml.stack.local import LOOPBACK, LocalMLflow, LocalPostgres, free_port
-from plantml.stack.services import MLflowServerSpec
+from plantml.stack import make_stack, start_local_stack
+from plantml.stack.host import HostRunner
+from plantml.stack.mlflow_server import MLflowServerSpec, mlflow_service
+from plantml.stack.stack import free_port
 
 RESULTS = Path(__file__).parent / "results" / "stack_startup.json"
 
 
-def time_whole_stack(backend: str = "local") -> float:
+def time_whole_stack(backend: str = "local", durable: bool = True) -> float:
     """From nothing to every service answering (the images already present for containers)."""
-    stack = make_stack(backend)
+    stack = make_stack(backend, durable=durable)
     started = time.perf_counter()
     stack.start()
     elapsed = time.perf_counter() - started
@@ -37,24 +41,27 @@ def time_whole_stack(backend: str = "local") -> float:
     return elapsed
 
 
-def time_mlflow_alone(postgres: LocalPostgres, index: int, workdir: Path) -> float:
-    """The server on a fresh database (migrations included, as in the whole stack)."""
-    import psycopg2
-
-    database = f"mlflow_bench_{index}"
-    conn = psycopg2.connect(host=LOOPBACK, port=postgres.port, user=postgres.spec.user,
-                            password=postgres.spec.password, dbname="postgres")
+def time_mlflow_alone(base, index: int, workdir: Path) -> float:
+    """The server on a fresh database of ``base``'s PostgreSQL (migrations included, as in the whole stack)."""
+    postgres_port = base.services["postgres"].spec.port
+    conn = base.spec.postgres.connect(postgres_port)
     conn.autocommit = True
+    database = f"mlflow_bench_{index}"
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{database}"')
     conn.close()
-    spec = PostgresSpec(user=postgres.spec.user, password=postgres.spec.password, database=database)
-    server = LocalMLflow(workdir, free_port(set()), MLflowServerSpec(), spec.sqlalchemy_uri(LOOPBACK, postgres.port),
-                         f"http://{LOOPBACK}:9", S3Spec())
+    folder = workdir / f"mlflow-{index}"
+    folder.mkdir()
+    spec = mlflow_service(MLflowServerSpec(), folder, free_port(set()), HostRunner.network,
+                          replace(base.spec.postgres, database=database), postgres_port,
+                          base.spec.s3, base.services["s3"].spec.port)
+    runner = HostRunner()
+    runner.open(f"bench-{index}", workdir)
+    server = runner.process(spec)
     started = time.perf_counter()
     server.start()
     elapsed = time.perf_counter() - started
-    server.stop()
+    server.remove()
     return elapsed
 
 
@@ -66,43 +73,28 @@ def main() -> None:
                         help="leave the containers backend out (no Docker here)")
     args = parser.parse_args()
 
-    whole: list[float] = []
-    alone: list[float] = []
-    containers: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="plantml-bench-") as tmp:
-        workdir = Path(tmp)
-        postgres = LocalPostgres(workdir, free_port(set()), PostgresSpec())
-        postgres.prepare()
-        postgres.start()
-        try:
-            for index in range(args.repeats):
-                whole.append(time_whole_stack())
-                alone.append(time_mlflow_alone(postgres, index, workdir))
-                line = f"round {index + 1}: whole stack {whole[-1]:.2f} s, MLflow alone {alone[-1]:.2f} s"
-                if args.containers:
-                    containers.append(time_whole_stack("containers"))
-                    line += f", containers stack {containers[-1]:.2f} s"
-                print(line, flush=True)
-        finally:
-            postgres.stop()
-            postgres.cleanup()
+    series: dict[str, list[float]] = {"whole_stack_s": [], "whole_stack_fast_s": [], "mlflow_alone_s": []}
+    if args.containers:
+        series["containers_stack_s"] = []
+    with tempfile.TemporaryDirectory(prefix="plantml-bench-") as tmp, start_local_stack() as base:
+        for index in range(args.repeats):
+            series["whole_stack_s"].append(time_whole_stack())
+            series["whole_stack_fast_s"].append(time_whole_stack(durable=False))
+            series["mlflow_alone_s"].append(time_mlflow_alone(base, index, Path(tmp)))
+            if args.containers:
+                series["containers_stack_s"].append(time_whole_stack("containers"))
+            print(f"round {index + 1}: " + ", ".join(f"{name} {values[-1]:.2f}" for name, values in series.items()), flush=True)
 
-    result = {
-        "repeats": args.repeats,
-        "whole_stack_s": whole,
-        "mlflow_alone_s": alone,
-        "whole_stack_median_s": statistics.median(whole),
-        "mlflow_alone_median_s": statistics.median(alone),
-    }
-    result["ratio"] = result["whole_stack_median_s"] / result["mlflow_alone_median_s"]
-    print(f"median whole stack: {result['whole_stack_median_s']:.2f} s")
-    print(f"median MLflow alone: {result['mlflow_alone_median_s']:.2f} s")
-    print(f"ratio whole/alone: {result['ratio']:.2f} (goal <= 1.3)")
-    if containers:
-        result["containers_stack_s"] = containers
-        result["containers_stack_median_s"] = statistics.median(containers)
-        result["containers_vs_local_ratio"] = result["containers_stack_median_s"] / result["whole_stack_median_s"]
-        print(f"median containers stack: {result['containers_stack_median_s']:.2f} s")
+    medians = {name.removesuffix("_s") + "_median_s": statistics.median(values) for name, values in series.items()}
+    result: dict[str, object] = {"repeats": args.repeats, **series, **medians}
+    result["ratio"] = medians["whole_stack_median_s"] / medians["mlflow_alone_median_s"]
+    result["durable_vs_fast_ratio"] = medians["whole_stack_median_s"] / medians["whole_stack_fast_median_s"]
+    for name, value in medians.items():
+        print(f"median {name.removesuffix('_median_s').replace('_', ' ')}: {value:.2f} s")
+    print(f"ratio durable whole stack / MLflow alone: {result['ratio']:.2f} (goal <= 1.3)")
+    print(f"ratio durable / fast whole stack: {result['durable_vs_fast_ratio']:.2f} (what durability costs at start)")
+    if args.containers:
+        result["containers_vs_local_ratio"] = medians["containers_stack_median_s"] / medians["whole_stack_median_s"]
         print(f"ratio containers/local: {result['containers_vs_local_ratio']:.2f} (goal <= 2)")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))

@@ -23,6 +23,8 @@ from plantml.errors import ConfigError
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT_NAME = "plant_classification"
 DEFAULT_BUCKET = "mlflow"
+#: The design's buckets: MLflow's artifacts, models, plant images, data sets.
+DEFAULT_BUCKETS = "mlflow,models,plants-images,data"
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,16 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("PLANTML_REQUEST_TIMEOUT", "10", "delivery", "seconds one request to the tracking server may take"),
     Variable("PLANTML_SIGNAL_TIMEOUT", "10", "delivery", "seconds a run ended by SIGTERM, SIGHUP or SIGINT waits for delivery"),
     Variable("PLANTML_JOURNAL_DIR", "~/.cache/plantml/journal", "delivery", "folder of run journals (write-ahead logs)"),
-    Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set and downloaded data sets"),
+    Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set, downloaded data sets and the records of running stacks"),
     Variable("PLANTML_STACK", "local", "stack", "backend of the pytest stack fixtures: local, containers or external"),
     Variable("PLANTML_PG_BINDIR", None, "stack", "folder of PostgreSQL's initdb and postgres (found by itself)"),
     Variable("PLANTML_PG_USER", "postgres", "stack", "account that runs PostgreSQL when plantml runs as root"),
     Variable("PLANTML_S3_BUCKET", DEFAULT_BUCKET, "stack", "artifact bucket of an external stack"),
+    Variable("PLANTML_S3_BUCKETS", DEFAULT_BUCKETS, "stack", "buckets every stack creates (the artifact bucket always)"),
+    Variable("PLANTML_S3_FLAVOUR", "seaweedfs", "stack", "object store: seaweedfs or minio"),
     Variable("PLANTML_POSTGRES_IMAGE", None, "containers", "PostgreSQL image (default: the one build-images makes)"),
     Variable("PLANTML_S3_IMAGE", None, "containers", "object store image (default: the one build-images makes)"),
     Variable("PLANTML_MLFLOW_IMAGE", None, "containers", "MLflow server image (default: the one build-images makes)"),
-    Variable("PLANTML_S3_FLAVOUR", "seaweedfs", "containers", "object store: seaweedfs or minio"),
     Variable("PLANTML_CONTAINER_NETWORK", "auto", "containers", "auto, host or bridge"),
     Variable("RANK", "0", "distributed", "this process's rank in a torchrun job (torchrun sets it)"),
     Variable("WORLD_SIZE", "1", "distributed", "processes in the torchrun job (torchrun sets it)"),

@@ -2,30 +2,48 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
-from plantml.stack.base import Stack
 from plantml.stack.endpoints import ARTIFACT_MODES
+
+if TYPE_CHECKING:
+    from plantml.stack import ManagedStack
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def write_env_file(path: Path, env: dict[str, str]) -> None:
-    """Write ``KEY=VALUE`` lines readable by a shell (``set -a; . F``), python-dotenv and plantml; mode 0600."""
+def write_env_file(path: Path, env: dict[str, str]) -> str:
+    """Write ``KEY=VALUE`` lines readable by a shell (``set -a; . F``), python-dotenv and plantml; mode 0600.
+
+    Returns the text written, so that the caller can tell later whether the file is still its own.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{key}={value}\n" for key, value in env.items())
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write("".join(f"{key}={value}\n" for key, value in env.items()))
+        handle.write(text)
     tmp.replace(path)  # readers never see a half-written file
+    return text
+
+
+def remove_env_file(path: Path, text: str) -> None:
+    """Remove the env file we wrote (a stale one would point plantml at a dead server), unless it changed since."""
+    try:
+        if path.read_text() == text:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 @click.group()
@@ -38,72 +56,76 @@ def stack() -> None:
               help="local: processes on this machine; containers: Docker containers (see `plantml stack build-images`).")
 @click.option("--artifacts", "artifact_mode", type=click.Choice(ARTIFACT_MODES), default="direct", show_default=True,
               help="direct: clients write to S3 themselves; proxied: the MLflow server does.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the data (database, objects, credentials) in this folder: a later start on it serves the same "
+                   "runs and models. Default: a temporary folder that goes with the stack.")
 @click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write the client variables here once every service is ready.")
+              help="Write the client variables here once every service is ready (removed again at stop).")
 @click.option("--mlflow-port", type=click.IntRange(1, 65535), help="Port of the MLflow server (default: a free one).")
 @click.option("--s3-port", type=click.IntRange(1, 65535), help="Port of the S3 server (default: a free one).")
 @click.option("--postgres-port", type=click.IntRange(1, 65535), help="Port of PostgreSQL (default: a free one).")
-@click.option("--auth", is_flag=True, help="Run MLflow's basic-auth app: every request needs a user (local backend).")
-def up(backend: str, artifact_mode: str, env_file: Path | None, mlflow_port: int | None, s3_port: int | None,
-       postgres_port: int | None, auth: bool) -> None:
-    """Start the stack in the foreground; Ctrl-C (or SIGTERM) stops everything and removes its files."""
-    from plantml.errors import UsageError
-    from plantml.stack import LocalStack, make_stack
+@click.option("--auth", is_flag=True, help="Run MLflow's basic-auth app: every request needs a user.")
+@click.option("--fast", is_flag=True,
+              help="PostgreSQL without fsync or synchronous commit: faster, but a crash loses acknowledged writes. "
+                   "For throwaway stacks only.")
+def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path | None, mlflow_port: int | None,
+       s3_port: int | None, postgres_port: int | None, auth: bool, fast: bool) -> None:
+    """Start the stack in the foreground until Ctrl-C (or SIGTERM); a service that dies is restarted."""
+    from plantml.stack import make_stack
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    _show_supervision()
     started = time.perf_counter()
-    if backend == "local":
-        local = LocalStack(artifact_mode, mlflow_port=mlflow_port, s3_port=s3_port, postgres_port=postgres_port,  # type: ignore[arg-type]
-                           auth=auth)
-    elif mlflow_port or s3_port or postgres_port or auth:
-        raise UsageError("--auth, --mlflow-port, --s3-port and --postgres-port apply to the local backend only")
-    else:
-        local = make_stack("containers", artifact_mode)  # type: ignore[arg-type,assignment]
+    running: ManagedStack = make_stack(backend, artifact_mode, data_dir=data_dir, durable=not fast, auth=auth,  # type: ignore[arg-type,assignment]
+                                       mlflow_port=mlflow_port, s3_port=s3_port, postgres_port=postgres_port)
+    written, ready = None, False
     try:
-        local.start()
-        env = local.client_env()
+        running.start()
+        ready = True
+        env = running.client_env()
         if env_file is not None:
-            write_env_file(env_file, env)
-        _print_ready(local, env, env_file, time.perf_counter() - started)
-        _wait_while_running(local)
+            written = write_env_file(env_file, env)
+        _print_ready(running, env, env_file, time.perf_counter() - started)
+        running.wait()
     except KeyboardInterrupt:
         click.echo("plantml stack: stopping…", err=True)
     finally:
-        local.stop()
+        running.stop()
+        if env_file is not None and written is not None:
+            remove_env_file(env_file, written)
+        if not ready:
+            pass  # the start failed: the error says why, and nothing was kept or left running
+        elif data_dir is None:
+            click.echo("plantml stack: stopped; its data (runs, artifacts, models) went with it "
+                       "(--data-dir DIR keeps them)", err=True)
+        else:
+            click.echo(f"plantml stack: stopped; data kept in {data_dir} (start again with --data-dir {data_dir})", err=True)
 
 
-def _print_ready(local: object, env: dict[str, str], env_file: Path | None, seconds: float) -> None:
-    from plantml.stack import LocalStack
+def _show_supervision() -> None:
+    """The supervisor's one line per restart, on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("plantml stack: %(message)s"))
+    logger = logging.getLogger("plantml.stack.supervisor")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
 
-    assert isinstance(local, Stack)
-    click.echo(f"plantml stack ready in {seconds:.1f} s (backend: {local.backend}, artifacts: {local.artifact_mode})")
-    click.echo(f"  MLflow UI:  {local.tracking_uri}")
-    click.echo(f"  S3:         {local.s3_endpoint} (bucket {local.bucket})")
-    if isinstance(local, LocalStack):
-        click.echo(f"  logs:       {local.workdir / 'logs' if local.workdir else '-'}")
-    else:
-        names = " ".join(svc.container_name for svc in local.services.values())  # type: ignore[attr-defined]
-        click.echo(f"  logs:       docker logs NAME, NAME in: {names}")
+
+def _print_ready(running: ManagedStack, env: dict[str, str], env_file: Path | None, seconds: float) -> None:
+    durability = "durable" if running.spec.postgres.durable else "NOT durable (--fast)"
+    click.echo(f"plantml stack ready in {seconds:.1f} s (backend: {running.backend}, artifacts: {running.artifact_mode}, "
+               f"{durability})")
+    click.echo(f"  MLflow UI:  {running.tracking_uri}")
+    click.echo(f"  S3:         {running.s3_endpoint} (buckets {', '.join(running.buckets)})")
+    click.echo(f"  data:       {running.folder.path if running.folder else '-'}"
+               + ("" if running.data_dir else " (temporary)"))
+    click.echo(f"  logs:       {running.log_hint()}")
     click.echo("Paste into another shell:")
     for key, value in env.items():
         click.echo(f"  export {key}={value}")
     if env_file is not None:
-        click.echo(f"(also written to {env_file})")
+        click.echo(f"(also written to {env_file}, removed at stop)")
     click.echo("Press Ctrl-C to stop.", nl=True)
-
-
-def _wait_while_running(local: object) -> None:
-    """Block until interrupted; a service that dies stops the whole stack with an error."""
-    from plantml.errors import StackError
-    from plantml.stack.local import tail
-
-    services = local.services  # type: ignore[attr-defined]
-    while True:
-        time.sleep(1)
-        for name, service in services.items():
-            if not service.running:
-                log_tail = service.log_tail() if hasattr(service, "log_tail") else tail(service.log_path)
-                raise StackError(name, "exited unexpectedly", log_tail)
 
 
 @stack.command("build-images")
@@ -131,12 +153,16 @@ def build_images(only: tuple[str, ...], force: bool, from_registry: bool) -> Non
 @stack.command("prune")
 @click.option("--all", "everything", is_flag=True, help="Remove every plantml container, also those of live sessions.")
 def prune(everything: bool) -> None:
-    """Remove the containers (and networks) of plantml stacks whose process is gone.
+    """Remove what stacks whose process is gone left behind: containers, processes, temporary folders.
 
-    A session killed before its teardown leaves its containers behind; each new
-    containers stack also prunes them when it starts.
+    A stack killed before its teardown (``kill -9``) leaves them; each new stack also
+    prunes them when it starts.
     """
-    from plantml.stack.containers import prune_containers
+    from plantml.stack import prune as prune_stacks
 
-    removed = prune_containers(everything=everything)
-    click.echo(f"removed {len(removed)} container(s)" + (f": {', '.join(removed)}" if removed else ""))
+    removed = prune_stacks(everything)
+    containers = [item for item in removed if item.startswith("container ")]
+    click.echo(f"removed {len(containers)} container(s)" + (f": {', '.join(c.split(' ', 1)[1] for c in containers)}"
+                                                               if containers else ""))
+    others = [item for item in removed if not item.startswith("container ")]
+    click.echo(f"removed {len(others)} local leftover(s)" + (f": {', '.join(others)}" if others else ""))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from plantml.errors import ConfigError, StackError
+from plantml.errors import StackError
 from plantml.settings import DEFAULT_EXPERIMENT_NAME, TrackingSettings
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
-from plantml.stack.services import SERVICE_NAMES, StackSpec
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -84,6 +83,11 @@ class Stack:
         return self.endpoints.bucket
 
     @property
+    def buckets(self) -> tuple[str, ...]:
+        """Every bucket the stack created (the artifact bucket first)."""
+        return self.endpoints.buckets
+
+    @property
     def artifact_mode(self) -> ArtifactMode:
         """``direct`` (clients write to S3) or ``proxied`` (the server does)."""
         return self.endpoints.artifact_mode
@@ -102,24 +106,3 @@ class Stack:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} backend={self.backend} {self._endpoints!r}>"
-
-
-class ManagedStack(Stack):
-    """A stack whose services plantml starts itself (local processes or containers), from one :class:`StackSpec`."""
-
-    def __init__(self, spec: StackSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        self.services: dict[str, Any] = {}
-
-    def _service(self, name: str) -> Any:
-        """The running service called ``name``, or a one-line error naming it."""
-        if name not in SERVICE_NAMES:
-            raise ConfigError(f"service {name!r}: expected one of {', '.join(SERVICE_NAMES)}")
-        if name not in self.services:
-            raise StackError(name, "the stack is not started")
-        return self.services[name]
-
-    def _make_endpoints(self) -> StackEndpoints:
-        ports = {f"{name}_port": service.port for name, service in self.services.items()}
-        return self.spec.endpoints(**ports)

@@ -35,6 +35,8 @@ class StackEndpoints:
     aws_access_key: str | None
     aws_secret_key: str | None = field(repr=False)
     bucket: str = DEFAULT_BUCKET
+    #: Every bucket of the stack (the design's four by default), the artifact bucket first.
+    buckets: tuple[str, ...] = (DEFAULT_BUCKET,)
     artifact_mode: ArtifactMode = "direct"
     database_uri: str | None = field(default=None, repr=False)
     #: MLflow basic-auth user of a stack started with ``auth``, else None.
@@ -44,7 +46,7 @@ class StackEndpoints:
     def __repr__(self) -> str:
         return (
             f"StackEndpoints(tracking_uri={self.tracking_uri!r}, s3_endpoint={self.s3_endpoint!r}, "
-            f"aws_access_key={self.aws_access_key!r}, aws_secret_key={MASK!r}, bucket={self.bucket!r}, "
+            f"aws_access_key={self.aws_access_key!r}, aws_secret_key={MASK!r}, bucket={self.bucket!r}, buckets={self.buckets!r}, "
             f"artifact_mode={self.artifact_mode!r}, database_uri={mask_url_password(self.database_uri)!r}, "
             f"username={self.username!r}, password={mask(self.password)!r})"
         )

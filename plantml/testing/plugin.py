@@ -5,13 +5,17 @@ Installed with plantml (``pytest11`` entry point), so downstream projects get:
 - ``mlflow_stack``: the stack in the design's ``direct`` artifact mode, started once per session;
 - ``mlflow_stack_any_mode``: the same test run against each artifact mode (``direct``, ``proxied``);
 - ``private_mlflow_stack``: a stack of the same backend for one module, to break on purpose;
+- ``mlflow_stack_factory``: more stacks of the same backend with options of their own (a data folder, auth…);
 - ``tracking_uri``, ``s3_client``, ``mlflow_client``, ``mlflow_env`` and ``experiment_name``;
-- ``--stack local|containers|external`` to choose the backend (also ``$PLANTML_STACK``); for
-  ``containers``, ``--postgres-image``, ``--s3-image``, ``--mlflow-image`` and ``--s3-flavour``
-  (also ``$PLANTML_POSTGRES_IMAGE``, ``$PLANTML_S3_IMAGE``, ``$PLANTML_MLFLOW_IMAGE``, ``$PLANTML_S3_FLAVOUR``);
+- ``--stack local|containers|external`` to choose the backend (also ``$PLANTML_STACK``); an option
+  for each setting of the containers backend and the object store's flavour (``--postgres-image``,
+  ``--s3-flavour``…), made from the rows of ``plantml.settings.VARIABLES`` with their defaults;
+- ``--stack-fast``: the shared stacks without durability (private stacks stay durable);
 - the markers ``integration``, ``gpu`` (skipped with a reason where CUDA is absent) and ``slow``.
 
 A stack that cannot start makes the tests that need it fail with the cause; it never skips them.
+The plugin changes nothing in a session until one of its stack fixtures starts a stack (then
+SIGTERM tears the session's stacks down, like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -20,13 +24,13 @@ import re
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from plantml.settings import env_value
-from plantml.stack import ARTIFACT_MODES, BACKENDS, ArtifactMode, Stack, make_stack
+from plantml.settings import VARIABLES, Variable, env_value
+from plantml.stack import ARTIFACT_MODES, BACKENDS, ArtifactMode, ManagedStack, Stack, make_stack
 
 # Backends whose stacks plantml starts itself, in either artifact mode.
 OWN_BACKENDS = ("local", "containers")
@@ -42,35 +46,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("plantml", "plantml tracking stack")
     group.addoption(
         "--stack", choices=BACKENDS, default=env_value("PLANTML_STACK"),
-        help="backend of the mlflow_stack fixtures: local processes, Docker containers, or an external stack "
-             "from the environment (default: $PLANTML_STACK or local)",
+        help=f"{VARIABLES['PLANTML_STACK'].help} (default: $PLANTML_STACK or {VARIABLES['PLANTML_STACK'].default})",
     )
-    for option, variable, what in CONTAINER_OPTIONS:
-        group.addoption(option, default=None, help=f"containers backend: {what} (default: ${variable} or plantml's own)")
+    for variable in STACK_OPTIONS:
+        group.addoption(option_name(variable), default=env_value(variable.name),
+                        help=f"{variable.help} (default: ${variable.name} or plantml's own)")
+    group.addoption("--stack-fast", action="store_true",
+                    help="the session's shared stacks without fsync or synchronous commit (faster, not durable); "
+                         "private stacks, which tests break on purpose, stay durable")
 
 
-# pytest option, environment variable, what it sets: the containers backend's settings.
-CONTAINER_OPTIONS = (
-    ("--postgres-image", "PLANTML_POSTGRES_IMAGE", "the PostgreSQL image"),
-    ("--s3-image", "PLANTML_S3_IMAGE", "the object store's image"),
-    ("--mlflow-image", "PLANTML_MLFLOW_IMAGE", "the MLflow server image"),
-    ("--s3-flavour", "PLANTML_S3_FLAVOUR", "the object store, seaweedfs or minio"),
-)
+#: The settings of a stack backend that a session may choose: the containers backend's rows of
+#: plantml.settings.VARIABLES, and the object store's flavour.
+STACK_OPTIONS = (*(v for v in VARIABLES.values() if v.group == "containers"), VARIABLES["PLANTML_S3_FLAVOUR"])
+
+
+def option_name(variable: Variable) -> str:
+    """``PLANTML_POSTGRES_IMAGE`` -> ``--postgres-image``."""
+    return "--" + variable.name.removeprefix("PLANTML_").lower().replace("_", "-")
 
 
 def _backend_options(config: pytest.Config) -> dict[str, Any]:
-    """The keyword arguments of ``make_stack`` for the chosen backend (the image overrides)."""
-    if config.getoption("--stack") != "containers":
-        return {}
-    names = {"--postgres-image": "postgres_image", "--s3-image": "s3_image", "--mlflow-image": "mlflow_image",
-             "--s3-flavour": "s3_flavour"}
-    return {names[option]: config.getoption(option) for option, _, _ in CONTAINER_OPTIONS if config.getoption(option)}
+    """The keyword arguments of ``make_stack`` for the chosen backend: the flavour, and the images for containers."""
+    values = {variable.name.removeprefix("PLANTML_").lower(): config.getoption(option_name(variable))
+              for variable in STACK_OPTIONS}
+    values = {name: value for name, value in values.items() if value}
+    options: dict[str, Any] = {}
+    if config.getoption("--stack") in OWN_BACKENDS and "s3_flavour" in values:
+        options["s3_flavour"] = values.pop("s3_flavour")
+    if config.getoption("--stack") == "containers":
+        options["images"] = {name: value for name, value in values.items() if name != "s3_flavour"}
+    return options
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
-    _teardown_on_sigterm()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -80,8 +91,11 @@ def _interrupt(signum: int, frame: object) -> None:
 def _teardown_on_sigterm() -> None:
     """Treat SIGTERM (a CI timeout, ``kill``) like Ctrl-C, so the session's stacks are torn down.
 
-    By default SIGTERM ends Python at once: no fixture teardown, no atexit, and the
-    stack's processes would outlive the session.
+    Installed when a stack fixture first starts a stack, never before: a session that
+    uses no stack keeps its SIGTERM as it was. By default SIGTERM ends Python at once:
+    no fixture teardown, no atexit, and the stack's services would outlive the session
+    (its processes get their parent-death signal, its containers their reaper, but the
+    temporary folder would stay until the next prune).
     """
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _interrupt)
@@ -131,6 +145,7 @@ class StackPool:
         if mode in self._failures:
             raise self._failures[mode]
         if mode not in self._stacks:
+            _teardown_on_sigterm()
             try:
                 artifact_mode = mode if self.backend in OWN_BACKENDS else "direct"
                 stack = make_stack(self.backend, artifact_mode, **self.options)  # type: ignore[arg-type]
@@ -148,7 +163,10 @@ class StackPool:
 
 @pytest.fixture(scope="session")
 def _plantml_stack_pool(request: pytest.FixtureRequest) -> Iterator[StackPool]:
-    pool = StackPool(request.config.getoption("--stack"), **_backend_options(request.config))
+    options = _backend_options(request.config)
+    if request.config.getoption("--stack-fast") and request.config.getoption("--stack") in OWN_BACKENDS:
+        options["durable"] = False
+    pool = StackPool(request.config.getoption("--stack"), **options)
     yield pool
     pool.stop_all()
 
@@ -166,14 +184,34 @@ def mlflow_stack_any_mode(_plantml_stack_pool: StackPool, request: pytest.Fixtur
     return _plantml_stack_pool.get(request.param)
 
 
-@pytest.fixture(scope="module")
-def private_mlflow_stack(_plantml_stack_pool: StackPool) -> Iterator[Stack]:
-    """A stack of the session's backend for one test module alone: for tests that stop,
-    restart or otherwise break its services on purpose. Started for the module, stopped after it."""
+@pytest.fixture(scope="session")
+def mlflow_stack_factory(_plantml_stack_pool: StackPool) -> Iterator[Callable[..., ManagedStack]]:
+    """Make unstarted stacks of the session's backend (its images and flavour), with any option of
+    :class:`plantml.stack.ManagedStack` (``data_dir``, ``auth``, ``durable``…). Durable unless asked;
+    each stack it made is stopped at the end of the session if it still runs."""
     if _plantml_stack_pool.backend not in OWN_BACKENDS:
-        pytest.fail(f"private_mlflow_stack needs a backend plantml starts ({', '.join(OWN_BACKENDS)}), "
+        pytest.fail(f"stacks of their own need a backend plantml starts ({', '.join(OWN_BACKENDS)}), "
                     f"not {_plantml_stack_pool.backend!r}")
-    with make_stack(_plantml_stack_pool.backend, "direct", **_plantml_stack_pool.options) as stack:  # type: ignore[arg-type]
+    made: list[ManagedStack] = []
+    base = {name: value for name, value in _plantml_stack_pool.options.items() if name != "durable"}
+
+    def make(artifact_mode: ArtifactMode = "direct", **options: Any) -> ManagedStack:
+        _teardown_on_sigterm()
+        stack: ManagedStack = make_stack(_plantml_stack_pool.backend, artifact_mode, **{**base, **options})  # type: ignore[assignment]
+        made.append(stack)
+        return stack
+
+    yield make
+    for stack in made:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def private_mlflow_stack(mlflow_stack_factory: Callable[..., ManagedStack]) -> Iterator[Stack]:
+    """A stack of the session's backend for one test module alone: for tests that stop,
+    restart or otherwise break its services on purpose. Started for the module, stopped after it.
+    Always durable (``--stack-fast`` leaves it alone): fault tests need the real thing."""
+    with mlflow_stack_factory("direct") as stack:
         yield stack
 
 

@@ -1,4 +1,4 @@
-"""``plantml stack up --auth``: MLflow's basic-auth app; the tracker authenticates, anonymous writes are refused."""
+"""``plantml stack up --auth`` (both backends): MLflow's basic-auth app; the tracker authenticates, anonymous writes are refused."""
 
 from __future__ import annotations
 
@@ -8,17 +8,7 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import requests
-
-from plantml.stack import LocalStack
-
-
-@pytest.fixture(scope="module")
-def auth_stack():
-    """A stack of this module's own, with basic auth on."""
-    with LocalStack(auth=True) as stack:
-        yield stack
 
 
 def _create_experiment(stack, name: str, auth=None) -> int:
@@ -56,15 +46,17 @@ def test_the_admin_password_never_shows_in_a_repr(auth_stack):
     assert auth_stack.endpoints.password not in shown
 
 
-def test_stack_up_auth_exports_the_tracking_user(tmp_path):
+def test_stack_up_auth_exports_the_tracking_user(tmp_path, pytestconfig):
     env_file = tmp_path / "auth.env"
-    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--auth", "--env-file", str(env_file)],
+    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--auth", "--env-file", str(env_file),
+                           "--backend", pytestconfig.getoption("--stack")],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in up.stdout:
             if line.startswith("Press Ctrl-C"):
                 break
         values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        mode = os.stat(env_file).st_mode
         uri = values["MLFLOW_TRACKING_URI"]
         anonymous = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "a"}, timeout=10)
         authenticated = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "b"}, timeout=10,
@@ -74,7 +66,8 @@ def test_stack_up_auth_exports_the_tracking_user(tmp_path):
         up.communicate(timeout=60)
     assert (anonymous.status_code, authenticated.status_code) == (401, 200)
     assert re.match(r"http://127\.0\.0\.1:\d+$", uri)
-    assert os.stat(env_file).st_mode & 0o077 == 0  # the file holds secrets: owner only
+    assert mode & 0o077 == 0  # the file holds secrets: owner only
+    assert not env_file.exists()  # removed at stop: it would point plantml at a dead server
 
 
 def test_two_stacks_in_one_process_each_get_their_own_s3_keys(auth_stack, mlflow_stack, monkeypatch, experiment_name):

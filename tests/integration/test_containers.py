@@ -6,18 +6,22 @@ and the images of ``plantml stack build-images``.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
+from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from click.testing import CliRunner
 
 from plantml.errors import StackError
-from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, MLflowContainer, Placement, PostgresContainer, docker_client
-from plantml.stack.services import PostgresSpec
+from plantml.stack import mlflow_server, stack
+from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, docker_client
 
 pytestmark = pytest.mark.integration
 
@@ -42,15 +46,19 @@ def test_a_missing_image_says_to_run_build_images_and_starts_nothing(docker, mon
 
 
 def test_a_failed_start_shows_the_containers_log_and_removes_every_container(docker, monkeypatch):
-    monkeypatch.setattr(MLflowContainer, "command", lambda self: ["mlflow", "server", "--no-such-flag"])
-    stack = ContainersStack()
+    def broken(*args, **kwargs):
+        return replace(mlflow_server.mlflow_service(*args, **kwargs), command=("mlflow", "server", "--no-such-flag"))
+
+    monkeypatch.setattr(stack, "mlflow_service", broken)
+    containers = ContainersStack()
     with pytest.raises(StackError) as failure:
-        stack.start()
+        containers.start()
     assert failure.value.service == "mlflow"
     assert "exited with code" in failure.value.cause
     assert "no-such-flag" in failure.value.log_tail  # the container's own output
     assert "--- last lines of the mlflow log ---" in str(failure.value)
-    assert _containers_of(docker, **{LABEL: stack.stack_id}) == []
+    assert _containers_of(docker, **{LABEL: containers.stack_id}) == []
+    assert not containers.folder_path.exists()
 
 
 def test_every_endpoint_is_on_loopback_and_stop_removes_the_containers(docker):
@@ -64,63 +72,45 @@ def test_every_endpoint_is_on_loopback_and_stop_removes_the_containers(docker):
     assert _containers_of(docker, **{LABEL: stack.stack_id}) == []
 
 
+def test_a_container_runs_its_description_as_the_host_account_on_its_own_folder(mlflow_stack):
+    postgres = mlflow_stack.services["postgres"]
+    attrs = postgres.process.docker_container.attrs
+    folder = str(postgres.spec.folder)
+    account = postgres.spec.account
+    assert attrs["Config"]["User"] == f"{account.uid}:{account.gid}"  # the same owner as on the host runner
+    assert attrs["Config"]["Entrypoint"] == ["postgres"] and attrs["Config"]["Cmd"] == list(postgres.spec.command[1:])
+    assert f"{folder}:{folder}:rw" in attrs["HostConfig"]["Binds"]
+    assert attrs["HostConfig"]["NetworkMode"] in ("host", f"plantml-{mlflow_stack.stack_id}")
+    assert Path(folder, "data", "PG_VERSION").is_file()  # the cluster lives in the stack's folder, not the container
+
+
 SESSION = textwrap.dedent("""
-    import time
+    import json, time, psutil
     from plantml.stack.containers import ContainersStack
     stack = ContainersStack().start()
-    print("READY", flush=True)
+    reaper = next(p.pid for p in psutil.Process().children() if "plantml.stack.reaper" in " ".join(p.cmdline()))
+    print(json.dumps({"reaper": reaper, "folder": str(stack.folder.path)}), flush=True)
     time.sleep(600)
 """)
 
 
-def _killed_session(docker) -> str:
-    """A process that starts a stack and is SIGKILLed before any teardown; returns its pid."""
-    proc = subprocess.Popen([sys.executable, "-c", SESSION], stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.strip() == "READY", line
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert len(_containers_of(docker, **{LABEL_PID: str(proc.pid)})) == 3  # left behind, as a killed session would
-    return str(proc.pid)
-
-
-def test_a_killed_session_leaves_no_container_once_the_next_stack_starts(docker):
-    pid = _killed_session(docker)
-    with ContainersStack():
-        assert _containers_of(docker, **{LABEL_PID: pid}) == []
-
-
-def test_stack_prune_removes_a_killed_sessions_containers(docker):
+def test_stack_prune_removes_what_a_killed_session_and_its_killed_reaper_left(docker):
     from plantml.cli.stack import stack as stack_command
 
-    pid = _killed_session(docker)
+    session = subprocess.Popen([sys.executable, "-c", SESSION], stdout=subprocess.PIPE, text=True)
+    try:
+        left = json.loads(session.stdout.readline())
+        psutil.Process(left["reaper"]).kill()  # the reaper gone first, then its owner: nothing cleans up
+    finally:
+        session.send_signal(signal.SIGKILL)
+        session.wait()
+    assert len(_containers_of(docker, **{LABEL_PID: str(session.pid)})) == 3
+    assert Path(left["folder"]).is_dir()
+
     result = CliRunner().invoke(stack_command, ["prune"])
+
     assert result.exit_code == 0, result.output
     assert "removed 3 container(s)" in result.output
-    assert _containers_of(docker, **{LABEL_PID: pid}) == []
-
-
-# Stopping, starting and restarting one service: test_stack_faults.py, which runs on this backend too.
-
-
-# -- container descriptions (testcontainers needs a daemon even to describe one) --------------
-
-
-def test_on_a_bridge_services_bind_every_interface_and_reach_each_other_by_name():
-    placement = Placement("bridge", 40000, 5432, "plantml-x-postgres")
-    pg = PostgresContainer("img", placement, {}, "plantml-x-postgres", spec=PostgresSpec(), network_name="net")
-    assert "listen_addresses=0.0.0.0" in pg.command()
-    assert "@plantml-x-postgres:5432/" in pg.backend_uri()
-    assert pg.make_container().ports == {"5432/tcp": ("127.0.0.1", 40000)}  # published on loopback only
-
-
-def test_on_the_host_network_nothing_is_published_and_every_container_is_labelled():
-    pg = PostgresContainer("img", Placement("host", 15432, 15432, "127.0.0.1"), {"plantml.stack": "abc"}, "c",
-                           spec=PostgresSpec())
-    container = pg.make_container()
-    assert container.ports == {}
-    assert container._kwargs["network"] == "host"
-    assert container._kwargs["labels"] == {"plantml.stack": "abc"}
-    assert container._kwargs["stop_signal"] == "SIGINT"  # fast shutdown, MLflow's connections do not hold it up
+    assert f"stack folder {left['folder']}" in result.output
+    assert _containers_of(docker, **{LABEL_PID: str(session.pid)}) == []
+    assert not Path(left["folder"]).exists()

@@ -12,6 +12,8 @@ import pytest
 
 
 def _secrets(stack) -> dict[str, str]:
+    if stack.backend != "external":  # every secret of a stack plantml started: passwords, keys, JWT keys
+        return stack.secrets()
     found = {"s3 secret": stack.aws_secret_key}
     database_uri = stack.endpoints.database_uri
     if database_uri:

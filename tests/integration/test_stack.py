@@ -75,6 +75,25 @@ def test_a_run_is_stored_in_postgres_and_its_artifact_in_the_bucket(mlflow_stack
             assert cur.fetchone() == ("FINISHED",)
 
 
+def test_postgres_runs_durable_unless_the_session_asked_for_fast_stacks(mlflow_stack, pytestconfig):
+    import psycopg2
+
+    expected = "off" if pytestconfig.getoption("--stack-fast") else "on"
+    dsn = mlflow_stack.endpoints.database_uri.replace("postgresql+psycopg2://", "postgresql://")
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        settings = {}
+        for name in ("fsync", "synchronous_commit", "full_page_writes"):
+            cur.execute(f"SHOW {name}")
+            settings[name] = cur.fetchone()[0]
+    assert settings == dict.fromkeys(("fsync", "synchronous_commit", "full_page_writes"), expected)
+
+
+def test_every_stack_has_the_designs_four_buckets(mlflow_stack):
+    names = {bucket["Name"] for bucket in mlflow_stack.s3_client().list_buckets()["Buckets"]}
+    assert {"mlflow", "models", "plants-images", "data"} <= names
+    assert mlflow_stack.buckets == ("mlflow", "models", "plants-images", "data")
+
+
 def test_a_wrong_s3_secret_is_refused(mlflow_stack):
     client = make_s3_client(mlflow_stack.s3_endpoint, mlflow_stack.aws_access_key, "not-the-secret")
     with pytest.raises(ClientError) as refused:
@@ -112,22 +131,24 @@ def test_an_external_stack_is_usable_when_its_variables_are_right(mlflow_stack, 
 def test_missing_postgres_binaries_name_postgres_and_leave_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("PLANTML_PG_BINDIR", str(tmp_path / "no-such-bin"))
     before = _children()
+    stack = LocalStack()
     with pytest.raises(StackError, match=r"^postgres: PLANTML_PG_BINDIR=.* holds no initdb"):
-        LocalStack(workdir=tmp_path / "work").start()
+        stack.start()
     assert _children() <= before
-    assert list((tmp_path / "work").iterdir()) == []
+    assert stack.folder_path is not None and not stack.folder_path.exists()
 
 
-def test_a_taken_port_names_the_service_and_port_and_leaves_nothing(tmp_path):
+def test_a_taken_port_names_the_service_and_port_and_leaves_nothing():
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
         before = _children()
+        stack = LocalStack(mlflow_port=port)
         with pytest.raises(StackError, match=rf"^mlflow: port {port} on 127.0.0.1 is already in use"):
-            LocalStack(mlflow_port=port, workdir=tmp_path).start()
+            stack.start()
     assert _children() <= before
-    assert list(tmp_path.iterdir()) == []
+    assert not stack.folder_path.exists()
 
 
 def test_a_crashing_service_shows_its_log_tail_and_leaves_nothing(tmp_path, monkeypatch):
@@ -136,14 +157,15 @@ def test_a_crashing_service_shows_its_log_tail_and_leaves_nothing(tmp_path, monk
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\necho 'weed: cannot open volume: disk on fire' >&2\nexit 3\n")
     fake.chmod(0o755)
-    monkeypatch.setattr("plantml.stack.local.find_weed", lambda: fake)
+    monkeypatch.setattr("plantml.stack.host.find_weed", lambda: fake)
     before = _children()
+    stack = LocalStack()
     with pytest.raises(StackError) as failed:
-        LocalStack(workdir=tmp_path / "work").start()
+        stack.start()
     assert str(failed.value).startswith("s3: exited while starting")
     assert "disk on fire" in str(failed.value)
     assert _children() <= before
-    assert list((tmp_path / "work").iterdir()) == []
+    assert not stack.folder_path.exists()
 
 
 # -- plantml stack up ----------------------------------------------------------------------------
@@ -186,6 +208,8 @@ def test_stack_up_env_file_works_from_another_shell_and_ctrl_c_leaves_nothing(tm
     assert len(run_id) == 32
     assert not workdir.exists()
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stack_processes)
+    assert not env_file.exists()  # a stale env file would point plantml at a dead server
+    assert "its data (runs, artifacts, models) went with it" in output
 
 
 def test_stack_up_on_a_taken_port_fails_in_one_paragraph_with_exit_1(tmp_path):
@@ -206,7 +230,7 @@ SESSION_THAT_HANGS = textwrap.dedent("""
     def test_hangs(mlflow_stack):
         pids = [p.pid for p in psutil.Process().children(recursive=True)]
         with open(os.environ["REPORT"] + ".tmp", "w") as handle:
-            json.dump({"pids": pids, "workdir": str(mlflow_stack.workdir)}, handle)
+            json.dump({"pids": pids, "workdir": str(mlflow_stack.folder.path)}, handle)
         os.rename(os.environ["REPORT"] + ".tmp", os.environ["REPORT"])
         time.sleep(300)
 """)

@@ -1,10 +1,15 @@
-"""Fault controls: one service of a stack stopped, started and restarted, its data kept."""
+"""Fault controls and crashes: one service of a stack stopped, restarted or killed, its data kept."""
 
 from __future__ import annotations
 
+import time
+import uuid
+
+import psutil
 import pytest
 import requests
 from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
 from plantml.errors import ConfigError
 
@@ -46,3 +51,37 @@ def test_mlflow_answers_again_after_postgres_restarts(own_stack):
 def test_an_unknown_service_name_is_refused_naming_it(own_stack):
     with pytest.raises(ConfigError, match="'redis'"):
         own_stack.stop("redis")
+
+
+def test_acknowledged_writes_survive_a_killed_backend_then_a_killed_postmaster(own_stack):
+    """What the OOM killer does: one PostgreSQL backend killed right after acknowledged writes, then the postmaster."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(own_stack.tracking_uri)
+    run_id = client.create_run(client.create_experiment(f"durable_{uuid.uuid4().hex[:8]}")).info.run_id
+    now = int(time.time() * 1000)
+    for step in range(300):  # each call answered 200 before the next: 300 acknowledged writes
+        client.log_batch(run_id, metrics=[Metric("loss", 1 / (step + 1), now + step, step)])
+    postgres = own_stack.services["postgres"]
+    postmaster = psutil.Process(postgres.process.pid)
+    backends = [child for child in postmaster.children() if "mlflow mlflow" in " ".join(child.cmdline())]
+    assert backends, [child.cmdline() for child in postmaster.children()]  # MLflow's open connections
+
+    backends[0].kill()
+    assert backends[0].wait(timeout=10) is not None or not backends[0].is_running()
+    postmaster.kill()
+    postmaster.wait(timeout=10)
+    assert not postmaster.is_running()  # both faults really happened
+
+    # The stack brings it back: a new postmaster that accepts logins (crash recovery done).
+    eventually(lambda: postgres.process.pid not in (None, postmaster.pid) and postgres.spec.ready())
+    client.set_terminated(run_id)
+    stored = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in stored) == [(step, 1 / (step + 1)) for step in range(300)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@retry(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(90), wait=wait_fixed(0.2), reraise=True)
+def eventually(condition) -> bool:
+    return condition()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -213,10 +214,18 @@ def test_mlflow_service_is_built_from_the_compose_dockerfile(services):
 # --- bucket job ------------------------------------------------------------------------
 
 
-def test_bucket_job_creates_the_plantml_default_bucket(services):
-    script = " ".join(argv(services[INIT_JOB]["command"]))
-    created = re.findall(r"mc mb (?:--?[\w-]+ )*(\S+?)/(\S+)", script)
-    assert [bucket for _alias, bucket in created] == [settings.DEFAULT_BUCKET]
+def test_bucket_job_creates_every_bucket_of_the_plantml_setting(services, tmp_path):
+    """Run the job's script in a shell, with a stand-in ``mc`` that records what it is asked to create."""
+    fake_mc = tmp_path / "mc"
+    fake_mc.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
+    fake_mc.chmod(0o755)
+    # "$$" is compose's escape for a "$" the container's shell sees; "${VAR:-default}" is compose's own.
+    script = resolve_default(" ".join(argv(services[INIT_JOB]["command"])).replace("$$", "\0")).replace("\0", "$")
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"}
+    subprocess.run(["sh", "-c", script], env=env, check=True, timeout=30)
+    created = [line.split()[-1] for line in (tmp_path / "calls").read_text().splitlines() if line.startswith("mb ")]
+    assert created == [f"local/{name}" for name in settings.VARIABLES["PLANTML_S3_BUCKETS"].default.split(",")]
+    assert settings.DEFAULT_BUCKET in settings.VARIABLES["PLANTML_S3_BUCKETS"].default.split(",")
 
 
 def test_bucket_job_waits_for_healthy_minio(services):

@@ -14,10 +14,24 @@ def test_stack_up_offers_both_backends():
     assert "[local|containers]" in result.output
 
 
-def test_stack_up_refuses_fixed_ports_on_the_containers_backend():
-    result = CliRunner().invoke(stack_command, ["up", "--backend", "containers", "--mlflow-port", "5001"])
-    assert result.exit_code != 0
-    assert "local backend only" in str(result.exception) + result.output
+def test_stack_up_offers_a_data_dir_and_a_fast_mode_that_says_what_it_costs():
+    result = CliRunner().invoke(stack_command, ["up", "--help"])
+    assert "--data-dir" in result.output
+    assert "a crash loses acknowledged writes" in " ".join(result.output.split())
+
+
+def test_the_env_file_is_removed_at_stop_unless_someone_rewrote_it(tmp_path):
+    from plantml.cli.stack import remove_env_file, write_env_file
+
+    ours, theirs = tmp_path / "ours.env", tmp_path / "theirs.env"
+    written = write_env_file(ours, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
+    assert ours.stat().st_mode & 0o777 == 0o600
+    remove_env_file(ours, written)
+    assert not ours.exists()
+    written = write_env_file(theirs, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
+    theirs.write_text("MLFLOW_TRACKING_URI=http://127.0.0.1:2\n")
+    remove_env_file(theirs, written)
+    assert theirs.read_text() == "MLFLOW_TRACKING_URI=http://127.0.0.1:2\n"
 
 
 def test_build_images_and_prune_are_commands():
@@ -51,7 +65,7 @@ def test_image_options_reach_the_containers_stack(pytester: pytest.Pytester):
     pytester.makepyfile(
         "from plantml.testing.plugin import _backend_options\n"
         "def test_options(pytestconfig):\n"
-        "    assert _backend_options(pytestconfig) == {'postgres_image': 'pg:1', 's3_flavour': 'minio'}\n"
+        "    assert _backend_options(pytestconfig) == {'images': {'postgres_image': 'pg:1', 'container_network': 'auto'}, 's3_flavour': 'minio'}\n"
     )
     result = pytester.runpytest("-p", "no:cacheprovider", "--stack", "containers", "--postgres-image", "pg:1",
                                 "--s3-flavour", "minio")

@@ -16,16 +16,10 @@ from plantml.stack.containers import (
     LABEL_PID_START,
     ContainerSettings,
     ContainersStack,
-    MinioContainer,
-    MLflowContainer,
-    Placement,
-    PostgresContainer,
-    SeaweedContainer,
     owner_is_gone,
     owner_labels,
 )
 from plantml.stack.images import FINGERPRINT_ENV, ImageRecipe, recipes
-from plantml.stack.services import MLflowServerSpec, PostgresSpec, S3Spec
 
 IMAGE_VARIABLES = ("PLANTML_POSTGRES_IMAGE", "PLANTML_S3_IMAGE", "PLANTML_MLFLOW_IMAGE", "PLANTML_S3_FLAVOUR",
                    "PLANTML_CONTAINER_NETWORK")
@@ -37,15 +31,12 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def _placed(cls, port=15432, **kwargs):
-    return cls("img", Placement("host", port, port, "127.0.0.1"), {}, "c", **kwargs)
-
-
 def test_containers_is_a_backend_and_make_stack_builds_one():
     assert "containers" in BACKENDS
-    stack = make_stack("containers", "proxied")
+    stack = make_stack("containers", "proxied", images={"mlflow_image": "given/mlflow:1"}, durable=False)
     assert isinstance(stack, ContainersStack)
     assert stack.spec.mlflow.artifact_mode == "proxied"
+    assert stack.settings.mlflow_image == "given/mlflow:1" and stack.spec.postgres.durable is False
 
 
 def test_default_images_are_the_ones_build_images_makes():
@@ -64,50 +55,16 @@ def test_every_image_is_overridable_by_environment_and_explicit_values_win(monke
     assert (settings.postgres_image, settings.s3_image, settings.mlflow_image) == ("postgres:15-alpine", "env/s3:1", "given/mlflow:2")
 
 
-def test_the_minio_flavour_defaults_to_the_minio_image(monkeypatch):
+def test_the_minio_flavour_defaults_to_the_minio_image_and_reaches_the_s3_description(monkeypatch):
     monkeypatch.setenv("PLANTML_S3_FLAVOUR", "minio")
     assert ContainerSettings.from_env().s3_image == "minio/minio:latest"
+    assert ContainersStack().spec.s3.flavour == "minio"
 
 
-@pytest.mark.parametrize("field,value", [("s3_flavour", "ceph"), ("network", "overlay")])
+@pytest.mark.parametrize("field,value", [("s3_flavour", "ceph"), ("container_network", "overlay")])
 def test_an_unknown_flavour_or_network_is_refused(field, value):
     with pytest.raises(ConfigError, match=value):
         ContainerSettings.from_env(**{field: value})
-
-
-def test_postgres_listens_on_its_chosen_loopback_port_with_the_specs_credentials():
-    spec = PostgresSpec()
-    pg = _placed(PostgresContainer, spec=spec)
-    command = pg.command()
-    assert command[:3] == ["postgres", "-p", "15432"]
-    assert "listen_addresses=127.0.0.1" in command
-    assert pg.env() == {"POSTGRES_USER": spec.user, "POSTGRES_PASSWORD": spec.password, "POSTGRES_DB": spec.database}
-    assert pg.backend_uri() == spec.sqlalchemy_uri("127.0.0.1", 15432)
-
-
-def test_seaweed_gets_every_port_chosen_and_the_stack_credentials():
-    s3 = S3Spec()
-    weed = _placed(SeaweedContainer, port=18333, spec=s3, extra_ports={"master.port": 19333})
-    command = weed.command()
-    assert command[:2] == ["weed", "mini"]
-    assert {"-s3.port=18333", "-master.port=19333", "-ip.bind=127.0.0.1", f"-bucket={s3.bucket}"} <= set(command)
-    assert weed.env() == {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
-
-
-def test_minio_uses_the_stack_keys_as_root_credentials_on_loopback():
-    s3 = S3Spec()
-    minio = _placed(MinioContainer, port=19000, spec=s3, console_port=19001)
-    assert minio.command() == ["server", "/data", "--address", "127.0.0.1:19000", "--console-address", "127.0.0.1:19001"]
-    assert minio.env() == {"MINIO_ROOT_USER": s3.access_key, "MINIO_ROOT_PASSWORD": s3.secret_key}
-
-
-def test_mlflow_runs_the_same_server_command_and_env_as_the_local_backend():
-    spec, s3 = MLflowServerSpec(artifact_mode="proxied"), S3Spec()
-    server = _placed(MLflowContainer, port=15000, spec=spec, backend_uri="postgresql+psycopg2://u:p@127.0.0.1:1/db",
-                     s3_endpoint="http://127.0.0.1:2", s3=s3)
-    assert server.command() == ["mlflow", "server", *spec.server_args("postgresql+psycopg2://u:p@127.0.0.1:1/db", s3.bucket,
-                                                                      "127.0.0.1", 15000)]
-    assert server.env() == spec.server_env("http://127.0.0.1:2", s3)
 
 
 def test_containers_are_labelled_with_their_owner_process():

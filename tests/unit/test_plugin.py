@@ -36,3 +36,27 @@ def test_stack_option_rejects_an_unknown_backend(pytester: pytest.Pytester):
     pytester.makepyfile("def test_x():\n    pass\n")
     result = pytester.runpytest("--stack", "cloud")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_a_session_that_starts_no_stack_keeps_its_own_sigterm_handling(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        "import signal\n"
+        "def test_untouched():\n"
+        "    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL\n"
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
+def test_the_plugins_stack_options_are_rows_of_the_settings_table(pytester: pytest.Pytester, monkeypatch):
+    from plantml.settings import VARIABLES
+    from plantml.testing.plugin import STACK_OPTIONS, option_name
+
+    monkeypatch.setenv("PLANTML_S3_IMAGE", "env/s3:9")
+    pytester.makepyfile("def test_default(pytestconfig):\n    assert pytestconfig.getoption('--s3-image') == 'env/s3:9'\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert {v.name for v in STACK_OPTIONS} >= {"PLANTML_POSTGRES_IMAGE", "PLANTML_S3_IMAGE", "PLANTML_MLFLOW_IMAGE",
+                                               "PLANTML_S3_FLAVOUR", "PLANTML_CONTAINER_NETWORK"}
+    assert all(variable is VARIABLES[variable.name] for variable in STACK_OPTIONS)
+    assert option_name(VARIABLES["PLANTML_CONTAINER_NETWORK"]) == "--container-network"

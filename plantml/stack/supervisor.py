@@ -1,0 +1,149 @@
+"""Supervision: a service that dies comes back, like compose's ``restart: unless-stopped``.
+
+Clients see an outage, not the end of the stack, and nothing is deleted: the service
+restarts on its own folder and ports. Each restart is one log line; the wait before
+it doubles (1, 2, 4… at most 30 s); a service that dies ``max_restarts`` times in a
+row (without a minute of running in between) is left down and the stack reports it.
+A service stopped on purpose (``stack.stop("s3")``) stays stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from plantml.errors import StackError
+from plantml.stack.service import ServiceProcess, ServiceSpec
+
+log = logging.getLogger(__name__)
+
+
+def backoff(failures: int, cap: float) -> float:
+    """Seconds to wait before the restart that follows ``failures`` failed ones: 1, 2, 4… at most ``cap``."""
+    return min(2.0 ** failures, cap)
+
+
+class Service:
+    """One service of a running stack: its description, its process, and whether it should be up."""
+
+    def __init__(self, spec: ServiceSpec, process: ServiceProcess) -> None:
+        self.spec = spec
+        self.process = process
+        self.name = spec.name
+        #: True from start() to stop(): the supervisor brings back only a service that should be up.
+        self.wanted = False
+        self.lock = threading.RLock()
+        self.failures = 0
+        self.started_at = 0.0
+
+    @property
+    def running(self) -> bool:
+        """True while its process (container) is alive."""
+        return self.process.running
+
+    def start(self) -> None:
+        """Start it (if it is not running), wait until it answers and bootstrap it (database, buckets)."""
+        with self.lock:
+            self.wanted = True
+            if self.process.running:
+                return
+            self.process.start()
+            if self.spec.bootstrap is not None:
+                try:
+                    self.spec.bootstrap()
+                except StackError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any bootstrap failure is this service's failure
+                    raise StackError(self.name, f"bootstrap failed: {type(exc).__name__}: {exc}", self.log_tail()) from None
+            self.started_at = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop it and keep it stopped (its data stays)."""
+        with self.lock:
+            self.wanted = False
+            self.process.stop()
+
+    def remove(self) -> None:
+        """Stop it for good (at the end of the stack)."""
+        with self.lock:
+            self.wanted = False
+            self.process.remove()
+
+    def log_tail(self, lines: int | None = 25) -> str:
+        """The last lines of its log."""
+        return self.process.log_tail(lines)
+
+
+class Supervisor:
+    """A thread that restarts the stack's services that die (see the module docstring)."""
+
+    def __init__(self, services: Mapping[str, Service], on_change: Callable[[], None] = lambda: None,
+                 interval: float = 0.5, max_restarts: int = 5, stable_after: float = 60, max_backoff: float = 30) -> None:
+        self.services = services
+        self.on_change = on_change
+        self.interval = interval
+        self.max_restarts = max_restarts
+        self.stable_after = stable_after
+        self.max_backoff = max_backoff
+        self.failure: StackError | None = None
+        self._attempted: dict[str, float] = {}  # when each service's last restart began
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="plantml-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop supervising (before the services are stopped for good)."""
+        self._stopping.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=120)
+
+    def wait(self) -> None:
+        """Block until supervision ends; raise the failure that ended it, if one did."""
+        while not self._stopping.wait(1):  # a timed wait: Ctrl-C still interrupts it
+            pass
+        if self.failure is not None:
+            raise self.failure
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval):
+            for service in self.services.values():
+                if self._died(service) and not self._stopping.is_set():
+                    self._bring_back(service)
+
+    @staticmethod
+    def _died(service: Service) -> bool:
+        """Down although it should be up; a service a caller is starting or stopping right now is not judged."""
+        if not service.lock.acquire(blocking=False):
+            return False
+        try:
+            return service.wanted and not service.running
+        finally:
+            service.lock.release()
+
+    def _bring_back(self, service: Service) -> None:
+        up_since = service.started_at if service.started_at > self._attempted.get(service.name, 0.0) else None
+        if up_since is not None and time.monotonic() - up_since > self.stable_after:
+            service.failures = 0  # it ran a good while: a new incident, not a crash loop
+        if service.failures >= self.max_restarts:
+            self.failure = StackError(service.name, f"exited {service.failures + 1} times in a row; not restarted again",
+                                      service.log_tail())
+            self._stopping.set()
+            return
+        delay = backoff(service.failures, self.max_backoff)
+        service.failures += 1
+        log.warning("%s exited unexpectedly; restarting it in %.0f s (restart %d of at most %d in a row)",
+                    service.name, delay, service.failures, self.max_restarts)
+        if self._stopping.wait(delay):
+            return
+        with service.lock:  # a caller may have stopped or started it meanwhile
+            if not service.wanted or service.running:
+                return
+            self._attempted[service.name] = time.monotonic()
+            try:
+                service.start()
+            except StackError as exc:
+                log.warning("%s: restart failed: %s", service.name, exc.cause)
+                return
+        self.on_change()

@@ -1,0 +1,128 @@
+"""A stack kept in a data folder: stopped, started again on it, it serves the same runs, artifacts and models.
+
+One stack of the session's backend lives twice on the same folder: the first life logs a
+run and registers a model, then stops; the second starts on the folder and everything
+is read back through plain MLflow and boto3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def tiny_model():
+    import torch
+
+    torch.manual_seed(7)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    # Not pytest's tmp_path: as root, PostgreSQL runs as another account, which must traverse the parents.
+    path = Path(tempfile.mkdtemp(prefix="plantml-kept-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def first_life(mlflow_stack_factory, data_dir):
+    """Log a run (params, metrics, an artifact) and register a model, then stop the stack."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    stack = mlflow_stack_factory(data_dir=data_dir).start()
+    name = f"kept_{uuid.uuid4().hex[:8]}"
+    with pytest.MonkeyPatch.context() as patch:
+        for variable, value in stack.client_env().items():
+            patch.setenv(variable, value)
+        mlflow.set_tracking_uri(stack.tracking_uri)
+        try:
+            experiment_id = mlflow.create_experiment(name)
+            with mlflow.start_run(experiment_id=experiment_id) as run:
+                mlflow.log_params({"backbone": "tiny", "epochs": 3})
+                for step in range(3):
+                    mlflow.log_metric("val_loss", 1 / (step + 1), step=step)
+                mlflow.log_text("healthy leaf", "notes/kept.txt")
+                mlflow.pytorch.log_model(tiny_model(), name="model", registered_model_name=name,
+                                         serialization_format="pickle", pip_requirements=["torch"])
+        finally:
+            mlflow.set_tracking_uri(None)
+    stack.stop()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    return {"run_id": run.info.run_id, "model": name, "input": x, "output": tiny_model()(x).detach()}
+
+
+@pytest.fixture(scope="module")
+def second_life(mlflow_stack_factory, data_dir, first_life):
+    """The same folder, started again."""
+    with mlflow_stack_factory(data_dir=data_dir) as stack:
+        yield stack
+
+
+def test_the_data_folder_stays_after_stop_with_owner_only_credentials(first_life, data_dir):
+    credentials = data_dir / "credentials.json"
+    assert credentials.stat().st_mode & 0o777 == 0o600
+    assert set(json.loads(credentials.read_text())) == {"postgres", "s3", "mlflow"}
+    assert (data_dir / "postgres" / "data" / "PG_VERSION").is_file()
+    assert any((data_dir / "s3" / "data").iterdir())
+
+
+def test_a_second_start_serves_the_same_run_params_and_metrics(second_life, first_life):
+    import mlflow
+
+    client = mlflow.MlflowClient(second_life.tracking_uri)
+    run = client.get_run(first_life["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"backbone": "tiny", "epochs": "3"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_loss")] == [(0, 1.0), (1, 0.5),
+                                                                                                   (2, 1 / 3)]
+
+
+def test_a_second_start_serves_the_same_artifacts(second_life, first_life, monkeypatch, tmp_path):
+    import mlflow
+
+    for variable, value in second_life.client_env().items():
+        monkeypatch.setenv(variable, value)
+    local = mlflow.artifacts.download_artifacts(run_id=first_life["run_id"], artifact_path="notes/kept.txt",
+                                                dst_path=str(tmp_path), tracking_uri=second_life.tracking_uri)
+    assert Path(local).read_text() == "healthy leaf"
+    keys = [item["Key"] for item in second_life.s3_client().list_objects_v2(Bucket="mlflow")["Contents"]]
+    assert any(key.endswith(f"{first_life['run_id']}/artifacts/notes/kept.txt") for key in keys)
+
+
+def test_a_registered_model_is_intact_and_loadable_after_a_restart(second_life, first_life, monkeypatch):
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    for variable, value in second_life.client_env().items():
+        monkeypatch.setenv(variable, value)
+    client = mlflow.MlflowClient(second_life.tracking_uri)
+    version = client.get_model_version(first_life["model"], "1")
+    assert version.run_id == first_life["run_id"] and version.status == "READY"
+    mlflow.set_tracking_uri(second_life.tracking_uri)
+    try:
+        loaded = mlflow.pytorch.load_model(f"models:/{first_life['model']}/1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert torch.equal(loaded(first_life["input"]).detach(), first_life["output"])
+
+
+def test_a_data_folder_in_use_by_a_running_stack_is_refused_in_one_line(second_life, data_dir, pytestconfig):
+    result = subprocess.run([sys.executable, "-m", "plantml", "stack", "up", "--backend", pytestconfig.getoption("--stack"),
+                             "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"plantml: error: stack: data folder {data_dir} is in use by a running stack " \
+                                    f"(pid {os.getpid()})"
+    assert second_life.services["mlflow"].running  # the running stack is untouched

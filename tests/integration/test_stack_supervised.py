@@ -1,0 +1,102 @@
+"""``plantml stack up`` supervises its services, and never outlives itself.
+
+On the session's backend: a service killed under ``stack up`` comes back (one log line,
+the same data); ``kill -9`` of ``stack up`` leaves none of its processes or containers
+after a few seconds; ``plantml stack prune`` then removes the folder it could not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
+
+from plantml.settings import read_env_file
+from plantml.stack.endpoints import make_s3_client
+
+
+@retry(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(90), wait=wait_fixed(0.2), reraise=True)
+def eventually(condition) -> bool:
+    return condition()
+
+
+class StackUp:
+    """``plantml stack up`` in a subprocess, its output collected line by line."""
+
+    def __init__(self, backend: str, env_file: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "plantml", "stack", "up", "--backend", backend, "--env-file", str(env_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()  # type: ignore[arg-type]
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def folder(self) -> Path:
+        eventually(lambda: "Press Ctrl-C" in self.output())
+        return Path(next(line.split()[1] for line in self.lines if line.strip().startswith("data:")))
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stack_processes(up: subprocess.Popen, docker) -> set[int]:
+    """Every process of the stack: ``stack up``'s descendants and, for containers, every process in them."""
+    pids = {p.pid for p in psutil.Process(up.pid).children(recursive=True) if "plantml.stack.reaper" not in p.cmdline()}
+    for container in containers_of(up, docker):
+        main = psutil.Process(container.attrs["State"]["Pid"])
+        pids |= {main.pid} | {p.pid for p in main.children(recursive=True)}
+    return pids
+
+
+def containers_of(up: subprocess.Popen, docker) -> list:
+    return docker.containers.list(all=True, filters={"label": f"plantml.pid={up.pid}"}) if docker else []
+
+
+def test_a_killed_service_comes_back_and_kill_9_of_stack_up_leaves_nothing(pytestconfig, tmp_path):
+    backend = pytestconfig.getoption("--stack")
+    docker = None
+    if backend == "containers":
+        from plantml.stack.containers import docker_client
+
+        docker = docker_client()
+    env_file = tmp_path / "stack.env"
+    up = StackUp(backend, env_file)
+    try:
+        folder = up.folder()
+        s3_pid = json.loads((folder / "state.json").read_text())["processes"]["s3"]["pid"]
+        env = read_env_file(env_file)
+        s3 = make_s3_client(env["MLFLOW_S3_ENDPOINT_URL"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+        s3.put_object(Bucket="mlflow", Key="before-the-crash.txt", Body=b"leaf")
+
+        os.kill(s3_pid, signal.SIGKILL)  # the object store dies under stack up
+
+        eventually(lambda: "s3 exited unexpectedly; restarting it in 1 s" in up.output())
+        eventually(lambda: json.loads((folder / "state.json").read_text())["processes"]["s3"]["pid"] != s3_pid)
+        assert s3.get_object(Bucket="mlflow", Key="before-the-crash.txt")["Body"].read() == b"leaf"
+        assert up.process.poll() is None and up.output().count("exited unexpectedly") == 1
+        processes = stack_processes(up.process, docker)
+        assert len(processes) >= 3
+    finally:
+        up.process.send_signal(signal.SIGKILL)
+        up.process.wait()
+
+    eventually(lambda: not any(alive(pid) for pid in processes))  # within seconds, not at the next prune
+    assert containers_of(up.process, docker) == []
+    assert folder.is_dir()  # a killed process cleans nothing up itself: prune does
+    pruned = subprocess.run([sys.executable, "-m", "plantml", "stack", "prune"], capture_output=True, text=True, timeout=120)
+    assert pruned.returncode == 0, pruned.stderr
+    assert f"stack folder {folder}" in pruned.stdout
+    assert not folder.exists()

@@ -1,0 +1,203 @@
+"""Supervision (restart, backoff, limit) and the stack's folder (lock, owner-only files, prune), without services."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
+
+from plantml.errors import StackError
+from plantml.stack.folder import CREDENTIALS, StackFolder, process_start_time, prune_local_stacks
+from plantml.stack.service import ServiceSpec
+from plantml.stack.supervisor import Service, Supervisor, backoff
+
+
+class FakeProcess:
+    """A process that can be told to die, and whose starts can be made to fail."""
+
+    def __init__(self, spec: ServiceSpec, failing_restarts: int = 0) -> None:
+        self.spec = spec
+        self.alive = False
+        self.starts = 0
+        self.failing_restarts = failing_restarts
+
+    @property
+    def running(self) -> bool:
+        return self.alive
+
+    @property
+    def pid(self) -> int | None:
+        return 4242 if self.alive else None
+
+    def start(self) -> None:
+        self.starts += 1
+        if 1 < self.starts <= 1 + self.failing_restarts:
+            raise StackError(self.spec.name, "exited while starting")
+        self.alive = True
+
+    def stop(self) -> None:
+        self.alive = False
+
+    remove = stop
+
+    def log_tail(self, lines: int | None = 25) -> str:
+        return "the fake's last words"
+
+
+def started(failing_restarts: int = 0) -> Service:
+    spec = ServiceSpec(name="postgres", command=("postgres",), folder=Path("/nowhere"), port=1, ready=lambda: True)
+    service = Service(spec, FakeProcess(spec, failing_restarts))
+    service.start()
+    return service
+
+
+@retry(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(10), wait=wait_fixed(0.05), reraise=True)
+def eventually(condition) -> bool:
+    return condition()
+
+
+def test_the_wait_before_a_restart_doubles_up_to_a_cap():
+    assert [backoff(failures, 30) for failures in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+
+
+def test_a_service_that_dies_is_restarted_with_one_log_line(caplog):
+    service = started()
+    supervisor = Supervisor({"postgres": service}, interval=0.01, max_backoff=0.01)
+    try:
+        with caplog.at_level(logging.WARNING, logger="plantml.stack.supervisor"):
+            service.process.alive = False  # killed behind the stack's back
+            eventually(lambda: service.running)
+    finally:
+        supervisor.stop()
+    assert service.process.starts == 2
+    assert [record.getMessage() for record in caplog.records] == [
+        "postgres exited unexpectedly; restarting it in 0 s (restart 1 of at most 5 in a row)"]
+
+
+def test_a_service_stopped_on_purpose_stays_stopped():
+    service = started()
+    supervisor = Supervisor({"postgres": service}, interval=0.01, max_backoff=0.01)
+    try:
+        service.stop()
+        time.sleep(0.5)  # fifty rounds of the supervisor
+    finally:
+        supervisor.stop()
+    assert not service.running and service.process.starts == 1
+
+
+def test_a_service_that_cannot_come_back_is_given_up_after_the_limit():
+    service = started(failing_restarts=10)
+    supervisor = Supervisor({"postgres": service}, interval=0.01, max_restarts=2, max_backoff=0.01)
+    service.process.alive = False
+    with pytest.raises(StackError, match=r"^postgres: exited 3 times in a row; not restarted again") as given_up:
+        supervisor.wait()
+    assert "the fake's last words" in str(given_up.value)
+    assert service.process.starts == 3  # the first start, then two failed restarts
+
+
+# -- the folder -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def own_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_a_data_folder_in_use_is_refused_in_one_line_naming_it(tmp_path):
+    first = StackFolder.open(tmp_path / "data", "first")
+    try:
+        with pytest.raises(StackError) as refused:
+            StackFolder.open(tmp_path / "data", "second")
+    finally:
+        first.close()
+    assert str(refused.value) == f"stack: data folder {tmp_path / 'data'} is in use by a running stack (pid {os.getpid()})"
+    StackFolder.open(tmp_path / "data", "third").close()  # free again once the first is closed
+
+
+def test_a_data_dir_stays_with_owner_only_credentials_and_a_temporary_folder_goes(tmp_path):
+    kept = StackFolder.open(tmp_path / "data", "kept")
+    kept.write_json(CREDENTIALS, {"postgres": {"password": "x"}})
+    kept.close()
+    assert (tmp_path / "data" / CREDENTIALS).stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o711  # traversable by a service's account, not listable
+    temporary = StackFolder.open(None, "temporary")
+    assert temporary.path.is_dir()
+    temporary.close()
+    assert not temporary.path.exists()
+
+
+KILLED_OWNER = textwrap.dedent("""
+    import json, subprocess, sys, time
+    from plantml.stack.folder import STATE, StackFolder, process_start_time
+    folder = StackFolder.open(None, "killed")
+    service = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    folder.write_json(STATE, {"processes": {"s3": {"pid": service.pid, "started": process_start_time(service.pid)}}})
+    print(json.dumps({"folder": str(folder.path), "pid": service.pid}), flush=True)
+    time.sleep(300)
+""")
+
+
+def test_prune_cleans_up_after_an_owner_killed_with_sigkill():
+    owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER], stdout=subprocess.PIPE, text=True)
+    left = json.loads(owner.stdout.readline())
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert Path(left["folder"]).is_dir() and process_start_time(left["pid"]) is not None  # what a kill -9 leaves
+
+    removed = prune_local_stacks()
+
+    assert f"s3 process {left['pid']}" in removed
+    assert not Path(left["folder"]).exists()
+    eventually(lambda: process_start_time(left["pid"]) is None or _is_zombie(left["pid"]))
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_prune_leaves_a_live_stack_alone(tmp_path):
+    live = StackFolder.open(tmp_path / "live", "live")
+    try:
+        assert prune_local_stacks() == []
+        assert live.path.is_dir()
+    finally:
+        live.close()
+
+
+def test_a_data_folder_postgres_cannot_reach_is_refused_in_one_line_naming_the_account(tmp_path):
+    from plantml.stack.host import HostRunner
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    spec = ServiceSpec(name="postgres", command=("postgres",), folder=private / "stack" / "postgres", port=1,
+                       ready=lambda: True, refuses_root=True)
+    spec.folder.mkdir(parents=True)
+    runner = HostRunner()
+    runner.open("x", tmp_path)
+    if os.geteuid() != 0:  # PostgreSQL runs as us, who made the folder
+        assert runner.process(spec).spec is spec
+        return
+    with pytest.raises(StackError) as refused:
+        runner.process(spec)
+    assert str(refused.value).startswith(f"postgres: runs as user {spec.account.name} (plantml runs as root), who cannot "
+                                         f"enter {spec.folder}")
+    assert "\n" not in str(refused.value)
+
+
+def test_a_non_empty_folder_that_holds_no_stack_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StackError, match=rf"^stack: data folder {tmp_path} is not empty and holds no plantml stack"):
+        StackFolder.open(tmp_path, "x")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and tmp_path.stat().st_mode & 0o777 != 0o711
