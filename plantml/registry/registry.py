@@ -30,6 +30,7 @@ from plantml.errors import RegistryError, TrackingError
 from plantml.registry import loading
 from plantml.registry.aliases import ALIAS_STAGES, PRODUCTION, normalize_alias
 from plantml.registry.models import AliasMove, Comparison, ComparisonRow, ModelInfo, VersionInfo
+from plantml.tracking.environ import forget_stale_s3_clients
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -308,6 +309,7 @@ class ModelRegistry:
         """Run one MLflow call; "not found" becomes a :class:`RegistryError` naming ``what``."""
         from mlflow.exceptions import MlflowException
 
+        forget_stale_s3_clients()  # the S3 settings may have changed since the last call (another stack's keys)
         try:
             return action()
         except MlflowException as exc:

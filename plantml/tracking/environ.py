@@ -23,7 +23,7 @@ S3_VARIABLES = frozenset({"MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SE
 _last_s3_settings: dict[str, str | None] = {}
 
 
-def _forget_stale_s3_clients() -> None:
+def forget_stale_s3_clients() -> None:
     """Drop MLflow's cached S3 clients when the S3 settings in force have changed.
 
     MLflow caches its boto3 clients by endpoint URL only, and boto3's default session
@@ -51,7 +51,7 @@ def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
         saved = {name: os.environ.get(name) for name in values}
         os.environ.update(values)
         if S3_VARIABLES & set(values):
-            _forget_stale_s3_clients()
+            forget_stale_s3_clients()
         try:
             yield
         finally:

@@ -201,3 +201,22 @@ def test_stage_moves_show_no_deprecation_warning(registry: ModelRegistry, client
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         registry.promote(name, 1, "Production")
+
+
+def test_registry_calls_use_the_s3_keys_in_force_not_the_first_ones_read(registry: ModelRegistry,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """boto3 caches the first keys it read from the environment for the whole process, and MLflow
+    caches its S3 clients by endpoint: a registry call after the keys changed (a second stack in
+    the same process) must not be sent the old ones."""
+    from mlflow.store.artifact.s3_artifact_repo import _get_s3_client
+
+    def keys_of_a_new_client() -> str:
+        return _get_s3_client(s3_endpoint_url="http://127.0.0.1:9")._request_signer._credentials.access_key
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "first-stack")
+    registry.list_models()
+    assert keys_of_a_new_client() == "first-stack"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second-stack")
+    registry.list_models()
+    assert keys_of_a_new_client() == "second-stack"
