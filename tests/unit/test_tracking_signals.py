@@ -92,7 +92,7 @@ def test_a_signal_inside_a_deferred_section_is_raised_when_it_ends(handling) -> 
     reached_the_end = False
     with pytest.raises(Interrupted) as raised:
         with handling.deferred():
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
             time.sleep(0.01)  # the handler runs here and must not raise
             reached_the_end = True
     assert reached_the_end and raised.value.exit_code == 130 and str(raised.value) == "interrupted by SIGINT"
@@ -103,15 +103,15 @@ def test_after_an_interruption_a_second_signal_only_hurries_then_ctrl_c_works_ag
 
     monkeypatch.setattr(handling, "AFTER_INTERRUPT_S", 0.3)
     with pytest.raises(Interrupted):
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
         time.sleep(0.01)
     handling.uninstall()  # the run ended; the process may be on its way out
-    os.kill(os.getpid(), signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
     time.sleep(0.01)  # swallowed: no traceback while exiting
     assert handling.hurry()
     time.sleep(0.4)  # the grace is over
     with pytest.raises(KeyboardInterrupt) as raised:
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
         time.sleep(0.01)
     assert not isinstance(raised.value, Interrupted)  # Python's own handler again, and for good
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
