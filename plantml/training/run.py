@@ -353,11 +353,17 @@ def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = Non
         tracker.log_system_metrics()
         result = _train_and_record(prepared, tracker, reporter)
     except BaseException as exc:  # Ctrl-C, a handled SIGTERM/SIGHUP, an error here or on another rank
-        with tracking_signals.deferred():  # a stop signal arriving now must not cut the end of the run short
-            cause = distributed.why_stopped(ranks, exc, tracking_signals.received())
-            if isinstance(cause, RankFailed):
-                _quietly(tracker.set_tags, {"failed_rank": str(cause.rank), "failure": str(cause)[:1000]})
-            _quietly(tracker.end_run, status="KILLED" if isinstance(cause, KeyboardInterrupt) else "FAILED", error=cause)
+        cause: BaseException = exc
+        try:
+            with tracking_signals.deferred():  # a stop signal arriving now must not cut the end of the run short
+                cause = distributed.why_stopped(ranks, exc, tracking_signals.received())
+                if isinstance(cause, RankFailed):
+                    _quietly(tracker.set_tags, {"failed_rank": str(cause.rank), "failure": str(cause)[:1000]})
+                _quietly(tracker.end_run, status="KILLED" if isinstance(cause, KeyboardInterrupt) else "FAILED", error=cause)
+        except KeyboardInterrupt:  # the stop came while the run was being ended (it was raised on leaving)
+            if not isinstance(cause, RankFailed):
+                raise
+            # torchrun's SIGTERM, sent because another rank failed: that failure is the news
         if cause is exc:
             raise
         raise cause from exc
