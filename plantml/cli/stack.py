@@ -73,7 +73,8 @@ def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path |
     """Start the stack in the foreground until Ctrl-C (or SIGTERM); a service that dies is restarted."""
     from plantml.stack import make_stack
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
+        signal.signal(signum, _raise_interrupt)
     _show_supervision()
     started = time.perf_counter()
     running: ManagedStack = make_stack(backend, artifact_mode, data_dir=data_dir, durable=not fast, auth=auth,  # type: ignore[arg-type,assignment]
