@@ -39,7 +39,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from plantml.training import distributed
-    from plantml.training.run import Reporter, TrainConfig, fit, prepare
+    from plantml.training.config import Reporter, TrainConfig
+    from plantml.training.run import fit, prepare
 
     class Clock(Reporter):
         def __init__(self) -> None:

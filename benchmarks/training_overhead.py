@@ -27,7 +27,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def timed_run(config, tracker):
     """Train once; return (train images per second over the epochs, run wall seconds)."""
-    from plantml.training.run import Reporter, fit, prepare
+    from plantml.training.config import Reporter
+    from plantml.training.run import fit, prepare
 
     class Clock(Reporter):
         first = None
@@ -60,7 +61,7 @@ def main() -> int:
 
     from plantml.stack import make_stack
     from plantml.tracking import MLflowTracker
-    from plantml.training.run import NullTracker, TrainConfig
+    from plantml.training.config import NullTracker, TrainConfig
 
     config = TrainConfig(backbone="resnet18", epochs=args.epochs, image_size=args.image_size, weights="none",
                          early_stopping_patience=args.epochs + 1, register=False)

@@ -1,6 +1,6 @@
 """``plantml train``: the design's training script as a command.
 
-Flags map one to one onto :class:`plantml.training.run.TrainConfig`. Inputs are checked
+Flags map one to one onto :class:`plantml.training.config.TrainConfig`. Inputs are checked
 (and the data set loaded) before a tracker is created, so a bad flag or folder never
 leaves a run behind. torch and mlflow are imported only once the command runs.
 """
@@ -19,7 +19,7 @@ BACKBONE_NAMES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v2")
 
 def _console_reporter(stream_is_tty: bool):
     """A progress bar per epoch on a terminal; one plain line per epoch otherwise."""
-    from plantml.training.run import Reporter
+    from plantml.training.config import Reporter
 
     class ConsoleReporter(Reporter):
         def batches(self, iterable: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
@@ -84,7 +84,8 @@ def train(ctx: click.Context, **options) -> int | None:
     if options["nproc"]:
         return _launch(ctx, options["nproc"])
     from plantml.training import distributed
-    from plantml.training.run import Reporter, TrainConfig, fit
+    from plantml.training.config import Reporter, TrainConfig
+    from plantml.training.run import fit
     from plantml.training.synth import SynthSpec
 
     config = TrainConfig(
@@ -131,7 +132,8 @@ def train(ctx: click.Context, **options) -> int | None:
 def _prepare_and_connect(config, options: dict, ranks):
     """Check the inputs and load the data (:func:`prepare`), then connect rank 0's tracker (an
     unreachable server fails here, still before any run); the other ranks get a NullTracker."""
-    from plantml.training.run import NullTracker, prepare
+    from plantml.training.config import NullTracker
+    from plantml.training.run import prepare
 
     prepared = prepare(config, ranks)
     return prepared, _make_tracker(options) if ranks.is_main else NullTracker()
@@ -214,7 +216,7 @@ def _worker_args(ctx: click.Context) -> list[str]:
 
 def _make_tracker(options: dict):
     if options["no_mlflow"]:
-        from plantml.training.run import NullTracker
+        from plantml.training.config import NullTracker
 
         return NullTracker()
     from plantml.tracking import MLflowTracker

@@ -31,6 +31,7 @@ from typing import Any
 
 from plantml.errors import TrackingError, UsageError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
+from plantml.tracking.delivery import RetryPolicy, read_run_state
 from plantml.tracking.entries import End, Tag
 from plantml.tracking.journal import Journal, JournalBusy, list_journals, read_header
 from plantml.tracking.sender import (
@@ -42,7 +43,7 @@ from plantml.tracking.sender import (
     resolve_delivery_settings,
 )
 from plantml.tracking.spool import Spool
-from plantml.tracking.transport import DELIVERY_TAG, RetryPolicy, Transport, read_run_state
+from plantml.tracking.transport import DELIVERY_TAG, Transport
 
 logger = logging.getLogger(__name__)
 

@@ -81,6 +81,18 @@ def flatten_run(run: Any) -> dict[str, Any]:
     return flat
 
 
+def best_run_order(metric: str, ascending: bool) -> str:
+    """The ``order_by`` that puts the best run for ``metric`` first."""
+    return f"metrics.`{metric}` {'ASC' if ascending else 'DESC'}"
+
+
+def best_run(runs: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The first of ``runs`` (flat, best first) that has ``metric``: runs without it sort last,
+    and a NaN value can sort first, so those are skipped."""
+    key = f"metrics.{metric}"
+    return next((run for run in runs if key in run and run[key] == run[key]), None)
+
+
 def error_tags(exc: BaseException) -> list[Entry]:
     """The ``plantml.error.*`` tags of a run that ``exc`` ended: type, message, traceback (cut to MLflow's limit)."""
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -6,7 +6,7 @@ on the network. The sender thread takes records from the front of the journal, p
 consecutive params, metrics and tags into one ``log_batch`` request up to MLflow's limits
 (1000 metrics, 100 params, 100 tags, 1000 entries, about 1 MB), sends an artifact, a
 model or the run's end alone, and moves the cursor once the server has them
-(:func:`plantml.tracking.transport.deliver`: one retry policy, exactly once, refusals
+(:func:`plantml.tracking.delivery.deliver`: one retry policy, exactly once, refusals
 narrowed down to the entries at fault and set aside).
 
 A part-filled batch lingers up to ``linger_s`` (like Kafka's ``linger.ms``) for company:
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, TrackingError, one_line
+from plantml.tracking.delivery import RetryPolicy, deliver
 from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
 from plantml.tracking.journal import Journal, journal_dir
 from plantml.tracking.transport import (
@@ -37,10 +38,8 @@ from plantml.tracking.transport import (
     REJECTED_TAG,
     ModelProgressBook,
     Refused,
-    RetryPolicy,
     RunGone,
     Transport,
-    deliver,
 )
 from plantml.tracking.validation import (
     MAX_BATCH_LOG_REQUEST_SIZE,

@@ -12,26 +12,23 @@ returns, delivered in the background. mlflow is imported on first use, so
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import threading
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
-from plantml.tracking import connection, signals
+from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
 from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Tag
 from plantml.tracking.journal import Journal
 from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.models import save_model
 from plantml.tracking.recover import finish_run, recover_at_start
-from plantml.tracking.runs import PendingModel, TrackedRun, error_tags, flatten_run
+from plantml.tracking.runs import PendingModel, TrackedRun, best_run, best_run_order, error_tags, flatten_run
 from plantml.tracking.sender import HEARTBEAT_TAG, DeliveryPending, DeliverySettings, RunSender, heartbeat_value, resolve_delivery_settings
 from plantml.tracking.spool import Spool, dict_text, figure_writer
 from plantml.tracking.transport import Transport
@@ -45,9 +42,6 @@ MODEL_FORMAT = "pickle"
 CONNECT_TIMEOUT_S = 10.0
 #: Seconds a new tracker spends at most delivering journals of processes that died.
 RECOVER_AT_START_S = 10.0
-
-_LIVE_TRACKERS: weakref.WeakSet[MLflowTracker] = weakref.WeakSet()
-_LIVE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -106,8 +100,7 @@ class MLflowTracker:
         self._active: _ActiveRun | None = None
         self._requests_done = 0  # by the runs that ended
         self._failed_tries_done = 0
-        with _LIVE_LOCK:
-            _LIVE_TRACKERS.add(self)
+        open_runs.register(self)
         if recover_timeout > 0:
             recover_at_start(self.delivery_settings, self.settings, recover_timeout)
 
@@ -160,7 +153,7 @@ class MLflowTracker:
         use_signals = self.handle_signals if handle_signals is None else handle_signals
         if use_signals:
             signals.install()
-            signals.on_uncaught(_end_runs_quietly)
+            signals.on_uncaught(open_runs.end_runs_quietly)
         try:
             with signals.deferred():
                 run = self._open_run(name, checked, use_signals)
@@ -425,11 +418,7 @@ class MLflowTracker:
     def get_best_run(self, metric: str, ascending: bool = False) -> dict[str, Any] | None:
         """The run with the highest ``metric`` (lowest if ``ascending``), or None without any."""
         check.check_name("metric", metric)
-        direction = "ASC" if ascending else "DESC"
-        key = f"metrics.{metric}"
-        # Runs without the metric sort last; a NaN value can sort first, so skip those.
-        runs = self.search_runs(max_results=50, order_by=[f"metrics.`{metric}` {direction}"])
-        return next((run for run in runs if key in run and run[key] == run[key]), None)
+        return best_run(self.search_runs(max_results=50, order_by=[best_run_order(metric, ascending)]), metric)
 
     def _call(self, action: str, function: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -439,22 +428,3 @@ class MLflowTracker:
         except Exception as exc:
             raise TrackingError(f"{self.tracking_uri}: {action} failed: {one_line(exc)}") from exc
 
-
-def end_abandoned_runs(announce: bool = True) -> None:
-    """End KILLED every run a tracker of this process still has open (at exit, or on a signal nothing caught)."""
-    for tracker in list(_LIVE_TRACKERS):
-        run_id = tracker.run_id
-        if run_id is not None:
-            if announce:  # on a signal, the one line that reports it says how the run ended
-                logger.warning("run %s was never ended: ending it KILLED", run_id)
-            try:
-                tracker.end_run("KILLED")
-            except Exception as exc:
-                logger.warning("run %s: could not end it: %s", run_id, one_line(exc))
-
-
-def _end_runs_quietly(interrupted: BaseException) -> None:
-    end_abandoned_runs(announce=False)
-
-
-atexit.register(end_abandoned_runs)

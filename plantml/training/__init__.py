@@ -5,5 +5,6 @@
 * :mod:`plantml.training.models`: backbones, heads, weights, freezing;
 * :mod:`plantml.training.loop`: ``train_one_epoch``, ``evaluate``, early stopping;
 * :mod:`plantml.training.figures`: learning curves and confusion matrix;
+* :mod:`plantml.training.config`: ``TrainConfig``, ``TrainResult``, ``Reporter``, ``NullTracker``;
 * :mod:`plantml.training.run`: ``prepare`` then ``fit``, the whole tracked run.
 """

@@ -21,7 +21,8 @@ from plantml.training import figures
 from plantml.training.models import image_batch_signature
 
 if TYPE_CHECKING:
-    from plantml.training.run import Prepared, Reporter, TrainResult
+    from plantml.training.config import Reporter, TrainResult
+    from plantml.training.run import Prepared
 
 
 def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result: TrainResult,

@@ -13,13 +13,11 @@ it writes files.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import subprocess
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,10 @@ from plantml.errors import RankFailed, UsageError
 from plantml.tracking import signals as tracking_signals
 from plantml.training import data as data_mod
 from plantml.training import distributed, outputs, synth
+from plantml.training.config import DEFAULT_IMAGE_SIZE, NullTracker, Reporter, TrainConfig, TrainResult
 from plantml.training.device_data import build_device_loaders, fits_on_device
 from plantml.training.distributed import Ranks
-from plantml.training.loop import EarlyStopping, EpochStats, Precision, choose_precision, evaluate, train_one_epoch
+from plantml.training.loop import EarlyStopping, Precision, choose_precision, evaluate, train_one_epoch
 from plantml.training.models import (
     WeightsChoice,
     build_model,
@@ -50,65 +49,6 @@ logger = logging.getLogger(__name__)
 OPTIMIZER = "AdamW"
 SCHEDULER = "CosineAnnealingLR"
 LOSS_FUNCTION = "CrossEntropyLoss"
-DEFAULT_IMAGE_SIZE = {"cuda": 224, "cpu": 64}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every choice of a training run; the command line maps its flags one to one onto these."""
-
-    backbone: str = "resnet18"
-    epochs: int = 10
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-2
-    device: str | None = None  # None: CUDA when present, else CPU
-    freeze_backbone: bool = False
-    unfreeze_epoch: int | None = None  # 1-based epoch at which the backbone starts training
-    early_stopping_patience: int = 10
-    data_dir: str | Path | None = None  # a folder, s3://BUCKET/PREFIX, or None: the cached synthetic set
-    synthetic: synth.SynthSpec = field(default_factory=synth.SynthSpec)
-    skip_bad_images: bool = False
-    val_split: float = 0.15
-    test_split: float = 0.15
-    weights: str = "auto"
-    image_size: int | None = None  # None: 224 on CUDA, 64 on CPU
-    seed: int = 42
-    num_workers: int | None = None  # None: sized to the machine
-    amp: bool | None = None  # None: on for CUDA
-    channels_last: bool | None = None  # None: on for CUDA
-    data_on_device: bool | None = None  # None: on for CUDA when the decoded set fits in a quarter of free memory
-    compile: bool = False  # torch.compile the model for training and evaluation
-    run_name: str | None = None
-    register: bool = True
-    registered_model_name: str | None = None  # None: {backbone}_plant_classifier
-    output_dir: Path | None = None  # where best_model.pth and the history are kept; None: a temp folder
-
-
-class NullTracker:
-    """The tracker of ``--no-mlflow``: every call is accepted and does nothing."""
-
-    enabled = False
-    run_id = None
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: None
-
-
-class Reporter:
-    """Where :func:`fit` reports progress; this base reports nothing."""
-
-    def batches(self, iterable: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
-        """Wrap the training batches of one epoch (a progress bar may draw here)."""
-        return iterable
-
-    def epoch_end(self, record: dict[str, float]) -> None:
-        """Called after each epoch with its metrics."""
-
-    def message(self, text: str) -> None:
-        """A line worth telling the user (a fallback taken, a model registered)."""
 
 
 @dataclass
@@ -204,23 +144,6 @@ class Prepared:
         if commit:
             tags["git_commit"] = commit
         return tags
-
-
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    history: dict[str, Any]
-    best_epoch: int
-    best_val_loss: float
-    best_val_accuracy: float
-    test: EpochStats
-    confusion_matrix: list[list[int]]
-    stopped_early: bool
-    run_id: str | None = None
-    model_version: str | None = None
-    checkpoint: Path | None = None
-    images_per_second: float = 0.0
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -469,7 +392,3 @@ def train(config: TrainConfig, tracker: Any = None, reporter: Reporter | None = 
     """:func:`prepare` then :func:`fit`: the whole run in one call."""
     return fit(prepare(config), tracker, reporter)
 
-
-def config_dict(config: TrainConfig) -> dict[str, Any]:
-    """``config`` as plain JSON-able values."""
-    return json.loads(json.dumps(asdict(config), default=str))

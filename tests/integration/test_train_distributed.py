@@ -115,8 +115,9 @@ def test_torchrun_two_processes_make_one_run_that_agrees_with_one_process(
     import mlflow.pytorch
     import torch
 
+    from plantml.training.config import TrainConfig
     from plantml.training.loop import evaluate
-    from plantml.training.run import TrainConfig, prepare
+    from plantml.training.run import prepare
 
     model = mlflow.pytorch.load_model(f"models:/{name}/{version.version}").eval()
     prepared = prepare(TrainConfig(data_dir=leaves, image_size=32, weights="none", num_workers=0, seed=3, batch_size=4))

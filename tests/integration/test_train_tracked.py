@@ -130,7 +130,8 @@ def test_default_command_trains_on_the_cached_synthetic_set(mlflow_env, mlflow_c
 def test_interrupted_or_failed_run_does_not_stay_running(raised, status, leaves, mlflow_env, mlflow_client,
                                                          experiment_name):
     from plantml.tracking import MLflowTracker
-    from plantml.training.run import Reporter, TrainConfig, train
+    from plantml.training.config import Reporter, TrainConfig
+    from plantml.training.run import train
 
     class Stop(Reporter):
         def epoch_end(self, record):

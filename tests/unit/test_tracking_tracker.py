@@ -9,7 +9,7 @@ import pytest
 
 from plantml.errors import TrackingError, UsageError, ValidationError
 from plantml.tracking import MLflowTracker, NonFiniteMetricWarning
-from plantml.tracking.tracker import end_abandoned_runs
+from plantml.tracking.open_runs import end_abandoned_runs
 
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 

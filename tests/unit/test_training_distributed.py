@@ -151,7 +151,8 @@ WORKER = textwrap.dedent("""
     import torch
     from plantml.errors import DataError, RankFailed
     from plantml.training import distributed
-    from plantml.training.run import TrainConfig, fit, prepare
+    from plantml.training.config import TrainConfig
+    from plantml.training.run import fit, prepare
 
     data, out = sys.argv[1], sys.argv[2]
     with distributed.session("cpu") as ranks:

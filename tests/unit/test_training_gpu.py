@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from plantml.training import synth
+from plantml.training.config import Reporter, TrainConfig
 from plantml.training.loop import choose_precision
-from plantml.training.run import Reporter, TrainConfig, fit, prepare
+from plantml.training.run import fit, prepare
 
 pytestmark = pytest.mark.gpu
 

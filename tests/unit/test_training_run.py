@@ -10,7 +10,8 @@ import torch
 
 from plantml.errors import UsageError
 from plantml.training import synth
-from plantml.training.run import NullTracker, Reporter, TrainConfig, fit, prepare, train
+from plantml.training.config import NullTracker, Reporter, TrainConfig
+from plantml.training.run import fit, prepare, train
 
 DESIGN_PARAMS = {
     "backbone", "epochs", "batch_size", "learning_rate", "device", "freeze_backbone", "unfreeze_epoch",
