@@ -69,6 +69,10 @@ def test_push_ls_train_and_train_again_from_the_cache(leaves: Path, env: dict[st
     first = plantml(env, "train", *TINY_TRAINING, "--data-dir", prefix, "--experiment-name", experiment_name)
     assert first.returncode == 0, first.stderr[-2000:]
     assert f"data: {prefix} (30 files, " in first.stderr
+    # the images leave the bucket (the manifest stays): a second training that still works downloaded none of them
+    images = sorted(key for key in keys if not key.endswith("/plantml-dataset.json"))
+    s3_client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": key} for key in images]})
+    assert len(s3_client.list_objects_v2(Bucket=bucket, Prefix=key_prefix + "/")["Contents"]) == 1
     second = plantml(env, "train", *TINY_TRAINING, "--data-dir", prefix, "--experiment-name", experiment_name)
     assert second.returncode == 0, second.stderr[-2000:]
     assert f"data: {prefix} (cached, nothing downloaded)" in second.stderr
