@@ -187,9 +187,11 @@ def _wait_for_file(path: Path) -> bool:
 
 
 def test_stack_up_env_file_works_from_another_shell_and_ctrl_c_leaves_nothing(tmp_path):
+    """Started as a script's background job would start it (``stack up &``: SIGINT ignored), Ctrl-C still stops it."""
     env_file = tmp_path / "stack.env"
     up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--env-file", str(env_file)],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         _wait_for_file(env_file)
         shell = f'set -a; . "{env_file}"; set +a; exec "{sys.executable}" -c "$0" "$1"'
