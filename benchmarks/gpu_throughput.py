@@ -2,14 +2,18 @@
 
 For each backbone, in one run and alternating epoch by epoch, on the same data:
 - **bare**: the minimal step (zero_grad, forward, loss, backward, optimizer step) with
-  bf16 autocast and channels_last, nothing else;
+  bf16 autocast and channels_last, nothing else, reading plantml's device-resident batches;
 - **plantml**: ``plantml.training.loop.train_one_epoch`` (loss and accuracy accumulated on
   the device, read once per epoch), the learning-rate scheduler, and the epoch's metrics
-  logged through ``MLflowTracker`` to a local sqlite store.
+  logged through ``MLflowTracker`` to a local sqlite store;
+- **pure**: the bare step on one fixed batch already on the device, as many steps as an
+  epoch has: pure compute, the limit a data path can approach;
+- **jpeg**: plantml's loop fed from the same set written as JPEG files, kept encoded in
+  host memory and decoded on the GPU batch by batch every epoch (the streamed path: the
+  decoding is paid in every epoch, not once).
 
-Both read the synthetic leaf set at 224 px through plantml's device-resident data path
-(decoded once, kept on the GPU, augmented there). Prints images per second (median of
-the timed epochs) and the ratio plantml/bare per backbone, and writes them as JSON.
+Prints images per second (median of the timed epochs) and the ratios plantml/bare,
+plantml/pure and jpeg/pure per backbone, and writes them as JSON.
 
 Needs torch and torchvision; MLflow (``mlflow-skinny`` and its few dependencies, carried
 as wheels on a machine without network) for the tracking. Without MLflow it says so and
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing plantml
 from plantml.training import synth  # noqa: E402
 from plantml.training.data import scan_image_folder  # noqa: E402
 from plantml.training.device_data import DeviceLoader, decode_images  # noqa: E402
+from plantml.training.image_decode import EncodedImages  # noqa: E402
 from plantml.training.loop import Precision, choose_precision, train_one_epoch  # noqa: E402
 from plantml.training.models import WeightsChoice, build_model  # noqa: E402
 
@@ -80,6 +85,18 @@ def bare_epoch(c: Contender, device: torch.device) -> None:
         c.optimizer.step()
 
 
+def pure_epoch(c: Contender, device: torch.device, steps: int, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The bare step on one batch already on the device, ``steps`` times: no data path at all."""
+    images, targets = batch
+    c.model.train()
+    for _ in range(steps):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.precision.autocast_dtype is not None):
+            loss = c.criterion(c.model(images), targets)
+        c.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        c.optimizer.step()
+
+
 def plantml_epoch(c: Contender, device: torch.device, scheduler, tracker, epoch: int) -> None:
     """plantml's loop: stats on the device, one read per epoch, scheduler, metrics tracked."""
     stats = train_one_epoch(c.model, c.loader, c.criterion, c.optimizer, device, c.precision)
@@ -99,32 +116,41 @@ def timed(device: torch.device, fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def bench_backbone(backbone: str, images: torch.Tensor, labels: torch.Tensor, args, device: torch.device,
-                   workdir: Path) -> dict:
+def bench_backbone(backbone: str, images: torch.Tensor, labels: torch.Tensor, jpegs: EncodedImages, args,
+                   device: torch.device, workdir: Path) -> dict:
     precision = choose_precision(device, amp=None if device.type == "cuda" else False, channels_last=None)
     torch.manual_seed(0)
     template = build_model(backbone, 2, WeightsChoice("none"))
     contenders = {}
-    for name in ("bare", "plantml"):
+    for name in ("bare", "plantml", "pure", "jpeg"):
         model = build_model(backbone, 2, WeightsChoice("none"))
         model.load_state_dict(template.state_dict())
         model = model.to(device)
         if precision.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if args.compile and name == "plantml":
+        if args.compile and name in ("plantml", "jpeg"):
             model = torch.compile(model)  # what plantml train --compile does
-        loader = DeviceLoader(images, labels, batch_size=args.batch_size, device=device, train=True, seed=1,
-                              channels_last=precision.channels_last)
+        loader = DeviceLoader(jpegs if name == "jpeg" else images, labels, batch_size=args.batch_size, device=device,
+                              train=True, seed=1, channels_last=precision.channels_last)
         contenders[name] = Contender(model, loader, precision, args.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(contenders["plantml"].optimizer, T_max=args.epochs + 1)
+    fixed = next(iter(contenders["pure"].loader))  # one batch, prepared once, reused for every step
+    steps = len(contenders["pure"].loader)
+    schedulers = {name: torch.optim.lr_scheduler.CosineAnnealingLR(contenders[name].optimizer, T_max=args.epochs + 1)
+                  for name in ("plantml", "jpeg")}
     tracker, tracking = make_tracker(workdir, backbone)
+    epochs = {
+        "bare": lambda epoch: bare_epoch(contenders["bare"], device),
+        "plantml": lambda epoch: plantml_epoch(contenders["plantml"], device, schedulers["plantml"], tracker, epoch),
+        "pure": lambda epoch: pure_epoch(contenders["pure"], device, steps, fixed),
+        "jpeg": lambda epoch: plantml_epoch(contenders["jpeg"], device, schedulers["jpeg"], None, epoch),
+    }
     try:
-        bare_epoch(contenders["bare"], device)  # warm-up: cudnn autotuning, allocator, lazy init
-        plantml_epoch(contenders["plantml"], device, scheduler, tracker, 0)
-        times: dict[str, list[float]] = {"bare": [], "plantml": []}
+        for run_epoch in epochs.values():  # warm-up: cudnn autotuning, allocator, lazy init
+            run_epoch(0)
+        times: dict[str, list[float]] = {name: [] for name in epochs}
         for epoch in range(1, args.epochs + 1):
-            times["bare"].append(timed(device, bare_epoch, contenders["bare"], device))
-            times["plantml"].append(timed(device, plantml_epoch, contenders["plantml"], device, scheduler, tracker, epoch))
+            for name, run_epoch in epochs.items():
+                times[name].append(timed(device, run_epoch, epoch))
     finally:
         if tracker is not None:
             tracker.end_run("FINISHED")
@@ -133,9 +159,10 @@ def bench_backbone(backbone: str, images: torch.Tensor, labels: torch.Tensor, ar
     return {
         "backbone": backbone,
         "images_per_epoch": n,
-        "bare_images_per_s": rates["bare"],
-        "plantml_images_per_s": rates["plantml"],
+        **{f"{name}_images_per_s": rate for name, rate in rates.items()},
         "ratio": rates["plantml"] / rates["bare"],
+        "plantml_over_pure": rates["plantml"] / rates["pure"],
+        "jpeg_over_pure": rates["jpeg"] / rates["pure"],
         "epoch_seconds": times,
         "tracking": tracking,
         "autocast": str(precision.autocast_dtype),
@@ -162,24 +189,36 @@ def main() -> None:
         sys.exit("gpu_throughput: no CUDA device here (torch.cuda.is_available() is False); use --device cpu for a smoke test")
     torch.backends.cudnn.benchmark = True
     data_dir = synth.ensure_cached(synth.SynthSpec(size=args.image_size))
-    images, labels = decode_images(scan_image_folder(data_dir).samples, args.image_size)
+    samples = scan_image_folder(data_dir).samples
+    images, labels = decode_images(samples, args.image_size)
     images, labels = images.repeat(args.tile, 1, 1, 1), labels.repeat(args.tile)
+    jpeg_dir = synth.as_jpeg(data_dir, Path(tempfile.mkdtemp(prefix="plantml-gpu-bench-jpeg-")))
+    jpegs = EncodedImages([path for path, _ in scan_image_folder(jpeg_dir).samples], args.image_size, device)
+    jpegs.encoded = jpegs.encoded * args.tile  # the same order as the tiled decoded set: classes sorted, then names
+    started = time.perf_counter()
+    jpegs.decode_all()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    decode_rate = len(jpegs) / (time.perf_counter() - started)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {gpu}; torch {torch.__version__}; {len(labels)} images of {args.image_size} px per epoch, "
-          f"batch {args.batch_size}", flush=True)
+          f"batch {args.batch_size}; JPEG decode on {device.type}: {decode_rate:.0f} img/s "
+          f"({jpegs.nbytes / len(jpegs) / 1024:.0f} KiB per file)", flush=True)
 
     results = []
     with tempfile.TemporaryDirectory(prefix="plantml-gpu-bench-") as tmp:
         for backbone in args.backbones:
-            result = bench_backbone(backbone, images, labels, args, device, Path(tmp))
+            result = bench_backbone(backbone, images, labels, jpegs, args, device, Path(tmp))
             results.append(result)
-            print(f"{backbone:16s} bare {result['bare_images_per_s']:9.0f} img/s   plantml "
-                  f"{result['plantml_images_per_s']:9.0f} img/s   ratio {result['ratio']:.3f}   "
-                  f"(tracking: {result['tracking']})", flush=True)
+            print(f"{backbone:16s} bare {result['bare_images_per_s']:8.0f}  plantml {result['plantml_images_per_s']:8.0f}  "
+                  f"pure {result['pure_images_per_s']:8.0f}  jpeg {result['jpeg_images_per_s']:8.0f} img/s   "
+                  f"plantml/bare {result['ratio']:.3f}  plantml/pure {result['plantml_over_pure']:.3f}  "
+                  f"jpeg/pure {result['jpeg_over_pure']:.3f}   (tracking: {result['tracking']})", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "results": results}, indent=2))
+    args.output.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "jpeg_decode_images_per_s": decode_rate,
+                                       "results": results}, indent=2))
     print(f"written to {args.output}")
 
 

@@ -63,7 +63,7 @@ def _console_reporter(stream_is_tty: bool):
 @click.option("--num-workers", type=click.IntRange(min=0), default=None, help="DataLoader workers [default: sized to the machine].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16, or fp16 where bf16 is missing) [default: on for cuda].")
 @click.option("--channels-last/--no-channels-last", default=None, help="channels-last memory format [default: on for cuda].")
-@click.option("--data-on-device/--no-data-on-device", default=None, help="Decode the images once onto the GPU and augment there [default: on for cuda when they fit].")
+@click.option("--data-on-device/--no-data-on-device", default=None, help="Decode the images on the GPU and build batches there: once for the whole set when it fits in a quarter of free GPU memory, else batch by batch [default: on for cuda].")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slower start; measure before relying on it).")
 @click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Also keep best_model.pth and training_history.json here.")
 @click.option("--experiment-name", default=None, help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or plant_classification].")

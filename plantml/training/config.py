@@ -43,7 +43,7 @@ class TrainConfig:
     num_workers: int | None = None  # None: sized to the machine
     amp: bool | None = None  # None: on for CUDA
     channels_last: bool | None = None  # None: on for CUDA
-    data_on_device: bool | None = None  # None: on for CUDA when the decoded set fits in a quarter of free memory
+    data_on_device: bool | None = None  # None: on for CUDA (decoded once when the set fits in a quarter of free memory, else per batch)
     compile: bool = False  # torch.compile the model for training and evaluation
     run_name: str | None = None
     register: bool = True

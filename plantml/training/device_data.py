@@ -8,6 +8,15 @@ light brightness/contrast jitter, ImageNet normalisation and the memory format t
 model wants. Nothing crosses the host boundary inside an epoch. Under torchrun each rank
 holds the whole split on its own GPU and iterates its share, as the samplers of
 :mod:`plantml.training.distributed` do for the DataLoader path.
+
+Two things keep batch preparation off the training's critical path on CUDA: every batch
+is built with whole-batch operations (one gather, one random draw per batch, no per-image
+Python), and :class:`DeviceLoader` builds batch n+1 on a side CUDA stream while batch n
+trains. The draws come from the loader's own generator in the same order either way, so a
+seed gives the same batches with or without the side stream.
+
+A set too large for device memory is streamed: kept encoded in host memory
+(:class:`plantml.training.image_decode.EncodedImages`) and decoded batch by batch on the GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from PIL import Image
 
 from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split
 from plantml.training.distributed import Ranks, rank_share
+from plantml.training.image_decode import EncodedImages
 
 #: Keep the cached images under this share of the device's free memory.
 MAX_MEMORY_SHARE = 0.25
@@ -53,14 +63,17 @@ class DeviceLoader:
     training, each rank iterates its share (training: padded to equal shares).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, device: torch.device,
-                 train: bool, seed: int = 0, channels_last: bool = False, ranks: Ranks = Ranks()) -> None:
-        self.images = images.to(device)
+    def __init__(self, images: torch.Tensor | EncodedImages, labels: torch.Tensor, *, batch_size: int,
+                 device: torch.device, train: bool, seed: int = 0, channels_last: bool = False,
+                 ranks: Ranks = Ranks(), prefetch: bool = True) -> None:
+        # decoded once and resident on the device, or kept encoded and decoded per batch
+        self.images = images.to(device) if isinstance(images, torch.Tensor) else images
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.device = device
         self.train = train
         self.channels_last = channels_last
+        self.prefetch = prefetch and device.type == "cuda"
         self.rank, self.world_size = ranks.rank, ranks.world_size
         # augmentation draws differ per rank; the shuffle is one order for every rank, each taking its share
         self.generator = torch.Generator(device=device).manual_seed(seed + ranks.rank)
@@ -68,6 +81,15 @@ class DeviceLoader:
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
         self.dataset = _Examples(self)  # len(loader.dataset) and loader.dataset[i], as with a DataLoader
+
+    @property
+    def streamed(self) -> bool:
+        """True when the images are decoded per batch rather than resident on the device."""
+        return isinstance(self.images, EncodedImages)
+
+    def raw(self, index: torch.Tensor) -> torch.Tensor:
+        """The ``uint8`` images at ``index``, on the device."""
+        return self.images.decode(index) if isinstance(self.images, EncodedImages) else self.images[index]
 
     def __len__(self) -> int:
         return (self._share_size() + self.batch_size - 1) // self.batch_size
@@ -81,9 +103,31 @@ class DeviceLoader:
         order = (torch.randperm(count, device=self.device, generator=self.order_generator) if self.train
                  else torch.arange(count, device=self.device))
         order = rank_share(order, self.rank, self.world_size, pad=self.train)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            yield self._batch(self.images[index]), self.labels[index]
+        indices = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if not self.prefetch:
+            for index in indices:
+                yield self._batch(self.raw(index)), self.labels[index]
+            return
+        yield from self._prefetched(indices)
+
+    def _prefetched(self, indices: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batch n+1 built on a side stream while batch n trains on the current one."""
+        side = torch.cuda.Stream(device=self.device)
+        training = torch.cuda.current_stream(self.device)
+        side.wait_stream(training)  # the order was drawn on the training stream
+
+        def build(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.cuda.stream(side):
+                return self._batch(self.raw(index)), self.labels[index]
+
+        ready = build(indices[0]) if indices else None
+        for following in [*indices[1:], None]:
+            training.wait_stream(side)
+            images, labels = ready  # type: ignore[misc]
+            images.record_stream(training)  # the allocator must not reuse them while training reads them
+            labels.record_stream(training)
+            ready = build(following) if following is not None else None
+            yield images, labels
 
     def _batch(self, raw: torch.Tensor) -> torch.Tensor:
         images = raw.float()
@@ -116,19 +160,37 @@ class _Examples:
         return len(self.loader.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = (self.loader.images[index:index + 1].float() - self.loader.mean) / self.loader.std
+        raw = self.loader.raw(torch.tensor([index], device=self.loader.device))
+        image = (raw.float() - self.loader.mean) / self.loader.std
         return image[0].contiguous().cpu(), int(self.loader.labels[index])
 
 
 def build_device_loaders(scan: ImageFolderScan, split: Split, *, image_size: int, batch_size: int,
-                         device: torch.device, seed: int, channels_last: bool, ranks: Ranks = Ranks()) -> DataLoaders:
-    """Train/val/test :class:`DeviceLoader` over ``split``, as a :class:`plantml.training.data.DataLoaders`."""
-    images, labels = decode_images(scan.samples, image_size)
+                         device: torch.device, seed: int, channels_last: bool, ranks: Ranks = Ranks(),
+                         streamed: bool = False) -> DataLoaders:
+    """Train/val/test :class:`DeviceLoader` over ``split``, as a :class:`plantml.training.data.DataLoaders`.
+
+    On CUDA the files are decoded on the GPU (:mod:`plantml.training.image_decode`): once
+    for the whole set, or batch by batch when ``streamed``. Elsewhere PIL decodes them once
+    (:func:`decode_images`, the CPU fallback).
+    """
+    labels = torch.as_tensor([label for _, label in scan.samples], dtype=torch.int64)
+    images: torch.Tensor | EncodedImages
+    if device.type == "cuda":
+        encoded = EncodedImages([path for path, _ in scan.samples], image_size, device)
+        images = encoded if streamed else encoded.decode_all()
+    else:
+        if streamed:
+            raise ValueError("streaming the images needs a CUDA device")
+        images, _ = decode_images(scan.samples, image_size)
 
     def loader(indices, train: bool) -> DeviceLoader:
-        index = torch.as_tensor(list(indices), dtype=torch.int64)
-        return DeviceLoader(images[index], labels[index], batch_size=batch_size, device=device, train=train,
+        chosen = list(indices)
+        part = images.subset(chosen) if isinstance(images, EncodedImages) else images[torch.as_tensor(chosen, dtype=torch.int64, device=images.device)]
+        return DeviceLoader(part, labels[chosen], batch_size=batch_size, device=device, train=train,
                             seed=seed, channels_last=channels_last, ranks=ranks)
 
     return DataLoaders(train=loader(split.train, True), val=loader(split.val, False), test=loader(split.test, False),
-                       split=split, classes=scan.classes, extra={"data_on_device": True})
+                       split=split, classes=scan.classes,
+                       extra={"data_on_device": True, "decode": "gpu" if device.type == "cuda" else "cpu",
+                              "streamed": streamed})

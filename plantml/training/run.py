@@ -135,6 +135,7 @@ class Prepared:
             "channels_last": str(self.precision.channels_last).lower(),
             "num_workers": str(self.num_workers),
             "data_on_device": str(bool(self.loaders.extra.get("data_on_device"))).lower(),
+            "data_streamed": str(bool(self.loaders.extra.get("streamed"))).lower(),
             "compile": str(self.config.compile).lower(),
             "distributed_backend": self.ranks.backend or "none",
         }
@@ -212,10 +213,11 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     image_size = config.image_size or DEFAULT_IMAGE_SIZE[device.type]
     num_workers = data_mod.default_num_workers() if config.num_workers is None else config.num_workers
     precision = choose_precision(device, config.amp, config.channels_last)
-    if _data_on_device(config, device, len(scan.samples), image_size):
+    on_device = _data_on_device(config, device)
+    if on_device:
         loaders = build_device_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
                                        device=device, seed=config.seed, channels_last=precision.channels_last,
-                                       ranks=ranks)
+                                       ranks=ranks, streamed=not fits_on_device(len(scan.samples), image_size, device))
     else:
         loaders = data_mod.build_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
                                          num_workers=num_workers, seed=config.seed, pin_memory=device.type == "cuda",
@@ -240,10 +242,11 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     )
 
 
-def _data_on_device(config: TrainConfig, device: torch.device, num_images: int, image_size: int) -> bool:
-    """Whether to decode the set once onto the GPU (see :mod:`plantml.training.device_data`)."""
+def _data_on_device(config: TrainConfig, device: torch.device) -> bool:
+    """Whether batches are built on the GPU (see :mod:`plantml.training.device_data`): by default
+    on CUDA, with the set decoded once when it fits in device memory, else decoded per batch."""
     if config.data_on_device is None:
-        return fits_on_device(num_images, image_size, device)
+        return device.type == "cuda"
     if config.data_on_device and device.type != "cuda":
         raise UsageError("--data-on-device needs --device cuda")
     return config.data_on_device

@@ -145,6 +145,20 @@ def generate(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) -
     return root
 
 
+def as_jpeg(source: str | os.PathLike[str], target: str | os.PathLike[str], quality: int = 95) -> Path:
+    """Copy the image folder ``source`` to ``target`` as JPEG files (``.jpg``), as photos come.
+
+    The marker is not copied: the copy is a folder of photos like any other.
+    """
+    root = Path(target)
+    for path in sorted(Path(source).glob("*/*.png")):
+        out = root / path.parent.name / f"{path.stem}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as image:
+            image.convert("RGB").save(out, format="JPEG", quality=quality)
+    return root
+
+
 def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
     """The cached copy of the synthetic set, generated on first use (atomically)."""
     target = cache_root() / spec.name

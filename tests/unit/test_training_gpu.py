@@ -155,3 +155,71 @@ def test_two_gpus_train_one_model_with_nccl(tmp_path):
     assert history["epoch"] == [1, 2, 3]
     assert all(math.isfinite(v) for v in history["train_loss"] + history["val_loss"])
     assert sum(map(sum, history["confusion_matrix"])) == 5  # the whole test split, each image once
+
+
+# -- the GPU data path: decoding on the device, streaming, the side stream ---------------------
+
+#: nvJPEG and libjpeg round the inverse DCT and the chroma upsampling differently: the stated
+#: tolerance between the GPU decode and the CPU one, in levels of 255.
+GPU_DECODE_MEAN_LEVELS = 1.0
+GPU_DECODE_MAX_LEVELS = 24
+
+
+@pytest.fixture(scope="module")
+def jpeg_leaves(leaves, tmp_path_factory):
+    return synth.as_jpeg(leaves, tmp_path_factory.mktemp("jpeg") / "leaves")
+
+
+@pytest.mark.parametrize("image_size", [32, 48, 224])
+def test_the_gpu_decode_gives_the_cpu_decode_within_the_stated_tolerance(jpeg_leaves, image_size):
+    from plantml.training.data import scan_image_folder
+    from plantml.training.image_decode import decode_on_device, read_encoded
+
+    encoded = read_encoded([path for path, _ in scan_image_folder(jpeg_leaves).samples])
+    on_gpu = decode_on_device(encoded, image_size, torch.device("cuda"))
+    on_cpu = decode_on_device(encoded, image_size, torch.device("cpu"))
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == on_cpu.shape
+    difference = (on_gpu.cpu().float() - on_cpu.float()).abs()
+    assert difference.mean() <= GPU_DECODE_MEAN_LEVELS and difference.max() <= GPU_DECODE_MAX_LEVELS, \
+        (float(difference.mean()), float(difference.max()))
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+def test_the_side_stream_keeps_the_order_and_the_augmentations_of_a_seed(jpeg_leaves, streamed):
+    from plantml.training.data import scan_image_folder
+    from plantml.training.device_data import DeviceLoader
+    from plantml.training.image_decode import EncodedImages
+
+    scan = scan_image_folder(jpeg_leaves)
+    cuda = torch.device("cuda")
+    encoded = EncodedImages([path for path, _ in scan.samples], 32, cuda)
+    images = encoded if streamed else encoded.decode_all()
+    labels = torch.as_tensor([label for _, label in scan.samples])
+    loaders = [DeviceLoader(images, labels, batch_size=7, device=cuda, train=True, seed=4, channels_last=True,
+                            prefetch=prefetch) for prefetch in (True, False)]
+    assert loaders[0].prefetch and not loaders[1].prefetch
+    for _epoch in range(2):
+        batches = [list(loader) for loader in loaders]
+        assert len(batches[0]) == len(batches[1]) == 6
+        for (a, a_labels), (b, b_labels) in zip(*batches, strict=True):
+            assert torch.equal(a_labels, b_labels)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+def test_a_short_cuda_training_from_a_jpeg_folder_converges(tmp_path, streamed, monkeypatch):
+    from plantml.training import run
+
+    if streamed:  # as when the decoded set does not fit in device memory
+        monkeypatch.setattr(run, "fits_on_device", lambda *args: False)
+    data = synth.as_jpeg(synth.generate(tmp_path / "png", synth.SynthSpec(per_class=80, size=64, seed=1)),
+                         tmp_path / "jpeg")
+    tracker = RecordingTracker()
+    prepared = prepare(TrainConfig(data_dir=data, epochs=8, batch_size=16, weights="none", image_size=64,
+                                   device="cuda", register=False, learning_rate=1e-3))
+    assert prepared.loaders.extra == {"data_on_device": True, "decode": "gpu", "streamed": streamed}
+    result = fit(prepared, tracker)
+
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    assert result.test.accuracy >= 0.8
+    assert tracker.first("start_run")[1]["tags"]["data_streamed"] == str(streamed).lower()

@@ -1,0 +1,96 @@
+"""The device decoding path, on the CPU: the fallback of the GPU path, and what it is compared with.
+
+The same code runs on CUDA (nvJPEG) in tests/unit/test_training_gpu.py; here libjpeg decodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from plantml.training import synth
+from plantml.training.data import scan_image_folder
+from plantml.training.device_data import DeviceLoader, build_device_loaders, decode_images
+from plantml.training.image_decode import EncodedImages, decode_on_device, is_jpeg, read_encoded
+
+CPU = torch.device("cpu")
+#: PIL and torchvision decode JPEGs with the same libjpeg; PIL's resize and torch's antialiased
+#: bilinear one differ by rounding only: one level of 255 at most (measured: 0.16-0.21 on average).
+MAX_LEVELS = 1
+MEAN_LEVELS = 0.25
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.generate(tmp_path_factory.mktemp("png") / "leaves", synth.SynthSpec(per_class=6, size=48, seed=5))
+
+
+@pytest.fixture(scope="module")
+def jpegs(pngs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synth.as_jpeg(pngs, tmp_path_factory.mktemp("jpeg") / "leaves")
+
+
+def test_the_jpeg_copy_is_an_image_folder_of_jpegs(jpegs: Path) -> None:
+    scan = scan_image_folder(jpegs)
+    assert scan.classes == synth.CLASSES and len(scan.samples) == 12
+    assert all(path.suffix == ".jpg" and is_jpeg(path.read_bytes()) for path, _ in scan.samples)
+
+
+def test_jpeg_is_told_by_its_bytes_not_its_name(tmp_path: Path, pngs: Path) -> None:
+    png = next(pngs.glob("*/*.png"))
+    disguised = tmp_path / "photo.jpg"
+    disguised.write_bytes(png.read_bytes())
+    [data] = read_encoded([disguised])
+    assert not is_jpeg(data) and not is_jpeg(b"") and is_jpeg(b"\xff\xd8\xff\xe0")
+
+
+@pytest.mark.parametrize("image_size", [32, 48, 64])
+@pytest.mark.parametrize("folder", ["jpegs", "pngs"])
+def test_decoding_on_the_device_path_matches_the_pil_path(folder: str, image_size: int,
+                                                          request: pytest.FixtureRequest) -> None:
+    samples = scan_image_folder(request.getfixturevalue(folder)).samples
+    pil, _ = decode_images(samples, image_size)
+    device = decode_on_device(read_encoded([path for path, _ in samples]), image_size, CPU)
+    assert device.dtype == torch.uint8 and device.shape == (len(samples), 3, image_size, image_size)
+    difference = (device.float() - pil.float()).abs()
+    assert difference.max() <= MAX_LEVELS and difference.mean() <= MEAN_LEVELS, (float(difference.max()), float(difference.mean()))
+    if image_size == 48 and folder == "pngs":  # no decoding nor resizing difference at all
+        assert torch.equal(device, pil)
+
+
+def test_a_mixed_folder_keeps_its_order(jpegs: Path, pngs: Path) -> None:
+    paths = [next(jpegs.glob("healthy/*.jpg")), next(pngs.glob("diseased/*.png")), next(jpegs.glob("diseased/*.jpg"))]
+    together = decode_on_device(read_encoded(paths), 32, CPU)
+    one_by_one = torch.cat([decode_on_device(read_encoded([path]), 32, CPU) for path in paths])
+    assert torch.equal(together, one_by_one)
+
+
+def test_a_streamed_loader_gives_the_batches_of_a_resident_one(jpegs: Path) -> None:
+    """Kept encoded and decoded per batch, or decoded once: the same batches for a seed, in the same order."""
+    scan = scan_image_folder(jpegs)
+    encoded = EncodedImages([path for path, _ in scan.samples], 32, CPU)
+    labels = torch.as_tensor([label for _, label in scan.samples])
+    assert 0 < encoded.nbytes < len(encoded) * 3 * 48 * 48
+    resident = DeviceLoader(encoded.decode_all(), labels, batch_size=5, device=CPU, train=True, seed=3)
+    streamed = DeviceLoader(encoded, labels, batch_size=5, device=CPU, train=True, seed=3)
+    assert streamed.streamed and not resident.streamed and len(streamed) == len(resident) == 3
+    for _epoch in range(2):
+        for (a, a_labels), (b, b_labels) in zip(resident, streamed, strict=True):
+            assert torch.equal(a, b) and torch.equal(a_labels, b_labels)
+    image, label = streamed.dataset[4]
+    assert image.shape == (3, 32, 32) and label == int(labels[4])
+
+
+def test_streaming_needs_cuda_and_the_cpu_keeps_the_pil_path(jpegs: Path) -> None:
+    from plantml.training.data import stratified_split
+
+    scan = scan_image_folder(jpegs)
+    split = stratified_split([label for _, label in scan.samples], 0.25, 0.25)
+    loaders = build_device_loaders(scan, split, image_size=32, batch_size=4, device=CPU, seed=0, channels_last=False)
+    assert loaders.extra == {"data_on_device": True, "decode": "cpu", "streamed": False}
+    assert sum(len(loader.labels) for loader in (loaders.train, loaders.val, loaders.test)) == 12
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        build_device_loaders(scan, split, image_size=32, batch_size=4, device=CPU, seed=0, channels_last=False,
+                             streamed=True)
