@@ -94,3 +94,39 @@ def test_streaming_needs_cuda_and_the_cpu_keeps_the_pil_path(jpegs: Path) -> Non
     with pytest.raises(ValueError, match="needs a CUDA device"):
         build_device_loaders(scan, split, image_size=32, batch_size=4, device=CPU, seed=0, channels_last=False,
                              streamed=True)
+
+
+def plain_batch(raw: torch.Tensor, rand: torch.Tensor | None) -> torch.Tensor:
+    """A batch as the loader built it before: float first, each step a new tensor."""
+    from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD
+
+    images = raw.float()
+    if rand is not None:
+        n = images.shape[0]
+        images = torch.where(rand[:, 0].view(n, 1, 1, 1) < 0.5, images.flip(3), images)
+        images = torch.where(rand[:, 1].view(n, 1, 1, 1) < 0.5, images.flip(2), images)
+        brightness = (0.9 + 0.2 * rand[:, 2]).view(n, 1, 1, 1)
+        contrast = (0.9 + 0.2 * rand[:, 3]).view(n, 1, 1, 1)
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        images = ((images * brightness - mean) * contrast + mean).clamp_(0, 255)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return (images - mean) / std
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+def test_batches_keep_the_order_and_augmentations_a_seed_gave_before(jpegs: Path, train: bool, channels_last: bool) -> None:
+    """Flips on uint8, the layout changed first, float steps in place: the same batches as the plain formula."""
+    scan = scan_image_folder(jpegs)
+    raw = EncodedImages([path for path, _ in scan.samples], 32, CPU).decode_all()
+    labels = torch.as_tensor([label for _, label in scan.samples])
+    loader = DeviceLoader(raw, labels, batch_size=5, device=CPU, train=train, seed=9, channels_last=channels_last)
+    draws = torch.Generator().manual_seed(9)
+    order = torch.randperm(len(labels), generator=draws) if train else torch.arange(len(labels))
+    for start, (images, batch_labels) in zip(range(0, len(order), 5), loader, strict=True):
+        index = order[start:start + 5]
+        rand = torch.rand((len(index), 4), generator=draws) if train else None
+        assert torch.equal(batch_labels, labels[index])
+        assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(images, plain_batch(raw[index], rand), rtol=0, atol=1e-5)
