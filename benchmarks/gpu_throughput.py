@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # runs from a checkout without installing plantml
 from plantml.training import synth  # noqa: E402
 from plantml.training.data import scan_image_folder  # noqa: E402
 from plantml.training.device_data import DeviceLoader, decode_images  # noqa: E402
-from plantml.training.image_decode import EncodedImages  # noqa: E402
+from plantml.training.image_decode import EncodedImages, read_encoded  # noqa: E402
 from plantml.training.loop import Precision, choose_precision, train_one_epoch  # noqa: E402
 from plantml.training.models import WeightsChoice, build_model  # noqa: E402
 
@@ -193,8 +193,8 @@ def main() -> None:
     images, labels = decode_images(samples, args.image_size)
     images, labels = images.repeat(args.tile, 1, 1, 1), labels.repeat(args.tile)
     jpeg_dir = synth.as_jpeg(data_dir, Path(tempfile.mkdtemp(prefix="plantml-gpu-bench-jpeg-")))
-    jpegs = EncodedImages([path for path, _ in scan_image_folder(jpeg_dir).samples], args.image_size, device)
-    jpegs.encoded = jpegs.encoded * args.tile  # the same order as the tiled decoded set: classes sorted, then names
+    files = read_encoded([path for path, _ in scan_image_folder(jpeg_dir).samples])
+    jpegs = EncodedImages(files * args.tile, args.image_size, device)  # the order of the tiled decoded set
     started = time.perf_counter()
     jpegs.decode_all()
     if device.type == "cuda":

@@ -183,20 +183,22 @@ def build_device_loaders(scan: ImageFolderScan, split: Split, *, image_size: int
     for the whole set, or batch by batch when ``streamed``. Elsewhere PIL decodes them once
     (:func:`decode_images`, the CPU fallback).
     """
+    if streamed and device.type != "cuda":
+        raise ValueError("streaming the images needs a CUDA device")
     labels = torch.as_tensor([label for _, label in scan.samples], dtype=torch.int64)
-    images: torch.Tensor | EncodedImages
     if device.type == "cuda":
-        encoded = EncodedImages([path for path, _ in scan.samples], image_size, device)
-        images = encoded if streamed else encoded.decode_all()
+        source: EncodedImages | torch.Tensor = EncodedImages.read([path for path, _ in scan.samples], image_size, device)
     else:
-        if streamed:
-            raise ValueError("streaming the images needs a CUDA device")
-        images, _ = decode_images(scan.samples, image_size)
+        source, _ = decode_images(scan.samples, image_size)
 
     def loader(indices, train: bool) -> DeviceLoader:
         chosen = list(indices)
-        part = images.subset(chosen) if isinstance(images, EncodedImages) else images[torch.as_tensor(chosen, dtype=torch.int64, device=images.device)]
-        return DeviceLoader(part, labels[chosen], batch_size=batch_size, device=device, train=train,
+        if isinstance(source, EncodedImages):  # each split decoded on its own: no second copy of the set on the GPU
+            part = source.subset(chosen)
+            images: EncodedImages | torch.Tensor = part if streamed else part.decode_all()
+        else:
+            images = source[torch.as_tensor(chosen, dtype=torch.int64)]
+        return DeviceLoader(images, labels[chosen], batch_size=batch_size, device=device, train=train,
                             seed=seed, channels_last=channels_last, ranks=ranks)
 
     return DataLoaders(train=loader(split.train, True), val=loader(split.val, False), test=loader(split.test, False),

@@ -56,8 +56,10 @@ def decode_on_device(encoded: Sequence[torch.Tensor], image_size: int, device: t
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     out = torch.empty((len(encoded), 3, image_size, image_size), dtype=torch.uint8, device=device)
-    jpeg_index = [i for i, data in enumerate(encoded) if is_jpeg(data)]
-    other_index = [i for i, data in enumerate(encoded) if not is_jpeg(data)]
+    jpeg_index: list[int] = []
+    other_index: list[int] = []
+    for i, data in enumerate(encoded):
+        (jpeg_index if is_jpeg(data) else other_index).append(i)
     with _torchvision_io():
         for start in range(0, len(jpeg_index), DECODE_CHUNK):
             chunk = jpeg_index[start:start + DECODE_CHUNK]
@@ -88,10 +90,15 @@ def _resize_into(out: torch.Tensor, index: list[int], images: Sequence[torch.Ten
 class EncodedImages:
     """An image set kept encoded in host memory, decoded on ``device`` a subset at a time."""
 
-    def __init__(self, paths: Sequence[Path], image_size: int, device: torch.device) -> None:
-        self.encoded = read_encoded(paths)
+    def __init__(self, encoded: list[torch.Tensor], image_size: int, device: torch.device) -> None:
+        self.encoded = encoded
         self.image_size = image_size
         self.device = device
+
+    @classmethod
+    def read(cls, paths: Sequence[Path], image_size: int, device: torch.device) -> EncodedImages:
+        """The files at ``paths``, read (not decoded)."""
+        return cls(read_encoded(paths), image_size, device)
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -103,10 +110,7 @@ class EncodedImages:
 
     def subset(self, indices: Sequence[int]) -> EncodedImages:
         """The images at ``indices``, still encoded (a split's share of the set)."""
-        chosen = EncodedImages.__new__(EncodedImages)
-        chosen.encoded = [self.encoded[i] for i in indices]
-        chosen.image_size, chosen.device = self.image_size, self.device
-        return chosen
+        return EncodedImages([self.encoded[i] for i in indices], self.image_size, self.device)
 
     def decode(self, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """``uint8`` ``[len(indices), 3, S, S]`` on the device, in the order of ``indices``."""

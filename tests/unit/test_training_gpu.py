@@ -192,7 +192,7 @@ def test_the_side_stream_keeps_the_order_and_the_augmentations_of_a_seed(jpeg_le
 
     scan = scan_image_folder(jpeg_leaves)
     cuda = torch.device("cuda")
-    encoded = EncodedImages([path for path, _ in scan.samples], 32, cuda)
+    encoded = EncodedImages.read([path for path, _ in scan.samples], 32, cuda)
     images = encoded if streamed else encoded.decode_all()
     labels = torch.as_tensor([label for _, label in scan.samples])
     loaders = [DeviceLoader(images, labels, batch_size=7, device=cuda, train=True, seed=4, channels_last=True,

@@ -70,7 +70,7 @@ def test_a_mixed_folder_keeps_its_order(jpegs: Path, pngs: Path) -> None:
 def test_a_streamed_loader_gives_the_batches_of_a_resident_one(jpegs: Path) -> None:
     """Kept encoded and decoded per batch, or decoded once: the same batches for a seed, in the same order."""
     scan = scan_image_folder(jpegs)
-    encoded = EncodedImages([path for path, _ in scan.samples], 32, CPU)
+    encoded = EncodedImages.read([path for path, _ in scan.samples], 32, CPU)
     labels = torch.as_tensor([label for _, label in scan.samples])
     assert 0 < encoded.nbytes < len(encoded) * 3 * 48 * 48
     resident = DeviceLoader(encoded.decode_all(), labels, batch_size=5, device=CPU, train=True, seed=3)
@@ -119,7 +119,7 @@ def plain_batch(raw: torch.Tensor, rand: torch.Tensor | None) -> torch.Tensor:
 def test_batches_keep_the_order_and_augmentations_a_seed_gave_before(jpegs: Path, train: bool, channels_last: bool) -> None:
     """Flips on uint8, the layout changed first, float steps in place: the same batches as the plain formula."""
     scan = scan_image_folder(jpegs)
-    raw = EncodedImages([path for path, _ in scan.samples], 32, CPU).decode_all()
+    raw = EncodedImages.read([path for path, _ in scan.samples], 32, CPU).decode_all()
     labels = torch.as_tensor([label for _, label in scan.samples])
     loader = DeviceLoader(raw, labels, batch_size=5, device=CPU, train=train, seed=9, channels_last=channels_last)
     draws = torch.Generator().manual_seed(9)
