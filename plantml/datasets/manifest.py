@@ -103,19 +103,37 @@ def _check_relative(path: str, where: str) -> None:
         raise DataError(f"{where}: file {path!r} is not inside a class folder of the set")
 
 
-def image_files(root: Path) -> list[tuple[str, Path]]:
-    """The set's images as ``(class/relative path, path)``, classes sorted, files sorted in each class."""
+def is_image_file(path: Path) -> bool:
+    """A file with an image extension, not hidden."""
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def class_folders(root: Path) -> list[tuple[Path, list[Path]]]:
+    """The class sub-folders of an image folder (ImageFolder layout), sorted, each with its image
+    files (nested ones included), sorted; a folder that is not a set of two classes or more raises."""
+    if not root.exists():
+        raise DataError(f"data folder {root}: not found")
     if not root.is_dir():
-        raise DataError(f"data folder {root}: not found" if not root.exists() else f"data folder {root}: not a directory")
+        raise DataError(f"data folder {root}: not a directory")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
-        raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)}")
+        found = ", ".join(p.name for p in class_dirs) or "none"
+        raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})")
+    return [(class_dir, sorted(p for p in class_dir.rglob("*") if is_image_file(p))) for class_dir in class_dirs]
+
+
+def no_images(class_dir: Path, unreadable: int = 0) -> DataError:
+    """The error for a class folder with no image (or only ``unreadable`` ones)."""
+    why = f" ({unreadable} unreadable)" if unreadable else ""
+    return DataError(f"class folder {class_dir}: no images{why} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def image_files(root: Path) -> list[tuple[str, Path]]:
+    """The set's images as ``(class/relative path, path)``, classes sorted, files sorted in each class."""
     found: list[tuple[str, Path]] = []
-    for class_dir in class_dirs:
-        files = sorted(p for p in class_dir.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    for class_dir, files in class_folders(root):
         if not files:
-            raise DataError(f"class folder {class_dir}: no images")
+            raise no_images(class_dir)
         found += [(p.relative_to(root).as_posix(), p) for p in files]
     return found
 

@@ -20,10 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from plantml.datasets.manifest import class_folders, no_images
 from plantml.errors import DataError, UsageError
 from plantml.training.distributed import Ranks
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -64,10 +64,6 @@ class Split:
         return {"train_size": len(self.train), "val_size": len(self.val), "test_size": len(self.test)}
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
-
-
 def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = False) -> ImageFolderScan:
     """Validate ``root`` as an image-folder data set and hash its content.
 
@@ -77,20 +73,12 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     and listed in ``skipped``.
     """
     root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"data folder {root}: not found")
-    if not root.is_dir():
-        raise DataError(f"data folder {root}: not a directory")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(class_dirs) < 2:
-        found = ", ".join(p.name for p in class_dirs) or "none"
-        raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})")
+    folders = class_folders(root)
 
     digest = hashlib.sha256()
     samples: list[tuple[Path, int]] = []
     skipped: list[Path] = []
-    for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if _is_image(p))
+    for label, (class_dir, files) in enumerate(folders):
         kept = 0
         for path in files:
             data = path.read_bytes()
@@ -106,11 +94,10 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
             samples.append((path, label))
             kept += 1
         if kept == 0:
-            why = f" ({len(files)} unreadable)" if files else ""
-            raise DataError(f"class folder {class_dir}: no images{why} (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            raise no_images(class_dir, unreadable=len(files))
     return ImageFolderScan(
         root=root,
-        classes=tuple(p.name for p in class_dirs),
+        classes=tuple(class_dir.name for class_dir, _ in folders),
         samples=tuple(samples),
         content_hash=digest.hexdigest(),
         skipped=tuple(skipped),
