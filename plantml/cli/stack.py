@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -20,30 +19,6 @@ if TYPE_CHECKING:
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
-
-
-def write_env_file(path: Path, env: dict[str, str]) -> str:
-    """Write ``KEY=VALUE`` lines readable by a shell (``set -a; . F``), python-dotenv and plantml; mode 0600.
-
-    Returns the text written, so that the caller can tell later whether the file is still its own.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"{key}={value}\n" for key, value in env.items())
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    tmp.replace(path)  # readers never see a half-written file
-    return text
-
-
-def remove_env_file(path: Path, text: str) -> None:
-    """Remove the env file we wrote (a stale one would point plantml at a dead server), unless it changed since."""
-    try:
-        if path.read_text() == text:
-            path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 @click.group()
@@ -79,21 +54,19 @@ def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path |
     started = time.perf_counter()
     running: ManagedStack = make_stack(backend, artifact_mode, data_dir=data_dir, durable=not fast, auth=auth,  # type: ignore[arg-type,assignment]
                                        mlflow_port=mlflow_port, s3_port=s3_port, postgres_port=postgres_port)
-    written, ready = None, False
+    ready = False
     try:
         running.start()
         ready = True
         env = running.client_env()
         if env_file is not None:
-            written = write_env_file(env_file, env)
+            running.write_env_file(env_file)
         _print_ready(running, env, env_file, time.perf_counter() - started)
         running.wait()
     except KeyboardInterrupt:
         click.echo("plantml stack: stopping…", err=True)
     finally:
-        running.stop()
-        if env_file is not None and written is not None:
-            remove_env_file(env_file, written)
+        running.stop()  # also removes the env file, unless someone rewrote it
         if not ready:
             pass  # the start failed: the error says why, and nothing was kept or left running
         elif data_dir is None:

@@ -17,6 +17,7 @@ the stack. Every folder is also recorded under ``$PLANTML_CACHE_DIR/stacks``, so
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -38,15 +39,22 @@ LOCK = ".lock"
 
 
 def write_private(path: Path, content: str | bytes, owner: tuple[int, int] | None = None) -> None:
-    """Write a file readable by its owner only (0600), atomically; ``owner`` is (uid, gid) when not us."""
+    """Write a file readable by its owner only (0600), atomically; ``owner`` is (uid, gid) when not us.
+
+    The bytes go to a new file of a random name beside ``path`` (``O_EXCL``: never a file or
+    link someone else put there), then replace ``path``: the mode is 0600 whatever was there.
+    """
     data = content.encode() if isinstance(content, str) else content
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    if owner is not None:
-        os.chown(tmp, *owner)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if owner is not None:
+                os.fchown(handle.fileno(), *owner)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def private_folder(path: Path, owner: tuple[int, int] | None = None, mode: int = 0o700) -> Path:
@@ -82,6 +90,8 @@ class StackFolder:
         self.path = path
         self.temporary = temporary
         self.stack_id = stack_id
+        #: The client env file written for this stack and the SHA-256 of what was written (see :meth:`write_env_file`).
+        self.env_file: tuple[Path, str] | None = None
         self._lock_fd: int | None = None
 
     @classmethod
@@ -100,8 +110,40 @@ class StackFolder:
             raise StackError("stack", f"data folder {path}: {exc.strerror}") from None
         folder = cls(path, temporary, stack_id)
         folder.lock()
-        write_private(registry() / f"{stack_id}.json", json.dumps({"folder": str(path), "temporary": temporary}))
+        folder._record()
         return folder
+
+    def _record(self) -> None:
+        """Record this folder (and its env file) where :func:`prune_local_stacks` looks."""
+        entry: dict[str, Any] = {"folder": str(self.path), "temporary": self.temporary}
+        if self.env_file is not None:
+            entry["env_file"], entry["env_sha256"] = str(self.env_file[0]), self.env_file[1]
+        write_private(registry() / f"{self.stack_id}.json", json.dumps(entry))
+
+    def write_env_file(self, path: Path, env: dict[str, str]) -> None:
+        """Write ``KEY=VALUE`` lines (for ``set -a; . F``, python-dotenv and plantml) to ``path``, mode 0600.
+
+        The file goes with the stack: :meth:`close` removes it, and so does a later prune when
+        the stack's process was killed, unless someone rewrote it since. A stale file would
+        point plantml at a dead server.
+        """
+        text = "".join(f"{key}={value}\n" for key, value in env.items())
+        path = path.expanduser().absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_private(path, text)
+        self.env_file = (path, hashlib.sha256(text.encode()).hexdigest())
+        self._record()
+
+    def _remove_env_file(self) -> None:
+        if self.env_file is None:
+            return
+        path, sha256 = self.env_file
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+                path.unlink()
+        except OSError:
+            pass  # gone already, or not ours to read
+        self.env_file = None
 
     def lock(self) -> None:
         """Hold the folder's lock, or refuse in one line naming the process that holds it.
@@ -120,7 +162,8 @@ class StackFolder:
         self._lock_fd = fd
 
     def close(self) -> None:
-        """Release the lock and the record; a temporary folder is removed with everything in it."""
+        """Release the lock and the record; a temporary folder is removed with everything in it, and so is the env file."""
+        self._remove_env_file()
         (registry() / f"{self.stack_id}.json").unlink(missing_ok=True)
         if self.temporary:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -163,6 +206,8 @@ def prune_local_stacks() -> list[str]:
         try:
             entry = json.loads(record.read_text())
             folder = StackFolder(Path(entry["folder"]), bool(entry["temporary"]), record.stem)
+            if "env_file" in entry:
+                folder.env_file = (Path(entry["env_file"]), str(entry["env_sha256"]))
         except (OSError, ValueError, KeyError):
             record.unlink(missing_ok=True)
             continue
@@ -178,6 +223,9 @@ def prune_local_stacks() -> list[str]:
                     except OSError:  # a container's process, or one that just ended
                         continue
                     removed.append(f"{name} process {process['pid']}")
+        env_file = folder.env_file[0] if folder.env_file is not None and folder.env_file[0].exists() else None
         folder.close()
         removed.append(f"stack folder {folder.path}" if folder.temporary else f"lock of {folder.path}")
+        if env_file is not None and not env_file.exists():
+            removed.append(f"env file {env_file}")
     return removed

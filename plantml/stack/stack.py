@@ -168,6 +168,13 @@ class ManagedStack(Stack):
         self._endpoints = None
         atexit.unregister(self.stop)
 
+    def write_env_file(self, path: Path) -> None:
+        """Write :meth:`client_env` to ``path`` (0600, ``KEY=VALUE`` lines); removed again at :meth:`stop`,
+        or by the next prune if this process is killed (see :meth:`StackFolder.write_env_file`)."""
+        if self.folder is None:
+            raise StackError("stack", "not started")
+        self.folder.write_env_file(path, self.client_env())
+
     def wait(self) -> None:
         """Block while the stack runs; :class:`StackError` once a service dies and cannot be brought back."""
         if self._supervisor is None:

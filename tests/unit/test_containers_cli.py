@@ -20,20 +20,6 @@ def test_stack_up_offers_a_data_dir_and_a_fast_mode_that_says_what_it_costs():
     assert "a crash loses acknowledged writes" in " ".join(result.output.split())
 
 
-def test_the_env_file_is_removed_at_stop_unless_someone_rewrote_it(tmp_path):
-    from plantml.cli.stack import remove_env_file, write_env_file
-
-    ours, theirs = tmp_path / "ours.env", tmp_path / "theirs.env"
-    written = write_env_file(ours, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
-    assert ours.stat().st_mode & 0o777 == 0o600
-    remove_env_file(ours, written)
-    assert not ours.exists()
-    written = write_env_file(theirs, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
-    theirs.write_text("MLFLOW_TRACKING_URI=http://127.0.0.1:2\n")
-    remove_env_file(theirs, written)
-    assert theirs.read_text() == "MLFLOW_TRACKING_URI=http://127.0.0.1:2\n"
-
-
 def test_build_images_and_prune_are_commands():
     for name in ("build-images", "prune"):
         result = CliRunner().invoke(stack_command, [name, "--help"])

@@ -137,8 +137,10 @@ def test_a_data_dir_stays_with_owner_only_credentials_and_a_temporary_folder_goe
 
 KILLED_OWNER = textwrap.dedent("""
     import json, subprocess, sys, time
+    from pathlib import Path
     from plantml.stack.folder import STATE, StackFolder, process_start_time
     folder = StackFolder.open(None, "killed")
+    folder.write_env_file(Path(sys.argv[1]), {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
     service = subprocess.Popen(["sleep", "300"], start_new_session=True)
     folder.write_json(STATE, {"processes": {"s3": {"pid": service.pid, "started": process_start_time(service.pid)}}})
     print(json.dumps({"folder": str(folder.path), "pid": service.pid}), flush=True)
@@ -146,17 +148,20 @@ KILLED_OWNER = textwrap.dedent("""
 """)
 
 
-def test_prune_cleans_up_after_an_owner_killed_with_sigkill():
-    owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER], stdout=subprocess.PIPE, text=True)
+def test_prune_cleans_up_after_an_owner_killed_with_sigkill(tmp_path):
+    env_file = tmp_path / "stack.env"
+    owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER, str(env_file)], stdout=subprocess.PIPE, text=True)
     left = json.loads(owner.stdout.readline())
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     assert Path(left["folder"]).is_dir() and process_start_time(left["pid"]) is not None  # what a kill -9 leaves
+    assert env_file.exists()  # pointing at a dead server
 
     removed = prune_local_stacks()
 
     assert f"s3 process {left['pid']}" in removed
     assert not Path(left["folder"]).exists()
+    assert not env_file.exists() and f"env file {env_file}" in removed
     eventually(lambda: process_start_time(left["pid"]) is None or _is_zombie(left["pid"]))
 
 
@@ -165,6 +170,45 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_the_env_file_goes_with_the_stack_unless_someone_rewrote_it(tmp_path):
+    ours, theirs = tmp_path / "ours.env", tmp_path / "theirs.env"
+    for path in (ours, theirs):
+        folder = StackFolder.open(None, path.stem)
+        folder.write_env_file(path, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "AWS_SECRET_ACCESS_KEY": "s"})
+        assert path.read_text() == "MLFLOW_TRACKING_URI=http://127.0.0.1:1\nAWS_SECRET_ACCESS_KEY=s\n"
+        assert path.stat().st_mode & 0o777 == 0o600
+        if path is theirs:
+            path.write_text("MLFLOW_TRACKING_URI=http://127.0.0.1:2\n")
+        folder.close()
+    assert not ours.exists()
+    assert theirs.read_text() == "MLFLOW_TRACKING_URI=http://127.0.0.1:2\n"
+
+
+@pytest.mark.parametrize("planted", ["world-readable file", "symlink"])
+def test_a_file_planted_where_a_secret_is_written_is_neither_followed_nor_kept(tmp_path, planted):
+    """Another account that can write beside a secret file (a service's folder is owned by its account) plants
+    the temporary file a writer would use: the secret still ends 0600, and a link's target stays untouched."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    folder = StackFolder.open(None, "planted")
+    targets = (tmp_path / "stack.env", folder.path / CREDENTIALS)
+    for target in targets:
+        for tmp in (target.with_name(target.name + ".tmp"), target.with_name(f".{target.name}.tmp")):
+            if planted == "symlink":
+                tmp.symlink_to(victim)
+            else:
+                tmp.write_text("")
+                tmp.chmod(0o644)
+    try:
+        folder.write_env_file(targets[0], {"AWS_SECRET_ACCESS_KEY": "s"})
+        folder.write_json(CREDENTIALS, {"s3": {"secret_key": "s"}})
+        for target in targets:
+            assert target.stat().st_mode & 0o777 == 0o600 and not target.is_symlink()
+        assert victim.read_text() == "precious\n"
+    finally:
+        folder.close()
 
 
 def test_prune_leaves_a_live_stack_alone(tmp_path):
