@@ -6,7 +6,8 @@ Layout of a pushed set ``s3://BUCKET/PREFIX``: the files under their class folde
 an unfinished push.
 
 - :func:`push` uploads in parallel and skips every file already stored with the same
-  bytes (the stored ETag of a single-part upload is the MD5 of its bytes), so running it
+  bytes (the stored ETag of a single-part upload is the MD5 of its bytes; a file sent in
+  parts is compared by its SHA-256, stored as object metadata), so running it
   again after an interruption resumes where it stopped.
 - :func:`pull` downloads into ``<cache>/datasets/<digest>/``, checking every file against
   the manifest's SHA-256, and only then makes the folder visible (a rename): a set whose
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from plantml.datasets.manifest import MANIFEST_NAME, Manifest, build_manifest
+from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest
 from plantml.errors import DataError, TrackingError, UsageError
 
 #: Parallel transfers (S3 requests wait on the network, not on the CPU).
@@ -139,7 +140,7 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
         except UnicodeEncodeError:
             raise DataError(f"image {root / entry.path}: its name is not valid UTF-8, which S3 keys must be") from None
     stored = stored_objects(client, where)
-    todo = [e for e in manifest.files if not _unchanged(stored.get(where.key(e.path)), e.size, e.md5)]
+    todo = [e for e in manifest.files if not _unchanged(client, where, stored.get(where.key(e.path)), e)]
     if progress is not None:
         progress.total = sum(e.size for e in todo)
 
@@ -169,8 +170,18 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
     return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
 
 
-def _unchanged(stored: tuple[int, str] | None, size: int, md5: str) -> bool:
-    return stored is not None and stored[0] == size and (stored[1] == md5 or size > SINGLE_PART_LIMIT)
+def _unchanged(client: Any, where: S3Location, stored: tuple[int, str] | None, entry: FileEntry) -> bool:
+    """True when the object stored for ``entry`` has its bytes: the same MD5 ETag, or for a file sent in
+    parts (whose ETag is not an MD5) the same size and SHA-256 metadata."""
+    if stored is None or stored[0] != entry.size:
+        return False
+    if entry.size <= SINGLE_PART_LIMIT:
+        return stored[1] == entry.md5
+    try:
+        head = client.head_object(Bucket=where.bucket, Key=where.key(entry.path))
+    except _client_errors():
+        return False  # unreadable: send it again
+    return bool(head.get("Metadata", {}).get(SHA256_METADATA) == entry.sha256)
 
 
 def _b64(md5_hex: str) -> str:

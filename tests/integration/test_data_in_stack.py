@@ -147,3 +147,27 @@ def test_an_interrupted_push_resumes(env: dict[str, str], prefix: str, s3_client
     assert f"{300 - len(before)} uploaded, {len(before)} already there" in resumed.stdout
     assert len(stored()) == 301
     shutil.rmtree(big)
+
+
+def test_a_file_sent_in_parts_and_changed_at_the_same_size_is_sent_again(mlflow_stack: Any, prefix: str,
+                                                                         tmp_path: Path, monkeypatch) -> None:
+    """A file over the single-part limit has no MD5 ETag: a second push compares its SHA-256, not only its size."""
+    from plantml.datasets import remote
+
+    monkeypatch.setattr(remote, "SINGLE_PART_LIMIT", 64)  # every image goes the multipart way
+    folder = synth.generate(tmp_path / "parts", synth.SynthSpec(per_class=3, size=32, seed=9))
+    client = mlflow_stack.s3_client()
+    first = remote.push(client, folder, prefix)
+    assert (first.uploaded, first.skipped) == (6, 0)
+    assert (remote.push(client, folder, prefix).uploaded) == 0  # unchanged: nothing sent
+
+    changed = sorted(folder.rglob("*.png"))[0]
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    changed.write_bytes(bytes(data))
+    again = remote.push(client, folder, prefix)
+
+    assert (again.uploaded, again.skipped) == (1, 5)
+    key = remote.S3Location.parse(prefix).key(changed.relative_to(folder).as_posix())
+    stored = client.get_object(Bucket=remote.S3Location.parse(prefix).bucket, Key=key)["Body"].read()
+    assert stored == bytes(data)
