@@ -255,3 +255,30 @@ def test_a_pytest_session_killed_with_sigterm_tears_its_stack_down(tmp_path):
     assert len(started["pids"]) >= 3
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started["pids"])
     assert not Path(started["workdir"]).exists()
+
+
+DOWNSTREAM_TESTS = textwrap.dedent("""
+    def test_logs_to_the_stack(mlflow_stack, mlflow_client, experiment_name):
+        assert mlflow_stack.backend == "external"
+        experiment_id = mlflow_client.create_experiment(experiment_name)
+        run = mlflow_client.create_run(experiment_id, run_name="from_an_external_session")
+        mlflow_client.log_metric(run.info.run_id, "val_accuracy", 0.5)
+        mlflow_client.set_terminated(run.info.run_id)
+
+    def test_needs_a_stack_of_its_own(mlflow_stack_factory):
+        pass
+""")
+
+
+def test_a_pytest_session_on_an_external_stack_uses_it_and_starts_nothing(mlflow_stack, mlflow_client, tmp_path):
+    """``pytest --stack external``: the fixtures describe the stack of the environment (here, the session's)."""
+    (tmp_path / "test_downstream.py").write_text(DOWNSTREAM_TESTS)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}, **mlflow_stack.client_env()}
+    session = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--stack", "external",
+                              str(tmp_path / "test_downstream.py")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "1 passed" in session.stdout and "1 error" in session.stdout, session.stdout[-3000:]
+    assert "stacks of their own need a backend plantml starts (local, containers), not 'external'" in session.stdout
+    runs = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()],
+                                     "attributes.run_name = 'from_an_external_session'")
+    assert len(runs) == 1 and runs[0].data.metrics == {"val_accuracy": 0.5}
