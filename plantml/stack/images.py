@@ -343,6 +343,9 @@ def build_images(only: tuple[str, ...] = (), force: bool = False,
 
 def pull_registry_images(compose_dir: Path, report: Callable[[str], None] = lambda line: None) -> None:
     """Where a registry is reachable: pull the usual images and build the compose MLflow image."""
+    if not (compose_dir / "mlflow.Dockerfile").is_file():
+        raise StackError("mlflow", f"--from-registry builds {compose_dir / 'mlflow.Dockerfile'}, which only a source "
+                                   "checkout of plantml has: run it from one")
     check_docker()
     for image in REGISTRY_IMAGES.values():
         run_command(["docker", "pull", image], f"docker pull {image}", "docker")

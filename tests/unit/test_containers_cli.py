@@ -36,6 +36,16 @@ def test_build_images_calls_the_builder_with_the_options(monkeypatch):
     assert calls == [(("postgres",), True)]
 
 
+def test_from_registry_outside_a_source_checkout_says_so_in_one_line(tmp_path):
+    from plantml.errors import StackError
+    from plantml.stack import images
+
+    with pytest.raises(StackError) as refused:
+        images.pull_registry_images(tmp_path / "compose")
+    assert str(refused.value) == (f"mlflow: --from-registry builds {tmp_path / 'compose' / 'mlflow.Dockerfile'}, which "
+                                  "only a source checkout of plantml has: run it from one")
+
+
 def test_the_containers_stack_without_docker_errors_every_test_and_skips_none(pytester: pytest.Pytester, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", "unix:///no/such/docker.sock")
     pytester.makepyfile(
