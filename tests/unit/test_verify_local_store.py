@@ -85,6 +85,18 @@ def test_a_failed_read_back_stops_the_checks_and_ends_the_run_failed(local_setti
     assert client_for(local_settings).get_run(verification.run_id).info.status == "FAILED"
 
 
+def test_a_server_that_accepts_but_never_answers_fails_the_first_check_after_its_timeout() -> None:
+    with socket.socket() as silent:  # the kernel completes the handshake; nothing ever reads or answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        results = list(Verification(TrackingSettings(tracking_uri=uri, experiment_name="nowhere")).run())
+        elapsed = time.monotonic() - started
+    assert [r.line for r in results] == [f"✗ connection to the MLflow server: {uri} did not answer {uri}/health within 8 s"]
+    assert elapsed < 15
+
+
 def test_a_server_that_is_not_there_fails_the_first_check_fast() -> None:
     settings = TrackingSettings(tracking_uri=f"http://127.0.0.1:{free_port()}", experiment_name="nowhere")
     started = time.monotonic()
