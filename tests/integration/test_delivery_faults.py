@@ -107,3 +107,21 @@ def test_a_batch_the_server_refuses_never_drops_its_good_entries(tracker, mlflow
     [kept] = (tmp_path / "journal" / "kept").glob("*.jsonl")  # the record of what was set aside
     refused = [json.loads(line) for line in kept.read_text().splitlines() if '"refused"' in line]
     assert len(refused) == 1 and "HTTP 400" in refused[0]["reason"]
+
+
+@pytest.mark.parametrize("step", ["/mlflow/logged-models", "/mlflow/model-versions/create"])
+def test_a_model_step_whose_answer_is_lost_is_done_once(step, proxy, tracker, mlflow_client, experiment_name):
+    """The server made the logged model (or the version), its answer never came: the retry finds it, makes no second."""
+    import torch
+
+    name = f"dropped_{experiment_name}"
+    proxy.inject("drop_answer", times=1, when=lambda r: r.method == "POST" and r.path.endswith(step))
+    with tracker.start_run() as run:
+        info = tracker.log_model(torch.nn.Linear(4, 2), "model", registered_model_name=name, wait=120)
+    assert proxy.mangled["drop_answer"] == 1  # the fault struck
+    assert [int(v.version) for v in mlflow_client.search_model_versions(f"name='{name}'")] == [1]
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
+    [logged] = mlflow_client.search_logged_models([experiment.experiment_id])
+    assert str(logged.status).endswith("READY") and logged.source_run_id == run.run_id
+    assert info.registered_model_version == 1 and info.model_id == logged.model_id
+    assert mlflow_client.get_run(run.run_id).info.status == "FINISHED"
