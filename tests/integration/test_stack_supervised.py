@@ -100,3 +100,4 @@ def test_a_killed_service_comes_back_and_kill_9_of_stack_up_leaves_nothing(pytes
     assert pruned.returncode == 0, pruned.stderr
     assert f"stack folder {folder}" in pruned.stdout
     assert not folder.exists()
+    assert not env_file.exists()  # it pointed at the dead stack
