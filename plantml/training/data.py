@@ -104,6 +104,19 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     )
 
 
+#: Pillow's modes of 16-bit (and 32-bit integer) grayscale, which its ``convert("RGB")`` clips at 255.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB. 16-bit grayscale (a 16-bit PNG) keeps its high byte, as 16-bit RGB does in
+    Pillow and torchvision; Pillow's own conversion would clip it at 255 and turn the image white."""
+    if image.mode in _WIDE_GRAY_MODES:
+        high_byte = (np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(high_byte).convert("RGB")  # 2-D uint8: mode L
+    return image.convert("RGB")
+
+
 def _decode_problem(data: bytes) -> str | None:
     """Why ``data`` is not a whole image, or None. It is decoded, not only verified: ``verify()``
     passes a truncated JPEG, which then fails mid-epoch. JPEGs decode at reduced scale (draft)."""
@@ -175,7 +188,7 @@ class ImageSamples(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                return self.transform(image.convert("RGB")), label
+                return self.transform(to_rgb(image)), label
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:  # changed since the scan
             raise DataError(f"image {path}: cannot be decoded ({exc})") from None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split
+from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split, to_rgb
 from plantml.training.distributed import Ranks, rank_share
 from plantml.training.image_decode import EncodedImages
 
@@ -41,7 +41,7 @@ def decode_images(samples: Sequence[tuple[Path, int]], image_size: int) -> tuple
     labels = torch.empty(len(samples), dtype=torch.int64)
     for index, (path, label) in enumerate(samples):
         with Image.open(path) as image:
-            rgb = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+            rgb = to_rgb(image).resize((image_size, image_size), Image.BILINEAR)
         images[index] = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3).permute(2, 0, 1)
         labels[index] = label
     return images, labels
@@ -108,19 +108,22 @@ class DeviceLoader:
             for index in indices:
                 yield self._batch(self.raw(index)), self.labels[index]
             return
-        yield from self._prefetched(indices)
+        yield from self._prefetched(order, indices)
 
-    def _prefetched(self, indices: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _prefetched(self, order: torch.Tensor, indices: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batch n+1 built on a side stream while batch n trains on the current one."""
+        if not indices:  # an empty share (a split smaller than the number of ranks)
+            return
         side = torch.cuda.Stream(device=self.device)
         training = torch.cuda.current_stream(self.device)
         side.wait_stream(training)  # the order was drawn on the training stream
+        order.record_stream(side)  # read there: not reused before it is, even if the loop is left early
 
         def build(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.cuda.stream(side):
                 return self._batch(self.raw(index)), self.labels[index]
 
-        ready = build(indices[0]) if indices else None
+        ready = build(indices[0])
         for following in [*indices[1:], None]:
             training.wait_stream(side)
             images, labels = ready  # type: ignore[misc]

@@ -24,8 +24,12 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 
 #: A JPEG file starts with these bytes (SOI marker, then another marker).
 JPEG_MAGIC = b"\xff\xd8\xff"
-#: Images decoded per nvJPEG call when decoding a whole set (bounds the device memory it takes).
+#: Images decoded per nvJPEG call when decoding a whole set, and the encoded bytes one call takes at most
+#: (decoded, a JPEG is about ten times larger): they bound the device memory a decode takes.
 DECODE_CHUNK = 256
+DECODE_CHUNK_BYTES = 64 << 20
+#: Input pixels resized per call: the float copy a resize makes stays under 1 GiB (3 channels of 4 bytes).
+RESIZE_PIXELS = 1 << 26
 
 
 @contextlib.contextmanager
@@ -53,38 +57,100 @@ def read_encoded(paths: Sequence[Path]) -> list[torch.Tensor]:
 
 def decode_on_device(encoded: Sequence[torch.Tensor], image_size: int, device: torch.device) -> torch.Tensor:
     """Decode and resize ``encoded`` images: ``uint8`` ``[N, 3, S, S]`` on ``device``, in input order."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
     out = torch.empty((len(encoded), 3, image_size, image_size), dtype=torch.uint8, device=device)
     jpeg_index: list[int] = []
     other_index: list[int] = []
     for i, data in enumerate(encoded):
         (jpeg_index if is_jpeg(data) else other_index).append(i)
     with _torchvision_io():
-        for start in range(0, len(jpeg_index), DECODE_CHUNK):
-            chunk = jpeg_index[start:start + DECODE_CHUNK]
-            decoded = decode_jpeg([encoded[i] for i in chunk], mode=ImageReadMode.RGB, device=device)
-            _resize_into(out, chunk, decoded, image_size)
+        for chunk in _chunks(jpeg_index, encoded):
+            _resize_into(out, chunk, _decode_jpegs([encoded[i] for i in chunk], device), image_size)
         for i in other_index:  # PNG and the rest: the CPU decodes, the device resizes
-            decoded = decode_image(encoded[i], mode=ImageReadMode.RGB).to(device)
-            _resize_into(out, [i], [decoded], image_size)
+            _resize_into(out, [i], [decode_on_cpu(encoded[i]).to(device)], image_size)
     return out
+
+
+def _chunks(index: list[int], encoded: Sequence[torch.Tensor]) -> Iterator[list[int]]:
+    """``index`` in runs of at most :data:`DECODE_CHUNK` files and :data:`DECODE_CHUNK_BYTES` encoded bytes."""
+    chunk: list[int] = []
+    size = 0
+    for i in index:
+        if chunk and (len(chunk) == DECODE_CHUNK or size + encoded[i].numel() > DECODE_CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(i)
+        size += encoded[i].numel()
+    if chunk:
+        yield chunk
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEGs decoded on ``device`` in one call; if the device's decoder refuses one (nvJPEG has no CMYK),
+    one by one, and those it refuses on the CPU."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type == "cuda":  # torchvision's decoder writes on its own stream (pytorch/vision#9606): start idle
+        torch.cuda.current_stream(device).synchronize()
+    try:
+        return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        if device.type == "cpu":
+            return [decode_on_cpu(one) for one in data]
+    decoded = []
+    for one in data:
+        try:
+            decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            decoded.append(decode_on_cpu(one).to(device))
+    return decoded
+
+
+def decode_on_cpu(data: torch.Tensor) -> torch.Tensor:
+    """One image's bytes decoded on the CPU to ``uint8`` ``[3, H, W]``: torchvision's decoders for JPEG, PNG, WebP
+    and GIF, Pillow for the rest (BMP, TIFF, PPM/PGM, CMYK JPEGs libjpeg refuses); 16-bit PNGs keep their
+    high byte, as Pillow does."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        decoded = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return _decode_with_pillow(data)
+    if decoded.dtype != torch.uint8:
+        decoded = (decoded.to(torch.int32) >> 8).to(torch.uint8)
+    return decoded
+
+
+def _decode_with_pillow(data: torch.Tensor) -> torch.Tensor:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from plantml.training.data import to_rgb
+
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+        rgb = np.asarray(to_rgb(image))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def _resize_into(out: torch.Tensor, index: list[int], images: Sequence[torch.Tensor], image_size: int) -> None:
     """Resize ``images`` (``[3, H, W]`` each) to ``image_size`` and write them at ``index`` of ``out``.
 
-    Images of one shape are resized in one call (a photo folder usually has a few shapes).
+    Images of one shape are resized together (a photo folder usually has a few shapes), at
+    most :data:`RESIZE_PIXELS` input pixels per call, which bounds the float copy it makes.
     """
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for position, image in enumerate(images):
         by_shape.setdefault(tuple(image.shape), []).append(position)
     for shape, positions in by_shape.items():
-        batch = torch.stack([images[p] for p in positions])
-        if shape[1:] != (image_size, image_size):
-            batch = F.interpolate(batch.float(), size=(image_size, image_size), mode="bilinear",
-                                  align_corners=False, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
-        out[torch.as_tensor([index[p] for p in positions], device=out.device)] = batch
+        step = max(1, RESIZE_PIXELS // (shape[1] * shape[2]))
+        for start in range(0, len(positions), step):
+            group = positions[start:start + step]
+            batch = torch.stack([images[p] for p in group])
+            if shape[1:] != (image_size, image_size):
+                batch = F.interpolate(batch.float(), size=(image_size, image_size), mode="bilinear",
+                                      align_corners=False, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+            out[torch.as_tensor([index[p] for p in group], device=out.device)] = batch
 
 
 class EncodedImages:

@@ -145,8 +145,10 @@ def generate(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) -
     return root
 
 
-def as_jpeg(source: str | os.PathLike[str], target: str | os.PathLike[str], quality: int = 95) -> Path:
-    """Copy the image folder ``source`` to ``target`` as JPEG files (``.jpg``), as photos come.
+def as_jpeg(source: str | os.PathLike[str], target: str | os.PathLike[str], quality: int = 95,
+            subsampling: str = "4:2:0") -> Path:
+    """Copy the image folder ``source`` to ``target`` as JPEG files (``.jpg``), as photos come
+    (``subsampling`` of the chroma: ``4:2:0`` as cameras save, or ``4:4:4``).
 
     The marker is not copied: the copy is a folder of photos like any other.
     """
@@ -155,7 +157,7 @@ def as_jpeg(source: str | os.PathLike[str], target: str | os.PathLike[str], qual
         out = root / path.parent.name / f"{path.stem}.jpg"
         out.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(path) as image:
-            image.convert("RGB").save(out, format="JPEG", quality=quality)
+            image.convert("RGB").save(out, format="JPEG", quality=quality, subsampling=subsampling)
     return root
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _images import ODD_FORMATS, write_odd_formats
 
 from plantml.training import synth
 from plantml.training.data import scan_image_folder
@@ -58,6 +59,33 @@ def test_decoding_on_the_device_path_matches_the_pil_path(folder: str, image_siz
     assert difference.max() <= MAX_LEVELS and difference.mean() <= MEAN_LEVELS, (float(difference.max()), float(difference.mean()))
     if image_size == 48 and folder == "pngs":  # no decoding nor resizing difference at all
         assert torch.equal(device, pil)
+
+
+@pytest.fixture(scope="module")
+def odd_formats(pngs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_odd_formats(sorted(pngs.glob("*/*.png"))[0], tmp_path_factory.mktemp("odd"))
+
+
+@pytest.mark.parametrize("image_size", [32, 48])
+@pytest.mark.parametrize("kind", ODD_FORMATS)
+def test_every_format_the_scan_accepts_decodes_on_the_device_path_as_on_the_pil_path(kind: str, image_size: int,
+                                                                                       odd_formats: dict[str, Path]) -> None:
+    """BMP, TIFF, PPM/PGM (which torchvision cannot decode), CMYK and gray JPEGs, 16-bit PNGs."""
+    path = odd_formats[kind]
+    pil, _ = decode_images([(path, 0)], image_size)
+    device = decode_on_device(read_encoded([path]), image_size, CPU)
+    difference = (device.float() - pil.float()).abs()
+    assert difference.max() <= MAX_LEVELS and difference.mean() <= MEAN_LEVELS, (float(difference.max()), float(difference.mean()))
+
+
+def test_a_16_bit_png_keeps_its_picture_instead_of_turning_white(odd_formats: dict[str, Path]) -> None:
+    """Pillow's own conversion clips 16-bit grayscale at 255: every pixel above 1/256 of the range turns white."""
+    eight_bit, _ = decode_images([(odd_formats["pgm (gray)"], 0)], 48)
+    for kind in ("16-bit gray png", "16-bit rgb png"):
+        sixteen_bit, _ = decode_images([(odd_formats[kind], 0)], 48)
+        assert sixteen_bit.float().mean() < 250
+        if kind == "16-bit gray png":
+            assert torch.equal(sixteen_bit, eight_bit)  # v * 257 keeps v as its high byte
 
 
 def test_a_mixed_folder_keeps_its_order(jpegs: Path, pngs: Path) -> None:
