@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -126,3 +127,50 @@ def test_a_data_folder_in_use_by_a_running_stack_is_refused_in_one_line(second_l
     assert result.stderr.strip() == f"plantml: error: stack: data folder {data_dir} is in use by a running stack " \
                                     f"(pid {os.getpid()})"
     assert second_life.services["mlflow"].running  # the running stack is untouched
+
+
+def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_on_new_ports_if_the_old_are_taken(
+        mlflow_stack_factory, pytestconfig, tmp_path):
+    """``kill -9`` of ``plantml stack up --data-dir DIR`` (no teardown at all), one of its ports taken meanwhile:
+    the next start on DIR cleans up what the killed one left (its env file too) and serves the same run."""
+    import mlflow
+    from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
+
+    folder = Path(tempfile.mkdtemp(prefix="plantml-killed-"))
+    env_file = tmp_path / "stack.env"
+    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--backend", pytestconfig.getoption("--stack"),
+                           "--data-dir", str(folder), "--env-file", str(env_file)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in up.stdout:  # type: ignore[union-attr]
+            if line.startswith("Press Ctrl-C"):
+                break
+        uri = dict(line.split("=", 1) for line in env_file.read_text().splitlines())["MLFLOW_TRACKING_URI"]
+        client = mlflow.MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment(f"killed_{uuid.uuid4().hex[:8]}")).info.run_id
+        client.log_metric(run_id, "val_loss", 0.25, step=1)  # acknowledged, then the owner is killed
+    finally:
+        up.kill()
+        up.wait()
+    old_port = int(uri.rsplit(":", 1)[1])
+
+    @retry(retry=retry_if_exception_type(OSError), stop=stop_after_delay(60), wait=wait_fixed(0.2), reraise=True)
+    def squat() -> socket.socket:  # once the killed server has let go of its port
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its closed connections' TIME_WAIT
+        try:
+            squatter.bind(("127.0.0.1", old_port))
+        except OSError:
+            squatter.close()
+            raise
+        squatter.listen()
+        return squatter
+
+    try:
+        with squat(), mlflow_stack_factory(data_dir=folder) as stack:
+            assert int(stack.tracking_uri.rsplit(":", 1)[1]) != old_port
+            assert not env_file.exists()  # the start pruned the killed stack's leftovers, its env file included
+            history = mlflow.MlflowClient(stack.tracking_uri).get_metric_history(run_id, "val_loss")
+            assert [(m.step, m.value) for m in history] == [(1, 0.25)]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
