@@ -222,4 +222,7 @@ def _make_tracker(options: dict):
     from plantml.tracking import MLflowTracker
 
     # SIGTERM, SIGHUP, Ctrl-C: the run ends KILLED with one line, and journals of dead processes are delivered first
-    return MLflowTracker(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"], handle_signals=True)
+    tracker = MLflowTracker(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"],
+                            handle_signals=True)
+    tracker.check_artifact_access()  # before the training, not after it, when the model could not be stored
+    return tracker

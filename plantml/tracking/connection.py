@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from plantml.errors import PlantmlError, TrackingError, one_line
+from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
 from plantml.settings import TrackingSettings
 
 
@@ -60,3 +60,33 @@ def open_experiment(client: Any, settings: TrackingSettings) -> str:
     if experiment.lifecycle_stage != "active":
         raise TrackingError(f"{settings.tracking_uri}: experiment {name!r} is deleted; restore it or choose another name")
     return experiment.experiment_id
+
+
+def check_artifact_access(client: Any, experiment_id: str, settings: TrackingSettings) -> None:
+    """A one-line :class:`ConfigError` when the experiment keeps its artifacts in S3 and this client has no keys.
+
+    A server started with ``--default-artifact-root s3://…`` (plantml's ``--artifacts direct``)
+    leaves every upload to its clients: without keys, a training would run to its end and then
+    fail to store its model. Keys count from the settings (environment, ``.env``) or boto3's
+    files and profiles; cloud metadata services are not asked (no request leaves this machine).
+    """
+    location = str(client.get_experiment(experiment_id).artifact_location or "")
+    if not location.startswith("s3://") or (settings.aws_access_key and settings.aws_secret_key) or _aws_keys_in_files():
+        return
+    raise ConfigError(
+        f"experiment {settings.experiment_name!r} keeps its artifacts at {location} and its server does not store them "
+        "for its clients: this client needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for "
+        "a store other than AWS) in the environment or .env, and found none")
+
+
+def _aws_keys_in_files() -> bool:
+    """True when boto3 finds keys without asking a metadata service (its config files, a profile, SSO…)."""
+    import botocore.session
+
+    resolver = botocore.session.get_session().get_component("credential_provider")
+    for network_provider in ("container-role", "iam-role"):
+        resolver.remove(network_provider)
+    try:
+        return resolver.load_credentials() is not None
+    except Exception:  # noqa: BLE001 - a broken profile is no usable key either
+        return False

@@ -104,6 +104,11 @@ class MLflowTracker:
         if recover_timeout > 0:
             recover_at_start(self.delivery_settings, self.settings, recover_timeout)
 
+    def check_artifact_access(self) -> None:
+        """Raise a one-line :class:`~plantml.errors.ConfigError` when the experiment stores its artifacts in S3
+        and this client has no keys for it: call it before work whose artifacts must not be lost."""
+        connection.check_artifact_access(self._client, self.experiment_id, self.settings)
+
     def __repr__(self) -> str:
         return f"MLflowTracker(tracking_uri={self.tracking_uri!r}, experiment={self.settings.experiment_name!r}, run_id={self.run_id!r})"
 

@@ -153,3 +153,49 @@ def test_bad_input_creates_no_run(mlflow_env, mlflow_client, experiment_name, le
                      "--freeze-backbone", "--unfreeze-epoch", "9") == 2
 
     assert mlflow_client.get_experiment_by_name(experiment_name) is None
+
+
+def test_a_client_with_only_the_tracking_uri_trains_on_a_proxied_stack_and_is_stopped_before_training_on_a_direct_one(
+        mlflow_stack_any_mode, leaves, tmp_path, experiment_name):
+    """Proxied: the server stores the artifacts, so MLFLOW_TRACKING_URI is all a client needs. Direct: the client
+    uploads them itself, so without keys it is told at once, in one line, before any run or training."""
+    import mlflow
+
+    stack = mlflow_stack_any_mode
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "MLFLOW_", "BOTO"))}
+    env.update(MLFLOW_TRACKING_URI=stack.tracking_uri, HOME=str(tmp_path), PLANTML_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-m", "plantml", "train", "--epochs", "1", "--batch-size", "8", "--image-size",
+                          "16", "--weights", "none", "--num-workers", "0", "--data-dir", str(leaves),
+                          "--experiment-name", experiment_name],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    if stack.artifact_mode == "proxied":
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert [run.info.status for run in runs] == ["FINISHED"]
+        [version] = client.search_model_versions(f"name='resnet18_plant_classifier' and run_id='{runs[0].info.run_id}'")
+        assert version.status == "READY"
+    else:
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert out.stderr.strip().splitlines()[-1].startswith(
+            f"plantml: error: experiment {experiment_name!r} keeps its artifacts at s3://")
+        assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in out.stderr and "epoch 1/1" not in out.stdout
+        assert runs == []
+
+
+def test_keys_in_boto3s_credentials_file_count_for_a_direct_stack(mlflow_stack, tmp_path, monkeypatch, experiment_name):
+    from plantml.errors import ConfigError
+    from plantml.tracking import MLflowTracker
+
+    for name in [name for name in os.environ if name.startswith(("AWS_", "MLFLOW_", "BOTO"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # no .env here
+    tracker = MLflowTracker(mlflow_stack.tracking_uri, experiment_name, journal_dir=tmp_path / "journal")
+    with pytest.raises(ConfigError):
+        tracker.check_artifact_access()
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "credentials").write_text(
+        f"[default]\naws_access_key_id = {mlflow_stack.aws_access_key}\naws_secret_access_key = {mlflow_stack.aws_secret_key}\n")
+    tracker.check_artifact_access()  # found: no error
