@@ -29,6 +29,7 @@ from mirakuru.exceptions import ExecutorError, TimeoutExpired
 from plantml.errors import StackError
 from plantml.settings import env_path
 from plantml.stack.endpoints import ArtifactMode
+from plantml.stack.folder import private_folder
 from plantml.stack.s3 import find_weed
 from plantml.stack.service import Account, Command, Network, ServiceSpec
 from plantml.stack.stack import ManagedStack
@@ -171,8 +172,10 @@ class HostProcess:
     def start(self) -> None:
         """Start the process and wait until it answers, or raise :class:`StackError` with its log tail."""
         self.stop()  # a process that died leaves its executor behind
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = open(self.log_path, "a", buffering=1)  # noqa: SIM115 - closed in stop()
+        private_folder(self.log_path.parent)  # logs tell how the stack runs: owner only, like the rest of it
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # also a log an older start left readable
+        self._log_file = open(fd, "a", buffering=1)  # noqa: SIM115 - closed in stop()
         self._executor = ServiceExecutor(self.spec, [*program(self.spec.command[0], self.spec.name),
                                                      *self.spec.command[1:]], self._log_file)
         try:

@@ -83,6 +83,18 @@ def test_another_user_cannot_read_the_environment_of_the_stacks_processes(auth_s
         assert peek.returncode != 0 and "Permission denied" in peek.stderr, name
 
 
+def test_another_local_user_can_read_no_file_of_the_stack(auth_stack):
+    """Credentials, TLS keys, the database, the objects, the logs: ``nobody`` opens every path and reads none."""
+    if os.geteuid() != 0:
+        pytest.fail("this check plays another local user through runuser, which needs root")
+    files = [str(path) for path in auth_stack.folder.path.rglob("*") if path.is_file()]
+    assert len(files) > 20 and any(path.endswith("credentials.json") for path in files)
+    peek = subprocess.run(["runuser", "-u", "nobody", "--", "sh", "-c",
+                           'for f; do head -c1 "$f" >/dev/null 2>&1 && echo "$f"; done; true', "sh", *files],
+                          capture_output=True, text=True, timeout=120)
+    assert peek.returncode == 0 and peek.stdout == "", peek.stdout[:2000]
+
+
 def test_every_listening_port_is_declared_and_on_loopback(auth_stack):
     declared = {port for service in auth_stack.services.values() for port in service.spec.ports.values()}
     found = listening(stack_pids(auth_stack))
