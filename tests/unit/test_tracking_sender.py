@@ -37,6 +37,7 @@ class FakeServer(Transport):
         self.refuse: set[str] = set()
         self.fail_500: set[str] = set()
         self.fail_503: set[str] = set()
+        self.unavailable_status = 503  # what fail_503 answers: 502, 503 or 504
         self.deleted = False
         self.forbidden = False
         self.points: list[tuple[str, float, int, int]] = []
@@ -59,7 +60,7 @@ class FakeServer(Transport):
             keys = {m.key for m in metrics} | {p.key for p in params} | {t.key for t in tags}
             if self.deleted:
                 raise ServerError(400, "INVALID_PARAMETER_VALUE", "the run must be in the 'active' state")
-            for bad, status in ((self.refuse, 400), (self.fail_500, 500), (self.fail_503, 503)):
+            for bad, status in ((self.refuse, 400), (self.fail_500, 500), (self.fail_503, self.unavailable_status)):
                 if keys & bad:
                     raise ServerError(status, "ERR", f"cannot take {sorted(keys & bad)}")
             self.points += [(m.key, m.value, m.timestamp, m.step) for m in metrics]
@@ -177,8 +178,9 @@ def test_a_500_that_repeats_while_the_server_answers_reads_is_narrowed_down(send
     assert [a.record.entry.key for a in sender.rejected] == ["poison"] and "HTTP 500" in sender.rejected[0].reason
 
 
-def test_a_503_is_never_blamed_on_an_entry(sender, fake) -> None:
-    fake.fail_503 = {"lr"}
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_gateway_or_unavailable_answer_is_never_blamed_on_an_entry(status, sender, fake) -> None:
+    fake.fail_503, fake.unavailable_status = {"lr"}, status
     sender.write([Param("lr", "0.1"), *points(5)])
     assert not sender.flush(timeout=1.0)  # retried, never set aside
     assert sender.rejected == [] and sender.failures >= 3
