@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +132,10 @@ def test_object_store_down_during_model_upload_back_before_the_end(stack, client
             log_epoch(tracker, epoch)
         stack.stop("s3")
         restarter = in_background(stack.start, "s3", delay=3)
+        report = tmp_path / "confusion.txt"
+        report.write_text("healthy 9 1\ndiseased 2 8\n")
+        tracker.log_artifact(report, "reports")
+        report.unlink()  # the caller's file may go at once: the tracker keeps its own copy
         info = tracker.log_model(tiny_model(), registered_model_name=name)
         restarter.join()
     assert tracker.failed_tries >= 1  # the upload failed while the object store was away
@@ -142,6 +147,8 @@ def test_object_store_down_during_model_upload_back_before_the_end(stack, client
     loaded = mlflow.pytorch.load_model(f"models:/{name}/1")
     x = torch.randn(5, 4)
     assert torch.allclose(loaded(x), tiny_model()(x), atol=1e-6)
+    copy = client.download_artifacts(run.run_id, "reports/confusion.txt", str(tmp_path / "back"))
+    assert Path(copy).read_text() == "healthy 9 1\ndiseased 2 8\n"
 
 
 def test_object_store_down_until_the_end_leaves_a_journal_that_replay_completes(stack, client, tmp_path, monkeypatch):
