@@ -171,3 +171,14 @@ def test_a_file_sent_in_parts_and_changed_at_the_same_size_is_sent_again(mlflow_
     key = remote.S3Location.parse(prefix).key(changed.relative_to(folder).as_posix())
     stored = client.get_object(Bucket=remote.S3Location.parse(prefix).bucket, Key=key)["Body"].read()
     assert stored == bytes(data)
+
+
+def test_data_synth_writes_the_synthetic_set_straight_to_the_store(env: dict[str, str], prefix: str, tmp_path: Path) -> None:
+    made = plantml(env, "data", "synth", prefix, "--per-class", "4", "--size", "16", "--seed", "3")
+    assert made.returncode == 0, made.stderr
+    local = synth.generate(tmp_path / "same", synth.SynthSpec(per_class=4, size=16, seed=3))
+    listed = plantml(env, "data", "ls", prefix)
+    assert listed.returncode == 0, listed.stderr
+    [line] = listed.stdout.splitlines()
+    assert line.startswith(f"{prefix}  8 files  2 classes ({', '.join(synth.CLASSES)})")
+    assert line.endswith(f"digest {build_manifest(local).digest}")  # the same images as a local synth of that spec

@@ -183,3 +183,16 @@ def test_registry_command_lists_versions_and_refuses_reserved_aliases(trained: d
     assert [line.split()[0] for line in lines[1:]] == ["1", "2"]
     refused = runner.invoke(cli, ["registry", "--tracking-uri", mlflow_env.tracking_uri, "promote", trained["name"], "1", "--alias", "latest"])
     assert refused.exit_code != 0
+
+
+def test_registry_commands_read_the_stack_from_a_dot_env_file_alone(trained: dict[str, Any], mlflow_stack: Any,
+                                                                  tmp_path: Path) -> None:
+    """The folder's .env is the only place the tracking URI and the S3 keys are (as `stack up --env-file .env`
+    leaves them): loading a version reads its files from S3 with those keys."""
+    (tmp_path / ".env").write_text("".join(f"{key}={value}\n" for key, value in mlflow_stack.client_env().items()))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MLFLOW_", "BOTO"))}
+    env["HOME"] = str(tmp_path)  # no ~/.aws to fall back on
+    out = subprocess.run([sys.executable, "-m", "plantml", "registry", "load-check", f"models:/{trained['name']}/1",
+                          "--image-size", "32"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == f"models:/{trained['name']}/1: loaded TinyNet; batch 2x3x32x32 -> output (2, 2)"
