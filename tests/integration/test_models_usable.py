@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from _files import snapshot
 from _models import CODE_PATHS, TinyNet
 
 from plantml.registry import ModelRegistry
@@ -175,11 +176,6 @@ from plantml.registry import ModelRegistry
 model = ModelRegistry(sys.argv[1]).load_model(sys.argv[2], 1)
 print(type(model).__name__)
 """
-
-
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file below ``folder`` with its size and modification time."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
 def test_registry_helpers_use_their_uri_beside_a_decoy_store_and_leave_nothing(

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _files import snapshot
 
 from plantml.datasets import build_manifest
 from plantml.training import synth
@@ -75,7 +76,7 @@ def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_
     folder, run_name, run_id = store_with_a_run
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    before = set(os.listdir(folder))
+    before = snapshot(folder)
     ui = subprocess.Popen([sys.executable, "-m", "plantml", "ui", "--port", str(port)], cwd=folder, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -103,4 +104,4 @@ def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_
             os.killpg(ui.pid, signal.SIGKILL)
             ui.wait()
     assert port_is_free(port)
-    assert set(os.listdir(folder)) == before
+    assert snapshot(folder) == before  # not a file added, changed or touched (the store's database included)
