@@ -71,7 +71,7 @@ def steps(client, run_id, key):
 
 
 def test_torchrun_two_processes_make_one_run_that_agrees_with_one_process(
-        leaves, job_env, mlflow_client, experiment_name):
+        leaves, job_env, mlflow_client, experiment_name, tmp_path):
     """Two gloo ranks with 32 images each per step against one process with 64: the same global batch.
 
     What must be equal, by design, is asserted exactly: the split sizes, the learning-rate
@@ -91,11 +91,16 @@ def test_torchrun_two_processes_make_one_run_that_agrees_with_one_process(
     the gap to a run that learns nothing (which stays near ln 2 = 0.69).
     """
     name = f"ddp_{uuid.uuid4().hex[:8]}_plant_classifier"
+    workdir = tmp_path / "job"
+    workdir.mkdir()
     out = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "plantml", *TRAIN,
                           "--batch-size", "32", "--data-dir", str(leaves), "--experiment-name", experiment_name,
                           "--registered-model-name", name, "--run-name", "two_ranks"],
-                         env=job_env, capture_output=True, text=True, timeout=300)
+                         env=job_env, capture_output=True, text=True, timeout=300, cwd=workdir)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert list(workdir.iterdir()) == []  # no rank wrote a file where it ran (no local store, no output)
+    journals = Path(job_env["PLANTML_JOURNAL_DIR"])
+    assert not journals.exists() or not [p for p in journals.rglob("*") if p.is_file()]  # delivered, none left
 
     run = only_run(mlflow_client, experiment_name)  # one run: rank 1 created no tracker
     assert run.info.status == "FINISHED" and run.info.run_name == "two_ranks"
