@@ -282,3 +282,25 @@ def test_a_pytest_session_on_an_external_stack_uses_it_and_starts_nothing(mlflow
     runs = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()],
                                      "attributes.run_name = 'from_an_external_session'")
     assert len(runs) == 1 and runs[0].data.metrics == {"val_accuracy": 0.5}
+
+
+def test_stack_up_stops_on_sigterm_like_on_ctrl_c(tmp_path):
+    """What a service manager or ``docker stop`` sends: everything stops, the temporary data goes, exit status 0."""
+    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in up.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+        stack_processes = psutil.Process(up.pid).children(recursive=True)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rest, _ = up.communicate(timeout=60)
+    output = "".join(lines) + rest
+    assert up.returncode == 0, output[-2000:]
+    workdir = Path(re.search(r"data:\s+(\S+)", output).group(1))
+    assert len(stack_processes) >= 3
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stack_processes)
+    assert not workdir.exists() and "its data (runs, artifacts, models) went with it" in output

@@ -19,8 +19,9 @@ TRAINING = textwrap.dedent("""
     import sys, time
     from plantml.tracking import MLflowTracker
 
-    tracker = MLflowTracker(tracking_uri=sys.argv[1], experiment_name="signals", handle_signals=True)
-    run = tracker.start_run(run_name="lib")
+    per_run = sys.argv[3] == "start_run"  # the opt-in on one run, or on the tracker
+    tracker = MLflowTracker(tracking_uri=sys.argv[1], experiment_name="signals", handle_signals=not per_run)
+    run = tracker.start_run(run_name="lib", handle_signals=True) if per_run else tracker.start_run(run_name="lib")
     if sys.argv[2] == "with":
         run.__enter__()
     print("run", run.run_id, flush=True)
@@ -48,13 +49,14 @@ def read_until(stream, prefix: str, timeout: float = 120) -> list[str]:
     raise AssertionError(f"never saw {prefix!r}; got {lines}")
 
 
-@pytest.mark.parametrize("signum, ending", [(signal.SIGTERM, "with"), (signal.SIGHUP, "atexit"), (signal.SIGINT, "with")])
-def test_a_signal_ends_the_run_killed_with_one_line_and_the_signal_as_exit_status(signum, ending, tmp_path) -> None:
+@pytest.mark.parametrize("signum, ending, opt_in", [(signal.SIGTERM, "with", "tracker"), (signal.SIGHUP, "atexit", "tracker"),
+                                                    (signal.SIGINT, "with", "tracker"), (signal.SIGTERM, "with", "start_run")])
+def test_a_signal_ends_the_run_killed_with_one_line_and_the_signal_as_exit_status(signum, ending, opt_in, tmp_path) -> None:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PLANTML_JOURNAL_DIR": str(tmp_path / "journal"), "PLANTML_LINGER": "5"}
-    child = subprocess.Popen([sys.executable, "-c", TRAINING, uri, ending], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", TRAINING, uri, ending, opt_in], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
     try:
         lines = read_until(child.stdout, "epoch 2")
