@@ -167,12 +167,14 @@ def test_a_failing_rank_ends_the_run_failed_and_leaves_no_process(leaves, job_en
     assert out.stderr.count(line) == 1, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("launcher, stop", [("plantml --nproc", signal.SIGTERM), ("torchrun", signal.SIGINT)],
-                         ids=["sigterm-to-plantml-nproc", "ctrl-c-to-torchrun"])
+@pytest.mark.parametrize("launcher, stop", [("plantml --nproc", signal.SIGTERM), ("torchrun", signal.SIGINT),
+                                             ("torchrun", signal.SIGTERM)],
+                         ids=["sigterm-to-plantml-nproc", "ctrl-c-to-torchrun", "sigterm-to-torchrun"])
 def test_stopping_the_job_ends_the_run_killed_and_leaves_no_process(launcher, stop, leaves, job_env, mlflow_client,
                                                                    experiment_name, marker):
     """The job stopped after epoch 1: SIGTERM to ``plantml train --nproc 2`` (torchrun's agent in plantml
-    itself), or SIGINT to torchrun, which is what Ctrl-C sends it (its ranks run in sessions of their own)."""
+    itself), or SIGINT to torchrun, which is what Ctrl-C sends it (its ranks run in sessions of their own), or
+    SIGTERM to torchrun, which is what a batch scheduler sends at the end of a job's time."""
     start = ([sys.executable, "-m", "plantml", *TRAIN, "--nproc", "2"] if launcher == "plantml --nproc"
              else [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "plantml", *TRAIN])
     job = subprocess.Popen([*start, "--epochs", "60", "--batch-size", "32", "--data-dir", str(leaves),
