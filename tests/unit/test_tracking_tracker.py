@@ -259,3 +259,42 @@ def test_a_data_set_mlflow_cannot_store_is_refused_at_the_call(tracker, field, v
     with tracker.start_run():
         with pytest.raises(ValidationError, match=message):
             tracker.log_input(**fields)
+
+
+def test_the_journal_is_fsynced_at_each_epochs_end_and_on_flush(tracker, monkeypatch) -> None:
+    """What survives a power cut is what was fsynced: an epoch's metrics at once, not only on the timer."""
+    import os
+    import time
+
+    from plantml.tracking import sender
+
+    monkeypatch.setattr(sender, "SYNC_INTERVAL_S", 3600.0)  # no timer: only the syncs asked for
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    run = tracker.start_run()
+    journal = str(Path(os.environ["PLANTML_JOURNAL_DIR"]) / f"{run.run_id}.jsonl")
+
+    def journal_synced_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if journal in synced:
+                return True
+            time.sleep(0.01)
+        return False
+
+    journal_synced_within(0.5)
+    synced.clear()
+    tracker.log_param("lr", 0.01)  # written (the kernel has it), not an epoch's end
+    assert not journal_synced_within(0.5)
+    tracker.log_training_metrics(0, 0.9, 0.5, 0.8, 0.6, 0.01)  # an epoch ended
+    assert journal_synced_within(0.5)
+    synced.clear()
+    tracker.log_param("wd", 0.1)
+    assert tracker.flush(10)
+    assert journal in synced
