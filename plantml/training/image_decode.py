@@ -28,6 +28,9 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 #: (decoded, a JPEG is about ten times larger): they bound the device memory a decode takes.
 DECODE_CHUNK = 256
 DECODE_CHUNK_BYTES = 64 << 20
+#: The largest downscale factor of one resize, and the step taken towards it from a larger one.
+MAX_RESIZE_FACTOR = 64
+RESIZE_STEP = 16
 #: Input pixels resized per call: the float copy a resize makes stays under 1 GiB (3 channels of 4 bytes).
 RESIZE_PIXELS = 1 << 26
 
@@ -148,9 +151,18 @@ def _resize_into(out: torch.Tensor, index: list[int], images: Sequence[torch.Ten
             group = positions[start:start + step]
             batch = torch.stack([images[p] for p in group])
             if shape[1:] != (image_size, image_size):
-                batch = F.interpolate(batch.float(), size=(image_size, image_size), mode="bilinear",
-                                      align_corners=False, antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+                batch = _shrink(batch.float(), image_size).round_().clamp_(0, 255).to(torch.uint8)
             out[torch.as_tensor([index[p] for p in group], device=out.device)] = batch
+
+
+def _shrink(batch: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Antialiased bilinear resize to ``image_size``; from a photo many times larger (12 MP to 32 px), in steps
+    of at most :data:`MAX_RESIZE_FACTOR` (CUDA's antialiased kernel refuses factors past about 94)."""
+    height, width = batch.shape[-2:]
+    while max(height, width) > image_size * MAX_RESIZE_FACTOR:
+        height, width = max(image_size, -(-height // RESIZE_STEP)), max(image_size, -(-width // RESIZE_STEP))
+        batch = F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(batch, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
 
 
 class EncodedImages:

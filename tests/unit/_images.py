@@ -45,3 +45,11 @@ def write_odd_formats(picture: Path, folder: Path) -> dict[str, Path]:
     Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(paths["16-bit gray png"])  # mode I;16
     paths["16-bit rgb png"].write_bytes(png_16bit_rgb(np.asarray(rgb).astype(np.uint16) * 257))
     return paths
+
+
+def write_large_photo(path: Path, width: int = 4000, height: int = 3000) -> Path:
+    """A smooth 12 MP JPEG, as a phone saves one: what a folder of photos trained at 32 px holds."""
+    rng = np.random.default_rng(0)
+    small = Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8))
+    small.resize((width, height), Image.BICUBIC).save(path, quality=90)
+    return path

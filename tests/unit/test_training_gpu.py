@@ -205,6 +205,20 @@ def test_every_format_decodes_on_cuda_in_one_set_cmyk_jpegs_included(leaves, tmp
     assert difference.mean() <= mean_levels and difference.max() <= max_levels
 
 
+def test_a_12_megapixel_photo_decodes_on_cuda_at_32_px(tmp_path):
+    """A downscale of 125 times: past what CUDA's antialiased kernel takes in one step."""
+    from _images import write_large_photo
+
+    from plantml.training.image_decode import decode_on_device, read_encoded
+
+    encoded = read_encoded([write_large_photo(tmp_path / "phone.jpg")])
+    on_gpu = decode_on_device(encoded, 32, torch.device("cuda"))
+    on_cpu = decode_on_device(encoded, 32, torch.device("cpu"))
+    mean_levels, max_levels = GPU_DECODE_TOLERANCE["4:2:0"]
+    difference = (on_gpu.cpu().float() - on_cpu.float()).abs()
+    assert difference.mean() <= mean_levels and difference.max() <= max_levels
+
+
 def test_the_side_stream_yields_nothing_for_an_empty_share():
     """Under torchrun a split smaller than the number of ranks leaves a rank with no image of it."""
     from plantml.training.device_data import DeviceLoader
