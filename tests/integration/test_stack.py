@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import requests
 from botocore.exceptions import ClientError
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
@@ -76,16 +77,35 @@ def test_a_run_is_stored_in_postgres_and_its_artifact_in_the_bucket(mlflow_stack
 
 
 def test_postgres_runs_durable_unless_the_session_asked_for_fast_stacks(mlflow_stack, pytestconfig):
+    expected = "off" if pytestconfig.getoption("--stack-fast") else "on"
+    assert postgres_durability(mlflow_stack) == dict.fromkeys(("fsync", "synchronous_commit", "full_page_writes"), expected)
+
+
+def postgres_durability(stack) -> dict[str, str]:
     import psycopg2
 
-    expected = "off" if pytestconfig.getoption("--stack-fast") else "on"
-    dsn = mlflow_stack.endpoints.database_uri.replace("postgresql+psycopg2://", "postgresql://")
+    dsn = stack.endpoints.database_uri.replace("postgresql+psycopg2://", "postgresql://")
     with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
         settings = {}
         for name in ("fsync", "synchronous_commit", "full_page_writes"):
             cur.execute(f"SHOW {name}")
             settings[name] = cur.fetchone()[0]
-    assert settings == dict.fromkeys(("fsync", "synchronous_commit", "full_page_writes"), expected)
+    return settings
+
+
+def test_a_fast_stack_on_fixed_ports_gets_them_on_the_sessions_backend(mlflow_stack_factory):
+    """``--fast`` and ``--mlflow-port``/``--s3-port``/``--postgres-port``, as ``stack up`` passes them."""
+    ports = {}
+    for service in ("mlflow", "s3", "postgres"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports[f"{service}_port"] = probe.getsockname()[1]
+    with mlflow_stack_factory(durable=False, **ports) as stack:
+        assert stack.tracking_uri == f"http://127.0.0.1:{ports['mlflow_port']}"
+        assert stack.s3_endpoint == f"http://127.0.0.1:{ports['s3_port']}"
+        assert f"@127.0.0.1:{ports['postgres_port']}/" in stack.endpoints.database_uri
+        assert postgres_durability(stack) == dict.fromkeys(("fsync", "synchronous_commit", "full_page_writes"), "off")
+        assert requests.get(f"{stack.tracking_uri}/health", timeout=10).status_code == 200
 
 
 def test_every_stack_has_the_designs_four_buckets(mlflow_stack):
