@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 
 import requests
+from _processes import stop
 
 
 def _create_experiment(stack, name: str, auth=None) -> int:
@@ -62,8 +62,7 @@ def test_stack_up_auth_exports_the_tracking_user(tmp_path, pytestconfig):
         authenticated = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "b"}, timeout=10,
                                       auth=(values["MLFLOW_TRACKING_USERNAME"], values["MLFLOW_TRACKING_PASSWORD"]))
     finally:
-        up.send_signal(signal.SIGINT)
-        up.communicate(timeout=60)
+        stop(up)
     assert (anonymous.status_code, authenticated.status_code) == (401, 200)
     assert re.match(r"http://127\.0\.0\.1:\d+$", uri)
     assert mode & 0o077 == 0  # the file holds secrets: owner only

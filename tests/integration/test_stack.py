@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from _processes import stop
 from botocore.exceptions import ClientError
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
@@ -223,8 +224,7 @@ def test_stack_up_env_file_works_from_another_shell_and_ctrl_c_leaves_nothing(tm
         stack_processes = psutil.Process(up.pid).children(recursive=True)
         assert len(stack_processes) >= 3
     finally:
-        up.send_signal(signal.SIGINT)
-        output, _ = up.communicate(timeout=60)
+        output = stop(up)
     workdir = Path(re.search(r"logs:\s+(\S+)/logs", output).group(1))
     assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:" in output
     assert len(run_id) == 32
@@ -269,8 +269,7 @@ def test_a_pytest_session_killed_with_sigterm_tears_its_stack_down(tmp_path):
     try:
         _wait_for_file(report)
     finally:
-        session.send_signal(signal.SIGTERM)
-        session.communicate(timeout=60)
+        stop(session, signal.SIGTERM)
     started = json.loads(report.read_text())
     assert len(started["pids"]) >= 3
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started["pids"])
@@ -316,8 +315,7 @@ def test_stack_up_stops_on_sigterm_like_on_ctrl_c(tmp_path):
                 break
         stack_processes = psutil.Process(up.pid).children(recursive=True)
     finally:
-        up.send_signal(signal.SIGTERM)
-        rest, _ = up.communicate(timeout=60)
+        rest = stop(up, signal.SIGTERM)
     output = "".join(lines) + rest
     assert up.returncode == 0, output[-2000:]
     workdir = Path(re.search(r"data:\s+(\S+)", output).group(1))

@@ -1,0 +1,20 @@
+"""Stopping a process a test started, without leaving it behind when it does not stop."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+
+def stop(process: subprocess.Popen, signum: int = signal.SIGINT, timeout: float = 60) -> str:
+    """Send ``signum`` and return the rest of the process's output; one that has not ended ``timeout`` seconds
+    later is killed (its services go with it: they run under ``--pdeathsig``) and the test fails saying so."""
+    process.send_signal(signum)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        raise AssertionError(f"still running {timeout:.0f} s after {signal.Signals(signum).name}; killed. "
+                             f"Its output:\n{(output or '')[-2000:]}") from None
+    return output or ""
