@@ -22,28 +22,16 @@ Two ways in:
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from plantml.errors import RegistryError
+from plantml.tracking.models import quiet_pickle_warning
 
 #: Where ``plantml train`` keeps the best weights in each run's artifacts.
 CHECKPOINT_ARTIFACT = "models/best_model.pth"
-
-
-@contextlib.contextmanager
-def quiet_pickle_warning() -> Iterator[None]:
-    """Hide MLflow's per-call warning about pickled PyTorch models (the README explains the choice once)."""
-    flavor_log = logging.getLogger("mlflow.pytorch")
-    previous = flavor_log.level
-    flavor_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        flavor_log.setLevel(previous)
 
 
 @contextlib.contextmanager

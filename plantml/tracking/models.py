@@ -8,7 +8,9 @@ registry version ever points at files that are not stored yet.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +29,24 @@ MODEL_STEPS_ENV = {
 }
 
 
+class _PickleChoiceFilter(logging.Filter):
+    """Drops MLflow's warning that a PyTorch model is pickled: plantml chose it (the README says why, once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_pickle_warning() -> Iterator[None]:
+    """Hide MLflow's per-call warning about pickled PyTorch models, and only that one, while saving or loading."""
+    flavor_log, dropped = logging.getLogger("mlflow.pytorch"), _PickleChoiceFilter()
+    flavor_log.addFilter(dropped)
+    try:
+        yield
+    finally:
+        flavor_log.removeFilter(dropped)
+
+
 def save_model(folder: Path, model: Any, run_id: str, serialization_format: str, pip_requirements: list[str] | None = None,
                **options: Any) -> None:
     """Save ``model`` with MLflow's pytorch flavor into ``folder`` (in the run's spool).
@@ -37,9 +57,10 @@ def save_model(folder: Path, model: Any, run_id: str, serialization_format: str,
     import mlflow.pytorch
     from mlflow.models import Model as MlflowModel
 
-    mlflow.pytorch.save_model(model, str(folder), mlflow_model=MlflowModel(run_id=run_id),
-                              pip_requirements=pip_requirements or torch_requirements(),
-                              serialization_format=serialization_format, **options)
+    with quiet_pickle_warning():
+        mlflow.pytorch.save_model(model, str(folder), mlflow_model=MlflowModel(run_id=run_id),
+                                  pip_requirements=pip_requirements or torch_requirements(),
+                                  serialization_format=serialization_format, **options)
 
 
 def torch_requirements() -> list[str]:

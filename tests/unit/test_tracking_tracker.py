@@ -298,3 +298,28 @@ def test_the_journal_is_fsynced_at_each_epochs_end_and_on_flush(tracker, monkeyp
     tracker.log_param("wd", 0.1)
     assert tracker.flush(10)
     assert journal in synced
+
+
+def test_saving_a_pickled_model_does_not_warn_about_plantmls_own_choice(tmp_path) -> None:
+    """MLflow warns on every pickled PyTorch model; plantml pickles on purpose (the README says why), so a
+    training's output does not repeat it. The control: MLflow's own call still warns."""
+    import logging
+
+    import mlflow.pytorch
+    import torch
+
+    from plantml.tracking.models import save_model
+
+    seen: list[str] = []
+    recorder = logging.Handler()
+    recorder.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    flavor_log = logging.getLogger("mlflow.pytorch")
+    flavor_log.addHandler(recorder)
+    try:
+        save_model(tmp_path / "ours", torch.nn.Linear(2, 2), "run", "pickle")
+        assert not [message for message in seen if "Pickle" in message] and flavor_log.filters == []
+        mlflow.pytorch.save_model(torch.nn.Linear(2, 2), str(tmp_path / "theirs"), serialization_format="pickle",
+                                  pip_requirements=["torch"])
+        assert [message for message in seen if "Pickle" in message]
+    finally:
+        flavor_log.removeHandler(recorder)
