@@ -13,12 +13,16 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 from plantml import settings
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from plantml.settings import read_env_file
 
 ROOT = Path(__file__).resolve().parents[2]
