@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,8 @@ from plantml.stack.service import ServiceSpec
 
 log = logging.getLogger(__name__)
 
+#: Seconds a dead stack's service is given to end on its own, then to die once killed.
+GRACE_S = 10.0
 CREDENTIALS = "credentials.json"
 STATE = "state.json"
 LOCK = ".lock"
@@ -217,11 +220,7 @@ def prune_local_stacks() -> list[str]:
             except StackError:
                 continue  # alive
             for name, process in folder.read_json(STATE).get("processes", {}).items():
-                if process_start_time(process["pid"]) == process["started"]:
-                    try:
-                        os.killpg(process["pid"], signal.SIGKILL)  # each local service leads its own process group
-                    except OSError:  # a container's process, or one that just ended
-                        continue
+                if _end_process_group(process["pid"], process["started"]):
                     removed.append(f"{name} process {process['pid']}")
         env_file = folder.env_file[0] if folder.env_file is not None and folder.env_file[0].exists() else None
         folder.close()
@@ -229,3 +228,38 @@ def prune_local_stacks() -> list[str]:
         if env_file is not None and not env_file.exists():
             removed.append(f"env file {env_file}")
     return removed
+
+
+def _alive(pid: int, started: str) -> bool:
+    """True while the process ``pid`` that started at ``started`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == started and fields[0] != "Z"
+
+
+def _wait_until_gone(pid: int, started: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _alive(pid, started):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _end_process_group(pid: int, started: str) -> bool:
+    """End a dead stack's service: it got its stop signal when its owner died (``--pdeathsig``), so it is given
+    :data:`GRACE_S` to finish (PostgreSQL writes a checkpoint), then its process group is killed; returns
+    whether the process was still there. Only once it is gone may a new start use its folder: PostgreSQL
+    refuses a data folder whose postmaster still runs."""
+    if not _alive(pid, started):
+        return False
+    if not _wait_until_gone(pid, started, GRACE_S):
+        try:
+            os.killpg(pid, signal.SIGKILL)  # each local service leads its own process group
+        except OSError:  # a container's process, or one that just ended
+            pass
+        _wait_until_gone(pid, started, GRACE_S)
+    return True

@@ -129,10 +129,11 @@ def test_a_data_folder_in_use_by_a_running_stack_is_refused_in_one_line(second_l
     assert second_life.services["mlflow"].running  # the running stack is untouched
 
 
-def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_on_new_ports_if_the_old_are_taken(
+def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_at_once_then_on_new_ports_if_the_old_are_taken(
         mlflow_stack_factory, pytestconfig, tmp_path):
-    """``kill -9`` of ``plantml stack up --data-dir DIR`` (no teardown at all), one of its ports taken meanwhile:
-    the next start on DIR cleans up what the killed one left (its env file too) and serves the same run."""
+    """``kill -9`` of ``plantml stack up --data-dir DIR`` (no teardown at all), started again on DIR at once: the
+    start waits for the killed stack's services (PostgreSQL refuses a folder whose postmaster still runs), cleans
+    up what it left (its env file too) and serves the same run. Then, one of its ports taken, it picks another."""
     import mlflow
     from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
@@ -152,25 +153,31 @@ def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_on_new_ports_if_
     finally:
         up.kill()
         up.wait()
-    old_port = int(uri.rsplit(":", 1)[1])
 
-    @retry(retry=retry_if_exception_type(OSError), stop=stop_after_delay(60), wait=wait_fixed(0.2), reraise=True)
-    def squat() -> socket.socket:  # once the killed server has let go of its port
-        squatter = socket.socket()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its closed connections' TIME_WAIT
-        try:
-            squatter.bind(("127.0.0.1", old_port))
-        except OSError:
-            squatter.close()
-            raise
-        squatter.listen()
-        return squatter
+    def same_run(stack) -> None:
+        history = mlflow.MlflowClient(stack.tracking_uri).get_metric_history(run_id, "val_loss")
+        assert [(m.step, m.value) for m in history] == [(1, 0.25)]
 
     try:
-        with squat(), mlflow_stack_factory(data_dir=folder) as stack:
-            assert int(stack.tracking_uri.rsplit(":", 1)[1]) != old_port
+        with mlflow_stack_factory(data_dir=folder) as stack:  # at once: its services may still be ending
             assert not env_file.exists()  # the start pruned the killed stack's leftovers, its env file included
-            history = mlflow.MlflowClient(stack.tracking_uri).get_metric_history(run_id, "val_loss")
-            assert [(m.step, m.value) for m in history] == [(1, 0.25)]
+            same_run(stack)
+            port = int(stack.tracking_uri.rsplit(":", 1)[1])
+
+        @retry(retry=retry_if_exception_type(OSError), stop=stop_after_delay(60), wait=wait_fixed(0.2), reraise=True)
+        def squat() -> socket.socket:
+            squatter = socket.socket()
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past its closed connections' TIME_WAIT
+            try:
+                squatter.bind(("127.0.0.1", port))
+            except OSError:
+                squatter.close()
+                raise
+            squatter.listen()
+            return squatter
+
+        with squat(), mlflow_stack_factory(data_dir=folder) as stack:
+            assert int(stack.tracking_uri.rsplit(":", 1)[1]) != port
+            same_run(stack)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
