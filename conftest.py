@@ -1,6 +1,7 @@
 """Repository-wide pytest setup: tests under tests/integration/ are marked ``integration``;
 the containers backend's own tests are collected only in a ``--stack containers`` session,
-the tracking client's fault tests only in a ``--stack local`` one.
+the tracking client's fault tests (whole files, or tests marked ``local_session``) only in a
+``--stack local`` one.
 
 The stack fixtures themselves come from plantml's pytest plugin (``plantml.testing.plugin``),
 loaded through its ``pytest11`` entry point.
@@ -17,10 +18,20 @@ pytest_plugins = ["pytester"]
 INTEGRATION_DIR = Path(__file__).parent / "tests" / "integration"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "local_session: a test of the client that the local backend's session runs "
+                                       "(another backend would only repeat it, slower); not collected elsewhere")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION_DIR in Path(item.fspath).parents:
             item.add_marker(pytest.mark.integration)
+    if config.getoption("--stack") != "local":  # deselected, not skipped: this session has nothing to say on them
+        elsewhere = [item for item in items if item.get_closest_marker("local_session")]
+        if elsewhere:
+            config.hook.pytest_deselected(items=elsewhere)
+            items[:] = [item for item in items if not item.get_closest_marker("local_session")]
 
 
 CONTAINERS_ONLY = {INTEGRATION_DIR / "test_containers.py"}

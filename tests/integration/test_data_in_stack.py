@@ -149,6 +149,7 @@ def test_an_interrupted_push_resumes(env: dict[str, str], prefix: str, s3_client
     shutil.rmtree(big)
 
 
+@pytest.mark.local_session
 def test_a_file_sent_in_parts_and_changed_at_the_same_size_is_sent_again(mlflow_stack: Any, prefix: str,
                                                                          tmp_path: Path, monkeypatch) -> None:
     """A file over the single-part limit has no MD5 ETag: a second push compares its SHA-256, not only its size."""
@@ -173,6 +174,7 @@ def test_a_file_sent_in_parts_and_changed_at_the_same_size_is_sent_again(mlflow_
     assert stored == bytes(data)
 
 
+@pytest.mark.local_session
 def test_data_synth_writes_the_synthetic_set_straight_to_the_store(env: dict[str, str], prefix: str, tmp_path: Path) -> None:
     made = plantml(env, "data", "synth", prefix, "--per-class", "4", "--size", "16", "--seed", "3")
     assert made.returncode == 0, made.stderr

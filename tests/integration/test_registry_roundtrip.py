@@ -185,6 +185,7 @@ def test_registry_command_lists_versions_and_refuses_reserved_aliases(trained: d
     assert refused.exit_code != 0
 
 
+@pytest.mark.local_session
 def test_registry_commands_read_the_stack_from_a_dot_env_file_alone(trained: dict[str, Any], mlflow_stack: Any,
                                                                   tmp_path: Path) -> None:
     """The folder's .env is the only place the tracking URI and the S3 keys are (as `stack up --env-file .env`

@@ -289,6 +289,7 @@ DOWNSTREAM_TESTS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.local_session
 def test_a_pytest_session_on_an_external_stack_uses_it_and_starts_nothing(mlflow_stack, mlflow_client, tmp_path):
     """``pytest --stack external``: the fixtures describe the stack of the environment (here, the session's)."""
     (tmp_path / "test_downstream.py").write_text(DOWNSTREAM_TESTS)
@@ -303,6 +304,7 @@ def test_a_pytest_session_on_an_external_stack_uses_it_and_starts_nothing(mlflow
     assert len(runs) == 1 and runs[0].data.metrics == {"val_accuracy": 0.5}
 
 
+@pytest.mark.local_session
 def test_stack_up_stops_on_sigterm_like_on_ctrl_c(tmp_path):
     """What a service manager or ``docker stop`` sends: everything stops, the temporary data goes, exit status 0."""
     up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up"], stdout=subprocess.PIPE,

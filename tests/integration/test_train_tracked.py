@@ -155,6 +155,7 @@ def test_bad_input_creates_no_run(mlflow_env, mlflow_client, experiment_name, le
     assert mlflow_client.get_experiment_by_name(experiment_name) is None
 
 
+@pytest.mark.local_session
 def test_a_client_with_only_the_tracking_uri_trains_on_a_proxied_stack_and_is_stopped_before_training_on_a_direct_one(
         mlflow_stack_any_mode, leaves, tmp_path, experiment_name):
     """Proxied: the server stores the artifacts, so MLFLOW_TRACKING_URI is all a client needs. Direct: the client
@@ -184,6 +185,7 @@ def test_a_client_with_only_the_tracking_uri_trains_on_a_proxied_stack_and_is_st
         assert runs == []
 
 
+@pytest.mark.local_session
 def test_keys_in_boto3s_credentials_file_count_for_a_direct_stack(mlflow_stack, tmp_path, monkeypatch, experiment_name):
     from plantml.errors import ConfigError
     from plantml.tracking import MLflowTracker
