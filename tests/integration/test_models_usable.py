@@ -178,6 +178,7 @@ print(type(model).__name__)
 """
 
 
+@pytest.mark.local_session
 def test_registry_helpers_use_their_uri_beside_a_decoy_store_and_leave_nothing(
         trained: dict[str, Any], mlflow_stack: Any, tmp_path: Path) -> None:
     name = trained["name"]
