@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from plantml.errors import ConfigError
 from plantml.settings import TrackingSettings
 from plantml.verification.checks import (
     ARTIFACT,
@@ -50,6 +51,7 @@ class Tracker(Protocol):
     def log_params(self, params: Mapping[str, Any]) -> Any: ...
     def log_metric(self, key: str, value: float, step: int | None = None) -> Any: ...
     def log_artifact(self, path: Any, artifact_path: str | None = None) -> Any: ...
+    def check_artifact_access(self) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> Any: ...
     def end_run(self, status: str = "FINISHED") -> Any: ...
 
@@ -182,6 +184,10 @@ class Verification:
         """A logged file is listed in the run's artifacts and downloads with the same bytes."""
         import mlflow.artifacts
 
+        try:  # S3 keys missing in direct mode: say so, rather than wait for an upload that cannot happen
+            self.tracker.check_artifact_access()
+        except ConfigError as exc:
+            raise CheckFailed(str(exc)) from None
         with tempfile.TemporaryDirectory(prefix="plantml-verify-") as folder:
             source = Path(folder) / ARTIFACT_NAME
             source.write_text(self.artifact_text, encoding="utf-8")

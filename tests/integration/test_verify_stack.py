@@ -153,3 +153,21 @@ def test_plantml_verify_never_writes_into_the_training_experiment(mlflow_stack: 
     verification = mlflow_client.get_experiment_by_name("plantml_verification")
     runs = mlflow_client.search_runs([verification.experiment_id], filter_string=f"attributes.start_time >= {started_ms}")
     assert [run.data.tags[VERIFICATION_TAG] for run in runs] == ["true"]
+
+
+@pytest.mark.local_session
+def test_plantml_verify_without_s3_keys_on_a_direct_stack_names_them_at_the_artifact_check(
+        mlflow_stack: Any, mlflow_client: Any, experiment_name: str, tmp_path: Any) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AWS_", "MLFLOW_", "BOTO"))}
+    env.update(MLFLOW_TRACKING_URI=mlflow_stack.tracking_uri, PLANTML_VERIFY_EXPERIMENT=experiment_name, HOME=str(tmp_path))
+    started = time.monotonic()
+    result = plantml("verify", env=env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines()[:-1] == EXPECTED_OUTPUT[:5]  # the five checks before it pass
+    assert result.stdout.splitlines()[-1].startswith(f"✗ artifact logging: experiment {experiment_name!r} keeps its "
+                                                      "artifacts at s3://")
+    assert elapsed < 60  # told at once, not after the upload's retries
+    experiment = mlflow_client.get_experiment_by_name(experiment_name)
+    [run] = mlflow_client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
