@@ -114,3 +114,44 @@ def test_stack_prune_removes_what_a_killed_session_and_its_killed_reaper_left(do
     assert f"stack folder {left['folder']}" in result.output
     assert _containers_of(docker, **{LABEL_PID: str(session.pid)}) == []
     assert not Path(left["folder"]).exists()
+
+
+def test_a_folder_kept_by_one_backend_is_served_by_the_other_in_another_mode(tmp_path):
+    """``--data-dir DIR``, "same or other backend options": local processes (direct artifacts), then containers
+    (proxied artifacts, MLflow's auth), then local processes again, all on one folder: the same run and file."""
+    import shutil
+    import tempfile
+    import uuid
+
+    import mlflow
+
+    from plantml.stack import LocalStack
+
+    folder = Path(tempfile.mkdtemp(prefix="plantml-switch-"))  # every service account must traverse its parents
+    try:
+        with LocalStack("direct", data_dir=folder) as first, pytest.MonkeyPatch.context() as patch:
+            for variable, value in first.client_env().items():
+                patch.setenv(variable, value)
+            client = mlflow.MlflowClient(first.tracking_uri)
+            run_id = client.create_run(client.create_experiment(f"switch_{uuid.uuid4().hex[:8]}")).info.run_id
+            client.log_metric(run_id, "val_loss", 0.5, step=1)
+            (tmp_path / "notes.txt").write_text("kept across backends")
+            client.log_artifact(run_id, str(tmp_path / "notes.txt"))
+            client.set_terminated(run_id)
+
+        def read_back(stack) -> tuple[list, str]:
+            with pytest.MonkeyPatch.context() as patch:
+                for variable, value in stack.client_env().items():
+                    patch.setenv(variable, value)
+                reader = mlflow.MlflowClient(stack.tracking_uri)
+                history = [(m.step, m.value) for m in reader.get_metric_history(run_id, "val_loss")]
+                local = reader.download_artifacts(run_id, "notes.txt", str(tmp_path / uuid.uuid4().hex))
+                return history, Path(local).read_text()
+
+        with ContainersStack("proxied", data_dir=folder, auth=True) as second:
+            assert second.artifact_mode == "proxied" and "MLFLOW_TRACKING_PASSWORD" in second.client_env()
+            assert read_back(second) == ([(1, 0.5)], "kept across backends")
+        with LocalStack("direct", data_dir=folder) as third:
+            assert read_back(third) == ([(1, 0.5)], "kept across backends")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
