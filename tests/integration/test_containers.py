@@ -126,12 +126,14 @@ def test_a_folder_kept_by_one_backend_is_served_by_the_other_in_another_mode(tmp
     import mlflow
 
     from plantml.stack import LocalStack
+    from plantml.tracking.environ import forget_stale_s3_clients
 
     folder = Path(tempfile.mkdtemp(prefix="plantml-switch-"))  # every service account must traverse its parents
     try:
         with LocalStack("direct", data_dir=folder) as first, pytest.MonkeyPatch.context() as patch:
             for variable, value in first.client_env().items():
                 patch.setenv(variable, value)
+            forget_stale_s3_clients()  # plain MLflow: its S3 clients cached with another stack's keys must go
             client = mlflow.MlflowClient(first.tracking_uri)
             run_id = client.create_run(client.create_experiment(f"switch_{uuid.uuid4().hex[:8]}")).info.run_id
             client.log_metric(run_id, "val_loss", 0.5, step=1)
@@ -143,6 +145,7 @@ def test_a_folder_kept_by_one_backend_is_served_by_the_other_in_another_mode(tmp
             with pytest.MonkeyPatch.context() as patch:
                 for variable, value in stack.client_env().items():
                     patch.setenv(variable, value)
+                forget_stale_s3_clients()
                 reader = mlflow.MlflowClient(stack.tracking_uri)
                 history = [(m.step, m.value) for m in reader.get_metric_history(run_id, "val_loss")]
                 local = reader.download_artifacts(run_id, "notes.txt", str(tmp_path / uuid.uuid4().hex))
