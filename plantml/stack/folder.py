@@ -74,16 +74,23 @@ def registry() -> Path:
     return private_folder(env_path("PLANTML_CACHE_DIR") / "stacks")  # type: ignore[operator]
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if len(fields) > 19 else None
+
+
 def process_start_time(pid: int) -> str | None:
     """The start time of a process (clock ticks since boot), None when it does not exist.
 
     With the pid it identifies one process even after the pid is reused.
     """
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None else None
 
 
 class StackFolder:
@@ -137,16 +144,18 @@ class StackFolder:
         self.env_file = (path, hashlib.sha256(text.encode()).hexdigest())
         self._record()
 
-    def _remove_env_file(self) -> None:
+    def remove_env_file(self) -> bool:
+        """Remove the env file this stack wrote, unless someone rewrote it since; True when it was removed."""
         if self.env_file is None:
-            return
-        path, sha256 = self.env_file
+            return False
+        (path, sha256), self.env_file = self.env_file, None
         try:
-            if hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
-                path.unlink()
+            if hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
+                return False
+            path.unlink()
         except OSError:
-            pass  # gone already, or not ours to read
-        self.env_file = None
+            return False  # gone already, or not ours to read
+        return True
 
     def lock(self) -> None:
         """Hold the folder's lock, or refuse in one line naming the process that holds it.
@@ -166,7 +175,7 @@ class StackFolder:
 
     def close(self) -> None:
         """Release the lock and the record; a temporary folder is removed with everything in it, and so is the env file."""
-        self._remove_env_file()
+        self.remove_env_file()
         (registry() / f"{self.stack_id}.json").unlink(missing_ok=True)
         if self.temporary:
             shutil.rmtree(self.path, ignore_errors=True)
@@ -222,22 +231,18 @@ def prune_local_stacks() -> list[str]:
             for name, process in folder.read_json(STATE).get("processes", {}).items():
                 if _end_process_group(process["pid"], process["started"]):
                     removed.append(f"{name} process {process['pid']}")
-        env_file = folder.env_file[0] if folder.env_file is not None and folder.env_file[0].exists() else None
+        env_file = folder.env_file
+        if env_file is not None and folder.remove_env_file():
+            removed.append(f"env file {env_file[0]}")
         folder.close()
         removed.append(f"stack folder {folder.path}" if folder.temporary else f"lock of {folder.path}")
-        if env_file is not None and not env_file.exists():
-            removed.append(f"env file {env_file}")
     return removed
 
 
 def _alive(pid: int, started: str) -> bool:
     """True while the process ``pid`` that started at ``started`` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[19] == started and fields[0] != "Z"
+    fields = _proc_stat(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
 
 
 def _wait_until_gone(pid: int, started: str, timeout: float) -> bool:
