@@ -16,21 +16,19 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
 from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
-from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Tag
-from plantml.tracking.journal import Journal
-from plantml.tracking.journal_format import JournalHeader
+from plantml.tracking.active_run import ActiveRun
+from plantml.tracking.entries import Artifact, DatasetInput, Entry, MetricPoint, Model, Param, Tag
 from plantml.tracking.models import save_model
-from plantml.tracking.recover import finish_run, recover_at_start
-from plantml.tracking.runs import PendingModel, TrackedRun, best_run, best_run_order, error_tags, flatten_run
-from plantml.tracking.sender import HEARTBEAT_TAG, DeliveryPending, DeliverySettings, RunSender, heartbeat_value, resolve_delivery_settings
-from plantml.tracking.spool import Spool, dict_text, figure_writer
+from plantml.tracking.recover import recover_at_start
+from plantml.tracking.runs import PendingModel, TrackedRun, best_run, best_run_order, flatten_run
+from plantml.tracking.sender import HEARTBEAT_TAG, DeliveryPending, DeliverySettings, heartbeat_value, resolve_delivery_settings
+from plantml.tracking.spool import dict_text, figure_writer
 from plantml.tracking.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -42,15 +40,6 @@ MODEL_FORMAT = "pickle"
 CONNECT_TIMEOUT_S = 10.0
 #: Seconds a new tracker spends at most delivering journals of processes that died.
 RECOVER_AT_START_S = 10.0
-
-
-@dataclass
-class _ActiveRun:
-    run_id: str
-    sender: RunSender
-    spool: Spool
-    params: dict[str, str]
-    signals: bool
 
 
 class MLflowTracker:
@@ -97,7 +86,7 @@ class MLflowTracker:
         self.handle_signals = handle_signals
         self._client, self.experiment_id = connection.connect(self.settings, connect_timeout)
         self._transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
-        self._active: _ActiveRun | None = None
+        self._active: ActiveRun | None = None
         self._requests_done = 0  # by the runs that ended
         self._failed_tries_done = 0
         open_runs.register(self)
@@ -172,17 +161,13 @@ class MLflowTracker:
         """Create the run, its journal and its sender; a journal that cannot be written ends the run FAILED."""
         run = self._call("start a run", self._client.create_run, self.experiment_id, run_name=name)
         run_id = run.info.run_id
-        header = JournalHeader.for_this_process(run_id, self.tracking_uri, self.experiment_id)
         try:
-            journal = Journal.create(self.delivery_settings.journal_dir, header, self.delivery_settings.max_in_memory)
+            active = ActiveRun.open(run_id, self.settings, self.delivery_settings, self._client, self.experiment_id, use_signals)
         except TrackingError as exc:
             self._call(f"end run {run_id}", self._transport.terminate, run_id, "FAILED")
             raise TrackingError(f"run {run_id} ended FAILED: {exc}") from None
-        # each run its own transport: a sender left behind by an earlier run never shares its connection
-        transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
-        sender = RunSender(transport, journal, self.delivery_settings, run_id)
-        self._active = _ActiveRun(run_id, sender, Spool.of_run(self.delivery_settings.journal_dir, run_id), {}, use_signals)
-        sender.write(tags)
+        self._active = active
+        active.sender.write(tags)
         return run
 
     def end_run(self, status: str = "FINISHED", timeout: float | None = None, *, error: BaseException | None = None) -> None:
@@ -209,11 +194,7 @@ class MLflowTracker:
         try:
             with signals.deferred():
                 self._active = None
-                if error is not None:
-                    active.sender.write(error_tags(error), keep_if_refused=True)
-                end = End(status, int(time.time() * 1000))
-                hurry = signals.hurry if active.signals else (lambda: False)
-                report = finish_run(active.sender, active.spool, end, timeout, hurry)
+                report = active.finish(status, timeout, error)
                 self._requests_done += active.sender.transport.requests_sent
                 self._failed_tries_done += active.sender.failed_tries
         finally:
@@ -230,15 +211,13 @@ class MLflowTracker:
         """Wait until everything logged so far is delivered; False if ``timeout`` passed first."""
         return self._active.sender.flush(timeout) if self._active else True
 
-    def _require_run(self) -> _ActiveRun:
+    def _require_run(self) -> ActiveRun:
         if self._active is None:
             raise UsageError("no active run: call start_run() first")
         return self._active
 
     def _write(self, entries: list[Entry]) -> None:
-        if entries:
-            with signals.deferred():  # a signal never cuts a journal append in half
-                self._require_run().sender.write(entries)
+        self._require_run().write(entries)
 
     # -- params, metrics, tags --------------------------------------------------------
 
@@ -249,14 +228,8 @@ class MLflowTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log several params in as few ``log_batch`` requests as MLflow allows."""
         active = self._require_run()
-        new: dict[str, str] = {}
-        for key, value in check.check_mapping("params", params).items():
-            text = check.param_value(check.check_name("param", key), value)
-            logged = active.params.get(key)
-            if logged is not None and logged != text:
-                raise ValidationError(f"param {key!r}: already logged as {logged!r} in run {active.run_id}, cannot change it to {text!r}")
-            if logged is None:
-                new[key] = text
+        new = active.new_params({key: check.param_value(check.check_name("param", key), value)
+                                 for key, value in check.check_mapping("params", params).items()})
         self._write([Param(k, v) for k, v in new.items()])
         active.params.update(new)
 
