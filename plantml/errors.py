@@ -31,6 +31,10 @@ class ValidationError(UsageError):
     """A value handed to the tracker would be rejected by MLflow (bad name, bad value)."""
 
 
+class StorageError(PlantmlError):
+    """A local folder (plantml's cache, a folder being written) ran out of space or failed to write."""
+
+
 class StackError(PlantmlError):
     """A service of the tracking stack failed to start, stop or answer."""
 

@@ -213,6 +213,7 @@ def resolve_tracking_settings(
                 break
     settings = TrackingSettings(**resolved, sources=sources)
     _check_tracking_uri(settings)
+    _check_s3_endpoint(settings)
     return settings
 
 
@@ -226,6 +227,23 @@ def _check_tracking_uri(settings: TrackingSettings) -> None:
         raise ConfigError(f"tracking URI {uri!r}{origin}: expected a URL such as http://127.0.0.1:5001 or sqlite:///mlflow.db")
     if not uri.startswith(_KNOWN_SCHEMES):
         raise ConfigError(f"tracking URI {uri!r}{origin}: unknown scheme {uri.split('://')[0]!r} (use http, https, sqlite, postgresql or file)")
+
+
+def _check_s3_endpoint(settings: TrackingSettings) -> None:
+    """Refuse an S3 endpoint boto3 would reject with a traceback (``127.0.0.1:9`` without its scheme)."""
+    from urllib.parse import urlsplit
+
+    endpoint = settings.s3_endpoint
+    if endpoint is None:
+        return
+    try:
+        parts = urlsplit(endpoint)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number, or out of range
+        usable = False
+    if not usable:
+        raise ConfigError(f"S3 endpoint {endpoint!r} (from {settings.source_of('s3_endpoint')}): "
+                          "expected a URL such as http://127.0.0.1:8333")
 
 
 def variables_table() -> str:

@@ -21,10 +21,13 @@ def _bytes_bar(description: str) -> Any:
     return tqdm(unit="B", unit_scale=True, desc=description, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
-def _object_store() -> Any:
-    from plantml.datasets.remote import object_store_client
+def _object_store(location: str) -> Any:
+    """A client on the object store, once ``location`` is known to be a valid s3:// location (a bad one is
+    the error to show, whatever the settings)."""
+    from plantml.datasets.remote import S3Location, object_store_client
     from plantml.settings import resolve_tracking_settings
 
+    S3Location.parse(location)
     return object_store_client(resolve_tracking_settings())
 
 
@@ -34,20 +37,25 @@ def _object_store() -> Any:
 @click.option("--size", type=click.IntRange(16, 1024), default=96, help="Image side in pixels.")
 @click.option("--seed", type=int, default=0, help="Seed; the same values always give the same files.")
 def synth(directory: str, per_class: int, size: int, seed: int) -> None:
-    """Write the synthetic two-class leaf set (healthy, diseased) into DIRECTORY, a folder or s3://BUCKET/PREFIX."""
+    """Write the synthetic two-class leaf set (healthy, diseased) into DIRECTORY, a folder or s3://BUCKET/PREFIX.
+
+    A folder must be new, empty, or a synthetic set already; one holding other files is refused.
+    """
     import tempfile
 
     from plantml.datasets.remote import is_s3_uri
+    from plantml.staging import local_writes
     from plantml.training import synth as synth_mod
     from plantml.training.data import scan_image_folder
 
     spec = synth_mod.SynthSpec(per_class=per_class, size=size, seed=seed)
     if is_s3_uri(directory):
-        with tempfile.TemporaryDirectory(prefix="plantml-synth-") as scratch:
-            folder = synth_mod.generate(Path(scratch) / spec.name, spec)
-            _push(folder, directory)
+        with local_writes("temporary folder", Path(tempfile.gettempdir())):
+            with tempfile.TemporaryDirectory(prefix="plantml-synth-") as scratch:
+                folder = synth_mod.generate(Path(scratch) / spec.name, spec)
+                _push(folder, directory)
         return
-    synth_mod.generate(Path(directory), spec)
+    synth_mod.write_set(directory, spec)
     scan = scan_image_folder(directory)
     counts = ", ".join(f"{name} {count}" for name, count in scan.class_counts().items())
     click.echo(f"{directory}: {len(scan.samples)} images ({counts}), content hash {scan.content_hash[:16]}")
@@ -70,7 +78,7 @@ def _push(directory: Path, destination: str, workers: int = 16) -> None:
     from plantml.datasets.remote import push as push_set
 
     with _bytes_bar("push") as bar:
-        result = push_set(_object_store(), directory, destination, workers=workers, progress=bar)
+        result = push_set(_object_store(destination), directory, destination, workers=workers, progress=bar)
     m = result.manifest
     click.echo(f"{destination}: {len(m.files)} files ({result.uploaded} uploaded, {result.skipped} already there, "
                f"{result.uploaded_bytes / 1e6:.1f} MB sent), {len(m.classes)} classes, digest {m.digest}")
@@ -78,15 +86,21 @@ def _push(directory: Path, destination: str, workers: int = 16) -> None:
 
 @data.command("ls")
 @click.argument("location")
-def ls(location: str) -> None:
-    """List the data sets pushed under LOCATION (s3://BUCKET or s3://BUCKET/PREFIX) with their digests."""
+def ls(location: str) -> int:
+    """List the data sets pushed under LOCATION (s3://BUCKET or s3://BUCKET/PREFIX) with their digests.
+
+    A manifest that cannot be read is one warning line on stderr; the others are still listed, and the exit code is 1.
+    """
     from plantml.datasets.remote import iter_manifest_lines, list_sets
 
-    sets = list_sets(_object_store(), location)
-    if not sets:
+    listing = list_sets(_object_store(location), location)
+    if not listing.sets and not listing.broken:
         click.echo(f"{location}: no data sets")
-    for line in iter_manifest_lines(sets):
+    for line in iter_manifest_lines(listing.sets):
         click.echo(line)
+    for problem in listing.broken:
+        click.echo(f"plantml: warning: {problem}", err=True)
+    return 1 if listing.broken else 0
 
 
 @data.command("inspect")

@@ -7,6 +7,7 @@ leaves a run behind. torch and mlflow are imported only once the command runs.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterable
@@ -83,6 +84,7 @@ def train(ctx: click.Context, **options) -> int | None:
     """
     if options["nproc"]:
         return _launch(ctx, options["nproc"])
+    from plantml.tracking import signals
     from plantml.training import distributed
     from plantml.training.config import Reporter, TrainConfig
     from plantml.training.run import fit
@@ -106,10 +108,15 @@ def train(ctx: click.Context, **options) -> int | None:
         from plantml.settings import resolve_tracking_settings
 
         resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
-    with distributed.session(config.device) as ranks:
+    with distributed.session(config.device) as ranks, contextlib.ExitStack() as stop_signals:
         _show_warnings(ranks.is_main)
+        # SIGTERM or SIGHUP while the data is pulled or made (or while one process trains untracked) ends the
+        # command like Ctrl-C: one line, 128 + the signal, no staging folder left; the tracker handles them in a run
+        stop_signals.enter_context(signals.handled())
         # every input error surfaces here, before any run exists; on any rank, it stops them all
         prepared, tracker = ranks.agree(lambda: _prepare_and_connect(config, options, ranks))
+        if ranks.distributed:
+            stop_signals.close()  # torchrun stops the ranks of a distributed training
         ranks.require_same(prepared.scan.content_hash, f"the content of {prepared.source.name}")
         if not ranks.is_main:  # the other ranks train their share, silently
             fit(prepared, tracker, Reporter())
@@ -174,6 +181,12 @@ def _show_warnings(main_rank: bool = True) -> None:
         def stream(self, value) -> None:
             pass
 
+    import warnings
+
+    from PIL import Image
+
+    # the scan names each very large image once (a plantml warning); Pillow's own repeats it unnamed each epoch
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     for name in ("plantml.training", "plantml.tracking"):
         log = logging.getLogger(name)
         if not log.handlers:

@@ -6,9 +6,9 @@ checked), and every run records the set it trained on as an MLflow dataset input
 """
 
 from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest, content_digest
-from plantml.datasets.remote import PullResult, PushResult, S3Location, is_s3_uri, list_sets, pull, push, read_manifest
+from plantml.datasets.remote import PullResult, PushResult, S3Location, SetListing, is_s3_uri, list_sets, pull, push, read_manifest
 
 __all__ = [
-    "MANIFEST_NAME", "FileEntry", "Manifest", "PullResult", "PushResult", "S3Location", "build_manifest", "content_digest",
+    "MANIFEST_NAME", "FileEntry", "Manifest", "PullResult", "PushResult", "S3Location", "SetListing", "build_manifest", "content_digest",
     "is_s3_uri", "list_sets", "pull", "push", "read_manifest",
 ]

@@ -38,10 +38,13 @@ def content_digest(files: Iterable[tuple[str, str]]) -> str:
 def file_hashes(path: Path) -> tuple[str, str]:
     """(SHA-256, MD5) of a file's bytes, read once: the manifest keeps the first, S3's ETag is the second."""
     sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as src:
-        while chunk := src.read(_CHUNK):
-            sha256.update(chunk)
-            md5.update(chunk)
+    try:
+        with open(path, "rb") as src:
+            while chunk := src.read(_CHUNK):
+                sha256.update(chunk)
+                md5.update(chunk)
+    except OSError as exc:
+        raise DataError(f"image {path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     return sha256.hexdigest(), md5.hexdigest()
 
 
@@ -68,6 +71,18 @@ class Manifest:
     classes: tuple[str, ...]
     files: tuple[FileEntry, ...]
     digest: str
+
+    def first_difference(self, other: Manifest) -> str | None:
+        """The first file (in path order) that ``other`` lacks, adds or holds with other bytes; None when they hold the same files."""
+        mine, theirs = {e.path: e.sha256 for e in self.files}, {e.path: e.sha256 for e in other.files}
+        for path in sorted(mine.keys() | theirs.keys()):
+            if path not in theirs:
+                return f"{path} is missing"
+            if path not in mine:
+                return f"{path} is not in the manifest"
+            if mine[path] != theirs[path]:
+                return f"{path} differs from the manifest"
+        return None
 
     @property
     def total_bytes(self) -> int:
@@ -105,7 +120,7 @@ def _check_relative(path: str, where: str) -> None:
 
 def is_image_file(path: Path) -> bool:
     """A file with an image extension, not hidden."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
 def class_folders(root: Path) -> list[tuple[Path, list[Path]]]:
@@ -115,11 +130,33 @@ def class_folders(root: Path) -> list[tuple[Path, list[Path]]]:
         raise DataError(f"data folder {root}: not found")
     if not root.is_dir():
         raise DataError(f"data folder {root}: not a directory")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise _unreadable_folder(exc) from None
     if len(class_dirs) < 2:
         found = ", ".join(p.name for p in class_dirs) or "none"
         raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})")
-    return [(class_dir, sorted(p for p in class_dir.rglob("*") if is_image_file(p))) for class_dir in class_dirs]
+    return [(class_dir, sorted(p for p in _files_under(class_dir) if is_image_file(p))) for class_dir in class_dirs]
+
+
+def _files_under(class_dir: Path) -> list[Path]:
+    """Every file under ``class_dir``, hidden folders (``.thumbs/``, ``.Trashes/``: what file managers
+    and NAS boxes leave) and linked folders left out; a folder that cannot be listed raises, naming it,
+    rather than its images silently missing from the set."""
+    found: list[Path] = []
+    for folder, folders, files in os.walk(class_dir, onerror=_raise_unreadable):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [Path(folder) / name for name in files]
+    return found
+
+
+def _unreadable_folder(exc: OSError) -> DataError:
+    return DataError(f"folder {exc.filename}: cannot be read ({exc.strerror or type(exc).__name__})")
+
+
+def _raise_unreadable(exc: OSError) -> None:
+    raise _unreadable_folder(exc)
 
 
 def no_images(class_dir: Path, unreadable: int = 0) -> DataError:

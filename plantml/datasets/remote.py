@@ -13,23 +13,23 @@ an unfinished push.
   the manifest's SHA-256, and only then makes the folder visible (a rename): a set whose
   folder exists is complete, and a second pull downloads nothing. A missing, corrupt or
   tampered file is a :class:`~plantml.errors.DataError` naming it, and nothing is kept.
+  The staging folder is named after its process (:mod:`plantml.staging`), so one left by a
+  process that was killed is removed by the next pull.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest
-from plantml.errors import DataError, TrackingError, UsageError
+from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest, image_files
+from plantml.errors import ConfigError, DataError, TrackingError, UsageError
+from plantml.staging import local_writes, staging_folder, sweep
 
 #: Parallel transfers (S3 requests wait on the network, not on the CPU).
 DEFAULT_WORKERS = 16
@@ -50,8 +50,15 @@ class S3Location:
         """Split an ``s3://`` URI, or a :class:`UsageError` naming it."""
         if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
             raise UsageError(f"{uri!r}: expected s3://BUCKET/PREFIX")
+        if "\\" in uri:  # S3 stores (SeaweedFS) read it as '/': what was pushed would never be found again
+            raise UsageError(f"{uri!r}: a backslash is not allowed in an S3 location")
         bucket, _, prefix = uri[5:].partition("/")
-        return cls(bucket, prefix.strip("/"))
+        prefix = prefix.removesuffix("/")
+        for segment in prefix.split("/") if prefix else ():
+            if segment in ("", ".", ".."):  # stores refuse or collapse them, so keys would not match
+                shown = "an empty path segment (//)" if not segment else f"the path segment {segment!r}"
+                raise UsageError(f"{uri!r}: {shown} is not allowed in an S3 location")
+        return cls(bucket, prefix)
 
     def key(self, relative: str) -> str:
         """The object key of ``relative`` inside this location."""
@@ -93,11 +100,24 @@ class Progress(Protocol):
 
 def object_store_client(settings: Any, workers: int = DEFAULT_WORKERS) -> Any:
     """A boto3 client on the object store of ``settings`` (a :class:`~plantml.settings.TrackingSettings`):
-    ``MLFLOW_S3_ENDPOINT_URL`` and the ``AWS_*`` keys, from the environment or ``.env``."""
-    from plantml.stack.endpoints import make_s3_client
+    ``MLFLOW_S3_ENDPOINT_URL`` and the ``AWS_*`` keys, from the environment or ``.env``.
 
-    return make_s3_client(settings.s3_endpoint, settings.aws_access_key, settings.aws_secret_key,
-                          max_pool_connections=workers * 2, retries={"max_attempts": 3})
+    Without keys that boto3 finds in its files or profiles (``~/.aws``; no cloud metadata service is asked) it is a :class:`ConfigError` saying which
+    variables are unset, rather than boto3's bare ``NoCredentialsError`` at the first request.
+    """
+    from plantml.stack.endpoints import make_s3_client
+    from plantml.tracking.connection import aws_keys_in_files
+
+    if not (settings.aws_access_key and settings.aws_secret_key) and not aws_keys_in_files():
+        unset = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are" if settings.s3_endpoint else \
+            "MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are"
+        raise ConfigError(f"no object store to use: {unset} unset (environment or .env in {Path.cwd()}); "
+                          "`plantml stack up` writes them to .env")
+    try:
+        return make_s3_client(settings.s3_endpoint, settings.aws_access_key, settings.aws_secret_key,
+                              max_pool_connections=workers * 2, retries={"max_attempts": 3})
+    except ValueError as exc:  # botocore's "Invalid endpoint" for settings made without resolve_tracking_settings
+        raise ConfigError(f"S3 endpoint {settings.s3_endpoint!r}: {exc}") from None
 
 
 def is_s3_uri(text: str | os.PathLike[str] | None) -> bool:
@@ -124,6 +144,8 @@ def stored_objects(client: Any, where: S3Location) -> dict[str, tuple[int, str]]
             for item in page.get("Contents", []):
                 found[item["Key"]] = (int(item["Size"]), item.get("ETag", "").strip('"'))
     except _client_errors() as exc:
+        if _error_code(exc) == "NoSuchBucket":  # a name the user typed, as read_manifest treats it
+            raise UsageError(f"{where}: no bucket {where.bucket!r} in the object store") from None
         raise TrackingError(f"{where}: cannot list the bucket ({_error_code(exc)}: {exc})") from None
     return found
 
@@ -133,12 +155,8 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
     """Upload the image set ``folder`` to ``uri`` with its manifest; files already there and unchanged are skipped."""
     where = S3Location.parse(uri)
     root = Path(folder).expanduser()
+    _check_key_names(root)
     manifest = build_manifest(root, name=root.name, workers=workers)
-    for entry in manifest.files:
-        try:
-            entry.path.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError(f"image {root / entry.path}: its name is not valid UTF-8, which S3 keys must be") from None
     stored = stored_objects(client, where)
     todo = [e for e in manifest.files if not _unchanged(client, where, stored.get(where.key(e.path)), e)]
     if progress is not None:
@@ -168,6 +186,18 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
     except _client_errors() as exc:
         raise TrackingError(f"{where}: the manifest could not be stored ({_error_code(exc)}: {exc})") from None
     return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
+
+
+def _check_key_names(root: Path) -> None:
+    """Refuse, before hashing anything, an image whose path cannot be an S3 key as it is."""
+    for relative, path in image_files(root):
+        try:
+            relative.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"image {path}: its name is not valid UTF-8, which S3 keys must be") from None
+        if "\\" in relative:  # SeaweedFS stores it as '/', so a second push would never find it
+            culprit = next(part for part in relative.split("/") if "\\" in part)
+            raise DataError(f"image {path}: {culprit!r} holds a backslash, which S3 stores read as '/'; rename it")
 
 
 def _unchanged(client: Any, where: S3Location, stored: tuple[int, str] | None, entry: FileEntry) -> bool:
@@ -203,15 +233,27 @@ def read_manifest(client: Any, where: S3Location) -> Manifest:
     return Manifest.from_json(body, name)
 
 
-def list_sets(client: Any, uri: str) -> list[tuple[S3Location, Manifest]]:
-    """Every pushed set (one with a manifest) under ``uri``, sorted by location."""
+@dataclass(frozen=True)
+class SetListing:
+    """What :func:`list_sets` found: the sets, and one line for each manifest that could not be read."""
+
+    sets: list[tuple[S3Location, Manifest]]
+    broken: list[str]
+
+
+def list_sets(client: Any, uri: str) -> SetListing:
+    """Every pushed set (one with a manifest) under ``uri``, sorted by location; a broken manifest
+    is reported in :attr:`SetListing.broken` and hides none of the others."""
     where = S3Location.parse(uri)
-    sets = []
+    listing = SetListing([], [])
     for key in sorted(stored_objects(client, where)):
         if key == MANIFEST_NAME or key.endswith("/" + MANIFEST_NAME):
             location = S3Location(where.bucket, key[: -len(MANIFEST_NAME)].rstrip("/"))
-            sets.append((location, read_manifest(client, location)))
-    return sets
+            try:
+                listing.sets.append((location, read_manifest(client, location)))
+            except DataError as exc:
+                listing.broken.append(str(exc))
+    return listing
 
 
 def cache_folder(cache_root: Path, digest: str) -> Path:
@@ -226,11 +268,20 @@ def pull(client: Any, uri: str, cache_root: Path, *, workers: int = DEFAULT_WORK
     manifest = read_manifest(client, where)
     target = cache_folder(cache_root, manifest.digest)
     if target.is_dir():
+        sweep(target.parent)  # what a killed pull of another set left
         return PullResult(manifest, target, 0, 0, str(where))
-    target.parent.mkdir(parents=True, exist_ok=True)
     if progress is not None:
         progress.total = manifest.total_bytes
-    with _staging(target) as staging:
+    with local_writes("cache folder", cache_root):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        received = _download_into(client, where, manifest, target, workers, progress)
+    return PullResult(manifest, target, len(manifest.files), received, str(where))
+
+
+def _download_into(client: Any, where: S3Location, manifest: Manifest, target: Path, workers: int,
+                   progress: Progress | None) -> int:
+    """Download every file of ``manifest`` into a staging folder beside ``target``, check it, rename it to ``target``."""
+    with staging_folder(target.parent, target.name[:16]) as staging:
 
         def download(entry: Any) -> int:
             local = staging / entry.path
@@ -262,17 +313,7 @@ def pull(client: Any, uri: str, cache_root: Path, *, workers: int = DEFAULT_WORK
         except OSError:
             if not target.is_dir():  # another process that pulled the same digest at once got there first
                 raise
-    return PullResult(manifest, target, len(manifest.files), received, str(where))
-
-
-@contextlib.contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """A private folder beside ``target``, removed on the way out unless renamed into place."""
-    folder = Path(tempfile.mkdtemp(prefix=f".{target.name[:12]}-", dir=target.parent))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    return received
 
 
 def iter_manifest_lines(sets: list[tuple[S3Location, Manifest]]) -> Iterator[str]:

@@ -9,10 +9,11 @@ MLflow records as the run's dataset input: name, digest, source and split sizes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from plantml.datasets.manifest import Manifest, build_manifest
 from plantml.errors import DataError
 
 SourceKind = Literal["synthetic", "local", "s3"]
@@ -30,12 +31,37 @@ class DataSource:
     digest: str | None = None
     downloaded_files: int = 0
     downloaded_bytes: int = 0
+    #: The pushed set's manifest (s3 sets), which :meth:`check_digest` holds the cached files to.
+    manifest: Manifest | None = field(default=None, repr=False, compare=False)
 
     def check_digest(self, scanned: str, skipped: int) -> None:
-        """Refuse a cached copy of a pushed set that no longer matches its manifest (changed on disk)."""
-        if self.digest is not None and not skipped and scanned != self.digest:
+        """Refuse a cached copy of a pushed set that no longer matches its manifest (changed on disk).
+
+        ``scanned`` is the digest of the images the scan kept: it covers every file when none was
+        ``skipped``. When some were, the scan's digest says nothing about them, so every file of the
+        folder is hashed again and held to the manifest: a skipped file must still be the one pushed.
+        """
+        if self.digest is None:
+            return
+        if not skipped:
+            problem = None if scanned == self.digest else f"digest {scanned[:12]}… instead of {self.digest[:12]}…"
+        elif self.manifest is None:
+            problem = "its manifest is unknown, so skipped images cannot be checked"
+        else:
+            problem = self.manifest.first_difference(build_manifest(self.folder))
+        if problem:
             raise DataError(f"{self.folder}: the cached copy of {self.uri} changed since it was pulled "
-                            f"(digest {scanned[:12]}… instead of {self.digest[:12]}…); delete the folder to pull it again")
+                            f"({problem}); delete the folder to pull it again")
+
+    def origin_of(self, path: Path) -> str:
+        """Where an image of this set comes from, for messages: its ``s3://`` key for a pulled set
+        (its cache path says nothing to the user), else the path itself."""
+        if self.kind != "s3":
+            return str(path)
+        try:
+            return f"{self.uri}/{path.relative_to(self.folder).as_posix()}"
+        except ValueError:
+            return str(path)
 
 
 @dataclass(frozen=True)
@@ -76,9 +102,10 @@ def locate(data_dir: str | Path | None, synthetic_folder: Any, *, progress: Any 
 
 def pull_for_training(uri: str, *, progress: Any = None) -> DataSource:
     """Pull the set at ``uri`` into plantml's cache (``PLANTML_CACHE_DIR``), with the object store of the settings."""
-    from plantml.datasets.remote import object_store_client, pull
+    from plantml.datasets.remote import S3Location, object_store_client, pull
     from plantml.settings import env_path, resolve_tracking_settings
 
+    S3Location.parse(uri)  # a bad location is the error to show, before the settings are read
     result = pull(object_store_client(resolve_tracking_settings()), uri, env_path("PLANTML_CACHE_DIR"), progress=progress)
     return DataSource(result.folder, result.manifest.name, result.source, "s3", result.manifest.digest,
-                      result.downloaded, result.downloaded_bytes)
+                      result.downloaded, result.downloaded_bytes, result.manifest)

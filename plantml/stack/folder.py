@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import StackError
+from plantml.processes import process_alive
 from plantml.settings import env_path
 from plantml.stack.service import ServiceSpec
 
@@ -72,25 +73,6 @@ def private_folder(path: Path, owner: tuple[int, int] | None = None, mode: int =
 def registry() -> Path:
     """Where every stack records its folder while it runs (owner-only)."""
     return private_folder(env_path("PLANTML_CACHE_DIR") / "stacks")  # type: ignore[operator]
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/PID/stat`` after the command name (state first), None when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields if len(fields) > 19 else None
-
-
-def process_start_time(pid: int) -> str | None:
-    """The start time of a process (clock ticks since boot), None when it does not exist.
-
-    With the pid it identifies one process even after the pid is reused.
-    """
-    fields = _proc_stat(pid)
-    return fields[19] if fields is not None else None
 
 
 class StackFolder:
@@ -239,15 +221,9 @@ def prune_local_stacks() -> list[str]:
     return removed
 
 
-def _alive(pid: int, started: str) -> bool:
-    """True while the process ``pid`` that started at ``started`` exists and is not a zombie."""
-    fields = _proc_stat(pid)
-    return fields is not None and fields[19] == started and fields[0] != "Z"
-
-
 def _wait_until_gone(pid: int, started: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid, started):
+    while process_alive(pid, started):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
@@ -259,7 +235,7 @@ def _end_process_group(pid: int, started: str) -> bool:
     :data:`GRACE_S` to finish (PostgreSQL writes a checkpoint), then its process group is killed; returns
     whether the process was still there. Only once it is gone may a new start use its folder: PostgreSQL
     refuses a data folder whose postmaster still runs."""
-    if not _alive(pid, started):
+    if not process_alive(pid, started):
         return False
     if not _wait_until_gone(pid, started, GRACE_S):
         try:

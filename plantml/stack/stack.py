@@ -22,9 +22,10 @@ from pathlib import Path
 import port_for
 
 from plantml.errors import ConfigError, StackError
+from plantml.processes import process_start_time
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
-from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, process_start_time, prune_local_stacks
+from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks
 from plantml.stack.mlflow_server import MLflowServerSpec, mlflow_service
 from plantml.stack.postgres import PostgresSpec, postgres_service
 from plantml.stack.s3 import S3Spec, s3_service, seaweed_security_env

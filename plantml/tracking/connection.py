@@ -71,7 +71,7 @@ def check_artifact_access(client: Any, experiment_id: str, settings: TrackingSet
     files and profiles; cloud metadata services are not asked (no request leaves this machine).
     """
     location = str(client.get_experiment(experiment_id).artifact_location or "")
-    if not location.startswith("s3://") or (settings.aws_access_key and settings.aws_secret_key) or _aws_keys_in_files():
+    if not location.startswith("s3://") or (settings.aws_access_key and settings.aws_secret_key) or aws_keys_in_files():
         return
     raise ConfigError(
         f"experiment {settings.experiment_name!r} keeps its artifacts at {location} and its server does not store them "
@@ -79,7 +79,7 @@ def check_artifact_access(client: Any, experiment_id: str, settings: TrackingSet
         "a store other than AWS) in the environment or .env, and found none")
 
 
-def _aws_keys_in_files() -> bool:
+def aws_keys_in_files() -> bool:
     """True when boto3 finds keys without asking a metadata service (its config files, a profile, SSO…)."""
     import botocore.session
 

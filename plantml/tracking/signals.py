@@ -17,12 +17,13 @@ behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,16 @@ def uninstall() -> None:
             _state.lingering_until = time.monotonic() + AFTER_INTERRUPT_S
         elif threading.current_thread() is threading.main_thread():
             _restore()
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """:func:`install` for the duration of a ``with`` block (a command's work before any run exists)."""
+    install()
+    try:
+        yield
+    finally:
+        uninstall()
 
 
 def reset() -> None:

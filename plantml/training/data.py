@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from torchvision import transforms
 from plantml.datasets.manifest import class_folders, no_images
 from plantml.errors import DataError, UsageError
 from plantml.training.distributed import Ranks
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,13 +68,15 @@ class Split:
         return {"train_size": len(self.train), "val_size": len(self.val), "test_size": len(self.test)}
 
 
-def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = False) -> ImageFolderScan:
+def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = False,
+                      name_of: Callable[[Path], str] = str) -> ImageFolderScan:
     """Validate ``root`` as an image-folder data set and hash its content.
 
     Every image is read once: to prove PIL can decode it and to feed the hash (relative
     path and bytes of each file, in sorted order), so two folders with the same hash hold
     the same data. An unreadable image raises, or with ``skip_bad_images`` is left out
-    and listed in ``skipped``.
+    and listed in ``skipped``. Messages name an image by ``name_of(path)`` (a pulled set's
+    ``s3://`` key rather than its cache path).
     """
     root = Path(root).expanduser()
     folders = class_folders(root)
@@ -81,11 +87,10 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     for label, (class_dir, files) in enumerate(folders):
         kept = 0
         for path in files:
-            data = path.read_bytes()
-            problem = _decode_problem(data)
+            data, problem = _read_image(path, name_of)
             if problem:
                 if not skip_bad_images:
-                    raise DataError(f"image {path}: cannot be decoded ({problem}); use --skip-bad-images to leave it out")
+                    raise DataError(f"image {name_of(path)}: {problem}; use --skip-bad-images to leave it out")
                 skipped.append(path)
                 continue
             # fsencode: a name that is not UTF-8 (a Latin-1 folder) hashes as its bytes
@@ -117,6 +122,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _read_image(path: Path, name_of: Callable[[Path], str] = str) -> tuple[bytes, str | None]:
+    """The bytes of ``path`` and why they are not a whole image (None when they are); a file that cannot
+    be read (no permission, an I/O error) is a problem like one that cannot be decoded. Pillow's
+    warning about a very large image becomes one warning line that names the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return b"", f"cannot be read ({exc.strerror or type(exc).__name__})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        problem = _decode_problem(data)
+    for warning in caught:
+        if issubclass(warning.category, Image.DecompressionBombWarning):
+            logger.warning("image %s: %s", name_of(path), str(warning.message).split(", could be")[0])
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return data, problem and f"cannot be decoded ({problem})"
+
+
 def _decode_problem(data: bytes) -> str | None:
     """Why ``data`` is not a whole image, or None. It is decoded, not only verified: ``verify()``
     passes a truncated JPEG, which then fails mid-epoch. JPEGs decode at reduced scale (draft)."""
@@ -125,7 +149,9 @@ def _decode_problem(data: bytes) -> str | None:
             image.draft("RGB", (64, 64))
             image.load()
         return None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # its own text names the in-memory buffer, not the file
+        return "not an image format Pillow reads"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
@@ -215,6 +241,12 @@ class DataLoaders:
     extra: dict = field(default_factory=dict)
 
 
+def drops_lone_last_image(share: int, batch_size: int) -> bool:
+    """Whether an epoch of ``share`` training images leaves out its last batch: only when it would hold
+    one image, which batch norm cannot train on at small sizes (the next epoch's shuffle places it elsewhere)."""
+    return share > 1 and share % batch_size == 1
+
+
 def build_loaders(scan: ImageFolderScan, split: Split, *, image_size: int, batch_size: int,
                   num_workers: int, seed: int, pin_memory: bool = False, ranks: Ranks = Ranks()) -> DataLoaders:
     """Train (shuffled, augmented), validation and test loaders over ``split`` (under torchrun, over this rank's share)."""
@@ -231,9 +263,11 @@ def build_loaders(scan: ImageFolderScan, split: Split, *, image_size: int, batch
         "pin_memory": pin_memory,
         "persistent_workers": num_workers > 0,
     }
+    share = len(train_sampler) if train_sampler is not None else len(train_set)
     return DataLoaders(
         # the seeded generator fixes both the shuffle order and the workers' augmentation seeds
-        train=DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator, **common),
+        train=DataLoader(train_set, shuffle=train_sampler is None, sampler=train_sampler, generator=generator,
+                         drop_last=drops_lone_last_image(share, batch_size), **common),
         val=DataLoader(val_set, shuffle=False, sampler=ranks.eval_sampler(val_set), **common),
         test=DataLoader(test_set, shuffle=False, sampler=ranks.eval_sampler(test_set), **common),
         split=split,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split, to_rgb
+from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split, drops_lone_last_image, to_rgb
 from plantml.training.distributed import Ranks, rank_share
 from plantml.training.image_decode import EncodedImages
 
@@ -92,7 +92,12 @@ class DeviceLoader:
         return self.images.decode(index) if isinstance(self.images, EncodedImages) else self.images[index]
 
     def __len__(self) -> int:
-        return (self._share_size() + self.batch_size - 1) // self.batch_size
+        share = self._share_size()
+        return (share + self.batch_size - 1) // self.batch_size - self._drops_last(share)
+
+    def _drops_last(self, share: int) -> bool:
+        """A last training batch of one image is left out, as the DataLoader path does."""
+        return self.train and drops_lone_last_image(share, self.batch_size)
 
     def _share_size(self) -> int:
         count = len(self.labels)
@@ -104,6 +109,8 @@ class DeviceLoader:
                  else torch.arange(count, device=self.device))
         order = rank_share(order, self.rank, self.world_size, pad=self.train)
         indices = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self._drops_last(len(order)):
+            indices.pop()
         if not self.prefetch:
             for index in indices:
                 yield self._batch(self.raw(index)), self.labels[index]

@@ -45,6 +45,10 @@ BACKBONES: dict[str, Backbone] = {
 
 WEIGHT_CHOICES = ("auto", "imagenet", "none")
 
+#: Every backbone shrinks its input 32 times: at this size or less its last feature map is 1x1,
+#: where batch norm cannot train on a batch of one image (one value per channel).
+SMALLEST_FEATURE_MAP_PX = 32
+
 
 @dataclass(frozen=True)
 class WeightsChoice:

@@ -14,8 +14,10 @@ it writes files.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +38,7 @@ from plantml.training.device_data import build_device_loaders, fits_on_device
 from plantml.training.distributed import Ranks
 from plantml.training.loop import EarlyStopping, Precision, choose_precision, evaluate, train_one_epoch
 from plantml.training.models import (
+    SMALLEST_FEATURE_MAP_PX,
     WeightsChoice,
     build_model,
     count_parameters,
@@ -169,8 +172,13 @@ def check_config(config: TrainConfig) -> torch.device:
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
+    for name in ("learning_rate", "weight_decay"):
+        if not math.isfinite(getattr(config, name)):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be a finite number")
     if not config.learning_rate > 0:
         raise UsageError(f"--learning-rate {config.learning_rate}: must be positive")
+    if config.weight_decay < 0:
+        raise UsageError(f"--weight-decay {config.weight_decay}: must be 0 or more")
     if config.early_stopping_patience < 1:
         raise UsageError(f"--early-stopping-patience {config.early_stopping_patience}: must be at least 1")
     if config.unfreeze_epoch is not None:
@@ -186,7 +194,23 @@ def check_config(config: TrainConfig) -> torch.device:
         raise UsageError(f"--device {config.device}: choose cuda or cpu")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    image_size = config.image_size or DEFAULT_IMAGE_SIZE[device.type]
+    if config.batch_size == 1 and image_size <= SMALLEST_FEATURE_MAP_PX:
+        raise UsageError(f"--batch-size 1 at --image-size {image_size}: the backbone's last feature map is 1x1 there, "
+                         "and batch norm cannot train on one value per channel; use --batch-size 2 or more, "
+                         f"or --image-size {SMALLEST_FEATURE_MAP_PX + 1} or more")
+    return device
+
+
+def check_output_dir(folder: Path) -> None:
+    """Make ``--output-dir`` and prove a file can be written there, so a bad one fails before the training, not after."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output-dir {folder}: cannot write there ({exc.strerror or type(exc).__name__})") from None
 
 
 def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
@@ -196,13 +220,15 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     the loaders give this rank its share and CUDA means this rank's GPU.
     """
     device = check_config(config)
+    if config.output_dir is not None and ranks.is_main:  # rank 0 alone keeps the outputs
+        check_output_dir(Path(config.output_dir))
     if device.type == "cuda" and ranks.distributed:
         device = ranks.device
     weights = resolve_weights(config.backbone, config.weights)
     # under torchrun, one rank per machine makes or pulls the set into the cache, then the others read it
     source = ranks.local_main_first(lambda: locate(config.data_dir, lambda: synth.ensure_cached(config.synthetic)))
     synthetic = source.kind == "synthetic" or synth.is_synthetic(source.folder)
-    scan = data_mod.scan_image_folder(source.folder, skip_bad_images=config.skip_bad_images)
+    scan = data_mod.scan_image_folder(source.folder, skip_bad_images=config.skip_bad_images, name_of=source.origin_of)
     source.check_digest(scan.content_hash, len(scan.skipped))
     split = data_mod.stratified_split([label for _, label in scan.samples], config.val_split, config.test_split,
                                       seed=config.seed, class_names=scan.classes)

@@ -12,7 +12,6 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from plantml.errors import UsageError
+from plantml.staging import local_writes, staging_folder, sweep
 
 CLASSES = ("diseased", "healthy")
 DEFAULT_PER_CLASS = 200
@@ -162,24 +162,70 @@ def as_jpeg(source: str | os.PathLike[str], target: str | os.PathLike[str], qual
 
 
 def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
-    """The cached copy of the synthetic set, generated on first use (atomically)."""
-    target = cache_root() / spec.name
+    """The cached copy of the synthetic set, generated on first use (atomically).
+
+    It is generated into a staging folder beside it, then renamed: an interrupted run leaves
+    no half set, and a staging folder whose process died is swept by the next call.
+    """
+    root = cache_root()
+    target = root / spec.name
     if (target / _MARKER).is_file():
+        sweep(root)  # what a killed generation of another spec left
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # generate into a temporary sibling then rename, so an interrupted run leaves no half set
-    staging = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
-    try:
-        generate(staging, spec)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / _MARKER).is_file():  # not a concurrent twin that won the race
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with local_writes("cache folder", root):
+        root.mkdir(parents=True, exist_ok=True)
+        with staging_folder(root, spec.name) as staging:
+            generate(staging, spec)
+            try:
+                staging.rename(target)
+            except OSError:
+                if not (target / _MARKER).is_file():  # not a concurrent twin that won the race
+                    raise
     return target
+
+
+def write_set(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) -> Path:
+    """``plantml data synth DIR``: write the set into ``directory``, all of it or nothing.
+
+    ``directory`` must be missing, empty, or a synthetic set already (a re-synth); a folder
+    holding anything else is refused untouched. The images are drawn into a staging folder
+    inside it, then moved into place, so a full disk leaves the folder as it was.
+    """
+    root = Path(directory)
+    _check_target(root)
+    created = not root.exists()
+    try:
+        with local_writes("folder", root):
+            root.mkdir(parents=True, exist_ok=True)
+            with staging_folder(root, "plantml-synth") as staging:
+                generate(staging, spec)
+                _move_into(staging, root)
+    except BaseException:
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    return root
+
+
+def _check_target(root: Path) -> None:
+    """Refuse a target that is a file, or a folder of other files than a synthetic set's."""
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root}: not a folder")
+    if root.is_dir() and not is_synthetic(root):
+        sweep(root)  # the staging folder of an earlier synth that was killed does not count
+        if any(root.iterdir()):
+            raise UsageError(f"folder {root}: not empty and not a synthetic set; give an empty or new folder")
+
+
+def _move_into(staging: Path, root: Path) -> None:
+    """Move every file of ``staging`` to the same place under ``root`` (same file system: renames,
+    which need no space), the marker last, so the folder is a synthetic set only once complete."""
+    for path in sorted(staging.rglob("*")):
+        if path.is_file() and path.name != _MARKER:
+            destination = root / path.relative_to(staging)
+            destination.parent.mkdir(exist_ok=True)
+            os.replace(path, destination)
+    os.replace(staging / _MARKER, root / _MARKER)
 
 
 def is_synthetic(directory: str | os.PathLike[str]) -> bool:

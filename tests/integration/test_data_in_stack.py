@@ -184,3 +184,34 @@ def test_data_synth_writes_the_synthetic_set_straight_to_the_store(env: dict[str
     [line] = listed.stdout.splitlines()
     assert line.startswith(f"{prefix}  8 files  2 classes ({', '.join(synth.CLASSES)})")
     assert line.endswith(f"digest {build_manifest(local).digest}")  # the same images as a local synth of that spec
+
+
+def test_ls_lists_the_good_sets_and_warns_once_per_broken_manifest(leaves: Path, mlflow_env: Any, s3_client: Any,
+                                                                    prefix: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    from plantml.cli import main
+    from plantml.datasets import remote
+
+    monkeypatch.chdir(tmp_path)  # no .env: the stack's variables only
+    remote.push(mlflow_env.s3_client(), leaves, f"{prefix}/good")
+    bucket, key_prefix = prefix[5:].split("/", 1)
+    s3_client.put_object(Bucket=bucket, Key=f"{key_prefix}/broken/plantml-dataset.json", Body=b"{not json")
+
+    code = main(["data", "ls", prefix])
+    out, err = capsys.readouterr()
+
+    assert code == 1
+    assert [line.split("  ")[0] for line in out.splitlines()] == [f"{prefix}/good"]
+    [warning] = err.splitlines()
+    assert warning.startswith(f"plantml: warning: {prefix}/broken/plantml-dataset.json: not a plantml data set manifest")
+
+
+def test_a_missing_bucket_is_a_usage_error_for_ls_and_push(leaves: Path, mlflow_env: Any, tmp_path: Path,
+                                                          monkeypatch, capsys) -> None:
+    from plantml.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["data", "ls", "s3://no-such-bucket-plantml"], ["data", "push", str(leaves), "s3://no-such-bucket-plantml/x"]):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"plantml: error: {args[-1]}: no bucket 'no-such-bucket-plantml'") and len(err.splitlines()) == 1

@@ -57,3 +57,82 @@ def test_default_set_matches_the_design_sizes():
 def test_rejects_unusable_parameters(kwargs):
     with pytest.raises(UsageError):
         synth.SynthSpec(**kwargs)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from plantml.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_data_synth_refuses_a_folder_of_other_files_and_touches_nothing(tmp_path, capsys):
+    (tmp_path / "healthy").mkdir()
+    mine = tmp_path / "healthy" / "healthy_0000.png"
+    mine.write_bytes(b"the user's own photo")
+
+    code, _, err = run_cli(capsys, "data", "synth", str(tmp_path), "--per-class", "3", "--size", "16")
+
+    assert code == 2
+    assert err.splitlines() == [f"plantml: error: folder {tmp_path}: not empty and not a synthetic set; give an empty or new folder"]
+    assert mine.read_bytes() == b"the user's own photo"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["healthy", "healthy_0000.png"]  # no marker, no class added
+
+
+def test_data_synth_writes_into_an_empty_folder_and_over_a_synthetic_set(tmp_path, capsys):
+    assert run_cli(capsys, "data", "synth", str(tmp_path), "--per-class", "3", "--size", "16")[0] == 0
+    code, out, _ = run_cli(capsys, "data", "synth", str(tmp_path), "--per-class", "4", "--size", "16")
+
+    assert code == 0 and "8 images (diseased 4, healthy 4)" in out
+    assert synth.is_synthetic(tmp_path) and not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+
+
+def full_disk_after(monkeypatch, images: int) -> None:
+    """Make PIL's PNG writes fail as a full disk does, after ``images`` of them."""
+    import errno
+
+    from PIL import Image
+
+    save, done = Image.Image.save, []
+
+    def save_until_full(self, *args, **kwargs):
+        if len(done) >= images:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        done.append(1)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_full)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_data_synth_on_a_full_disk_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch, existing):
+    target = tmp_path / "set"
+    if existing:
+        target.mkdir()
+    full_disk_after(monkeypatch, 4)
+
+    code, _, err = run_cli(capsys, "data", "synth", str(target), "--per-class", "3", "--size", "16")
+
+    assert code == 1
+    assert err.splitlines() == [f"plantml: error: folder {target}: no space left on device"]
+    assert (list(target.iterdir()) == []) if existing else not target.exists()
+
+
+def test_the_cached_set_on_a_full_disk_is_one_line_naming_the_cache(tmp_path, monkeypatch):
+    from plantml.errors import StorageError
+
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path))
+    full_disk_after(monkeypatch, 2)
+
+    with pytest.raises(StorageError, match=f"^cache folder {tmp_path}: no space left on device$"):
+        synth.ensure_cached(synth.SynthSpec(per_class=3, size=16, seed=0))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file")
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+
+    with pytest.raises(UsageError, match=f"^cache folder {tmp_path / 'cache'}: "):
+        synth.ensure_cached(synth.SynthSpec(per_class=3, size=16, seed=0))

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +73,41 @@ def test_s3_locations_split_into_bucket_and_prefix(uri: str, bucket: str, prefix
 def test_a_malformed_s3_location_is_a_usage_error(uri: str) -> None:
     with pytest.raises(UsageError, match="expected s3://BUCKET/PREFIX"):
         S3Location.parse(uri)
+
+
+def test_images_in_hidden_sub_folders_of_a_class_are_ignored(tmp_path: Path) -> None:
+    folder = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=3, size=16, seed=2))
+    before = build_manifest(folder).digest
+    for hidden in (".thumbs", "sub/.Trashes"):
+        (folder / "healthy" / hidden).mkdir(parents=True)
+        shutil.copy(folder / "healthy" / "healthy_0000.png", folder / "healthy" / hidden / "t.png")
+
+    assert build_manifest(folder).digest == before
+    assert len(scan_image_folder(folder).samples) == 6
+
+
+def test_a_file_that_cannot_be_read_is_named_when_a_set_is_hashed_for_a_push(tmp_path: Path) -> None:
+    folder = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=3, size=16, seed=2))
+    (folder / "healthy" / "locked.png").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), root included
+
+    with pytest.raises(DataError, match=r"locked.png: cannot be read \(Input/output error\)"):
+        build_manifest(folder)
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path: Path) -> None:
+    folder = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=3, size=16, seed=2))
+    locked = folder / "healthy" / "locked"
+    locked.mkdir()
+    shutil.copy(folder / "healthy" / "healthy_0000.png", locked / "x.png")
+    locked.chmod(0)
+    # root lists any folder: drop the capabilities that let it (setpriv's bounding set), as another account would be
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-m", "plantml", "data", "inspect", str(folder)],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o700)
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"plantml: error: folder {locked}: cannot be read (Permission denied)"
+

@@ -16,7 +16,8 @@ import pytest
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
 from plantml.errors import StackError
-from plantml.stack.folder import CREDENTIALS, StackFolder, process_start_time, prune_local_stacks
+from plantml.processes import process_start_time
+from plantml.stack.folder import CREDENTIALS, StackFolder, prune_local_stacks
 from plantml.stack.service import ServiceSpec
 from plantml.stack.supervisor import Service, Supervisor, backoff
 
@@ -138,7 +139,8 @@ def test_a_data_dir_stays_with_owner_only_credentials_and_a_temporary_folder_goe
 KILLED_OWNER = textwrap.dedent("""
     import json, subprocess, sys, time
     from pathlib import Path
-    from plantml.stack.folder import STATE, StackFolder, process_start_time
+    from plantml.processes import process_start_time
+    from plantml.stack.folder import STATE, StackFolder
     folder = StackFolder.open(None, "killed")
     folder.write_env_file(Path(sys.argv[1]), {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
     service = subprocess.Popen(["sleep", "300"], start_new_session=True)

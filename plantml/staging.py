@@ -1,0 +1,77 @@
+"""Folders written aside, then made visible in one rename; and what a failed local write says.
+
+A staging folder's name carries the pid and start time of the process that writes it
+(``.NAME.staging-PID-START-RANDOM``), so when that process dies without its clean-up
+(``kill -9``, a SIGTERM nobody handled) the next process that stages beside it can tell the
+owner is gone and remove the leftover, while a folder whose owner still runs is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from plantml.errors import PlantmlError, StorageError, UsageError
+from plantml.processes import process_alive, process_start_time
+
+_STAGING = re.compile(r"^\..*\.staging-(\d+)-(\d+)-[a-z0-9_]+$")
+#: Errors of a disk that is full or failing; other refused writes (read-only, no permission) are the caller's to fix.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def sweep(parent: Path) -> list[Path]:
+    """Remove the staging folders in ``parent`` whose process is gone; returns what was removed.
+
+    Where ``/proc`` is missing (no way to tell who is alive) nothing is removed.
+    """
+    if process_start_time(os.getpid()) is None:
+        return []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _STAGING.match(name)
+        if match and not process_alive(int(match[1]), match[2]):
+            shutil.rmtree(parent / name, ignore_errors=True)
+            removed.append(parent / name)
+    return removed
+
+
+@contextlib.contextmanager
+def staging_folder(parent: Path, name: str) -> Iterator[Path]:
+    """A new private folder in ``parent`` for ``name``, removed on the way out unless renamed away.
+
+    The leftovers of dead processes in ``parent`` are swept first.
+    """
+    sweep(parent)
+    pid = os.getpid()
+    owner = f"{pid}-{process_start_time(pid) or 0}"
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}.staging-{owner}-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def folder_error(role: str, folder: Path, exc: OSError) -> PlantmlError:
+    """One line naming ``folder`` and why it refused a write: a full or failing disk is a
+    :class:`StorageError` (exit 1), a read-only or forbidden folder a :class:`UsageError` (exit 2)."""
+    message = f"{role} {folder}: {(exc.strerror or type(exc).__name__).lower()}"
+    return StorageError(message) if exc.errno in _DISK_ERRNOS else UsageError(message)
+
+
+@contextlib.contextmanager
+def local_writes(role: str, folder: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of the block (it writes under ``folder``) into :func:`folder_error`'s one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise folder_error(role, folder, exc) from None

@@ -1,0 +1,192 @@
+"""Pushed sets without a server: S3 locations, names S3 cannot keep, pulls into the cache (a fake
+client), staging folders of dead processes, a cached copy held to its manifest, the object
+store's settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from plantml.datasets import MANIFEST_NAME, S3Location, build_manifest, remote
+from plantml.datasets.source import DataSource
+from plantml.errors import ConfigError, DataError, StorageError, UsageError
+from plantml.processes import process_start_time
+from plantml.settings import TrackingSettings, resolve_tracking_settings
+from plantml.training import synth
+from plantml.training.data import scan_image_folder
+
+
+@pytest.fixture
+def leaves(tmp_path: Path) -> Path:
+    return synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=4, size=16, seed=4))
+
+
+class FakeBody:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self) -> bytes:
+        return self.data
+
+    def iter_chunks(self, size: int) -> Any:
+        yield from (self.data[i:i + size] for i in range(0, len(self.data), size))
+
+
+class FakeStore:
+    """The calls :func:`remote.pull` makes, answered from a local set as if pushed to s3://b/set."""
+
+    def __init__(self, folder: Path) -> None:
+        manifest = build_manifest(folder)
+        self.objects = {f"set/{e.path}": (folder / e.path).read_bytes() for e in manifest.files}
+        self.objects[f"set/{MANIFEST_NAME}"] = manifest.to_json().encode()
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+        return {"Body": FakeBody(self.objects[Key])}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def staging_of(parent: Path, pid: int, started: str | None) -> Path:
+    folder = parent / f".someset.staging-{pid}-{started or 12345}-abc123de"
+    (folder / "healthy").mkdir(parents=True)
+    (folder / "healthy" / "half.png").write_bytes(b"half")
+    return folder
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("s3://data/x/../y", "'..'"), ("s3://data/t/./dot", "'.'"), ("s3://data/d//e", "an empty path segment"),
+    ("s3://data//e", "an empty path segment"), ("s3://data/back\\slash", "a backslash"),
+])
+def test_an_s3_location_with_dot_empty_or_backslash_segments_is_a_usage_error(uri: str, shown: str) -> None:
+    with pytest.raises(UsageError) as refused:
+        S3Location.parse(uri)
+    assert str(refused.value).startswith(f"{uri!r}: ") and shown in str(refused.value)
+
+
+def test_a_bad_location_is_refused_before_any_file_is_hashed(leaves: Path, monkeypatch) -> None:
+    monkeypatch.setattr(remote, "build_manifest", lambda *a, **k: pytest.fail("hashed before the location was checked"))
+    with pytest.raises(UsageError):
+        remote.push(None, leaves, "s3://data/x/../y")
+
+
+def test_push_refuses_a_name_with_a_backslash_naming_it(leaves: Path) -> None:
+    (leaves / "back\\slash").mkdir()
+    (leaves / "healthy" / "healthy_0000.png").rename(leaves / "back\\slash" / "a.png")
+    with pytest.raises(DataError, match=r"back\\\\slash.*holds a backslash"):
+        remote.push(None, leaves, "s3://data/x")  # refused before the store is asked anything
+
+
+def test_pull_removes_the_staging_folder_of_a_dead_process_and_keeps_a_live_ones(leaves: Path, tmp_path: Path) -> None:
+    datasets = tmp_path / "cache" / "datasets"
+    datasets.mkdir(parents=True)
+    pid = dead_pid()
+    dead = staging_of(datasets, pid, "1")
+    live = staging_of(datasets, os.getpid(), process_start_time(os.getpid()))
+    reused = staging_of(datasets, os.getpid(), "1")  # our pid, another start time: a pid reused since
+
+    pulled = remote.pull(FakeStore(leaves), "s3://b/set", tmp_path / "cache")
+
+    assert pulled.downloaded == 8 and (pulled.folder / MANIFEST_NAME).is_file()
+    assert not dead.exists() and not reused.exists()
+    assert live.is_dir()
+    assert sorted(p.name for p in datasets.iterdir()) == sorted([live.name, pulled.folder.name])
+
+
+def test_ensure_cached_removes_the_staging_folder_of_a_dead_process(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path))
+    dead = staging_of(tmp_path, dead_pid(), "1")
+    live = staging_of(tmp_path, os.getpid(), process_start_time(os.getpid()))
+
+    synth.ensure_cached(synth.SynthSpec(per_class=3, size=16, seed=5))
+
+    assert not dead.exists() and live.is_dir()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line_naming_it(leaves: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    with pytest.raises(UsageError, match=f"^cache folder {blocker / 'cache'}: not a directory$"):
+        remote.pull(FakeStore(leaves), "s3://b/set", blocker / "cache")
+
+
+def test_a_full_disk_during_a_pull_is_one_line_and_keeps_nothing(leaves: Path, tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    store = FakeStore(leaves)
+    written = []
+
+    class FullDisk(FakeBody):
+        def iter_chunks(self, size: int) -> Any:
+            if len(written) > 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            written.append(1)
+            yield self.data
+
+    monkeypatch.setattr(store, "get_object", lambda Bucket, Key: {"Body": FullDisk(store.objects[Key])})
+    with pytest.raises(StorageError, match=f"^cache folder {tmp_path / 'cache'}: no space left on device$"):
+        remote.pull(store, "s3://b/set", tmp_path / "cache", workers=1)
+    assert not list((tmp_path / "cache" / "datasets").iterdir())
+
+
+def pulled_source(folder: Path) -> DataSource:
+    manifest = build_manifest(folder)
+    return DataSource(folder, folder.name, "s3://b/set", "s3", manifest.digest, manifest=manifest)
+
+
+def test_skipping_bad_images_does_not_switch_off_the_check_against_the_manifest(leaves: Path) -> None:
+    source = pulled_source(leaves)
+    (leaves / "healthy" / "healthy_0000.png").write_bytes((leaves / "diseased" / "diseased_0000.png").read_bytes())
+    (leaves / "healthy" / "zz.png").write_text("junk")  # one undecodable file, so that --skip-bad-images skips one
+    scan = scan_image_folder(leaves, skip_bad_images=True)
+    assert len(scan.skipped) == 1
+
+    with pytest.raises(DataError, match=r"changed since it was pulled \(healthy/healthy_0000.png differs from the manifest\)"):
+        source.check_digest(scan.content_hash, len(scan.skipped))
+
+
+def test_a_skipped_image_that_was_pushed_so_passes_the_check(leaves: Path) -> None:
+    (leaves / "healthy" / "zz.png").write_text("junk")  # pushed as it is: the manifest lists it
+    source = pulled_source(leaves)
+    scan = scan_image_folder(leaves, skip_bad_images=True)
+
+    source.check_digest(scan.content_hash, len(scan.skipped))
+    assert source.origin_of(leaves / "healthy" / "zz.png") == "s3://b/set/healthy/zz.png"
+
+
+def test_an_s3_endpoint_without_a_scheme_is_one_line_naming_where_it_came_from(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
+    (tmp_path / ".env").write_text("MLFLOW_S3_ENDPOINT_URL=127.0.0.1:9\n")
+    with pytest.raises(ConfigError, match=rf"^S3 endpoint '127.0.0.1:9' \(from MLFLOW_S3_ENDPOINT_URL in .env in {tmp_path}\)"):
+        resolve_tracking_settings()
+
+
+def test_no_endpoint_and_no_keys_says_which_variables_are_unset(tmp_path: Path, monkeypatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are unset"):
+        remote.object_store_client(TrackingSettings())
+
+
+def test_a_missing_bucket_is_a_usage_error() -> None:
+    from botocore.exceptions import ClientError
+
+    class NoBucket:
+        def get_paginator(self, name: str) -> Any:
+            raise ClientError({"Error": {"Code": "NoSuchBucket", "Message": "no"}}, "ListObjectsV2")
+
+    with pytest.raises(UsageError, match="^s3://nosuch/x: no bucket 'nosuch'"):
+        remote.stored_objects(NoBucket(), S3Location.parse("s3://nosuch/x"))

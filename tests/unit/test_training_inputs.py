@@ -1,0 +1,159 @@
+"""Inputs that used to fail late or loudly: each is now one line before any work, or trains.
+
+A batch of one image, non-finite learning rates and weight decays, an ``--output-dir`` that
+cannot be written, an image file that cannot be read, a very large image, and SIGTERM while
+the data set is being made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from plantml.cli import main
+from plantml.errors import DataError
+from plantml.training import synth
+from plantml.training.data import build_loaders, scan_image_folder, stratified_split
+from plantml.training.device_data import DeviceLoader
+
+TINY = ["--epochs", "1", "--image-size", "32", "--weights", "none", "--num-workers", "0", "--no-mlflow"]
+
+
+@pytest.fixture(scope="module")
+def leaves(tmp_path_factory) -> Path:
+    return synth.generate(tmp_path_factory.mktemp("data") / "leaves", synth.SynthSpec(per_class=12, size=32, seed=0))
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--weight-decay", "nan"], "--weight-decay nan: must be a finite number"),
+    (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number"),
+    (["--learning-rate", "inf"], "--learning-rate inf: must be a finite number"),
+    (["--learning-rate", "1e309"], "--learning-rate inf: must be a finite number"),
+    (["--batch-size", "1"], "--batch-size 1 at --image-size 32"),
+])
+def test_a_value_that_cannot_train_is_one_line_before_any_work(capsys, leaves, args, expected):
+    code = main(["train", "--data-dir", str(leaves), *TINY, *args])
+
+    assert code == 2
+    assert expected in _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("place", ["under a file", "in /proc"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_training(capsys, leaves, place):
+    output = leaves / "healthy" / "healthy_0000.png" / "out" if place == "under a file" else Path("/proc/plantml-out")
+
+    code = main(["train", "--data-dir", str(leaves), *TINY, "--output-dir", str(output)])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"--output-dir {output}: cannot write there" in _one_line(captured.err)
+    assert "epoch" not in captured.out  # refused before any epoch
+
+
+def _train_size(folder: Path) -> int:
+    scan = scan_image_folder(folder)
+    return len(stratified_split([label for _, label in scan.samples], 0.15, 0.15, seed=42).train)
+
+
+def test_a_last_training_batch_of_one_image_is_left_out_so_batch_norm_trains(capsys, leaves):
+    # at 32 px every backbone's last feature map is 1x1: batch norm cannot train on one image there
+    batch_size = _train_size(leaves) - 1  # the epoch's last batch would hold one image
+
+    code = main(["train", "--data-dir", str(leaves), *TINY, "--batch-size", str(batch_size)])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "epoch 1/1" in captured.out
+
+
+def test_both_loaders_leave_out_only_a_lone_last_training_image(leaves):
+    scan = scan_image_folder(leaves)
+    split = stratified_split([label for _, label in scan.samples], 0.15, 0.15, seed=42)
+    batch_size = len(split.train) - 1
+    loaders = build_loaders(scan, split, image_size=32, batch_size=batch_size, num_workers=0, seed=0)
+    assert [len(labels) for _, labels in loaders.train] == [batch_size]
+    assert len(loaders.train) == 1
+    assert [len(labels) for _, labels in loaders.val] == [len(split.val)]  # evaluation keeps every image
+
+    images, labels = torch.zeros(9, 3, 8, 8, dtype=torch.uint8), torch.arange(9)
+    cpu = torch.device("cpu")
+    train = DeviceLoader(images, labels, batch_size=4, device=cpu, train=True)
+    assert [len(batch_labels) for _, batch_labels in train] == [4, 4] and len(train) == 2
+    evaluation = DeviceLoader(images, labels, batch_size=4, device=cpu, train=False)
+    assert [len(batch_labels) for _, batch_labels in evaluation] == [4, 4, 1] and len(evaluation) == 3
+    ten = DeviceLoader(torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.arange(10), batch_size=3, device=cpu, train=True)
+    assert [len(batch_labels) for _, batch_labels in ten] == [3, 3, 3]
+
+
+@pytest.fixture
+def unreadable(tmp_path) -> Path:
+    """A set with one image file whose read fails in the kernel, for any user (root ignores chmod 000)."""
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=6, size=24, seed=0))
+    (folder / "healthy" / "locked.png").symlink_to("/proc/self/mem")  # a regular file; reading it gives EIO
+    return folder
+
+
+def test_an_image_that_cannot_be_read_is_named_in_one_line(capsys, unreadable):
+    with pytest.raises(DataError, match=r"locked.png: cannot be read \(Input/output error\); use --skip-bad-images"):
+        scan_image_folder(unreadable)
+
+    code = main(["train", "--data-dir", str(unreadable), *TINY])
+    assert code == 2
+    assert "locked.png: cannot be read" in _one_line(capsys.readouterr().err)
+
+
+def test_skip_bad_images_leaves_out_an_image_that_cannot_be_read(capsys, unreadable):
+    scan = scan_image_folder(unreadable, skip_bad_images=True)
+    assert [path.name for path in scan.skipped] == ["locked.png"]
+
+    assert main(["train", "--data-dir", str(unreadable), *TINY, "--skip-bad-images"]) == 0
+
+
+def test_a_very_large_image_is_one_warning_line_naming_it(tmp_path, caplog, monkeypatch):
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=4, size=24, seed=0))
+    Image.new("RGB", (60, 60), (20, 120, 30)).save(folder / "healthy" / "huge.png")
+    # Pillow warns above MAX_IMAGE_PIXELS (89 MP by default) and refuses above twice that
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+
+    with warnings.catch_warnings(record=True) as shown, caplog.at_level(logging.WARNING, logger="plantml.training"):
+        warnings.simplefilter("always")
+        scan = scan_image_folder(folder)
+
+    assert len(scan.samples) == 9
+    assert [record.getMessage() for record in caplog.records] == [
+        f"image {folder / 'healthy' / 'huge.png'}: Image size (3600 pixels) exceeds limit of 2000 pixels"]
+    assert not [w for w in shown if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_sigterm_while_the_synthetic_set_is_made_is_one_line_and_leaves_no_staging_folder(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PLANTML_CACHE_DIR": str(cache)}
+    process = subprocess.Popen([sys.executable, "-m", "plantml", "train", *TINY], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (cache.is_dir() and any(path.name.startswith(".") for path in cache.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, "no staging folder appeared"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)  # the set takes about a second to make: this lands while it is made
+    out, err = process.communicate(timeout=60)
+
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM" in _one_line(err)
+    assert "epoch" not in out
+    assert not [path.name for path in cache.iterdir() if path.name.startswith(".")]
