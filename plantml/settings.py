@@ -12,6 +12,7 @@ value came from is kept in :attr:`TrackingSettings.sources`, so an error can say
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -82,13 +83,20 @@ def env_value(name: str, explicit: Any = None, environ: Mapping[str, str] | None
     return value if value not in (None, "") else VARIABLES[name].default
 
 
-def env_number(name: str, explicit: Any = None, kind: type = float, environ: Mapping[str, str] | None = None) -> Any:
-    """:func:`env_value` as a number of ``kind``; a malformed value is a one-line :class:`ConfigError`."""
+def env_number(name: str, explicit: Any = None, kind: type = float, environ: Mapping[str, str] | None = None, *,
+               minimum: float | None = None, above: bool = False) -> Any:
+    """:func:`env_value` as a finite number of ``kind``, at least ``minimum`` (or ``above`` it); anything
+    else (malformed, ``nan``, ``inf``, out of range) is a one-line :class:`ConfigError` naming the variable."""
     text = env_value(name, explicit, environ)
     try:
-        return kind(text)
-    except (TypeError, ValueError):
+        value = kind(text)
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{name}={text!r}: expected {'a whole number' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={text!r}: expected a finite number")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        raise ConfigError(f"{name}={text!r}: must be {'above' if above else 'at least'} {minimum:g}")
+    return value
 
 
 def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -119,7 +127,14 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
         if implicit:
             return {}
         raise ConfigError(f"env file {env_path}: not found")
-    return {k: v for k, v in dotenv_values(env_path).items() if v is not None}
+    where = f".env in {Path.cwd()}" if implicit else f"env file {env_path}"
+    try:
+        values = dotenv_values(env_path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -225,6 +240,9 @@ def _check_tracking_uri(settings: TrackingSettings) -> None:
     origin = f" (from {settings.source_of()})" if "tracking_uri" in settings.sources else ""
     if "://" not in uri and not uri.startswith(("file:", "databricks")):
         raise ConfigError(f"tracking URI {uri!r}{origin}: expected a URL such as http://127.0.0.1:5001 or sqlite:///mlflow.db")
+    if uri.startswith("sqlite://") and not uri.startswith("sqlite:///"):
+        raise ConfigError(f"tracking URI {uri!r}{origin}: a sqlite URI has three slashes before a relative path "
+                          "(sqlite:///mlflow.db) and four before an absolute one (sqlite:////srv/mlflow.db)")
     if not uri.startswith(_KNOWN_SCHEMES):
         raise ConfigError(f"tracking URI {uri!r}{origin}: unknown scheme {uri.split('://')[0]!r} (use http, https, sqlite, postgresql or file)")
 

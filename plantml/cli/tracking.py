@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,22 @@ import click
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 STATUSES = click.Choice(["KILLED", "FAILED", "FINISHED"])
 
+
+
+class _Seconds(click.FloatRange):
+    """A duration in seconds: 0 or more, and finite (``nan`` compares False with any bound, so FloatRange lets it in)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0)
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds.", param, ctx)
+        return seconds
+
+
+SECONDS = _Seconds()
 
 @click.group()
 def tracking() -> None:
@@ -30,7 +47,7 @@ def _show(report) -> None:
 @tracking.command()
 @click.argument("journal", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tracking-uri", default=None, help="Deliver to this server instead of the one the journal names.")
-@click.option("--timeout", type=float, default=300.0, show_default=True,
+@click.option("--timeout", type=SECONDS, default=300.0, show_default=True,
               help="Seconds to keep retrying while the server or the object store is away.")
 @click.option("--status", type=STATUSES, default="KILLED", show_default=True,
               help="End status of a run whose journal asked for none (its process died).")
@@ -64,7 +81,7 @@ def replay(journal: Path, tracking_uri: str | None, timeout: float, status: str)
               help="Folder of journals [default: $PLANTML_JOURNAL_DIR or ~/.cache/plantml/journal].")
 @click.option("--tracking-uri", default=None, help="Server searched by --stale [default: $MLFLOW_TRACKING_URI, .env].")
 @click.option("--experiment-name", multiple=True, help="Experiment searched by --stale (repeatable) [default: all].")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to keep retrying for each journal.")
+@click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Seconds to keep retrying for each journal.")
 def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | None, tracking_uri: str | None,
             experiment_name: tuple[str, ...], timeout: float) -> int:
     """Deliver the journals of processes gone from this machine and end their runs (KILLED by default).

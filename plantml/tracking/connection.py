@@ -19,7 +19,13 @@ def connect(settings: TrackingSettings, timeout: float) -> tuple[Any, str]:
         wait_for_server(settings.tracking_uri, timeout, settings.source_of("tracking_uri"))
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    try:  # MLflow builds the store here: a file: store in maintenance mode, a sqlite folder that cannot be, no driver
+        client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    except Exception as exc:
+        from plantml.stack.endpoints import mask_url_password
+
+        raise TrackingError(f"{mask_url_password(settings.tracking_uri)}: cannot open this tracking store ({one_line(exc)}); "
+                            f"this URI came from {settings.source_of('tracking_uri')}") from None
     return client, open_experiment(client, settings)
 
 

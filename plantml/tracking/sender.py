@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, TrackingError, one_line
+from plantml.errors import TrackingError, one_line
 from plantml.tracking.delivery import RetryPolicy, deliver
 from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
 from plantml.tracking.journal import Journal, journal_dir
@@ -93,19 +93,15 @@ def resolve_delivery_settings(
     """Argument, then the ``PLANTML_*`` variable, then the default, for each delivery setting."""
     from plantml.settings import env_number
 
-    settings = DeliverySettings(
-        timeout_s=env_number("PLANTML_DELIVERY_TIMEOUT", timeout_s),
-        max_in_memory=env_number("PLANTML_MAX_BUFFERED", max_in_memory, int),
-        max_backoff_s=env_number("PLANTML_MAX_BACKOFF", max_backoff_s),
-        request_timeout_s=env_number("PLANTML_REQUEST_TIMEOUT", request_timeout_s),
+    return DeliverySettings(
+        timeout_s=env_number("PLANTML_DELIVERY_TIMEOUT", timeout_s, minimum=0),
+        max_in_memory=env_number("PLANTML_MAX_BUFFERED", max_in_memory, int, minimum=1),
+        max_backoff_s=env_number("PLANTML_MAX_BACKOFF", max_backoff_s, minimum=0, above=True),
+        request_timeout_s=env_number("PLANTML_REQUEST_TIMEOUT", request_timeout_s, minimum=0, above=True),
         journal_dir=journal_dir(journal_folder),
-        linger_s=env_number("PLANTML_LINGER"),
-        signal_timeout_s=env_number("PLANTML_SIGNAL_TIMEOUT"),
+        linger_s=env_number("PLANTML_LINGER", minimum=0),
+        signal_timeout_s=env_number("PLANTML_SIGNAL_TIMEOUT", minimum=0),
     )
-    if (settings.timeout_s < 0 or settings.max_in_memory < 1 or settings.max_backoff_s <= 0 or settings.linger_s < 0
-            or settings.request_timeout_s <= 0 or settings.signal_timeout_s < 0):
-        raise ConfigError(f"delivery settings out of range: {settings}")
-    return settings
 
 
 def _entry_size(entry: Entry) -> int:

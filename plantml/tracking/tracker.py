@@ -368,7 +368,7 @@ class MLflowTracker:
         goes on in the background (the run's end decides its fate).
         """
         active = self._require_run()
-        check.check_artifact_name(artifact_path, "model")
+        artifact_path = check.check_artifact_name(artifact_path, "model")
         options = {"input_example": input_example, "signature": signature, **kwargs}
         folder = active.spool.write("model", lambda path: save_model(
             path, model, active.run_id, serialization_format or MODEL_FORMAT, pip_requirements, **options), "model")

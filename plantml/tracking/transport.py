@@ -43,6 +43,11 @@ PERMANENT_ERROR_CODES = frozenset({
     "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "PERMISSION_DENIED", "UNAUTHENTICATED",
     "BAD_REQUEST", "INVALID_STATE", "ENDPOINT_NOT_FOUND", "FEATURE_DISABLED",
 })
+#: S3 error codes about one object (its key, its size): no retry can store that artifact, so it is set aside.
+#: Credentials, a missing bucket or an outage are not among them: those fail every artifact, and are retried.
+S3_OBJECT_REFUSALS = frozenset({
+    "InvalidRequest", "KeyTooLongError", "EntityTooLarge", "InvalidArgument", "InvalidObjectName", "XMinioInvalidObjectName",
+})
 #: Seconds one request may take before it counts as failed.
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 #: Tags the write path sets on runs.
@@ -103,8 +108,23 @@ def is_refusal(exc: BaseException) -> bool:
         return True  # a spooled file gone for good; a value the client cannot encode
     if isinstance(exc, ValueError) and "out of range" in str(exc).lower():
         return True  # protobuf refusing an int64 it cannot hold
+    if _s3_error_code(exc) in S3_OBJECT_REFUSALS:
+        return True
     code = getattr(exc, "error_code", None)
     return isinstance(code, str) and code in PERMANENT_ERROR_CODES
+
+
+def _s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code behind ``exc`` (boto3 raises its upload error while handling botocore's), or None."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", "")) or None
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _json_number(value: float) -> float | str:

@@ -199,21 +199,28 @@ def _offending_path(data: Any, prefix: str) -> str | None:
 
 
 def check_artifact_subpath(artifact_path: str | None) -> str | None:
-    """``artifact_path`` made safe (:func:`checked_text`) if it is a relative path inside the run's artifacts, else raise."""
+    """``artifact_path`` made safe (:func:`checked_text`) if it is a relative path inside the run's artifacts, else raise.
+
+    It is normalised as an object key must be: ``\\`` as ``/``, ``.`` and empty parts dropped
+    (``./a//b`` is ``a/b``; ``.`` is the artifacts' root, None). An S3 store refuses a key with
+    a ``.`` part (400), which no retry could deliver.
+    """
     if artifact_path is None:
         return None
     text = checked_text("artifact path", str(artifact_path), str(artifact_path))
     parts = text.replace("\\", "/").split("/")
     if text.startswith(("/", "\\")) or ".." in parts:
         raise ValidationError(f"artifact path {text!r}: must be relative, without '..' parts")
-    return text
+    kept = [part for part in parts if part not in ("", ".")]
+    return "/".join(kept) or None
 
 
 def check_artifact_name(name: Any, kind: str) -> str:
-    """Raise unless ``name`` is a usable artifact file name (``confusion_matrix.png``, ``a/b.json``)."""
-    if not isinstance(name, str) or not name or name.endswith("/"):
+    """Raise unless ``name`` is a usable artifact file name (``confusion_matrix.png``, ``a/b.json``), normalised."""
+    normalised = check_artifact_subpath(name) if isinstance(name, str) and not name.endswith(("/", "\\")) else None
+    if normalised is None or normalised.rpartition("/")[2] in ("", "."):
         raise ValidationError(f"{kind} name {name!r}: must be a non-empty file name such as 'history.json'")
-    return check_artifact_subpath(name)  # type: ignore[return-value]
+    return normalised
 
 
 def existing_file(path: Any) -> Path:

@@ -125,3 +125,19 @@ def test_a_model_step_whose_answer_is_lost_is_done_once(step, proxy, tracker, ml
     assert str(logged.status).endswith("READY") and logged.source_run_id == run.run_id
     assert info.registered_model_version == 1 and info.model_id == logged.model_id
     assert mlflow_client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_an_artifact_the_object_store_refuses_is_set_aside_and_the_rest_arrives(tracker, mlflow_client, mlflow_env, tmp_path):
+    """S3 refuses an object key over 1,024 bytes (KeyTooLongError, a 400): no retry can store it."""
+    note = tmp_path / "note.txt"
+    note.write_text("kept")
+    with tracker.start_run() as run:
+        tracker.log_artifact(note, "d" * 1100)
+        tracker.log_artifact(note, "./kept/.")  # normalised to kept/: S3 stores refuse '.' parts in a key too
+        tracker.log_params({"after": "the refused artifact"})
+    stored = mlflow_client.get_run(run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.params == {"after": "the refused artifact"}
+    assert stored.data.tags["plantml.rejected"] == "1"
+    assert [item.path for item in mlflow_client.list_artifacts(run.run_id)] == ["kept"]
+    assert [item.path for item in mlflow_client.list_artifacts(run.run_id, "kept")] == ["kept/note.txt"]

@@ -104,3 +104,41 @@ def test_a_malformed_number_is_one_line_naming_the_variable():
 
     with pytest.raises(ConfigError, match=r"PLANTML_LINGER='soon': expected a number"):
         env_number("PLANTML_LINGER", environ={"PLANTML_LINGER": "soon"})
+
+
+@pytest.mark.parametrize("variable, text, expected", [
+    ("PLANTML_REQUEST_TIMEOUT", "nan", "PLANTML_REQUEST_TIMEOUT='nan': expected a finite number"),
+    ("PLANTML_DELIVERY_TIMEOUT", "inf", "PLANTML_DELIVERY_TIMEOUT='inf': expected a finite number"),
+    ("PLANTML_REQUEST_TIMEOUT", "0", "PLANTML_REQUEST_TIMEOUT='0': must be above 0"),
+    ("PLANTML_LINGER", "-1", "PLANTML_LINGER='-1': must be at least 0"),
+    ("PLANTML_MAX_BUFFERED", "0", "PLANTML_MAX_BUFFERED='0': must be at least 1"),
+])
+def test_a_delivery_setting_out_of_range_is_one_line_naming_the_variable(monkeypatch, variable, text, expected):
+    from plantml.tracking.sender import resolve_delivery_settings
+
+    monkeypatch.setenv(variable, text)
+    with pytest.raises(ConfigError) as info:
+        resolve_delivery_settings()
+    assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"X=\xff\n", r"\.env in .*: not UTF-8 \(byte 0xff at offset 2\)"),
+    (None, r"\.env in .*: cannot be read \(Input/output error\)"),
+])
+def test_a_dot_env_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch, content, expected):
+    monkeypatch.chdir(tmp_path)
+    if content is None:
+        (tmp_path / ".env").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), root included
+    else:
+        (tmp_path / ".env").write_bytes(content)
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+
+    with pytest.raises(ConfigError, match=expected):
+        resolve_tracking_settings()
+
+
+def test_a_sqlite_uri_with_two_slashes_says_how_many_it_needs():
+    with pytest.raises(ConfigError, match=r"'sqlite://relative.db' \(from argument\): a sqlite URI has three slashes"):
+        resolve_tracking_settings(tracking_uri="sqlite://relative.db")

@@ -206,3 +206,12 @@ def test_recovery_at_start_keeps_to_its_time_budget_when_the_server_is_gone(stor
     reports = recover_at_start(resolve_delivery_settings(), resolve_tracking_settings(dead), budget=1.0)
     assert time.monotonic() - started < 5
     assert [r.ok for r in reports] == [False] and "not reachable" in reports[0].message and path.exists()
+
+
+@pytest.mark.parametrize("command", ["replay", "recover"])
+@pytest.mark.parametrize("timeout", ["-1", "nan", "inf"])
+def test_a_timeout_that_is_no_duration_is_a_usage_error(capsys, tmp_path, command, timeout):
+    args = ["tracking", command, "--timeout", timeout] + ([str(tmp_path / "j.jsonl")] if command == "replay" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--timeout" in err[0]

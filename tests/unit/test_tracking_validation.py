@@ -167,3 +167,15 @@ def test_a_step_outside_int64_is_refused(step) -> None:
 def test_a_number_too_large_for_a_float_is_refused() -> None:
     with pytest.raises(ValidationError, match="metric 'loss': value 1000.* too large for a float"):
         check.metric_value("loss", 10**400)
+
+
+@pytest.mark.parametrize("path, key", [(".", None), ("./x", "x"), ("a/./b", "a/b"), ("a//b/", "a/b"), ("a\\b", "a/b")])
+def test_artifact_paths_are_normalised_as_object_keys(path: str, key: str | None) -> None:
+    # an S3 store answers 400 to a key with a '.' part: it must never reach the journal as it is
+    assert check.check_artifact_subpath(path) == key
+
+
+@pytest.mark.parametrize("name", [".", "./", "a/", ""])
+def test_an_artifact_name_that_is_no_file_name_is_refused(name: str) -> None:
+    with pytest.raises(ValidationError, match="must be a non-empty file name"):
+        check.check_artifact_name(name, "text")

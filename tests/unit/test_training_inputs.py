@@ -157,3 +157,16 @@ def test_sigterm_while_the_synthetic_set_is_made_is_one_line_and_leaves_no_stagi
     assert "SIGTERM" in _one_line(err)
     assert "epoch" not in out
     assert not [path.name for path in cache.iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("sqlite:////etc/passwd/mlflow.db", "sqlite:////etc/passwd/mlflow.db: cannot open this tracking store"),
+    ("postgresql://user:secret@127.0.0.1:1/db", "postgresql://user:***@127.0.0.1:1/db: cannot open this tracking store"),
+])
+def test_a_tracking_store_mlflow_cannot_open_is_one_line_without_its_password(capsys, leaves, uri, shown):
+    tracked = [arg for arg in TINY if arg != "--no-mlflow"]
+    code = main(["train", "--data-dir", str(leaves), *tracked, "--tracking-uri", uri])
+
+    line = _one_line(capsys.readouterr().err)
+    assert code == 1
+    assert shown in line and "from argument" in line and "secret" not in line
