@@ -8,6 +8,7 @@ verification never leaves a run RUNNING. It prints nothing: the command line doe
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 import uuid
@@ -285,6 +286,10 @@ def _probe_health(uri: str) -> None:
     url = uri.rstrip("/") + "/health"
     try:
         response = requests.get(url, timeout=HEALTH_TIMEOUT)
+    except requests.exceptions.SSLError as exc:  # a ConnectionError too, but the connection was accepted
+        reason = re.search(r"\[SSL[^\]]*\][^'\"()]*", str(exc))
+        raise CheckFailed(f"{uri}: the TLS handshake failed ({reason[0].strip() if reason else 'TLS error'}); "
+                          "is the server serving https?") from exc
     except requests.exceptions.ConnectionError as exc:
         raise CheckFailed(f"{uri} unreachable (connection refused or no route)") from exc
     except requests.exceptions.Timeout as exc:

@@ -143,6 +143,16 @@ def test_plantml_verify_against_a_stopped_server_fails_fast_with_exit_1(mlflow_s
     assert elapsed < 15
 
 
+@pytest.mark.local_session
+def test_plantml_verify_over_https_to_an_http_server_names_the_tls_failure(mlflow_stack: Any, experiment_name: str) -> None:
+    uri = mlflow_stack.tracking_uri.replace("http://", "https://")
+    result = plantml("verify", "--tracking-uri", uri, "--experiment-name", experiment_name,
+                     env={**os.environ, **mlflow_stack.client_env()}, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [f"✗ connection to the MLflow server: {uri}: the TLS handshake failed "
+                                          "([SSL: WRONG_VERSION_NUMBER] wrong version number); is the server serving https?"]
+
+
 def test_plantml_verify_never_writes_into_the_training_experiment(mlflow_stack: Any, mlflow_client: Any, experiment_name: str) -> None:
     env = {**os.environ, **mlflow_stack.client_env(), "MLFLOW_EXPERIMENT_NAME": experiment_name}
     env.pop("PLANTML_VERIFY_EXPERIMENT", None)
