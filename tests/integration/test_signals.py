@@ -163,3 +163,32 @@ def test_sigkill_leaves_a_journal_that_recover_delivers_exactly_once(training, m
     assert stored.info.status == "KILLED" and "journal of pid" in stored.data.tags["plantml.recovered"]
     assert_printed_epochs_stored_once(mlflow_client, run.info.run_id, printed)
     assert not journal.exists()
+
+
+def test_sigterm_while_a_pushed_set_downloads_is_one_line_and_leaves_no_staging_folder(mlflow_stack, tmp_path):
+    """The object store answers slowly (each image request held 2 s): SIGTERM lands mid-download, before any run."""
+    from plantml.datasets.remote import push
+
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=6, size=16, seed=1))
+    uri = f"s3://data/sigterm-{tmp_path.name}"
+    push(mlflow_stack.s3_client(), folder, uri)
+    cache = tmp_path / "cache"
+    with FaultProxy(mlflow_stack.s3_endpoint) as proxy:
+        proxy.inject("hang", times=None, hold_s=2, when=lambda r: r.method == "GET" and r.path.endswith(".png"))
+        env = {**os.environ, **mlflow_stack.client_env(), "MLFLOW_S3_ENDPOINT_URL": proxy.url, "PLANTML_CACHE_DIR": str(cache)}
+        command = [sys.executable, "-m", "plantml", "train", "--no-mlflow", "--epochs", "1", "--image-size", "16",
+                   "--weights", "none", "--data-dir", uri]
+        process = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not proxy.mangled["hang"]:  # a held image request means the download has begun
+            assert process.poll() is None and time.monotonic() < deadline, "the download never started"
+            time.sleep(0.01)
+        staged = [path.name for path in (cache / "datasets").iterdir() if path.name.startswith(".")]
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+
+    assert staged, "no staging folder while the set downloaded"
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert [line for line in err.splitlines() if line.strip()] == ["plantml: interrupted by SIGTERM"], err
+    assert "epoch" not in out
+    assert not [path.name for path in (cache / "datasets").iterdir() if path.name.startswith(".")]
