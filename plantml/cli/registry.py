@@ -26,7 +26,7 @@ def _registry(ctx: click.Context) -> Any:
         os.environ.setdefault(key, value)
     # This command is its own process; loading a model reads S3 settings from the environment.
     os.environ.update({k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"})
-    return ModelRegistry(settings.tracking_uri)
+    return ModelRegistry(settings.tracking_uri, source=settings.source_of())
 
 
 def _table(rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -74,10 +74,16 @@ def list_command(ctx: click.Context, name: str | None) -> None:
             click.echo("no registered models")
             return
         rows: list[Sequence[Any]] = [("NAME", "VERSION", "STAGE", "ALIASES", "RUN", "CREATED")]
+        empty: list[str] = []
         for model in models:
-            for v in reg.list_versions(model.name):
-                rows.append((model.name, v.version, v.stage, ",".join(v.aliases) or "-", v.run_id or "-", v.created_at))
-        _echo_table(rows)
+            versions = reg.list_versions(model.name)
+            if not versions:
+                empty.append(model.name)
+            rows += [(model.name, v.version, v.stage, ",".join(v.aliases) or "-", v.run_id or "-", v.created_at) for v in versions]
+        if len(rows) > 1:
+            _echo_table(rows)
+        for name_without_versions in empty:  # after the table, so its columns stay aligned
+            click.echo(f"{name_without_versions}: no versions")
         return
     versions = reg.list_versions(name)
     if not versions:
@@ -121,7 +127,7 @@ def rollback(ctx: click.Context, name: str, alias: str) -> None:
 @click.argument("second")
 @click.pass_context
 def compare(ctx: click.Context, name: str, first: str, second: str) -> None:
-    """Compare two versions' (numbers, latest or aliases) params and metrics side by side.
+    """Compare two versions' (numbers such as 2 or v2, latest, or aliases) params and metrics side by side.
 
     Rows where the versions differ are marked with *.
     """
@@ -147,11 +153,11 @@ def compare(ctx: click.Context, name: str, first: str, second: str) -> None:
 @click.pass_context
 def load_check(ctx: click.Context, model: str, batch_size: int, image_size: int, no_pickle: bool) -> None:
     """Load MODEL (models:/NAME/1, models:/NAME/Production, models:/NAME@production, models:/NAME/latest) and run a random batch."""
+    reg = _registry(ctx)  # before importing torch (seconds): a bad tracking URI is reported at once
     import torch
 
     from plantml.errors import RegistryError
 
-    reg = _registry(ctx)
     loaded = reg.load_checkpoint(model) if no_pickle else reg.load_model(model)
     loaded.eval()
     try:

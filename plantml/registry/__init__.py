@@ -7,8 +7,9 @@
 """
 
 from plantml.registry.aliases import PRODUCTION, STAGING, normalize_alias
+from plantml.registry.loading import parse_model_uri
 from plantml.registry.models import AliasMove, Comparison, ComparisonRow, ModelInfo, VersionInfo
-from plantml.registry.registry import ModelRegistry, alias_tag, parse_model_uri
+from plantml.registry.registry import ModelRegistry, alias_tag
 
 __all__ = [
     "PRODUCTION",

@@ -5,11 +5,19 @@ and ``Staging`` become the aliases ``production`` and ``staging`` in any letter 
 those two aliases keep MLflow's stage of the same name in step (see :data:`ALIAS_STAGES`),
 so the design's stage URIs keep working. Every other name must follow MLflow's alias rules, checked here so that
 the user gets one line naming the alias rather than a server traceback.
+
+Each alias's history is kept on the registered model, as the tag
+``plantml.alias.<alias>.history``: a JSON list of the versions the alias was moved to,
+newest last. A promotion pushes, a rollback pops, so rollbacks walk back through the
+promotions (1 -> 2 -> 1 rolls back to 2, then 1) instead of following a per-version
+pointer that a second promotion of the same version overwrites.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 
 from plantml.errors import RegistryError
 
@@ -51,3 +59,52 @@ def normalize_alias(alias: str) -> str:
     if len(name) > MAX_ALIAS_LENGTH:
         raise RegistryError(f"alias {name[:20]!r}...: longer than {MAX_ALIAS_LENGTH} characters")
     return name
+
+
+#: MLflow stores a registered-model tag value in a 5000-character column (its API allows
+#: more, PostgreSQL then refuses); the oldest promotions are dropped to stay inside it.
+MAX_HISTORY_CHARS = 5000
+
+
+def history_tag(alias: str) -> str:
+    """The registered-model tag key holding ``alias``'s history."""
+    return f"plantml.alias.{alias}.history"
+
+
+def read_history(tags: Mapping[str, str], alias: str) -> list[int] | None:
+    """The versions ``alias`` was moved to, oldest first; None when no history is recorded (or it is unreadable)."""
+    text = tags.get(history_tag(alias))
+    if text is None:
+        return None
+    try:
+        versions = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(versions, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in versions):
+        return None
+    return versions
+
+
+def encode_history(versions: list[int]) -> str:
+    """``versions`` as the tag's JSON, the oldest entries dropped until it fits :data:`MAX_HISTORY_CHARS`."""
+    kept = list(versions)
+    text = json.dumps(kept, separators=(",", ":"))
+    while len(text) > MAX_HISTORY_CHARS:
+        del kept[: max(1, len(kept) // 10)]
+        text = json.dumps(kept, separators=(",", ":"))
+    return text
+
+
+def pushed(history: list[int], version: int) -> list[int]:
+    """``history`` with ``version`` as its newest entry (not repeated if it is the newest already)."""
+    return history if history and history[-1] == version else [*history, version]
+
+
+def rollback_target(history: list[int], current: int) -> tuple[list[int], int | None]:
+    """Pop ``current`` off ``history``: the history left and the version to go back to (None: nothing earlier).
+
+    When the alias was moved outside plantml (``current`` is not the newest entry),
+    the newest recorded version is the one to go back to.
+    """
+    left = history[:-1] if history and history[-1] == current else list(history)
+    return left, (left[-1] if left else None)

@@ -22,6 +22,7 @@ Two ways in:
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,22 @@ from plantml.tracking.models import quiet_pickle_warning
 
 #: Where ``plantml train`` keeps the best weights in each run's artifacts.
 CHECKPOINT_ARTIFACT = "models/best_model.pth"
+
+_MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
+
+
+def parse_model_uri(uri: str) -> tuple[str, str]:
+    """Split ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``models:/NAME@ALIAS``.
+
+    Returns ``(name, reference)`` where the reference is a version number, ``latest``
+    or ``@alias``.
+    """
+    match = _MODEL_URI_RE.match(uri.strip())
+    if not match:
+        raise RegistryError(f"model URI {uri!r}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
+    if match["alias"]:
+        return match["name"], "@" + match["alias"]
+    return match["name"], match["version"]
 
 
 @contextlib.contextmanager

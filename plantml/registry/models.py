@@ -1,10 +1,14 @@
-"""What the registry returns: plain frozen records, no MLflow objects leak out."""
+"""What the registry returns: plain frozen records, no MLflow objects leak out.
+
+The functions at the end build these records from MLflow's objects, and read aliases off them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from datetime import datetime, timezone
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,60 @@ class Comparison:
     second: VersionInfo
     params: tuple[ComparisonRow, ...]
     metrics: tuple[ComparisonRow, ...]
+
+
+def model_info(registered: Any) -> ModelInfo:
+    """A :class:`ModelInfo` from MLflow's ``RegisteredModel``."""
+    numbers = [int(mv.version) for mv in (registered.latest_versions or [])]
+    aliases = {alias: int(version) for alias, version in (registered.aliases or {}).items()}
+    return ModelInfo(
+        name=registered.name,
+        latest_version=max(numbers) if numbers else None,
+        aliases=dict(sorted(aliases.items())),
+        description=registered.description or "",
+    )
+
+
+def version_info(mv: Any, aliases_by_version: Mapping[int, tuple[str, ...]], run: Any | None) -> VersionInfo:
+    """A :class:`VersionInfo` from MLflow's ``ModelVersion`` and its run (None: no run, or deleted)."""
+    metrics = dict(run.data.metrics) if run is not None else {}
+    params = dict(run.data.params) if run is not None else {}
+    number = int(mv.version)
+    return VersionInfo(
+        name=mv.name,
+        version=number,
+        run_id=mv.run_id or None,
+        status=str(mv.status or ""),
+        created_at=_timestamp(mv.creation_timestamp),
+        stage=str(getattr(mv, "current_stage", None) or "None"),
+        aliases=aliases_by_version.get(number, ()),
+        metrics=dict(sorted(metrics.items())),
+        params=dict(sorted(params.items())),
+        tags=dict(mv.tags or {}),
+    )
+
+
+def comparison_rows(first: Mapping[str, Any], second: Mapping[str, Any]) -> tuple[ComparisonRow, ...]:
+    """One row per key of either mapping, keys sorted; a key one side lacks is None there."""
+    keys = sorted(set(first) | set(second))
+    return tuple(ComparisonRow(key, first.get(key), second.get(key)) for key in keys)
+
+
+def alias_of(registered: Any, alias: str) -> int | None:
+    """The version ``alias`` points at on MLflow's ``RegisteredModel``, or None."""
+    version = (registered.aliases or {}).get(alias)
+    return None if version is None else int(version)
+
+
+def aliases_by_version(registered: Any) -> dict[int, tuple[str, ...]]:
+    """Each version of MLflow's ``RegisteredModel`` that holds aliases, with their names sorted."""
+    by_version: dict[int, list[str]] = {}
+    for alias, version in (registered.aliases or {}).items():
+        by_version.setdefault(int(version), []).append(alias)
+    return {version: tuple(sorted(names)) for version, names in by_version.items()}
+
+
+def _timestamp(millis: int | None) -> str:
+    if not millis:
+        return ""
+    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc).isoformat(timespec="seconds")

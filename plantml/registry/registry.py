@@ -6,16 +6,20 @@ Everything goes through one ``MlflowClient(tracking_uri=...)`` held by the
 stack, nothing is written to the working folder. Moving the ``production`` or
 ``staging`` alias also moves MLflow's stage of the same name (older holders of that
 stage are archived), so ``models:/NAME/Production`` and ``models:/NAME@production``
-always name the same version.
-Each alias move is recorded on the model version it lands on, as tags::
+always name the same version, even when two promotions run at the same time: after
+moving both, a promotion reads back where the alias ended and settles the stage there.
 
-    plantml.alias.<alias>.moved_from    version the alias pointed at before ("none" if unset)
-    plantml.alias.<alias>.moved_at      when (UTC, ISO 8601)
+Each alias's history is a list on the registered model (see
+:mod:`plantml.registry.aliases`): a promotion pushes, :meth:`ModelRegistry.rollback`
+pops, so successive rollbacks walk back through the promotions. Each move is also
+recorded on the model version it lands on, as tags::
 
-so :meth:`ModelRegistry.rollback` can walk the alias back one promotion at a time.
-A rollback is recorded on the version it returns to as ``rolled_back_from`` and
-``rolled_back_at``; it leaves ``moved_from`` alone, so a second rollback keeps going
-back instead of flipping between two versions.
+    plantml.alias.<alias>.moved_from         version the alias pointed at before ("none" if unset)
+    plantml.alias.<alias>.moved_at           when (UTC, ISO 8601)
+    plantml.alias.<alias>.rolled_back_from   (a rollback) the version it left, and rolled_back_at
+
+An alias promoted only by plantml versions older than the history is rolled back by its
+``moved_from`` tag until its next promotion starts the history.
 """
 
 from __future__ import annotations
@@ -26,10 +30,31 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from plantml.errors import RegistryError, TrackingError
+from plantml.errors import RegistryError, TrackingError, one_line
 from plantml.registry import loading
-from plantml.registry.aliases import ALIAS_STAGES, PRODUCTION, normalize_alias
-from plantml.registry.models import AliasMove, Comparison, ComparisonRow, ModelInfo, VersionInfo
+from plantml.registry.aliases import (
+    ALIAS_STAGES,
+    PRODUCTION,
+    encode_history,
+    history_tag,
+    normalize_alias,
+    pushed,
+    read_history,
+    rollback_target,
+)
+from plantml.registry.loading import parse_model_uri
+from plantml.registry.models import (
+    AliasMove,
+    Comparison,
+    ModelInfo,
+    VersionInfo,
+    alias_of,
+    aliases_by_version,
+    comparison_rows,
+    model_info,
+    version_info,
+)
+from plantml.registry.store import is_insert_clash, name_filter, open_client
 from plantml.tracking.environ import forget_stale_s3_clients
 
 if TYPE_CHECKING:
@@ -40,69 +65,51 @@ T = TypeVar("T")
 TAG_PREFIX = "plantml.alias"
 NO_VERSION = "none"
 LATEST = "latest"
+ARCHIVED = "Archived"
 
-_MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
+#: Rounds of settling a stage after a promotion before giving up: each round follows a
+#: promotion that moved the alias meanwhile, so two at once settle in one or two.
+SETTLE_ROUNDS = 5
 
+_VERSION_REF_RE = re.compile(r"^[vV]?\d+$")
 
 def alias_tag(alias: str, what: str) -> str:
     """The model-version tag key recording ``what`` (``moved_from``...) for ``alias``."""
     return f"{TAG_PREFIX}.{alias}.{what}"
 
 
-def parse_model_uri(uri: str) -> tuple[str, str]:
-    """Split ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``models:/NAME@ALIAS``.
-
-    Returns ``(name, reference)`` where the reference is a version number, ``latest``
-    or ``@alias``.
-    """
-    match = _MODEL_URI_RE.match(uri.strip())
-    if not match:
-        raise RegistryError(f"model URI {uri!r}: expected models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS")
-    if match["alias"]:
-        return match["name"], "@" + match["alias"]
-    return match["name"], match["version"]
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _timestamp(millis: int | None) -> str:
-    if not millis:
-        return ""
-    return datetime.fromtimestamp(millis / 1000, tz=timezone.utc).isoformat(timespec="seconds")
 
 
 class ModelRegistry:
     """Registered models of one tracking server, through its own ``MlflowClient``."""
 
-    def __init__(self, tracking_uri: str, *, client: MlflowClient | None = None) -> None:
-        """``tracking_uri`` also serves as the registry URI (MLflow's default)."""
-        if client is None:
-            from mlflow import MlflowClient
+    def __init__(self, tracking_uri: str, *, client: MlflowClient | None = None, source: str | None = None) -> None:
+        """``tracking_uri`` also serves as the registry URI (MLflow's default).
 
-            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        ``source`` says where the URI came from (``argument``, ``environment (MLFLOW_TRACKING_URI)``...)
+        for error messages. A ``sqlite:///`` file that does not exist is refused, not created.
+        """
         self.tracking_uri = tracking_uri
-        self.client = client
+        self.client = client if client is not None else open_client(tracking_uri, source)
 
     # -- reading ---------------------------------------------------------------------
 
     def list_models(self) -> list[ModelInfo]:
         """Every registered model, sorted by name."""
         models = self._paged(lambda token: self.client.search_registered_models(page_token=token), "registered models")
-        return sorted((self._model_info(rm) for rm in models), key=lambda m: m.name)
+        return sorted((model_info(rm) for rm in models), key=lambda m: m.name)
 
     def get_model(self, name: str) -> ModelInfo:
         """One registered model, or :class:`RegistryError` naming it."""
-        return self._model_info(self._registered_model(name))
+        return model_info(self._registered_model(name))
 
     def list_versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, oldest first, with its run's metrics and params."""
         registered = self._registered_model(name)
-        by_version = _aliases_by_version(registered)
-        query = f"name='{_quote(name)}'"
-        versions = self._paged(lambda token: self.client.search_model_versions(query, page_token=token), f"versions of {name!r}")
-        infos = [self._version_info(mv, by_version) for mv in versions]
+        by_version = aliases_by_version(registered)
+        infos = [self._version_info(mv, by_version) for mv in self._search_versions(name)]
         return sorted(infos, key=lambda v: v.version)
 
     def get_version(self, name: str, version: int | str) -> VersionInfo:
@@ -110,12 +117,12 @@ class ModelRegistry:
         number = _version_number(name, version)
         registered = self._registered_model(name)
         mv = self._call(lambda: self.client.get_model_version(name, str(number)), f"model {name!r} version {number}")
-        return self._version_info(mv, _aliases_by_version(registered))
+        return self._version_info(mv, aliases_by_version(registered))
 
     def resolve(self, name: str, reference: int | str = LATEST) -> VersionInfo:
-        """The version a reference means: a number, ``latest``, an alias or ``@alias``."""
+        """The version a reference means: a number (``2`` or ``v2``, as :meth:`promote` takes), ``latest``, an alias or ``@alias``."""
         ref = str(reference).strip()
-        if ref.isdigit():
+        if _VERSION_REF_RE.match(ref):  # MLflow reserves v<digits> as alias names, so v2 can only mean version 2
             return self.get_version(name, ref)
         if ref.lower() == LATEST:
             model = self.get_model(name)
@@ -140,46 +147,128 @@ class ModelRegistry:
         Promoting the version the alias already points at changes nothing.
         """
         alias = normalize_alias(alias)
-        target = self.get_version(name, version)
-        previous = self.get_model(name).aliases.get(alias)
+        previous = alias_of(self._registered_model(name), alias)
+        target = self._existing_version(name, version)
         moved_at = _now()
-        if previous == target.version:
-            return AliasMove(name, alias, previous, target.version, moved_at, "unchanged")
-        number = str(target.version)
-        # Record first, then move: a move that fails half-way leaves a harmless tag,
-        # never an alias whose history is missing.
-        self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "moved_from"), str(previous or NO_VERSION)), f"model {name!r} version {number}")
-        self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "moved_at"), moved_at), f"model {name!r} version {number}")
+        if previous == target:
+            return AliasMove(name, alias, previous, target, moved_at, "unchanged")
+        number = str(target)
+        self._tag_version(name, number, alias_tag(alias, "moved_from"), str(previous or NO_VERSION))
+        self._tag_version(name, number, alias_tag(alias, "moved_at"), moved_at)
         self._move_alias(name, alias, number)
-        return AliasMove(name, alias, previous, target.version, moved_at, "promote")
+        # Pushed after the move: a move that failed must not leave a history a rollback would follow forwards.
+        self._record_promotion(name, alias, previous, target)
+        return AliasMove(name, alias, previous, target, moved_at, "promote")
 
     def rollback(self, name: str, alias: str = PRODUCTION) -> AliasMove:
-        """Point ``alias`` back at the version it pointed at before its last promotion."""
+        """Point ``alias`` back at the version it pointed at before its last promotion.
+
+        Successive rollbacks walk back through the promotions; past the first recorded
+        one, :class:`RegistryError` says there is nothing earlier.
+        """
         alias = normalize_alias(alias)
-        current = self.get_version(name, self.alias_version(name, alias))
-        recorded = current.tags.get(alias_tag(alias, "moved_from"), NO_VERSION)
-        if not recorded.isdigit():
-            raise RegistryError(f"model {name!r} alias {alias!r}: no earlier version recorded on version {current.version} to roll back to")
+        registered = self._registered_model(name)
+        current = alias_of(registered, alias)
+        if current is None:
+            raise RegistryError(f"model {name!r} alias {alias!r}: not set")
+        history = read_history(registered.tags or {}, alias)
+        if history is None:
+            left, target = None, self._recorded_on_version(name, alias, current)
+        else:
+            left, target = rollback_target(history, current)
+        if target is None:
+            raise RegistryError(f"model {name!r} alias {alias!r}: no earlier version recorded before version {current} to roll back to")
         try:
-            target = self.get_version(name, recorded)
+            number = str(self._existing_version(name, target))
         except RegistryError as exc:
-            raise RegistryError(f"model {name!r} alias {alias!r}: cannot roll back to version {recorded}, it no longer exists") from exc
-        number = str(target.version)
+            raise RegistryError(f"model {name!r} alias {alias!r}: cannot roll back to version {target}, it no longer exists") from exc
         moved_at = _now()
-        self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "rolled_back_from"), str(current.version)), f"model {name!r} version {number}")
-        self._call(lambda: self.client.set_model_version_tag(name, number, alias_tag(alias, "rolled_back_at"), moved_at), f"model {name!r} version {number}")
+        self._tag_version(name, number, alias_tag(alias, "rolled_back_from"), str(current))
+        self._tag_version(name, number, alias_tag(alias, "rolled_back_at"), moved_at)
+        if left is not None:  # popped before the move: a move that fails is then simply tried again by the next rollback
+            self._set_history(name, alias, left)
         self._move_alias(name, alias, number)
-        return AliasMove(name, alias, current.version, target.version, moved_at, "rollback")
+        return AliasMove(name, alias, current, target, moved_at, "rollback")
+
+    def _existing_version(self, name: str, version: int | str) -> int:
+        """The number of ``name``'s version ``version`` once MLflow confirms it exists (no run read, unlike get_version)."""
+        number = _version_number(name, version)
+        self._call(lambda: self.client.get_model_version(name, str(number)), f"model {name!r} version {number}")
+        return number
+
+    def _recorded_on_version(self, name: str, alias: str, current: int) -> int | None:
+        """Where the alias came from by ``current``'s ``moved_from`` tag (aliases promoted before the history existed)."""
+        recorded = self.get_version(name, current).tags.get(alias_tag(alias, "moved_from"), NO_VERSION)
+        return int(recorded) if recorded.isdigit() else None
+
+    def _record_promotion(self, name: str, alias: str, previous: int | None, version: int) -> None:
+        """Push ``version`` on the alias's history, and the version another promotion moved it to since, if any."""
+        registered = self._registered_model(name)  # read again: a promotion at the same time may have pushed meanwhile
+        history = read_history(registered.tags or {}, alias)
+        if history is None:  # the first promotion by this plantml: start from where the alias was
+            history = [previous] if previous is not None else []
+        history = pushed(history, version)
+        now_at = alias_of(registered, alias)
+        if now_at is not None:  # another promotion moved it after this one: it is the newest
+            history = pushed(history, now_at)
+        self._set_history(name, alias, history)
+
+    def _set_history(self, name: str, alias: str, history: list[int]) -> None:
+        self._upsert(lambda: self.client.set_registered_model_tag(name, history_tag(alias), encode_history(history)),
+                     f"registered model {name!r}")
+
+    def _upsert(self, action: Callable[[], Any], what: str) -> None:
+        """Set a value the server stores as a row it inserts when absent (an alias, a model tag).
+
+        Two promotions at once can both insert it: the store refuses the second with a
+        unique-key error. The value then exists, so writing again simply overwrites it.
+        """
+        try:
+            self._call(action, what)
+        except TrackingError as exc:
+            if not is_insert_clash(exc):
+                raise
+            self._call(action, what)
+
+    def _tag_version(self, name: str, number: str, key: str, value: str) -> None:
+        self._call(lambda: self.client.set_model_version_tag(name, number, key, value), f"model {name!r} version {number}")
 
     def _move_alias(self, name: str, alias: str, number: str) -> None:
         """Point ``alias`` at version ``number``; for production/staging, move MLflow's stage with it."""
-        self._call(lambda: self.client.set_registered_model_alias(name, alias, number), f"model {name!r} alias {alias!r}")
+        self._upsert(lambda: self.client.set_registered_model_alias(name, alias, number), f"model {name!r} alias {alias!r}")
         stage = ALIAS_STAGES.get(alias)
         if stage is None:
             return
+        self._set_stage(name, number, stage, archive_others=True)
+        self._settle_stage(name, alias, stage)
+
+    def _settle_stage(self, name: str, alias: str, stage: str) -> None:
+        """Leave ``stage`` on the alias's version only.
+
+        Two promotions at once each archive the holders they saw when their own stage move
+        began, so neither may archive the other's version, and the alias ends on whichever
+        was written last. Each promotion therefore reads back where the alias is and moves
+        the stage there, until it reads a settled state after its own last write.
+        """
+        for _ in range(SETTLE_ROUNDS):
+            holder = alias_of(self._registered_model(name), alias)
+            if holder is None:  # the alias was deleted meanwhile: nothing to keep in step
+                return
+            staged = [int(mv.version) for mv in self._search_versions(name) if mv.current_stage == stage]
+            if staged == [holder]:
+                return
+            for version in staged:
+                if version != holder:
+                    self._set_stage(name, str(version), ARCHIVED)
+            if holder not in staged:
+                self._set_stage(name, str(holder), stage)
+        raise TrackingError(f"model {name!r} alias {alias!r}: other promotions kept moving it, stage {stage} may not follow it; "
+                            "promote again")
+
+    def _set_stage(self, name: str, number: str, stage: str, *, archive_others: bool = False) -> None:
         with warnings.catch_warnings():  # stages are deprecated; plantml keeps them only for the design's URIs
             warnings.simplefilter("ignore", FutureWarning)
-            self._call(lambda: self.client.transition_model_version_stage(name, number, stage, archive_existing_versions=True),
+            self._call(lambda: self.client.transition_model_version_stage(name, number, stage, archive_existing_versions=archive_others),
                        f"model {name!r} version {number} stage {stage}")
 
     # -- comparing and loading -------------------------------------------------------
@@ -187,7 +276,7 @@ class ModelRegistry:
     def compare(self, name: str, first: int | str, second: int | str) -> Comparison:
         """Two versions' params and metrics side by side (versions, ``latest`` or aliases)."""
         a, b = self.resolve(name, first), self.resolve(name, second)
-        return Comparison(a, b, _rows(a.params, b.params), _rows(a.metrics, b.metrics))
+        return Comparison(a, b, comparison_rows(a.params, b.params), comparison_rows(a.metrics, b.metrics))
 
     def download(self, name: str, reference: int | str, dst_path: str) -> str:
         """Download a version's model folder (MLmodel and data) into ``dst_path``; return its path."""
@@ -235,7 +324,7 @@ class ModelRegistry:
                 try:
                     return load(folder)
                 except Exception as exc:  # an unpicklable class, a missing module, a torch version clash
-                    raise RegistryError(f"{what}: downloaded but cannot be loaded here ({type(exc).__name__}: {_first_line(exc)})") from exc
+                    raise RegistryError(f"{what}: downloaded but cannot be loaded here ({type(exc).__name__}: {one_line(exc)})") from exc
 
         return self._call(download_and_load, what)
 
@@ -249,41 +338,19 @@ class ModelRegistry:
             return parse_model_uri(name_or_uri)
         return name_or_uri, LATEST if reference is None else reference
 
+    def _search_versions(self, name: str) -> list[Any]:
+        """Every version of ``name`` (MLflow's filter may match more names: they are dropped here)."""
+        query = name_filter(name)
+        found = self._paged(lambda token: self.client.search_model_versions(query, page_token=token), f"versions of {name!r}")
+        return [mv for mv in found if mv.name == name]
+
     def _registered_model(self, name: str) -> Any:
         if not name:
             raise RegistryError("registered model '': a name is required")
         return self._call(lambda: self.client.get_registered_model(name), f"registered model {name!r}")
 
-    def _model_info(self, registered: Any) -> ModelInfo:
-        numbers = [int(mv.version) for mv in (registered.latest_versions or [])]
-        aliases = {alias: int(version) for alias, version in (registered.aliases or {}).items()}
-        return ModelInfo(
-            name=registered.name,
-            latest_version=max(numbers) if numbers else None,
-            aliases=dict(sorted(aliases.items())),
-            description=registered.description or "",
-        )
-
-    def _version_info(self, mv: Any, aliases_by_version: dict[int, tuple[str, ...]]) -> VersionInfo:
-        metrics: dict[str, float] = {}
-        params: dict[str, str] = {}
-        if mv.run_id:
-            run = self._run(mv.run_id)
-            if run is not None:
-                metrics, params = dict(run.data.metrics), dict(run.data.params)
-        number = int(mv.version)
-        return VersionInfo(
-            name=mv.name,
-            version=number,
-            run_id=mv.run_id or None,
-            status=str(mv.status or ""),
-            created_at=_timestamp(mv.creation_timestamp),
-            stage=str(getattr(mv, "current_stage", None) or "None"),
-            aliases=aliases_by_version.get(number, ()),
-            metrics=dict(sorted(metrics.items())),
-            params=dict(sorted(params.items())),
-            tags=dict(mv.tags or {}),
-        )
+    def _version_info(self, mv: Any, by_version: dict[int, tuple[str, ...]]) -> VersionInfo:
+        return version_info(mv, by_version, self._run(mv.run_id) if mv.run_id else None)
 
     def _run(self, run_id: str) -> Any | None:
         """The run, or None when it was deleted (a version outlives its run)."""
@@ -294,7 +361,7 @@ class ModelRegistry:
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return None
-            raise TrackingError(f"run {run_id}: {_first_line(exc)}") from exc
+            raise TrackingError(f"run {run_id}: {one_line(exc)}") from exc
 
     def _paged(self, fetch: Callable[[str | None], Any], what: str) -> Iterator[Any]:
         token: str | None = None
@@ -316,17 +383,10 @@ class ModelRegistry:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
                 raise RegistryError(f"{what}: not found") from exc
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed
-                raise RegistryError(f"{what}: {_first_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
-            raise TrackingError(f"{what}: {_first_line(exc)}") from exc
+                raise RegistryError(f"{what}: {one_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
+            raise TrackingError(f"{what}: {one_line(exc)}") from exc
         except OSError as exc:  # connection refused, DNS, timeouts (requests' errors are OSErrors)
-            raise TrackingError(f"{what}: tracking server {self.tracking_uri} unreachable ({_first_line(exc)})") from exc
-
-
-def _aliases_by_version(registered: Any) -> dict[int, tuple[str, ...]]:
-    by_version: dict[int, list[str]] = {}
-    for alias, version in (registered.aliases or {}).items():
-        by_version.setdefault(int(version), []).append(alias)
-    return {version: tuple(sorted(names)) for version, names in by_version.items()}
+            raise TrackingError(f"{what}: tracking server {self.tracking_uri} unreachable ({one_line(exc)})") from exc
 
 
 def _version_number(name: str, version: int | str) -> int:
@@ -334,17 +394,3 @@ def _version_number(name: str, version: int | str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise RegistryError(f"model {name!r} version {str(version)!r}: a version is a positive whole number")
     return int(text)
-
-
-def _rows(first: dict[str, Any] | Any, second: dict[str, Any] | Any) -> tuple[ComparisonRow, ...]:
-    keys = sorted(set(first) | set(second))
-    return tuple(ComparisonRow(key, first.get(key), second.get(key)) for key in keys)
-
-
-def _quote(name: str) -> str:
-    return name.replace("'", "\\'")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,36 @@ def test_registry_commands_read_the_stack_from_a_dot_env_file_alone(trained: dic
                           "--image-size", "32"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == f"models:/{trained['name']}/1: loaded TinyNet; batch 2x3x32x32 -> output (2, 2)"
+
+
+def test_two_promotions_at_once_leave_one_version_holding_both_the_alias_and_the_stage(
+    trained: dict[str, Any], mlflow_env: Any, mlflow_client: Any
+) -> None:
+    """Each round, two threads promote two different versions at the same moment; whichever wins,
+    models:/NAME@production and models:/NAME/Production must name the same single version."""
+    name = f"race_{uuid.uuid4().hex[:8]}"
+    source = mlflow_client.get_model_version(trained["name"], "1")
+    mlflow_client.create_registered_model(name)
+    for _ in range(4):
+        mlflow_client.create_model_version(name, source=source.source, run_id=source.run_id,
+                                          model_id=source.source.rsplit("/", 1)[-1])  # MLflow 3: source is models:/<model id>
+    registries = [ModelRegistry(mlflow_env.tracking_uri) for _ in range(2)]
+    for round_number in range(4):
+        pair = (1, 2) if round_number % 2 else (3, 4)  # neither holds the alias when the round starts
+        barrier, errors = threading.Barrier(2), []
+
+        def promote(registry: ModelRegistry, version: int) -> None:
+            barrier.wait()  # noqa: B023 - each round's threads are joined before the next round
+            try:
+                registry.promote(name, version)
+            except Exception as exc:  # reported below, with the round
+                errors.append(exc)  # noqa: B023
+
+        threads = [threading.Thread(target=promote, args=(registry, version)) for registry, version in zip(registries, pair)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        holder = mlflow_client.get_model_version_by_alias(name, "production").version
+        staged = [mv.version for mv in mlflow_client.search_model_versions(f"name='{name}'") if mv.current_stage == "Production"]
+        assert not errors and int(holder) in pair and staged == [holder], (round_number, errors, holder, staged)

@@ -70,3 +70,21 @@ def test_model_uris_split_into_name_and_reference(uri: str, expected: tuple[str,
 def test_malformed_model_uris_are_rejected(uri: str) -> None:
     with pytest.raises(RegistryError, match="model URI"):
         parse_model_uri(uri)
+
+
+def test_a_long_alias_history_drops_its_oldest_promotions_to_fit_mlflows_tag_column() -> None:
+    import json
+
+    from plantml.registry.aliases import MAX_HISTORY_CHARS, encode_history
+
+    versions = list(range(1, 5001))
+    kept = json.loads(encode_history(versions))
+    assert len(encode_history(versions)) <= MAX_HISTORY_CHARS
+    assert kept == versions[-len(kept):] and len(kept) > 500
+
+
+@pytest.mark.parametrize("text", ["not json", "{}", "[1, \"2\"]", "[0]", "[true]"])
+def test_an_unreadable_alias_history_counts_as_none(text: str) -> None:
+    from plantml.registry.aliases import history_tag, read_history
+
+    assert read_history({history_tag("production"): text}, "production") is None

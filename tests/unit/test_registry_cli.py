@@ -101,3 +101,98 @@ def test_errors_are_one_line_naming_the_culprit_with_exit_2(
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("plantml: error: ") and message in err and "\n" not in err
+
+
+def run_main(args: list[str], capfd: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``plantml ARGS`` in this process, with the environment left as it was; returns (code, stdout, stderr)."""
+    from plantml.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key in (*QUICK_HTTP_ENV, "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            patch.delenv(key, raising=False)
+        code = main(args)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_list_shows_models_whose_names_hold_an_apostrophe_and_models_without_versions(
+    store: tuple[str, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    from mlflow import MlflowClient
+
+    uri, name = store
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    quoted, empty = f"o'brien_{name}", f"empty_{name}"
+    source = client.get_model_version(name, "1")
+    client.create_registered_model(quoted)
+    client.create_model_version(quoted, source=source.source, run_id=source.run_id)
+    client.create_registered_model(empty)
+    code, out, err = run_main(["registry", "--tracking-uri", uri, "list"], capfd)
+    assert code == 0, err
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith(quoted + " ")] == [[quoted, "1"]]
+    assert f"{empty}: no versions" in out.splitlines()
+    code, out, err = run_main(["registry", "--tracking-uri", uri, "list", quoted], capfd)
+    assert code == 0 and out.splitlines()[1].split()[0] == "1", (out, err)
+
+
+def test_compare_takes_versions_written_as_promote_takes_them(store: tuple[str, str]) -> None:
+    uri, name = store
+    result = registry_cli(uri, "compare", name, "v1", "V2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[2].split() == ["*", "lr", "0.1", "0.05"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["list"], ["list", "plants"], ["compare", "plants", "1", "2"], ["load-check", "models:/plants/1"],
+     ["promote", "plants", "1"], ["rollback", "plants"]],
+    ids=["list", "list-name", "compare", "load-check", "promote", "rollback"],
+)
+@pytest.mark.parametrize("uri", [None, "sqlite:///missing.db"], ids=["default", "argument"])
+def test_registry_commands_on_a_missing_local_store_create_nothing_and_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], args: list[str], uri: str | None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(["registry", *(["--tracking-uri", uri] if uri else []), *args], capfd)
+    database = tmp_path / ("missing.db" if uri else "mlflow.db")
+    assert code == 2
+    assert err.strip() == (f"plantml: error: tracking URI {uri or 'sqlite:///mlflow.db'!r} ({'from argument' if uri else 'the default'}): "
+                           f"no MLflow store at {database} (train first, or give another tracking URI)")
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_store_named_by_the_environment_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from plantml.errors import ConfigError
+    from plantml.registry import ModelRegistry
+
+    with pytest.raises(ConfigError, match=r"\(from environment \(MLFLOW_TRACKING_URI\)\): no MLflow store at /proc/x/mlflow.db"):
+        ModelRegistry("sqlite:////proc/x/mlflow.db", source="environment (MLFLOW_TRACKING_URI)")
+
+
+def _postgres_driver_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("psycopg") is not None
+
+
+@pytest.mark.parametrize(
+    ("uri", "code", "message"),
+    [
+        ("file:///{tmp}/mlruns", 2, "tracking URI 'file:///{tmp}/mlruns' (from argument): The filesystem tracking backend"),
+        ("sqlite:////etc/passwd/mlflow.db", 2, "(from argument): no MLflow store at /etc/passwd/mlflow.db"),
+        ("sqlite:////proc/x/mlflow.db", 2, "(from argument): no MLflow store at /proc/x/mlflow.db"),
+        ("sqlite:///{tmp}/garbage.db", 1, "(from argument): cannot open the store (DatabaseError:"),
+        pytest.param("postgresql://u:p@127.0.0.1:1/db", 1,
+                     "tracking URI 'postgresql://u:***@127.0.0.1:1/db' (from argument): needs the Python module psycopg",
+                     marks=pytest.mark.skipif(_postgres_driver_installed(), reason="needs psycopg to be missing")),
+    ],
+    ids=["file", "sqlite-under-a-file", "sqlite-in-proc", "sqlite-not-a-database", "postgresql-without-driver"],
+)
+def test_unusable_tracking_uris_give_one_line_naming_them(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], uri: str, code: int, message: str
+) -> None:
+    (tmp_path / "garbage.db").write_bytes(b"not a database\n" * 100)
+    uri, message = uri.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    got, _, err = run_main(["registry", "--tracking-uri", uri, "list"], capfd)
+    assert got == code
+    assert err.startswith("plantml: error: ") and message in err and err.count("\n") == 1, err

@@ -15,6 +15,7 @@ import pytest
 
 from plantml.errors import RegistryError
 from plantml.registry import ModelRegistry, alias_tag
+from plantml.registry.aliases import history_tag
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +221,64 @@ def test_registry_calls_use_the_s3_keys_in_force_not_the_first_ones_read(registr
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second-stack")
     registry.list_models()
     assert keys_of_a_new_client() == "second-stack"
+
+
+@pytest.mark.parametrize(
+    ("promotions", "rollbacks"),
+    [((1, 2, 1), (2, 1)), ((1, 2, 3, 2), (3, 2, 1))],
+    ids=["unset-1-2-1", "1-2-3-2"],
+)
+def test_rollbacks_walk_back_through_a_history_where_a_version_was_promoted_twice(
+    registry: ModelRegistry, client: Any, promotions: tuple[int, ...], rollbacks: tuple[int, ...]
+) -> None:
+    name = register_versions(client, 3)
+    for version in promotions:
+        registry.promote(name, version, "staging")
+    assert [registry.rollback(name, "staging").to_version for _ in rollbacks] == list(rollbacks)
+    with pytest.raises(RegistryError, match="no earlier version") as info:
+        registry.rollback(name, "staging")
+    assert "\n" not in str(info.value)
+    assert int(client.get_model_version_by_alias(name, "staging").version) == rollbacks[-1]
+    assert {v.version for v in registry.list_versions(name) if v.stage == "Staging"} == {rollbacks[-1]}
+
+
+def test_the_alias_history_is_a_json_list_on_the_registered_model(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    for version in (1, 2, 1):
+        registry.promote(name, version, "champion")
+    assert client.get_registered_model(name).tags[history_tag("champion")] == "[1,2,1]"
+    registry.rollback(name, "champion")
+    assert client.get_registered_model(name).tags[history_tag("champion")] == "[1,2]"
+
+
+def test_an_alias_promoted_before_the_history_existed_rolls_back_by_its_version_tags(registry: ModelRegistry, client: Any) -> None:
+    """What older plantml left: the alias and per-version moved_from tags, no history on the model."""
+    name = register_versions(client, 2)
+    client.set_model_version_tag(name, "2", alias_tag("champion", "moved_from"), "1")
+    client.set_registered_model_alias(name, "champion", "2")
+    assert registry.rollback(name, "champion").to_version == 1
+    registry.promote(name, 2, "champion")  # starts the history where the alias was
+    assert [registry.rollback(name, "champion").to_version] == [1]
+    with pytest.raises(RegistryError, match="no earlier version"):
+        registry.rollback(name, "champion")
+
+
+@pytest.mark.parametrize("odd_name", ["o'brien", 'say "hi"', "both'\"q"])
+def test_versions_of_a_model_whose_name_holds_quotes_are_listed(registry: ModelRegistry, client: Any, odd_name: str) -> None:
+    """MLflow's filter parser takes no backslash escapes; a LIKE fallback must not pick up look-alike names."""
+    name = f"{odd_name}_{uuid.uuid4().hex[:6]}"
+    look_alike = name.replace("'", "x").replace('"', "y")
+    for model in (name, look_alike):
+        client.create_registered_model(model)
+        client.create_model_version(model, source="/nowhere/model", run_id=None)
+    assert [(v.name, v.version) for v in registry.list_versions(name)] == [(name, 1)]
+    registry.promote(name, 1, "Production")
+    assert [v.stage for v in registry.list_versions(name)] == ["Production"]
+
+
+def test_versions_written_v1_mean_the_same_in_compare_resolve_and_promote(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    comparison = registry.compare(name, "v1", "V2")
+    assert (comparison.first.version, comparison.second.version) == (1, 2)
+    assert registry.resolve(name, "v2").version == 2
+    assert registry.promote(name, "v1", "champion").to_version == 1
