@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import TrackingError, UsageError
+from plantml.tracking.stores import check_store_exists, open_client
 
 #: Query string that opens MLflow's UI in its model-training view.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
@@ -65,10 +66,8 @@ class Landing:
 
 def newest_run(tracking_uri: str) -> Landing | None:
     """The most recently started run of any active experiment, else the newest experiment, else None."""
-    import mlflow
-
+    client = open_client(tracking_uri, must_exist=False)
     try:
-        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         experiments = client.search_experiments(order_by=["last_update_time DESC"], max_results=100)
         if not experiments:
             return None
@@ -81,13 +80,6 @@ def newest_run(tracking_uri: str) -> Landing | None:
     return Landing(experiments[0].experiment_id)
 
 
-def local_store_path(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///")).expanduser()
-
-
 class LocalUI:
     """``mlflow server`` on a local store, on 127.0.0.1, with no job runner; a context manager.
 
@@ -95,13 +87,10 @@ class LocalUI:
     by default), and the server writes nothing to the working folder.
     """
 
-    def __init__(self, tracking_uri: str, port: int | None = None, start_timeout: float = 60) -> None:
+    def __init__(self, tracking_uri: str, port: int | None = None, start_timeout: float = 60, *, source: str | None = None) -> None:
         if is_server_uri(tracking_uri):
             raise UsageError(f"{tracking_uri} is a tracking server: open it in a browser, `plantml ui` serves local stores")
-        database = local_store_path(tracking_uri)
-        if database is not None and not database.is_file():
-            raise UsageError(f"{tracking_uri}: no such store ({database.resolve()} does not exist); "
-                             "train first, or give --tracking-uri")
+        check_store_exists(tracking_uri, source)  # serving a missing (or empty) sqlite file would create a store
         self.tracking_uri = tracking_uri
         self.port = port if port is not None else _default_port()
         self.start_timeout = start_timeout

@@ -39,7 +39,7 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
         landing = newest_run(uri)
         click.echo(landing.url(uri) if landing else uri)
         return
-    server = LocalUI(uri, port)  # refuses a store that does not exist (reading it would create one)
+    server = LocalUI(uri, port, source=settings.source_of("tracking_uri"))  # refuses a store that does not exist
     landing = newest_run(uri)
     for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
         signal.signal(signum, _raise_interrupt)

@@ -54,8 +54,9 @@ from plantml.registry.models import (
     model_info,
     version_info,
 )
-from plantml.registry.store import is_insert_clash, name_filter, open_client
+from plantml.registry.store import is_insert_clash, name_filter
 from plantml.tracking.environ import forget_stale_s3_clients
+from plantml.tracking.stores import open_client
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

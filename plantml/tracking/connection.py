@@ -17,15 +17,10 @@ def connect(settings: TrackingSettings, timeout: float) -> tuple[Any, str]:
     """
     if settings.tracking_uri.startswith(("http://", "https://")):
         wait_for_server(settings.tracking_uri, timeout, settings.source_of("tracking_uri"))
-    import mlflow
+    from plantml.tracking.stores import open_client
 
-    try:  # MLflow builds the store here: a file: store in maintenance mode, a sqlite folder that cannot be, no driver
-        client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-    except Exception as exc:
-        from plantml.stack.endpoints import mask_url_password
-
-        raise TrackingError(f"{mask_url_password(settings.tracking_uri)}: cannot open this tracking store ({one_line(exc)}); "
-                            f"this URI came from {settings.source_of('tracking_uri')}") from None
+    # a training may create its local store; any store MLflow cannot open is one line
+    client = open_client(settings.tracking_uri, settings.source_of("tracking_uri"), must_exist=False)
     return client, open_experiment(client, settings)
 
 

@@ -30,10 +30,31 @@ def test_a_missing_local_store_is_refused_without_creating_one(tmp_path: Path, m
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["ui"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("plantml: error: sqlite:///mlflow.db: no such store") and "\n" not in err
+    assert err.startswith("plantml: error: tracking URI 'sqlite:///mlflow.db' (the default): no MLflow store at") and "\n" not in err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_server_uri_is_not_served_again() -> None:
     with pytest.raises(UsageError, match="is a tracking server"):
         LocalUI("http://127.0.0.1:5001")
+
+
+@pytest.mark.parametrize("store", ["tilde", "empty file"])
+def test_a_store_ui_would_create_or_fill_is_refused_and_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                           capsys: pytest.CaptureFixture[str], store: str) -> None:
+    from plantml.cli import main
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (home / "real.db").write_bytes(b"")  # an empty file: serving it would fill it with MLflow's tables
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    # SQLite reads '~' as a folder name: MLflow would create ./~/real.db here and serve that empty store
+    uri = "sqlite:///~/real.db" if store == "tilde" else f"sqlite:///{home / 'real.db'}"
+
+    assert main(["ui", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"plantml: error: tracking URI '{uri}' (from argument): no MLflow store at") and "\n" not in err
+    assert ("write the full path" in err) == (store == "tilde")
+    assert list(work.iterdir()) == [] and (home / "real.db").stat().st_size == 0
