@@ -67,6 +67,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("RANK", "0", "distributed", "this process's rank in a torchrun job (torchrun sets it)"),
     Variable("WORLD_SIZE", "1", "distributed", "processes in the torchrun job (torchrun sets it)"),
     Variable("LOCAL_RANK", "0", "distributed", "rank on this machine, which picks the GPU (torchrun sets it)"),
+    Variable("MASTER_ADDR", None, "distributed", "host of rank 0's rendezvous store in a torchrun job (torchrun sets it)"),
+    Variable("MASTER_PORT", None, "distributed", "port of that store (torchrun sets it)"),
     Variable("OMP_NUM_THREADS", None, "distributed", "CPU threads per process; `plantml train --nproc` sets 1 where unset, as torchrun does"),
     Variable("PLANTML_TEST_FAIL_AT", None, "testing", "tests only: `RANK:EPOCH` makes that rank raise as that epoch starts"),
 )}

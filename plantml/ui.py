@@ -11,6 +11,7 @@ defaults starts seven job-runner processes and takes about 25 s on two cores).
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ def how_to_see(tracking_uri: str, experiment_id: str, run_id: str, default_uri: 
     """The line ``plantml train`` ends with: the run's URL on a server, the ``plantml ui`` command otherwise."""
     if is_server_uri(tracking_uri):
         return f"see the run: {run_url(tracking_uri, experiment_id, run_id)}"
-    command = "plantml ui" if default_uri else f"plantml ui --tracking-uri {tracking_uri}"
+    command = "plantml ui" if default_uri else f"plantml ui --tracking-uri {shlex.quote(tracking_uri)}"  # pasted into a shell
     return f"see the run: `{command}` in this folder, then open the URL it prints"
 
 

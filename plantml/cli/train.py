@@ -82,12 +82,10 @@ def train(ctx: click.Context, **options) -> int | None:
     Under torchrun (or with --nproc) the processes train one model together; --batch-size
     is per process, and only rank 0 talks to MLflow and prints.
     """
-    if options["nproc"]:
-        return _launch(ctx, options["nproc"])
     from plantml.tracking import signals
     from plantml.training import distributed
     from plantml.training.config import Reporter, TrainConfig
-    from plantml.training.run import fit
+    from plantml.training.run import check_config, fit
     from plantml.training.synth import SynthSpec
 
     config = TrainConfig(
@@ -103,6 +101,10 @@ def train(ctx: click.Context, **options) -> int | None:
         register=not options["no_register"], registered_model_name=options["registered_model_name"],
         output_dir=options["output_dir"],
     )
+    if options["nproc"]:  # a flag or folder error is one line here, before N processes start and each says it
+        check_config(config)
+        _check_local_folder(config.data_dir)
+        return _launch(ctx, options["nproc"])
     started = time.perf_counter()
     if not options["no_mlflow"]:  # a mistyped tracking URI is an input error too: say so before any work
         from plantml.settings import resolve_tracking_settings
@@ -134,6 +136,15 @@ def train(ctx: click.Context, **options) -> int | None:
         default_store = tracker.settings.source_of("tracking_uri") == "default"
         click.echo(how_to_see(tracker.tracking_uri, tracker.experiment_id, result.run_id, default_store))
     return None
+
+
+def _check_local_folder(data_dir: str | None) -> None:
+    """A local ``--data-dir`` that is missing or holds fewer than two classes; each rank checks the rest."""
+    from plantml.datasets.manifest import class_folders
+    from plantml.datasets.remote import is_s3_uri
+
+    if data_dir is not None and not is_s3_uri(data_dir):
+        class_folders(Path(data_dir).expanduser())
 
 
 def _prepare_and_connect(config, options: dict, ranks):

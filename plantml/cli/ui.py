@@ -13,6 +13,10 @@ import click
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+#: Each stops the UI and its server, freeing the port.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -41,7 +45,8 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
         return
     server = LocalUI(uri, port, source=settings.source_of("tracking_uri"))  # refuses a store that does not exist
     landing = newest_run(uri)
-    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
+    # SIGHUP: a closed terminal; also when started with SIGINT ignored (a background job)
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _raise_interrupt)
     try:
         server.start()
@@ -53,5 +58,6 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
     except KeyboardInterrupt:
         click.echo("plantml ui: stopped", err=True)
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the server
+        for signum in STOP_SIGNALS:  # a second Ctrl-C (or SIGHUP) must not orphan the server
+            signal.signal(signum, signal.SIG_IGN)
         server.stop()

@@ -288,6 +288,7 @@ def start(device: str | None = None) -> Ranks:
     ranks = rank_info()
     if not ranks.distributed:
         return ranks
+    _check_rendezvous(ranks)
     backend = backend_for(device)
     if backend == "nccl":
         if ranks.local_rank >= torch.cuda.device_count():
@@ -299,6 +300,16 @@ def start(device: str | None = None) -> Ranks:
     store, _, _ = next(torch.distributed.rendezvous("env://"))
     torch.distributed.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size)
     return replace(ranks, backend=backend, store=torch.distributed.PrefixStore("plantml", store))
+
+
+def _check_rendezvous(ranks: Ranks) -> None:
+    """torchrun sets ``MASTER_ADDR`` and ``MASTER_PORT`` beside ``WORLD_SIZE``; without them torch's
+    env:// rendezvous fails with a traceback, so a process started by hand is told in one line."""
+    address, port = env_value("MASTER_ADDR"), env_value("MASTER_PORT")
+    if not address or not (port or "").isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"WORLD_SIZE={ranks.world_size} makes this one of {ranks.world_size} processes, but "
+                          f"MASTER_ADDR={address!r} and MASTER_PORT={port!r} name no rendezvous: start the processes "
+                          "with torchrun, or use plantml train --nproc N")
 
 
 def stop(ranks: Ranks, failed: bool = False) -> None:

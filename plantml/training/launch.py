@@ -41,7 +41,8 @@ def launch(nproc: int, worker_args: list[str]) -> int:
                           logs_specs=DefaultLogsSpecs(log_dir=log_dir))
     # as torchrun: one CPU thread per rank unless told otherwise, or N ranks would each take every core
     threads = {} if nproc == 1 or env_value("OMP_NUM_THREADS") else {"OMP_NUM_THREADS": "1"}
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)  # its INFO lines narrate each start
+    # its lines narrate each start and stop, and repeat a rank's failure that this command reports in one line
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         with scoped_environ(threads):
             elastic_launch(config, sys.executable)(*worker_args)

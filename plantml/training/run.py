@@ -237,6 +237,10 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
             raise UsageError(f"the {name} split is empty")
 
     image_size = config.image_size or DEFAULT_IMAGE_SIZE[device.type]
+    if -(-len(split.train) // ranks.world_size) == 1 and image_size <= SMALLEST_FEATURE_MAP_PX:
+        raise UsageError(f"{len(split.train)} training images give each of {ranks.world_size} processes one image a step, "
+                         f"and batch norm cannot train on one image at --image-size {image_size}: use fewer processes, "
+                         f"more images, or --image-size {SMALLEST_FEATURE_MAP_PX + 1} or more")
     num_workers = data_mod.default_num_workers() if config.num_workers is None else config.num_workers
     precision = choose_precision(device, config.amp, config.channels_last)
     on_device = _data_on_device(config, device)

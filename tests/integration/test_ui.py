@@ -105,3 +105,22 @@ def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_
             ui.wait()
     assert port_is_free(port)
     assert snapshot(folder) == before  # not a file added, changed or touched (the store's database included)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_closed_terminal_or_sigterm_stops_plantml_ui_and_its_server(store_with_a_run: tuple[Path, str, str], signum: int) -> None:
+    folder = store_with_a_run[0]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    ui = subprocess.Popen([sys.executable, "-m", "plantml", "ui", "--port", str(port)], cwd=folder, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert ui.stdout.readline().startswith("MLflow UI for "), ui.stderr.read()
+        ui.send_signal(signum)  # to plantml ui alone, as a closing terminal signals its session's leader
+        assert ui.wait(timeout=30) == 0
+        assert "plantml ui: stopped" in ui.stderr.read()
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
+    assert port_is_free(port)  # the mlflow server went with it, not left behind as an orphan

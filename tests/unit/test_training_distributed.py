@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -245,3 +246,41 @@ def test_nproc_names_the_rank_that_failed_with_its_exit_code_and_keeps_no_files(
 
     assert out.stdout.strip().splitlines()[-1] == "rank 1 of 2 exited with code 3 (its error is above)|1|3", out.stderr
     assert list(tmp_path.iterdir()) == []  # the agent's error-file folder is gone
+
+
+def test_a_process_that_claims_peers_but_has_no_rendezvous_is_one_line(monkeypatch, capsys, tmp_path):
+    from plantml.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "--no-mlflow", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MASTER_ADDR=None and MASTER_PORT=None name no rendezvous" in err[0]
+
+
+def test_nproc_checks_its_flags_once_before_starting_any_rank(capsys, tmp_path):
+    from plantml.cli import main
+
+    started = time.monotonic()
+    assert main(["train", "--nproc", "2", "--no-mlflow", "--learning-rate", "nan"]) == 2
+    assert main(["train", "--nproc", "2", "--no-mlflow", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "plantml: error: --learning-rate nan: must be a finite number",
+        f"plantml: error: data folder {tmp_path / 'nowhere'}: not found"]
+    assert time.monotonic() - started < 10  # no rank was started (each costs seconds)
+
+
+def test_ranks_of_one_training_image_each_are_refused_at_sizes_batch_norm_cannot_train(tmp_path):
+    folder = synth.generate(tmp_path / "tiny", synth.SynthSpec(per_class=3, size=32, seed=0))  # 2 training images
+    done = subprocess.run([sys.executable, "-m", "plantml", "train", "--nproc", "2", "--no-mlflow", "--epochs", "1",
+                           "--image-size", "32", "--weights", "none", "--data-dir", str(folder)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    assert lines[-1] in {f"plantml: error: rank {rank} of 2 exited with code 2 (its error is above)" for rank in (0, 1)}
+    assert lines[0] == ("plantml: error: 2 training images give each of 2 processes one image a step, and batch norm "
+                        "cannot train on one image at --image-size 32: use fewer processes, more images, "
+                        "or --image-size 33 or more")

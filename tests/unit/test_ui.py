@@ -58,3 +58,8 @@ def test_a_store_ui_would_create_or_fill_is_refused_and_nothing_is_written(tmp_p
     assert err.startswith(f"plantml: error: tracking URI '{uri}' (from argument): no MLflow store at") and "\n" not in err
     assert ("write the full path" in err) == (store == "tilde")
     assert list(work.iterdir()) == [] and (home / "real.db").stat().st_size == 0
+
+
+def test_the_ui_hint_can_be_pasted_into_a_shell_whatever_the_store_path() -> None:
+    hint = how_to_see("sqlite:////tmp/my runs/store.db", "1", "r", default_uri=False)
+    assert "`plantml ui --tracking-uri 'sqlite:////tmp/my runs/store.db'`" in hint
