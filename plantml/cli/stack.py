@@ -45,10 +45,14 @@ def stack() -> None:
                    "For throwaway stacks only.")
 def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path | None, mlflow_port: int | None,
        s3_port: int | None, postgres_port: int | None, auth: bool, fast: bool) -> None:
-    """Start the stack in the foreground until Ctrl-C (or SIGTERM); a service that dies is restarted."""
+    """Start the stack in the foreground until Ctrl-C (or SIGTERM, SIGHUP); a service that dies is restarted."""
     from plantml.stack import make_stack
+    from plantml.stack.folder import check_env_file_target
 
-    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored (a background job)
+    if env_file is not None:  # before ten seconds of start-up, not after them
+        check_env_file_target(env_file)
+    # SIGHUP: a closed terminal or a dropped ssh; also when started with SIGINT ignored (a background job)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_interrupt)
     _show_supervision()
     started = time.perf_counter()

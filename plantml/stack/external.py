@@ -65,7 +65,7 @@ def check_mlflow(tracking_uri: str, timeout: float = 5) -> None:
 
 def check_bucket(endpoints: StackEndpoints) -> None:
     """Raise :class:`StackError` unless the bucket exists and accepts the credentials."""
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
 
     client = endpoints.s3_client(retries={"max_attempts": 1})
     try:
@@ -74,5 +74,8 @@ def check_bucket(endpoints: StackEndpoints) -> None:
         code = exc.response.get("Error", {}).get("Code", "?")
         cause = {"403": "access denied: the S3 credentials were refused", "404": "does not exist"}.get(code, f"error {code}")
         raise StackError("s3", f"bucket {endpoints.bucket!r} at {endpoints.s3_endpoint}: {cause}") from None
+    except (NoCredentialsError, PartialCredentialsError):
+        raise StackError("s3", f"{endpoints.s3_endpoint}: no S3 keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                               "(environment or .env)") from None
     except BotoCoreError as exc:
         raise StackError("s3", f"no answer from {endpoints.s3_endpoint} ({type(exc).__name__})") from None

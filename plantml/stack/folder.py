@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import StackError
+from plantml.errors import ConfigError, StackError
 from plantml.processes import process_alive
 from plantml.settings import env_path
 from plantml.stack.service import ServiceSpec
@@ -61,6 +61,35 @@ def write_private(path: Path, content: str | bytes, owner: tuple[int, int] | Non
         raise
 
 
+#: The first line of every env file a stack writes: how a later start knows the file is plantml's to replace.
+ENV_FILE_HEADER = "# written by plantml stack up for its clients; removed when that stack stops\n"
+
+
+def check_env_file_target(path: Path) -> None:
+    """Refuse, before a stack starts, an env file it could not write or must not replace.
+
+    A file that exists and was not written by a stack (the user's own ``.env``) would be
+    replaced, then removed at stop: its settings lost. A folder that cannot take a file
+    (read-only, a parent that is a file) would fail only after every service started.
+    """
+    path = path.expanduser().absolute()
+    if path.exists():
+        try:
+            first = path.open(encoding="utf-8", errors="replace").readline()
+        except OSError as exc:
+            raise ConfigError(f"--env-file {path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        if first != ENV_FILE_HEADER:
+            raise ConfigError(f"--env-file {path}: exists and was not written by plantml stack up; it would be "
+                                      "replaced, then removed at stop: give a new file name")
+    existing = next(folder for folder in path.parents if folder.exists())
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"--env-file {path}: cannot be written in {existing} ({reason})") from None
+
+
 def private_folder(path: Path, owner: tuple[int, int] | None = None, mode: int = 0o700) -> Path:
     """Create (or fix) a folder with ``mode``, owned by ``owner`` when it is not us."""
     path.mkdir(parents=True, exist_ok=True)
@@ -72,7 +101,12 @@ def private_folder(path: Path, owner: tuple[int, int] | None = None, mode: int =
 
 def registry() -> Path:
     """Where every stack records its folder while it runs (owner-only)."""
-    return private_folder(env_path("PLANTML_CACHE_DIR") / "stacks")  # type: ignore[operator]
+    folder = env_path("PLANTML_CACHE_DIR") / "stacks"  # type: ignore[operator]
+    try:
+        return private_folder(folder)
+    except OSError as exc:
+        raise ConfigError(f"PLANTML_CACHE_DIR: cannot keep the records of running stacks in {folder} "
+                          f"({exc.strerror or type(exc).__name__})") from None
 
 
 class StackFolder:
@@ -119,10 +153,13 @@ class StackFolder:
         the stack's process was killed, unless someone rewrote it since. A stale file would
         point plantml at a dead server.
         """
-        text = "".join(f"{key}={value}\n" for key, value in env.items())
+        text = ENV_FILE_HEADER + "".join(f"{key}={value}\n" for key, value in env.items())
         path = path.expanduser().absolute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_private(path, text)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_private(path, text)
+        except OSError as exc:
+            raise StackError("stack", f"--env-file {path}: cannot be written ({exc.strerror or type(exc).__name__})") from None
         self.env_file = (path, hashlib.sha256(text.encode()).hexdigest())
         self._record()
 

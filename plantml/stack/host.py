@@ -243,7 +243,9 @@ class HostRunner:
     def run_once(self, spec: ServiceSpec, command: Command) -> None:
         """Run ``command`` (initdb) as the service's account, in its folder; its output goes in the error."""
         try:
+            # errors="replace": the output may quote a path that is not UTF-8 (a Latin-1 --data-dir)
             result = subprocess.run([*program(command[0], spec.name), *command[1:]], capture_output=True, text=True,
+                                    errors="replace",
                                     check=False, cwd=spec.folder, env={**os.environ, **spec.env}, **as_account(spec.account))
         except OSError as exc:
             raise StackError(spec.name, f"{command[0]} could not be started: {exc}") from None

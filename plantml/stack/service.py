@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from plantml.errors import StackError
-from plantml.settings import env_value
+from plantml.errors import ConfigError, StackError
+from plantml.settings import VARIABLES, env_value
 
 LOOPBACK = "127.0.0.1"
 #: The services of a stack, in start order (stopped in reverse).
@@ -79,7 +79,13 @@ def service_account(refuses_root: bool) -> Account:
     """
     if not refuses_root or os.geteuid() != 0:
         return current_account()
-    for name in (env_value("PLANTML_PG_USER"), "nobody"):
+    chosen = env_value("PLANTML_PG_USER")
+    if chosen != VARIABLES["PLANTML_PG_USER"].default:  # asked for by name: a typo must not run it as someone else
+        try:
+            return Account.of(pwd.getpwnam(chosen))
+        except KeyError:
+            raise ConfigError(f"PLANTML_PG_USER={chosen!r}: no such account on this machine") from None
+    for name in (chosen, "nobody"):
         try:
             return Account.of(pwd.getpwnam(name))
         except KeyError:

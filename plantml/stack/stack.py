@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import socket
 import threading
 import uuid
@@ -114,13 +115,13 @@ class ManagedStack(Stack):
         self.spec = spec or StackSpec(postgres=PostgresSpec(durable=durable),
                                       s3=S3Spec(flavour=s3_flavour) if s3_flavour else S3Spec(),  # type: ignore[arg-type]
                                       mlflow=MLflowServerSpec(artifact_mode=artifact_mode, auth=auth))
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.data_dir = _checked_data_dir(Path(data_dir)) if data_dir is not None else None
         self.stack_id = uuid.uuid4().hex[:10]
         self.services: dict[str, Service] = {}
         self.folder: StackFolder | None = None
         #: The folder of the last start, also once stopped (a temporary one no longer exists then).
         self.folder_path: Path | None = None
-        self._fixed_ports = {"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port}
+        self._fixed_ports = _checked_ports({"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port})
         self._supervise = supervise
         self._supervisor: Supervisor | None = None
 
@@ -291,3 +292,35 @@ def abandonable(name: str, ready: Callable[[], bool], abandon: threading.Event) 
 
 
 __all__ = ["ManagedStack", "ServiceProcess", "StackSpec", "free_port", "port_in_use"]
+
+
+def _checked_ports(fixed: dict[str, int | None]) -> dict[str, int | None]:
+    """Fixed ports as given (None: a free one), refused at once when out of range or given to two services:
+    the second service would fail to bind and the start would wait for it."""
+    for name, port in fixed.items():
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"{name}_port={port}: expected a port from 1 to 65535 (or None for a free one)")
+    given = [(name, port) for name, port in fixed.items() if port is not None]
+    for index, (name, port) in enumerate(given):
+        for other, other_port in given[index + 1:]:
+            if port == other_port:
+                raise ConfigError(f"{name}_port and {other}_port are both {port}: each service needs its own port")
+    return fixed
+
+
+#: The longest path a Unix socket can have (``sun_path``, with its NUL); the object store keeps two in its folder.
+_SOCKET_PATH_MAX = 107
+
+
+def _checked_data_dir(path: Path) -> Path:
+    """Refuse a data folder the object store cannot work in, in one line rather than its crash dump."""
+    raw = os.fsencode(path.expanduser().absolute())
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"data folder {path}: its path is not UTF-8, which SeaweedFS needs; choose another") from None
+    longest = raw + b"/s3/filer.sock"
+    if len(longest) > _SOCKET_PATH_MAX:
+        raise ConfigError(f"data folder {path}: its path is {len(raw)} bytes; the object store's sockets in it "
+                          f"({longest.decode()}) would pass the {_SOCKET_PATH_MAX}-byte limit of a Unix socket path")
+    return path

@@ -82,6 +82,10 @@ def _backend_options(config: pytest.Config) -> dict[str, Any]:
 def pytest_configure(config: pytest.Config) -> None:
     for name, description in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+    # argparse checks choices on the command line only, not on a default taken from $PLANTML_STACK
+    backend = config.getoption("--stack")
+    if backend is not None and backend not in BACKENDS:
+        raise pytest.UsageError(f"PLANTML_STACK={backend!r}: expected one of {', '.join(BACKENDS)} (or give --stack)")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -89,7 +93,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _teardown_on_sigterm() -> None:
-    """Treat SIGTERM (a CI timeout, ``kill``) like Ctrl-C, so the session's stacks are torn down.
+    """Treat SIGTERM (a CI timeout, ``kill``) and SIGHUP like Ctrl-C, so the session's stacks are torn down.
 
     Installed when a stack fixture first starts a stack, never before: a session that
     uses no stack keeps its SIGTERM as it was. By default SIGTERM ends Python at once:
@@ -97,8 +101,11 @@ def _teardown_on_sigterm() -> None:
     (its processes get their parent-death signal, its containers their reaper, but the
     temporary folder would stay until the next prune).
     """
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal that ran pytest closed
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, _interrupt)
 
 
 def _cuda_skip_reason() -> str | None:

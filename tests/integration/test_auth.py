@@ -55,7 +55,7 @@ def test_stack_up_auth_exports_the_tracking_user(tmp_path, pytestconfig):
         for line in up.stdout:
             if line.startswith("Press Ctrl-C"):
                 break
-        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if not line.startswith("#"))
         mode = os.stat(env_file).st_mode
         uri = values["MLFLOW_TRACKING_URI"]
         anonymous = requests.post(f"{uri}/api/2.0/mlflow/experiments/create", json={"name": "a"}, timeout=10)

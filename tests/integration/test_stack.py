@@ -305,10 +305,13 @@ def test_a_pytest_session_on_an_external_stack_uses_it_and_starts_nothing(mlflow
 
 
 @pytest.mark.local_session
-def test_stack_up_stops_on_sigterm_like_on_ctrl_c(tmp_path):
-    """What a service manager or ``docker stop`` sends: everything stops, the temporary data goes, exit status 0."""
-    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up"], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_stack_up_stops_on_sigterm_or_sighup_like_on_ctrl_c(tmp_path, signum):
+    """What a service manager or ``docker stop`` sends, or a closed terminal: everything stops, the temporary
+    data and the env file go, exit status 0."""
+    env_file = tmp_path / "stack.env"
+    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--env-file", str(env_file)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
         for line in up.stdout:  # type: ignore[union-attr]
@@ -316,10 +319,12 @@ def test_stack_up_stops_on_sigterm_like_on_ctrl_c(tmp_path):
             if line.startswith("Press Ctrl-C"):
                 break
         stack_processes = psutil.Process(up.pid).children(recursive=True)
+        assert env_file.is_file()
     finally:
-        rest = stop(up, signal.SIGTERM)
+        rest = stop(up, signum)
     output = "".join(lines) + rest
     assert up.returncode == 0, output[-2000:]
+    assert not env_file.exists()
     workdir = Path(re.search(r"data:\s+(\S+)", output).group(1))
     assert len(stack_processes) >= 3
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stack_processes)

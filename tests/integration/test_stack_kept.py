@@ -146,7 +146,7 @@ def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_at_once_then_on_
         for line in up.stdout:  # type: ignore[union-attr]
             if line.startswith("Press Ctrl-C"):
                 break
-        uri = dict(line.split("=", 1) for line in env_file.read_text().splitlines())["MLFLOW_TRACKING_URI"]
+        uri = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if not line.startswith("#"))["MLFLOW_TRACKING_URI"]
         client = mlflow.MlflowClient(uri)
         run_id = client.create_run(client.create_experiment(f"killed_{uuid.uuid4().hex[:8]}")).info.run_id
         client.log_metric(run_id, "val_loss", 0.25, step=1)  # acknowledged, then the owner is killed

@@ -60,3 +60,11 @@ def test_the_plugins_stack_options_are_rows_of_the_settings_table(pytester: pyte
                                                "PLANTML_S3_FLAVOUR", "PLANTML_CONTAINER_NETWORK"}
     assert all(variable is VARIABLES[variable.name] for variable in STACK_OPTIONS)
     assert option_name(VARIABLES["PLANTML_CONTAINER_NETWORK"]) == "--container-network"
+
+
+def test_an_unknown_backend_in_plantml_stack_is_a_usage_error_naming_the_variable(pytester: pytest.Pytester, monkeypatch):
+    monkeypatch.setenv("PLANTML_STACK", "bogus")
+    pytester.makepyfile("def test_x(mlflow_stack):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*PLANTML_STACK='bogus': expected one of local, containers, external*"])

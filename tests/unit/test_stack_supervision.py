@@ -17,7 +17,7 @@ from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
 from plantml.errors import StackError
 from plantml.processes import process_start_time
-from plantml.stack.folder import CREDENTIALS, StackFolder, prune_local_stacks
+from plantml.stack.folder import CREDENTIALS, ENV_FILE_HEADER, StackFolder, prune_local_stacks
 from plantml.stack.service import ServiceSpec
 from plantml.stack.supervisor import Service, Supervisor, backoff
 
@@ -182,7 +182,7 @@ def test_the_env_file_goes_with_the_stack_unless_someone_rewrote_it(tmp_path):
     for path in (ours, theirs):
         folder = StackFolder.open(None, path.stem)
         folder.write_env_file(path, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "AWS_SECRET_ACCESS_KEY": "s"})
-        assert path.read_text() == "MLFLOW_TRACKING_URI=http://127.0.0.1:1\nAWS_SECRET_ACCESS_KEY=s\n"
+        assert path.read_text() == ENV_FILE_HEADER + "MLFLOW_TRACKING_URI=http://127.0.0.1:1\nAWS_SECRET_ACCESS_KEY=s\n"
         assert path.stat().st_mode & 0o777 == 0o600
         if path is theirs:
             path.write_text("MLFLOW_TRACKING_URI=http://127.0.0.1:2\n")

@@ -1,0 +1,86 @@
+"""Stack options that used to fail late, loudly or silently: each is one line before anything starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from plantml.cli import main
+from plantml.errors import ConfigError, StackError
+from plantml.stack import make_stack
+from plantml.stack.endpoints import StackEndpoints
+from plantml.stack.external import check_bucket
+from plantml.stack.folder import ENV_FILE_HEADER, check_env_file_target, registry
+from plantml.stack.service import service_account
+
+
+def test_a_users_own_env_file_is_refused_untouched_before_the_stack_starts(tmp_path: Path, capsys) -> None:
+    own = tmp_path / ".env"
+    own.write_text("MY_TEAM_SETTING=keep-me\n")
+
+    assert main(["stack", "up", "--env-file", str(own)]) == 2  # refused at once: no stack was started
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"plantml: error: --env-file {own}: exists and was not written by plantml stack up; it would be "
+                   "replaced, then removed at stop: give a new file name"]
+    assert own.read_text() == "MY_TEAM_SETTING=keep-me\n"
+
+
+def test_an_env_file_a_stack_wrote_may_be_written_again(tmp_path: Path) -> None:
+    mine = tmp_path / ".env"
+    mine.write_text(ENV_FILE_HEADER + "MLFLOW_TRACKING_URI=http://127.0.0.1:1\n")
+    check_env_file_target(mine)
+    check_env_file_target(tmp_path / "new" / "folder" / "stack.env")  # folders made at write time
+
+
+def test_an_env_file_that_cannot_be_written_is_refused_before_the_stack_starts(tmp_path: Path) -> None:
+    a_file = tmp_path / "plain"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match=rf"--env-file {a_file}/x: cannot be written in {a_file} \(Not a directory\)"):
+        check_env_file_target(a_file / "x")
+
+
+@pytest.mark.parametrize("ports, message", [
+    ({"mlflow_port": 23457, "s3_port": 23457}, "mlflow_port and s3_port are both 23457: each service needs its own port"),
+    ({"mlflow_port": 70000}, "mlflow_port=70000: expected a port from 1 to 65535"),
+    ({"postgres_port": 0}, "postgres_port=0: expected a port from 1 to 65535"),
+])
+def test_ports_that_cannot_work_are_refused_before_anything_starts(ports, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_stack("local", **ports)
+
+
+def test_a_data_folder_the_object_store_cannot_use_is_named(tmp_path: Path) -> None:
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path) + b"/pl\xe9nts"))
+    with pytest.raises(ConfigError, match="its path is not UTF-8"):
+        make_stack("local", data_dir=latin1)
+    deep = tmp_path / ("d" * 100)
+    with pytest.raises(ConfigError, match="would pass the 107-byte limit of a Unix socket path"):
+        make_stack("local", data_dir=deep)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PLANTML_PG_USER only matters when plantml runs as root")
+def test_a_postgres_account_that_does_not_exist_is_named_not_replaced(monkeypatch) -> None:
+    monkeypatch.setenv("PLANTML_PG_USER", "nosuchuser")
+    with pytest.raises(ConfigError, match="PLANTML_PG_USER='nosuchuser': no such account"):
+        service_account(refuses_root=True)
+
+
+def test_an_external_stack_without_s3_keys_names_them(tmp_path: Path, monkeypatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # nor a cloud metadata service: loopback only
+    endpoints = StackEndpoints("http://127.0.0.1:1", "http://127.0.0.1:1", None, None)
+    with pytest.raises(StackError, match="no S3 keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        check_bucket(endpoints)
+
+
+def test_a_cache_folder_that_is_a_file_is_named(tmp_path: Path, monkeypatch) -> None:
+    a_file = tmp_path / "cache"
+    a_file.write_text("")
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(a_file))
+    with pytest.raises(ConfigError, match=r"PLANTML_CACHE_DIR: cannot keep the records of running stacks .*Not a directory"):
+        registry()
