@@ -120,7 +120,8 @@ def check_image(client: DockerClient, service: str, image: str) -> None:
     try:
         client.images.get(image)
     except ImageNotFound:
-        raise StackError(service, f"image {image!r} is not present locally: {BUILD_HINT}") from None
+        raise StackError(service, f"image {image!r} is not present locally: {BUILD_HINT}, or set "
+                                  f"PLANTML_{service.upper()}_IMAGE (pytest: --{service}-image) to one that is") from None
 
 
 def configure_reaper(client: DockerClient) -> None:

@@ -40,7 +40,7 @@ RECIPE_VERSION = "1"
 FINGERPRINT_ENV = "PLANTML_IMAGE_INPUTS"
 DEBIAN_SUITE = "bookworm"
 MLFLOW_VERSION = "3.17.2"
-BUILD_HINT = "run `plantml stack build-images` (no registry needed) or set the image variable to an existing image"
+BUILD_HINT = "run `plantml stack build-images` (no registry needed)"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DPKG_SLIM = ("path-exclude=/usr/share/doc/*", "path-exclude=/usr/share/man/*", "path-exclude=/usr/share/locale/*",
              "path-exclude=/usr/share/info/*")

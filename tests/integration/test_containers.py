@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from plantml.errors import StackError
 from plantml.stack import mlflow_server, stack
-from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, docker_client
+from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, check_image, docker_client
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +158,10 @@ def test_a_folder_kept_by_one_backend_is_served_by_the_other_in_another_mode(tmp
             assert read_back(third) == ([(1, 0.5)], "kept across backends")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_missing_image_names_the_build_command_the_variable_and_the_pytest_option():
+    with pytest.raises(StackError) as info:
+        check_image(docker_client(), "mlflow", "plantml/nope:1")
+    assert str(info.value) == ("mlflow: image 'plantml/nope:1' is not present locally: run `plantml stack build-images` "
+                               "(no registry needed), or set PLANTML_MLFLOW_IMAGE (pytest: --mlflow-image) to one that is")
