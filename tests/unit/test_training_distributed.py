@@ -136,6 +136,8 @@ def test_nproc_starts_the_same_command_without_nproc(monkeypatch, tmp_path):
 
     started = {}
     monkeypatch.setattr(launch, "launch", lambda nproc, args: started.update(nproc=nproc, args=args) or 0)
+    for name in ("healthy", "diseased"):  # the launcher checks a local folder has classes before any rank starts
+        (tmp_path / name).mkdir()
 
     code = main(["--debug", "train", "--nproc", "3", "--epochs", "2", "--no-amp", "--freeze-backbone",
                  "--data-dir", str(tmp_path), "--learning-rate", "0.01"])
