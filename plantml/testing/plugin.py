@@ -244,9 +244,16 @@ def mlflow_client(mlflow_stack: Stack) -> Any:
 
 @pytest.fixture
 def mlflow_env(mlflow_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
-    """Point MLflow's and boto3's environment variables at ``mlflow_stack`` for one test."""
+    """Point MLflow's and boto3's environment variables at ``mlflow_stack`` for one test.
+
+    MLflow and boto3 cache S3 clients and keys for the whole process: those made for another
+    stack (a factory's, on a port used again) are dropped, or plain MLflow would send their keys.
+    """
+    from plantml.tracking.environ import forget_stale_s3_clients
+
     for name, value in mlflow_stack.client_env().items():
         monkeypatch.setenv(name, value)
+    forget_stale_s3_clients()
     return mlflow_stack
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from plantml.tracking.environ import forget_stale_s3_clients
+
 
 def tiny_model():
     import torch
@@ -47,6 +49,7 @@ def first_life(mlflow_stack_factory, data_dir):
     with pytest.MonkeyPatch.context() as patch:
         for variable, value in stack.client_env().items():
             patch.setenv(variable, value)
+        forget_stale_s3_clients()  # plain MLflow: its S3 clients cached with another stack's keys must go
         mlflow.set_tracking_uri(stack.tracking_uri)
         try:
             experiment_id = mlflow.create_experiment(name)
@@ -95,6 +98,7 @@ def test_a_second_start_serves_the_same_artifacts(second_life, first_life, monke
 
     for variable, value in second_life.client_env().items():
         monkeypatch.setenv(variable, value)
+    forget_stale_s3_clients()
     local = mlflow.artifacts.download_artifacts(run_id=first_life["run_id"], artifact_path="notes/kept.txt",
                                                 dst_path=str(tmp_path), tracking_uri=second_life.tracking_uri)
     assert Path(local).read_text() == "healthy leaf"
@@ -109,6 +113,7 @@ def test_a_registered_model_is_intact_and_loadable_after_a_restart(second_life, 
 
     for variable, value in second_life.client_env().items():
         monkeypatch.setenv(variable, value)
+    forget_stale_s3_clients()
     client = mlflow.MlflowClient(second_life.tracking_uri)
     version = client.get_model_version(first_life["model"], "1")
     assert version.run_id == first_life["run_id"] and version.status == "READY"
