@@ -36,12 +36,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 CONTAINERS_ONLY = {INTEGRATION_DIR / "test_containers.py"}
 #: Integration tests whose subject is the client, not the stack (the UI of a local store, torchrun ranks, signals,
-#: faults injected by a proxy, bad values and bad command lines, each tracker method, journals replayed, a full disk): the local backend's session runs them;
+#: faults injected by a proxy, bad values and bad command lines, each tracker method, the registered model as a module, journals replayed, a full disk): the local backend's session runs them;
 #: another backend would only repeat them, slower.
 LOCAL_SESSION_ONLY = {INTEGRATION_DIR / name for name in (
     "test_ui.py", "test_train_distributed.py", "test_signals.py", "test_delivery_faults.py", "test_bad_values.py",
     "test_journal_recovery.py", "test_journal_disk_full.py", "test_bad_input.py",
-    "test_tracker_methods.py",
+    "test_tracker_methods.py", "test_models_usable.py",
 )}
 
 

@@ -219,6 +219,7 @@ TRAINING_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.local_session  # the clients' load on one server: the same server on either backend
 def test_eight_training_processes_at_once_against_one_stack(stack, client, tmp_path):
     script = tmp_path / "train_one.py"
     script.write_text(TRAINING_SCRIPT)

@@ -258,7 +258,9 @@ SESSION_THAT_HANGS = textwrap.dedent("""
 """)
 
 
-def test_a_pytest_session_killed_with_sigterm_tears_its_stack_down(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.local_session)],
+                         ids=["SIGTERM", "SIGHUP"])
+def test_a_pytest_session_killed_with_sigterm_or_sighup_tears_its_stack_down(tmp_path, signum):
     import json
 
     (tmp_path / "test_hangs.py").write_text(SESSION_THAT_HANGS)
@@ -269,7 +271,7 @@ def test_a_pytest_session_killed_with_sigterm_tears_its_stack_down(tmp_path):
     try:
         _wait_for_file(report)
     finally:
-        stop(session, signal.SIGTERM)
+        stop(session, signum)
     started = json.loads(report.read_text())
     assert len(started["pids"]) >= 3
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started["pids"])
