@@ -161,7 +161,8 @@ def remove_containers(client: DockerClient, label: str, judge: Any = lambda labe
     from docker.errors import APIError
 
     removed = []
-    for container in client.containers.list(all=True, filters={"label": label}):
+    # ignore_removed: a container the killed stack's reaper removes between the listing and its inspection
+    for container in client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
         if judge(container.labels):
             try:
                 container.remove(force=True, v=True)
