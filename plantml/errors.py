@@ -103,3 +103,8 @@ def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), at most 500 characters."""
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:500]
+
+
+def os_reason(exc: OSError) -> str:
+    """Why the system refused a file operation, in its own words (``Permission denied``), for a one-line error."""
+    return exc.strerror or type(exc).__name__

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError
+from plantml.errors import ConfigError, os_reason
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT_NAME = "plant_classification"
@@ -135,7 +135,7 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{where}: not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        raise ConfigError(f"{where}: cannot be read ({os_reason(exc)})") from None
     return {k: v for k, v in values.items() if v is not None}
 
 

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from plantml.errors import PlantmlError, StorageError, UsageError
+from plantml.errors import PlantmlError, StorageError, UsageError, os_reason
 from plantml.processes import process_alive, process_start_time
 
 _STAGING = re.compile(r"^\..*\.staging-(\d+)-(\d+)-[a-z0-9_]+$")
@@ -64,7 +64,7 @@ def staging_folder(parent: Path, name: str) -> Iterator[Path]:
 def folder_error(role: str, folder: Path, exc: OSError) -> PlantmlError:
     """One line naming ``folder`` and why it refused a write: a full or failing disk is a
     :class:`StorageError` (exit 1), a read-only or forbidden folder a :class:`UsageError` (exit 2)."""
-    message = f"{role} {folder}: {(exc.strerror or type(exc).__name__).lower()}"
+    message = f"{role} {folder}: {os_reason(exc).lower()}"
     return StorageError(message) if exc.errno in _DISK_ERRNOS else UsageError(message)
 
 

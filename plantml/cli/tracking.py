@@ -13,7 +13,6 @@ QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_T
 STATUSES = click.Choice(["KILLED", "FAILED", "FINISHED"])
 
 
-
 class _Seconds(click.FloatRange):
     """A duration in seconds: 0 or more, and finite (``nan`` compares False with any bound, so FloatRange lets it in)."""
 
@@ -28,6 +27,7 @@ class _Seconds(click.FloatRange):
 
 
 SECONDS = _Seconds()
+
 
 @click.group()
 def tracking() -> None:

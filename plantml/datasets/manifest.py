@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import DataError
+from plantml.errors import DataError, os_reason
 
 #: Name of the manifest object stored beside a pushed set's files.
 MANIFEST_NAME = "plantml-dataset.json"
@@ -44,7 +44,7 @@ def file_hashes(path: Path) -> tuple[str, str]:
                 sha256.update(chunk)
                 md5.update(chunk)
     except OSError as exc:
-        raise DataError(f"image {path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+        raise DataError(f"image {path}: cannot be read ({os_reason(exc)})") from None
     return sha256.hexdigest(), md5.hexdigest()
 
 
@@ -152,7 +152,7 @@ def _files_under(class_dir: Path) -> list[Path]:
 
 
 def _unreadable_folder(exc: OSError) -> DataError:
-    return DataError(f"folder {exc.filename}: cannot be read ({exc.strerror or type(exc).__name__})")
+    return DataError(f"folder {exc.filename}: cannot be read ({os_reason(exc)})")
 
 
 def _raise_unreadable(exc: OSError) -> None:

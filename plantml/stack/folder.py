@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, StackError
+from plantml.errors import ConfigError, StackError, os_reason
 from plantml.processes import process_alive
 from plantml.settings import env_path
 from plantml.stack.service import ServiceSpec
@@ -77,16 +77,16 @@ def check_env_file_target(path: Path) -> None:
         try:
             first = path.open(encoding="utf-8", errors="replace").readline()
         except OSError as exc:
-            raise ConfigError(f"--env-file {path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+            raise ConfigError(f"--env-file {path}: cannot be read ({os_reason(exc)})") from None
         if first != ENV_FILE_HEADER:
             raise ConfigError(f"--env-file {path}: exists and was not written by plantml stack up; it would be "
-                                      "replaced, then removed at stop: give a new file name")
+                              "replaced, then removed at stop: give a new file name")
     existing = next(folder for folder in path.parents if folder.exists())
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+        reason = os_reason(exc)
         raise ConfigError(f"--env-file {path}: cannot be written in {existing} ({reason})") from None
 
 
@@ -106,7 +106,7 @@ def registry() -> Path:
         return private_folder(folder)
     except OSError as exc:
         raise ConfigError(f"PLANTML_CACHE_DIR: cannot keep the records of running stacks in {folder} "
-                          f"({exc.strerror or type(exc).__name__})") from None
+                          f"({os_reason(exc)})") from None
 
 
 class StackFolder:
@@ -159,7 +159,7 @@ class StackFolder:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_private(path, text)
         except OSError as exc:
-            raise StackError("stack", f"--env-file {path}: cannot be written ({exc.strerror or type(exc).__name__})") from None
+            raise StackError("stack", f"--env-file {path}: cannot be written ({os_reason(exc)})") from None
         self.env_file = (path, hashlib.sha256(text.encode()).hexdigest())
         self._record()
 

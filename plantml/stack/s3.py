@@ -30,6 +30,8 @@ from plantml.stack.tls import make_mutual_tls
 
 S3Flavour = Literal["seaweedfs", "minio"]
 S3_FLAVOURS: tuple[S3Flavour, ...] = ("seaweedfs", "minio")
+#: The Unix sockets SeaweedFS keeps in its folder (a path to one may have at most 107 bytes).
+FILER_SOCKET, S3_SOCKET = "filer.sock", "s3.sock"
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 #: Every port ``weed mini`` opens (its own flag names), each chosen so that stacks run side by side.
@@ -137,7 +139,7 @@ def s3_service(spec: S3Spec, folder: Path, ports: Mapping[str, int], network: Ne
         command=("weed", "mini", f"-dir={folder / 'data'}", f"-ip={network.host_of('s3')}", f"-ip.bind={network.bind}",
                  "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                  "-master.telemetry=false", "-disableHttp",  # no master or filer HTTP API: S3 is the only way in
-                 f"-filer.localSocket={folder / 'filer.sock'}", f"-s3.localSocket={folder / 's3.sock'}",
+                 f"-filer.localSocket={folder / FILER_SOCKET}", f"-s3.localSocket={folder / S3_SOCKET}",
                  *(f"-{role}={port}" for role, port in ports.items())),
         env={"AWS_ACCESS_KEY_ID": spec.access_key, "AWS_SECRET_ACCESS_KEY": spec.secret_key,
              **seaweed_security_env(folder, spec.secret_key)},

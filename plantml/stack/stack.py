@@ -29,7 +29,7 @@ from plantml.stack.endpoints import ArtifactMode, StackEndpoints
 from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks
 from plantml.stack.mlflow_server import MLflowServerSpec, mlflow_service
 from plantml.stack.postgres import PostgresSpec, postgres_service
-from plantml.stack.s3 import S3Spec, s3_service, seaweed_security_env
+from plantml.stack.s3 import FILER_SOCKET, S3_SOCKET, S3Spec, s3_service, seaweed_security_env
 from plantml.stack.service import LOOPBACK, SERVICE_NAMES, Runner, ServiceProcess, ServiceSpec
 from plantml.stack.supervisor import Service, Supervisor
 
@@ -319,7 +319,7 @@ def _checked_data_dir(path: Path) -> Path:
         raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"data folder {path}: its path is not UTF-8, which SeaweedFS needs; choose another") from None
-    longest = raw + b"/s3/filer.sock"
+    longest = raw + os.fsencode(f"/s3/{max(FILER_SOCKET, S3_SOCKET, key=len)}")  # the object store's folder: see _describe
     if len(longest) > _SOCKET_PATH_MAX:
         raise ConfigError(f"data folder {path}: its path is {len(raw)} bytes; the object store's sockets in it "
                           f"({longest.decode()}) would pass the {_SOCKET_PATH_MAX}-byte limit of a Unix socket path")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from plantml.datasets.manifest import class_folders, no_images
-from plantml.errors import DataError, UsageError
+from plantml.errors import DataError, UsageError, os_reason
 from plantml.training.distributed import Ranks
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _read_image(path: Path, name_of: Callable[[Path], str] = str) -> tuple[bytes
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return b"", f"cannot be read ({exc.strerror or type(exc).__name__})"
+        return b"", f"cannot be read ({os_reason(exc)})"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Image.DecompressionBombWarning)
         problem = _decode_problem(data)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from plantml.datasets.source import DatasetRecord, DataSource, locate
-from plantml.errors import RankFailed, UsageError
+from plantml.errors import RankFailed, UsageError, os_reason
 from plantml.tracking import signals as tracking_signals
 from plantml.training import data as data_mod
 from plantml.training import distributed, outputs, synth
@@ -210,7 +210,7 @@ def check_output_dir(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise UsageError(f"--output-dir {folder}: cannot write there ({exc.strerror or type(exc).__name__})") from None
+        raise UsageError(f"--output-dir {folder}: cannot write there ({os_reason(exc)})") from None
 
 
 def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:

@@ -8,6 +8,7 @@ package, which ``.ci/run`` installs; without it the test fails, it is not skippe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,14 +74,26 @@ def store_with_a_run(tmp_path: Path) -> tuple[Path, str, str]:
     return folder, run_name, run_id
 
 
-def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_run: tuple[Path, str, str], tmp_path: Path) -> None:
-    folder, run_name, run_id = store_with_a_run
-    port = free_port()
+@contextlib.contextmanager
+def plantml_ui(folder: Path, port: int) -> Iterator[subprocess.Popen]:
+    """``plantml ui`` on ``folder``'s store, in a session of its own, without the stack's variables;
+    killed with its server if the test leaves it running."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    before = snapshot(folder)
     ui = subprocess.Popen([sys.executable, "-m", "plantml", "ui", "--port", str(port)], cwd=folder, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
+        yield ui
+    finally:
+        if ui.poll() is None:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
+
+
+def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_run: tuple[Path, str, str], tmp_path: Path) -> None:
+    folder, run_name, run_id = store_with_a_run
+    port = free_port()
+    before = snapshot(folder)
+    with plantml_ui(folder, port) as ui:
         started = time.monotonic()
         first = ui.stdout.readline()
         ready_s = time.monotonic() - started
@@ -99,28 +113,16 @@ def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_
         os.killpg(ui.pid, signal.SIGINT)
         assert ui.wait(timeout=30) == 0
         assert "plantml ui: stopped" in ui.stderr.read()
-    finally:
-        if ui.poll() is None:
-            os.killpg(ui.pid, signal.SIGKILL)
-            ui.wait()
     assert port_is_free(port)
     assert snapshot(folder) == before  # not a file added, changed or touched (the store's database included)
 
 
 def test_a_closed_terminal_stops_plantml_ui_and_its_server(store_with_a_run: tuple[Path, str, str]) -> None:
     signum = signal.SIGHUP  # SIGTERM takes the same path
-    folder = store_with_a_run[0]
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    ui = subprocess.Popen([sys.executable, "-m", "plantml", "ui", "--port", str(port)], cwd=folder, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
+    with plantml_ui(store_with_a_run[0], port) as ui:
         assert ui.stdout.readline().startswith("MLflow UI for "), ui.stderr.read()
         ui.send_signal(signum)  # to plantml ui alone, as a closing terminal signals its session's leader
         assert ui.wait(timeout=30) == 0
         assert "plantml ui: stopped" in ui.stderr.read()
-    finally:
-        if ui.poll() is None:
-            os.killpg(ui.pid, signal.SIGKILL)
-            ui.wait()
     assert port_is_free(port)  # the mlflow server went with it, not left behind as an orphan
