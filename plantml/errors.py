@@ -6,11 +6,19 @@ them into a message and an exit code, in one place.
 
 from __future__ import annotations
 
+from plantml.text import mask_passwords
+
 
 class PlantmlError(Exception):
-    """Base of every user-facing plantml error. ``exit_code`` is what the CLI exits with."""
+    """Base of every user-facing plantml error. ``exit_code`` is what the CLI exits with.
+
+    Its text never shows the password of a URL in it (``http://user:***@host``).
+    """
 
     exit_code = 1
+
+    def __str__(self) -> str:
+        return mask_passwords(super().__str__())
 
 
 class UsageError(PlantmlError):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, os_reason
+from plantml.text import MASK, mask_passwords
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT_NAME = "plant_classification"
@@ -105,9 +106,6 @@ def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None 
     """:func:`env_value` as a path with ``~`` expanded (None when unset and without default)."""
     text = env_value(name, explicit, environ)
     return None if text is None else Path(text).expanduser()
-
-
-MASK = "***"
 
 
 def mask(secret: str | None) -> str | None:
@@ -237,16 +235,27 @@ def resolve_tracking_settings(
 _KNOWN_SCHEMES = ("http://", "https://", "sqlite:///", "postgresql", "mysql", "file:", "databricks")
 
 
+def describe_uri(uri: str, source: str | None) -> str:
+    """``tracking URI 'x' (from argument)``, its password masked, for the start of an error message."""
+    if source is None:
+        origin = ""
+    elif source == "default":
+        origin = " (the default)"
+    else:
+        origin = f" (from {source})"
+    return f"tracking URI {mask_passwords(uri)!r}{origin}"
+
+
 def _check_tracking_uri(settings: TrackingSettings) -> None:
     uri = settings.tracking_uri
-    origin = f" (from {settings.source_of()})" if "tracking_uri" in settings.sources else ""
+    shown = describe_uri(uri, settings.source_of())
     if "://" not in uri and not uri.startswith(("file:", "databricks")):
-        raise ConfigError(f"tracking URI {uri!r}{origin}: expected a URL such as http://127.0.0.1:5001 or sqlite:///mlflow.db")
+        raise ConfigError(f"{shown}: expected a URL such as http://127.0.0.1:5001 or sqlite:///mlflow.db")
     if uri.startswith("sqlite://") and not uri.startswith("sqlite:///"):
-        raise ConfigError(f"tracking URI {uri!r}{origin}: a sqlite URI has three slashes before a relative path "
+        raise ConfigError(f"{shown}: a sqlite URI has three slashes before a relative path "
                           "(sqlite:///mlflow.db) and four before an absolute one (sqlite:////srv/mlflow.db)")
     if not uri.startswith(_KNOWN_SCHEMES):
-        raise ConfigError(f"tracking URI {uri!r}{origin}: unknown scheme {uri.split('://')[0]!r} (use http, https, sqlite, postgresql or file)")
+        raise ConfigError(f"{shown}: unknown scheme {uri.split('://')[0]!r} (use http, https, sqlite, postgresql or file)")
 
 
 def _check_s3_endpoint(settings: TrackingSettings) -> None:

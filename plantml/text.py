@@ -1,4 +1,4 @@
-"""Names that are not UTF-8, made safe for every store, file name and font.
+"""Text made safe to show: names that are not UTF-8, and passwords inside URLs.
 
 Python decodes a file name's bytes that are not UTF-8 (a folder named in Latin-1, say
 ``pl\\xe9nts``) as *lone surrogates* (``'pl\\udce9nts'``, PEP 383). No store, JSON
@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import re
 
+MASK = "***"
+"""What a secret is shown as."""
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# the password of scheme://user:password@host, within one word of a longer text
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)\S*@")  # up to the last @: a password may hold one
 
 
 def _replace(match: re.Match[str]) -> str:
@@ -21,3 +26,12 @@ def _replace(match: re.Match[str]) -> str:
 def safe_text(text: str) -> str:
     """``text`` with each undecodable file-name byte written as ``%XX`` and any other lone surrogate as U+FFFD."""
     return _SURROGATE.sub(_replace, text) if _SURROGATE.search(text) else text
+
+
+def mask_passwords(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it replaced by :data:`MASK`.
+
+    A tracking URI may carry one (``postgresql://mlflow:pw@db/mlflow``, ``http://user:pw@host``);
+    every error message, repr and printed line that shows a URI passes through here.
+    """
+    return _URL_PASSWORD.sub(rf"\g<1>{MASK}@", text) if "://" in text else text

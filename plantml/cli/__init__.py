@@ -14,6 +14,7 @@ import sys
 import click
 
 from plantml.errors import Interrupted, PlantmlError
+from plantml.text import mask_passwords
 
 #: command name -> (module, attribute, one-line help shown by ``plantml --help``)
 COMMANDS = {
@@ -86,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else prog
-        click.echo(f"{command}: error: {exc.format_message()}", err=True)
+        click.echo(f"{command}: error: {mask_passwords(exc.format_message())}", err=True)
         return 2
     except click.ClickException as exc:
-        click.echo(f"{prog}: error: {exc.format_message()}", err=True)
+        click.echo(f"{prog}: error: {mask_passwords(exc.format_message())}", err=True)
         return exc.exit_code
     except PlantmlError as exc:
         if debug:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from plantml.text import mask_passwords
+
 #: A dead server should fail MLflow client calls in seconds: recovery does its own retrying.
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 STATUSES = click.Choice(["KILLED", "FAILED", "FINISHED"])
@@ -37,7 +39,7 @@ def tracking() -> None:
 
 
 def _show(report) -> None:
-    click.echo(report.message)
+    click.echo(mask_passwords(report.message))
     for line in report.skipped_lines:
         click.echo(f"  {report.journal}: {line}: skipped", err=True)
     for refused in report.refused:
@@ -102,7 +104,7 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
     failures = 0
     for path in orphans:
         if dry_run:
-            click.echo(describe_orphan(path))
+            click.echo(mask_passwords(describe_orphan(path)))
             continue
         try:
             report = recover_journal(path, None, delivery, timeout=timeout, status=status, move_kept=True)
@@ -121,5 +123,5 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
             verb = "would end" if dry_run else "ended"
             click.echo(f"{verb} run {run.run_id} {status}: heartbeat {run.heartbeat} ({run.age_s / 60:.0f} min old)")
         if not runs:
-            click.echo(f"no RUNNING run with a heartbeat older than {stale} on {settings.tracking_uri}")
+            click.echo(f"no RUNNING run with a heartbeat older than {stale} on {mask_passwords(settings.tracking_uri)}")
     return 1 if failures else 0

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from plantml.text import mask_passwords
+
 BACKBONE_NAMES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v2")
 
 
@@ -132,9 +134,9 @@ def train(ctx: click.Context, **options) -> int | None:
     if result.run_id:
         from plantml.ui import how_to_see
 
-        click.echo(f"run {result.run_id} in experiment {tracker.experiment_name!r} at {tracker.tracking_uri}")
+        click.echo(mask_passwords(f"run {result.run_id} in experiment {tracker.experiment_name!r} at {tracker.tracking_uri}"))
         default_store = tracker.settings.source_of("tracking_uri") == "default"
-        click.echo(how_to_see(tracker.tracking_uri, tracker.experiment_id, result.run_id, default_store))
+        click.echo(mask_passwords(how_to_see(tracker.tracking_uri, tracker.experiment_id, result.run_id, default_store)))
     return None
 
 

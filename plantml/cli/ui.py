@@ -9,6 +9,8 @@ from types import FrameType
 
 import click
 
+from plantml.text import mask_passwords
+
 #: A dead server should fail this command in seconds (values already in the environment win).
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -50,11 +52,11 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
         signal.signal(signum, _raise_interrupt)
     try:
         server.start()
-        click.echo(f"MLflow UI for {uri}: {landing.url(server.base_url) if landing else server.base_url}")
+        click.echo(mask_passwords(f"MLflow UI for {uri}: {landing.url(server.base_url) if landing else server.base_url}"))
         click.echo("Press Ctrl-C to stop.")
         while server.running:
             time.sleep(0.5)
-        raise click.ClickException(f"the mlflow server for {uri} stopped by itself")
+        raise click.ClickException(f"the mlflow server for {mask_passwords(uri)} stopped by itself")
     except KeyboardInterrupt:
         click.echo("plantml ui: stopped", err=True)
     finally:

@@ -6,11 +6,11 @@ The same object describes a local stack, a containers stack and an external one
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings, mask
+from plantml.text import mask_passwords
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -21,9 +21,7 @@ ARTIFACT_MODES: tuple[ArtifactMode, ...] = ("direct", "proxied")
 
 def mask_url_password(url: str | None) -> str | None:
     """Replace the password of ``scheme://user:password@host`` with the mask."""
-    if url is None:
-        return None
-    return re.sub(r"(://[^:/@]+:)[^@]*@", rf"\g<1>{MASK}@", url)
+    return None if url is None else mask_passwords(url)
 
 
 @dataclass(frozen=True)

@@ -14,20 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, TrackingError, one_line
-from plantml.stack.endpoints import mask_url_password
+from plantml.settings import describe_uri
 
 SQLITE_PREFIX = "sqlite:///"
-
-
-def describe(uri: str, source: str | None) -> str:
-    """``tracking URI 'x' (from argument)`` for the start of an error message."""
-    if source is None:
-        origin = ""
-    elif source == "default":
-        origin = " (the default)"
-    else:
-        origin = f" (from {source})"
-    return f"tracking URI {mask_url_password(uri)!r}{origin}"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -50,7 +39,7 @@ def check_store_exists(uri: str, source: str | None = None) -> None:
         return
     shown = path.absolute()
     tilde = "; SQLite reads ~ as a folder name, write the full path" if "~" in path.parts else ""
-    raise ConfigError(f"{describe(uri, source)}: no MLflow store at {shown} (train first, or give another tracking URI{tilde})")
+    raise ConfigError(f"{describe_uri(uri, source)}: no MLflow store at {shown} (train first, or give another tracking URI{tilde})")
 
 
 def open_client(uri: str, source: str | None = None, *, must_exist: bool = True) -> Any:
@@ -66,11 +55,11 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
     try:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
     except ImportError as exc:  # postgresql:// without psycopg, mysql:// without its driver
-        raise TrackingError(f"{describe(uri, source)}: needs the Python module {exc.name or exc!s}, "
+        raise TrackingError(f"{describe_uri(uri, source)}: needs the Python module {exc.name or exc!s}, "
                             "which is not installed here") from exc
     except MlflowException as exc:  # MLflow refuses this kind of store (file: is in "maintenance mode")
         text = one_line(exc)
         hint = "; MLFLOW_ALLOW_FILE_STORE=true opens it anyway" if "MLFLOW_ALLOW_FILE_STORE" in text else ""
-        raise ConfigError(f"{describe(uri, source)}: {text.split('. ')[0]}{hint}") from exc
+        raise ConfigError(f"{describe_uri(uri, source)}: {text.split('. ')[0]}{hint}") from exc
     except Exception as exc:  # the store is built from a user's URI: a sqlite file that is not one, a driver's own errors
-        raise TrackingError(f"{describe(uri, source)}: cannot open the store ({type(exc).__name__}: {one_line(exc)})") from exc
+        raise TrackingError(f"{describe_uri(uri, source)}: cannot open the store ({type(exc).__name__}: {one_line(exc)})") from exc

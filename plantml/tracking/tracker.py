@@ -20,6 +20,7 @@ from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
+from plantml.text import mask_passwords
 from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
 from plantml.tracking.active_run import ActiveRun
@@ -99,7 +100,7 @@ class MLflowTracker:
         connection.check_artifact_access(self._client, self.experiment_id, self.settings)
 
     def __repr__(self) -> str:
-        return f"MLflowTracker(tracking_uri={self.tracking_uri!r}, experiment={self.settings.experiment_name!r}, run_id={self.run_id!r})"
+        return f"MLflowTracker(tracking_uri={mask_passwords(self.tracking_uri)!r}, experiment={self.settings.experiment_name!r}, run_id={self.run_id!r})"
 
     @property
     def tracking_uri(self) -> str:
@@ -205,7 +206,7 @@ class MLflowTracker:
             return
         if report.error is not None:
             raise report.error
-        logger.info("run %s ended %s (%s)", active.run_id, status, self.tracking_uri)
+        logger.info("run %s ended %s (%s)", active.run_id, status, mask_passwords(self.tracking_uri))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything logged so far is delivered; False if ``timeout`` passed first."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from plantml.errors import ConfigError
+from plantml.errors import ConfigError, StackError, TrackingError
 from plantml.settings import DEFAULT_TRACKING_URI, TrackingSettings, resolve_tracking_settings
+from plantml.text import mask_passwords
 
 
 def test_with_nothing_set_the_default_is_the_local_sqlite_store(tmp_path, monkeypatch):
@@ -142,3 +143,28 @@ def test_a_dot_env_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypat
 def test_a_sqlite_uri_with_two_slashes_says_how_many_it_needs():
     with pytest.raises(ConfigError, match=r"'sqlite://relative.db' \(from argument\): a sqlite URI has three slashes"):
         resolve_tracking_settings(tracking_uri="sqlite://relative.db")
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("postgresql://mlflow:s3cret@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+    ("'http://alice:p@ss:w0rd@127.0.0.1:1' and http://bob:x@h/api", "'http://alice:***@127.0.0.1:1' and http://bob:***@h/api"),
+    ("http://127.0.0.1:5001/api/2.0/runs", "http://127.0.0.1:5001/api/2.0/runs"),
+    ("models:/leaf@production s3://bucket/key@1 user@host", "models:/leaf@production s3://bucket/key@1 user@host"),
+])
+def test_a_password_inside_a_url_is_masked_and_nothing_else(text, shown):
+    assert mask_passwords(text) == shown
+
+
+@pytest.mark.parametrize("uri", ["postgres://alice:s3cret@127.0.0.1/mlflow", "pg://u:s3cret@h/db", "sqlite://u:s3cret@x"])
+def test_a_refused_tracking_uri_never_shows_its_password(uri):
+    """``postgres://`` (SQLAlchemy's old name, Heroku's URLs) is refused, and the message names it without the password."""
+    with pytest.raises(ConfigError) as refused:
+        resolve_tracking_settings(environ={"MLFLOW_TRACKING_URI": uri}, env_file=None)
+    assert "s3cret" not in str(refused.value)
+    assert "(from environment (MLFLOW_TRACKING_URI))" in str(refused.value)
+
+
+def test_no_plantml_error_shows_a_password_inside_a_url():
+    error = TrackingError("http://alice:s3cret@127.0.0.1:1: tracking server not reachable")
+    assert str(error) == "http://alice:***@127.0.0.1:1: tracking server not reachable"
+    assert "s3cret" not in str(StackError("mlflow", "down", log_tail="connecting to postgresql://u:s3cret@h/db"))

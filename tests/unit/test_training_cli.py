@@ -84,3 +84,14 @@ def test_data_synth_writes_the_set(capsys, tmp_path):
 
 def test_data_synth_rejects_a_tiny_count(capsys, tmp_path):
     assert main(["data", "synth", str(tmp_path / "set"), "--per-class", "1"]) == 2
+
+
+def test_a_tracking_uri_with_a_password_is_never_shown_with_it(capsys, monkeypatch, tmp_path, leaves):
+    """``postgres://`` (SQLAlchemy's old name, in Heroku's URLs) is refused in one line naming it, its password masked."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgres://alice:s3cret@127.0.0.1:1/mlflow")
+    code = main(["train", "--data-dir", str(leaves), *TINY])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "s3cret" not in out + err
+    assert "alice:***@127.0.0.1:1" in err, err
