@@ -200,8 +200,9 @@ def test_registry_helpers_use_their_uri_beside_a_decoy_store_and_leave_nothing(
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == ["ResNet"]
 
-    commands = [["list"], ["list", name], ["load-check", f"models:/{name}/1"], ["load-check", f"models:/{name}/Production"],
-                ["load-check", f"models:/{name}@production", "--no-pickle"], ["compare", name, "1", "2"]]
+    # each kind of command once (a process each: a few seconds of imports apiece)
+    commands = [["list"], ["load-check", f"models:/{name}/1"], ["load-check", f"models:/{name}@production", "--no-pickle"],
+                ["compare", name, "1", "2"]]
     for args in commands:
         done = subprocess.run([sys.executable, "-m", "plantml", "registry", "--tracking-uri", uri, *args], cwd=decoy, env=env,
                               capture_output=True, text=True, timeout=300)
