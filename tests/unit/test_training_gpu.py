@@ -160,10 +160,13 @@ def test_two_gpus_train_one_model_with_nccl(tmp_path):
 # -- the GPU data path: decoding on the device, streaming, the side stream ---------------------
 
 #: The stated tolerance between the GPU decode and the CPU one, in levels of 255. nvJPEG and
-#: libjpeg round the inverse DCT differently; with 4:2:0 chroma (what cameras save) libjpeg
-#: also interpolates the chroma it upsamples and nvJPEG may not (measured with libjpeg's own
-#: -nosmooth: mean 0.9-2.1, max 27-61 levels), so that case gets a looser bound.
-GPU_DECODE_TOLERANCE = {"4:4:4": (1.0, 24), "4:2:0": (3.0, 96)}
+#: libjpeg compute the inverse DCT differently: libjpeg's own choices differ by a mean of 1.1-1.2
+#: levels (max 10) on these images (djpeg -dct fast against its default), and torchvision holds
+#: nvJPEG to a mean under 2 against libjpeg. With 4:2:0 chroma (what cameras save) libjpeg also
+#: interpolates the chroma it upsamples and nvJPEG may not (-nosmooth: mean 0.9-2.1, max 27-61;
+#: with -dct fast too: mean 1.5-2.6, max 62), so that case gets a looser bound. A swapped channel
+#: order, a flip or a gray image is 13 levels or more (test_training_image_decode.py).
+GPU_DECODE_TOLERANCE = {"4:4:4": (2.0, 32), "4:2:0": (4.0, 96)}
 
 
 @pytest.fixture(scope="module")

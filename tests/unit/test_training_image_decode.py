@@ -61,6 +61,19 @@ def test_decoding_on_the_device_path_matches_the_pil_path(folder: str, image_siz
         assert torch.equal(device, pil)
 
 
+@pytest.mark.parametrize("wrong", ["channels swapped", "upside down", "gray"])
+@pytest.mark.parametrize("image_size", [32, 224])
+def test_the_gpu_decode_tolerance_still_tells_a_wrong_picture(jpegs: Path, image_size: int, wrong: str) -> None:
+    """The GPU test's tolerance is wide enough for nvJPEG's rounding, not for a decode that gets the picture wrong."""
+    from test_training_gpu import GPU_DECODE_TOLERANCE
+
+    right = decode_on_device(read_encoded([path for path, _ in scan_image_folder(jpegs).samples]), image_size, CPU).float()
+    picture = {"channels swapped": right.flip(1), "upside down": right.flip(2),
+               "gray": right.mean(dim=1, keepdim=True).expand_as(right)}[wrong]
+    mean_levels = max(mean for mean, _ in GPU_DECODE_TOLERANCE.values())
+    assert (picture - right).abs().mean() > 2 * mean_levels
+
+
 @pytest.fixture(scope="module")
 def odd_formats(pngs: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_odd_formats(sorted(pngs.glob("*/*.png"))[0], tmp_path_factory.mktemp("odd"))
