@@ -206,19 +206,20 @@ def main() -> None:
           f"({jpegs.nbytes / len(jpegs) / 1024:.0f} KiB per file)", flush=True)
 
     results = []
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="plantml-gpu-bench-") as tmp:
         for backbone in args.backbones:
             result = bench_backbone(backbone, images, labels, jpegs, args, device, Path(tmp))
             results.append(result)
+            # written after each backbone: a run stopped at a time limit keeps the backbones it finished
+            args.output.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "jpeg_decode_images_per_s": decode_rate,
+                                               "results": results}, indent=2))
             print(f"{backbone:16s} bare {result['bare_images_per_s']:8.0f}  plantml {result['plantml_images_per_s']:8.0f}  "
                   f"pure {result['pure_images_per_s']:8.0f}  jpeg {result['jpeg_images_per_s']:8.0f} img/s   "
                   f"plantml/bare {result['ratio']:.3f}  plantml/pure {result['plantml_over_pure']:.3f}  "
                   f"jpeg/pure {result['jpeg_over_pure']:.3f}   (tracking: {result['tracking']})", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"device": gpu, "torch": torch.__version__, "jpeg_decode_images_per_s": decode_rate,
-                                       "results": results}, indent=2))
     print(f"written to {args.output}")
 
 

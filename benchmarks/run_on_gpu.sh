@@ -21,10 +21,19 @@ if ! python3 -c "import plantml.testing.plugin, plantml.training.run" 2>"$OUT/im
     exit 3
 fi
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-python3 -m pytest -p plantml.testing.plugin -m gpu -q -p no:cacheprovider tests/unit/test_training_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log"
-python3 benchmarks/gpu_throughput.py --output "$OUT/gpu_throughput.json" 2>&1 | grep -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_throughput.log"
-[ "${COMPILE:-0}" = 1 ] && timeout 300 python3 benchmarks/gpu_throughput.py --backbones resnet18 --compile --epochs 3 --output "$OUT/gpu_compile.json" 2>&1 | grep -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_compile.log"
+# every step runs even when one before it failed; the exit status names those that failed (pipefail: a step fails when its command does)
+failed=""
+python3 -m pytest -p plantml.testing.plugin -m gpu -q -p no:cacheprovider tests/unit/test_training_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" || failed="$failed pytest"
+# --line-buffered: a benchmark stopped at the caller's time limit still leaves the backbones it finished in the log
+python3 benchmarks/gpu_throughput.py --output "$OUT/gpu_throughput.json" 2>&1 | grep --line-buffered -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_throughput.log" || failed="$failed gpu_throughput"
+if [ "${COMPILE:-0}" = 1 ]; then
+    timeout 300 python3 benchmarks/gpu_throughput.py --backbones resnet18 --compile --epochs 3 --output "$OUT/gpu_compile.json" 2>&1 | grep --line-buffered -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_compile.log" || failed="$failed compile"
+fi
 GPUS=$(nvidia-smi -L | wc -l)
 if [ "$GPUS" -ge 2 ]; then  # one model on every GPU (NCCL) against one GPU
-    python3 benchmarks/ddp_scaling.py --device cuda --nproc "$GPUS" --image-size 224 --batch-size 128 --output "$OUT/ddp_scaling_gpu.json" 2>&1 | tee "$OUT/ddp_scaling_gpu.log"
+    python3 benchmarks/ddp_scaling.py --device cuda --nproc "$GPUS" --image-size 224 --batch-size 128 --output "$OUT/ddp_scaling_gpu.json" 2>&1 | tee "$OUT/ddp_scaling_gpu.log" || failed="$failed ddp_scaling"
+fi
+if [ -n "$failed" ]; then
+    echo "run_on_gpu: failed:$failed (logs in $OUT)" >&2
+    exit 1
 fi
