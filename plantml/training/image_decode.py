@@ -99,6 +99,9 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
     except RuntimeError:
         if device.type == "cpu":
             return [decode_on_cpu(one) for one in data]
+        # a call that failed part-way may leave nvJPEG's stream still writing the images it had started into
+        # buffers it has already given back to the allocator; the retries below would be handed those buffers
+        torch.cuda.synchronize(device)
     decoded = []
     for one in data:
         try:
