@@ -155,7 +155,9 @@ def bench_backbone(backbone: str, images: torch.Tensor, labels: torch.Tensor, jp
         if tracker is not None:
             tracker.end_run("FINISHED")
     n = len(labels)
-    rates = {name: n / statistics.median(values) for name, values in times.items()}
+    # pure runs `steps` full batches: more images than an epoch whose last batch is short
+    counts = {name: n for name in times} | {"pure": steps * len(fixed[1])}
+    rates = {name: counts[name] / statistics.median(values) for name, values in times.items()}
     return {
         "backbone": backbone,
         "images_per_epoch": n,
