@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 
@@ -19,6 +25,16 @@ def test_a_gpu_test_is_skipped_with_its_reason_without_cuda(pytester: pytest.Pyt
     result = pytester.runpytest("-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*no CUDA device available*"])
+
+
+def test_run_on_gpu_sh_loads_the_plugin_once_also_where_plantml_is_installed():
+    """Its pytest names the plugin by module (the GPU runner has plantml only on PYTHONPATH); where plantml is
+    installed, as here, the entry point must not load it a second time: pytest would stop before any test."""
+    root = Path(__file__).resolve().parents[2]
+    args = re.search(r"python3 -m pytest (.+?) 2>&1", (root / "benchmarks" / "run_on_gpu.sh").read_text()).group(1)
+    out = subprocess.run([sys.executable, "-m", "pytest", *shlex.split(args), "--collect-only"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-2000:]
 
 
 def test_a_stack_that_cannot_start_errors_every_test_and_skips_none(pytester: pytest.Pytester, monkeypatch):
