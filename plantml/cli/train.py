@@ -86,8 +86,9 @@ def train(ctx: click.Context, **options) -> int | None:
     """
     from plantml.tracking import signals
     from plantml.training import distributed
+    from plantml.training.checks import check_config
     from plantml.training.config import Reporter, TrainConfig
-    from plantml.training.run import check_config, fit
+    from plantml.training.run import fit
     from plantml.training.synth import SynthSpec
 
     config = TrainConfig(

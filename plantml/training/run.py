@@ -14,10 +14,8 @@ it writes files.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,10 +27,11 @@ import torch
 from torch import nn
 
 from plantml.datasets.source import DatasetRecord, DataSource, locate
-from plantml.errors import RankFailed, UsageError, os_reason
+from plantml.errors import RankFailed, UsageError
 from plantml.tracking import signals as tracking_signals
 from plantml.training import data as data_mod
 from plantml.training import distributed, outputs, synth
+from plantml.training.checks import check_config, check_output_dir, data_on_device
 from plantml.training.config import DEFAULT_IMAGE_SIZE, NullTracker, Reporter, TrainConfig, TrainResult
 from plantml.training.device_data import build_device_loaders, fits_on_device
 from plantml.training.distributed import Ranks
@@ -42,7 +41,6 @@ from plantml.training.models import (
     WeightsChoice,
     build_model,
     count_parameters,
-    get_backbone,
     resolve_weights,
     set_backbone_frozen,
 )
@@ -166,53 +164,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_config(config: TrainConfig) -> torch.device:
-    """Reject impossible flag combinations; return the device to train on."""
-    get_backbone(config.backbone)
-    for name in ("epochs", "batch_size"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")
-    for name in ("learning_rate", "weight_decay"):
-        if not math.isfinite(getattr(config, name)):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be a finite number")
-    if not config.learning_rate > 0:
-        raise UsageError(f"--learning-rate {config.learning_rate}: must be positive")
-    if config.weight_decay < 0:
-        raise UsageError(f"--weight-decay {config.weight_decay}: must be 0 or more")
-    if config.early_stopping_patience < 1:
-        raise UsageError(f"--early-stopping-patience {config.early_stopping_patience}: must be at least 1")
-    if config.unfreeze_epoch is not None:
-        if not config.freeze_backbone:
-            raise UsageError("--unfreeze-epoch needs --freeze-backbone")
-        if not 1 <= config.unfreeze_epoch <= config.epochs:
-            raise UsageError(f"--unfreeze-epoch {config.unfreeze_epoch}: must be between 1 and --epochs ({config.epochs})")
-    if config.image_size is not None and not 16 <= config.image_size <= 1024:
-        raise UsageError(f"--image-size {config.image_size}: choose between 16 and 1024 pixels")
-    if config.num_workers is not None and config.num_workers < 0:
-        raise UsageError(f"--num-workers {config.num_workers}: must be 0 or more")
-    if config.device not in (None, "cpu", "cuda"):
-        raise UsageError(f"--device {config.device}: choose cuda or cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu)")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    image_size = config.image_size or DEFAULT_IMAGE_SIZE[device.type]
-    if config.batch_size == 1 and image_size <= SMALLEST_FEATURE_MAP_PX:
-        raise UsageError(f"--batch-size 1 at --image-size {image_size}: the backbone's last feature map is 1x1 there, "
-                         "and batch norm cannot train on one value per channel; use --batch-size 2 or more, "
-                         f"or --image-size {SMALLEST_FEATURE_MAP_PX + 1} or more")
-    return device
-
-
-def check_output_dir(folder: Path) -> None:
-    """Make ``--output-dir`` and prove a file can be written there, so a bad one fails before the training, not after."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise UsageError(f"--output-dir {folder}: cannot write there ({os_reason(exc)})") from None
-
-
 def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     """Check every input, load the data set and build the model; no tracking happens here.
 
@@ -243,7 +194,7 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
                          f"more images, or --image-size {SMALLEST_FEATURE_MAP_PX + 1} or more")
     num_workers = data_mod.default_num_workers() if config.num_workers is None else config.num_workers
     precision = choose_precision(device, config.amp, config.channels_last)
-    on_device = _data_on_device(config, device)
+    on_device = data_on_device(config, device)
     if on_device:
         loaders = build_device_loaders(scan, split, image_size=image_size, batch_size=config.batch_size,
                                        device=device, seed=config.seed, channels_last=precision.channels_last,
@@ -270,16 +221,6 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
         weights=weights, synthetic=synthetic, total_parameters=total, trainable_parameters=trainable, notes=notes,
         ranks=ranks,
     )
-
-
-def _data_on_device(config: TrainConfig, device: torch.device) -> bool:
-    """Whether batches are built on the GPU (see :mod:`plantml.training.device_data`): by default
-    on CUDA, with the set decoded once when it fits in device memory, else decoded per batch."""
-    if config.data_on_device is None:
-        return device.type == "cuda"
-    if config.data_on_device and device.type != "cuda":
-        raise UsageError("--data-on-device needs --device cuda")
-    return config.data_on_device
 
 
 def default_run_name(backbone: str) -> str:
