@@ -7,12 +7,13 @@ over the run's journal), the spool its files are copied into, and the params it 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from plantml.errors import ValidationError
+from plantml.errors import UsageError, ValidationError
 from plantml.settings import TrackingSettings
 from plantml.tracking import signals
 from plantml.tracking.entries import End, Entry
@@ -34,6 +35,8 @@ class ActiveRun:
     spool: Spool
     signals: bool
     params: dict[str, str] = field(default_factory=dict)
+    #: The process that started the run: the journal's sender thread and locks exist in that process only.
+    pid: int = field(default_factory=os.getpid)
 
     @classmethod
     def open(cls, run_id: str, settings: TrackingSettings, delivery: DeliverySettings, client: Any,
@@ -48,6 +51,19 @@ class ActiveRun:
         # each run its own transport: a sender left behind by an earlier run never shares its connection
         transport = Transport(settings, client, experiment_id, delivery.request_timeout_s)
         return cls(run_id, RunSender(transport, journal, delivery, run_id), Spool.of_run(delivery.journal_dir, run_id), use_signals)
+
+    @property
+    def forked(self) -> bool:
+        """True in a process forked from the one that started the run: nothing it logs would be sent, and
+        a lock another thread held at the fork stays held for good (a log call would hang)."""
+        return self.pid != os.getpid()
+
+    def owned(self) -> ActiveRun:
+        """This run, or a one-line UsageError in a forked process."""
+        if self.forked:
+            raise UsageError(f"run {self.run_id} belongs to process {self.pid}, not to this one forked from it: "
+                             "log from that process, or start_run() one of its own here")
+        return self
 
     def write(self, entries: list[Entry]) -> None:
         """Journal ``entries`` for delivery; a signal never cuts the append in half."""

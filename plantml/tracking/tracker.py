@@ -114,8 +114,8 @@ class MLflowTracker:
 
     @property
     def run_id(self) -> str | None:
-        """The id of the active run, or None."""
-        return self._active.run_id if self._active else None
+        """The id of the active run, or None (also in a process forked from the run's: the run is the parent's)."""
+        return self._active.run_id if self._active and not self._active.forked else None
 
     @property
     def client(self) -> Any:
@@ -141,8 +141,8 @@ class MLflowTracker:
         Its journal is created first (a full disk fails here, with the run ended FAILED);
         ``handle_signals`` (default: the tracker's) ends it KILLED on SIGTERM, SIGHUP, SIGINT.
         """
-        if self._active is not None:
-            raise UsageError(f"run {self._active.run_id} is still active: call end_run() before starting another")
+        if self.run_id is not None:
+            raise UsageError(f"run {self.run_id} is still active: call end_run() before starting another")
         checked = [*self._checked_tags(tags or {}), Tag(HEARTBEAT_TAG, heartbeat_value())]
         name = check.run_name(run_name)
         use_signals = self.handle_signals if handle_signals is None else handle_signals
@@ -182,10 +182,12 @@ class MLflowTracker:
         server answers, and :class:`~plantml.tracking.sender.DeliveryPending` names the
         journal (after a signal the interruption carries that news instead):
         ``plantml tracking recover`` (or ``replay JOURNAL``) delivers it and sets the true status.
+        In a process forked from the run's it only forgets the run, which stays the parent's.
         """
         check.check_status(status)
         active = self._active
-        if active is None:
+        if active is None or active.forked:  # a forked child's exit (``with``, atexit) leaves the parent's run alone
+            self._active = None
             return
         interrupted = signals.received() if active.signals else None
         if timeout is None:
@@ -210,12 +212,12 @@ class MLflowTracker:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything logged so far is delivered; False if ``timeout`` passed first."""
-        return self._active.sender.flush(timeout) if self._active else True
+        return self._require_run().sender.flush(timeout) if self._active else True
 
     def _require_run(self) -> ActiveRun:
         if self._active is None:
             raise UsageError("no active run: call start_run() first")
-        return self._active
+        return self._active.owned()
 
     def _write(self, entries: list[Entry]) -> None:
         self._require_run().write(entries)

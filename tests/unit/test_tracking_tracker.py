@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -323,3 +325,27 @@ def test_saving_a_pickled_model_does_not_warn_about_plantmls_own_choice(tmp_path
         assert [message for message in seen if "Pickle" in message]
     finally:
         flavor_log.removeHandler(recorder)
+
+
+def test_a_forked_process_is_refused_the_parents_run_and_its_exit_leaves_the_run_alone(tracker) -> None:
+    run = tracker.start_run()
+    tracker.log_metric("loss", 1.0, step=0)
+    pid = os.fork()
+    if pid == 0:  # the child: refused at once (never a hang on a lock the sender held, never a silent loss)
+        signal.alarm(30)
+        code = 3
+        try:
+            tracker.log_metric("loss", 2.0, step=1)
+        except UsageError as exc:
+            code = 0 if f"belongs to process {os.getppid()}" in str(exc) else 4
+        end_abandoned_runs()  # what the child's atexit does
+        with tracker.start_run() as own:  # a run of its own is the child's to log
+            tracker.log_metric("loss", 4.0)
+        os._exit(code if _run(tracker, own.run_id).data.metrics == {"loss": 4.0} else 5)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _run(tracker, run.run_id).info.status == "RUNNING"
+    tracker.log_metric("loss", 3.0, step=2)
+    tracker.end_run()
+    stored = _run(tracker, run.run_id)
+    assert stored.info.status == "FINISHED" and "plantml.delivery.requested_status" not in stored.data.tags
