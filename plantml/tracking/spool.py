@@ -91,8 +91,8 @@ def _safe_relative(path: Path) -> Path:
 
 def figure_writer(fig: Any, name: str) -> Callable[[Path], None]:
     """What saves a matplotlib (``savefig``) or plotly (``write_html``/``write_image``) figure to a path."""
-    if hasattr(fig, "savefig"):
-        return fig.savefig
+    if hasattr(fig, "savefig"):  # the format named: without one, matplotlib adds ``.png`` to the path it writes
+        return lambda path: fig.savefig(path, format=Path(name).suffix[1:] or fig.canvas.get_default_filetype())
     return fig.write_html if name.endswith(".html") else fig.write_image
 
 

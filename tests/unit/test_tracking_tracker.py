@@ -349,3 +349,17 @@ def test_a_forked_process_is_refused_the_parents_run_and_its_exit_leaves_the_run
     tracker.end_run()
     stored = _run(tracker, run.run_id)
     assert stored.info.status == "FINISHED" and "plantml.delivery.requested_status" not in stored.data.tags
+
+
+@pytest.mark.parametrize("name", ["confusion_matrix", "figures/curves.svg"])
+def test_a_figure_is_stored_under_the_name_given_with_or_without_an_extension(tracker, name) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    with tracker.start_run() as run:
+        tracker.log_figure(plt.figure(), name)
+    assert [a.path for a in mlflow.MlflowClient(tracker.tracking_uri).list_artifacts(run.run_id, name.rpartition("/")[0] or None)] == [name]
+    assert "plantml.rejected" not in _run(tracker, run.run_id).data.tags
