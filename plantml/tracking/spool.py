@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import PlantmlError, TrackingError, one_line
+from plantml.errors import PlantmlError, TrackingError, ValidationError, one_line
 from plantml.text import safe_text
 from plantml.tracking.journal import write_error
 
@@ -39,7 +39,7 @@ class Spool:
     def copy_file(self, src: Path) -> Path:
         """A copy of the file ``src``, under its own (safe) name."""
         with self._new(src.name) as dest:
-            shutil.copy2(src, dest)
+            _copy_file(src, dest)
         return dest
 
     def copy_tree(self, src: Path) -> Path:
@@ -49,7 +49,7 @@ class Spool:
                 target = dest / _safe_relative(Path(folder).relative_to(src))
                 target.mkdir(parents=True, exist_ok=True)
                 for name in files:
-                    shutil.copy2(Path(folder) / name, target / safe_text(name))
+                    _copy_file(Path(folder) / name, target / safe_text(name))
         return dest
 
     def write(self, name: str, writer: Callable[[Path], None], what: str = "artifact") -> Path:
@@ -83,6 +83,14 @@ class Spool:
         except BaseException:
             shutil.rmtree(slot, ignore_errors=True)
             raise
+
+
+def _copy_file(src: Path, dest: Path) -> None:
+    """``shutil.copy2``; a source that is no regular file (a dangling link, a pipe, a socket) is a
+    ValidationError naming it, not a spool the disk refused."""
+    if not src.is_file():
+        raise ValidationError(f"artifact {safe_text(str(src))!r}: not a regular file (a dangling link, a pipe or a device)")
+    shutil.copy2(src, dest)
 
 
 def _safe_relative(path: Path) -> Path:

@@ -363,3 +363,17 @@ def test_a_figure_is_stored_under_the_name_given_with_or_without_an_extension(tr
         tracker.log_figure(plt.figure(), name)
     assert [a.path for a in mlflow.MlflowClient(tracker.tracking_uri).list_artifacts(run.run_id, name.rpartition("/")[0] or None)] == [name]
     assert "plantml.rejected" not in _run(tracker, run.run_id).data.tags
+
+
+def test_an_artifact_that_is_no_regular_file_is_refused_naming_it_not_the_journal(tracker, tmp_path) -> None:
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("ok")
+    (folder / "latest.ckpt").symlink_to(folder / "gone.ckpt")
+    os.mkfifo(tmp_path / "pipe")
+    with tracker.start_run():
+        with pytest.raises(ValidationError, match=f"artifact '{folder / 'latest.ckpt'}': not a regular file"):
+            tracker.log_artifacts(folder)
+        with pytest.raises(ValidationError, match=f"artifact '{tmp_path / 'pipe'}': not a regular file"):
+            tracker.log_artifact(tmp_path / "pipe")
+        tracker.log_artifact(folder / "ok.txt")  # the spool is fine
