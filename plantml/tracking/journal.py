@@ -59,10 +59,14 @@ class JournalBusy(TrackingError):
 
 
 def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``~/.cache/plantml/journal``."""
+    """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``~/.cache/plantml/journal``.
+
+    Made absolute at once: spooled files are journalled by path, and the caller may change
+    folder before the sender reads them.
+    """
     from plantml.settings import env_path
 
-    return env_path("PLANTML_JOURNAL_DIR", explicit)
+    return env_path("PLANTML_JOURNAL_DIR", explicit).absolute()  # type: ignore[union-attr]  # it has a default
 
 
 def free_space(folder: Path) -> str:

@@ -377,3 +377,19 @@ def test_an_artifact_that_is_no_regular_file_is_refused_naming_it_not_the_journa
         with pytest.raises(ValidationError, match=f"artifact '{tmp_path / 'pipe'}': not a regular file"):
             tracker.log_artifact(tmp_path / "pipe")
         tracker.log_artifact(folder / "ok.txt")  # the spool is fine
+
+
+def test_a_relative_journal_folder_survives_the_caller_changing_folder(store_uri, tmp_path, monkeypatch) -> None:
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", "journal")
+    tracker = MLflowTracker(tracking_uri=store_uri, experiment_name="unit_relative_journal")
+    Path("notes.txt").write_text("notes")
+    (tmp_path / "elsewhere").mkdir()
+    with tracker.start_run() as run:
+        tracker.log_artifact("notes.txt")
+        tracker.log_text("hello", "hello.txt")
+        monkeypatch.chdir(tmp_path / "elsewhere")  # a training that moves into its output folder
+    assert sorted(a.path for a in mlflow.MlflowClient(store_uri).list_artifacts(run.run_id)) == ["hello.txt", "notes.txt"]
+    assert "plantml.rejected" not in _run(tracker, run.run_id).data.tags and not (tmp_path / "journal" / "kept").exists()
