@@ -84,3 +84,13 @@ def test_an_unknown_backend_in_plantml_stack_is_a_usage_error_naming_the_variabl
     result = pytester.runpytest("-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*PLANTML_STACK='bogus': expected one of local, containers, external*"])
+
+
+@pytest.mark.parametrize("how", ["conftest", "-p"])
+def test_a_project_that_names_the_plugin_module_loads_it_once(pytester: pytest.Pytester, how):
+    # what a project does to be explicit (or with PYTEST_DISABLE_PLUGIN_AUTOLOAD); the installed entry point loads it too
+    if how == "conftest":
+        pytester.makeconftest('pytest_plugins = ["plantml.testing.plugin"]\n')
+    pytester.makepyfile("def test_x(experiment_name):\n    assert experiment_name.startswith('test_test_x_')\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", *(["-p", "plantml.testing.plugin"] if how == "-p" else []))
+    result.assert_outcomes(passed=1)
