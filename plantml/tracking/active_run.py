@@ -8,6 +8,7 @@ over the run's journal), the spool its files are copied into, and the params it 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 from plantml.errors import UsageError, ValidationError
 from plantml.settings import TrackingSettings
 from plantml.tracking import signals
-from plantml.tracking.entries import End, Entry
+from plantml.tracking.entries import End, Entry, Param
 from plantml.tracking.journal import Journal
 from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.recover import EndReport, finish_run
@@ -37,6 +38,7 @@ class ActiveRun:
     params: dict[str, str] = field(default_factory=dict)
     #: The process that started the run: the journal's sender thread and locks exist in that process only.
     pid: int = field(default_factory=os.getpid)
+    _params_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, run_id: str, settings: TrackingSettings, delivery: DeliverySettings, client: Any,
@@ -71,8 +73,15 @@ class ActiveRun:
             with signals.deferred():
                 self.sender.write(entries)
 
-    def new_params(self, params: Mapping[str, str]) -> dict[str, str]:
-        """Of ``params`` (checked text values), those not logged yet; a changed value is refused."""
+    def write_params(self, params: Mapping[str, str]) -> None:
+        """Journal those of ``params`` (checked text values) not logged yet; a changed value is refused, also
+        when two threads log the same param at once (checked and journalled under one lock)."""
+        with self._params_lock:
+            new = self._new_params(params)
+            self.write([Param(key, value) for key, value in new.items()])
+            self.params.update(new)
+
+    def _new_params(self, params: Mapping[str, str]) -> dict[str, str]:
         new: dict[str, str] = {}
         for key, text in params.items():
             logged = self.params.get(key)

@@ -24,7 +24,7 @@ from plantml.text import mask_passwords
 from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
 from plantml.tracking.active_run import ActiveRun
-from plantml.tracking.entries import Artifact, DatasetInput, Entry, MetricPoint, Model, Param, Tag
+from plantml.tracking.entries import Artifact, DatasetInput, Entry, MetricPoint, Model, Tag
 from plantml.tracking.models import save_model
 from plantml.tracking.recover import recover_at_start
 from plantml.tracking.runs import PendingModel, TrackedRun, best_run, best_run_order, flatten_run
@@ -230,11 +230,8 @@ class MLflowTracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log several params in as few ``log_batch`` requests as MLflow allows."""
-        active = self._require_run()
-        new = active.new_params({key: check.param_value(check.check_name("param", key), value)
-                                 for key, value in check.check_mapping("params", params).items()})
-        self._write([Param(k, v) for k, v in new.items()])
-        active.params.update(new)
+        self._require_run().write_params({key: check.param_value(check.check_name("param", key), value)
+                                          for key, value in check.check_mapping("params", params).items()})
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         """Log one metric value at ``step`` (0 when None), stamped with the current time."""

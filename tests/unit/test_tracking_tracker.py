@@ -393,3 +393,32 @@ def test_a_relative_journal_folder_survives_the_caller_changing_folder(store_uri
         monkeypatch.chdir(tmp_path / "elsewhere")  # a training that moves into its output folder
     assert sorted(a.path for a in mlflow.MlflowClient(store_uri).list_artifacts(run.run_id)) == ["hello.txt", "notes.txt"]
     assert "plantml.rejected" not in _run(tracker, run.run_id).data.tags and not (tmp_path / "journal" / "kept").exists()
+
+
+def test_two_threads_logging_one_param_with_two_values_get_one_accepted_and_one_refused(tracker, monkeypatch) -> None:
+    import threading
+    import time
+
+    from plantml.tracking.journal import Journal
+
+    append = Journal.append
+    monkeypatch.setattr(Journal, "append", lambda self, *args, **kwargs: (time.sleep(0.01), append(self, *args, **kwargs))[1])
+    start, outcomes = threading.Barrier(2), []
+
+    def log(value: str) -> None:
+        start.wait()
+        try:
+            tracker.log_param("lr", value)
+            outcomes.append(value)
+        except ValidationError:
+            outcomes.append("refused")
+
+    with tracker.start_run() as run:
+        threads = [threading.Thread(target=log, args=(value,)) for value in ("0.1", "0.2")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(outcomes)[1] == "refused", outcomes
+    stored = _run(tracker, run.run_id).data
+    assert stored.params == {"lr": sorted(outcomes)[0]} and "plantml.rejected" not in stored.tags
