@@ -110,6 +110,9 @@ def is_refusal(exc: BaseException) -> bool:
         return True  # protobuf refusing an int64 it cannot hold
     if _s3_error_code(exc) in S3_OBJECT_REFUSALS:
         return True
+    status = getattr(getattr(exc, "response", None), "status_code", None)  # requests' HTTPError: a proxied artifact
+    if isinstance(status, int):
+        return 400 <= status < 500 and status not in (408, 429)
     code = getattr(exc, "error_code", None)
     return isinstance(code, str) and code in PERMANENT_ERROR_CODES
 

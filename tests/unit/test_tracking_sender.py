@@ -22,7 +22,7 @@ from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.recover import finish_run
 from plantml.tracking.sender import DeliverySettings, RunSender, take_batch
 from plantml.tracking.spool import Spool
-from plantml.tracking.transport import REJECTED_TAG, RunState, ServerError, Transport
+from plantml.tracking.transport import REJECTED_TAG, RunState, ServerError, Transport, is_refusal
 from plantml.tracking.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 
@@ -306,3 +306,12 @@ def test_the_heartbeat_tag_is_refreshed_while_the_run_lasts(fake, tmp_path, monk
     finally:
         sender.stop()
         sender.journal.close()
+
+
+@pytest.mark.parametrize("status, refused", [(400, True), (404, True), (408, False), (429, False), (500, False), (503, False)])
+def test_an_artifact_the_server_refuses_through_its_proxy_is_a_refusal_not_an_outage(status, refused) -> None:
+    import requests
+
+    answer = requests.Response()
+    answer.status_code = status  # what MLflow's proxied upload raises: {"error_code": "INVALID_PARAMETER_VALUE", "message": "Invalid path"}
+    assert is_refusal(requests.HTTPError(f"{status} Client Error", response=answer)) is refused
