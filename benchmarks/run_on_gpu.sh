@@ -23,9 +23,8 @@ fi
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 # every step runs even when one before it failed; the exit status names those that failed (pipefail: a step fails when its command does)
 failed=""
-# the plugin by its module (plantml only on PYTHONPATH has no entry point), and not also by the entry point of an
-# installed plantml: loaded twice, pytest stops ("Plugin already registered under a different name")
-python3 -m pytest -p no:plantml -p plantml.testing.plugin -m gpu -q -p no:cacheprovider tests/unit/test_training_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" || failed="$failed pytest"
+# the plugin by its module: plantml only on PYTHONPATH has no entry point (an installed one's bears the same name)
+python3 -m pytest -p plantml.testing.plugin -m gpu -q -p no:cacheprovider tests/unit/test_training_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" || failed="$failed pytest"
 # --line-buffered: a benchmark stopped at the caller's time limit still leaves the backbones it finished in the log
 python3 benchmarks/gpu_throughput.py --output "$OUT/gpu_throughput.json" 2>&1 | grep --line-buffered -v "INFO mlflow\|INFO alembic" | tee "$OUT/gpu_throughput.log" || failed="$failed gpu_throughput"
 if [ "${COMPILE:-0}" = 1 ]; then

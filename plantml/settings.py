@@ -154,11 +154,9 @@ class TrackingSettings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{f.name}={mask(getattr(self, f.name)) if f.name == 'aws_secret_key' else getattr(self, f.name)!r}"
-            for f in fields(self) if f.name != "sources"
-        )
-        return f"TrackingSettings({shown})"
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
+        shown.update(tracking_uri=mask_passwords(self.tracking_uri), aws_secret_key=mask(self.aws_secret_key))
+        return f"TrackingSettings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @property
     def is_local(self) -> bool:

@@ -110,9 +110,11 @@ def is_refusal(exc: BaseException) -> bool:
         return True  # protobuf refusing an int64 it cannot hold
     if _s3_error_code(exc) in S3_OBJECT_REFUSALS:
         return True
-    status = getattr(getattr(exc, "response", None), "status_code", None)  # requests' HTTPError: a proxied artifact
+    # requests' HTTPError: a proxied artifact the server refuses as it is (its path, its size); not credentials
+    # (401, 403) nor a server that serves no artifacts (404): those fail every artifact and are retried
+    status = getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(status, int):
-        return 400 <= status < 500 and status not in (408, 429)
+        return status in (400, 413, 414, 422)
     code = getattr(exc, "error_code", None)
     return isinstance(code, str) and code in PERMANENT_ERROR_CODES
 

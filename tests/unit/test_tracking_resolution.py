@@ -89,3 +89,16 @@ def test_a_dead_server_from_a_stale_env_file_says_so(monkeypatch, tmp_path) -> N
     (tmp_path / ".env").write_text(f"MLFLOW_TRACKING_URI={uri}\n")
     with pytest.raises(TrackingError, match=rf"not reachable .*this URI came from MLFLOW_TRACKING_URI in \.env in {tmp_path}"):
         MLflowTracker(connect_timeout=1.0)
+
+
+def test_a_password_in_the_tracking_uri_never_shows_in_a_repr_or_an_error(monkeypatch, tmp_path) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://admin:hunter2@127.0.0.1:{_free_port()}"
+    with pytest.raises(TrackingError, match="http://admin:\\*\\*\\*@127.0.0.1:.*: tracking server not reachable") as refused:
+        MLflowTracker(tracking_uri=uri, connect_timeout=1.0)
+    monkeypatch.setattr(connection, "connect", lambda settings, timeout: (object(), "1"))
+    tracker = MLflowTracker(tracking_uri=uri, journal_dir=tmp_path / "journal")
+    assert tracker.tracking_uri == uri  # what the client uses keeps it
+    assert "hunter2" not in str(refused.value) + repr(tracker) + repr(tracker.settings)

@@ -308,7 +308,8 @@ def test_the_heartbeat_tag_is_refreshed_while_the_run_lasts(fake, tmp_path, monk
         sender.journal.close()
 
 
-@pytest.mark.parametrize("status, refused", [(400, True), (404, True), (408, False), (429, False), (500, False), (503, False)])
+@pytest.mark.parametrize("status, refused", [(400, True), (413, True), (401, False), (403, False), (404, False), (408, False),
+                                             (429, False), (500, False), (503, False)])
 def test_an_artifact_the_server_refuses_through_its_proxy_is_a_refusal_not_an_outage(status, refused) -> None:
     import requests
 
