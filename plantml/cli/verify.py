@@ -31,6 +31,7 @@ def verify(tracking_uri: str | None, experiment_name: str | None) -> None:
     plantml_verification experiment, is tagged plantml.verification=true and always ended.
     """
     from plantml.settings import env_value, resolve_tracking_settings
+    from plantml.tracking import signals
     from plantml.verification import ALL_PASSED, run_checks
 
     # Its own experiment: verification runs must not mix with training runs.
@@ -40,11 +41,13 @@ def verify(tracking_uri: str | None, experiment_name: str | None) -> None:
         os.environ.setdefault(key, value)
     failed = None
     # The runner stops by itself after a failure; letting it finish (rather than
-    # breaking out) runs its clean-up, which ends the verification run.
-    for result in run_checks(settings):
-        click.echo(result.line)
-        if not result.ok:
-            failed = result
+    # breaking out) runs its clean-up, which ends the verification run. SIGTERM and
+    # SIGHUP unwind it as Ctrl-C does, so they too leave the run ended, not RUNNING.
+    with signals.handled():
+        for result in run_checks(settings):
+            click.echo(result.line)
+            if not result.ok:
+                failed = result
     if failed is not None:
         click.get_current_context().exit(1)  # the ✗ line already said what failed
     click.echo(ALL_PASSED)
