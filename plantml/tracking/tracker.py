@@ -132,6 +132,11 @@ class MLflowTracker:
         """Delivery tries that failed and were retried, over this tracker's runs (0 when the stack never faltered)."""
         return self._failed_tries_done + (self._active.sender.failed_tries if self._active else 0)
 
+    @property
+    def last_delivery_error(self) -> str | None:
+        """The one-line cause of the active run's last failed delivery try (None when none failed)."""
+        return self._active.sender.last_error if self._active else None
+
     # -- runs -------------------------------------------------------------------------
 
     def start_run(self, run_name: str | None = None, tags: Mapping[str, Any] | None = None, *,

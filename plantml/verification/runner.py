@@ -54,7 +54,9 @@ class Tracker(Protocol):
     def log_artifact(self, path: Any, artifact_path: str | None = None) -> Any: ...
     def check_artifact_access(self) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> Any: ...
-    def end_run(self, status: str = "FINISHED") -> Any: ...
+    def end_run(self, status: str = "FINISHED", timeout: float | None = None) -> Any: ...
+    @property
+    def last_delivery_error(self) -> str | None: ...
 
 
 TrackerFactory = Callable[[TrackingSettings], Tracker]
@@ -256,8 +258,8 @@ class Verification:
         """End a run left open by a failed check as FAILED (best effort)."""
         if self.run_id is None or self._run_ended:
             return
-        try:
-            self.tracker.end_run(status="FAILED")
+        try:  # what a failed check left undelivered is not waited for: the verification is over
+            self.tracker.end_run(status="FAILED", timeout=FAILED_RUN_END_TIMEOUT)
         except Exception:  # noqa: BLE001 - the tracker failed; fall back to the client
             try:
                 self.client.set_terminated(self.run_id, status="FAILED")
@@ -311,12 +313,16 @@ def _artifact_environ(settings: TrackingSettings) -> Any:
 
 #: Seconds a check waits for the tracker's background sender to deliver what it wrote.
 DELIVERY_TIMEOUT = 15.0
+#: Seconds the run of a failed verification waits for what is still undelivered before it is ended FAILED.
+FAILED_RUN_END_TIMEOUT = 2.0
 
 
 def _flush(tracker: Any) -> None:
     """Wait for the tracker's sender to deliver what was logged, before reading it back."""
     if not tracker.flush(timeout=DELIVERY_TIMEOUT):
-        raise CheckFailed(f"not delivered to the server within {DELIVERY_TIMEOUT:.0f} s")
+        why = tracker.last_delivery_error
+        raise CheckFailed(f"not delivered to the server within {DELIVERY_TIMEOUT:.0f} s"
+                          + (f"; last try: {why}" if why else ""))
 
 
 def _expect_subset(kind: str, wanted: Mapping[str, Any], stored: Mapping[str, str]) -> None:

@@ -129,3 +129,25 @@ def test_plantml_verify_against_a_dead_server_exits_1_with_the_cross_line() -> N
     assert time.monotonic() - started < 15
     assert result.exit_code == 1
     assert result.stdout.splitlines() == [f"✗ connection to the MLflow server: {uri} unreachable (connection refused or no route)"]
+
+
+def test_an_artifact_that_cannot_be_stored_is_named_and_does_not_hold_the_verification(
+        local_settings: TrackingSettings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from plantml.verification import runner
+
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(tmp_path / "journal"))  # the undelivered artifact's journal stays here
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("SignatureDoesNotMatch: check your key")
+
+    monkeypatch.setattr(runner, "DELIVERY_TIMEOUT", 2.0)
+    monkeypatch.setattr(MlflowClient, "log_artifact", refuse)
+    verification = Verification(local_settings)
+    started = time.monotonic()
+    results = list(verification.run())
+    assert time.monotonic() - started < 15  # not the tracker's 60 s wait for an upload that keeps failing
+    assert results[-1].line.startswith("✗ artifact logging: not delivered to the server within 2 s; last try: ")
+    assert "SignatureDoesNotMatch: check your key" in results[-1].line
+    assert client_for(local_settings).get_run(verification.run_id).info.status == "FAILED"
