@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("MLFLOW_S3_ENDPOINT_URL", None, "tracking", "S3 endpoint of the artifact store (direct artifact mode)"),
     Variable("AWS_ACCESS_KEY_ID", None, "tracking", "S3 access key"),
     Variable("AWS_SECRET_ACCESS_KEY", None, "tracking", "S3 secret key (never shown)"),
+    Variable("MLFLOW_TRACKING_USERNAME", None, "tracking", "user of a tracking server with basic auth (`stack up --auth`)"),
+    Variable("MLFLOW_TRACKING_PASSWORD", None, "tracking", "that user's password (never shown)"),
     Variable("PLANTML_VERIFY_EXPERIMENT", "plantml_verification", "tracking", "experiment of `plantml verify` runs"),
     Variable("PLANTML_DELIVERY_TIMEOUT", "60", "delivery", "seconds end_run waits for delivery"),
     Variable("PLANTML_MAX_BUFFERED", "100000", "delivery", "entries the sender keeps in memory"),
@@ -135,6 +137,22 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     except OSError as exc:
         raise ConfigError(f"{where}: cannot be read ({os_reason(exc)})") from None
     return {k: v for k, v in values.items() if v is not None}
+
+
+#: MLflow's client reads its credentials only from the environment: the command line copies them from .env.
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def export_env_file_credentials(environ: MutableMapping[str, str] | None = None) -> None:
+    """Copy :data:`CREDENTIAL_VARIABLES` from ``.env`` into ``environ`` (``os.environ``) where unset,
+    so every MLflow client of this process authenticates as ``plantml stack up --auth`` wrote there."""
+    environ = os.environ if environ is None else environ
+    if all(environ.get(name) for name in CREDENTIAL_VARIABLES):
+        return
+    from_file = read_env_file(None)
+    for name in CREDENTIAL_VARIABLES:
+        if not environ.get(name) and from_file.get(name):
+            environ[name] = from_file[name]
 
 
 @dataclass(frozen=True)

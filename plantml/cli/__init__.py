@@ -26,6 +26,8 @@ COMMANDS = {
     "tracking": ("plantml.cli.tracking", "tracking", "Recover runs whose process died; replay a run's journal."),
     "ui": ("plantml.cli.ui", "ui", "Show MLflow's UI on your runs (serves a local store; prints the newest run's URL)."),
 }
+#: The commands that are MLflow clients: they take its credentials from .env too (``stack`` starts servers).
+MLFLOW_CLIENTS = frozenset(COMMANDS) - {"stack"}
 
 
 class _Stopped(Exception):
@@ -52,6 +54,8 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:
             return None
+        if cmd_name in MLFLOW_CLIENTS:
+            _export_env_file_credentials()
         module_name, attribute, _ = COMMANDS[cmd_name]
         return getattr(importlib.import_module(module_name), attribute)
 
@@ -69,6 +73,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """plantml: train plant-image classifiers with trustworthy MLflow tracking."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+
+
+def _export_env_file_credentials() -> None:
+    from plantml.settings import export_env_file_credentials
+
+    try:
+        export_env_file_credentials()
+    except PlantmlError:
+        pass  # an unreadable .env: the command that resolves its settings says so in one line
 
 
 def main(argv: list[str] | None = None) -> int:
