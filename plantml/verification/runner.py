@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from plantml.errors import ConfigError
+from plantml.errors import ConfigError, PlantmlError
 from plantml.settings import TrackingSettings
 from plantml.verification.checks import (
     ARTIFACT,
@@ -131,9 +131,12 @@ class Verification:
         uri = self.settings.tracking_uri
         if uri.startswith(("http://", "https://")):
             _probe_health(uri)
-        from mlflow import MlflowClient
+        from plantml.tracking.stores import open_client
 
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        try:  # a missing or empty sqlite file is no installation: MLflow would create a store there
+            self.client = open_client(uri, self.settings.source_of("tracking_uri"))
+        except PlantmlError as exc:
+            raise CheckFailed(str(exc)) from None
         self.client.search_experiments(max_results=1)
 
     def check_experiment(self) -> None:

@@ -32,7 +32,9 @@ def local_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TrackingS
     monkeypatch.chdir(tmp_path)  # artifacts of a sqlite store land in ./mlruns
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
-    return TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment_name="verify_local")
+    settings = TrackingSettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment_name="verify_local")
+    client_for(settings).search_experiments()  # the store exists, as after a first training
+    return settings
 
 
 def free_port() -> int:
@@ -151,3 +153,19 @@ def test_an_artifact_that_cannot_be_stored_is_named_and_does_not_hold_the_verifi
     assert results[-1].line.startswith("✗ artifact logging: not delivered to the server within 2 s; last try: ")
     assert "SignatureDoesNotMatch: check your key" in results[-1].line
     assert client_for(local_settings).get_run(verification.run_id).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["missing", "empty"])
+def test_plantml_verify_refuses_a_sqlite_store_that_is_not_there_rather_than_creating_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty: bool) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if empty:
+        (tmp_path / "mlflow.db").touch()
+    result = invoke_verify()
+    assert result.exit_code == 1
+    assert result.stdout.splitlines() == [
+        f"✗ connection to the MLflow server: tracking URI 'sqlite:///mlflow.db' (the default): no MLflow store at "
+        f"{tmp_path / 'mlflow.db'} (train first, or give another tracking URI)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["mlflow.db"] if empty else [])
+    assert not empty or (tmp_path / "mlflow.db").stat().st_size == 0

@@ -21,6 +21,7 @@ def test_sigterm_during_verify_ends_its_run_and_exits_143(tmp_path: Path) -> Non
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(tracking_uri=uri).search_experiments()  # the store exists, as after a first training
     child = subprocess.Popen([sys.executable, "-c", SLOW_VERIFY, uri], cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
