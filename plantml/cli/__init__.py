@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from plantml.errors import Interrupted, PlantmlError
+from plantml.errors import ConfigError, Interrupted, PlantmlError
 from plantml.text import mask_passwords
 
 #: command name -> (module, attribute, one-line help shown by ``plantml --help``)
@@ -43,6 +43,7 @@ class LazyGroup(click.Group):
     """A click group whose sub-commands are imported on first use."""
 
     def invoke(self, ctx: click.Context):  # noqa: ANN201 - click's own signature
+        _require_working_folder()
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt as exc:
@@ -73,6 +74,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """plantml: train plant-image classifiers with trustworthy MLflow tracking."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+
+
+def _require_working_folder() -> None:
+    """Every command reads ``.env`` and MLflow resolves relative paths here: a deleted folder is one line, not a traceback."""
+    import os
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise ConfigError("the current folder no longer exists (deleted while this shell was in it); cd to another") from None
 
 
 def _export_env_file_credentials() -> None:
