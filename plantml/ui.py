@@ -101,8 +101,12 @@ class LocalUI:
 
     def command(self) -> list[str]:
         """The ``mlflow server`` command line (no secret: a local store has none)."""
+        from plantml.stack.host import has_setpriv
+
         artifacts = (Path.cwd() / "mlruns").resolve().as_uri()
-        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.tracking_uri,
+        # as the stack's services: the kernel stops the server when plantml dies (kill -9 included)
+        pdeathsig = ["setpriv", "--pdeathsig=SIGTERM", "--"] if has_setpriv() else []
+        return [*pdeathsig, sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.tracking_uri,
                 "--default-artifact-root", artifacts, "--no-serve-artifacts",
                 "--host", LOOPBACK, "--port", str(self.port), "--workers", "1"]
 

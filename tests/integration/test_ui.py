@@ -126,3 +126,23 @@ def test_a_closed_terminal_stops_plantml_ui_and_its_server(store_with_a_run: tup
         assert ui.wait(timeout=30) == 0
         assert "plantml ui: stopped" in ui.stderr.read()
     assert port_is_free(port)  # the mlflow server went with it, not left behind as an orphan
+
+
+def test_kill_9_of_plantml_ui_takes_its_server_with_it(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # a store to serve
+    port = free_port()
+    with plantml_ui(tmp_path, port) as ui:
+        assert ui.stdout.readline().startswith("MLflow UI for "), ui.stderr.read()
+        server_pid = int(Path(f"/proc/{ui.pid}/task/{ui.pid}/children").read_text().split()[0])
+        ui.kill()  # what the OOM killer does: no handler runs
+        ui.wait(timeout=30)
+        try:
+            deadline = time.monotonic() + 15
+            while not port_is_free(port) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert port_is_free(port)  # the kernel stopped the server (--pdeathsig), and it its workers
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server_pid, signal.SIGKILL)  # its own session (mirakuru's): an orphan the test must not leave
