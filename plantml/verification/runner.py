@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from plantml.errors import ConfigError, PlantmlError
 from plantml.settings import TrackingSettings
+from plantml.text import mask_passwords
 from plantml.verification.checks import (
     ARTIFACT,
     CHECKS,
@@ -340,4 +341,4 @@ def _cause(exc: BaseException) -> str:
     line = text.splitlines()[0]
     if not isinstance(exc, CheckFailed):
         line = f"{type(exc).__name__}: {line}"
-    return line[:300]
+    return mask_passwords(line)[:300]  # the URI as given (http://user:password@host) shows in many causes

@@ -169,3 +169,12 @@ def test_plantml_verify_refuses_a_sqlite_store_that_is_not_there_rather_than_cre
         f"{tmp_path / 'mlflow.db'} (train first, or give another tracking URI)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == (["mlflow.db"] if empty else [])
     assert not empty or (tmp_path / "mlflow.db").stat().st_size == 0
+
+
+def test_the_password_of_a_tracking_uri_never_shows_in_a_cross_line() -> None:
+    uri = f"http://admin:s3cret-pw@127.0.0.1:{free_port()}"
+    result = invoke_verify("--tracking-uri", uri)
+    assert result.exit_code == 1
+    assert "s3cret-pw" not in result.output
+    assert result.stdout.splitlines() == [
+        f"✗ connection to the MLflow server: {uri.replace('s3cret-pw', '***')} unreachable (connection refused or no route)"]
