@@ -9,6 +9,9 @@ loaded through its ``pytest11`` entry point.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,19 @@ INTEGRATION_DIR = Path(__file__).parent / "tests" / "integration"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The session's runs journal into a folder of its own, not the user's ~/.cache/plantml/journal: a run a
+    # test leaves undelivered is then never retried by the user's next tracker, nor by a later session's.
+    if "PLANTML_JOURNAL_DIR" not in os.environ:
+        os.environ["PLANTML_JOURNAL_DIR"] = config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
     config.addinivalue_line("markers", "local_session: a test of the client that the local backend's session runs "
                                        "(another backend would only repeat it, slower); not collected elsewhere")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, "_plantml_journal_dir", None)
+    if folder:
+        os.environ.pop("PLANTML_JOURNAL_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
