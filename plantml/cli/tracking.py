@@ -91,8 +91,9 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
     Each run is tagged plantml.recovered. A journal whose process still runs, or that
     another recovery holds, is left alone. Exit code 1 when a journal had to be kept.
     """
-    from plantml.errors import TrackingError
+    from plantml.errors import TrackingError, UsageError
     from plantml.settings import resolve_tracking_settings
+    from plantml.tracking.journal import JournalBusy
     from plantml.tracking.journal import journal_dir as default_journal_dir
     from plantml.tracking.recover import describe_orphan, end_stale_runs, parse_duration, recover_journal, recover_orphans
     from plantml.tracking.sender import resolve_delivery_settings
@@ -108,7 +109,15 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
             continue
         try:
             report = recover_journal(path, None, delivery, timeout=timeout, status=status, move_kept=True)
-        except TrackingError as exc:  # busy: another recovery took it meanwhile
+        except JournalBusy:  # a second `recover`, or a tracker starting, took it after the scan
+            click.echo(f"journal {path}: being recovered by another process; left to it")
+            continue
+        except UsageError:
+            if path.exists():
+                raise
+            click.echo(f"journal {path}: recovered by another process meanwhile")  # removed or kept aside since the scan
+            continue
+        except TrackingError as exc:
             click.echo(str(exc), err=True)
             failures += 1
             continue

@@ -140,6 +140,22 @@ def test_a_journal_in_use_is_not_replayed(store, capsys) -> None:
         holder.close()
 
 
+def test_two_recoveries_at_once_leave_each_other_s_journals_alone_and_both_succeed(store, monkeypatch, capsys) -> None:
+    client, _, _, run_id, folder = store
+    path = write_journal(store, ENTRIES)
+    taken = folder / "0123456789abcdef0123456789abcdef.jsonl"  # the other recovery removed it after this one's scan
+    holder = Journal.open_existing(path)  # the other recovery holds this one
+    monkeypatch.setattr("plantml.tracking.recover.recover_orphans", lambda folder: [taken, path])
+    try:
+        assert main(["tracking", "recover"]) == 0, capsys.readouterr()
+        out = capsys.readouterr().out
+        assert f"journal {taken}: recovered by another process meanwhile" in out
+        assert f"journal {path}: being recovered by another process; left to it" in out
+    finally:
+        holder.close()
+    assert path.exists() and client.get_run(run_id).info.status == "RUNNING"
+
+
 def test_only_journals_of_gone_processes_are_recovered(store) -> None:
     client, uri, experiment_id, _, folder = store
     dead = write_journal(store, ENTRIES)
