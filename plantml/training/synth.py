@@ -219,7 +219,12 @@ def _check_target(root: Path) -> None:
 
 def _move_into(staging: Path, root: Path) -> None:
     """Move every file of ``staging`` to the same place under ``root`` (same file system: renames,
-    which need no space), the marker last, so the folder is a synthetic set only once complete."""
+    which need no space), the marker last, so the folder is a synthetic set only once complete.
+
+    The images of the set it replaces that the new one lacks (a smaller ``--per-class``) are removed first."""
+    for path in sorted(root.glob("[!.]*/*")):  # the class folders; the staging folders are hidden
+        if path.is_file() and not (staging / path.relative_to(root)).is_file():
+            path.unlink()
     for path in sorted(staging.rglob("*")):
         if path.is_file() and path.name != _MARKER:
             destination = root / path.relative_to(staging)

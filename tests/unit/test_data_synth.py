@@ -105,6 +105,17 @@ def full_disk_after(monkeypatch, images: int) -> None:
     monkeypatch.setattr(Image.Image, "save", save_until_full)
 
 
+def test_data_synth_over_a_larger_synthetic_set_leaves_only_the_new_set(tmp_path):
+    target = tmp_path / "leaves"
+    synth.write_set(target, synth.SynthSpec(per_class=6, size=16, seed=0))
+
+    synth.write_set(target, synth.SynthSpec(per_class=3, size=16, seed=0))
+
+    assert scan_image_folder(target).class_counts() == {"diseased": 3, "healthy": 3}
+    fresh = scan_image_folder(synth.generate(tmp_path / "fresh", synth.SynthSpec(per_class=3, size=16, seed=0)))
+    assert scan_image_folder(target).content_hash == fresh.content_hash
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_data_synth_on_a_full_disk_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch, existing):
     target = tmp_path / "set"
