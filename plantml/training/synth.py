@@ -8,10 +8,13 @@ byte-identical files, hence the same content hash.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,17 +192,23 @@ def write_set(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) 
 
     ``directory`` must be missing, empty, or a synthetic set already (a re-synth); a folder
     holding anything else is refused untouched. The images are drawn into a staging folder
-    inside it, then moved into place, so a full disk leaves the folder as it was.
+    inside it, then moved into place, so a full disk leaves the folder as it was. A second
+    synth into the same folder waits for the first, then writes over its complete set.
     """
     root = Path(directory)
-    _check_target(root)
-    created = not root.exists()
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"{root}: not a folder")
+    created = False
     try:
         with local_writes("folder", root):
-            root.mkdir(parents=True, exist_ok=True)
-            with staging_folder(root, "plantml-synth") as staging:
-                generate(staging, spec)
-                _move_into(staging, root)
+            with contextlib.suppress(FileExistsError):
+                root.mkdir(parents=True)
+                created = True  # by this process: a concurrent synth into it must not remove it on failure
+            with _sole_writer(root):
+                _check_target(root)  # under the lock: another synth's staging folder is gone by then
+                with staging_folder(root, "plantml-synth") as staging:
+                    generate(staging, spec)
+                    _move_into(staging, root)
     except BaseException:
         if created:
             shutil.rmtree(root, ignore_errors=True)
@@ -207,11 +216,20 @@ def write_set(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) 
     return root
 
 
+@contextlib.contextmanager
+def _sole_writer(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the folder itself (no file added to it) while this process writes the set."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _check_target(root: Path) -> None:
-    """Refuse a target that is a file, or a folder of other files than a synthetic set's."""
-    if root.exists() and not root.is_dir():
-        raise UsageError(f"{root}: not a folder")
-    if root.is_dir() and not is_synthetic(root):
+    """Refuse a folder of other files than a synthetic set's."""
+    if not is_synthetic(root):
         sweep(root)  # the staging folder of an earlier synth that was killed does not count
         if any(root.iterdir()):
             raise UsageError(f"folder {root}: not empty and not a synthetic set; give an empty or new folder")

@@ -116,6 +116,42 @@ def test_data_synth_over_a_larger_synthetic_set_leaves_only_the_new_set(tmp_path
     assert scan_image_folder(target).content_hash == fresh.content_hash
 
 
+def test_a_second_data_synth_into_a_folder_being_written_waits_then_writes_over_it(tmp_path):
+    import fcntl
+    import os
+    import tempfile
+    import threading
+
+    from plantml.processes import process_start_time
+
+    target = tmp_path / "leaves"
+    target.mkdir()
+    # another synth, mid-write: it holds the folder and its staging folder is there, no marker yet
+    tempfile.mkdtemp(prefix=f".plantml-synth.staging-{os.getpid()}-{process_start_time(os.getpid())}-", dir=target)
+    other = os.open(target, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    outcome = []
+    second = threading.Thread(target=lambda: outcome.append(_run(synth.write_set, target, synth.SynthSpec(per_class=3, size=16))))
+    second.start()
+    second.join(0.5)
+    waited = second.is_alive()
+    for staging in target.glob(".plantml-synth.staging-*"):  # the other synth completes its set
+        staging.rmdir()
+    synth.generate(target, synth.SynthSpec(per_class=6, size=16))
+    os.close(other)
+    second.join(30)
+
+    assert waited and outcome == [target]
+    assert scan_image_folder(target).class_counts() == {"diseased": 3, "healthy": 3}
+
+
+def _run(function, *args):
+    try:
+        return function(*args)
+    except UsageError as exc:
+        return exc
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_data_synth_on_a_full_disk_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch, existing):
     target = tmp_path / "set"
