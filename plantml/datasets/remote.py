@@ -126,9 +126,11 @@ def is_s3_uri(text: str | os.PathLike[str] | None) -> bool:
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
-    return (BotoCoreError, ClientError)
+    # upload_file (a file sent in parts) wraps a ClientError, e.g. BadDigest for a file changed while it was read
+    return (BotoCoreError, ClientError, S3UploadFailedError)
 
 
 def _error_code(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ import pytest
 
 from plantml.datasets import MANIFEST_NAME, S3Location, build_manifest, remote
 from plantml.datasets.source import DataSource
-from plantml.errors import ConfigError, DataError, StorageError, UsageError
+from plantml.errors import ConfigError, DataError, StorageError, TrackingError, UsageError
 from plantml.processes import process_start_time
 from plantml.settings import TrackingSettings, resolve_tracking_settings
 from plantml.training import synth
@@ -84,6 +84,23 @@ def test_push_refuses_a_name_with_a_backslash_naming_it(leaves: Path) -> None:
     (leaves / "healthy" / "healthy_0000.png").rename(leaves / "back\\slash" / "a.png")
     with pytest.raises(DataError, match=r"back\\\\slash.*holds a backslash"):
         remote.push(None, leaves, "s3://data/x")  # refused before the store is asked anything
+
+
+def test_a_file_sent_in_parts_that_changes_during_the_push_is_one_line_naming_it(leaves: Path, monkeypatch) -> None:
+    from boto3.exceptions import S3UploadFailedError
+
+    class Store:
+        def get_paginator(self, name: str) -> Any:
+            return type("Pages", (), {"paginate": lambda self, **kw: [{"Contents": []}]})()
+
+        def upload_file(self, filename: str, bucket: str, key: str, ExtraArgs: Any) -> None:  # noqa: N803 - boto3's names
+            raise S3UploadFailedError(f"Failed to upload {filename} to {bucket}/{key}: An error occurred (BadDigest) "
+                                      "when calling the UploadPart operation: The Content-Md5 you specified did not match")
+
+    monkeypatch.setattr(remote, "SINGLE_PART_LIMIT", 0)  # every file goes up in parts
+    with pytest.raises(TrackingError) as failed:
+        remote.push(Store(), leaves, "s3://data/set", workers=1)
+    assert "s3://data/set: upload of diseased/" in str(failed.value) and "BadDigest" in str(failed.value)
 
 
 def test_pull_removes_the_staging_folder_of_a_dead_process_and_keeps_a_live_ones(leaves: Path, tmp_path: Path) -> None:
