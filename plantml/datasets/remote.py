@@ -126,11 +126,9 @@ def is_s3_uri(text: str | os.PathLike[str] | None) -> bool:
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
-    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
-    # upload_file (a file sent in parts) wraps a ClientError, e.g. BadDigest for a file changed while it was read
-    return (BotoCoreError, ClientError, S3UploadFailedError)
+    return (BotoCoreError, ClientError)
 
 
 def _error_code(exc: BaseException) -> str:
@@ -171,9 +169,13 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
                 with open(root / entry.path, "rb") as body:
                     client.put_object(Bucket=where.bucket, Key=key, Body=body,
                                       ContentMD5=_b64(entry.md5), Metadata={SHA256_METADATA: entry.sha256})
-            else:
-                client.upload_file(str(root / entry.path), where.bucket, key,
-                                   ExtraArgs={"Metadata": {SHA256_METADATA: entry.sha256}})
+            else:  # no Content-MD5 for the whole file here: hash what is sent, as it is read
+                with open(root / entry.path, "rb") as handle:
+                    sent = _HashingReader(handle)
+                    client.upload_fileobj(sent, where.bucket, key, ExtraArgs={"Metadata": {SHA256_METADATA: entry.sha256}})
+                if sent.sha256.hexdigest() != entry.sha256:  # saved again since it was hashed: its metadata would lie
+                    client.delete_object(Bucket=where.bucket, Key=key)
+                    raise DataError(f"image {root / entry.path}: changed while it was pushed; nothing of it was kept, push again")
         except _client_errors() as exc:
             raise TrackingError(f"{where}: upload of {entry.path} failed ({_error_code(exc)}: {exc})") from None
         if progress is not None:
@@ -188,6 +190,20 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
     except _client_errors() as exc:
         raise TrackingError(f"{where}: the manifest could not be stored ({_error_code(exc)}: {exc})") from None
     return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
+
+
+class _HashingReader:
+    """A file read once, front to back, hashing the bytes it hands out (boto3 uploads a stream without seek in order)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        """The next ``size`` bytes, hashed."""
+        data = self.handle.read(size)
+        self.sha256.update(data)
+        return data
 
 
 def _check_key_names(root: Path) -> None:

@@ -87,20 +87,53 @@ def test_push_refuses_a_name_with_a_backslash_naming_it(leaves: Path) -> None:
 
 
 def test_a_file_sent_in_parts_that_changes_during_the_push_is_one_line_naming_it(leaves: Path, monkeypatch) -> None:
-    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
 
     class Store:
         def get_paginator(self, name: str) -> Any:
             return type("Pages", (), {"paginate": lambda self, **kw: [{"Contents": []}]})()
 
-        def upload_file(self, filename: str, bucket: str, key: str, ExtraArgs: Any) -> None:  # noqa: N803 - boto3's names
-            raise S3UploadFailedError(f"Failed to upload {filename} to {bucket}/{key}: An error occurred (BadDigest) "
-                                      "when calling the UploadPart operation: The Content-Md5 you specified did not match")
+        def upload_fileobj(self, body: Any, bucket: str, key: str, ExtraArgs: Any) -> None:  # noqa: N803 - boto3's names
+            raise ClientError({"Error": {"Code": "BadDigest", "Message": "The Content-Md5 you specified did not match"}},
+                              "UploadPart")
 
     monkeypatch.setattr(remote, "SINGLE_PART_LIMIT", 0)  # every file goes up in parts
     with pytest.raises(TrackingError) as failed:
         remote.push(Store(), leaves, "s3://data/set", workers=1)
     assert "s3://data/set: upload of diseased/" in str(failed.value) and "BadDigest" in str(failed.value)
+
+
+def test_a_file_sent_in_parts_saved_again_after_it_was_hashed_is_not_kept(leaves: Path, monkeypatch) -> None:
+    stored: dict[str, bytes] = {}
+
+    class Store:
+        def get_paginator(self, name: str) -> Any:
+            return type("Pages", (), {"paginate": lambda self, **kw: [{"Contents": []}]})()
+
+        def upload_fileobj(self, body: Any, bucket: str, key: str, ExtraArgs: Any) -> None:  # noqa: N803 - boto3's names
+            stored[key] = b"".join(iter(lambda: body.read(3), b""))
+
+        def upload_file(self, filename: str, bucket: str, key: str, ExtraArgs: Any) -> None:  # noqa: N803
+            stored[key] = Path(filename).read_bytes()
+
+        def delete_object(self, Bucket: str, Key: str) -> None:  # noqa: N803
+            del stored[Key]
+
+        def put_object(self, **kwargs: Any) -> None:
+            stored[kwargs["Key"]] = b"manifest"
+
+    changed = sorted(leaves.glob("healthy/*.png"))[0]
+
+    def hash_then_save_again(*args: Any, **kwargs: Any) -> Any:
+        manifest = build_manifest(*args, **kwargs)
+        changed.write_bytes(changed.read_bytes()[::-1])  # same size, other bytes: the user saved it again
+        return manifest
+
+    monkeypatch.setattr(remote, "SINGLE_PART_LIMIT", 0)  # every file goes up in parts
+    monkeypatch.setattr(remote, "build_manifest", hash_then_save_again)
+    with pytest.raises(DataError, match=f"image {changed}: changed while it was pushed"):
+        remote.push(Store(), leaves, "s3://data/set", workers=1)
+    assert f"set/healthy/{changed.name}" not in stored and f"set/{MANIFEST_NAME}" not in stored
 
 
 def test_pull_removes_the_staging_folder_of_a_dead_process_and_keeps_a_live_ones(leaves: Path, tmp_path: Path) -> None:
