@@ -112,6 +112,17 @@ def test_successive_rollbacks_walk_back_through_the_promotions(registry: ModelRe
         registry.rollback(name, "staging")
 
 
+def test_a_version_keeping_the_staging_alias_keeps_the_staging_stage_when_production_leaves_it(
+        registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 1, "staging")
+    registry.promote(name, 1)  # both aliases on version 1: its one stage is Production, the alias moved last
+    registry.promote(name, 2)  # production leaves version 1, which still holds staging
+    assert client.get_model_version(name, "1").current_stage == "Staging"
+    assert client.get_model_version(name, "2").current_stage == "Production"
+    assert int(client.get_model_version_by_alias(name, "staging").version) == 1
+
+
 def test_rollback_without_history_is_a_one_line_error(registry: ModelRegistry, client: Any) -> None:
     name = register_versions(client, 1)
     registry.promote(name, 1)
@@ -191,8 +202,8 @@ def test_production_and_staging_keep_mlflows_stage_in_step_and_custom_aliases_do
     assert {v.version: v.stage for v in registry.list_versions(name)} == {1: "Production", 2: "Staging", 3: "None"}
     registry.promote(name, 2, "production")
     assert {v.version: v.stage for v in registry.list_versions(name)} == {1: "Archived", 2: "Production", 3: "None"}
-    registry.rollback(name)
-    assert {v.version: v.stage for v in registry.list_versions(name)} == {1: "Production", 2: "Archived", 3: "None"}
+    registry.rollback(name)  # version 2 still holds staging: it gets the Staging stage back, not Archived
+    assert {v.version: v.stage for v in registry.list_versions(name)} == {1: "Production", 2: "Staging", 3: "None"}
 
 
 def test_stage_moves_show_no_deprecation_warning(registry: ModelRegistry, client: Any) -> None:
