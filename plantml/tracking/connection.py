@@ -7,6 +7,7 @@ from typing import Any
 
 from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
 from plantml.settings import TrackingSettings
+from plantml.text import mask_passwords
 
 
 def connect(settings: TrackingSettings, timeout: float) -> tuple[Any, str]:
@@ -72,12 +73,44 @@ def check_artifact_access(client: Any, experiment_id: str, settings: TrackingSet
     files and profiles; cloud metadata services are not asked (no request leaves this machine).
     """
     location = str(client.get_experiment(experiment_id).artifact_location or "")
+    if location.startswith("mlflow-artifacts:"):
+        check_artifact_proxy(settings, location)
+        return
     if not location.startswith("s3://") or (settings.aws_access_key and settings.aws_secret_key) or aws_keys_in_files():
         return
     raise ConfigError(
         f"experiment {settings.experiment_name!r} keeps its artifacts at {location} and its server does not store them "
         "for its clients: this client needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for "
         "a store other than AWS) in the environment or .env, and found none")
+
+
+def check_artifact_proxy(settings: TrackingSettings, location: str) -> None:
+    """A one-line :class:`ConfigError` when the experiment's artifacts go through a server that serves none.
+
+    An experiment created on a server started with ``--serve-artifacts`` (plantml's ``--artifacts
+    proxied``) keeps ``mlflow-artifacts:/`` locations; the same database served by a server started
+    ``--no-serve-artifacts`` (``--artifacts direct`` on that data folder) answers 503 to every upload,
+    which a training would only find at its end, after retrying for minutes.
+    """
+    uri = settings.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+
+    creds = get_default_host_creds(uri)  # MLFLOW_TRACKING_USERNAME/PASSWORD, as the sender reads them
+    auth = (creds.username, creds.password) if creds.username and creds.password else None
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts", params={"path": ""}, auth=auth,
+                              timeout=10)
+    except requests.RequestException:
+        return  # an outage is the sender's business: it retries
+    if answer.status_code == 503:
+        raise ConfigError(
+            f"experiment {settings.experiment_name!r} keeps its artifacts at {location}, through its server, and "
+            f"{mask_passwords(uri)} serves no artifacts (started with --no-serve-artifacts: a plantml stack started "
+            "--artifacts direct on a data folder first started proxied); start that stack with --artifacts proxied, "
+            "or use another experiment name")
 
 
 def aws_keys_in_files() -> bool:

@@ -1,0 +1,63 @@
+"""Before a training: an experiment whose artifacts go through a server that serves none is one line, not minutes of 503s."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from plantml.errors import ConfigError
+from plantml.settings import TrackingSettings
+from plantml.tracking.connection import check_artifact_access
+
+
+def server(artifacts_status: int) -> Iterator[str]:
+    """A loopback HTTP server whose mlflow-artifacts endpoint answers ``artifacts_status`` (503: --no-serve-artifacts)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            status = artifacts_status if self.path.startswith("/api/2.0/mlflow-artifacts/") else 200
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def no_artifact_serving() -> Iterator[str]:
+    yield from server(503)
+
+
+@pytest.fixture
+def artifact_serving() -> Iterator[str]:
+    yield from server(200)
+
+
+def client_with_location(location: str) -> SimpleNamespace:
+    return SimpleNamespace(get_experiment=lambda experiment_id: SimpleNamespace(artifact_location=location))
+
+
+def test_a_proxied_experiment_on_a_server_serving_no_artifacts_is_one_line_before_training(no_artifact_serving) -> None:
+    settings = TrackingSettings(tracking_uri=no_artifact_serving, experiment_name="plants")
+    with pytest.raises(ConfigError, match="mlflow-artifacts:/1.*serves no artifacts.*--artifacts proxied"):
+        check_artifact_access(client_with_location("mlflow-artifacts:/1"), "1", settings)
+
+
+def test_a_proxied_experiment_on_a_server_serving_artifacts_passes(artifact_serving) -> None:
+    settings = TrackingSettings(tracking_uri=artifact_serving, experiment_name="plants")
+    check_artifact_access(client_with_location("mlflow-artifacts:/1"), "1", settings)
