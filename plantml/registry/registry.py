@@ -245,23 +245,14 @@ class ModelRegistry:
         self._restore_other_stages(name, alias)
 
     def _restore_other_stages(self, name: str, moved: str) -> None:
-        """Give the other stage alias's version its stage back when moving ``moved`` archived it.
-
-        MLflow gives a version one stage, while a version may hold both ``production`` and
-        ``staging``: archiving the version ``moved`` left would also take the stage of the
-        other alias it still holds. While both aliases are on one version, the stage is
-        that of the alias moved last.
-        """
+        """MLflow gives a version one stage (that of the alias moved last when it holds both): the version
+        ``moved`` left, archived, gets back the stage of the other alias it still holds."""
         registered = self._registered_model(name)
-        here = alias_of(registered, moved)
         for other, stage in ALIAS_STAGES.items():
             holder = alias_of(registered, other)
-            if other == moved or holder is None or holder == here:
-                continue
-            number = str(holder)
-            current = self._call(lambda number=number: self.client.get_model_version(name, number), f"model {name!r} version {number}")
-            if current.current_stage != stage:
-                self._set_stage(name, number, stage)
+            if other != moved and holder is not None and holder != alias_of(registered, moved) \
+                    and self.get_version(name, holder).stage != stage:
+                self._set_stage(name, str(holder), stage)
 
     def _settle_stage(self, name: str, alias: str, stage: str) -> None:
         """Leave ``stage`` on the alias's version only.
