@@ -250,9 +250,12 @@ class ModelRegistry:
         registered = self._registered_model(name)
         for other, stage in ALIAS_STAGES.items():
             holder = alias_of(registered, other)
-            if other != moved and holder is not None and holder != alias_of(registered, moved) \
-                    and self.get_version(name, holder).stage != stage:
-                self._set_stage(name, str(holder), stage)
+            if other == moved or holder is None or holder == alias_of(registered, moved):
+                continue
+            number = str(holder)
+            if self._call(lambda number=number: self.client.get_model_version(name, number),
+                          f"model {name!r} version {number}").current_stage != stage:
+                self._set_stage(name, number, stage)
 
     def _settle_stage(self, name: str, alias: str, stage: str) -> None:
         """Leave ``stage`` on the alias's version only.

@@ -19,11 +19,6 @@ ArtifactMode = Literal["direct", "proxied"]
 ARTIFACT_MODES: tuple[ArtifactMode, ...] = ("direct", "proxied")
 
 
-def mask_url_password(url: str | None) -> str | None:
-    """Replace the password of ``scheme://user:password@host`` with the mask."""
-    return None if url is None else mask_passwords(url)
-
-
 @dataclass(frozen=True)
 class StackEndpoints:
     """Every endpoint and credential of a tracking stack. ``repr`` masks the secrets."""
@@ -45,7 +40,7 @@ class StackEndpoints:
         return (
             f"StackEndpoints(tracking_uri={self.tracking_uri!r}, s3_endpoint={self.s3_endpoint!r}, "
             f"aws_access_key={self.aws_access_key!r}, aws_secret_key={MASK!r}, bucket={self.bucket!r}, buckets={self.buckets!r}, "
-            f"artifact_mode={self.artifact_mode!r}, database_uri={mask_url_password(self.database_uri)!r}, "
+            f"artifact_mode={self.artifact_mode!r}, database_uri={self.database_uri and mask_passwords(self.database_uri)!r}, "
             f"username={self.username!r}, password={mask(self.password)!r})"
         )
 
