@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import RegistryError
+from plantml.registry.store import check_s3_keys
 from plantml.tracking.models import quiet_pickle_warning
 
 #: Where ``plantml train`` keeps the best weights in each run's artifacts.
@@ -57,6 +58,7 @@ def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) 
     import mlflow.artifacts
 
     location = client.get_model_version_download_uri(name, str(version))
+    check_s3_keys(location, f"model {name!r} version {version}")
     with tempfile.TemporaryDirectory(prefix="plantml-model-") as folder:
         yield Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
 
@@ -77,26 +79,28 @@ def load_pyfunc(folder: Path) -> Any:
         return mlflow.pyfunc.load_model(str(folder))
 
 
-def load_checkpoint_model(tracking_uri: str, run_id: str | None, what: str) -> Any:
-    """Rebuild a ``plantml train`` model from its run's checkpoint, without unpickling anything.
+def load_checkpoint_model(tracking_uri: str, artifact_root: str | None, what: str) -> Any:
+    """Rebuild a ``plantml train`` model from the checkpoint under its run's ``artifact_root``, without unpickling anything.
 
-    ``what`` names the version in errors (``model 'x' version 2``).
+    ``what`` names the version in errors (``model 'x' version 2``). Only a checkpoint the
+    store does not list is "missing": a store that fails is the caller's error to report.
     """
     import mlflow.artifacts
     import torch
-    from mlflow.exceptions import MlflowException
 
     from plantml.training.models import WeightsChoice, build_model
 
-    if not run_id:
+    if not artifact_root:
         raise RegistryError(f"{what}: has no run, so no {CHECKPOINT_ARTIFACT} to rebuild it from")
-    with tempfile.TemporaryDirectory(prefix="plantml-checkpoint-") as folder:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT,
-                                                       dst_path=folder, tracking_uri=tracking_uri)
-        except (MlflowException, OSError) as exc:
-            raise RegistryError(f"{what}: its run {run_id} has no {CHECKPOINT_ARTIFACT} (only `plantml train` "
-                                f"stores one; load such a model with load_model): {str(exc).splitlines()[0][:200]}") from None
+    check_s3_keys(artifact_root, what)
+    folder, _, file_name = f"{artifact_root.rstrip('/')}/{CHECKPOINT_ARTIFACT}".rpartition("/")
+    stored = mlflow.artifacts.list_artifacts(artifact_uri=folder, tracking_uri=tracking_uri)
+    if not any(info.path.rpartition("/")[2] == file_name for info in stored):
+        raise RegistryError(f"{what}: its run's artifacts ({artifact_root}) hold no {CHECKPOINT_ARTIFACT} (only `plantml train` "
+                            "stores one; load such a model with load_model)")
+    with tempfile.TemporaryDirectory(prefix="plantml-checkpoint-") as destination:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{file_name}", dst_path=destination,
+                                                   tracking_uri=tracking_uri)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     try:
         model = build_model(checkpoint["backbone"], int(checkpoint["num_classes"]), WeightsChoice("none"))

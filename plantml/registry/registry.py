@@ -54,7 +54,7 @@ from plantml.registry.models import (
     model_info,
     version_info,
 )
-from plantml.registry.store import is_insert_clash, name_filter
+from plantml.registry.store import check_s3_keys, is_insert_clash, name_filter, object_store_error, object_store_errors
 from plantml.tracking.environ import forget_stale_s3_clients
 from plantml.tracking.stores import open_client
 
@@ -300,6 +300,7 @@ class ModelRegistry:
         version = self.resolve(name, reference)
         what = f"model {name!r} version {version.version}"
         location = self._call(lambda: self.client.get_model_version_download_uri(name, str(version.version)), what)
+        check_s3_keys(location, what)
         return self._call(lambda: mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst_path,
                                                                       tracking_uri=self.tracking_uri), what)
 
@@ -327,7 +328,9 @@ class ModelRegistry:
         name, ref = self._split(name_or_uri, reference)
         version = self.resolve(name, ref)
         what = f"model {name!r} version {version.version}"
-        return self._call(lambda: loading.load_checkpoint_model(self.tracking_uri, version.run_id, what), what)
+        run = self._run(version.run_id) if version.run_id else None
+        root = run.info.artifact_uri if run is not None else None
+        return self._call(lambda: loading.load_checkpoint_model(self.tracking_uri, root, what), what)
 
     def _load(self, name_or_uri: str, reference: int | str | None, load: Callable[[Any], T]) -> T:
         name, ref = self._split(name_or_uri, reference)
@@ -400,6 +403,8 @@ class ModelRegistry:
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed
                 raise RegistryError(f"{what}: {one_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
             raise TrackingError(f"{what}: {one_line(exc)}") from exc
+        except object_store_errors() as exc:  # boto3's, before OSError: its timeouts are OSErrors too
+            raise object_store_error(exc, what) from exc
         except OSError as exc:  # connection refused, DNS, timeouts (requests' errors are OSErrors)
             raise TrackingError(f"{what}: tracking server {self.tracking_uri} unreachable ({one_line(exc)})") from exc
 

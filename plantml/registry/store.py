@@ -2,11 +2,17 @@
 
 MLflow's filter parser takes no escapes in quoted names, and two promotions at once can
 both insert the same row (an alias, a model tag): the store then refuses the second.
+A model's files live in the object store, which MLflow's S3 client reaches with boto3:
+boto3's failures (no keys, an endpoint that refuses or never answers) come through MLflow
+unchanged, and are named here as the object store's, not the tracking server's.
 """
 
 from __future__ import annotations
 
 import re
+
+from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
+from plantml.settings import env_value
 
 #: How a store says another write inserted the same row first (PostgreSQL through psycopg2, SQLite).
 _INSERT_CLASH = ("uniqueviolation", "duplicate key value violates unique constraint", "unique constraint failed")
@@ -29,3 +35,30 @@ def name_filter(name: str) -> str:
 def is_insert_clash(exc: BaseException) -> bool:
     """True when the store refused a write because another one inserted the same row at the same moment."""
     return any(words in str(exc).lower() for words in _INSERT_CLASH)
+
+
+def object_store_errors() -> tuple[type[BaseException], ...]:
+    """boto3's own failures, which MLflow's S3 client lets through (its timeouts are ``OSError`` too)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return BotoCoreError, ClientError
+
+
+def object_store_error(exc: BaseException, what: str) -> PlantmlError:
+    """One line for a boto3 failure while reading ``what``'s files, naming the object store."""
+    endpoint = env_value("MLFLOW_S3_ENDPOINT_URL") or "AWS S3"
+    return TrackingError(f"{what}: object store {endpoint} failed ({type(exc).__name__}: {one_line(exc)})")
+
+
+def check_s3_keys(location: str, what: str) -> None:
+    """A one-line :class:`ConfigError` when ``location`` is in S3 and this client has no keys to read it.
+
+    boto3 would otherwise ask the cloud metadata service, then fail with a bare ``NoCredentialsError``.
+    """
+    from plantml.tracking.connection import aws_keys_in_files
+
+    has_keys = env_value("AWS_ACCESS_KEY_ID") and env_value("AWS_SECRET_ACCESS_KEY")
+    if not location.startswith("s3://") or has_keys or aws_keys_in_files():
+        return
+    raise ConfigError(f"{what}: its files are at {location} and this client has no S3 keys: set AWS_ACCESS_KEY_ID and "
+                      "AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for a store other than AWS) in the environment or .env")

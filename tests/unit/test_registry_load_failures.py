@@ -1,0 +1,77 @@
+"""Loading a registered model whose files cannot be read: one line naming the culprit, never a traceback.
+
+The versions live in a local sqlite registry, their files at ``s3://`` locations of an
+object store that is not there (a closed loopback port) or that this client has no keys for.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from plantml.cli.registry import QUICK_HTTP_ENV
+
+#: A loopback port nothing listens on: every request to it is refused at once.
+CLOSED_ENDPOINT = "http://127.0.0.1:1"
+S3_VARIABLES = ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+@pytest.fixture(scope="module")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A model of one version whose run and files are in S3; returns (tracking URI, model name)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('s3_model')}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = f"plants_{uuid.uuid4().hex[:6]}"
+    experiment_id = client.create_experiment(name, artifact_location=f"s3://mlflow/{name}")
+    run = client.create_run(experiment_id)
+    client.create_registered_model(name)
+    client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return uri, name
+
+
+@pytest.fixture
+def s3_model(s3_store: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """:func:`s3_store`'s model, from a folder without .env and an environment without S3 settings."""
+    monkeypatch.chdir(tmp_path)
+    for key in (*QUICK_HTTP_ENV, *S3_VARIABLES, "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    # boto3 must find no keys in files and ask no metadata service, and give up on the first refusal.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    return s3_store
+
+
+def load_check(uri: str, name: str, *flags: str, capfd: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from plantml.cli import main
+
+    code = main(["registry", "--tracking-uri", uri, "load-check", f"models:/{name}/1", *flags])
+    return code, capfd.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-pickle",)], ids=["pickle", "no-pickle"])
+def test_an_object_store_that_refuses_the_connection_is_named_in_one_line_exit_1(
+    s3_model: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], flags: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", CLOSED_ENDPOINT)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "plantml-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    code, err = load_check(*s3_model, *flags, capfd=capfd)
+    assert code == 1, err
+    assert err.startswith(f"plantml: error: model '{s3_model[1]}' version 1: object store {CLOSED_ENDPOINT} failed ("), err
+    assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-pickle",)], ids=["pickle", "no-pickle"])
+def test_a_client_without_s3_keys_is_told_which_variables_to_set_exit_2(
+    s3_model: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], flags: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", CLOSED_ENDPOINT)
+    code, err = load_check(*s3_model, *flags, capfd=capfd)
+    assert code == 2, err
+    assert "this client has no S3 keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err and err.count("\n") == 1, err
