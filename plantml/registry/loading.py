@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import RegistryError
+from plantml.errors import RegistryError, one_line
 from plantml.registry.store import check_s3_keys
 from plantml.tracking.models import quiet_pickle_warning
 
@@ -101,10 +101,14 @@ def load_checkpoint_model(tracking_uri: str, artifact_root: str | None, what: st
     with tempfile.TemporaryDirectory(prefix="plantml-checkpoint-") as destination:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{file_name}", dst_path=destination,
                                                    tracking_uri=tracking_uri)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated or altered in the store: torch's zip reader, its weights-only unpickler
+            raise RegistryError(f"{what}: {CHECKPOINT_ARTIFACT} in its run's artifacts cannot be read, damaged or not a "
+                                f"checkpoint ({type(exc).__name__}: {one_line(exc).split('. ')[0]})") from None
     try:
         model = build_model(checkpoint["backbone"], int(checkpoint["num_classes"]), WeightsChoice("none"))
         model.load_state_dict(checkpoint["model_state_dict"])
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise RegistryError(f"{what}: {CHECKPOINT_ARTIFACT} is not a plantml checkpoint ({type(exc).__name__}: {exc})") from None
+    except (KeyError, TypeError, IndexError, ValueError, RuntimeError) as exc:
+        raise RegistryError(f"{what}: {CHECKPOINT_ARTIFACT} is not a plantml checkpoint ({type(exc).__name__}: {one_line(exc)})") from None
     return model.eval()

@@ -75,3 +75,43 @@ def test_a_client_without_s3_keys_is_told_which_variables_to_set_exit_2(
     code, err = load_check(*s3_model, *flags, capfd=capfd)
     assert code == 2, err
     assert "this client has no S3 keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in err and err.count("\n") == 1, err
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Path]:
+    """A model of one version whose run keeps its artifacts in a local folder; returns (URI, name, that folder)."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("local_model")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = f"plants_{uuid.uuid4().hex[:6]}"
+    run = client.create_run(client.create_experiment(name, artifact_location=str(folder / "artifacts")))
+    client.create_registered_model(name)
+    client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    return uri, name, Path(run.info.artifact_uri)
+
+
+def _truncated_checkpoint() -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"backbone": "resnet18", "num_classes": 2, "model_state_dict": {"w": torch.zeros(256)}}, buffer)
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+@pytest.mark.parametrize("content", [b"garbage", None], ids=["garbage", "truncated"])
+def test_a_damaged_checkpoint_is_one_line_naming_it_not_a_traceback(
+    local_store: tuple[str, str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+    content: bytes | None,
+) -> None:
+    uri, name, artifacts = local_store
+    (artifacts / "models").mkdir(parents=True, exist_ok=True)
+    (artifacts / "models" / "best_model.pth").write_bytes(content if content is not None else _truncated_checkpoint())
+    monkeypatch.chdir(tmp_path)
+    code, err = load_check(uri, name, "--no-pickle", capfd=capfd)
+    assert code == 2, err
+    assert err.startswith(f"plantml: error: model '{name}' version 1: models/best_model.pth in its run's artifacts cannot be read"), err
+    assert err.count("\n") == 1, err
