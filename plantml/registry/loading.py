@@ -35,6 +35,9 @@ from plantml.tracking.models import quiet_pickle_warning
 #: Where ``plantml train`` keeps the best weights in each run's artifacts.
 CHECKPOINT_ARTIFACT = "models/best_model.pth"
 
+#: The weights file of MLflow's pytorch flavor: pickled, or exported by ``torch.export`` (MLflow 3's default).
+TORCH_MODEL_FILES = ("model.pth", "model.pt2")
+
 _MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
 
 
@@ -58,9 +61,35 @@ def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) 
     import mlflow.artifacts
 
     location = client.get_model_version_download_uri(name, str(version))
-    check_s3_keys(location, f"model {name!r} version {version}")
+    what = f"model {name!r} version {version}"
+    check_s3_keys(location, what)
     with tempfile.TemporaryDirectory(prefix="plantml-model-") as folder:
-        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
+        check_model_files(downloaded, location, what)
+        yield downloaded
+
+
+def check_model_files(folder: Path, location: str, what: str) -> None:
+    """A one-line :class:`RegistryError` when a downloaded model lacks its ``MLmodel`` or its PyTorch weights.
+
+    The store lists only what it holds, so files deleted from it are simply not downloaded:
+    MLflow would then fail on the missing ``MLmodel``, or, without the pickled weights, try
+    the exported format instead and print torch's traceback for a file that never existed.
+    """
+    from mlflow.models import Model
+
+    if not (folder / "MLmodel").is_file():
+        raise RegistryError(f"{what}: no MLmodel at {location}: its files are missing from the artifact store")
+    try:
+        flavor = Model.load(str(folder / "MLmodel")).flavors.get("pytorch")
+    except Exception:  # noqa: BLE001 - an unreadable MLmodel: the loader says what is wrong with it
+        return
+    if flavor is None:
+        return
+    data = folder / str(flavor.get("model_data", "data"))
+    if not any((data / weights).is_file() for weights in TORCH_MODEL_FILES):
+        raise RegistryError(f"{what}: no {' or '.join(TORCH_MODEL_FILES)} under {location}/{data.name}: "
+                            "its weights are missing from the artifact store")
 
 
 def load_pytorch(folder: Path) -> Any:

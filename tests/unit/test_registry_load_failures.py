@@ -115,3 +115,28 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_not_a_traceback(
     assert code == 2, err
     assert err.startswith(f"plantml: error: model '{name}' version 1: models/best_model.pth in its run's artifacts cannot be read"), err
     assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("deleted", "message"), [("data/model.pth", "no model.pth or model.pt2 under"), ("", "no MLmodel at")],
+                         ids=["weights", "every-file"])
+def test_a_model_whose_files_were_deleted_from_the_store_says_so_in_one_line(
+    local_store: tuple[str, str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+    deleted: str, message: str,
+) -> None:
+    import shutil
+
+    import mlflow.pytorch
+    import torch
+
+    uri, name, artifacts = local_store
+    shutil.rmtree(artifacts / "model", ignore_errors=True)
+    mlflow.pytorch.save_model(torch.nn.Linear(2, 2), str(artifacts / "model"), serialization_format="pickle",
+                              pip_requirements=["torch"])
+    for path in [artifacts / "model" / deleted] if deleted else list((artifacts / "model").iterdir()):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()  # MLflow's warning about saving a pickle
+    code, err = load_check(uri, name, capfd=capfd)
+    assert code == 2, err
+    assert err.startswith(f"plantml: error: model '{name}' version 1: {message}"), err
+    assert err.endswith("missing from the artifact store\n") and err.count("\n") == 1, err
