@@ -151,7 +151,8 @@ class ModelRegistry:
         previous = alias_of(self._registered_model(name), alias)
         target = self._existing_version(name, version)
         moved_at = _now()
-        if previous == target:
+        if previous == target:  # a promotion interrupted after the alias moved may have left the stage behind
+            self._stage_in_step(name, alias, target)
             return AliasMove(name, alias, previous, target, moved_at, "unchanged")
         number = str(target)
         self._tag_version(name, number, alias_tag(alias, "moved_from"), str(previous or NO_VERSION))
@@ -237,12 +238,20 @@ class ModelRegistry:
     def _move_alias(self, name: str, alias: str, number: str) -> None:
         """Point ``alias`` at version ``number``; for production/staging, move MLflow's stage with it."""
         self._upsert(lambda: self.client.set_registered_model_alias(name, alias, number), f"model {name!r} alias {alias!r}")
-        stage = ALIAS_STAGES.get(alias)
-        if stage is None:
+        if (stage := ALIAS_STAGES.get(alias)) is not None:
+            self._set_stage(name, number, stage, archive_others=True)
+            self._settle_stage(name, alias, stage)
+            self._restore_other_stages(name, alias)
+
+    def _stage_in_step(self, name: str, alias: str, number: int) -> None:
+        """Move ``alias``'s stage to version ``number``, which holds the alias, unless it has it (or that of its other alias)."""
+        if (stage := ALIAS_STAGES.get(alias)) is None:
             return
-        self._set_stage(name, number, stage, archive_others=True)
-        self._settle_stage(name, alias, stage)
-        self._restore_other_stages(name, alias)
+        registered = self._registered_model(name)
+        held = {ALIAS_STAGES[other] for other in ALIAS_STAGES if alias_of(registered, other) == number}
+        if self.get_version(name, number).stage not in held:
+            self._set_stage(name, str(number), stage, archive_others=True)
+            self._settle_stage(name, alias, stage)
 
     def _restore_other_stages(self, name: str, moved: str) -> None:
         """MLflow gives a version one stage (that of the alias moved last when it holds both): the version

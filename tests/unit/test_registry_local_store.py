@@ -293,3 +293,22 @@ def test_versions_written_v1_mean_the_same_in_compare_resolve_and_promote(regist
     assert (comparison.first.version, comparison.second.version) == (1, 2)
     assert registry.resolve(name, "v2").version == 2
     assert registry.promote(name, "v1", "champion").to_version == 1
+
+
+def test_promoting_again_after_an_interrupted_promotion_moves_the_stage_to_the_alias(
+    store_uri: str, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = register_versions(client, 2)
+    ModelRegistry(store_uri).promote(name, 1)
+    interrupted = ModelRegistry(store_uri)
+
+    def server_gone(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # Ctrl-C, or the server dying, after the alias moved and before its stage did
+
+    monkeypatch.setattr(interrupted.client, "transition_model_version_stage", server_gone)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.promote(name, 2)
+    again = ModelRegistry(store_uri).promote(name, 2)
+    assert again.kind == "unchanged"
+    assert sorted((int(mv.version), mv.current_stage) for mv in client.search_model_versions(f"name='{name}'")) \
+        == [(1, "Archived"), (2, "Production")]
