@@ -4,10 +4,9 @@ Everything goes through one ``MlflowClient(tracking_uri=...)`` held by the
 :class:`ModelRegistry`, models are downloaded from that registry too (see
 :mod:`plantml.registry.loading`); nothing touches MLflow's global tracking URI or run
 stack, nothing is written to the working folder. Moving the ``production`` or
-``staging`` alias also moves MLflow's stage of the same name (older holders of that
-stage are archived), so ``models:/NAME/Production`` and ``models:/NAME@production``
-always name the same version, even when two promotions run at the same time: after
-moving both, a promotion reads back where the alias ended and settles the stage there.
+``staging`` alias also moves MLflow's stage of the same name (see
+:mod:`plantml.registry.stages`), so ``models:/NAME/Production`` and
+``models:/NAME@production`` always name the same version.
 
 Each alias's history is a list on the registered model (see
 :mod:`plantml.registry.aliases`): a promotion pushes, :meth:`ModelRegistry.rollback`
@@ -25,7 +24,6 @@ An alias promoted only by plantml versions older than the history is rolled back
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,7 +31,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from plantml.errors import RegistryError, TrackingError, one_line
 from plantml.registry import loading
 from plantml.registry.aliases import (
-    ALIAS_STAGES,
     PRODUCTION,
     encode_history,
     history_tag,
@@ -54,6 +51,7 @@ from plantml.registry.models import (
     model_info,
     version_info,
 )
+from plantml.registry.stages import StageKeeper
 from plantml.registry.store import check_s3_keys, is_insert_clash, name_filter, object_store_error, object_store_errors
 from plantml.tracking.environ import forget_stale_s3_clients
 from plantml.tracking.stores import open_client
@@ -66,11 +64,6 @@ T = TypeVar("T")
 TAG_PREFIX = "plantml.alias"
 NO_VERSION = "none"
 LATEST = "latest"
-ARCHIVED = "Archived"
-
-#: Rounds of settling a stage after a promotion before giving up: each round follows a
-#: promotion that moved the alias meanwhile, so two at once settle in one or two.
-SETTLE_ROUNDS = 5
 
 _VERSION_REF_RE = re.compile(r"^[vV]?\d+$")
 
@@ -94,6 +87,7 @@ class ModelRegistry:
         """
         self.tracking_uri = tracking_uri
         self.client = client if client is not None else open_client(tracking_uri, source)
+        self._stages = StageKeeper(self.client, self._call, self._registered_model, self._search_versions)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -152,7 +146,7 @@ class ModelRegistry:
         target = self._existing_version(name, version)
         moved_at = _now()
         if previous == target:  # a promotion interrupted after the alias moved may have left the stage behind
-            self._stage_in_step(name, alias, target)
+            self._stages.catch_up(name, alias, target)
             return AliasMove(name, alias, previous, target, moved_at, "unchanged")
         number = str(target)
         self._tag_version(name, number, alias_tag(alias, "moved_from"), str(previous or NO_VERSION))
@@ -238,62 +232,7 @@ class ModelRegistry:
     def _move_alias(self, name: str, alias: str, number: str) -> None:
         """Point ``alias`` at version ``number``; for production/staging, move MLflow's stage with it."""
         self._upsert(lambda: self.client.set_registered_model_alias(name, alias, number), f"model {name!r} alias {alias!r}")
-        if (stage := ALIAS_STAGES.get(alias)) is not None:
-            self._set_stage(name, number, stage, archive_others=True)
-            self._settle_stage(name, alias, stage)
-            self._restore_other_stages(name, alias)
-
-    def _stage_in_step(self, name: str, alias: str, number: int) -> None:
-        """Move ``alias``'s stage to version ``number``, which holds the alias, unless it has it (or that of its other alias)."""
-        if (stage := ALIAS_STAGES.get(alias)) is None:
-            return
-        registered = self._registered_model(name)
-        held = {ALIAS_STAGES[other] for other in ALIAS_STAGES if alias_of(registered, other) == number}
-        if self.get_version(name, number).stage not in held:
-            self._set_stage(name, str(number), stage, archive_others=True)
-            self._settle_stage(name, alias, stage)
-
-    def _restore_other_stages(self, name: str, moved: str) -> None:
-        """MLflow gives a version one stage (that of the alias moved last when it holds both): the version
-        ``moved`` left, archived, gets back the stage of the other alias it still holds."""
-        registered = self._registered_model(name)
-        for other, stage in ALIAS_STAGES.items():
-            holder = alias_of(registered, other)
-            if other == moved or holder is None or holder == alias_of(registered, moved):
-                continue
-            number = str(holder)
-            if self._call(lambda number=number: self.client.get_model_version(name, number),
-                          f"model {name!r} version {number}").current_stage != stage:
-                self._set_stage(name, number, stage)
-
-    def _settle_stage(self, name: str, alias: str, stage: str) -> None:
-        """Leave ``stage`` on the alias's version only.
-
-        Two promotions at once each archive the holders they saw when their own stage move
-        began, so neither may archive the other's version, and the alias ends on whichever
-        was written last. Each promotion therefore reads back where the alias is and moves
-        the stage there, until it reads a settled state after its own last write.
-        """
-        for _ in range(SETTLE_ROUNDS):
-            holder = alias_of(self._registered_model(name), alias)
-            if holder is None:  # the alias was deleted meanwhile: nothing to keep in step
-                return
-            staged = [int(mv.version) for mv in self._search_versions(name) if mv.current_stage == stage]
-            if staged == [holder]:
-                return
-            for version in staged:
-                if version != holder:
-                    self._set_stage(name, str(version), ARCHIVED)
-            if holder not in staged:
-                self._set_stage(name, str(holder), stage)
-        raise TrackingError(f"model {name!r} alias {alias!r}: other promotions kept moving it, stage {stage} may not follow it; "
-                            "promote again")
-
-    def _set_stage(self, name: str, number: str, stage: str, *, archive_others: bool = False) -> None:
-        with warnings.catch_warnings():  # stages are deprecated; plantml keeps them only for the design's URIs
-            warnings.simplefilter("ignore", FutureWarning)
-            self._call(lambda: self.client.transition_model_version_stage(name, number, stage, archive_existing_versions=archive_others),
-                       f"model {name!r} version {number} stage {stage}")
+        self._stages.follow(name, alias, number)
 
     # -- comparing and loading -------------------------------------------------------
 
