@@ -111,7 +111,7 @@ def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry:
         message = f"{sender.gone}; what the run logged is kept in {journal.path}"
         return EndReport(run_id, message, journal.path, TrackingError(message))
     marked = _mark_pending(sender, end, hurry())
-    journal.close()
+    sender.release(0.0 if hurry() else 1.0)  # a request still in flight journals its outcome before the lock goes
     why = sender.last_error or "no answer in time"
     message = (f"run {run_id}: not everything was delivered to {sender.transport.settings.tracking_uri} ({why}); "
                f"{marked}; the rest is kept in {journal.path}: `plantml tracking replay {journal.path}` "

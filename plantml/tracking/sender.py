@@ -172,6 +172,8 @@ class RunSender:
         self._waiting_since: float | None = None
         self._waiters: dict[int, Future[Any]] = {}
         self._last_heartbeat = time.monotonic()
+        self._exited = False  # the thread is over: nothing more it does needs the journal
+        self._close_on_exit = False
         self._book = ModelProgressBook(journal.model_progress, journal.record_progress)
         self._thread = threading.Thread(target=self._run, name=f"plantml-sender-{run_id[:8]}", daemon=True)
         self._thread.start()
@@ -238,17 +240,36 @@ class RunSender:
             if not future.done():
                 future.set_exception(DeliveryPending(f"run {self.run_id}: model not delivered", self.journal.path))
 
+    def release(self, wait: float = 1.0) -> None:
+        """Stop the thread; close the journal once its request in flight (an upload: minutes) is over. Until
+        then the journal stays locked, so what that request achieves (the cursor, a model's progress) is
+        journalled before its spool goes, and a replay meanwhile finds it in use instead of sending it twice."""
+        self.stop()
+        self._thread.join(wait)
+        with self._cond:
+            if not self._exited:
+                self._close_on_exit = True
+                return
+        self.journal.close()
+
     # -- the thread ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                batch = self._next_batch()
-                if batch:
-                    self._deliver(batch)
-            except Exception as exc:  # a bug or a disk error: log it, never die, try again shortly
-                self._note_failure(exc, self.failures + 1)
-                self._stop.wait(1.0)
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = self._next_batch()
+                    if batch:
+                        self._deliver(batch)
+                except Exception as exc:  # a bug or a disk error: log it, never die, try again shortly
+                    self._note_failure(exc, self.failures + 1)
+                    self._stop.wait(1.0)
+        finally:
+            with self._cond:
+                self._exited = True
+                close = self._close_on_exit
+            if close:
+                self.journal.close()
 
     def _next_batch(self) -> list[Record]:
         while not self._stop.is_set():

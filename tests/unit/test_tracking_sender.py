@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from plantml.settings import TrackingSettings
 from plantml.tracking.entries import End, MetricPoint, Param, Record, Tag
-from plantml.tracking.journal import Journal
+from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.recover import finish_run
-from plantml.tracking.sender import DeliverySettings, RunSender, take_batch
+from plantml.tracking.sender import DeliveryPending, DeliverySettings, RunSender, take_batch
 from plantml.tracking.spool import Spool
 from plantml.tracking.transport import REJECTED_TAG, RunState, ServerError, Transport, is_refusal
 from plantml.tracking.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
@@ -239,6 +239,22 @@ def test_finishing_against_a_dead_server_keeps_the_journal_without_secrets(sende
     assert [r.entry for r in reopened.pending(100)] == [MetricPoint("loss", 9.0, 99, 9), Tag("stage", "done"), End("FINISHED", 9)]
     assert "s3cr3t-value" not in report.journal.read_text()
     assert fake.status is None  # never FINISHED while something is missing
+    reopened.close()
+
+
+def test_a_request_in_flight_when_the_end_times_out_journals_its_outcome_before_the_journal_is_let_go(sender, fake, tmp_path,
+                                                                                                       monkeypatch) -> None:
+    answer, original = threading.Event(), fake.log_batch
+    monkeypatch.setattr(fake, "log_batch", lambda *args: answer.wait(10) and original(*args))  # a long upload, say
+    sender.write(points(3))
+    report = finish_run(sender, Spool.of_run(tmp_path, "run"), End("FINISHED", 9), timeout=0.3)
+    assert isinstance(report.error, DeliveryPending)
+    with pytest.raises(JournalBusy):  # a replay now would send the request in flight a second time
+        Journal.open_existing(report.journal)
+    answer.set()
+    sender._thread.join(5)
+    reopened = Journal.open_existing(report.journal)
+    assert len(fake.points) == 3 and [r.entry for r in reopened.pending(100)] == [End("FINISHED", 9)]
     reopened.close()
 
 
