@@ -114,8 +114,9 @@ def take_batch(records: Sequence[Record]) -> list[Record]:
     """The records at the front that one request can carry, in order.
 
     An artifact, a model or an end goes alone. Otherwise consecutive params, tags and
-    metrics are taken up to MLflow's limits; a key repeated (a param, or a tag set twice)
-    starts the next request, so the later value is sent later.
+    metrics are taken up to MLflow's limits; a param repeated starts the next request. A tag
+    set again joins the batch (the transport sends its last value only: a tag keeps no
+    history), so a tag set every step does not cut the batches down to one step each.
     """
     if not records[0].is_log:
         return [records[0]]
@@ -131,11 +132,14 @@ def take_batch(records: Sequence[Record]) -> list[Record]:
         entry_size = _entry_size(record.entry)
         if counts.get(kind, 0) >= limit or (batch and size + entry_size > _REQUEST_SIZE_BUDGET):
             break
-        if kind is not MetricPoint:
-            key = (kind, record.entry.key)  # type: ignore[union-attr]
-            if key in keys:
-                break
-            keys.add(key)
+        key = (kind, getattr(record.entry, "key", ""))
+        if kind is Tag and key in keys:  # replaces the earlier value in the request
+            size += entry_size
+            batch.append(record)
+            continue
+        if kind is Param and key in keys:
+            break
+        keys.add(key)
         counts[kind] = counts.get(kind, 0) + 1
         size += entry_size
         batch.append(record)

@@ -329,7 +329,7 @@ class Transport:
             return 0, None
         metrics = [r.entry for r in records if isinstance(r.entry, MetricPoint)]
         params = [r.entry for r in records if isinstance(r.entry, Param)]
-        tags = [r.entry for r in records if isinstance(r.entry, Tag)]
+        tags = list({r.entry.key: r.entry for r in records if isinstance(r.entry, Tag)}.values())  # a tag's last value
         before = len(metrics) + len(params)
         if maybe_sent:  # the last try may have been stored: send only what the server lacks
             metrics, params = self.unsent(run_id, metrics, params)

@@ -258,8 +258,16 @@ def test_a_request_in_flight_when_the_end_times_out_journals_its_outcome_before_
     reopened.close()
 
 
-def test_batches_split_on_a_repeated_key_and_send_ends_alone() -> None:
-    records = [Record(1, Tag("stage", "a")), Record(2, MetricPoint("x", 1.0, 1, 0)), Record(3, Tag("stage", "b"))]
+def test_a_tag_set_every_step_leaves_with_full_batches_and_its_last_value_wins(sender, fake) -> None:
+    sender.write([entry for step in range(600)
+                  for entry in (MetricPoint("loss", float(step), 1_000 + step, step), Tag("progress", f"{step + 1}/600"))])
+    assert sender.flush(timeout=5)
+    assert len(fake.points) == 600 and fake.tags["progress"] == "600/600"
+    assert fake.log_requests <= 3  # 2 records a step: 1000 to a request (one step each would be 600)
+
+
+def test_batches_split_on_a_repeated_param_and_send_ends_alone() -> None:
+    records = [Record(1, Param("lr", "a")), Record(2, MetricPoint("x", 1.0, 1, 0)), Record(3, Param("lr", "b"))]
     assert len(take_batch(records)) == 2
     records = [Record(1, MetricPoint("x", 1.0, 1, 0)), Record(2, End("FINISHED", 1))]
     assert len(take_batch(records)) == 1 and take_batch(records[1:]) == [records[1]]
