@@ -184,6 +184,9 @@ class Transport:
         self.is_http = settings.tracking_uri.startswith(("http://", "https://"))
         self._session: Any = None
         self.requests_sent = 0
+        #: Points known stored, by (run, key), read once and kept while every send may repeat an earlier one (a
+        #: recovery): reading a key's whole history for each batch made a replay quadratic in its points.
+        self._stored: dict[tuple[str, str], set[tuple[int, int, Any]]] = {}
 
     def client_env(self) -> dict[str, str]:
         """S3 settings plus MLflow HTTP settings that make one ``MlflowClient`` call fail fast."""
@@ -271,7 +274,10 @@ class Transport:
     def unsent(self, run_id: str, metrics: Sequence[MetricPoint], params: Sequence[Param]
                ) -> tuple[list[MetricPoint], list[Param]]:
         """The metric points and params of a batch that the server does not store yet."""
-        stored = {key: self.stored_points(run_id, key) for key in {m.key for m in metrics}}
+        stored = {key: self._stored.get((run_id, key)) for key in {m.key for m in metrics}}
+        for key, known in stored.items():
+            if known is None:
+                stored[key] = self._stored[(run_id, key)] = self.stored_points(run_id, key)
         missing_metrics = [m for m in metrics if _point_id(m.step, m.timestamp, m.value) not in stored[m.key]]
         have = self.stored_params(run_id) if params else {}
         return missing_metrics, [p for p in params if have.get(p.key) != p.value]
@@ -333,8 +339,17 @@ class Transport:
         before = len(metrics) + len(params)
         if maybe_sent:  # the last try may have been stored: send only what the server lacks
             metrics, params = self.unsent(run_id, metrics, params)
+        else:
+            self._stored.clear()
         if metrics or params or tags:
-            self.log_batch(run_id, metrics, params, tags)
+            try:
+                self.log_batch(run_id, metrics, params, tags)
+            except BaseException:
+                for m in metrics:  # some may be stored now: read again before the next try
+                    self._stored.pop((run_id, m.key), None)
+                raise
+        for m in metrics:
+            self._stored.get((run_id, m.key), set()).add(_point_id(m.step, m.timestamp, m.value))
         return before - len(metrics) - len(params), None
 
 

@@ -78,6 +78,21 @@ def test_a_dead_process_journal_is_delivered_once_and_its_run_ended_killed(store
     assert not path.exists()
 
 
+def test_a_replay_reads_each_metric_s_history_once_not_once_per_batch(store, monkeypatch) -> None:
+    from plantml.tracking.transport import Transport
+
+    client, _, _, run_id, _ = store
+    reads, original = [], Transport.stored_points
+    monkeypatch.setattr(Transport, "stored_points", lambda self, run, key: reads.append(key) or original(self, run, key))
+    path = write_journal(store, [MetricPoint("loss", float(i), 1_000 + i, i) for i in range(2_500)])
+
+    report = recover_journal(path)
+
+    assert report.ok and report.delivered == 2_502 and report.already_stored == 0  # with the recovered tag and the end
+    assert reads == ["loss"]  # three batches: a read of the whole history before each made a replay quadratic
+    assert len(client.get_metric_history(run_id, "loss")) == 2_501
+
+
 def test_the_status_a_journal_asked_for_is_kept(store) -> None:
     client, *_ = store
     path = write_journal(store, [*ENTRIES, End("FAILED", 300)])
