@@ -48,6 +48,7 @@ from plantml.tracking.journal_format import (
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
+REFILL_CHUNK = 4 << 20  # bytes read at a time when records waiting on disk are read back (~80,000 points)
 
 
 class JournalWriteError(TrackingError):
@@ -341,8 +342,7 @@ class Journal:
         """Read records waiting on disk back into memory, up to the bound, skipping settled ones."""
         if self._backlog_offset is None or self._fd is None:
             return
-        base = self._backlog_offset
-        data = _read_all(self._fd, base)
+        offset = self._backlog_offset
         scan = LineScan()
 
         def take(record: Record, at: int) -> bool:
@@ -353,9 +353,19 @@ class Journal:
             self._memory.append(record)
             return True
 
-        stopped = read_lines(data, 0, scan, take)
+        while True:  # a chunk at a time: reading the whole rest made memory and time grow with the backlog
+            data = os.pread(self._fd, REFILL_CHUNK, offset)
+            at_end = len(data) < REFILL_CHUNK
+            cut = len(data) if at_end else data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a chunk
+                data, at_end = _read_all(self._fd, offset), True
+                cut = len(data)
+            stopped = read_lines(data[:cut], 0, scan, take)
+            if stopped < cut or at_end:
+                break
+            offset += cut
         self._progress.update(scan.progress)
-        self._backlog_offset = base + stopped if stopped < len(data) else None
+        self._backlog_offset = offset + stopped if stopped < cut else None
 
     def _warn_once(self, what: str, message: str, *args: Any) -> None:
         if what not in self._warned:

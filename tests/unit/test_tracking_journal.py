@@ -127,6 +127,31 @@ def test_beyond_the_memory_bound_records_wait_on_disk_in_order(tmp_path) -> None
     journal.close()
 
 
+def test_records_read_back_from_disk_are_read_a_chunk_at_a_time_not_the_whole_backlog(tmp_path, monkeypatch) -> None:
+    import plantml.tracking.journal as journal_module
+
+    journal = Journal.create(tmp_path, header(), max_in_memory=10)
+    journal.append([MetricPoint("loss", float(step), 10, step) for step in range(20_000)])  # about 1 MB on disk
+    monkeypatch.setattr(journal_module, "REFILL_CHUNK", 4096, raising=False)
+    read, pread = [], os.pread
+
+    def counted(fd: int, size: int, at: int) -> bytes:
+        data = pread(fd, size, at)
+        read.append(len(data))
+        return data
+
+    monkeypatch.setattr(os, "pread", counted)
+    seen = []
+    while len(seen) < 20_000:
+        read.clear()
+        batch = journal.pending(10)
+        seen += [r.entry.step for r in batch]
+        journal.ack(batch[-1].seq)
+        assert sum(read) <= 64 * 1024  # a few chunks, not the whole rest at each refill (memory as big as the backlog)
+    assert seen == list(range(20_000)) and not journal.has_pending()
+    journal.close()
+
+
 def test_only_whole_journals_are_listed_and_read(tmp_path, journal) -> None:
     assert read_header(tmp_path / "run1.jsonl").run_id == "run1"
     assert not list(tmp_path.glob(".*.new"))  # created under another name, renamed once its header is on disk
