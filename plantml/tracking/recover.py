@@ -32,7 +32,7 @@ from typing import Any
 from plantml.errors import TrackingError, UsageError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
 from plantml.tracking.delivery import RetryPolicy, read_run_state
-from plantml.tracking.entries import End, Tag
+from plantml.tracking.entries import End, Model, Tag
 from plantml.tracking.journal import Journal, JournalBusy, list_journals, read_header
 from plantml.tracking.sender import (
     HEARTBEAT_TAG,
@@ -43,7 +43,7 @@ from plantml.tracking.sender import (
     resolve_delivery_settings,
 )
 from plantml.tracking.spool import Spool
-from plantml.tracking.transport import DELIVERY_TAG, Transport
+from plantml.tracking.transport import DELIVERY_TAG, Transport, end_status
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class EndReport:
     message: str
     journal: Path | None = None
     error: TrackingError | None = None
+    #: The status the run ended with (FAILED where FINISHED was asked and a model was refused); None: not ended.
+    status: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,11 @@ def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry:
         done = sender.flush(timeout, hurry, to_the_end=True)
     sender.stop()
     if done:
+        end = replace(end, status=end_status(end.status, any(isinstance(a.record.entry, Model) for a in sender.rejected)))
         if not journal.refused and not journal.problems:
             journal.remove()
             spool.remove()
-            return EndReport(run_id, f"run {run_id} ended {end.status}, everything delivered")
+            return EndReport(run_id, f"run {run_id} ended {end.status}, everything delivered", status=end.status)
         if move_kept:
             kept = journal.keep_aside()
         else:
@@ -105,7 +108,7 @@ def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry:
         message = (f"run {run_id} ended {end.status}; {len(journal.refused)} entries the server refused "
                    f"were set aside, {len(journal.problems)} corrupt journal lines skipped; see {kept}")
         logger.warning("%s", message)
-        return EndReport(run_id, message, kept)
+        return EndReport(run_id, message, kept, status=end.status)
     if sender.gone is not None:
         journal.close()
         message = f"{sender.gone}; what the run logged is kept in {journal.path}"
@@ -183,9 +186,8 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
     if report.error is not None:
         message = f"run {header.run_id}: {counts}; {one_line(report.error)}"
     else:
-        message = f"run {header.run_id}: {counts}; ended {end.status}" + ("" if ok else f"; journal kept: {report.journal}")
-    return RecoverReport(report.journal or journal.path, header.run_id, message, ok,
-                         status=end.status if report.error is None else None, delivered=sender.delivered,
+        message = f"run {header.run_id}: {counts}; ended {report.status}" + ("" if ok else f"; journal kept: {report.journal}")
+    return RecoverReport(report.journal or journal.path, header.run_id, message, ok, status=report.status, delivered=sender.delivered,
                          already_stored=sender.already_stored, refused=refused, skipped_lines=journal.problems,
                          model_versions=tuple(sender.model_versions))
 

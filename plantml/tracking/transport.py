@@ -132,6 +132,11 @@ def _s3_error_code(exc: BaseException) -> str | None:
     return None
 
 
+def end_status(requested: str, model_refused: bool) -> str:
+    """The status a run ends with: FAILED rather than FINISHED once one of its models was refused."""
+    return "FAILED" if model_refused and requested == "FINISHED" else requested
+
+
 def _json_number(value: float) -> float | str:
     """A metric value as MLflow's protobuf JSON writes it: non-finite ones as strings."""
     if value - value == 0:
@@ -316,7 +321,7 @@ class Transport:
         """
         entry = records[0].entry
         if isinstance(entry, End):
-            status = "FAILED" if model_refused and entry.status == "FINISHED" else entry.status
+            status = end_status(entry.status, model_refused)
             self.log_batch(run_id, [], [], [Tag(DELIVERY_TAG, "complete")])
             self.terminate(run_id, status, entry.at)
             return 0, None

@@ -13,7 +13,7 @@ from plantml.cli import main
 from plantml.errors import UsageError
 from plantml.settings import resolve_tracking_settings
 from plantml.tracking import MLflowTracker
-from plantml.tracking.entries import End, MetricPoint, Param, Tag
+from plantml.tracking.entries import End, MetricPoint, Model, Param, Tag
 from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.recover import parse_duration, recover_journal, recover_orphans
@@ -91,6 +91,16 @@ def test_a_replay_reads_each_metric_s_history_once_not_once_per_batch(store, mon
     assert report.ok and report.delivered == 2_502 and report.already_stored == 0  # with the recovered tag and the end
     assert reads == ["loss"]  # three batches: a read of the whole history before each made a replay quadratic
     assert len(client.get_metric_history(run_id, "loss")) == 2_501
+
+
+def test_a_replay_that_ends_a_run_failed_for_a_refused_model_says_failed(store, tmp_path) -> None:
+    client, _, _, run_id, _ = store
+    path = write_journal(store, [Model(str(tmp_path / "gone" / "model"), "model"), End("FINISHED", 2_000)])  # its spool gone
+
+    report = recover_journal(path)
+
+    assert client.get_run(run_id).info.status == "FAILED"  # never FINISHED without its model
+    assert report.status == "FAILED" and "ended FAILED" in report.message and len(report.refused) == 1
 
 
 def test_the_status_a_journal_asked_for_is_kept(store) -> None:
