@@ -391,9 +391,9 @@ class MLflowTracker:
 
     def search_runs(self, filter_string: str | None = None, max_results: int = 100,
                     order_by: list[str] | None = None) -> list[dict[str, Any]]:
-        """Runs of this tracker's experiment as flat dicts (``run_id``, ``metrics.x``, ``params.x``, ``tags.x``)."""
-        if isinstance(order_by, str):
-            order_by = [order_by]
+        """Runs of this tracker's experiment as flat dicts (``run_id``, ``metrics.x``, ``params.x``, ``tags.x``);
+        ``max_results`` from 1 to 50,000 (MLflow's limit for one search), ``order_by`` a string or a list."""
+        max_results, order_by = check.search_options(max_results, order_by)
         runs = self._call("search runs", self._client.search_runs, [self.experiment_id],
                           filter_string=filter_string or "", max_results=max_results, order_by=order_by)
         return [flatten_run(run) for run in runs]

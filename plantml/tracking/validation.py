@@ -243,6 +243,22 @@ def existing_dir(path: Any) -> Path:
     return local
 
 
+#: The most runs MLflow returns from one search.
+MAX_SEARCH_RESULTS = 50_000
+
+
+def search_options(max_results: Any, order_by: Any) -> tuple[int | None, list[str] | None]:
+    """``max_results`` (None: MLflow's default) and ``order_by`` (a string or a list of them) as MLflow's search takes them."""
+    whole = isinstance(max_results, numbers.Integral) and not isinstance(max_results, bool)
+    if max_results is not None and not (whole and 1 <= max_results <= MAX_SEARCH_RESULTS):
+        raise ValidationError(f"max_results {max_results!r}: must be a whole number from 1 to {MAX_SEARCH_RESULTS} (MLflow's limit)")
+    if isinstance(order_by, str):
+        order_by = [order_by]
+    if order_by is not None and (not isinstance(order_by, (list, tuple)) or not all(isinstance(o, str) for o in order_by)):
+        raise ValidationError(f"order_by {order_by!r}: must be a list of strings such as 'metrics.val_accuracy DESC'")
+    return None if max_results is None else int(max_results), None if order_by is None else list(order_by)
+
+
 def check_status(status: Any) -> str:
     """Return ``status`` if it ends a run in MLflow (FINISHED, FAILED, KILLED), else raise."""
     if status not in RUN_STATUSES:

@@ -206,6 +206,13 @@ def test_logged_model_loads_and_predicts_any_batch_size(tracker, monkeypatch) ->
     assert exported.signature is not None
 
 
+@pytest.mark.parametrize(("max_results", "order_by"), [(0, None), (-1, None), (50_001, None), ("10", None), (2.5, None),
+                                                    (True, None), (10, [1]), (10, 5)])
+def test_search_arguments_mlflow_cannot_take_are_a_usage_error_naming_them(tracker, max_results, order_by) -> None:
+    with pytest.raises(ValidationError, match="max_results" if order_by is None else "order_by"):
+        tracker.search_runs(max_results=max_results, order_by=order_by)
+
+
 def test_get_best_run_is_none_without_the_metric(tracker) -> None:
     with tracker.start_run():
         tracker.log_metric("loss", 1.0)
