@@ -36,6 +36,9 @@ MAX_ENTITY_KEY_LENGTH = 250
 MAX_PARAM_VAL_LENGTH = 6000
 MAX_TAG_VAL_LENGTH = 8000
 MAX_EXPERIMENT_NAME_LENGTH = 500
+# What MLflow's database columns hold (PostgreSQL refuses more, naming nothing; SQLite keeps it): below its checks.
+EXPERIMENT_NAME_COLUMN = 256
+MAX_RUN_NAME_LENGTH = 250
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 MAX_ENTITIES_PER_BATCH = 1000
@@ -144,8 +147,13 @@ def tag_value(key: str, value: Any) -> str:
 
 
 def run_name(name: Any) -> str | None:
-    """A run name MLflow can store (:func:`checked_text`), or None."""
-    return None if name is None else checked_text("run name", str(name), str(name))
+    """A run name MLflow can store (:func:`checked_text`, at most 250 characters: its database column), or None."""
+    if name is None:
+        return None
+    text = checked_text("run name", str(name), str(name))
+    if len(text) > MAX_RUN_NAME_LENGTH:
+        raise ValidationError(f"run name {text[:40]!r}...: longer than MLflow's {MAX_RUN_NAME_LENGTH} characters ({len(text)})")
+    return text
 
 
 def _truncated(kind: str, key: str, text: str, limit: int) -> str:
@@ -270,8 +278,8 @@ def check_experiment_name(name: Any) -> str:
     """Return ``name`` if MLflow accepts it as an experiment name, else raise."""
     if not isinstance(name, str) or not name.strip():
         raise ValidationError(f"experiment name {name!r}: must be a non-empty string")
-    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
-        raise ValidationError(f"experiment name {name[:40]!r}...: longer than {MAX_EXPERIMENT_NAME_LENGTH} characters")
+    if len(name) > min(MAX_EXPERIMENT_NAME_LENGTH, EXPERIMENT_NAME_COLUMN):
+        raise ValidationError(f"experiment name {name[:40]!r}...: longer than MLflow's {EXPERIMENT_NAME_COLUMN} characters ({len(name)})")
     return name
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from plantml.errors import UsageError, os_reason
+from plantml.tracking.validation import run_name
 from plantml.training.config import DEFAULT_IMAGE_SIZE, TrainConfig
 from plantml.training.models import SMALLEST_FEATURE_MAP_PX, get_backbone
 
@@ -16,6 +17,7 @@ from plantml.training.models import SMALLEST_FEATURE_MAP_PX, get_backbone
 def check_config(config: TrainConfig) -> torch.device:
     """Reject impossible flag combinations; return the device to train on."""
     get_backbone(config.backbone)
+    run_name(config.run_name)  # a NUL or a name too long for MLflow's database: before any data is read
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")

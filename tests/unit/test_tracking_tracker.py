@@ -213,6 +213,17 @@ def test_search_arguments_mlflow_cannot_take_are_a_usage_error_naming_them(track
         tracker.search_runs(max_results=max_results, order_by=order_by)
 
 
+def test_a_run_name_longer_than_mlflow_s_column_is_refused_naming_it_and_no_run_is_made(tracker) -> None:
+    with pytest.raises(ValidationError, match="run name 'xxx.*longer than MLflow's 250 characters"):
+        tracker.start_run("x" * 251)
+    assert tracker.search_runs() == []
+
+
+def test_an_experiment_name_longer_than_mlflow_s_column_is_refused_naming_it(store_uri) -> None:
+    with pytest.raises(ValidationError, match="experiment name 'eee.*longer than MLflow's 256 characters"):
+        MLflowTracker(tracking_uri=store_uri, experiment_name="e" * 257)
+
+
 def test_get_best_run_is_none_without_the_metric(tracker) -> None:
     with tracker.start_run():
         tracker.log_metric("loss", 1.0)

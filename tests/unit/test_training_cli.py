@@ -34,6 +34,8 @@ TINY = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--weights",
     (["--unfreeze-epoch", "2"], "needs --freeze-backbone"),
     (["--weights", "/nowhere/w.pth"], "--weights /nowhere/w.pth"),
     (["--learning-rate", "0"], "--learning-rate"),
+    (["--run-name", "x" * 251], "run name 'xxxx"),  # PostgreSQL's answer named nothing, after the data was read
+    (["--run-name", "a\x00b"], "NUL"),
 ])
 def test_usage_errors_exit_2_with_one_line_and_no_run(capsys, leaves, no_tracker, args, expected):
     code = main(["train", "--data-dir", str(leaves), *args])
