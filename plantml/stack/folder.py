@@ -204,11 +204,21 @@ class StackFolder:
 
     # -- what a second start reads back ---------------------------------------------------------
     def read_json(self, name: str) -> dict[str, Any]:
-        """A JSON file of the folder ({} when absent)."""
+        """A JSON file of the folder ({} when absent); one line naming it when it cannot be read or is not an object.
+
+        A crash can leave it empty or cut short (or a person can edit it): a traceback would not say which file.
+        """
+        path = self.path / name
         try:
-            return json.loads((self.path / name).read_text())
+            value = json.loads(path.read_text())
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as exc:
+            reason = os_reason(exc) if isinstance(exc, OSError) else f"not valid JSON: {exc}"
+            raise StackError("stack", f"data folder {self.path}: {name} cannot be read ({reason})") from None
+        if not isinstance(value, dict):
+            raise StackError("stack", f"data folder {self.path}: {name} cannot be read (not a JSON object)")
+        return value
 
     def write_json(self, name: str, value: dict[str, Any]) -> None:
         """Write a JSON file of the folder, owner-only."""
@@ -247,7 +257,7 @@ def prune_local_stacks() -> list[str]:
                 folder.lock()
             except StackError:
                 continue  # alive
-            for name, process in folder.read_json(STATE).get("processes", {}).items():
+            for name, process in _recorded_processes(folder).items():
                 if _end_process_group(process["pid"], process["started"]):
                     removed.append(f"{name} process {process['pid']}")
         env_file = folder.env_file
@@ -256,6 +266,17 @@ def prune_local_stacks() -> list[str]:
         folder.close()
         removed.append(f"stack folder {folder.path}" if folder.temporary else f"lock of {folder.path}")
     return removed
+
+
+def _recorded_processes(folder: StackFolder) -> dict[str, dict[str, Any]]:
+    """The processes a dead stack's state file names; none when it cannot be read (a crash cut it short): its
+    services got their stop signal when their owner died, and one bad file must not stop every later start."""
+    try:
+        processes = folder.read_json(STATE).get("processes", {})
+        return {name: {"pid": int(entry["pid"]), "started": str(entry["started"])} for name, entry in processes.items()}
+    except (StackError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        log.warning("prune: %s; its processes are not waited for", getattr(exc, "cause", exc))
+        return {}
 
 
 def _wait_until_gone(pid: int, started: str, timeout: float) -> bool:

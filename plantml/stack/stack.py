@@ -206,7 +206,11 @@ class ManagedStack(Stack):
     def _start_services(self) -> None:
         assert self.folder is not None
         saved = self.folder.read_json(CREDENTIALS)
-        self.spec = self.spec.with_credentials(saved) if saved else self.spec
+        try:
+            self.spec = self.spec.with_credentials(saved) if saved else self.spec
+        except (TypeError, ValueError):  # a part that is not a mapping of the secret fields
+            raise StackError("stack", f"data folder {self.folder.path}: {CREDENTIALS} cannot be read "
+                                      "(not the credentials a stack wrote)") from None
         self.folder.write_json(CREDENTIALS, self.spec.credentials())
         self.runner.open(self.stack_id, self.folder.path)
         abandon = threading.Event()
@@ -242,7 +246,10 @@ class ManagedStack(Stack):
     def _choose_ports(self) -> dict[str, dict[str, int]]:
         """Each service's ports: a fixed one where given, else the last start's when all are free, else free ones."""
         assert self.folder is not None
-        previous = self.folder.read_json(STATE).get("ports", {})
+        try:
+            previous = self.folder.read_json(STATE).get("ports", {})
+        except StackError:  # only a hint of the last ports (a crash cut it short): free ones do as well
+            previous = {}
         roles = {"postgres": ("postgres",), "s3": self.spec.s3.port_roles, "mlflow": ("mlflow",)}
         taken = {port for port in self._fixed_ports.values() if port}
         chosen: dict[str, dict[str, int]] = {}

@@ -1,0 +1,52 @@
+"""A kept data folder after crashes and full disks: every start says what is wrong in one line, and one bad
+folder never stops the other stacks from starting. No service runs: each start fails before any would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from plantml.stack.folder import CREDENTIALS, STATE, StackFolder
+
+#: A stack's owner killed with kill -9 right after it opened its folder: its record and its folder stay, unlocked.
+KILLED = "import os, sys; from pathlib import Path; from plantml.stack.folder import StackFolder; " \
+         "StackFolder.open(Path(sys.argv[1]), 'killed'); os._exit(0)"
+
+
+@pytest.fixture(autouse=True)
+def own_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def plantml(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "plantml", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_dead_stacks_state_file_cut_short_by_a_crash_stops_neither_prune_nor_the_next_start(tmp_path):
+    """Every start prunes the stacks killed before it first: one bad file there used to stop them all (a traceback)."""
+    folder = tmp_path / "killed"
+    subprocess.run([sys.executable, "-c", KILLED, str(folder)], check=True)
+    (folder / STATE).write_text("")  # what a crash leaves of a file whose data had not reached the disk
+
+    result = plantml("stack", "prune")
+
+    assert result.returncode == 0
+    assert result.stderr == f"prune: data folder {folder}: {STATE} cannot be read (not valid JSON: Expecting value: " \
+                            "line 1 column 1 (char 0)); its processes are not waited for\n"
+    assert result.stdout.splitlines()[1] == f"removed 1 local leftover(s): lock of {folder}"
+
+
+def test_credentials_cut_short_by_a_crash_are_named_in_one_line(tmp_path):
+    folder = tmp_path / "kept"
+    StackFolder.open(folder, "first").close()
+    (folder / CREDENTIALS).write_text('{"postgres": {"pass')
+
+    result = plantml("stack", "up", "--data-dir", str(folder))
+
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"plantml: error: stack: data folder {folder}: {CREDENTIALS} cannot be read (not "
+                                    "valid JSON: ")
+    assert result.stderr.count("\n") == 1
+    assert (folder / CREDENTIALS).read_text() == '{"postgres": {"pass'  # left as it was, for its owner to repair
