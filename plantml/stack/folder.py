@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, StackError, os_reason
+from plantml.errors import ConfigError, PlantmlError, StackError, os_reason
 from plantml.processes import process_alive
 from plantml.settings import env_path
 from plantml.stack.service import ServiceSpec
+from plantml.staging import local_writes
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ class StackFolder:
     def open(cls, data_dir: Path | None, stack_id: str) -> StackFolder:
         """Lock ``data_dir`` (created if missing), or a new temporary folder, and record it for prune."""
         if data_dir is None:
-            path, temporary = Path(tempfile.mkdtemp(prefix="plantml-stack-")), True
+            with local_writes("stack data folder in", Path(tempfile.gettempdir())):
+                path, temporary = Path(tempfile.mkdtemp(prefix="plantml-stack-")), True
         else:
             path, temporary = data_dir.expanduser().resolve(), False
             if path.is_dir() and any(path.iterdir()) and not (path / LOCK).exists():
@@ -136,7 +138,11 @@ class StackFolder:
             raise StackError("stack", f"data folder {path}: {exc.strerror}") from None
         folder = cls(path, temporary, stack_id)
         folder.lock()
-        folder._record()
+        try:
+            folder._record()
+        except BaseException:
+            folder.close()  # a lock held by a failed start would refuse the next one in this process
+            raise
         return folder
 
     def _record(self) -> None:
@@ -144,7 +150,9 @@ class StackFolder:
         entry: dict[str, Any] = {"folder": str(self.path), "temporary": self.temporary}
         if self.env_file is not None:
             entry["env_file"], entry["env_sha256"] = str(self.env_file[0]), self.env_file[1]
-        write_private(registry() / f"{self.stack_id}.json", json.dumps(entry))
+        folder = registry()
+        with local_writes("PLANTML_CACHE_DIR: the records of running stacks in", folder):
+            write_private(folder / f"{self.stack_id}.json", json.dumps(entry))
 
     def write_env_file(self, path: Path, env: dict[str, str]) -> None:
         """Write ``KEY=VALUE`` lines (for ``set -a; . F``, python-dotenv and plantml) to ``path``, mode 0600.
@@ -181,15 +189,21 @@ class StackFolder:
 
         The kernel releases an flock when its holder dies, however it dies: a stale lock never blocks.
         """
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        with local_writes("stack data folder", self.path):
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise StackError("stack", f"data folder {self.path} is in use by a running stack (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            with local_writes("stack data folder", self.path):  # a full disk: one line, not a traceback
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
 
     def close(self) -> None:
@@ -221,20 +235,22 @@ class StackFolder:
         return value
 
     def write_json(self, name: str, value: dict[str, Any]) -> None:
-        """Write a JSON file of the folder, owner-only."""
-        write_private(self.path / name, json.dumps(value, indent=1))
+        """Write a JSON file of the folder, owner-only; one line naming the folder when it is full or failing."""
+        with local_writes("stack data folder", self.path):
+            write_private(self.path / name, json.dumps(value, indent=1))
 
     # -- a service's folder --------------------------------------------------------------------
     def prepare(self, spec: ServiceSpec) -> None:
         """Create the service's folder for its account and write its files (0600) into it."""
         account = spec.account
         owner = None if account.uid == os.geteuid() else (account.uid, account.gid)
-        private_folder(spec.folder, owner)
-        for relative, content in spec.files.items():
-            path = spec.folder / relative
-            if path.parent != spec.folder:
-                private_folder(path.parent, owner)
-            write_private(path, content, owner)
+        with local_writes("stack data folder", self.path):
+            private_folder(spec.folder, owner)
+            for relative, content in spec.files.items():
+                path = spec.folder / relative
+                if path.parent != spec.folder:
+                    private_folder(path.parent, owner)
+                write_private(path, content, owner)
 
 
 def prune_local_stacks() -> list[str]:
@@ -255,8 +271,8 @@ def prune_local_stacks() -> list[str]:
         if folder.path.exists():
             try:
                 folder.lock()
-            except StackError:
-                continue  # alive
+            except PlantmlError:
+                continue  # alive (or a folder that cannot take its lock now: left for a later prune)
             for name, process in _recorded_processes(folder).items():
                 if _end_process_group(process["pid"], process["started"]):
                     removed.append(f"{name} process {process['pid']}")

@@ -50,3 +50,37 @@ def test_credentials_cut_short_by_a_crash_are_named_in_one_line(tmp_path):
                                     "valid JSON: ")
     assert result.stderr.count("\n") == 1
     assert (folder / CREDENTIALS).read_text() == '{"postgres": {"pass'  # left as it was, for its owner to repair
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A full 256 KiB tmpfs at ``tmp_path/disk`` (mounting needs root, which CI has), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.strip()}")
+    try:
+        with open(disk / "ballast", "wb", buffering=0) as out:
+            while out.write(b"\0" * 4096):
+                pass
+    except OSError:
+        pass
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("full", ["data folder", "cache folder"])
+def test_a_full_disk_under_the_data_or_cache_folder_is_one_line_naming_it(tmp_path, full_disk, full, monkeypatch):
+    data = full_disk / "stack" if full == "data folder" else tmp_path / "stack"
+    if full == "cache folder":
+        monkeypatch.setenv("PLANTML_CACHE_DIR", str(full_disk / "cache"))
+    (full_disk / "cache" / "stacks").mkdir(parents=True)
+
+    result = plantml("stack", "up", "--data-dir", str(data))
+
+    named = data if full == "data folder" else full_disk / "cache" / "stacks"
+    assert result.returncode == 1
+    assert result.stderr.startswith("plantml: error: ") and f"{named}: no space left on device" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert plantml("stack", "prune").returncode == 0  # and nothing was left locked or recorded that prune chokes on
