@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plantml.stack.service import Network, ServiceSpec
+from plantml.stack.service import INIT_SUFFIX, Network, ServiceSpec
 
 #: initdb reads the superuser's password from this file (owner-only, in the owner-only folder).
 PASSWORD_FILE = "initdb-password"
@@ -63,7 +63,7 @@ def hba_rules(network: Network) -> str:
 def postgres_service(spec: PostgresSpec, folder: Path, port: int, network: Network) -> ServiceSpec:
     """PostgreSQL 15 on ``port``: a cluster in ``folder/data``, no Unix socket, SCRAM passwords."""
     data = folder / DATA
-    init = ("initdb", "-D", str(data), "-U", spec.user, f"--pwfile={folder / PASSWORD_FILE}", "--auth=scram-sha-256",
+    init = ("initdb", "-D", str(data.with_name(DATA + INIT_SUFFIX)), "-U", spec.user, f"--pwfile={folder / PASSWORD_FILE}", "--auth=scram-sha-256",
             "-E", "UTF8", "--no-instructions", *(() if spec.durable else ("--no-sync",)))
     command = ("postgres", "-D", str(data), "-p", str(port), "-c", f"listen_addresses={network.bind}",
                # No Unix socket: nothing but the TCP port to guard (and no path-length limit on long folders).
@@ -92,7 +92,9 @@ def postgres_service(spec: PostgresSpec, folder: Path, port: int, network: Netwo
     return ServiceSpec(
         name="postgres", command=command, folder=folder, port=port, ports={"postgres": port}, ready=ready,
         files={PASSWORD_FILE: spec.password + "\n", HBA_FILE: hba_rules(network)},
-        init=init, initialized=f"{DATA}/PG_VERSION", bootstrap=create_database,
+        # initdb writes PG_VERSION first: killed half-way (a crash, kill -9 of its group) its cluster would look
+        # initialised and never start; written aside and renamed once complete, it is made again instead.
+        init=init, initialized=f"{DATA}/PG_VERSION", init_staged=DATA, bootstrap=create_database,
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for MLflow's connections to leave.
         stop_signal=signal.SIGINT, start_timeout=30, refuses_root=True,
     )

@@ -29,6 +29,8 @@ LOOPBACK = "127.0.0.1"
 SERVICE_NAMES = ("postgres", "s3", "mlflow")
 
 Command = tuple[str, ...]
+#: The suffix of the folder a service's ``init`` writes before it is renamed into place (see ``ServiceSpec.init_staged``).
+INIT_SUFFIX = ".init"
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,9 @@ class ServiceSpec:
     #: One-off command run while ``initialized`` (a path in the folder) is missing, e.g. initdb.
     init: Command | None = None
     initialized: str | None = None
+    #: The folder (in the service's folder) that ``init`` creates, which it writes as ``<name>.init``: renamed into
+    #: place only once ``init`` succeeded, so an init killed half-way leaves nothing that looks initialised.
+    init_staged: str | None = None
     #: Work once the service answers: create its database or buckets (idempotent).
     bootstrap: Callable[[], None] | None = field(default=None, repr=False)
     stop_signal: signal.Signals = signal.SIGTERM
@@ -130,6 +135,10 @@ class ServiceSpec:
     def is_initialized(self) -> bool:
         """True when the folder needs no ``init`` (none declared, or it already ran)."""
         return self.init is None or self.initialized is None or (self.folder / self.initialized).exists()
+
+    def staging(self) -> Path | None:
+        """Where ``init`` writes what becomes :attr:`init_staged` (None when it writes in place)."""
+        return None if self.init_staged is None else self.folder / f"{self.init_staged}{INIT_SUFFIX}"
 
 
 class ServiceProcess(Protocol):

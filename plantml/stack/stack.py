@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import shutil
 import socket
 import threading
 import uuid
@@ -230,7 +231,7 @@ class ManagedStack(Stack):
         def start(service: Service) -> None:
             try:
                 if not service.spec.is_initialized():
-                    self.runner.run_once(service.spec, service.spec.init)  # type: ignore[arg-type]
+                    initialize(self.runner, service.spec)
                 service.start()
             except BaseException:
                 abandon.set()  # the others stop waiting: their start is reported as abandoned
@@ -282,6 +283,28 @@ class ManagedStack(Stack):
         self.folder.write_json(STATE, {"owner": self.stack_id, "backend": self.backend,
                                        "ports": {name: dict(svc.spec.ports) for name, svc in self.services.items()},
                                        "processes": processes})
+
+
+def initialize(runner: Runner, spec: ServiceSpec) -> None:
+    """Run ``spec.init``; a staged one (:attr:`ServiceSpec.init_staged`) into a fresh folder, renamed into place
+    (and the rename synced) only once it succeeded. What an init killed half-way left aside is removed first."""
+    staging = spec.staging()
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    runner.run_once(spec, spec.init)  # type: ignore[arg-type]
+    if staging is None:
+        return
+    final = spec.folder / spec.init_staged  # type: ignore[operator]
+    try:
+        staging.rename(final)
+        parent = os.open(spec.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+    except OSError as exc:
+        raise StackError(spec.name, f"{final}: cannot put the new {spec.init_staged} folder in place ({exc.strerror}); "
+                                    f"a folder left by an interrupted first start? Remove it to initialise it again") from None
 
 
 class Abandoned(StackError):

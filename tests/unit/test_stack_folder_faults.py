@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from plantml.errors import StackError
 from plantml.stack.folder import CREDENTIALS, STATE, StackFolder
+from plantml.stack.postgres import PostgresSpec, postgres_service
+from plantml.stack.service import Network
+from plantml.stack.stack import initialize
 
 #: A stack's owner killed with kill -9 right after it opened its folder: its record and its folder stay, unlocked.
 KILLED = "import os, sys; from pathlib import Path; from plantml.stack.folder import StackFolder; " \
@@ -84,3 +89,34 @@ def test_a_full_disk_under_the_data_or_cache_folder_is_one_line_naming_it(tmp_pa
     assert result.stderr.startswith("plantml: error: ") and f"{named}: no space left on device" in result.stderr
     assert result.stderr.count("\n") == 1
     assert plantml("stack", "prune").returncode == 0  # and nothing was left locked or recorded that prune chokes on
+
+
+class InitdbRunner:
+    """Runs a service's init as initdb would: PG_VERSION first, then the rest; ``killed`` stops it half-way."""
+
+    def __init__(self, killed: bool) -> None:
+        self.killed = killed
+
+    def run_once(self, spec, command) -> None:
+        cluster = Path(command[command.index("-D") + 1])
+        cluster.mkdir(parents=True)
+        (cluster / "PG_VERSION").write_text("15\n")
+        if self.killed:
+            raise StackError(spec.name, "initdb failed with exit code -9")
+        (cluster / "global").mkdir()
+        (cluster / "global" / "pg_control").write_bytes(b"complete")
+
+
+def test_a_first_start_killed_during_initdb_leaves_no_cluster_that_looks_initialised(tmp_path):
+    """Killed half-way (a crash, kill -9 of its process group), initdb used to leave PG_VERSION in the cluster:
+    every later start took it for a cluster, waited 30 s for a server that crash-looped, and failed."""
+    spec = postgres_service(PostgresSpec(), tmp_path / "postgres", 1, Network())
+    with pytest.raises(StackError):
+        initialize(InitdbRunner(killed=True), spec)
+    assert not spec.is_initialized()  # so the next start initialises it again
+
+    initialize(InitdbRunner(killed=False), spec)  # the next start: the half-made cluster is replaced
+
+    assert spec.is_initialized()
+    assert (spec.folder / "data" / "global" / "pg_control").read_bytes() == b"complete"
+    assert sorted(path.name for path in spec.folder.iterdir()) == ["data"]
