@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, PlantmlError, StackError, os_reason
-from plantml.processes import process_alive
+from plantml.processes import process_alive, process_start_time
 from plantml.settings import env_path
 from plantml.stack.service import ServiceSpec
 from plantml.staging import local_writes
@@ -41,6 +41,8 @@ GRACE_S = 10.0
 CREDENTIALS = "credentials.json"
 STATE = "state.json"
 LOCK = ".lock"
+#: What a prune writes after its pid in the lock it holds while it ends a dead stack's services.
+PRUNING = "prune"
 
 
 def write_private(path: Path, content: str | bytes, owner: tuple[int, int] | None = None) -> None:
@@ -184,23 +186,32 @@ class StackFolder:
             return False  # gone already, or not ours to read
         return True
 
-    def lock(self) -> None:
+    def lock(self, pruning: bool = False) -> None:
         """Hold the folder's lock, or refuse in one line naming the process that holds it.
 
         The kernel releases an flock when its holder dies, however it dies: a stale lock never blocks.
+        A lock held by another process's prune (any start prunes every dead stack) is waited for, as long
+        as that prune takes, unless this is a prune too: a stack started again at once on its folder
+        must not be refused because an unrelated start is cleaning up after it.
         """
         with local_writes("stack data folder", self.path):
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StackError("stack", f"data folder {self.path} is in use by a running stack (pid {holder})") from None
+        deadline = time.monotonic() + 2 * GRACE_S * 3 + 5  # a prune ends each of the three services in turn
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                if pruning or not _being_pruned(holder) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StackError("stack", f"data folder {self.path} is in use by a running stack "
+                                              f"(pid {holder.split()[0] if holder else '?'})") from None
+                time.sleep(0.1)
         try:
             with local_writes("stack data folder", self.path):  # a full disk: one line, not a traceback
                 os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
+                os.write(fd, f"{os.getpid()}{' ' + PRUNING if pruning else ''}".encode())
         except BaseException:
             os.close(fd)
             raise
@@ -270,7 +281,7 @@ def prune_local_stacks() -> list[str]:
             continue
         if folder.path.exists():
             try:
-                folder.lock()
+                folder.lock(pruning=True)
             except PlantmlError:
                 continue  # alive (or a folder that cannot take its lock now: left for a later prune)
             for name, process in _recorded_processes(folder).items():
@@ -282,6 +293,15 @@ def prune_local_stacks() -> list[str]:
         folder.close()
         removed.append(f"stack folder {folder.path}" if folder.temporary else f"lock of {folder.path}")
     return removed
+
+
+def _being_pruned(holder: str) -> bool:
+    """Whether a lock's holder (what it wrote) is a prune, or a lock changing hands: nothing written yet, or a pid
+    that is gone (the holder is writing its own over a dead one's)."""
+    words = holder.split()
+    if not words or words[1:] == [PRUNING]:
+        return True
+    return words[0].isdigit() and process_start_time(int(words[0])) is None
 
 
 def _recorded_processes(folder: StackFolder) -> dict[str, dict[str, Any]]:

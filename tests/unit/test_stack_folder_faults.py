@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,39 @@ def test_a_first_start_killed_during_initdb_leaves_no_cluster_that_looks_initial
     assert spec.is_initialized()
     assert (spec.folder / "data" / "global" / "pg_control").read_bytes() == b"complete"
     assert sorted(path.name for path in spec.folder.iterdir()) == ["data"]
+
+
+#: A stack's owner killed with kill -9 while its service (here one that ignores its owner's death) still runs.
+KILLED_WITH_A_SERVICE = (
+    "import json, os, subprocess, sys; from pathlib import Path; "
+    "from plantml.processes import process_start_time; from plantml.stack.folder import STATE, StackFolder; "
+    "folder = StackFolder.open(Path(sys.argv[1]), 'killed'); "
+    "service = subprocess.Popen(['sleep', '300'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, "
+    "start_new_session=True); "
+    "folder.write_json(STATE, {'processes': {'s3': {'pid': service.pid, 'started': process_start_time(service.pid)}}}); "
+    "print(service.pid, flush=True); os._exit(0)"
+)
+#: Another start's prune, whose wait for the killed stack's service is cut to 2 s.
+PRUNE = "from plantml.stack import folder; folder.GRACE_S = 2.0; print(folder.prune_local_stacks(), flush=True)"
+
+
+def test_a_stack_started_again_on_its_folder_waits_for_another_starts_prune_of_it(tmp_path):
+    """Every start prunes the stacks killed before it: while one (an unrelated start) ends the killed stack's
+    services it holds that stack's folder lock, and the stack started again on that folder was refused, naming
+    the unrelated start as "a running stack"."""
+    folder = tmp_path / "kept"
+    service = int(subprocess.run([sys.executable, "-c", KILLED_WITH_A_SERVICE, str(folder)], capture_output=True,
+                                 text=True, check=True).stdout)
+    pruner = subprocess.Popen([sys.executable, "-c", PRUNE], stdout=subprocess.PIPE, text=True)
+    try:
+        while not (folder / ".lock").read_text().startswith(str(pruner.pid)):  # the other start is pruning it now
+            assert pruner.poll() is None
+            time.sleep(0.02)
+
+        restarted = StackFolder.open(folder, "restarted")  # waits for that prune, rather than refusing
+
+        restarted.close()
+        assert f"s3 process {service}" in pruner.communicate(timeout=30)[0]
+    finally:
+        pruner.kill()
+        subprocess.run(["kill", "-9", str(service)], capture_output=True)
