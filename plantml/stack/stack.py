@@ -207,6 +207,12 @@ class ManagedStack(Stack):
     def _start_services(self) -> None:
         assert self.folder is not None
         saved = self.folder.read_json(CREDENTIALS)
+        if not saved and any((self.folder.path / name).exists() for name in SERVICE_NAMES):
+            # The credentials are written before any service's folder: its data is there, its secrets are not.
+            # Fresh ones would replace the file for good and wait 30 s for a database that refuses them.
+            raise StackError("stack", f"data folder {self.folder.path} holds a stack's data but no {CREDENTIALS} "
+                                      "(deleted, or lost in a crash): its database cannot be opened without it; "
+                                      "restore the file, or start on a new folder")
         try:
             self.spec = self.spec.with_credentials(saved) if saved else self.spec
         except (TypeError, ValueError):  # a part that is not a mapping of the secret fields

@@ -14,7 +14,7 @@ from plantml.errors import StackError
 from plantml.stack.folder import CREDENTIALS, STATE, StackFolder
 from plantml.stack.postgres import PostgresSpec, postgres_service
 from plantml.stack.service import Network
-from plantml.stack.stack import initialize
+from plantml.stack.stack import ManagedStack, initialize
 
 #: A stack's owner killed with kill -9 right after it opened its folder: its record and its folder stay, unlocked.
 KILLED = "import os, sys; from pathlib import Path; from plantml.stack.folder import StackFolder; " \
@@ -157,3 +157,31 @@ def test_a_stack_started_again_on_its_folder_waits_for_another_starts_prune_of_i
     finally:
         pruner.kill()
         subprocess.run(["kill", "-9", str(service)], capture_output=True)
+
+
+class NoServices:
+    """A runner that must not be asked for any service."""
+
+    backend = "none"
+    network = Network()
+
+    def open(self, stack_id, folder) -> None:
+        raise AssertionError("the start went on to run services")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_folder_whose_credentials_are_gone_is_refused_before_new_ones_replace_them(tmp_path):
+    folder = tmp_path / "kept"
+    StackFolder.open(folder, "first").close()
+    (folder / "postgres" / "data").mkdir(parents=True)
+    (folder / "postgres" / "data" / "PG_VERSION").write_text("15\n")
+
+    with pytest.raises(StackError) as refused:
+        ManagedStack(NoServices(), data_dir=folder).start()
+
+    assert str(refused.value) == (f"stack: data folder {folder} holds a stack's data but no {CREDENTIALS} (deleted, or lost "
+                                  "in a crash): its database cannot be opened without it; restore the file, or start "
+                                  "on a new folder")
+    assert not (folder / CREDENTIALS).exists()
