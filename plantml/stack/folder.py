@@ -50,6 +50,8 @@ def write_private(path: Path, content: str | bytes, owner: tuple[int, int] | Non
 
     The bytes go to a new file of a random name beside ``path`` (``O_EXCL``: never a file or
     link someone else put there), then replace ``path``: the mode is 0600 whatever was there.
+    The file and then its folder are synced: a crash must not keep a cluster whose password
+    (``credentials.json``) was still in the page cache, nor leave the file empty.
     """
     data = content.encode() if isinstance(content, str) else content
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -58,10 +60,17 @@ def write_private(path: Path, content: str | bytes, owner: tuple[int, int] | Non
             handle.write(data)
             if owner is not None:
                 os.fchown(handle.fileno(), *owner)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 #: The first line of every env file a stack writes: how a later start knows the file is plantml's to replace.

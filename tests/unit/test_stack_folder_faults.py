@@ -3,6 +3,7 @@ folder never stops the other stacks from starting. No service runs: each start f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -185,3 +186,19 @@ def test_a_folder_whose_credentials_are_gone_is_refused_before_new_ones_replace_
                                   "in a crash): its database cannot be opened without it; restore the file, or start "
                                   "on a new folder")
     assert not (folder / CREDENTIALS).exists()
+
+
+def test_the_credentials_are_on_disk_before_the_start_goes_on(tmp_path, monkeypatch):
+    """PostgreSQL syncs the cluster initdb makes with the password: its credentials must not wait in the page cache."""
+    synced = []
+    sync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or sync(fd))
+    folder = StackFolder.open(tmp_path / "kept", "kept")
+    try:
+        synced.clear()
+        folder.write_json(CREDENTIALS, {"postgres": {"password": "p"}})
+    finally:
+        folder.close()
+    assert len(synced) == 2
+    assert Path(synced[0]).name.startswith(f".{CREDENTIALS}.")  # the new file's content, before its rename
+    assert synced[1] == str(folder.path)  # then the rename itself
