@@ -47,7 +47,7 @@ def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path |
        s3_port: int | None, postgres_port: int | None, auth: bool, fast: bool) -> None:
     """Start the stack in the foreground until Ctrl-C (or SIGTERM, SIGHUP); a service that dies is restarted."""
     from plantml.stack import make_stack
-    from plantml.stack.folder import check_env_file_target
+    from plantml.stack.folder import LOCK, check_env_file_target
 
     if env_file is not None:  # before ten seconds of start-up, not after them
         check_env_file_target(env_file)
@@ -76,6 +76,8 @@ def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path |
         elif data_dir is None:
             click.echo("plantml stack: stopped; its data (runs, artifacts, models) went with it "
                        "(--data-dir DIR keeps them)", err=True)
+        elif not (data_dir / LOCK).exists():
+            click.echo(f"plantml stack: stopped; its data folder {data_dir} is no longer there", err=True)
         else:
             click.echo(f"plantml stack: stopped; data kept in {data_dir} (start again with --data-dir {data_dir})", err=True)
 

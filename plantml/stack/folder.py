@@ -226,6 +226,24 @@ class StackFolder:
             raise
         self._lock_fd = fd
 
+    def gone(self) -> StackError | None:
+        """Why this folder is no longer the one this stack locked (deleted, moved or replaced), None while it is.
+
+        Its services would go on answering from deleted files and failing every write (500s), and their
+        restarts would make an empty folder where it was: the stack must stop instead.
+        """
+        if self._lock_fd is None:
+            return None
+        held = os.fstat(self._lock_fd)
+        try:
+            there = os.stat(self.path / LOCK)
+        except OSError:
+            there = None
+        if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+            return None
+        return StackError("stack", f"data folder {self.path} was deleted or moved while the stack ran: stopping, as its "
+                                   "services would write into it no more")
+
     def close(self) -> None:
         """Release the lock and the record; a temporary folder is removed with everything in it, and so is the env file."""
         self.remove_env_file()

@@ -137,15 +137,15 @@ class ManagedStack(Stack):
         atexit.register(self.stop)
         try:
             prune_local_stacks()  # what stacks killed before their teardown left behind
-            self.folder = StackFolder.open(self.data_dir, self.stack_id)
-            self.folder_path = self.folder.path
+            folder = self.folder = StackFolder.open(self.data_dir, self.stack_id)
+            self.folder_path = folder.path
             self._start_services()
         except BaseException:
             self.stop()
             raise
         self._endpoints = self.spec.endpoints(**{f"{name}_port": svc.spec.port for name, svc in self.services.items()})
         if self._supervise:
-            self._supervisor = Supervisor(self.services, on_change=self._save_state)
+            self._supervisor = Supervisor(self.services, on_change=self._save_state, watch=folder.gone)
         log.info("stack ready: %r", self._endpoints)
         return self
 

@@ -80,9 +80,12 @@ class Supervisor:
     """A thread that restarts the stack's services that die (see the module docstring)."""
 
     def __init__(self, services: Mapping[str, Service], on_change: Callable[[], None] = lambda: None,
-                 interval: float = 0.5, max_restarts: int = 5, stable_after: float = 60, max_backoff: float = 30) -> None:
+                 interval: float = 0.5, max_restarts: int = 5, stable_after: float = 60, max_backoff: float = 30,
+                 watch: Callable[[], StackError | None] = lambda: None) -> None:
         self.services = services
         self.on_change = on_change
+        #: Checked every interval: a failure of the whole stack (its data folder gone) ends supervision with it.
+        self.watch = watch
         self.interval = interval
         self.max_restarts = max_restarts
         self.stable_after = stable_after
@@ -108,6 +111,11 @@ class Supervisor:
 
     def _run(self) -> None:
         while not self._stopping.wait(self.interval):
+            failure = self.watch()
+            if failure is not None:
+                self.failure = failure
+                self._stopping.set()
+                return
             for service in self.services.values():
                 if self._died(service) and not self._stopping.is_set():
                     self._bring_back(service)

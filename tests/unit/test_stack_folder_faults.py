@@ -4,6 +4,7 @@ folder never stops the other stacks from starting. No service runs: each start f
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -202,3 +203,52 @@ def test_the_credentials_are_on_disk_before_the_start_goes_on(tmp_path, monkeypa
     assert len(synced) == 2
     assert Path(synced[0]).name.startswith(f".{CREDENTIALS}.")  # the new file's content, before its rename
     assert synced[1] == str(folder.path)  # then the rename itself
+
+
+class Forever:
+    """A service process that never dies, and counts its starts."""
+
+    def __init__(self, spec) -> None:
+        self.spec, self.starts, self.alive = spec, 0, False
+
+    running = property(lambda self: self.alive)
+    pid = None
+
+    def start(self) -> None:
+        self.starts, self.alive = self.starts + 1, True
+
+    def stop(self) -> None:
+        self.alive = False
+
+    remove = stop
+
+    def log_tail(self, lines: int | None = 25) -> str:
+        return ""
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_a_data_folder_deleted_or_moved_under_a_running_stack_stops_it_naming_the_folder(tmp_path, how):
+    """Its services went on answering from deleted files, failing every write with a 500, then their restarts made an
+    empty folder in its place (which the next start refused as "holds no plantml stack"), and the stop said "data kept
+    in" it."""
+    from plantml.stack.service import ServiceSpec
+    from plantml.stack.supervisor import Service, Supervisor
+
+    folder = StackFolder.open(tmp_path / "kept", "kept")
+    spec = ServiceSpec(name="s3", command=("weed",), folder=folder.path / "s3", port=1, ready=lambda: True)
+    service = Service(spec, Forever(spec))
+    service.start()
+    supervisor = Supervisor({"s3": service}, interval=0.01, watch=folder.gone)
+    try:
+        if how == "deleted":
+            shutil.rmtree(folder.path)
+        else:
+            folder.path.rename(tmp_path / "elsewhere")
+        with pytest.raises(StackError) as stopped:
+            supervisor.wait()
+    finally:
+        supervisor.stop()
+        folder.close()
+    assert str(stopped.value) == (f"stack: data folder {folder.path} was deleted or moved while the stack ran: "
+                                  "stopping, as its services would write into it no more")
+    assert not folder.path.exists()
