@@ -55,8 +55,7 @@ def synth(directory: str, per_class: int, size: int, seed: int) -> None:
                 folder = synth_mod.generate(Path(scratch) / spec.name, spec)
                 _push(folder, directory)
         return
-    synth_mod.write_set(directory, spec)
-    scan = scan_image_folder(directory)
+    scan = scan_image_folder(synth_mod.write_set(directory, spec))
     counts = ", ".join(f"{name} {count}" for name, count in scan.class_counts().items())
     click.echo(f"{directory}: {len(scan.samples)} images ({counts}), content hash {scan.content_hash[:16]}")
 

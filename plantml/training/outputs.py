@@ -30,7 +30,7 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
     """Write the checkpoint and history; log them, the figures, tags and the registered model."""
     config = prepared.config
     keep = config.output_dir is not None
-    out_dir = Path(config.output_dir) if keep else Path(tempfile.mkdtemp(prefix="plantml-train-"))
+    out_dir = Path(config.output_dir).expanduser() if keep else Path(tempfile.mkdtemp(prefix="plantml-train-"))
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = out_dir / "best_model.pth"

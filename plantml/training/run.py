@@ -172,7 +172,7 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     """
     device = check_config(config)
     if config.output_dir is not None and ranks.is_main:  # rank 0 alone keeps the outputs
-        check_output_dir(Path(config.output_dir))
+        check_output_dir(Path(config.output_dir).expanduser())
     if device.type == "cuda" and ranks.distributed:
         device = ranks.device
     weights = resolve_weights(config.backbone, config.weights)

@@ -195,7 +195,7 @@ def write_set(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) 
     inside it, then moved into place, so a full disk leaves the folder as it was. A second
     synth into the same folder waits for the first, then writes over its complete set.
     """
-    root = Path(directory)
+    root = Path(directory).expanduser()  # as every other folder plantml reads: `~/leaves` in quotes is not `./~/leaves`
     if root.exists() and not root.is_dir():
         raise UsageError(f"{root}: not a folder")
     created = False

@@ -88,6 +88,16 @@ def test_data_synth_writes_into_an_empty_folder_and_over_a_synthetic_set(tmp_pat
     assert synth.is_synthetic(tmp_path) and not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
 
 
+
+def test_data_synth_writes_a_quoted_tilde_folder_into_home_as_train_reads_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    code, out, _ = run_cli(capsys, "data", "synth", "~/leaves", "--per-class", "3", "--size", "16")
+
+    assert code == 0 and "6 images (diseased 3, healthy 3)" in out
+    assert synth.is_synthetic(tmp_path / "home" / "leaves") and not (tmp_path / "~").exists()
+
 def full_disk_after(monkeypatch, images: int) -> None:
     """Make PIL's PNG writes fail as a full disk does, after ``images`` of them."""
     import errno

@@ -66,6 +66,16 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_training(cap
     assert "epoch" not in captured.out  # refused before any epoch
 
 
+
+def test_a_quoted_tilde_output_dir_is_the_home_folder_as_for_data_dir(capsys, leaves, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["train", "--data-dir", str(leaves), *TINY, "--output-dir", "~/out"])
+
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "home" / "out" / "best_model.pth").is_file() and not (tmp_path / "~").exists()
+
 def _train_size(folder: Path) -> int:
     scan = scan_image_folder(folder)
     return len(stratified_split([label for _, label in scan.samples], 0.15, 0.15, seed=42).train)
