@@ -8,7 +8,9 @@ on rank 0 only.
 from __future__ import annotations
 
 import copy
+import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from plantml.staging import local_writes
 from plantml.training import figures
 from plantml.training.models import image_batch_signature
 
@@ -32,14 +35,18 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
     keep = config.output_dir is not None
     out_dir = Path(config.output_dir).expanduser() if keep else Path(tempfile.mkdtemp(prefix="plantml-train-"))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        role = "--output-dir" if keep else "temporary folder"
+        with local_writes(role, out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = out_dir / "best_model.pth"
+        serialized = io.BytesIO()  # torch's own writer reports a full disk as a RuntimeError about zip offsets
         torch.save({
             "model_state_dict": best_state, "backbone": config.backbone, "num_classes": prepared.num_classes,
             "classes": list(prepared.scan.classes), "image_size": prepared.image_size,
             "epoch": result.best_epoch, "val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
-        }, checkpoint)
-        (out_dir / "training_history.json").write_text(json.dumps(result.history, indent=2))
+        }, serialized)
+        write_whole(checkpoint, serialized.getvalue(), role)
+        write_whole(out_dir / "training_history.json", json.dumps(result.history, indent=2).encode(), role)
         result.checkpoint = checkpoint if keep else None
 
         tracker.log_dict(result.history, "training/training_history.json")
@@ -58,6 +65,18 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
     finally:
         if not keep:
             shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def write_whole(path: Path, data: bytes, role: str) -> None:
+    """Write ``path`` whole or not at all: a full or read-only disk is one line naming the folder as ``role``,
+    and neither leaves a truncated file nor touches the one already there."""
+    partial = path.with_name(f".{path.name}.partial")
+    with local_writes(role, path.parent):
+        try:
+            partial.write_bytes(data)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 def log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None:

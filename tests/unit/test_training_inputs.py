@@ -76,6 +76,31 @@ def test_a_quoted_tilde_output_dir_is_the_home_folder_as_for_data_dir(capsys, le
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "home" / "out" / "best_model.pth").is_file() and not (tmp_path / "~").exists()
 
+
+@pytest.fixture()
+def files_of_at_most_one_mib():
+    """Writes past 1 MiB fail in this process as on a full disk (EFBIG, which torch's own writer gets too)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_an_output_dir_that_fills_up_after_the_training_is_one_line_and_no_truncated_checkpoint(
+        capsys, leaves, tmp_path, files_of_at_most_one_mib):
+    output = tmp_path / "out"
+
+    code = main(["train", "--data-dir", str(leaves), *TINY, "--output-dir", str(output)])
+
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"plantml: error: --output-dir {output}: file too large"
+    assert list(output.iterdir()) == []  # neither a cut best_model.pth nor its partial file
+
 def _train_size(folder: Path) -> int:
     scan = scan_image_folder(folder)
     return len(stratified_split([label for _, label in scan.samples], 0.15, 0.15, seed=42).train)
