@@ -75,3 +75,14 @@ def local_writes(role: str, folder: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise folder_error(role, folder, exc) from None
+
+
+def check_writable(role: str, folder: Path) -> None:
+    """Make ``folder`` and prove a file can be created in it: a folder that cannot be written is
+    :func:`folder_error`'s one line before any work starts, not a failure in the middle of it."""
+    with local_writes(role, folder):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{role} {folder}: not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass

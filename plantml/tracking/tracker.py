@@ -20,6 +20,7 @@ from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
 from plantml.settings import TrackingSettings, resolve_tracking_settings
+from plantml.staging import check_writable
 from plantml.text import mask_passwords
 from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
@@ -84,6 +85,8 @@ class MLflowTracker:
         )
         check.check_experiment_name(self.settings.experiment_name)
         self.delivery_settings: DeliverySettings = resolve_delivery_settings(delivery_timeout, max_buffered, journal_dir)
+        # a journal folder nobody can write (HOME read-only, a file in the way) is an input error: say so before any run exists
+        check_writable("journal folder", self.delivery_settings.journal_dir)
         self.handle_signals = handle_signals
         self._client, self.experiment_id = connection.connect(self.settings, connect_timeout)
         self._transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)

@@ -247,10 +247,24 @@ def test_a_run_is_journalled_while_it_runs_and_the_journal_goes_once_delivered(t
     assert not journal.exists() and not (tmp_path / "journal" / "spool" / run.run_id).exists()
 
 
-def test_a_journal_folder_that_cannot_be_written_fails_the_start_naming_it(tmp_path, store_uri, monkeypatch) -> None:
+def test_a_journal_folder_that_cannot_be_written_is_refused_before_any_run_naming_it(tmp_path, store_uri) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the journal folder should be")
+
+    with pytest.raises(UsageError, match=f"^journal folder {blocker}: not a folder$"):
+        MLflowTracker(tracking_uri=store_uri, experiment_name="unit_journal_refused", journal_dir=blocker)
+
+    import mlflow
+
+    assert mlflow.MlflowClient(store_uri).get_experiment_by_name("unit_journal_refused") is None  # no run, not even its experiment
+
+
+def test_a_journal_folder_that_stops_being_writable_fails_the_start_naming_it(tmp_path, store_uri) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.mkdir()
     tracker = MLflowTracker(tracking_uri=store_uri, experiment_name="unit_journal_unwritable", journal_dir=blocker)
+    blocker.rmdir()
+    blocker.write_text("a file where the journal folder was")
     with pytest.raises(TrackingError, match=f"ended FAILED: journal folder {blocker}: cannot write") as refused:
         tracker.start_run()
     run_id = str(refused.value).split()[1]
