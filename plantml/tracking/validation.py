@@ -280,6 +280,8 @@ def check_experiment_name(name: Any) -> str:
         raise ValidationError(f"experiment name {name!r}: must be a non-empty string")
     if len(name) > min(MAX_EXPERIMENT_NAME_LENGTH, EXPERIMENT_NAME_COLUMN):
         raise ValidationError(f"experiment name {name[:40]!r}...: longer than MLflow's {EXPERIMENT_NAME_COLUMN} characters ({len(name)})")
+    if safe_text(name) != name:  # bytes that are not UTF-8 (a shell in Latin-1): no store takes them, and a run name's %XX would rename it
+        raise ValidationError(f"experiment name {safe_text(name)!r}: holds bytes that are not UTF-8 (shown as %XX); give it in UTF-8")
     return name
 
 

@@ -179,3 +179,8 @@ def test_artifact_paths_are_normalised_as_object_keys(path: str, key: str | None
 def test_an_artifact_name_that_is_no_file_name_is_refused(name: str) -> None:
     with pytest.raises(ValidationError, match="must be a non-empty file name"):
         check.check_artifact_name(name, "text")
+
+
+def test_an_experiment_name_with_bytes_that_are_not_utf8_is_refused_naming_them():
+    with pytest.raises(ValidationError, match=r"^experiment name 'pl%E9nts': holds bytes that are not UTF-8"):
+        check.check_experiment_name("pl\udce9nts")
