@@ -8,6 +8,7 @@ would: ``pl%E9nts``) and any other lone surrogate as U+FFFD; other text is uncha
 
 from __future__ import annotations
 
+import os
 import re
 
 MASK = "***"
@@ -26,6 +27,17 @@ def _replace(match: re.Match[str]) -> str:
 def safe_text(text: str) -> str:
     """``text`` with each undecodable file-name byte written as ``%XX`` and any other lone surrogate as U+FFFD."""
     return _SURROGATE.sub(_replace, text) if _SURROGATE.search(text) else text
+
+
+def name_text(name: str) -> str:
+    """A file name as plantml records it: its bytes read as UTF-8 (others as lone surrogates), whatever the
+    locale, so a set has the same classes, keys and digest in a Latin-1 shell as in a UTF-8 one."""
+    return os.fsencode(name).decode("utf-8", "surrogateescape")
+
+
+def file_name(text: str) -> str:
+    """The file name whose bytes are ``text`` in UTF-8 (the inverse of :func:`name_text`), in this locale's terms."""
+    return os.fsdecode(text.encode("utf-8", "surrogateescape"))
 
 
 def mask_passwords(text: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import DataError, os_reason
+from plantml.text import name_text
 
 #: Name of the manifest object stored beside a pushed set's files.
 MANIFEST_NAME = "plantml-dataset.json"
@@ -171,7 +172,7 @@ def image_files(root: Path) -> list[tuple[str, Path]]:
     for class_dir, files in class_folders(root):
         if not files:
             raise no_images(class_dir)
-        found += [(p.relative_to(root).as_posix(), p) for p in files]
+        found += [(name_text(p.relative_to(root).as_posix()), p) for p in files]
     return found
 
 
@@ -183,4 +184,4 @@ def build_manifest(root: str | os.PathLike[str], name: str | None = None, worker
         hashes = list(pool.map(lambda item: file_hashes(item[1]), found))
     files = tuple(FileEntry(rel, path.stat().st_size, sha, md5) for (rel, path), (sha, md5) in zip(found, hashes))
     classes = tuple(dict.fromkeys(entry.label for entry in files))
-    return Manifest(name or root.name, classes, files, content_digest((e.path, e.sha256) for e in files))
+    return Manifest(name or name_text(root.name), classes, files, content_digest((e.path, e.sha256) for e in files))

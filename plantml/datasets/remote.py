@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest, image_files
 from plantml.errors import ConfigError, DataError, TrackingError, UsageError
 from plantml.staging import local_writes, staging_folder, sweep
+from plantml.text import file_name
 
 #: Parallel transfers (S3 requests wait on the network, not on the CPU).
 DEFAULT_WORKERS = 16
@@ -156,7 +157,7 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
     where = S3Location.parse(uri)
     root = Path(folder).expanduser()
     _check_key_names(root)
-    manifest = build_manifest(root, name=root.name, workers=workers)
+    manifest = build_manifest(root, workers=workers)
     stored = stored_objects(client, where)
     todo = [e for e in manifest.files if not _unchanged(client, where, stored.get(where.key(e.path)), e)]
     if progress is not None:
@@ -166,11 +167,11 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
         key = where.key(entry.path)
         try:
             if entry.size <= SINGLE_PART_LIMIT:
-                with open(root / entry.path, "rb") as body:
+                with open(root / file_name(entry.path), "rb") as body:
                     client.put_object(Bucket=where.bucket, Key=key, Body=body,
                                       ContentMD5=_b64(entry.md5), Metadata={SHA256_METADATA: entry.sha256})
             else:  # no Content-MD5 for the whole file here: hash what is sent, as it is read
-                with open(root / entry.path, "rb") as handle:
+                with open(root / file_name(entry.path), "rb") as handle:
                     sent = _HashingReader(handle)
                     client.upload_fileobj(sent, where.bucket, key, ExtraArgs={"Metadata": {SHA256_METADATA: entry.sha256}})
                 if sent.sha256.hexdigest() != entry.sha256:  # saved again since it was hashed: its metadata would lie
@@ -302,7 +303,7 @@ def _download_into(client: Any, where: S3Location, manifest: Manifest, target: P
     with staging_folder(target.parent, target.name[:16]) as staging:
 
         def download(entry: Any) -> int:
-            local = staging / entry.path
+            local = staging / file_name(entry.path)
             local.parent.mkdir(parents=True, exist_ok=True)
             name = f"{where}/{entry.path}"
             try:

@@ -24,6 +24,7 @@ from torchvision import transforms
 
 from plantml.datasets.manifest import class_folders, no_images
 from plantml.errors import DataError, UsageError, os_reason
+from plantml.text import name_text
 from plantml.training.distributed import Ranks
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
             raise no_images(class_dir, unreadable=len(files))
     return ImageFolderScan(
         root=root,
-        classes=tuple(class_dir.name for class_dir, _ in folders),
+        classes=tuple(name_text(class_dir.name) for class_dir, _ in folders),
         samples=tuple(samples),
         content_hash=digest.hexdigest(),
         skipped=tuple(skipped),

@@ -111,3 +111,22 @@ def test_a_sub_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path: Path
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == f"plantml: error: folder {locked}: cannot be read (Permission denied)"
 
+
+
+def test_a_set_has_the_same_classes_and_digest_in_a_shell_whose_locale_is_not_utf8(tmp_path: Path, leaves: Path) -> None:
+    folder = tmp_path / "plants"
+    shutil.copytree(leaves / "healthy", folder / "gesünd")
+    shutil.copytree(leaves / "diseased", folder / "kränk")
+    here = build_manifest(folder)
+    show = ("import json, sys; from plantml.datasets import build_manifest; from plantml.training.data import scan_image_folder; "
+            "m, s = build_manifest(sys.argv[1]), scan_image_folder(sys.argv[1]); "
+            "print(json.dumps([m.classes, s.classes, m.digest, s.content_hash, m.files[0].path]))")
+    # C without UTF-8 mode nor coercion: Python reads file names as ASCII, as a Latin-1 locale reads them as Latin-1
+    ascii_shell = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+    done = subprocess.run([sys.executable, "-c", show, str(folder)], env=ascii_shell, capture_output=True, text=True,
+                          encoding="utf-8", check=True)
+
+    classes, scanned, digest, content_hash, first = json.loads(done.stdout)
+    assert classes == scanned == ["gesünd", "kränk"] and first == "gesünd/healthy_0000.png"
+    assert digest == content_hash == here.digest
