@@ -8,13 +8,15 @@ code here, in one place; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 import click
 
 from plantml.errors import ConfigError, Interrupted, PlantmlError
-from plantml.text import mask_passwords
+from plantml.text import mask_passwords, safe_text
 
 #: command name -> (module, attribute, one-line help shown by ``plantml --help``)
 COMMANDS = {
@@ -121,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"{prog}: error: {exc}", err=True)
         return exc.exit_code
+    except OSError as exc:
+        # Python 3.11's Path.exists() and is_file() raise on a name too long for the file system (3.12's answer False),
+        # wherever a command first looks at a path it was given: the name is the culprit, in one line
+        if debug or exc.errno != errno.ENAMETOOLONG or exc.filename is None:
+            raise
+        click.echo(f"{prog}: error: {safe_text(os.fsdecode(exc.filename))}: file name too long for the file system", err=True)
+        return 2
     except (KeyboardInterrupt, _Stopped) as exc:
         interrupt = exc.interrupt if isinstance(exc, _Stopped) else exc
         click.echo(f"{prog}: {interrupt if isinstance(interrupt, Interrupted) else 'interrupted'}", err=True)
