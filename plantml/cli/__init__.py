@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import io
 import os
 import sys
 
@@ -138,4 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """Console-script wrapper: exit with :func:`main`'s code."""
+    _tolerant_stdout()
     sys.exit(main())
+
+
+def _tolerant_stdout() -> None:
+    """Text the terminal's encoding cannot show (``✓``, a class named in Greek, in a Latin-1 locale) is written as
+    ``\\u`` escapes, as Python already does on stderr, rather than a UnicodeEncodeError traceback halfway through."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")

@@ -1,0 +1,22 @@
+"""The command line in a shell whose encoding cannot show every character plantml prints (a Latin-1 locale)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from plantml.training import synth
+
+
+def test_what_a_latin1_terminal_cannot_show_is_escaped_not_a_traceback(tmp_path):
+    synth.generate(tmp_path / "made", synth.SynthSpec(per_class=3, size=16, seed=0))
+    shutil.move(tmp_path / "made" / "healthy", tmp_path / "made" / "gesund ✓")
+    latin1 = {**os.environ, "PYTHONIOENCODING": "latin-1"}  # stdout as a Latin-1 locale makes it: strict errors
+
+    done = subprocess.run([sys.executable, "-m", "plantml", "data", "inspect", str(tmp_path / "made")],
+                          env=latin1, capture_output=True, timeout=120)
+
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    assert done.stdout.splitlines()[:2] == [b"diseased\t3", b"gesund \\u2713\t3"]
