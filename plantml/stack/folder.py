@@ -93,6 +93,10 @@ def check_env_file_target(path: Path) -> None:
         if first != ENV_FILE_HEADER:
             raise ConfigError(f"--env-file {path}: exists and was not written by plantml stack up; it would be "
                               "replaced, then removed at stop: give a new file name")
+        owner = _running_stack_of(path)
+        if owner is not None:  # replaced now and removed at this stack's stop, that stack's clients would lose it
+            raise ConfigError(f"--env-file {path}: is the env file of the stack running on {owner}; "
+                              "stop that stack first, or give another file name")
     existing = next(folder for folder in path.parents if folder.exists())
     try:
         with tempfile.TemporaryFile(dir=existing):
@@ -100,6 +104,33 @@ def check_env_file_target(path: Path) -> None:
     except OSError as exc:
         reason = os_reason(exc)
         raise ConfigError(f"--env-file {path}: cannot be written in {existing} ({reason})") from None
+
+
+def _running_stack_of(env_file: Path) -> str | None:
+    """The folder of a running stack (of this cache's records) that wrote ``env_file``, else None."""
+    for record in sorted(registry().glob("*.json")):
+        try:
+            entry = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if entry.get("env_file") == str(env_file) and _held(Path(str(entry.get("folder"))) / LOCK):
+            return str(entry["folder"])
+    return None
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds the stack lock ``lock`` (a shared try never takes it from one starting)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def private_folder(path: Path, owner: tuple[int, int] | None = None, mode: int = 0o700) -> Path:

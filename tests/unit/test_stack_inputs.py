@@ -12,7 +12,7 @@ from plantml.errors import ConfigError, StackError
 from plantml.stack import make_stack
 from plantml.stack.endpoints import StackEndpoints
 from plantml.stack.external import check_bucket
-from plantml.stack.folder import ENV_FILE_HEADER, check_env_file_target, registry
+from plantml.stack.folder import ENV_FILE_HEADER, StackFolder, check_env_file_target, registry
 from plantml.stack.service import service_account
 
 
@@ -33,6 +33,24 @@ def test_an_env_file_a_stack_wrote_may_be_written_again(tmp_path: Path) -> None:
     mine.write_text(ENV_FILE_HEADER + "MLFLOW_TRACKING_URI=http://127.0.0.1:1\n")
     check_env_file_target(mine)
     check_env_file_target(tmp_path / "new" / "folder" / "stack.env")  # folders made at write time
+
+
+def test_the_env_file_of_a_running_stack_is_refused_untouched_before_a_second_stack_starts(tmp_path: Path,
+                                                                                           monkeypatch) -> None:
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+    running = StackFolder.open(tmp_path / "data", "running-stack")
+    env = tmp_path / ".env"
+    running.write_env_file(env, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
+    written = env.read_text()
+    try:
+        with pytest.raises(ConfigError, match=f"^--env-file {env}: is the env file of the stack running on "
+                                              f"{tmp_path / 'data'}; stop that stack first, or give another file name$"):
+            check_env_file_target(env)  # what `plantml stack up --env-file` runs before any service starts
+        assert env.read_text() == written
+    finally:
+        running.close()
+    check_env_file_target(tmp_path / "new.env")  # once it stopped, its file is gone and the name free again
+    assert not env.exists()
 
 
 def test_an_env_file_that_cannot_be_written_is_refused_before_the_stack_starts(tmp_path: Path) -> None:
