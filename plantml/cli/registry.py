@@ -118,7 +118,8 @@ def promote(ctx: click.Context, name: str, version: str, alias: str) -> None:
 def rollback(ctx: click.Context, name: str, alias: str) -> None:
     """Point an alias of model NAME back at the version it pointed at before."""
     move = _registry(ctx).rollback(name, alias)
-    click.echo(f"{name}: alias {move.alias!r} rolled back to version {move.to_version} (was version {move.from_version})")
+    skipped = f"; passed over deleted version {', '.join(map(str, move.skipped))}" if move.skipped else ""
+    click.echo(f"{name}: alias {move.alias!r} rolled back to version {move.to_version} (was version {move.from_version}{skipped})")
 
 
 @registry.command()

@@ -54,6 +54,8 @@ class AliasMove:
     to_version: int
     moved_at: str
     kind: Literal["promote", "rollback", "unchanged"]
+    #: Versions a rollback passed over, newest first: deleted since they were promoted.
+    skipped: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

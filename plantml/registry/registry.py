@@ -159,8 +159,9 @@ class ModelRegistry:
     def rollback(self, name: str, alias: str = PRODUCTION) -> AliasMove:
         """Point ``alias`` back at the version it pointed at before its last promotion.
 
-        Successive rollbacks walk back through the promotions; past the first recorded
-        one, :class:`RegistryError` says there is nothing earlier.
+        Successive rollbacks walk back through the promotions, passing over versions deleted
+        since (the move's ``skipped`` names them); past the first recorded one,
+        :class:`RegistryError` says there is nothing earlier.
         """
         alias = normalize_alias(alias)
         registered = self._registered_model(name)
@@ -172,25 +173,36 @@ class ModelRegistry:
             left, target = None, self._recorded_on_version(name, alias, current)
         else:
             left, target = rollback_target(history, current)
+        skipped: list[int] = []  # deleted since they were promoted: passed over, as an operator in an incident wants
+        while target is not None and not self._exists(name, target):
+            skipped.append(target)
+            left, target = rollback_target(left, target) if left is not None else (None, None)
         if target is None:
-            raise RegistryError(f"model {name!r} alias {alias!r}: no earlier version recorded before version {current} to roll back to")
-        try:
-            number = str(self._existing_version(name, target))
-        except RegistryError as exc:
-            raise RegistryError(f"model {name!r} alias {alias!r}: cannot roll back to version {target}, it no longer exists") from exc
+            gone = f" (deleted since: version {', '.join(map(str, skipped))})" if skipped else ""
+            raise RegistryError(f"model {name!r} alias {alias!r}: no earlier version recorded before version {current} "
+                                f"to roll back to{gone}")
+        number = str(target)
         moved_at = _now()
         self._tag_version(name, number, alias_tag(alias, "rolled_back_from"), str(current))
         self._tag_version(name, number, alias_tag(alias, "rolled_back_at"), moved_at)
         if left is not None:  # popped before the move: a move that fails is then simply tried again by the next rollback
             self._set_history(name, alias, left)
         self._move_alias(name, alias, number)
-        return AliasMove(name, alias, current, target, moved_at, "rollback")
+        return AliasMove(name, alias, current, target, moved_at, "rollback", tuple(skipped))
 
     def _existing_version(self, name: str, version: int | str) -> int:
         """The number of ``name``'s version ``version`` once MLflow confirms it exists (no run read, unlike get_version)."""
         number = _version_number(name, version)
         self._call(lambda: self.client.get_model_version(name, str(number)), f"model {name!r} version {number}")
         return number
+
+    def _exists(self, name: str, version: int) -> bool:
+        """Whether ``name``'s version ``version`` still exists (it may have been deleted since it was promoted)."""
+        try:
+            self._existing_version(name, version)
+        except RegistryError:
+            return False
+        return True
 
     def _recorded_on_version(self, name: str, alias: str, current: int) -> int | None:
         """Where the alias came from by ``current``'s ``moved_from`` tag (aliases promoted before the history existed)."""

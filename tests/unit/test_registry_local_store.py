@@ -112,6 +112,30 @@ def test_successive_rollbacks_walk_back_through_the_promotions(registry: ModelRe
         registry.rollback(name, "staging")
 
 
+def test_rollback_passes_over_versions_deleted_since_their_promotion_and_names_them(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 4, accuracies=(0.8, 0.85, 0.9, 0.95))
+    for version in (1, 2, 3, 4):
+        registry.promote(name, version)
+    client.delete_model_version(name, "3")
+    client.delete_model_version(name, "2")
+    move = registry.rollback(name)
+    assert (move.to_version, move.from_version, move.skipped) == (1, 4, (3, 2))
+    assert int(client.get_model_version_by_alias(name, "production").version) == 1
+    assert client.get_model_version(name, "1").current_stage == "Production"
+    with pytest.raises(RegistryError, match="no earlier version recorded before version 1 to roll back to$"):
+        registry.rollback(name)  # the deleted entries left the history with the rollback
+
+
+def test_rollback_past_only_deleted_versions_says_they_were_deleted(registry: ModelRegistry, client: Any) -> None:
+    name = register_versions(client, 2)
+    registry.promote(name, 1)
+    registry.promote(name, 2)
+    client.delete_model_version(name, "1")
+    with pytest.raises(RegistryError, match=r"no earlier version .* \(deleted since: version 1\)"):
+        registry.rollback(name)
+    assert int(client.get_model_version_by_alias(name, "production").version) == 2
+
+
 def test_a_version_keeping_the_staging_alias_keeps_the_staging_stage_when_production_leaves_it(
         registry: ModelRegistry, client: Any) -> None:
     name = register_versions(client, 2)
