@@ -13,6 +13,7 @@ import importlib
 import io
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -145,6 +146,49 @@ def run() -> None:
 
 def _tolerant_stdout() -> None:
     """Text the terminal's encoding cannot show (``✓``, a class named in Greek, in a Latin-1 locale) is written as
-    ``\\u`` escapes, as Python already does on stderr, rather than a UnicodeEncodeError traceback halfway through."""
-    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
-        sys.stdout.reconfigure(errors="backslashreplace")
+    ``\\u`` escapes, as Python already does on stderr, rather than a UnicodeEncodeError traceback halfway through;
+    a reader that goes away (``plantml train | head -1``) ends the printing, not the command (see :class:`PipeTolerant`)."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        if sys.stdout.errors == "strict":
+            sys.stdout.reconfigure(errors="backslashreplace")
+        sys.stdout = PipeTolerant(sys.stdout)
+
+
+class PipeTolerant:
+    """stdout that drops what is written once its reader has gone (EPIPE), instead of raising.
+
+    A training whose output went into ``| head -1`` or a ``| tee`` that died would otherwise end
+    FAILED at its next epoch line, silently (click turns the BrokenPipeError into exit 1): what
+    the command does matters more than what it prints, and its results are in MLflow. File
+    descriptor 1 is pointed at /dev/null then, so Python's last flush at exit is silent too.
+    """
+
+    def __init__(self, stream: io.TextIOWrapper) -> None:
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.reader_gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno...: the stream's own
+        return getattr(self._stream, name)

@@ -97,3 +97,21 @@ def test_a_tracking_uri_with_a_password_is_never_shown_with_it(capsys, monkeypat
     assert code == 2
     assert "s3cret" not in out + err
     assert "alice:***@127.0.0.1:1" in err, err
+
+
+def test_a_reader_that_goes_away_ends_the_printing_not_the_training(leaves, tmp_path):
+    """`plantml train | head -1`: the training goes on to its end, exit 0, and nothing is printed about the pipe."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "plantml", "train", "--data-dir", str(leaves), "--no-mlflow", *TINY, "--epochs", "3",
+               "--output-dir", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    first = process.stdout.readline()
+    process.stdout.close()  # the reader goes away after one line, as head -1 does
+    _, stderr = process.communicate(timeout=300)
+    assert first.startswith(b"epoch 1/3")
+    assert process.returncode == 0, stderr.decode()
+    assert (out / "best_model.pth").is_file() and (out / "training_history.json").is_file()
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
