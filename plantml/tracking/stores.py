@@ -10,6 +10,11 @@ naming the URI (its password masked) and where it came from.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,8 @@ from plantml.errors import ConfigError, TrackingError, one_line
 from plantml.settings import describe_uri
 
 SQLITE_PREFIX = "sqlite:///"
+#: Seconds a process waits for another one creating the same sqlite store (MLflow's migrations take a second or two).
+CREATION_WAIT_S = 60.0
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -53,7 +60,8 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
     if must_exist:
         check_store_exists(uri, source)
     try:
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        with _one_creator(sqlite_path(uri)):
+            return MlflowClient(tracking_uri=uri, registry_uri=uri)
     except ImportError as exc:  # postgresql:// without psycopg, mysql:// without its driver
         raise TrackingError(f"{describe_uri(uri, source)}: needs the Python module {exc.name or exc!s}, "
                             "which is not installed here") from exc
@@ -63,3 +71,37 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
         raise ConfigError(f"{describe_uri(uri, source)}: {text.split('. ')[0]}{hint}") from exc
     except Exception as exc:  # the store is built from a user's URI: a sqlite file that is not one, a driver's own errors
         raise TrackingError(f"{describe_uri(uri, source)}: cannot open the store ({type(exc).__name__}: {one_line(exc)})") from exc
+
+
+@contextlib.contextmanager
+def _one_creator(path: Path | None) -> Iterator[None]:
+    """Hold the lock of ``path``'s folder while a sqlite store that is missing (or empty) is created.
+
+    Two processes creating one store at once (``for lr in …; do plantml train … & done`` in a new
+    folder) both run MLflow's migrations, and one fails ("table … already exists"). The second
+    waits here instead, then opens the store the first made. Best effort: a folder that cannot be
+    opened or locked is left to MLflow's own error.
+    """
+    if path is None or (path.is_file() and path.stat().st_size > 0):
+        yield
+        return
+    try:
+        fd = os.open(path.absolute().parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + CREATION_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            except OSError:
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock

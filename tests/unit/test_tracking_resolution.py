@@ -102,3 +102,29 @@ def test_a_password_in_the_tracking_uri_never_shows_in_a_repr_or_an_error(monkey
     tracker = MLflowTracker(tracking_uri=uri, journal_dir=tmp_path / "journal")
     assert tracker.tracking_uri == uri  # what the client uses keeps it
     assert "hunter2" not in str(refused.value) + repr(tracker) + repr(tracker.settings)
+
+
+OPEN_AFTER_GO = """
+import sys, time
+from pathlib import Path
+import mlflow  # imported before the start line: the processes then race for the store itself
+from plantml.tracking.stores import open_client
+print("ready", flush=True)
+while not Path("go").exists():
+    time.sleep(0.01)
+client = open_client("sqlite:///mlflow.db", must_exist=False)
+print(client.search_experiments()[0].name)
+"""
+
+
+def test_processes_creating_one_sqlite_store_at_once_all_open_it(tmp_path):
+    """A sweep started in a new folder (`for lr in ...; do plantml train ... & done`): MLflow's migrations run once."""
+    import subprocess
+    import sys
+
+    processes = [subprocess.Popen([sys.executable, "-c", OPEN_AFTER_GO], cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    assert [process.stdout.readline().strip() for process in processes] == ["ready"] * 3  # all imported, all waiting
+    (tmp_path / "go").touch()
+    results = [(process.wait(timeout=120), *process.communicate()) for process in processes]
+    assert [(code, out.strip()) for code, out, _ in results] == [(0, "Default")] * 3, [err[-300:] for *_, err in results]
