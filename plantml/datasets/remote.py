@@ -8,7 +8,9 @@ an unfinished push.
 - :func:`push` uploads in parallel and skips every file already stored with the same
   bytes (the stored ETag of a single-part upload is the MD5 of its bytes; a file sent in
   parts is compared by its SHA-256, stored as object metadata), so running it
-  again after an interruption resumes where it stopped.
+  again after an interruption resumes where it stopped. When it replaces files of a set already
+  there, it first deletes that set's manifest, so a cut push never leaves a manifest that its
+  files no longer match.
 - :func:`pull` downloads into ``<cache>/datasets/<digest>/``, checking every file against
   the manifest's SHA-256, and only then makes the folder visible (a rename): a set whose
   folder exists is complete, and a second pull downloads nothing. A missing, corrupt or
@@ -160,6 +162,8 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
     manifest = build_manifest(root, workers=workers)
     stored = stored_objects(client, where)
     todo = [e for e in manifest.files if not _unchanged(client, where, stored.get(where.key(e.path)), e)]
+    if where.key(MANIFEST_NAME) in stored and any(where.key(e.path) in stored for e in todo):
+        _withdraw_manifest(client, where)
     if progress is not None:
         progress.total = sum(e.size for e in todo)
 
@@ -191,6 +195,17 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
     except _client_errors() as exc:
         raise TrackingError(f"{where}: the manifest could not be stored ({_error_code(exc)}: {exc})") from None
     return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
+
+
+def _withdraw_manifest(client: Any, where: S3Location) -> None:
+    """Delete the manifest of the set stored at ``where`` before its files are replaced: until the new
+    manifest is written the location holds no set, rather than one whose files no longer match it
+    (listed as fine by ``data ls``, refused as tampered by every training, for good if the push is cut)."""
+    try:
+        client.delete_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))
+    except _client_errors() as exc:
+        raise TrackingError(f"{where}: the manifest of the set there could not be removed before its files are "
+                            f"replaced ({_error_code(exc)}: {exc})") from None
 
 
 class _HashingReader:

@@ -4,6 +4,7 @@ store's settings."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -134,6 +135,51 @@ def test_a_file_sent_in_parts_saved_again_after_it_was_hashed_is_not_kept(leaves
     with pytest.raises(DataError, match=f"image {changed}: changed while it was pushed"):
         remote.push(Store(), leaves, "s3://data/set", workers=1)
     assert f"set/healthy/{changed.name}" not in stored and f"set/{MANIFEST_NAME}" not in stored
+
+
+class CutStore:
+    """A bucket in memory whose ``put_object`` fails once ``puts_left`` calls were answered (the store went away mid-push)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.puts_left: int | None = None
+
+    def get_paginator(self, name: str) -> Any:
+        listed = [{"Key": key, "Size": len(data), "ETag": hashlib.md5(data).hexdigest()} for key, data in self.objects.items()]
+        return type("Pages", (), {"paginate": lambda self, **kw: [{"Contents": listed}]})()
+
+    def put_object(self, Key: str, Body: Any, **kwargs: Any) -> None:  # noqa: N803 - boto3's names
+        from botocore.exceptions import EndpointConnectionError
+
+        if self.puts_left is not None:
+            if self.puts_left == 0:
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+            self.puts_left -= 1
+        self.objects[Key] = Body if isinstance(Body, bytes) else Body.read()
+
+    def delete_object(self, Bucket: str, Key: str) -> None:  # noqa: N803
+        self.objects.pop(Key, None)
+
+    def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803
+        from botocore.exceptions import ClientError
+
+        if Key not in self.objects:
+            raise ClientError({"Error": {"Code": "NoSuchKey", "Message": "not found"}}, "GetObject")
+        return {"Body": FakeBody(self.objects[Key])}
+
+
+def test_a_push_of_other_files_cut_midway_leaves_no_manifest_they_no_longer_match(leaves: Path, tmp_path: Path) -> None:
+    store = CutStore()
+    remote.push(store, leaves, "s3://data/set", workers=1)
+    other = synth.generate(tmp_path / "other", synth.SynthSpec(per_class=4, size=16, seed=5))
+    store.puts_left = 3  # three of the eight files replaced, then the store is gone
+
+    with pytest.raises(TrackingError, match="upload of"):
+        remote.push(store, other, "s3://data/set", workers=1)
+
+    assert remote.list_sets(store, "s3://data").sets == []
+    with pytest.raises(DataError, match=f"s3://data/set: no data set there .*{MANIFEST_NAME} not found"):
+        remote.read_manifest(store, S3Location.parse("s3://data/set"))
 
 
 def test_pull_removes_the_staging_folder_of_a_dead_process_and_keeps_a_live_ones(leaves: Path, tmp_path: Path) -> None:
