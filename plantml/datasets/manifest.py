@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from plantml.errors import DataError, os_reason
@@ -108,15 +108,36 @@ class Manifest:
             raise DataError(f"{where}: not a plantml data set manifest ({type(exc).__name__}: {exc})") from None
         if content_digest((e.path, e.sha256) for e in manifest.files) != manifest.digest:
             raise DataError(f"{where}: the manifest's digest does not match its file list (tampered or truncated)")
-        for entry in manifest.files:
-            _check_relative(entry.path, where)
+        _check_files(manifest, where)
         return manifest
+
+
+def _check_files(manifest: Manifest, where: str) -> None:
+    """Refuse a file list that no push writes (edited by hand, another tool's): a pull would download it,
+    then the scan of the cached folder would never match the manifest, and each training would blame the cache."""
+    paths = [entry.path for entry in manifest.files]
+    for path in paths:
+        _check_relative(path, where)
+    seen: set[str] = set()
+    for path in paths:
+        if path in seen:
+            raise DataError(f"{where}: file {path!r} is listed twice")
+        seen.add(path)
+    if paths != sorted(paths, key=PurePosixPath):  # a scan hashes a folder in this order: the digest would differ
+        raise DataError(f"{where}: its files are not in the order a push lists them (by class, then path)")
+    classes = tuple(dict.fromkeys(entry.label for entry in manifest.files))
+    if manifest.classes != classes:
+        raise DataError(f"{where}: its classes ({', '.join(manifest.classes)}) are not its files' class folders "
+                        f"({', '.join(classes)})")
 
 
 def _check_relative(path: str, where: str) -> None:
     parts = path.split("/")
     if path.startswith("/") or ".." in parts or len(parts) < 2 or "" in parts:
         raise DataError(f"{where}: file {path!r} is not inside a class folder of the set")
+    if any(part.startswith(".") for part in parts) or PurePosixPath(path).suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(f"{where}: file {path!r} is not an image a push lists (hidden, or not one of "
+                        f"{', '.join(IMAGE_EXTENSIONS)})")
 
 
 def is_image_file(path: Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,30 @@ def test_a_tampered_or_broken_manifest_is_refused_naming_it(leaves: Path, edit, 
     edit(data)
     with pytest.raises(DataError, match=rf"s3://b/x/plantml-dataset.json: .*{message}"):
         Manifest.from_json(json.dumps(data), "s3://b/x/plantml-dataset.json")
+
+
+def _with_file(data: dict, path: str) -> None:
+    data["files"].append([path, 5, hashlib.sha256(b"hello").hexdigest(), hashlib.md5(b"hello").hexdigest()])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["files"].insert(1, list(d["files"][0])), "'diseased/diseased_0000.png' is listed twice"),
+    (lambda d: _with_file(d, "healthy/notes.txt"), "'healthy/notes.txt' is not an image a push lists"),
+    (lambda d: _with_file(d, "healthy/.thumbs/x.png"), "'healthy/.thumbs/x.png' is not an image a push lists"),
+    (lambda d: _with_file(d, "healthy/./healthy_0000.png"), "is not an image a push lists"),
+    (lambda d: d["files"].reverse(), "its files are not in the order a push lists them"),
+    (lambda d: d.__setitem__("classes", ["healthy", "diseased"]), "its classes (healthy, diseased) are not its files'"),
+])
+def test_a_manifest_edited_into_a_file_list_no_push_writes_is_refused_naming_it(leaves: Path, edit, message) -> None:
+    """The digest recomputed after the edit: a pull would take it, and each training would then blame the cache."""
+    from plantml.datasets import content_digest
+
+    data = json.loads(build_manifest(leaves).to_json())
+    edit(data)
+    data["digest"] = content_digest((f[0], f[2]) for f in data["files"])
+    with pytest.raises(DataError) as refused:
+        Manifest.from_json(json.dumps(data), "s3://b/x/plantml-dataset.json")
+    assert str(refused.value).startswith("s3://b/x/plantml-dataset.json: ") and message in str(refused.value)
 
 
 def test_a_manifest_cannot_point_outside_the_set(leaves: Path) -> None:
