@@ -194,18 +194,42 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
                           ContentType="application/json")
     except _client_errors() as exc:
         raise TrackingError(f"{where}: the manifest could not be stored ({_error_code(exc)}: {exc})") from None
+    _check_stored_set(client, where, manifest)
     return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
 
 
-def _withdraw_manifest(client: Any, where: S3Location) -> None:
+def _check_stored_set(client: Any, where: S3Location, manifest: Manifest) -> None:
+    """Read back what the location holds once the manifest is written: another push to it at the same
+    time may have replaced some of the files, or the manifest, with its own. The last push to end then
+    sees the final state, and either it matches its manifest or the manifest goes and the push says so."""
+    manifest_key = where.key(MANIFEST_NAME)
+    try:
+        stored_manifest = client.get_object(Bucket=where.bucket, Key=manifest_key)["Body"].read()
+    except _client_errors() as exc:
+        if _error_code(exc) not in ("NoSuchKey", "404"):
+            raise TrackingError(f"{where}: cannot read back {MANIFEST_NAME} ({_error_code(exc)}: {exc})") from None
+        stored_manifest = b""
+    stored = stored_objects(client, where)
+    problem = None if stored_manifest == manifest.to_json().encode() else f"{MANIFEST_NAME} is not the one this push wrote"
+    for entry in manifest.files if problem is None else ():
+        if not _unchanged(client, where, stored.get(where.key(entry.path)), entry):
+            problem = f"{entry.path} is not the file this push sent"
+            break
+    if problem:
+        _withdraw_manifest(client, where, "after a push that did not end with its files in place")
+        raise DataError(f"{where}: {problem} (another push to the same location at the same time?); "
+                        "the location now holds no set: push again")
+
+
+def _withdraw_manifest(client: Any, where: S3Location, when: str = "before its files are replaced") -> None:
     """Delete the manifest of the set stored at ``where`` before its files are replaced: until the new
     manifest is written the location holds no set, rather than one whose files no longer match it
     (listed as fine by ``data ls``, refused as tampered by every training, for good if the push is cut)."""
     try:
         client.delete_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))
     except _client_errors() as exc:
-        raise TrackingError(f"{where}: the manifest of the set there could not be removed before its files are "
-                            f"replaced ({_error_code(exc)}: {exc})") from None
+        raise TrackingError(f"{where}: the manifest of the set there could not be removed {when} "
+                            f"({_error_code(exc)}: {exc})") from None
 
 
 class _HashingReader:

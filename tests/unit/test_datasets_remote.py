@@ -182,6 +182,23 @@ def test_a_push_of_other_files_cut_midway_leaves_no_manifest_they_no_longer_matc
         remote.read_manifest(store, S3Location.parse("s3://data/set"))
 
 
+def test_a_push_whose_files_another_push_replaced_meanwhile_says_so_and_leaves_no_set(leaves: Path) -> None:
+    """Two pushes of other sets to one location at once: one's file lands between the other's uploads and its manifest."""
+
+    class RacedStore(CutStore):
+        def put_object(self, Key: str, Body: Any, **kwargs: Any) -> None:  # noqa: N803 - boto3's names
+            if Key == f"set/{MANIFEST_NAME}":
+                super().put_object(Key="set/healthy/healthy_0001.png", Body=b"the other push's image")
+            super().put_object(Key=Key, Body=Body, **kwargs)
+
+    store = RacedStore()
+    with pytest.raises(DataError) as refused:
+        remote.push(store, leaves, "s3://data/set", workers=1)
+
+    assert str(refused.value).startswith("s3://data/set: healthy/healthy_0001.png is not the file this push sent")
+    assert f"set/{MANIFEST_NAME}" not in store.objects and remote.list_sets(store, "s3://data").sets == []
+
+
 def test_pull_removes_the_staging_folder_of_a_dead_process_and_keeps_a_live_ones(leaves: Path, tmp_path: Path) -> None:
     datasets = tmp_path / "cache" / "datasets"
     datasets.mkdir(parents=True)
