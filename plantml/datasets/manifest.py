@@ -25,6 +25,8 @@ MANIFEST_NAME = "plantml-dataset.json"
 MANIFEST_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _CHUNK = 1 << 20
+#: A set is named after its folder, and a folder's name has at most 255 bytes.
+MAX_NAME_LENGTH = 255
 
 
 def content_digest(files: Iterable[tuple[str, str]]) -> str:
@@ -108,8 +110,17 @@ class Manifest:
             raise DataError(f"{where}: not a plantml data set manifest ({type(exc).__name__}: {exc})") from None
         if content_digest((e.path, e.sha256) for e in manifest.files) != manifest.digest:
             raise DataError(f"{where}: the manifest's digest does not match its file list (tampered or truncated)")
+        _check_name(manifest.name, where)
         _check_files(manifest, where)
         return manifest
+
+
+def _check_name(name: str, where: str) -> None:
+    """Refuse a name no push writes (a push names a set after its folder): every run records it as its dataset
+    input, which MLflow refuses empty or over 500 characters, and only once the run exists (left FAILED)."""
+    if not name.strip() or len(name) > MAX_NAME_LENGTH or "/" in name or "\0" in name:
+        raise DataError(f"{where}: its name {name[:40]!r} is not a folder's name, as a push writes it "
+                        f"(empty, over {MAX_NAME_LENGTH} characters, or holding '/' or NUL)")
 
 
 def _check_files(manifest: Manifest, where: str) -> None:

@@ -71,6 +71,16 @@ def test_a_manifest_edited_into_a_file_list_no_push_writes_is_refused_naming_it(
     assert str(refused.value).startswith("s3://b/x/plantml-dataset.json: ") and message in str(refused.value)
 
 
+@pytest.mark.parametrize("name", ["", "   ", "x" * 600, "a/b", "nul\0name"])
+def test_a_manifest_whose_name_no_folder_has_is_refused_before_any_run_records_it(leaves: Path, name: str) -> None:
+    """The name is not in the digest: edited by hand, MLflow would refuse it only once the run exists."""
+    data = json.loads(build_manifest(leaves).to_json())
+    data["name"] = name
+    with pytest.raises(DataError) as refused:
+        Manifest.from_json(json.dumps(data), "s3://b/x/plantml-dataset.json")
+    assert str(refused.value).startswith(f"s3://b/x/plantml-dataset.json: its name {name[:40]!r} is not a folder's name")
+
+
 def test_a_manifest_cannot_point_outside_the_set(leaves: Path) -> None:
     from plantml.datasets import content_digest
 
