@@ -88,6 +88,7 @@ def train(ctx: click.Context, **options) -> int | None:
     from plantml.training import distributed
     from plantml.training.checks import check_config
     from plantml.training.config import Reporter, TrainConfig
+    from plantml.training.launch import follow_launcher
     from plantml.training.run import fit
     from plantml.training.synth import SynthSpec
 
@@ -113,6 +114,7 @@ def train(ctx: click.Context, **options) -> int | None:
         from plantml.settings import resolve_tracking_settings
 
         resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
+    follow_launcher()  # a rank of plantml train --nproc stops when its launcher is killed
     with distributed.session(config.device) as ranks, contextlib.ExitStack() as stop_signals:
         _show_warnings(ranks.is_main)
         # SIGTERM or SIGHUP while the data is pulled or made (or while one process trains untracked) ends the

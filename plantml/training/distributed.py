@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +36,8 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 
-from plantml.errors import ConfigError, DataError, PlantmlError, RankFailed, UsageError
+from plantml.errors import ConfigError, DataError, Interrupted, PlantmlError, RankFailed, UsageError
+from plantml.processes import process_alive, process_start_time
 from plantml.settings import env_number, env_value
 
 T = TypeVar("T")
@@ -206,7 +208,7 @@ class Ranks:
 
     def peer_failure(self) -> RankFailed | None:
         """The failure another rank published first, as a :class:`RankFailed`; None if none did."""
-        if not self.distributed:
+        if not self.distributed or launcher_gone():  # the store left with it: asking prints torch's C++ warning
             return None
         try:
             if not self.store.check([FIRST_FAILURE]):
@@ -276,6 +278,15 @@ def rank_info() -> Ranks:
         raise ConfigError(f"RANK={ranks.rank}, WORLD_SIZE={ranks.world_size}, LOCAL_RANK={ranks.local_rank}: "
                           "not a place in a job (let torchrun set them)")
     return ranks
+
+
+def launcher_gone() -> bool:
+    """True in a rank of ``plantml train --nproc`` whose launcher (which holds the group's store) has ended."""
+    if not env_value("PLANTML_LAUNCHER_PID"):
+        return False
+    launcher = env_number("PLANTML_LAUNCHER_PID", kind=int, minimum=1)
+    started = process_start_time(launcher)
+    return started is None or not process_alive(launcher, started)
 
 
 def backend_for(device: str | None) -> str:
@@ -351,4 +362,7 @@ def why_stopped(ranks: Ranks, exc: BaseException, received: KeyboardInterrupt | 
         return culprit
     if received is not None and not isinstance(exc, KeyboardInterrupt):
         return received
+    if launcher_gone() and not isinstance(exc, KeyboardInterrupt):
+        # its death stops every rank with SIGTERM (plantml.training.launch): a peer that went first is that stop
+        return Interrupted(signal.SIGTERM)
     return exc

@@ -5,21 +5,30 @@ rendezvous on 127.0.0.1 on a free port, starts the N ranks (``python -m plantml 
 without ``--nproc``), watches them, and stops them all when one fails or when this process
 gets SIGTERM or Ctrl-C. Each rank prints its own errors; this process adds one line naming
 the rank that failed, and exits with that rank's code.
+
+torchrun starts each rank in a session of its own, so nothing stops them when this process
+is killed outright (``kill -9``, the out-of-memory killer): each rank therefore watches its
+launcher and stops itself with SIGTERM when it dies (:func:`follow_launcher`), as on a stop.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 import uuid
+from pathlib import Path
 
 from plantml.errors import RankFailed, UsageError
+from plantml.processes import process_start_time
 from plantml.settings import env_value
+from plantml.staging import staging_folder
 from plantml.tracking.environ import scoped_environ
-from plantml.training.distributed import rank_info
+from plantml.training.distributed import launcher_gone, rank_info
 
 
 def launch(nproc: int, worker_args: list[str]) -> int:
@@ -34,17 +43,19 @@ def launch(nproc: int, worker_args: list[str]) -> int:
 
     if rank_info().distributed:
         raise UsageError("--nproc: this process is already one rank of a torchrun job; use one launcher or the other")
-    # the agent's error files go here, and nowhere else
-    log_dir = tempfile.mkdtemp(prefix="plantml-ranks-")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"plantml-{uuid.uuid4().hex[:12]}",
-                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
-                          logs_specs=DefaultLogsSpecs(log_dir=log_dir))
     # as torchrun: one CPU thread per rank unless told otherwise, or N ranks would each take every core
     threads = {} if nproc == 1 or env_value("OMP_NUM_THREADS") else {"OMP_NUM_THREADS": "1"}
     # its lines narrate each start and stop, and repeat a rank's failure that this command reports in one line
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        with scoped_environ(threads):
+        # the agent's error files go here, and nowhere else; named after this process, so that the
+        # next launch removes the folder of one that was killed
+        with staging_folder(Path(tempfile.gettempdir()), "plantml-ranks") as log_dir, \
+                scoped_environ({**threads, "PLANTML_LAUNCHER_PID": str(os.getpid())}):
+            config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+                                  run_id=f"plantml-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
+                                  rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
+                                  logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)))
             elastic_launch(config, sys.executable)(*worker_args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
@@ -55,6 +66,26 @@ def launch(nproc: int, worker_args: list[str]) -> int:
                          rank=rank, exit_code=failure.exitcode) from None
     except SignalException as exc:  # the agent has already stopped the ranks with the same signal
         return 128 + int(exc.sigval)
-    finally:
-        shutil.rmtree(log_dir, ignore_errors=True)
     return 0
+
+
+def follow_launcher() -> None:
+    """In a rank that ``plantml train --nproc`` started: stop (SIGTERM, once) when that launcher dies, whatever kills it.
+
+    Rank 0 then ends its run KILLED and every rank exits, rather than training on unwatched. A thread
+    watches the launcher, rather than the kernel's parent-death signal, which comes again as each of
+    the dying launcher's threads ends, and a second SIGTERM cuts the end of the run short.
+    Does nothing under another launcher (torchrun) or where ``/proc`` does not exist.
+    """
+    if not env_value("PLANTML_LAUNCHER_PID") or process_start_time(os.getpid()) is None:
+        return
+    if launcher_gone():  # before this rank even looked
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    threading.Thread(target=_stop_when_launcher_gone, name="plantml-launcher-watch", daemon=True).start()
+
+
+def _stop_when_launcher_gone() -> None:
+    while not launcher_gone():
+        time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGTERM)

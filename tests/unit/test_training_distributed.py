@@ -6,6 +6,7 @@ take the same decisions and end with the same model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -286,3 +287,50 @@ def test_ranks_of_one_training_image_each_are_refused_at_sizes_batch_norm_cannot
     assert lines[0] == ("plantml: error: 2 training images give each of 2 processes one image a step, and batch norm "
                         "cannot train on one image at --image-size 32: use fewer processes, more images, "
                         "or --image-size 33 or more")
+
+
+def test_ranks_stop_when_the_nproc_launcher_is_killed_outright_and_its_folder_is_swept(tmp_path):
+    import psutil
+
+    from plantml.staging import sweep
+
+    folder = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=8, size=32, seed=0))
+    (tmp_path / "tmp").mkdir()
+    launcher = subprocess.Popen([sys.executable, "-m", "plantml", "train", "--nproc", "2", "--no-mlflow", "--epochs",
+                                 "1000", "--image-size", "32", "--weights", "none", "--data-dir", str(folder)],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "TMPDIR": str(tmp_path / "tmp"), "GLOO_SOCKET_IFNAME": "lo"})
+    ranks = []
+    try:
+        for line in launcher.stdout:
+            if line.startswith("epoch 1/"):
+                break
+        ranks = psutil.Process(launcher.pid).children()
+        launcher.kill()  # kill -9: no clean-up of its own, as the out-of-memory killer does it
+        launcher.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+    finally:
+        launcher.kill()
+        for rank in ranks:
+            with contextlib.suppress(psutil.Error):
+                rank.kill()
+    assert len(ranks) == 2 and alive == [], "ranks train on after their launcher was killed"
+    assert len(sweep(tmp_path / "tmp")) == 1 and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_rank_whose_launcher_died_asks_its_gone_store_nothing_and_ends_as_stopped(monkeypatch):
+    asked = []
+
+    class GoneStore:  # torch's TCPStore prints a C++ warning and its stack when its server has gone
+        def check(self, keys):
+            asked.append(keys)
+            raise RuntimeError("Connection reset by peer")
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    monkeypatch.setenv("PLANTML_LAUNCHER_PID", str(ended.pid))
+    ranks = Ranks(rank=0, world_size=2, store=GoneStore())
+    assert ranks.peer_failure() is None and asked == []
+    # its death stops every rank: a peer that stopped first broke the connection, and the run is KILLED, not FAILED
+    stop = why_stopped(ranks, RuntimeError("[gloo/pair.cc:545] Read error: Connection reset by peer"), None)
+    assert isinstance(stop, KeyboardInterrupt) and stop.exit_code == 128 + signal.SIGTERM
