@@ -365,4 +365,22 @@ def why_stopped(ranks: Ranks, exc: BaseException, received: KeyboardInterrupt | 
     if launcher_gone() and not isinstance(exc, KeyboardInterrupt):
         # its death stops every rank with SIGTERM (plantml.training.launch): a peer that went first is that stop
         return Interrupted(signal.SIGTERM)
-    return exc
+    return lost_peer(ranks, exc) or exc
+
+
+def lost_peer(ranks: Ranks, exc: BaseException) -> RankFailed | None:
+    """``exc`` as a :class:`RankFailed` (rank unknown: -1) when it is a collective broken by a rank that ended
+    without publishing why (killed outright: SIGKILL, the out-of-memory killer); None for any other error.
+
+    That rank's launcher names it and its signal; here the broken connection is one line, not torch's traceback.
+    """
+    if not ranks.distributed or not isinstance(exc, RuntimeError):
+        return None
+    words = str(exc)
+    if not isinstance(exc, torch.distributed.DistError) and "gloo" not in words and "NCCL" not in words:
+        return None
+    reason = (words.strip().splitlines() or [type(exc).__name__])[0]
+    reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason  # gloo's source path says nothing here
+    reason = reason.split(". ", 1)[0]  # then its advice to read the other rank's logs: there are none
+    return RankFailed(f"{ranks} lost its connection to another rank, which ended without saying why "
+                      f"(killed?): {reason[:300]}", rank=-1)

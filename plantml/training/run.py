@@ -255,7 +255,8 @@ def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = Non
             with tracking_signals.deferred():  # a stop signal arriving now must not cut the end of the run short
                 cause = distributed.why_stopped(ranks, exc, tracking_signals.received())
                 if isinstance(cause, RankFailed):
-                    _quietly(tracker.set_tags, {"failed_rank": str(cause.rank), "failure": str(cause)[:1000]})
+                    known = {"failed_rank": str(cause.rank)} if cause.rank >= 0 else {}
+                    _quietly(tracker.set_tags, {**known, "failure": str(cause)[:1000]})
                 _quietly(tracker.end_run, status="KILLED" if isinstance(cause, KeyboardInterrupt) else "FAILED", error=cause)
         except KeyboardInterrupt:  # the stop came while the run was being ended (it was raised on leaving)
             if not isinstance(cause, RankFailed):

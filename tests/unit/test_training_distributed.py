@@ -334,3 +334,30 @@ def test_a_rank_whose_launcher_died_asks_its_gone_store_nothing_and_ends_as_stop
     # its death stops every rank: a peer that stopped first broke the connection, and the run is KILLED, not FAILED
     stop = why_stopped(ranks, RuntimeError("[gloo/pair.cc:545] Read error: Connection reset by peer"), None)
     assert isinstance(stop, KeyboardInterrupt) and stop.exit_code == 128 + signal.SIGTERM
+
+PAIR = textwrap.dedent("""
+    import os, signal, sys, torch
+    from plantml.training import distributed
+    with distributed.session("cpu") as ranks:
+        if ranks.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer: no word left in the store
+        try:
+            for _ in range(100):
+                ranks.sum_across(torch.ones(1))
+        except RuntimeError as exc:
+            print(distributed.why_stopped(ranks, exc, None).__class__.__name__, distributed.why_stopped(ranks, exc, None))
+""")
+
+
+def test_a_peer_killed_outright_is_one_line_naming_the_lost_connection():
+    import port_for
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port_for.select_random())}
+    pair = [subprocess.Popen([sys.executable, "-c", PAIR], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    out, err = pair[0].communicate(timeout=120)
+    assert pair[1].wait(timeout=30) == -signal.SIGKILL
+    assert out.startswith("RankFailed rank 0 of 2 lost its connection to another rank, which ended without saying why "
+                          "(killed?): "), err
+    assert len(out.strip().splitlines()) == 1 and "gloo/" not in out
