@@ -45,8 +45,12 @@ def launch(nproc: int, worker_args: list[str]) -> int:
         raise UsageError("--nproc: this process is already one rank of a torchrun job; use one launcher or the other")
     # as torchrun: one CPU thread per rank unless told otherwise, or N ranks would each take every core
     threads = {} if nproc == 1 or env_value("OMP_NUM_THREADS") else {"OMP_NUM_THREADS": "1"}
-    # its lines narrate each start and stop, and repeat a rank's failure that this command reports in one line
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # the agent's lines narrate each start and stop ("Received 2 death signal, shutting down workers"), and repeat
+    # a rank's failure that this command reports in one line. Each of its modules sets its logger's own level
+    # (WARNING) when imported, some only during the launch, so no parent's level reaches them: while the agent
+    # runs, this process (which does nothing else) logs nothing below CRITICAL
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
     try:
         # the agent's error files go here, and nowhere else; named after this process, so that the
         # next launch removes the folder of one that was killed
@@ -66,6 +70,8 @@ def launch(nproc: int, worker_args: list[str]) -> int:
                          rank=rank, exit_code=failure.exitcode) from None
     except SignalException as exc:  # the agent has already stopped the ranks with the same signal
         return 128 + int(exc.sigval)
+    finally:
+        logging.disable(previous)
     return 0
 
 

@@ -361,3 +361,22 @@ def test_a_peer_killed_outright_is_one_line_naming_the_lost_connection():
     assert out.startswith("RankFailed rank 0 of 2 lost its connection to another rank, which ended without saying why "
                           "(killed?): "), err
     assert len(out.strip().splitlines()) == 1 and "gloo/" not in out
+
+
+def test_nproc_shows_none_of_the_agents_own_log_lines(monkeypatch):
+    import logging
+
+    import torch.distributed.launcher.api as launcher_api
+
+    import plantml.training.launch as launch
+
+    shown = []
+
+    def agent(config, entrypoint):
+        agent_logger = logging.getLogger("torch.distributed.elastic.agent.server.api")  # its level set on import
+        return lambda *args: shown.append(agent_logger.isEnabledFor(logging.WARNING))
+
+    monkeypatch.setattr(launcher_api, "elastic_launch", agent)
+    assert launch.launch(2, ["-m", "plantml", "train"]) == 0
+    assert shown == [False]  # "Received 2 death signal, shutting down workers" and the like stay unsaid
+    assert logging.getLogger("plantml").isEnabledFor(logging.WARNING)  # and logging is back afterwards
