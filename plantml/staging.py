@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +88,32 @@ def check_writable(role: str, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, timeout: float | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on ``folder`` itself (no lock file added to it) for the block; yields whether it is held.
+
+    ``timeout`` None waits as long as the holder keeps it; otherwise the block runs unlocked after
+    ``timeout`` seconds (best effort). The kernel releases the lock when its holder dies.
+    """
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield True
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    held = False
+                    break
+                time.sleep(0.1)
+        yield held
+    finally:
+        os.close(fd)  # releases the lock

@@ -11,15 +11,13 @@ naming the URI (its password masked) and where it came from.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, TrackingError, one_line
 from plantml.settings import describe_uri
+from plantml.staging import folder_lock
 
 SQLITE_PREFIX = "sqlite:///"
 #: Seconds a process waits for another one creating the same sqlite store (MLflow's migrations take a second or two).
@@ -80,28 +78,14 @@ def _one_creator(path: Path | None) -> Iterator[None]:
     Two processes creating one store at once (``for lr in …; do plantml train … & done`` in a new
     folder) both run MLflow's migrations, and one fails ("table … already exists"). The second
     waits here instead, then opens the store the first made. Best effort: a folder that cannot be
-    opened or locked is left to MLflow's own error.
+    opened or locked in time is left to MLflow's own error.
     """
     if path is None or (path.is_file() and path.stat().st_size > 0):
         yield
         return
-    try:
-        fd = os.open(path.absolute().parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(path.absolute().parent, CREATION_WAIT_S))
+        except OSError:
+            pass  # a folder that cannot be opened or locked: MLflow says what is wrong with it
         yield
-        return
-    try:
-        deadline = time.monotonic() + CREATION_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            except OSError:
-                break
-        yield
-    finally:
-        os.close(fd)  # releases the lock

@@ -9,12 +9,10 @@ byte-identical files, hence the same content hash.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import math
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from plantml.errors import UsageError
-from plantml.staging import local_writes, staging_folder, sweep
+from plantml.staging import folder_lock, local_writes, staging_folder, sweep
 
 CLASSES = ("diseased", "healthy")
 DEFAULT_PER_CLASS = 200
@@ -204,7 +202,7 @@ def write_set(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) 
             with contextlib.suppress(FileExistsError):
                 root.mkdir(parents=True)
                 created = True  # by this process: a concurrent synth into it must not remove it on failure
-            with _sole_writer(root):
+            with folder_lock(root):  # the folder itself: no file added to it
                 _check_target(root)  # under the lock: another synth's staging folder is gone by then
                 with staging_folder(root, "plantml-synth") as staging:
                     generate(staging, spec)
@@ -214,17 +212,6 @@ def write_set(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) 
             shutil.rmtree(root, ignore_errors=True)
         raise
     return root
-
-
-@contextlib.contextmanager
-def _sole_writer(root: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the folder itself (no file added to it) while this process writes the set."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _check_target(root: Path) -> None:
