@@ -66,11 +66,16 @@ def write_private(path: Path, content: str | bytes, owner: tuple[int, int] | Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync ``folder`` itself, so that a file renamed into it survives a crash under that name."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(folder)
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 #: The first line of every env file a stack writes: how a later start knows the file is plantml's to replace.

@@ -27,7 +27,7 @@ from plantml.errors import ConfigError, StackError
 from plantml.processes import process_start_time
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
-from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks
+from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks, sync_folder
 from plantml.stack.mlflow_server import MLflowServerSpec, mlflow_service
 from plantml.stack.postgres import PostgresSpec, postgres_service
 from plantml.stack.s3 import FILER_SOCKET, S3_SOCKET, S3Spec, s3_service, seaweed_security_env
@@ -303,11 +303,7 @@ def initialize(runner: Runner, spec: ServiceSpec) -> None:
     final = spec.folder / spec.init_staged  # type: ignore[operator]
     try:
         staging.rename(final)
-        parent = os.open(spec.folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(parent)
-        finally:
-            os.close(parent)
+        sync_folder(spec.folder)
     except OSError as exc:
         raise StackError(spec.name, f"{final}: cannot put the new {spec.init_staged} folder in place ({exc.strerror}); "
                                     f"a folder left by an interrupted first start? Remove it to initialise it again") from None
