@@ -253,8 +253,8 @@ class ContainerProcess:
         if container is not None:
             container.stop(timeout=10)
 
-    def remove(self) -> None:
-        """Remove the container."""
+    def remove(self, at_once: bool = False) -> None:
+        """Remove the container (always at once: testcontainers force-removes it)."""
         if self._container is not None:
             try:
                 self._container.stop()  # testcontainers: force-remove

@@ -208,7 +208,12 @@ class HostProcess:
             self._log_file.close()
             self._log_file = None
 
-    remove = stop
+    def remove(self, at_once: bool = False) -> None:
+        """Stop it for good: gracefully, or killed ``at_once`` (its process group, SIGKILL)."""
+        if at_once and self._executor is not None:
+            self._executor.kill()
+            self._executor = None
+        self.stop()
 
     def log_tail(self, lines: int | None = 25) -> str:
         """The last ``lines`` lines of the log file (all of it for None; '' before the first start)."""

@@ -160,8 +160,12 @@ class ServiceProcess(Protocol):
     def stop(self) -> None:
         """Stop it, keeping its folder for :meth:`start`."""
 
-    def remove(self) -> None:
-        """Stop it for good (a container is removed); the folder is the stack's business."""
+    def remove(self, at_once: bool = False) -> None:
+        """Stop it for good (a container is removed); the folder is the stack's business.
+
+        ``at_once`` kills it without a graceful stop: for a stack whose folder is gone, where
+        a graceful stop saves nothing and SeaweedFS ignores SIGTERM.
+        """
 
     def log_tail(self, lines: int | None = 25) -> str:
         """The last ``lines`` lines of its output (all of it for None)."""

@@ -160,9 +160,11 @@ class ManagedStack(Stack):
         if self._supervisor is not None:
             self._supervisor.stop()
             self._supervisor = None
+        # A folder deleted under the stack: nothing left to save, and SeaweedFS would ignore SIGTERM for 15 s.
+        abandoned = self.folder is not None and self.folder.gone() is not None
         for name in reversed(SERVICE_NAMES):
             if name in self.services:
-                self.services[name].remove()
+                self.services[name].remove(at_once=abandoned)
         self.services = {}
         self.runner.close()
         if self.folder is not None:

@@ -65,11 +65,11 @@ class Service:
             self.wanted = False
             self.process.stop()
 
-    def remove(self) -> None:
-        """Stop it for good (at the end of the stack)."""
+    def remove(self, at_once: bool = False) -> None:
+        """Stop it for good (at the end of the stack); ``at_once``: killed, not stopped gracefully."""
         with self.lock:
             self.wanted = False
-            self.process.remove()
+            self.process.remove(at_once)
 
     def log_tail(self, lines: int | None = 25) -> str:
         """The last lines of its log."""

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -30,9 +33,9 @@ def eventually(condition) -> bool:
 class StackUp:
     """``plantml stack up`` in a subprocess, its output collected line by line."""
 
-    def __init__(self, backend: str, env_file: Path) -> None:
+    def __init__(self, backend: str, env_file: Path, *options: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "plantml", "stack", "up", "--backend", backend, "--env-file", str(env_file)],
+            [sys.executable, "-m", "plantml", "stack", "up", "--backend", backend, "--env-file", str(env_file), *options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True).start()  # type: ignore[arg-type]
@@ -41,7 +44,8 @@ class StackUp:
         return "".join(self.lines)
 
     def folder(self) -> Path:
-        eventually(lambda: "Press Ctrl-C" in self.output())
+        eventually(lambda: "Press Ctrl-C" in self.output() or self.process.poll() is not None)
+        assert "Press Ctrl-C" in self.output(), self.output()[-3000:]
         return Path(next(line.split()[1] for line in self.lines if line.strip().startswith("data:")))
 
 
@@ -101,3 +105,35 @@ def test_a_killed_service_comes_back_and_kill_9_of_stack_up_leaves_nothing(pytes
     assert f"stack folder {folder}" in pruned.stdout
     assert not folder.exists()
     assert not env_file.exists()  # it pointed at the dead stack
+
+
+def test_a_data_folder_deleted_under_stack_up_stops_it_in_one_line_and_leaves_nothing(pytestconfig, tmp_path):
+    """``rm -rf`` of a running stack's ``--data-dir``: its services would go on answering from deleted files and
+    failing every write; ``stack up`` stops the stack within seconds instead, naming the folder."""
+    backend = pytestconfig.getoption("--stack")
+    docker = None
+    if backend == "containers":
+        from plantml.stack.containers import docker_client
+
+        docker = docker_client()
+    folder = Path(tempfile.mkdtemp(prefix="plantml-deleted-"))  # not under tmp_path: PostgreSQL's account may enter it
+    up = StackUp(backend, tmp_path / "stack.env", "--data-dir", str(folder))
+    try:
+        assert up.folder() == folder, up.output()[-3000:]
+        processes = stack_processes(up.process, docker)
+        assert len(processes) >= 3
+        shutil.rmtree(folder, ignore_errors=True)  # the services still write into it: what they recreate stays
+        deleted = time.monotonic()
+        assert up.process.wait(timeout=60) == 1
+        assert time.monotonic() - deleted < 8  # noticed within a second; killed, as a graceful stop saves nothing
+    finally:
+        if up.process.poll() is None:
+            up.process.kill()
+            up.process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+    said = [line for line in up.lines if "deleted or moved" in line]
+    assert said == [f"plantml: error: stack: data folder {folder} was deleted or moved while the stack ran: stopping, as its "
+                    "services would write into it no more\n"], up.output()[-2000:]
+    eventually(lambda: not any(alive(pid) for pid in processes))
+    eventually(lambda: containers_of(up.process, docker) == [])
+    assert not (tmp_path / "stack.env").exists()
