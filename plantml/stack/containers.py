@@ -21,7 +21,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -188,9 +188,10 @@ def prune_containers(everything: bool = False, client: DockerClient | None = Non
 class ContainerProcess:
     """One service as a container: created at the first start, stopped and started again, removed at the end."""
 
-    def __init__(self, spec: ServiceSpec, runner: ContainerRunner) -> None:
+    def __init__(self, spec: ServiceSpec, runner: ContainerRunner, on_spawn: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.runner = runner
+        self.on_spawn = on_spawn
         self.container_name = runner.container_name(spec.name)
         self._container: DockerContainer | None = None
 
@@ -232,6 +233,7 @@ class ContainerProcess:
                 self.docker_container.start()  # type: ignore[union-attr]
         except APIError as exc:
             raise StackError(self.spec.name, f"container could not be started: {exc.explanation or exc}", self.log_tail()) from None
+        self.on_spawn()
         if not self._wait():
             raise StackError(self.spec.name, f"not ready after {self.spec.start_timeout:.0f} s", self.log_tail())
 
@@ -328,9 +330,9 @@ class ContainerRunner:
             container.ports[f"{spec.port}/tcp"] = ("127.0.0.1", spec.port)  # type: ignore[assignment]
         return container
 
-    def process(self, spec: ServiceSpec) -> ContainerProcess:
+    def process(self, spec: ServiceSpec, on_spawn: Callable[[], None] = lambda: None) -> ContainerProcess:
         """A (not yet created) container for ``spec``."""
-        return ContainerProcess(spec, self)
+        return ContainerProcess(spec, self, on_spawn)
 
     def run_once(self, spec: ServiceSpec, command: Command) -> None:
         """Run ``command`` to its end in a throwaway container of the service's image (no network)."""

@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -116,7 +116,7 @@ def has_setpriv() -> bool:
 class ServiceExecutor(Executor):
     """A mirakuru executor whose readiness is the description's rule, forked by the launcher thread."""
 
-    def __init__(self, spec: ServiceSpec, command: list[str], log_file: IO[str]) -> None:
+    def __init__(self, spec: ServiceSpec, command: list[str], log_file: IO[str], on_spawn: Callable[[], None]) -> None:
         pdeathsig = ["setpriv", f"--pdeathsig={spec.stop_signal.name}", "--"] if has_setpriv() else []
         super().__init__(
             [*pdeathsig, *command], timeout=spec.start_timeout, stop_signal=spec.stop_signal,
@@ -124,6 +124,7 @@ class ServiceExecutor(Executor):
             popen_kwargs=as_account(spec.account),
         )
         self.spec = spec
+        self.on_spawn = on_spawn
 
     def pre_start_check(self) -> bool:
         """Never "already running": a taken port is found before any start (ManagedStack), naming the service."""
@@ -145,6 +146,7 @@ class ServiceExecutor(Executor):
     def start(self) -> ServiceExecutor:
         """Fork the process from the launcher thread, then wait here until it is ready."""
         _LAUNCHER.submit(SimpleExecutor.start, self).result()
+        self.on_spawn()
         self.wait_for(self.check_subprocess)
         return self
 
@@ -152,9 +154,10 @@ class ServiceExecutor(Executor):
 class HostProcess:
     """One service as a local process: its executor and its log file."""
 
-    def __init__(self, spec: ServiceSpec, log_path: Path) -> None:
+    def __init__(self, spec: ServiceSpec, log_path: Path, on_spawn: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.log_path = log_path
+        self.on_spawn = on_spawn
         self._executor: ServiceExecutor | None = None
         self._log_file: IO[str] | None = None
 
@@ -177,7 +180,7 @@ class HostProcess:
         os.fchmod(fd, 0o600)  # also a log an older start left readable
         self._log_file = open(fd, "a", buffering=1)  # noqa: SIM115 - closed in stop()
         self._executor = ServiceExecutor(self.spec, [*program(self.spec.command[0], self.spec.name),
-                                                     *self.spec.command[1:]], self._log_file)
+                                                     *self.spec.command[1:]], self._log_file, self.on_spawn)
         try:
             self._executor.start()
         except TimeoutExpired:
@@ -237,19 +240,22 @@ class HostRunner:
         """The services log into ``folder/logs``."""
         self.logs = folder / "logs"
 
-    def process(self, spec: ServiceSpec) -> HostProcess:
+    def process(self, spec: ServiceSpec, on_spawn: Callable[[], None] = lambda: None) -> HostProcess:
         """A local process for ``spec`` (its account must be able to reach its folder)."""
         if not can_enter(spec.folder, spec.account):
             raise StackError(spec.name, f"runs as user {spec.account.name} (plantml runs as root), who cannot enter "
                                         f"{spec.folder}: choose a data folder every user may traverse (e.g. under /tmp or /srv)")
         assert self.logs is not None, "open() first"
-        return HostProcess(spec, self.logs / f"{spec.name}.log")
+        return HostProcess(spec, self.logs / f"{spec.name}.log", on_spawn)
 
     def run_once(self, spec: ServiceSpec, command: Command) -> None:
         """Run ``command`` (initdb) as the service's account, in its folder; its output goes in the error."""
+        # Killed with plantml (kill -9, a crash): its half-made folder is removed by the next start, which must
+        # not find it still writing there. The start thread that waits for it is its parent until it ends.
+        pdeathsig = ["setpriv", "--pdeathsig=SIGKILL", "--"] if has_setpriv() else []
         try:
             # errors="replace": the output may quote a path that is not UTF-8 (a Latin-1 --data-dir)
-            result = subprocess.run([*program(command[0], spec.name), *command[1:]], capture_output=True, text=True,
+            result = subprocess.run([*pdeathsig, *program(command[0], spec.name), *command[1:]], capture_output=True, text=True,
                                     errors="replace",
                                     check=False, cwd=spec.folder, env={**os.environ, **spec.env}, **as_account(spec.account))
         except OSError as exc:

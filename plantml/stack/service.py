@@ -180,8 +180,9 @@ class Runner(Protocol):
     def open(self, stack_id: str, folder: Path) -> None:
         """Get ready to run the services of the stack ``stack_id`` kept in ``folder`` (logs, a Docker client, a reaper)."""
 
-    def process(self, spec: ServiceSpec) -> ServiceProcess:
-        """The (not yet started) process of a service."""
+    def process(self, spec: ServiceSpec, on_spawn: Callable[[], None] = lambda: None) -> ServiceProcess:
+        """The (not yet started) process of a service; ``on_spawn`` is called each time it is spawned, before it
+        answers (the stack records its pid: a start killed half-way leaves the next start what to wait for)."""
 
     def run_once(self, spec: ServiceSpec, command: Command) -> None:
         """Run a one-off command of a service (its ``init``) to the end; :class:`StackError` if it fails."""

@@ -124,6 +124,7 @@ class ManagedStack(Stack):
         self.folder_path: Path | None = None
         self._fixed_ports = _checked_ports({"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port})
         self._supervise = supervise
+        self._state_lock = threading.Lock()
         self._supervisor: Supervisor | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ class ManagedStack(Stack):
         for spec in self._describe(self._choose_ports()):
             guarded = replace(spec, ready=abandonable(spec.name, spec.ready, abandon))
             self.folder.prepare(guarded)
-            self.services[spec.name] = Service(guarded, self.runner.process(guarded))
+            self.services[spec.name] = Service(guarded, self.runner.process(guarded, on_spawn=self._save_state))
         for service in self.services.values():
             for port in service.spec.ports.values():
                 if port_in_use(port):
@@ -284,6 +285,10 @@ class ManagedStack(Stack):
 
     def _save_state(self) -> None:
         """Record the ports and processes of this start: the next start reuses the ports, prune finds the processes."""
+        with self._state_lock:  # the start threads call it at once
+            self._write_state()
+
+    def _write_state(self) -> None:
         if self.folder is None:
             return
         pids = {name: svc.process.pid for name, svc in self.services.items()}

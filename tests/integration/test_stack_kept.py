@@ -7,6 +7,7 @@ is read back through plain MLflow and boto3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -184,5 +185,38 @@ def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_at_once_then_on_
         with squat(), mlflow_stack_factory(data_dir=folder) as stack:
             assert int(stack.tracking_uri.rsplit(":", 1)[1]) != port
             same_run(stack)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_first_stack_up_killed_during_initdb_leaves_a_folder_the_next_start_serves(mlflow_stack_factory, pytestconfig):
+    """``kill -9`` of a first ``plantml stack up --data-dir DIR`` and of its initdb, half-way through making the
+    cluster (a crash, the OOM killer): the next start on DIR makes the cluster again and serves, rather than
+    finding a cluster that looks made (PG_VERSION written first) and crash-looping on it for good."""
+    import psutil
+
+    folder = Path(tempfile.mkdtemp(prefix="plantml-initdb-"))
+    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--backend", pytestconfig.getoption("--stack"),
+                           "--data-dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        initdb = None
+        while initdb is None and up.poll() is None:
+            initdb = next((p for p in psutil.process_iter(["cmdline"])
+                           if "initdb" in (p.info["cmdline"] or [""])[0] and str(folder) in " ".join(p.info["cmdline"])), None)
+        assert initdb is not None, f"stack up ended before its initdb was seen: {up.stderr.read()[-2000:]}"  # type: ignore[union-attr]
+        up.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            initdb.kill()
+    finally:
+        up.kill()
+        up.wait()
+    try:
+        assert not (folder / "postgres" / "data" / "PG_VERSION").exists()  # a half-made cluster is never where one is looked for
+        with mlflow_stack_factory(data_dir=folder) as stack:
+            import mlflow
+
+            client = mlflow.MlflowClient(stack.tracking_uri)
+            run = client.create_run(client.create_experiment(f"after_initdb_{uuid.uuid4().hex[:8]}"))
+            assert client.get_run(run.info.run_id).info.status == "RUNNING"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
