@@ -100,15 +100,20 @@ class LocalUI:
         self._log: Any = None
 
     def command(self) -> list[str]:
-        """The ``mlflow server`` command line (no secret: a local store has none)."""
+        """The ``mlflow server`` command line, without the store's URI: a database store's URI can hold
+        its password, and ``ps`` shows command lines to every local user (see :meth:`environment`)."""
         from plantml.stack.host import has_setpriv
 
         artifacts = (Path.cwd() / "mlruns").resolve().as_uri()
         # as the stack's services: the kernel stops the server when plantml dies (kill -9 included)
         pdeathsig = ["setpriv", "--pdeathsig=SIGTERM", "--"] if has_setpriv() else []
-        return [*pdeathsig, sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.tracking_uri,
-                "--default-artifact-root", artifacts, "--no-serve-artifacts",
+        return [*pdeathsig, sys.executable, "-m", "mlflow", "server", "--default-artifact-root", artifacts, "--no-serve-artifacts",
                 "--host", LOOPBACK, "--port", str(self.port), "--workers", "1"]
+
+    def environment(self) -> dict[str, str]:
+        """What the server gets in its environment (readable by its owner only): the store's URI among it."""
+        return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_TRACKING_URI": "", "PYTHONUNBUFFERED": "1",
+                "MLFLOW_BACKEND_STORE_URI": self.tracking_uri}
 
     def start(self) -> LocalUI:
         """Start the server and wait until ``/health`` answers; a failure names the port and the cause."""
@@ -117,7 +122,7 @@ class LocalUI:
 
         if not _port_is_free(self.port):
             raise UsageError(f"--port {self.port}: already in use on {LOOPBACK}; choose another with --port")
-        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_TRACKING_URI": "", "PYTHONUNBUFFERED": "1"}
+        env = self.environment()
         # The server's log goes to a temporary file (a pipe nobody reads would fill and block it).
         self._log = tempfile.TemporaryFile(prefix="plantml-ui-")  # noqa: SIM115 - closed in stop()
         self._executor = HTTPExecutor(self.command(), url=f"{self.base_url}/health", method="GET", status=200,

@@ -11,6 +11,7 @@ certificate of the stack's own CA.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -72,6 +73,21 @@ def test_no_command_line_on_the_machine_holds_a_secret_of_the_stack(auth_stack):
         command_lines.append(" ".join(process.info["cmdline"] or ()))
     assert any("mlflow" in line and "server" in line for line in command_lines)  # the scan saw the stack's processes
     assert [name for name, value in secrets.items() if any(value in line for line in command_lines)] == []
+
+
+def test_plantml_ui_on_a_database_store_puts_its_password_on_no_command_line(auth_stack, tmp_path, monkeypatch):
+    """``plantml ui`` serves a ``postgresql://user:password@…`` store (from the environment or ``.env``, never typed)."""
+    from plantml.ui import LocalUI
+
+    uri = auth_stack.endpoints.database_uri
+    password = re.search(r"://[^:]+:([^@]+)@", uri).group(1)
+    monkeypatch.chdir(tmp_path)
+    with LocalUI(uri) as server:
+        lines = [" ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"])]
+        assert requests.get(f"{server.base_url}/health", timeout=10).status_code == 200  # it serves that store
+    assert any(f"--port {server.port}" in line for line in lines)  # the scan saw the UI's server
+    assert [line for line in lines if password in line] == []
+    assert not (tmp_path / "mlflow.db").exists()  # it served the database, not a default store of its own
 
 
 def test_another_user_cannot_read_the_environment_of_the_stacks_processes(auth_stack):

@@ -63,3 +63,9 @@ def test_a_store_ui_would_create_or_fill_is_refused_and_nothing_is_written(tmp_p
 def test_the_ui_hint_can_be_pasted_into_a_shell_whatever_the_store_path() -> None:
     hint = how_to_see("sqlite:////tmp/my runs/store.db", "1", "r", default_uri=False)
     assert "`plantml ui --tracking-uri 'sqlite:////tmp/my runs/store.db'`" in hint
+
+
+def test_the_ui_server_gets_a_database_store_through_its_environment_not_its_command_line() -> None:
+    ui = LocalUI("postgresql+psycopg2://mlflow:s3cret-pw@127.0.0.1:5432/mlflow", port=5999)
+    assert not any("s3cret-pw" in part for part in ui.command())  # ps shows command lines to every local user
+    assert ui.environment()["MLFLOW_BACKEND_STORE_URI"] == ui.tracking_uri
