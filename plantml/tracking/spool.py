@@ -75,7 +75,10 @@ class Spool:
         slot = self.folder / f"{self._count:06d}"
         dest = slot / safe_text(name)
         try:
-            slot.mkdir(parents=True, exist_ok=True)
+            # owner-only, as the journal (0600): the copies are the run's artifacts and models, whatever the
+            # modes of their sources (a log_dict or log_text file is written with the umask's 0644)
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            slot.mkdir(exist_ok=True)
             yield dest
         except OSError as exc:
             shutil.rmtree(slot, ignore_errors=True)

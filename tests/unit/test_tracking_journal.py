@@ -193,3 +193,13 @@ def test_a_refused_write_raises_naming_the_folder_and_leaves_only_whole_lines(tm
     assert reopened.problems == ()  # the partial line was cut back
     assert len(reopened.pending(10_000)) == accepted
     reopened.close()
+
+
+def test_the_spool_of_a_run_is_as_private_as_its_journal(tmp_path):
+    """Another local user reads no artifact waiting for the server (a log_dict file is 0644 by the umask)."""
+    from plantml.tracking.spool import Spool
+
+    spool = Spool.of_run(tmp_path, "run1")
+    copy = spool.write("config.json", lambda path: path.write_text('{"token": "abc"}'))
+    assert copy.read_text() == '{"token": "abc"}'
+    assert spool.folder.stat().st_mode & 0o777 == 0o700
