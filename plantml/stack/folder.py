@@ -147,6 +147,14 @@ def private_folder(path: Path, owner: tuple[int, int] | None = None, mode: int =
     return path
 
 
+def _refuse_foreign(path: Path) -> None:
+    """Its owner could swap what the stack keeps there (``credentials.json`` with keys of its own choosing)."""
+    owner = path.stat().st_uid if path.exists() else os.geteuid()
+    if owner != os.geteuid():
+        raise ConfigError(f"--data-dir {path}: belongs to another account (uid {owner}), which could replace "
+                          "the stack's credentials and data in it: give a folder of your own")
+
+
 def registry() -> Path:
     """Where every stack records its folder while it runs (owner-only)."""
     folder = env_path("PLANTML_CACHE_DIR") / "stacks"  # type: ignore[operator]
@@ -176,6 +184,7 @@ class StackFolder:
                 path, temporary = Path(tempfile.mkdtemp(prefix="plantml-stack-")), True
         else:
             path, temporary = data_dir.expanduser().resolve(), False
+            _refuse_foreign(path)
             if path.is_dir() and any(path.iterdir()) and not (path / LOCK).exists():
                 raise StackError("stack", f"data folder {path} is not empty and holds no plantml stack: "
                                           "give an empty or new folder")
@@ -183,6 +192,7 @@ class StackFolder:
             private_folder(path, mode=0o711)
         except OSError as exc:
             raise StackError("stack", f"data folder {path}: {exc.strerror}") from None
+        _refuse_foreign(path)  # made by another account between the check above and the mkdir
         folder = cls(path, temporary, stack_id)
         folder.lock()
         try:

@@ -102,3 +102,22 @@ def test_a_cache_folder_that_is_a_file_is_named(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setenv("PLANTML_CACHE_DIR", str(a_file))
     with pytest.raises(ConfigError, match=r"PLANTML_CACHE_DIR: cannot keep the records of running stacks .*Not a directory"):
         registry()
+
+
+
+def test_a_data_folder_another_account_made_is_refused_untouched(tmp_path: Path, monkeypatch) -> None:
+    """Say /tmp/stack: whoever made it first owns it, and could later swap the stack's credentials.json for keys
+    of their own choosing, which the next start would give the object store."""
+    if os.geteuid() != 0:
+        pytest.fail("this check plays another account through chown, which needs root")
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+    squatted = tmp_path / "stack"
+    squatted.mkdir()
+    squatted.chmod(0o777)
+    os.chown(squatted, 65534, 65534)  # nobody
+
+    # what `plantml stack up --data-dir` opens first; a ConfigError is one line, exit 2
+    with pytest.raises(ConfigError, match=rf"^--data-dir {squatted}: belongs to another account \(uid 65534\), which "
+                                          "could replace the stack's credentials and data in it: give a folder of your own$"):
+        StackFolder.open(squatted, "squatted")
+    assert list(squatted.iterdir()) == [] and squatted.stat().st_mode & 0o777 == 0o777
