@@ -186,8 +186,7 @@ class StackFolder:
             path, temporary = data_dir.expanduser().resolve(), False
             _refuse_foreign(path)
             if path.is_dir() and any(path.iterdir()) and not (path / LOCK).exists():
-                raise StackError("stack", f"data folder {path} is not empty and holds no plantml stack: "
-                                          "give an empty or new folder")
+                raise ConfigError(f"--data-dir {path}: not empty and holds no plantml stack: give an empty or new folder")
         try:
             private_folder(path, mode=0o711)
         except OSError as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
-from plantml.errors import StackError
+from plantml.errors import ConfigError, StackError
 from plantml.processes import process_start_time
 from plantml.stack.folder import CREDENTIALS, ENV_FILE_HEADER, StackFolder, prune_local_stacks
 from plantml.stack.service import ServiceSpec
@@ -247,6 +247,6 @@ def test_a_data_folder_postgres_cannot_reach_is_refused_in_one_line_naming_the_a
 
 def test_a_non_empty_folder_that_holds_no_stack_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(StackError, match=rf"^stack: data folder {tmp_path} is not empty and holds no plantml stack"):
+    with pytest.raises(ConfigError, match=rf"^--data-dir {tmp_path}: not empty and holds no plantml stack"):  # exit 2
         StackFolder.open(tmp_path, "x")
     assert (tmp_path / "notes.txt").read_text() == "mine" and tmp_path.stat().st_mode & 0o777 != 0o711
