@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
 from plantml.settings import read_env_file
@@ -89,7 +90,14 @@ def test_a_killed_service_comes_back_and_kill_9_of_stack_up_leaves_nothing(pytes
 
         eventually(lambda: "s3 exited unexpectedly; restarting it in 1 s" in up.output())
         eventually(lambda: json.loads((folder / "state.json").read_text())["processes"]["s3"]["pid"] != s3_pid)
-        assert s3.get_object(Bucket="mlflow", Key="before-the-crash.txt")["Body"].read() == b"leaf"
+
+        def reads_back() -> bool:  # the new process is recorded as it spawns, before it answers
+            try:
+                return s3.get_object(Bucket="mlflow", Key="before-the-crash.txt")["Body"].read() == b"leaf"
+            except (BotoCoreError, ClientError):  # still starting (a lost object fails too, after 90 s)
+                return False
+
+        assert eventually(reads_back)
         assert up.process.poll() is None and up.output().count("exited unexpectedly") == 1
         processes = stack_processes(up.process, docker)
         assert len(processes) >= 3
