@@ -286,16 +286,13 @@ class ManagedStack(Stack):
     def _save_state(self) -> None:
         """Record the ports and processes of this start: the next start reuses the ports, prune finds the processes."""
         with self._state_lock:  # the start threads call it at once
-            self._write_state()
-
-    def _write_state(self) -> None:
-        if self.folder is None:
-            return
-        pids = {name: svc.process.pid for name, svc in self.services.items()}
-        processes = {name: {"pid": pid, "started": process_start_time(pid)} for name, pid in pids.items() if pid is not None}
-        self.folder.write_json(STATE, {"owner": self.stack_id, "backend": self.backend,
-                                       "ports": {name: dict(svc.spec.ports) for name, svc in self.services.items()},
-                                       "processes": processes})
+            if self.folder is None:
+                return
+            pids = {name: svc.process.pid for name, svc in self.services.items()}
+            processes = {name: {"pid": pid, "started": process_start_time(pid)} for name, pid in pids.items() if pid is not None}
+            self.folder.write_json(STATE, {"owner": self.stack_id, "backend": self.backend,
+                                           "ports": {name: dict(svc.spec.ports) for name, svc in self.services.items()},
+                                           "processes": processes})
 
 
 def initialize(runner: Runner, spec: ServiceSpec) -> None:

@@ -66,17 +66,22 @@ def stack_processes(up: subprocess.Popen, docker) -> set[int]:
     return pids
 
 
+def docker_of(backend: str):
+    """A Docker client on the containers backend (to find the stack's containers), None on the local one."""
+    if backend != "containers":
+        return None
+    from plantml.stack.containers import docker_client
+
+    return docker_client()
+
+
 def containers_of(up: subprocess.Popen, docker) -> list:
     return docker.containers.list(all=True, filters={"label": f"plantml.pid={up.pid}"}) if docker else []
 
 
 def test_a_killed_service_comes_back_and_kill_9_of_stack_up_leaves_nothing(pytestconfig, tmp_path):
     backend = pytestconfig.getoption("--stack")
-    docker = None
-    if backend == "containers":
-        from plantml.stack.containers import docker_client
-
-        docker = docker_client()
+    docker = docker_of(backend)
     env_file = tmp_path / "stack.env"
     up = StackUp(backend, env_file)
     try:
@@ -119,11 +124,7 @@ def test_a_data_folder_deleted_under_stack_up_stops_it_in_one_line_and_leaves_no
     """``rm -rf`` of a running stack's ``--data-dir``: its services would go on answering from deleted files and
     failing every write; ``stack up`` stops the stack within seconds instead, naming the folder."""
     backend = pytestconfig.getoption("--stack")
-    docker = None
-    if backend == "containers":
-        from plantml.stack.containers import docker_client
-
-        docker = docker_client()
+    docker = docker_of(backend)
     folder = Path(tempfile.mkdtemp(prefix="plantml-deleted-"))  # not under tmp_path: PostgreSQL's account may enter it
     up = StackUp(backend, tmp_path / "stack.env", "--data-dir", str(folder))
     try:
