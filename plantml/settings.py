@@ -140,17 +140,19 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-#: MLflow's client reads its credentials only from the environment: the command line copies them from .env.
+#: MLflow's client reads its credentials only from the environment: the command line and
+#: the tracker copy them from the env file they read.
 CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
-def export_env_file_credentials(environ: MutableMapping[str, str] | None = None) -> None:
-    """Copy :data:`CREDENTIAL_VARIABLES` from ``.env`` into ``environ`` (``os.environ``) where unset,
-    so every MLflow client of this process authenticates as ``plantml stack up --auth`` wrote there."""
+def export_env_file_credentials(environ: MutableMapping[str, str] | None = None, *,
+                                env_file: str | os.PathLike[str] | None = None) -> None:
+    """Copy :data:`CREDENTIAL_VARIABLES` from ``env_file`` (``.env``) into ``environ`` (``os.environ``) where
+    unset, so every MLflow client of this process authenticates as ``plantml stack up --auth`` wrote there."""
     environ = os.environ if environ is None else environ
     if all(environ.get(name) for name in CREDENTIAL_VARIABLES):
         return
-    from_file = read_env_file(None)
+    from_file = read_env_file(env_file)
     for name in CREDENTIAL_VARIABLES:
         if not environ.get(name) and from_file.get(name):
             environ[name] = from_file[name]

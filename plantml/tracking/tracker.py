@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
-from plantml.settings import TrackingSettings, resolve_tracking_settings
+from plantml.settings import TrackingSettings, export_env_file_credentials, resolve_tracking_settings
 from plantml.staging import check_writable
 from plantml.text import mask_passwords
 from plantml.tracking import connection, open_runs, signals
@@ -51,7 +51,9 @@ class MLflowTracker:
     ``MLFLOW_EXPERIMENT_NAME``, ``MLFLOW_S3_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
     ``AWS_SECRET_ACCESS_KEY``), then a ``.env`` file, then MLflow's local
     ``sqlite:///mlflow.db`` with artifacts under ``./mlruns``. The experiment is created
-    when missing.
+    when missing. MLflow reads a server's user from the environment only:
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD`` found in the ``.env`` file
+    are copied into ``os.environ`` where unset, as the command line does.
 
     Logging journals and returns: a background sender delivers in order, retrying while
     the server or the object store is away. ``delivery_timeout`` (``$PLANTML_DELIVERY_TIMEOUT``,
@@ -84,6 +86,8 @@ class MLflowTracker:
             tracking_uri, experiment_name, s3_endpoint, aws_access_key, aws_secret_key, env_file=env_file
         )
         check.check_experiment_name(self.settings.experiment_name)
+        if self.settings.tracking_uri.startswith(("http://", "https://")):
+            export_env_file_credentials(env_file=env_file)  # a server of ``stack up --auth``: its user is there
         self.delivery_settings: DeliverySettings = resolve_delivery_settings(delivery_timeout, max_buffered, journal_dir)
         # a journal folder nobody can write (HOME read-only, a file in the way) is an input error: say so before any run exists
         check_writable("journal folder", self.delivery_settings.journal_dir)

@@ -81,3 +81,22 @@ def test_two_stacks_in_one_process_each_get_their_own_s3_keys(auth_stack, mlflow
             tracker.log_text("leaf", "note.txt")
         keys = [item["Key"] for item in stack.s3_client().list_objects_v2(Bucket=stack.bucket).get("Contents", [])]
         assert any(key.endswith(f"{run.run_id}/artifacts/note.txt") for key in keys)
+
+
+def test_the_tracker_reads_the_tracking_user_from_the_env_file_like_the_command_line(auth_stack, tmp_path, monkeypatch,
+                                                                                     experiment_name):
+    """A notebook in the folder of ``stack up --auth``'s ``.env`` authenticates as ``plantml train`` there does."""
+    from plantml.tracking import MLflowTracker
+
+    lines = [f"{name}={value}" for name, value in auth_stack.client_env().items()]
+    (tmp_path / ".env").write_text("\n".join(lines) + "\n")
+    for name in [*auth_stack.client_env(), "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"]:
+        monkeypatch.setenv(name, "")  # recorded, so the test's end removes what the tracker copies in
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    tracker = MLflowTracker(experiment_name=experiment_name)
+    with tracker.start_run(run_name="authenticated_from_env_file") as run:
+        tracker.log_metrics({"val_accuracy": 0.9}, step=1)
+    stored = requests.get(f"{auth_stack.tracking_uri}/api/2.0/mlflow/runs/get", params={"run_id": run.run_id},
+                          auth=(auth_stack.endpoints.username, auth_stack.endpoints.password), timeout=10).json()
+    assert stored["run"]["info"]["status"] == "FINISHED"
