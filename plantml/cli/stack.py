@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -46,18 +48,43 @@ def stack() -> None:
 def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path | None, mlflow_port: int | None,
        s3_port: int | None, postgres_port: int | None, auth: bool, fast: bool) -> None:
     """Start the stack in the foreground until Ctrl-C (or SIGTERM, SIGHUP); a service that dies is restarted."""
-    from plantml.stack import make_stack
-    from plantml.stack.folder import LOCK, check_env_file_target
+    from plantml.stack.folder import check_env_file_target
 
     if env_file is not None:  # before ten seconds of start-up, not after them
         check_env_file_target(env_file)
+    with _in_foreground():
+        _serve(backend, artifact_mode, data_dir, env_file, auth=auth, durable=not fast,
+               ports={"mlflow_port": mlflow_port, "s3_port": s3_port, "postgres_port": postgres_port})
+
+
+@contextlib.contextmanager
+def _in_foreground() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP stop the stack, and the supervisor's one line per restart goes to stderr,
+    until the command returns: a caller of ``main([...])`` gets its own handlers back."""
     # SIGHUP: a closed terminal or a dropped ssh; also when started with SIGINT ignored (a background job)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _raise_interrupt)
-    _show_supervision()
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in signums}
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("plantml stack: %(message)s"))
+    logger = logging.getLogger("plantml.stack.supervisor")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
+
+
+def _serve(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path | None, *, auth: bool,
+           durable: bool, ports: dict[str, int | None]) -> None:
+    from plantml.stack import make_stack
+    from plantml.stack.folder import LOCK
+
     started = time.perf_counter()
-    running: ManagedStack = make_stack(backend, artifact_mode, data_dir=data_dir, durable=not fast, auth=auth,  # type: ignore[arg-type,assignment]
-                                       mlflow_port=mlflow_port, s3_port=s3_port, postgres_port=postgres_port)
+    running: ManagedStack = make_stack(backend, artifact_mode, data_dir=data_dir, durable=durable, auth=auth,  # type: ignore[arg-type,assignment]
+                                       **ports)
     ready = False
     try:
         running.start()
@@ -80,15 +107,6 @@ def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path |
             click.echo(f"plantml stack: stopped; its data folder {data_dir} is no longer there", err=True)
         else:
             click.echo(f"plantml stack: stopped; data kept in {data_dir} (start again with --data-dir {data_dir})", err=True)
-
-
-def _show_supervision() -> None:
-    """The supervisor's one line per restart, on stderr."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("plantml stack: %(message)s"))
-    logger = logging.getLogger("plantml.stack.supervisor")
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
 
 
 def _print_ready(running: ManagedStack, env: dict[str, str], env_file: Path | None, seconds: float) -> None:

@@ -121,3 +121,20 @@ def test_a_data_folder_another_account_made_is_refused_untouched(tmp_path: Path,
                                           "could replace the stack's credentials and data in it: give a folder of your own$"):
         StackFolder.open(squatted, "squatted")
     assert list(squatted.iterdir()) == [] and squatted.stat().st_mode & 0o777 == 0o777
+
+
+def test_a_refused_stack_up_in_process_gives_the_caller_its_signal_handlers_and_logging_back(tmp_path: Path,
+                                                                                             capsys) -> None:
+    import logging
+    import signal
+
+    (tmp_path / "notes.txt").write_text("not a stack\n")
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.getsignal(signum) for signum in signums}
+    handlers_before = list(logging.getLogger("plantml.stack.supervisor").handlers)
+
+    assert main(["stack", "up", "--data-dir", str(tmp_path)]) == 2  # refused after the handlers went in
+
+    assert "not empty and holds no plantml stack" in capsys.readouterr().err
+    assert {signum: signal.getsignal(signum) for signum in signums} == before
+    assert logging.getLogger("plantml.stack.supervisor").handlers == handlers_before
