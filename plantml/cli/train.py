@@ -108,7 +108,7 @@ def train(ctx: click.Context, **options) -> int | None:
     if options["nproc"]:  # a flag or folder error is one line here, before N processes start and each says it
         check_config(config)
         _check_local_folder(config.data_dir)
-        return _launch(ctx, options["nproc"])
+        return _launch(ctx, options["nproc"], options)
     started = time.perf_counter()
     if not options["no_mlflow"]:  # a mistyped tracking URI is an input error too: say so before any work
         from plantml.settings import resolve_tracking_settings
@@ -213,16 +213,39 @@ def _show_warnings(main_rank: bool = True) -> None:
             log.propagate = False
 
 
-def _launch(ctx: click.Context, nproc: int) -> int:
+def _launch(ctx: click.Context, nproc: int, options: dict) -> int:
     """``--nproc N``: this process becomes torchrun's agent and starts N ranks of the same command."""
+    from plantml.errors import RankFailed
     from plantml.training.launch import launch
 
-    code = launch(nproc, _worker_args(ctx))
+    try:
+        code = launch(nproc, _worker_args(ctx))
+    except RankFailed:
+        _end_runs_the_ranks_left(options)
+        raise
     if code > 128:
         import signal
 
         click.echo(f"plantml: stopped by {signal.Signals(code - 128).name}", err=True)
+    if code:
+        _end_runs_the_ranks_left(options)
     return code
+
+
+def _end_runs_the_ranks_left(options: dict) -> None:
+    """A rank 0 killed outright (``kill -9``, the out-of-memory killer, or the agent's SIGKILL after a stop it
+    could not answer, stuck in a collective) could not end its run: end it KILLED from its journal now, with
+    what it had logged, rather than leave it RUNNING until the next training in this folder."""
+    if options["no_mlflow"]:
+        return
+    from plantml.settings import resolve_tracking_settings
+    from plantml.tracking.recover import recover_at_start
+    from plantml.tracking.sender import resolve_delivery_settings
+    from plantml.tracking.tracker import RECOVER_AT_START_S
+
+    _show_warnings()
+    settings = resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
+    recover_at_start(resolve_delivery_settings(), settings, RECOVER_AT_START_S)
 
 
 def _worker_args(ctx: click.Context) -> list[str]:

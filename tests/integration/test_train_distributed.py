@@ -221,3 +221,35 @@ def test_a_server_rank_0_cannot_reach_stops_every_rank_before_any_run(leaves, tm
     assert "127.0.0.1:9" in own  # rank 0 names the server
     assert f"plantml: error: rank 0 of 2 failed: {own.removeprefix('plantml: error: ')}" in errors  # rank 1 names rank 0
     assert "[rank0]" not in out.stderr and "[rank1]" not in out.stderr  # no rank printed a traceback
+
+
+def test_a_rank_0_killed_outright_has_its_run_ended_killed_by_the_launcher_with_what_it_logged(
+        leaves, job_env, mlflow_client, experiment_name, marker):
+    """kill -9 of rank 0 (the out-of-memory killer; or torch's agent, when a stop finds rank 0 stuck in a
+    collective with a hung peer): no handler runs, so ``plantml train --nproc`` ends the run from its journal."""
+    job = subprocess.Popen([sys.executable, "-m", "plantml", *TRAIN, "--nproc", "2", "--epochs", "60", "--batch-size",
+                            "32", "--data-dir", str(leaves), "--experiment-name", experiment_name, "--no-register",
+                            "--run-name", marker],
+                           env=job_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in job.stdout:
+            seen.append(line)
+            if line.startswith("epoch 2/60"):
+                break
+        else:
+            pytest.fail("".join(seen)[-3000:])
+        [rank_0] = [child for child in psutil.Process(job.pid).children() if child.environ().get("RANK") == "0"]
+        rank_0.kill()
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+    assert job.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert processes_with(marker) == []
+    run = only_run(mlflow_client, experiment_name)
+    assert run.info.status == "KILLED", err[-3000:]
+    assert steps(mlflow_client, run.info.run_id, "val_loss")[:2] == [1, 2]  # what it logged before the kill
+    assert f"{run.info.run_id} ended KILLED" in err
+    assert err.strip().splitlines()[-1] == "plantml: error: rank 0 of 2 was killed by SIGKILL", err[-3000:]
