@@ -201,24 +201,30 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
 def _check_stored_set(client: Any, where: S3Location, manifest: Manifest) -> None:
     """Read back what the location holds once the manifest is written: another push to it at the same
     time may have replaced some of the files, or the manifest, with its own. The last push to end then
-    sees the final state, and either it matches its manifest or the manifest goes and the push says so."""
-    manifest_key = where.key(MANIFEST_NAME)
-    try:
-        stored_manifest = client.get_object(Bucket=where.bucket, Key=manifest_key)["Body"].read()
-    except _client_errors() as exc:
-        if _error_code(exc) not in ("NoSuchKey", "404"):
-            raise TrackingError(f"{where}: cannot read back {MANIFEST_NAME} ({_error_code(exc)}: {exc})") from None
-        stored_manifest = b""
+    sees the final state, and either it matches its manifest or its manifest goes and the push says so.
+    A manifest that is not this push's is left to the push that wrote it, which checks its own."""
+    ours = manifest.to_json().encode()
+    problem = None if _stored_manifest(client, where) == ours else f"{MANIFEST_NAME} is not the one this push wrote"
     stored = stored_objects(client, where)
-    problem = None if stored_manifest == manifest.to_json().encode() else f"{MANIFEST_NAME} is not the one this push wrote"
     for entry in manifest.files if problem is None else ():
         if not _unchanged(client, where, stored.get(where.key(entry.path)), entry):
             problem = f"{entry.path} is not the file this push sent"
             break
     if problem:
-        _withdraw_manifest(client, where, "after a push that did not end with its files in place")
+        if _stored_manifest(client, where) == ours:  # read again just before: another push's may be there by now
+            _withdraw_manifest(client, where, "after a push that did not end with its files in place")
         raise DataError(f"{where}: {problem} (another push to the same location at the same time?); "
-                        "the location now holds no set: push again")
+                        "this push's set is not there: push again")
+
+
+def _stored_manifest(client: Any, where: S3Location) -> bytes:
+    """The bytes of the manifest at ``where``, or none."""
+    try:
+        return client.get_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))["Body"].read()
+    except _client_errors() as exc:
+        if _error_code(exc) not in ("NoSuchKey", "404"):
+            raise TrackingError(f"{where}: cannot read back {MANIFEST_NAME} ({_error_code(exc)}: {exc})") from None
+        return b""
 
 
 def _withdraw_manifest(client: Any, where: S3Location, when: str = "before its files are replaced") -> None:

@@ -199,6 +199,23 @@ def test_a_push_whose_files_another_push_replaced_meanwhile_says_so_and_leaves_n
     assert f"set/{MANIFEST_NAME}" not in store.objects and remote.list_sets(store, "s3://data").sets == []
 
 
+def test_a_push_that_finds_another_pushs_manifest_in_place_of_its_own_leaves_that_one(leaves: Path) -> None:
+    """Its files were replaced and its manifest too: that set is the other push's to check, not this one's to delete."""
+
+    class RacedStore(CutStore):
+        def put_object(self, Key: str, Body: Any, **kwargs: Any) -> None:  # noqa: N803 - boto3's names
+            super().put_object(Key=Key, Body=Body, **kwargs)
+            if Key == f"set/{MANIFEST_NAME}":  # the other push ends right after this one wrote its manifest
+                super().put_object(Key="set/healthy/healthy_0001.png", Body=b"the other push's image")
+                super().put_object(Key=Key, Body=b'{"the other push": "manifest"}')
+
+    store = RacedStore()
+    with pytest.raises(DataError, match=f"^s3://data/set: {MANIFEST_NAME} is not the one this push wrote"):
+        remote.push(store, leaves, "s3://data/set", workers=1)
+
+    assert store.objects[f"set/{MANIFEST_NAME}"] == b'{"the other push": "manifest"}'
+
+
 def test_pull_removes_the_staging_folder_of_a_dead_process_and_keeps_a_live_ones(leaves: Path, tmp_path: Path) -> None:
     datasets = tmp_path / "cache" / "datasets"
     datasets.mkdir(parents=True)
