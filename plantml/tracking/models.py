@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,9 @@ from plantml.tracking.environ import scoped_environ
 
 if TYPE_CHECKING:
     from plantml.tracking.transport import Transport
+
+#: Seconds a new registry version may stay PENDING_REGISTRATION (MLflow's own default wait).
+AWAIT_VERSION_S = 300.0
 
 #: MLflow client settings for the model and artifact steps: fail fast, print nothing.
 MODEL_STEPS_ENV = {
@@ -139,7 +143,16 @@ def _register(client: Any, name: str, model_id: str, run_id: str, tried_before: 
         for version in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
             if version.source == f"models:/{model_id}" or getattr(version, "model_id", None) == model_id:
                 return int(version.version)
-    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    # MLflow's own wait logs an INFO line ("Waiting up to 300 seconds…") into every training's output: wait here
+    version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
+                                          await_creation_for=0)
+    deadline = time.monotonic() + AWAIT_VERSION_S
+    while version.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+        time.sleep(1.0)
+        version = client.get_model_version(name, version.version)
+    if version.status != "READY":
+        raise MlflowException(f"version {version.version} of {name} is {version.status}, not READY "
+                              f"({version.status_message or 'no message'})")
     return int(version.version)
 
 

@@ -201,3 +201,17 @@ def test_keys_in_boto3s_credentials_file_count_for_a_direct_stack(mlflow_stack, 
     (tmp_path / ".aws" / "credentials").write_text(
         f"[default]\naws_access_key_id = {mlflow_stack.aws_access_key}\naws_secret_access_key = {mlflow_stack.aws_secret_key}\n")
     tracker.check_artifact_access()  # found: no error
+
+
+def test_a_registering_training_prints_its_own_lines_and_none_of_mlflows(leaves, mlflow_env, experiment_name, tmp_path):
+    """MLflow's client logged "Waiting up to 300 seconds for model version to finish creation" into every
+    training that registered its model on a server."""
+    done = subprocess.run([sys.executable, "-m", "plantml", "train", "--epochs", "1", "--image-size", "32", "--weights",
+                           "none", "--num-workers", "0", "--data-dir", str(leaves), "--experiment-name", experiment_name,
+                           "--registered-model-name", f"{experiment_name[-20:]}_quiet"],
+                          env={**os.environ, **mlflow_env.client_env(), "PLANTML_JOURNAL_DIR": str(tmp_path / "journal")},
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"registered {experiment_name[-20:]}_quiet version 1" in done.stderr.splitlines()
+    assert [line for line in done.stdout.splitlines() + done.stderr.splitlines() if "mlflow." in line] == []
