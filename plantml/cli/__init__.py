@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, _Stopped) as exc:
         interrupt = exc.interrupt if isinstance(exc, _Stopped) else exc
-        click.echo(f"{prog}: {interrupt if isinstance(interrupt, Interrupted) else 'interrupted'}", err=True)
+        if os.environ.get("RANK", "0") in ("", "0"):  # the other ranks of a training stop silently: rank 0 says it
+            click.echo(f"{prog}: {interrupt if isinstance(interrupt, Interrupted) else 'interrupted'}", err=True)
         return getattr(interrupt, "exit_code", 130)
 
 

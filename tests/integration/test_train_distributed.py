@@ -203,6 +203,9 @@ def test_stopping_the_job_ends_the_run_killed_and_leaves_no_process(launcher, st
     run = only_run(mlflow_client, experiment_name)
     assert run.info.status == "KILLED"
     assert "failed_rank" not in run.data.tags
+    # rank 0 says it ended the run; the other rank stops silently
+    assert [line for line in rest.splitlines() if line.startswith("plantml: interrupted")] == [
+        f"plantml: interrupted by {stop.name}; run {run.info.run_id} ended KILLED, everything delivered"], rest[-3000:]
 
 
 def test_a_server_rank_0_cannot_reach_stops_every_rank_before_any_run(leaves, tmp_path, marker):
