@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, _Stopped) as exc:
         interrupt = exc.interrupt if isinstance(exc, _Stopped) else exc
-        if os.environ.get("RANK", "0") in ("", "0"):  # the other ranks of a training stop silently: rank 0 says it
+        from plantml.settings import env_value
+
+        if env_value("RANK") == "0":  # the other ranks of a training stop silently: rank 0 says it
             click.echo(f"{prog}: {interrupt if isinstance(interrupt, Interrupted) else 'interrupted'}", err=True)
         return getattr(interrupt, "exit_code", 130)
 
