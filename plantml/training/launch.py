@@ -3,7 +3,10 @@
 torchrun's elastic agent (``torch.distributed.launcher``) runs in this process: it opens a
 rendezvous on 127.0.0.1 on a free port, starts the N ranks (``python -m plantml train …``
 without ``--nproc``), watches them, and stops them all when one fails or when this process
-gets SIGTERM or Ctrl-C. Each rank prints its own errors; this process adds one line naming
+gets SIGTERM or Ctrl-C. torch's c10d rendezvous listens on every address of the machine,
+without authentication, for its key-value stores (the rendezvous's and the ranks'
+``MASTER_PORT``): plantml's rendezvous (:data:`RENDEZVOUS`) is the same, but each store
+listens on 127.0.0.1 only. Each rank prints its own errors; this process adds one line naming
 the rank that failed, and exits with that rank's code.
 
 torchrun starts each rank in a session of its own, so nothing stops them when this process
@@ -16,12 +19,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from plantml.errors import RankFailed, UsageError
 from plantml.processes import process_start_time
@@ -56,10 +62,11 @@ def launch(nproc: int, worker_args: list[str]) -> int:
         # next launch removes the folder of one that was killed
         with staging_folder(Path(tempfile.gettempdir()), "plantml-ranks") as log_dir, \
                 scoped_environ({**threads, "PLANTML_LAUNCHER_PID": str(os.getpid())}):
+            _register_rendezvous()
             config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,
-                                  run_id=f"plantml-{uuid.uuid4().hex[:12]}", rdzv_backend="c10d",
-                                  rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
-                                  logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)))
+                                  run_id=f"plantml-{uuid.uuid4().hex[:12]}", rdzv_backend=RENDEZVOUS,
+                                  rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1", max_restarts=0,
+                                  monitor_interval=0.1, logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)))
             elastic_launch(config, sys.executable)(*worker_args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
@@ -73,6 +80,56 @@ def launch(nproc: int, worker_args: list[str]) -> int:
     finally:
         logging.disable(previous)
     return 0
+
+
+#: The name plantml's rendezvous is registered under with torch's elastic agent.
+RENDEZVOUS = "plantml-loopback"
+#: Seconds a rank waits for an answer from a store (torch's c10d rendezvous: 60).
+STORE_TIMEOUT_S = 60
+
+
+def loopback_store(port: int = 0) -> Any:
+    """A ``TCPStore`` server listening on 127.0.0.1 only (``port`` 0: a free one).
+
+    torch's own binds every address; a socket bound here and handed over
+    (``master_listen_fd``) keeps it on the loopback interface, where only this machine reaches it.
+    """
+    from torch.distributed import TCPStore
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(socket.SOMAXCONN)
+    except BaseException:
+        listener.close()
+        raise
+    bound = listener.getsockname()[1]
+    return TCPStore("127.0.0.1", bound, is_master=True, multi_tenant=True, master_listen_fd=listener.detach(),
+                    timeout=timedelta(seconds=STORE_TIMEOUT_S))
+
+
+def _create_rendezvous(params: Any) -> Any:
+    """torch's c10d rendezvous handler, both of whose stores are :func:`loopback_store`\ s."""
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    class LoopbackBackend(C10dRendezvousBackend):
+        @property
+        def name(self) -> str:  # the agent checks that the handler is the one it asked for
+            return RENDEZVOUS
+
+    store = loopback_store()
+    handler = create_handler(store, LoopbackBackend(store, params.run_id), params)
+    # the store the ranks bootstrap from (MASTER_PORT): torch makes it in this method, on every address
+    handler._create_tcp_store_server = lambda master_addr, master_port: loopback_store(master_port)
+    return handler
+
+
+def _register_rendezvous() -> None:
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    rendezvous_handler_registry.register(RENDEZVOUS, _create_rendezvous)  # again: a no-op
 
 
 def follow_launcher() -> None:
