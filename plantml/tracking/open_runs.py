@@ -2,11 +2,20 @@
 
 A run still open when the interpreter exits (or when a signal nothing caught ends it) is
 ended KILLED: its journal delivered as far as the time allows, its status set.
+
+The delivery happens in two steps, because Python stops every thread pool before it runs
+``atexit`` handlers: from then on boto3 cannot upload (``cannot schedule new futures after
+interpreter shutdown``), so an artifact logged just before a script ended (an exception, a
+``return`` without ``end_run``) would wait out the whole delivery timeout and stay in the
+journal. So what is pending is first flushed while thread pools still work (threading's own
+exit hook, run before the pools stop), and the run is ended later at ``atexit``, once the
+program's other threads (which may still log to it) have finished.
 """
 
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours (they run newest first)
 import logging
 import threading
 import weakref
@@ -26,6 +35,27 @@ def register(tracker: Any) -> None:
         _LIVE_TRACKERS.add(tracker)
 
 
+#: Runs whose flush at exit ran out of time: their end waits no second timeout.
+_NOT_FLUSHED: set[str] = set()
+
+
+def flush_open_runs() -> None:
+    """Deliver what every open run has pending, while thread pools still take work (see the module docstring)."""
+    with _LIVE_LOCK:
+        trackers = list(_LIVE_TRACKERS)
+    for tracker in trackers:
+        run_id = tracker.run_id
+        if run_id is not None:
+            try:
+                if not tracker.flush(tracker.delivery_settings.timeout_s):
+                    _NOT_FLUSHED.add(run_id)
+            except KeyboardInterrupt:  # Ctrl-C while the exit waits: end the runs now, the journals keep the rest
+                _NOT_FLUSHED.update(t.run_id for t in trackers if t.run_id is not None)
+                return
+            except Exception as exc:
+                logger.warning("run %s: could not deliver what it logged: %s", run_id, one_line(exc))
+
+
 def end_abandoned_runs(announce: bool = True) -> None:
     """End KILLED every run a tracker of this process still has open (at exit, or on a signal nothing caught)."""
     with _LIVE_LOCK:
@@ -36,7 +66,8 @@ def end_abandoned_runs(announce: bool = True) -> None:
             if announce:  # on a signal, the one line that reports it says how the run ended
                 logger.warning("run %s was never ended: ending it KILLED", run_id)
             try:
-                tracker.end_run("KILLED")
+                # a flush at exit that already waited the delivery timeout: end now, the journal keeps the rest
+                tracker.end_run("KILLED", timeout=0.0 if run_id in _NOT_FLUSHED else None)
             except Exception as exc:
                 logger.warning("run %s: could not end it: %s", run_id, one_line(exc))
 
@@ -46,4 +77,6 @@ def end_runs_quietly(interrupted: BaseException) -> None:
     end_abandoned_runs(announce=False)
 
 
+# threading's exit hooks run before thread pools are stopped (private, but what concurrent.futures itself uses)
+getattr(threading, "_register_atexit", lambda hook: None)(flush_open_runs)
 atexit.register(end_abandoned_runs)

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from urllib.parse import urlparse
 
 import pytest
@@ -191,3 +195,63 @@ def test_search_runs_returns_flat_dicts(tracker) -> None:
     best = tracker.get_best_run(metric="val_accuracy", ascending=False)
     assert best["tags.mlflow.runName"] == "b"
     assert tracker.get_best_run(metric="val_accuracy", ascending=True)["tags.mlflow.runName"] == "a"
+
+
+DIES_AFTER_LOGGING = """
+import pathlib, sys
+from plantml.tracking import MLflowTracker
+tracker = MLflowTracker(experiment_name=sys.argv[1], journal_dir=sys.argv[2], delivery_timeout=20, recover_timeout=0)
+tracker.start_run()
+artifact = pathlib.Path(sys.argv[2]).parent / "notes.txt"
+artifact.write_text("logged just before the end")
+tracker.log_artifact(artifact)
+print(tracker.run_id, flush=True)
+raise RuntimeError("the script died")  # no end_run: the run is ended at exit
+"""
+
+
+def test_an_artifact_logged_just_before_a_script_dies_is_delivered_at_exit(mlflow_stack, experiment_name, tmp_path) -> None:
+    import mlflow
+
+    journals = tmp_path / "journal"
+    env = {**os.environ, **mlflow_stack.client_env()}
+    started = time.monotonic()
+    child = subprocess.run([sys.executable, "-c", DIES_AFTER_LOGGING, experiment_name, str(journals)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    run_id = child.stdout.split()[0]
+    assert "cannot schedule new futures" not in child.stderr, child.stderr
+    assert took < 15, f"the exit waited {took:.0f} s for a delivery (its timeout is 20 s)"  # was 20 s and more
+    run = mlflow.MlflowClient(tracking_uri=mlflow_stack.tracking_uri).get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert s3_objects(mlflow_stack, run.info.artifact_uri) == {"notes.txt": b"logged just before the end"}
+    assert not list(journals.glob("*.jsonl")), "the journal stayed behind"
+
+
+DIES_WITH_THE_SERVER_DOWN = """
+import pathlib, sys
+from plantml.testing.faults import FaultProxy
+from plantml.tracking import MLflowTracker
+proxy = FaultProxy(sys.argv[3]).__enter__()
+tracker = MLflowTracker(tracking_uri=proxy.url, experiment_name=sys.argv[1], journal_dir=sys.argv[2], delivery_timeout=3,
+                        recover_timeout=0)
+tracker.start_run()
+proxy.inject("status", times=None)  # the server answers 503 from now on
+artifact = pathlib.Path(sys.argv[2]).parent / "notes.txt"
+artifact.write_text("kept for later")
+tracker.log_artifact(artifact)
+raise RuntimeError("the script died")
+"""
+
+
+def test_a_script_that_dies_while_the_server_is_down_exits_after_the_delivery_timeout(mlflow_stack, experiment_name,
+                                                                                      tmp_path) -> None:
+    journals = tmp_path / "journal"
+    env = {**os.environ, **mlflow_stack.client_env()}
+    started = time.monotonic()
+    child = subprocess.run([sys.executable, "-c", DIES_WITH_THE_SERVER_DOWN, experiment_name, str(journals),
+                            mlflow_stack.tracking_uri], env=env, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert "the script died" in child.stderr
+    assert took < 20, f"the exit took {took:.0f} s with a delivery timeout of 3 s"
+    assert len(list(journals.glob("*.jsonl"))) == 1, "the journal must keep what the server did not get"
