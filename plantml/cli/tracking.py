@@ -46,6 +46,17 @@ def _show(report) -> None:
         click.echo(f"  {report.journal}: refused by the server, set aside: {refused}", err=True)
 
 
+def _server_of(path: Path) -> str | None:
+    """The tracking URI ``path`` names; None when its header cannot be read (its recovery says why)."""
+    from plantml.errors import UsageError
+    from plantml.tracking.journal import read_header
+
+    try:
+        return read_header(path).tracking_uri
+    except UsageError:
+        return None
+
+
 @tracking.command()
 @click.argument("journal", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--tracking-uri", default=None, help="Deliver to this server instead of the one the journal names.")
@@ -103,9 +114,15 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
     folder = default_journal_dir(journal_dir)
     orphans = recover_orphans(folder)
     failures = 0
+    unreachable: set[str] = set()  # servers that did not answer: each costs its wait once, not once per journal
     for path in orphans:
         if dry_run:
             click.echo(mask_passwords(describe_orphan(path)))
+            continue
+        server = _server_of(path)
+        if server in unreachable:
+            click.echo(mask_passwords(f"journal {path}: {server} not reachable (above); journal kept"))
+            failures += 1
             continue
         try:
             report = recover_journal(path, None, delivery, timeout=timeout, status=status, move_kept=True)
@@ -123,6 +140,8 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
             continue
         _show(report)
         failures += not report.ok
+        if report.unreachable and server is not None:
+            unreachable.add(server)
     if not orphans:
         click.echo(f"no journals of dead processes in {folder}")
     if older_than is not None:

@@ -81,6 +81,8 @@ class RecoverReport:
     refused: tuple[str, ...] = ()
     skipped_lines: tuple[str, ...] = ()
     model_versions: tuple[int, ...] = ()
+    #: The journal's server could not be reached: the other journals for it need not try again now.
+    unreachable: bool = False
 
 
 def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry: Any = lambda: False,
@@ -161,7 +163,8 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
             state = read_run_state(transport, header.run_id, replace(policy, give_up=lambda: time.monotonic() > first_contact))
         except Exception as exc:
             journal.close()
-            return _report(journal, f"{settings.tracking_uri} not reachable ({one_line(exc)}); journal kept", False)
+            report = _report(journal, f"{settings.tracking_uri} not reachable ({one_line(exc)}); journal kept", False)
+            return replace(report, unreachable=True)
         if state is None or state.deleted:
             where = "deleted" if state else "not found"
             return _kept(journal, f"run {header.run_id} is {where} on {settings.tracking_uri}: nothing delivered", move_kept)
@@ -229,6 +232,9 @@ def recover_at_start(delivery: DeliverySettings, settings: TrackingSettings, bud
             continue  # another process is on it, or it vanished meanwhile
         except Exception as exc:  # never let an old journal stop a new run: `plantml tracking recover` says more
             logger.warning("journal %s not recovered: %s", path, one_line(exc))
+            continue
+        if reports[-1].unreachable:
+            break  # every journal here is for that same server
     if reports:
         ended = ", ".join(f"{r.run_id} {'ended ' + r.status if r.status else 'not ended'}" for r in reports)
         logger.warning("recovered %d journal(s) left by processes that died: %s", len(reports), ended)

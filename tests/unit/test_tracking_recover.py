@@ -249,6 +249,25 @@ def test_recovery_at_start_keeps_to_its_time_budget_when_the_server_is_gone(stor
     assert [r.ok for r in reports] == [False] and "not reachable" in reports[0].message and path.exists()
 
 
+def test_recover_waits_once_for_a_server_that_is_gone_not_once_per_journal(store, capsys) -> None:
+    import socket
+    import time
+    import uuid
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"  # a temporary stack stopped since: nothing listens
+    client, _, experiment_id, _, folder = store
+    paths = [write_journal((client, dead, experiment_id, uuid.uuid4().hex, folder), ENTRIES) for _ in range(3)]
+    started = time.monotonic()
+    assert main(["tracking", "recover", "--timeout", "2"]) == 1
+    took = time.monotonic() - started
+    out = capsys.readouterr().out.splitlines()
+    assert took < 4.5, f"{took:.1f} s: each journal waited for the server"  # was 3 x 2 s
+    assert len(out) == 3 and sum("not reachable (above)" in line for line in out) == 2
+    assert all(path.exists() for path in paths)
+
+
 @pytest.mark.parametrize("command", ["replay", "recover"])
 @pytest.mark.parametrize("timeout", ["-1", "nan", "inf"])
 def test_a_timeout_that_is_no_duration_is_a_usage_error(capsys, tmp_path, command, timeout):
