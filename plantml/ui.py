@@ -66,19 +66,37 @@ class Landing:
 
 
 def newest_run(tracking_uri: str) -> Landing | None:
-    """The most recently started run of any active experiment, else the newest experiment, else None."""
+    """The most recently started run of any active experiment, else the newest experiment, else None.
+
+    Every experiment is searched, 100 at a time (MLflow's limit for one run search): a new run does not
+    change its experiment's ``last_update_time``, so the newest run may be in the oldest experiment.
+    """
     client = open_client(tracking_uri, must_exist=False)
     try:
-        experiments = client.search_experiments(order_by=["last_update_time DESC"], max_results=100)
+        experiments = _all_experiments(client)
         if not experiments:
             return None
-        runs = client.search_runs([e.experiment_id for e in experiments], order_by=["attributes.start_time DESC"],
-                                  max_results=1)
+        ids = [e.experiment_id for e in experiments]
+        runs = [run for start in range(0, len(ids), 100)
+                for run in client.search_runs(ids[start:start + 100], order_by=["attributes.start_time DESC"], max_results=1)]
     except Exception as exc:  # noqa: BLE001 - any store failure becomes one line naming the store
         raise TrackingError(f"{tracking_uri}: cannot read runs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if runs:
-        return Landing(runs[0].info.experiment_id, runs[0].info.run_id)
+        newest = max(runs, key=lambda run: run.info.start_time or 0)
+        return Landing(newest.info.experiment_id, newest.info.run_id)
     return Landing(experiments[0].experiment_id)
+
+
+def _all_experiments(client: Any) -> list[Any]:
+    """Every active experiment, the most recently updated first."""
+    found: list[Any] = []
+    token = None
+    while True:
+        page = client.search_experiments(order_by=["last_update_time DESC"], max_results=1000, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
 
 
 class LocalUI:

@@ -69,3 +69,17 @@ def test_the_ui_server_gets_a_database_store_through_its_environment_not_its_com
     ui = LocalUI("postgresql+psycopg2://mlflow:s3cret-pw@127.0.0.1:5432/mlflow", port=5999)
     assert not any("s3cret-pw" in part for part in ui.command())  # ps shows command lines to every local user
     assert ui.environment()["MLFLOW_BACKEND_STORE_URI"] == ui.tracking_uri
+
+
+def test_the_newest_run_is_found_behind_a_hundred_newer_experiments(tmp_path: Path) -> None:
+    import mlflow
+
+    from plantml.ui import Landing, newest_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    first = client.create_experiment("plant_classification")
+    for i in range(101):  # a sweep a day: a new run does not make its experiment "recently updated"
+        client.create_experiment(f"sweep_{i}")
+    run = client.create_run(first)
+    assert newest_run(uri) == Landing(first, run.info.run_id)
