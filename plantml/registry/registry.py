@@ -53,6 +53,7 @@ from plantml.registry.models import (
 )
 from plantml.registry.stages import StageKeeper
 from plantml.registry.store import check_s3_keys, is_insert_clash, name_filter, object_store_error, object_store_errors
+from plantml.text import mask_passwords
 from plantml.tracking.environ import forget_stale_s3_clients
 from plantml.tracking.stores import open_client
 
@@ -72,6 +73,13 @@ def alias_tag(alias: str, what: str) -> str:
     return f"{TAG_PREFIX}.{alias}.{what}"
 
 
+def _no_server(exc: BaseException) -> bool:
+    """True when MLflow's request failed because nothing answered (it raises without chaining the cause)."""
+    import requests
+
+    return isinstance(exc.__cause__ or exc.__context__, requests.exceptions.ConnectionError)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -86,6 +94,7 @@ class ModelRegistry:
         for error messages. A ``sqlite:///`` file that does not exist is refused, not created.
         """
         self.tracking_uri = tracking_uri
+        self.source = source or "argument"
         self.client = client if client is not None else open_client(tracking_uri, source)
         self._stages = StageKeeper(self.client, self._call, self._registered_model, self._search_versions)
 
@@ -362,6 +371,9 @@ class ModelRegistry:
                 raise RegistryError(f"{what}: not found") from exc
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed
                 raise RegistryError(f"{what}: {one_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
+            if _no_server(exc):  # a stale .env (a stack stopped since) is the usual cause: say where the URI came from
+                raise TrackingError(f"{what}: {mask_passwords(self.tracking_uri)}: tracking server not reachable; "
+                                    f"this URI came from {self.source}") from exc
             raise TrackingError(f"{what}: {one_line(exc)}") from exc
         except object_store_errors() as exc:  # boto3's, before OSError: its timeouts are OSErrors too
             raise object_store_error(exc, what) from exc

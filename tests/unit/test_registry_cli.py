@@ -196,3 +196,21 @@ def test_unusable_tracking_uris_give_one_line_naming_them(
     got, _, err = run_main(["registry", "--tracking-uri", uri, "list"], capfd)
     assert got == code
     assert err.startswith("plantml: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_a_server_gone_from_a_stale_env_file_says_where_its_uri_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # a stack stopped days ago: nothing listens there now
+    (tmp_path / ".env").write_text(f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    got, _, err = run_main(["registry", "list"], capfd)
+    assert got == 1 and err.count("\n") == 1, err
+    assert f"http://127.0.0.1:{port}: tracking server not reachable; this URI came from" in err
+    assert f".env in {tmp_path}" in err
