@@ -35,6 +35,8 @@ from plantml.stack.service import Account, Command, Network, ServiceSpec
 from plantml.stack.stack import ManagedStack
 
 log = logging.getLogger(__name__)
+#: Bytes read from a log's end per line of its tail asked for (weed and MLflow lines are a few hundred).
+TAIL_BYTES_PER_LINE = 4096
 
 #: Seconds a service gets to stop on its stop signal before it is killed.
 STOP_TIMEOUT = 15
@@ -219,9 +221,15 @@ class HostProcess:
         self.stop()
 
     def log_tail(self, lines: int | None = 25) -> str:
-        """The last ``lines`` lines of the log file (all of it for None; '' before the first start)."""
+        """The last ``lines`` lines of the log file (all of it for None; '' before the first start).
+
+        Only the file's end is read: a log is never rotated, and a stack kept for months has one of gigabytes.
+        """
         try:
-            text = self.log_path.read_text(errors="replace")
+            with open(self.log_path, "rb") as log_file:
+                if lines:
+                    log_file.seek(max(0, os.fstat(log_file.fileno()).st_size - lines * TAIL_BYTES_PER_LINE))
+                text = log_file.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
         return "\n".join(text.splitlines()[-lines if lines else None:])

@@ -190,3 +190,24 @@ def test_a_second_start_reuses_the_saved_credentials_and_keeps_its_own_options()
     restored = second.with_credentials(first.credentials())
     assert restored.secrets() == first.secrets()
     assert restored.postgres.durable is False and restored.mlflow.artifact_mode == "proxied"
+
+
+def test_a_failing_service_s_log_tail_reads_only_the_end_of_a_huge_log(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from plantml.stack.host import HostProcess
+
+    log = tmp_path / "s3.log"
+    with open(log, "wb") as out:
+        out.truncate(300 * 2**20)  # months of a service's log (sparse: no disk used)
+        out.seek(0, 2)
+        out.write(b"".join(b"line %d\n" % i for i in range(40)))
+    process = HostProcess(s3_service(S3Spec(), tmp_path, dict.fromkeys(SEAWEED_PORTS, 1), Network()), log)
+    tracemalloc.start()
+    try:
+        tail = process.log_tail(3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert tail == "line 37\nline 38\nline 39"
+    assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MiB read to show 3 lines"
