@@ -68,6 +68,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
                     sum_across: SumAcross | None = None) -> EpochStats:
     """One pass over ``loader`` with gradient steps; ``wrap`` may decorate the batches (a progress bar)."""
     model.train()
+    keep_frozen_norms_still(model)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
@@ -89,6 +90,23 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         correct += (logits.detach().argmax(dim=1) == targets).sum()
         seen += targets.size(0)
     return _stats(loss_sum, correct, seen, sum_across)
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def keep_frozen_norms_still(model: nn.Module) -> None:
+    """Put every batch-norm layer whose weights do not train in eval mode.
+
+    In train mode a batch-norm layer moves its running mean and variance towards each
+    batch even when its weights are frozen: a "frozen" backbone would still change, and
+    the model kept would not be the pretrained backbone under a trained head. A layer
+    without weights (``affine=False``) is left as it is.
+    """
+    for module in model.modules():
+        weights = list(module.parameters(recurse=False)) if isinstance(module, _BATCH_NORMS) else []
+        if weights and not any(weight.requires_grad for weight in weights):
+            module.eval()
 
 
 @torch.inference_mode()

@@ -134,6 +134,31 @@ def test_frozen_backbone_trains_only_the_head_until_the_unfreeze_epoch(leaves):
     assert params["freeze_backbone"] is True and params["unfreeze_epoch"] == 3
 
 
+def test_a_frozen_backbone_keeps_its_batch_norm_statistics_until_it_is_unfrozen(leaves):
+    prepared = prepare(tiny(leaves, epochs=3, freeze_backbone=True, unfreeze_epoch=3, early_stopping_patience=5))
+    frozen = {k: v.clone() for k, v in prepared.model.state_dict().items() if not k.startswith("fc.")}
+    after_each_epoch = []
+
+    class Watch(Reporter):
+        def epoch_end(self, record):
+            after_each_epoch.append(prepared.model.bn1.running_mean.detach().clone())
+
+    fit(prepared, RecordingTracker(), Watch())
+
+    assert torch.equal(after_each_epoch[1], frozen["bn1.running_mean"])  # two frozen epochs moved nothing
+    assert not torch.equal(after_each_epoch[2], frozen["bn1.running_mean"])  # unfrozen, the statistics train
+
+
+def test_a_run_frozen_throughout_keeps_the_whole_backbone_it_started_from(leaves):
+    prepared = prepare(tiny(leaves, freeze_backbone=True))
+    frozen = {k: v.clone() for k, v in prepared.model.state_dict().items() if not k.startswith("fc.")}
+
+    fit(prepared, RecordingTracker())
+
+    kept = prepared.model.state_dict()  # the best epoch's weights, as registered
+    assert [k for k, v in frozen.items() if not torch.equal(v, kept[k])] == []
+
+
 def test_early_stopping_when_validation_stops_improving(tmp_path):
     # both classes hold the same images: nothing can be learnt, the validation loss stalls
     data = tmp_path / "same"
