@@ -85,7 +85,8 @@ class Prepared:
         return self.config.registered_model_name or f"{self.config.backbone}_plant_classifier"
 
     def params(self) -> dict[str, Any]:
-        """The run's params: the design's list, then seed, weights, image_size, skipped_images and the processes.
+        """The run's params: the design's list (with weight_decay and the split fractions), then seed, weights,
+        image_size, skipped_images and the processes.
 
         ``batch_size`` is per process (``--batch-size``); ``global_batch_size`` is what one
         optimizer step sees, ``batch_size * world_size``.
@@ -96,6 +97,7 @@ class Prepared:
             "epochs": c.epochs,
             "batch_size": c.batch_size,
             "learning_rate": c.learning_rate,
+            "weight_decay": c.weight_decay,
             "device": self.device.type,
             "freeze_backbone": c.freeze_backbone,
             "unfreeze_epoch": c.unfreeze_epoch,
@@ -104,6 +106,8 @@ class Prepared:
             "scheduler": SCHEDULER,
             "loss_function": LOSS_FUNCTION,
             "num_classes": self.num_classes,
+            "val_split": c.val_split,
+            "test_split": c.test_split,
             **self.loaders.split.sizes(),
             "total_parameters": self.total_parameters,
             "trainable_parameters": self.trainable_parameters,

@@ -59,13 +59,22 @@ def test_params_are_the_design_list_plus_seed_weights_image_size_skipped_images_
 
     [(args, _)] = tracker.named("log_params")
     params = args[0]
-    assert set(params) == DESIGN_PARAMS | {"seed", "weights", "image_size", "skipped_images", "world_size", "global_batch_size"}
+    assert set(params) == DESIGN_PARAMS | {"weight_decay", "val_split", "test_split", "seed", "weights", "image_size",
+                                           "skipped_images", "world_size", "global_batch_size"}
     assert (params["world_size"], params["batch_size"], params["global_batch_size"]) == (1, 8, 8)
     assert params["skipped_images"] == 0
     assert (params["train_size"], params["val_size"], params["test_size"]) == (16, 4, 4)
     assert params["optimizer"] == "AdamW" and params["scheduler"] == "CosineAnnealingLR"
     assert params["loss_function"] == "CrossEntropyLoss" and params["num_classes"] == 2
     assert params["device"] == "cpu" and params["weights"] == "none" and params["image_size"] == 32
+
+
+def test_every_training_choice_that_changes_the_result_is_a_param(leaves):
+    tracker = RecordingTracker()
+    train(tiny(leaves, epochs=1, weight_decay=0.25, val_split=0.2, test_split=0.25), tracker)
+
+    params = tracker.named("log_params")[0][0][0]
+    assert (params["weight_decay"], params["val_split"], params["test_split"]) == (0.25, 0.2, 0.25)
 
 
 def test_every_epoch_logs_its_five_metrics_and_the_test_metrics_come_last(leaves):
