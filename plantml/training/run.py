@@ -351,8 +351,10 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
     model.load_state_dict(best_state)
     test, matrix = evaluate(model, loaders.test, criterion, device, precision, num_classes=prepared.num_classes,
                             sum_across=ranks.sum_across)
-    tracker.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy})
     best_val_loss = history["val_loss"][best_epoch - 1]
+    # the run's latest val_loss and val_accuracy are the last epoch's; these are the kept model's, the one registered
+    tracker.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy,
+                         "best_val_loss": best_val_loss, "best_val_accuracy": best_val_accuracy})
     history.update({
         "best_epoch": best_epoch, "best_val_loss": best_val_loss, "best_val_accuracy": best_val_accuracy,
         "stopped_early": stopped_early, "test_loss": test.loss, "test_accuracy": test.accuracy,

@@ -87,7 +87,24 @@ def test_every_epoch_logs_its_five_metrics_and_the_test_metrics_come_last(leaves
     lrs = [kwargs["learning_rate"] for _, kwargs in epochs]
     assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2]  # cosine schedule
     [(args, _)] = tracker.named("log_metrics")
-    assert set(args[0]) == {"test_loss", "test_accuracy"}
+    assert set(args[0]) == {"test_loss", "test_accuracy", "best_val_loss", "best_val_accuracy"}
+
+
+def test_the_kept_epochs_validation_metrics_are_logged_when_it_is_not_the_last(tmp_path):
+    # both classes hold the same images: the validation loss stalls and the run stops after a worse epoch
+    data = tmp_path / "same"
+    synth.generate(tmp_path / "src", synth.SynthSpec(per_class=12, size=32, seed=0))
+    shutil.copytree(tmp_path / "src" / "healthy", data / "a")
+    shutil.copytree(tmp_path / "src" / "healthy", data / "b")
+    tracker = RecordingTracker()
+
+    result = train(tiny(data, epochs=10, early_stopping_patience=2), tracker)
+
+    last = tracker.named("log_training_metrics")[-1][1]
+    [(args, _)] = tracker.named("log_metrics")
+    assert result.best_epoch < last["epoch"] and last["val_loss"] != result.best_val_loss
+    assert args[0]["best_val_loss"] == result.best_val_loss == min(result.history["val_loss"])
+    assert args[0]["best_val_accuracy"] == result.history["val_accuracy"][result.best_epoch - 1]
 
 
 def test_artifacts_figures_model_and_tags_are_recorded(leaves):
