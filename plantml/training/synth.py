@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,11 +216,23 @@ def write_set(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) 
 
 
 def _check_target(root: Path) -> None:
-    """Refuse a folder of other files than a synthetic set's."""
+    """Refuse a folder of other files than a synthetic set's, and a synthetic set someone added files to:
+    the images a new set lacks are removed, so a photo added to one of its folders would go with them."""
     if not is_synthetic(root):
         sweep(root)  # the staging folder of an earlier synth that was killed does not count
         if any(root.iterdir()):
             raise UsageError(f"folder {root}: not empty and not a synthetic set; give an empty or new folder")
+        return
+    for path in sorted(root.glob("[!.]*/*")):  # what _move_into may remove
+        if path.is_file() and not _is_drawn_image(path):
+            raise UsageError(f"folder {root}: a synthetic set with other files added ({path}), which writing over it "
+                             "would remove; give an empty or new folder")
+
+
+def _is_drawn_image(path: Path) -> bool:
+    """True for a file name :func:`generate` writes: ``CLASS/CLASS_NNNN.png`` of one of its classes."""
+    class_name = path.parent.name
+    return class_name in CLASSES and re.fullmatch(rf"{class_name}_\d{{4,}}\.png", path.name) is not None
 
 
 def _move_into(staging: Path, root: Path) -> None:

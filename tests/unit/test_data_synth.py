@@ -89,6 +89,22 @@ def test_data_synth_writes_into_an_empty_folder_and_over_a_synthetic_set(tmp_pat
 
 
 
+def test_data_synth_refuses_a_synthetic_set_with_files_added_and_removes_none(tmp_path, capsys):
+    assert run_cli(capsys, "data", "synth", str(tmp_path), "--per-class", "3", "--size", "16")[0] == 0
+    photo = tmp_path / "healthy" / "my_photo.jpg"
+    photo.write_bytes(b"the user's own photo")
+    (tmp_path / "roses").mkdir()
+    rose = tmp_path / "roses" / "rose_1.png"
+    rose.write_bytes(b"another photo")
+
+    code, _, err = run_cli(capsys, "data", "synth", str(tmp_path), "--per-class", "4", "--size", "16")
+
+    assert code == 2 and len(err.splitlines()) == 1 and str(photo) in err
+    assert photo.read_bytes() == b"the user's own photo" and rose.read_bytes() == b"another photo"
+    assert sorted(p.name for p in (tmp_path / "healthy").iterdir()) == ["healthy_0000.png", "healthy_0001.png",
+                                                                        "healthy_0002.png", "my_photo.jpg"]
+
+
 def test_data_synth_writes_a_quoted_tilde_folder_into_home_as_train_reads_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
