@@ -131,7 +131,7 @@ class Prepared:
             "model": self.config.backbone,
             "dataset": self.source.name,
             "dataset_hash": self.scan.content_hash,
-            "dataset_path": str(self.scan.root),
+            "dataset_path": str(self.scan.root.resolve()),  # `--data-dir ../leaves` means nothing away from its folder
             "dataset_source": self.source.uri,
             "dataset_synthetic": str(self.synthetic).lower(),
             "dataset_classes": ",".join(self.scan.classes),

@@ -129,6 +129,16 @@ def test_artifacts_figures_model_and_tags_are_recorded(leaves):
     assert result.model_version == "1"
 
 
+def test_a_relative_data_dir_is_recorded_as_the_absolute_folder(leaves, monkeypatch):
+    monkeypatch.chdir(leaves.parent)
+    tracker = RecordingTracker()
+
+    train(tiny("leaves", epochs=1), tracker)
+
+    tags = tracker.named("start_run")[0][1]["tags"]
+    assert tags["dataset_path"] == str(leaves.resolve())
+
+
 def test_same_seed_repeats_the_run_exactly_on_cpu(leaves):
     first = train(tiny(leaves)).history
     second = train(tiny(leaves)).history
