@@ -97,7 +97,11 @@ def locate(data_dir: str | Path | None, synthetic_folder: Any, *, progress: Any 
     if is_s3_uri(str(data_dir)):
         return pull_for_training(str(data_dir), progress=progress)
     folder = Path(data_dir).expanduser()
-    return DataSource(folder, folder.name, str(folder.resolve()) if folder.exists() else str(folder), "local")
+    if not folder.exists():  # the scan says so, naming it as given
+        return DataSource(folder, folder.name, str(folder), "local")
+    # named after the folder itself: `--data-dir .` has no name of its own, and MLflow refuses an empty one
+    resolved = folder.resolve()
+    return DataSource(folder, resolved.name or str(resolved), str(resolved), "local")
 
 
 def pull_for_training(uri: str, *, progress: Any = None) -> DataSource:

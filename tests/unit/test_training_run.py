@@ -139,6 +139,18 @@ def test_a_relative_data_dir_is_recorded_as_the_absolute_folder(leaves, monkeypa
     assert tags["dataset_path"] == str(leaves.resolve())
 
 
+@pytest.mark.parametrize("typed, working_folder", [(".", "."), ("..", "healthy")])
+def test_a_data_dir_typed_as_dot_is_named_after_its_folder(leaves, monkeypatch, typed, working_folder):
+    monkeypatch.chdir(leaves / working_folder)
+    tracker = RecordingTracker()
+
+    train(tiny(typed, epochs=1), tracker)
+
+    assert tracker.named("start_run")[0][1]["tags"]["dataset"] == "leaves"
+    [(args, _)] = tracker.named("log_input")
+    assert args[0] == "leaves"  # the data set's name: MLflow refuses an empty one, once the run exists
+
+
 def test_same_seed_repeats_the_run_exactly_on_cpu(leaves):
     first = train(tiny(leaves)).history
     second = train(tiny(leaves)).history
