@@ -156,9 +156,11 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
-def class_folders(root: Path) -> list[tuple[Path, list[Path]]]:
+def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[Path, list[Path]]]:
     """The class sub-folders of an image folder (ImageFolder layout), sorted, each with its image
-    files (nested ones included), sorted; a folder that is not a set of two classes or more raises."""
+    files (nested ones included), sorted; a folder that is not a set of two classes or more raises.
+    ``left_out``, when given, receives the files of the classes that are not images (other extensions;
+    hidden files are not counted)."""
     if not root.exists():
         raise DataError(f"data folder {root}: not found")
     if not root.is_dir():
@@ -170,7 +172,13 @@ def class_folders(root: Path) -> list[tuple[Path, list[Path]]]:
     if len(class_dirs) < 2:
         found = ", ".join(p.name for p in class_dirs) or "none"
         raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})")
-    return [(class_dir, sorted(p for p in _files_under(class_dir) if is_image_file(p))) for class_dir in class_dirs]
+    folders = []
+    for class_dir in class_dirs:
+        files = _files_under(class_dir)
+        folders.append((class_dir, sorted(p for p in files if is_image_file(p))))
+        if left_out is not None:
+            left_out += sorted(p for p in files if not p.name.startswith(".") and not is_image_file(p))
+    return folders
 
 
 def _files_under(class_dir: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from plantml.datasets.manifest import class_folders, no_images
+from plantml.datasets.manifest import IMAGE_EXTENSIONS, class_folders, no_images
 from plantml.errors import DataError, UsageError, os_reason
 from plantml.text import name_text
 from plantml.training.distributed import Ranks
@@ -80,7 +80,11 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     ``s3://`` key rather than its cache path).
     """
     root = Path(root).expanduser()
-    folders = class_folders(root)
+    others: list[Path] = []
+    folders = class_folders(root, left_out=others)
+    if others:  # a .gif or .heic among the photos: the set is smaller than the folder, say so
+        logger.warning("%d file(s) left out of the set: not %s (such as %s)", len(others),
+                       "/".join(IMAGE_EXTENSIONS), name_of(others[0]))
 
     digest = hashlib.sha256()
     samples: list[tuple[Path, int]] = []

@@ -176,6 +176,20 @@ def test_a_very_large_image_is_one_warning_line_naming_it(tmp_path, caplog, monk
     assert not [w for w in shown if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
+def test_files_of_other_formats_left_out_of_the_set_are_one_warning_line(tmp_path, caplog):
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=4, size=24, seed=0))
+    Image.new("RGB", (24, 24), (20, 120, 30)).save(folder / "healthy" / "photo.gif")  # Pillow reads it; plantml does not
+    (folder / "diseased" / "notes.txt").write_text("field notes")
+    (folder / "diseased" / ".DS_Store").write_bytes(b"hidden: not counted")
+
+    with caplog.at_level(logging.WARNING, logger="plantml.training"):
+        scan = scan_image_folder(folder)
+
+    assert len(scan.samples) == 8
+    assert [record.getMessage() for record in caplog.records] == [
+        f"2 file(s) left out of the set: not .jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp (such as {folder / 'diseased' / 'notes.txt'})"]
+
+
 def test_sigterm_while_the_synthetic_set_is_made_is_one_line_and_leaves_no_staging_folder(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "PLANTML_CACHE_DIR": str(cache)}
