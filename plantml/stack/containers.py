@@ -52,6 +52,8 @@ LABEL = "plantml.stack"
 LABEL_PID = "plantml.pid"
 LABEL_PID_START = "plantml.pid-start"
 LABEL_HOST = "plantml.host"
+#: Docker's log of each container: at most two files of 32 MB (the local runner's cap, see ``HostProcess.trim_log``).
+LOG_CONFIG = {"type": "json-file", "config": {"max-size": "32m", "max-file": "2"}}
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,9 @@ class ContainerProcess:
                 log.warning("%s: removing the container failed", self.spec.name, exc_info=True)
             self._container = None
 
+    def trim_log(self) -> None:
+        """Nothing to do: Docker keeps the container's log under :data:`LOG_CONFIG`'s cap."""
+
     def log_tail(self, lines: int | None = 25) -> str:
         """The last lines of the container's output ('' when there is none)."""
         container = self.docker_container
@@ -325,7 +330,8 @@ class ContainerRunner:
         else:
             network = {"network_mode": "host"} if self._mode == "host" else {"network": self._docker_network.name}
         container.with_kwargs(entrypoint=[command[0]], user=f"{account.uid}:{account.gid}", working_dir=str(spec.folder),
-                              labels=owner_labels(self.stack_id), stop_signal=spec.stop_signal.name, **network)
+                              labels=owner_labels(self.stack_id), stop_signal=spec.stop_signal.name,
+                              log_config=LOG_CONFIG, **network)
         if self._mode == "bridge" and not one_off:  # only the client port, on loopback only
             container.ports[f"{spec.port}/tcp"] = ("127.0.0.1", spec.port)  # type: ignore[assignment]
         return container

@@ -37,6 +37,8 @@ from plantml.stack.stack import ManagedStack
 log = logging.getLogger(__name__)
 #: Bytes read from a log's end per line of its tail asked for (weed and MLflow lines are a few hundred).
 TAIL_BYTES_PER_LINE = 4096
+#: A service's log past this size is set aside as ``NAME.log.1`` (the one before goes) and started again.
+LOG_LIMIT_BYTES = 32 * 1024 * 1024
 
 #: Seconds a service gets to stop on its stop signal before it is killed.
 STOP_TIMEOUT = 15
@@ -220,10 +222,28 @@ class HostProcess:
             self._executor = None
         self.stop()
 
+    def trim_log(self, limit: int = LOG_LIMIT_BYTES) -> None:
+        """Past ``limit`` bytes, copy the log to ``NAME.log.1`` (replacing the one before) and empty it, as
+        logrotate's ``copytruncate`` does: the service goes on writing into the file it holds open (in append
+        mode, so from its new start), and a stack kept for months holds at most about twice ``limit`` per service.
+        SeaweedFS alone writes a few MB a day on an idle stack."""
+        try:
+            if self.log_path.stat().st_size <= limit:
+                return
+            kept = self.log_path.with_name(f"{self.log_path.name}.1")
+            with open(self.log_path, "rb") as source, \
+                    open(os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as target:
+                shutil.copyfileobj(source, target)
+            os.truncate(self.log_path, 0)
+        except FileNotFoundError:
+            return  # not started yet, or its folder is gone (the stack's watch says so)
+        except OSError as exc:  # a full disk: the log goes on growing, the stack goes on serving
+            log.warning("%s: log not trimmed: %s", self.spec.name, exc)
+
     def log_tail(self, lines: int | None = 25) -> str:
         """The last ``lines`` lines of the log file (all of it for None; '' before the first start).
 
-        Only the file's end is read: a log is never rotated, and a stack kept for months has one of gigabytes.
+        Only the file's end is read: a log may be up to :data:`LOG_LIMIT_BYTES`.
         """
         try:
             with open(self.log_path, "rb") as log_file:

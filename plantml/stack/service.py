@@ -167,6 +167,9 @@ class ServiceProcess(Protocol):
         a graceful stop saves nothing and SeaweedFS ignores SIGTERM.
         """
 
+    def trim_log(self) -> None:
+        """Keep its log bounded on a stack that runs for months (the supervisor calls it as it watches)."""
+
     def log_tail(self, lines: int | None = 25) -> str:
         """The last ``lines`` lines of its output (all of it for None)."""
 

@@ -119,6 +119,7 @@ class Supervisor:
             for service in self.services.values():
                 if self._died(service) and not self._stopping.is_set():
                     self._bring_back(service)
+                service.process.trim_log()
 
     @staticmethod
     def _died(service: Service) -> bool:

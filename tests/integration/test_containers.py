@@ -82,6 +82,9 @@ def test_a_container_runs_its_description_as_the_host_account_on_its_own_folder(
     assert f"{folder}:{folder}:rw" in attrs["HostConfig"]["Binds"]
     assert attrs["HostConfig"]["NetworkMode"] in ("host", f"plantml-{mlflow_stack.stack_id}")
     assert Path(folder, "data", "PG_VERSION").is_file()  # the cluster lives in the stack's folder, not the container
+    for service in mlflow_stack.services.values():  # a stack kept for months: Docker caps each log, as trim_log does
+        log_config = service.process.docker_container.attrs["HostConfig"]["LogConfig"]
+        assert log_config == {"Type": "json-file", "Config": {"max-size": "32m", "max-file": "2"}}, service.name
 
 
 SESSION = textwrap.dedent("""

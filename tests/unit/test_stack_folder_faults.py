@@ -225,6 +225,9 @@ class Forever:
     def log_tail(self, lines: int | None = 25) -> str:
         return ""
 
+    def trim_log(self) -> None:
+        pass
+
 
 @pytest.mark.parametrize("how", ["deleted", "moved"])
 def test_a_data_folder_deleted_or_moved_under_a_running_stack_stops_it_naming_the_folder(tmp_path, how):

@@ -211,3 +211,36 @@ def test_a_failing_service_s_log_tail_reads_only_the_end_of_a_huge_log(tmp_path:
         tracemalloc.stop()
     assert tail == "line 37\nline 38\nline 39"
     assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MiB read to show 3 lines"
+
+
+def test_a_log_past_its_limit_is_set_aside_and_the_service_writing_it_goes_on_from_its_start(tmp_path: Path) -> None:
+    """A stack kept for months: SeaweedFS alone writes a few MB a day, and nothing rotated the logs."""
+    import os
+    import stat
+    import subprocess
+    import time
+
+    from plantml.stack.host import HostProcess
+
+    log = tmp_path / "s3.log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # as HostProcess.start opens it
+    writer = subprocess.Popen(["sh", "-c", "while :; do echo 0123456789abcdef; done"], stdout=fd)
+    os.close(fd)
+    process = HostProcess(s3_service(S3Spec(), tmp_path, dict.fromkeys(SEAWEED_PORTS, 1), Network()), log)
+    try:
+        while log.stat().st_size <= 64 * 1024:
+            time.sleep(0.01)
+        process.trim_log(limit=64 * 1024)
+        time.sleep(0.2)  # the service writes on into the file it holds
+    finally:
+        writer.kill()
+        writer.wait()
+
+    kept = log.with_name("s3.log.1")
+    assert kept.stat().st_size > 64 * 1024 and stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert kept.read_bytes().startswith(b"0123456789abcdef\n")
+    written = log.read_bytes()
+    assert written.startswith(b"0123456789abcdef\n"), written[:40]  # from the start: no hole of zero bytes
+    assert 0 < len(written) < kept.stat().st_size + 64 * 1024 * 50  # emptied, then written again
+    process.trim_log(limit=10**9)  # under the limit: left as it is
+    assert log.read_bytes() == written

@@ -53,6 +53,9 @@ class FakeProcess:
     def log_tail(self, lines: int | None = 25) -> str:
         return "the fake's last words"
 
+    def trim_log(self) -> None:
+        pass
+
 
 def started(failing_restarts: int = 0) -> Service:
     spec = ServiceSpec(name="postgres", command=("postgres",), folder=Path("/nowhere"), port=1, ready=lambda: True)
