@@ -7,11 +7,11 @@ on rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from plantml.staging import local_writes
+from plantml.staging import local_writes, staging_folder
 from plantml.training import figures
 from plantml.training.models import image_batch_signature
 
@@ -33,11 +33,15 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
     """Write the checkpoint and history; log them, the figures, tags and the registered model."""
     config = prepared.config
     keep = config.output_dir is not None
-    out_dir = Path(config.output_dir).expanduser() if keep else Path(tempfile.mkdtemp(prefix="plantml-train-"))
-    try:
-        role = "--output-dir" if keep else "temporary folder"
-        with local_writes(role, out_dir):
-            out_dir.mkdir(parents=True, exist_ok=True)
+    role = "--output-dir" if keep else "temporary folder"
+    with contextlib.ExitStack() as scope:
+        if keep:
+            out_dir = Path(config.output_dir).expanduser()
+            with local_writes(role, out_dir):
+                out_dir.mkdir(parents=True, exist_ok=True)
+        else:  # named after this process: the next training sweeps it away if a kill -9 left it
+            with local_writes(role, Path(tempfile.gettempdir())):
+                out_dir = scope.enter_context(staging_folder(Path(tempfile.gettempdir()), "plantml-train"))
         checkpoint = out_dir / "best_model.pth"
         serialized = io.BytesIO()  # torch's own writer reports a full disk as a RuntimeError about zip offsets
         torch.save({
@@ -62,9 +66,6 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
             result.model_version = log_model(prepared, model, tracker)
             if result.model_version:
                 reporter.message(f"registered {prepared.registered_model_name} version {result.model_version}")
-    finally:
-        if not keep:
-            shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def write_whole(path: Path, data: bytes, role: str) -> None:

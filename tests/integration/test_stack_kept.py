@@ -196,21 +196,22 @@ def test_a_first_stack_up_killed_during_initdb_leaves_a_folder_the_next_start_se
     import psutil
 
     folder = Path(tempfile.mkdtemp(prefix="plantml-initdb-"))
-    up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--backend", pytestconfig.getoption("--stack"),
-                           "--data-dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        initdb = None
-        while initdb is None and up.poll() is None:
-            initdb = next((p for p in psutil.process_iter(["cmdline"])
-                           if "initdb" in (p.info["cmdline"] or [""])[0] and str(folder) in " ".join(p.info["cmdline"])), None)
-        assert initdb is not None, f"stack up ended before its initdb was seen: {up.stderr.read()[-2000:]}"  # type: ignore[union-attr]
-        up.kill()
-        with contextlib.suppress(psutil.NoSuchProcess):
-            initdb.kill()
-    finally:
-        up.kill()
-        up.wait()
-    try:
+        up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--backend", pytestconfig.getoption("--stack"),
+                               "--data-dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            initdb = None
+            while initdb is None and up.poll() is None:
+                initdb = next((p for p in psutil.process_iter(["cmdline"])
+                               if "initdb" in (p.info["cmdline"] or [""])[0] and str(folder) in " ".join(p.info["cmdline"])),
+                              None)
+            assert initdb is not None, f"stack up ended before its initdb was seen: {up.stderr.read()[-2000:]}"  # type: ignore[union-attr]
+            up.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                initdb.kill()
+        finally:
+            up.kill()
+            up.wait()
         assert not (folder / "postgres" / "data" / "PG_VERSION").exists()  # a half-made cluster is never where one is looked for
         with mlflow_stack_factory(data_dir=folder) as stack:
             import mlflow

@@ -219,3 +219,21 @@ def test_a_tracking_store_mlflow_cannot_open_is_one_line_without_its_password(ca
     line = _one_line(capsys.readouterr().err)
     assert code == 1
     assert line.startswith(f"plantml: error: {shown}") and "secret" not in line
+
+
+def test_a_training_without_output_dir_sweeps_the_temporary_folder_a_killed_one_left(leaves, tmp_path, monkeypatch):
+    """Its checkpoint went to a plantml-train-* folder that a kill -9 left in /tmp for good (a resnet50's: 100 MB)."""
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    left = temp / f".plantml-train.staging-{ended.pid}-12345-abc123de"
+    (left / "sub").mkdir(parents=True)
+    (left / "best_model.pth").write_bytes(b"a checkpoint of a training killed with -9")
+
+    assert main(["train", "--data-dir", str(leaves), *TINY]) == 0
+
+    assert list(temp.iterdir()) == []  # the dead one's swept, this one's removed
