@@ -149,13 +149,21 @@ class Prepared:
         commit = git_commit()
         if commit:
             tags["git_commit"] = commit
+            changed = _git(["status", "--porcelain", "--untracked-files=no"])
+            if changed is not None:  # the commit alone does not say which code trained: tracked files changed since?
+                tags["git_dirty"] = str(bool(changed)).lower()
         return tags
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
     """The current git commit of ``cwd``, or None outside a repository."""
+    return _git(["rev-parse", "HEAD"], cwd)
+
+
+def _git(args: list[str], cwd: Path | None = None) -> str | None:
+    """``git ARGS``' output in ``cwd``, stripped; None when git fails or is not there."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None

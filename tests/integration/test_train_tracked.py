@@ -91,6 +91,9 @@ def test_tracked_run_records_everything_and_registers_a_loadable_model(
     assert tags["best_epoch"] in ("1", "2") and 0 <= float(tags["best_val_accuracy"]) <= 1
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     assert tags.get("git_commit") == (head.stdout.strip() if head.returncode == 0 else None)  # the folder it ran in
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             check=False)
+    assert tags.get("git_dirty") == (str(bool(changed.stdout.strip())).lower() if head.returncode == 0 else None)
 
     # artifacts, read from the bucket itself
     keys = s3_keys(s3_client, run.info.artifact_uri)
