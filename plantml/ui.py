@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import TrackingError, UsageError
-from plantml.tracking.stores import check_store_exists, open_client
+from plantml.tracking.stores import all_experiments, check_store_exists, open_client
 
 #: Query string that opens MLflow's UI in its model-training view.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
@@ -73,7 +73,7 @@ def newest_run(tracking_uri: str) -> Landing | None:
     """
     client = open_client(tracking_uri, must_exist=False)
     try:
-        experiments = _all_experiments(client)
+        experiments = all_experiments(client)
         if not experiments:
             return None
         ids = [e.experiment_id for e in experiments]
@@ -85,18 +85,6 @@ def newest_run(tracking_uri: str) -> Landing | None:
         newest = max(runs, key=lambda run: run.info.start_time or 0)
         return Landing(newest.info.experiment_id, newest.info.run_id)
     return Landing(experiments[0].experiment_id)
-
-
-def _all_experiments(client: Any) -> list[Any]:
-    """Every active experiment, the most recently updated first."""
-    found: list[Any] = []
-    token = None
-    while True:
-        page = client.search_experiments(order_by=["last_update_time DESC"], max_results=1000, page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return found
 
 
 class LocalUI:

@@ -43,6 +43,7 @@ from plantml.tracking.sender import (
     resolve_delivery_settings,
 )
 from plantml.tracking.spool import Spool
+from plantml.tracking.stores import all_experiments
 from plantml.tracking.transport import DELIVERY_TAG, Transport, end_status
 
 logger = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ def end_stale_runs(settings: TrackingSettings, older_than_s: float, experiment_n
             experiments = [client.get_experiment_by_name(name) for name in experiment_names]
             ids = [e.experiment_id for e in experiments if e is not None]
         else:
-            ids = [e.experiment_id for e in client.search_experiments()]
+            ids = [e.experiment_id for e in all_experiments(client)]  # past the first page of 1,000 too
         stale = []
         now = time.time()
         for run in _running_runs(client, ids):

@@ -71,6 +71,19 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
         raise TrackingError(f"{describe_uri(uri, source)}: cannot open the store ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
+def all_experiments(client: Any, page_size: int = 1000) -> list[Any]:
+    """Every active experiment of ``client``'s store, the most recently updated first (every page: MLflow's
+    ``search_experiments()`` gives the first 1,000)."""
+    found: list[Any] = []
+    token = None
+    while True:
+        page = client.search_experiments(order_by=["last_update_time DESC"], max_results=page_size, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
 @contextlib.contextmanager
 def _one_creator(path: Path | None) -> Iterator[None]:
     """Hold the lock of ``path``'s folder while a sqlite store that is missing (or empty) is created.

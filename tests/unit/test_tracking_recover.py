@@ -275,3 +275,15 @@ def test_a_timeout_that_is_no_duration_is_a_usage_error(capsys, tmp_path, comman
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--timeout" in err[0]
+
+
+def test_every_experiment_is_listed_past_the_first_page(tmp_path) -> None:
+    """``recover --stale`` and ``plantml ui`` read every experiment; MLflow's ``search_experiments()`` gives 1,000."""
+    import mlflow
+
+    from plantml.tracking.stores import all_experiments
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    made = {client.create_experiment(f"sweep_{i}") for i in range(5)}
+    listed = [e.experiment_id for e in all_experiments(client, page_size=2)]
+    assert len(listed) == len(set(listed)) and made <= set(listed)  # the Default experiment too
