@@ -11,6 +11,7 @@ naming the URI (its password masked) and where it came from.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
     if must_exist:
         check_store_exists(uri, source)
     try:
-        with _one_creator(sqlite_path(uri)):
+        with _one_creator(sqlite_path(uri)), _quiet_store_creation():
             return MlflowClient(tracking_uri=uri, registry_uri=uri)
     except ImportError as exc:  # postgresql:// without psycopg, mysql:// without its driver
         raise TrackingError(f"{describe_uri(uri, source)}: needs the Python module {exc.name or exc!s}, "
@@ -82,6 +83,19 @@ def all_experiments(client: Any, page_size: int = 1000) -> list[Any]:
         token = page.token
         if not token:
             return found
+
+
+@contextlib.contextmanager
+def _quiet_store_creation() -> Iterator[None]:
+    """MLflow logs two INFO lines ("Creating initial MLflow database tables...") when it makes a sqlite store:
+    the first lines a new user's first ``plantml train`` would print. Its warnings still show."""
+    creation_log = logging.getLogger("mlflow.store.db.utils")
+    level = creation_log.level
+    creation_log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        creation_log.setLevel(level)
 
 
 @contextlib.contextmanager
