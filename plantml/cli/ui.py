@@ -17,6 +17,8 @@ QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_T
 
 #: Each stops the UI and its server, freeing the port.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Seconds ``plantml ui`` waits for a tracking server to answer before it says where its URI came from.
+SERVER_WAIT_S = 3.0
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -42,6 +44,10 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
     settings = resolve_tracking_settings(tracking_uri=tracking_uri)
     uri = settings.tracking_uri
     if is_server_uri(uri):
+        from plantml.tracking.connection import wait_for_server
+
+        # a stale .env (a stack stopped since) is the usual cause: say so, and where the URI came from
+        wait_for_server(uri, SERVER_WAIT_S, settings.source_of("tracking_uri"))
         landing = newest_run(uri)
         click.echo(landing.url(uri) if landing else uri)
         return

@@ -83,3 +83,18 @@ def test_the_newest_run_is_found_behind_a_hundred_newer_experiments(tmp_path: Pa
         client.create_experiment(f"sweep_{i}")
     run = client.create_run(first)
     assert newest_run(uri) == Landing(first, run.info.run_id)
+
+
+def test_a_server_gone_from_a_stale_env_file_is_one_line_saying_where_the_uri_came_from(tmp_path: Path, monkeypatch,
+                                                                                       capsys) -> None:
+    from plantml.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / ".env").write_text("MLFLOW_TRACKING_URI=http://127.0.0.1:9\n")  # a stack stopped since
+
+    assert main(["ui"]) == 1
+
+    assert capsys.readouterr().err.splitlines() == [
+        "plantml: error: http://127.0.0.1:9: tracking server not reachable (ConnectionError); "
+        f"this URI came from MLFLOW_TRACKING_URI in .env in {tmp_path}"]
