@@ -22,10 +22,11 @@ INTEGRATION_DIR = Path(__file__).parent / "tests" / "integration"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # The session's runs journal into a folder of its own, not the user's ~/.cache/plantml/journal: a run a
-    # test leaves undelivered is then never retried by the user's next tracker, nor by a later session's.
-    if "PLANTML_JOURNAL_DIR" not in os.environ:
-        os.environ["PLANTML_JOURNAL_DIR"] = config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
+    # The session's runs journal into a folder of its own, not the user's ~/.cache/plantml/journal nor a
+    # $PLANTML_JOURNAL_DIR of theirs: a run a test leaves undelivered is then never retried by the user's next
+    # tracker, nor by a later session's, and the tests' recoveries never touch the user's journals.
+    config._plantml_journal_before = os.environ.get("PLANTML_JOURNAL_DIR")  # type: ignore[attr-defined]
+    os.environ["PLANTML_JOURNAL_DIR"] = config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
     config.addinivalue_line("markers", "local_session: a test of the client that the local backend's session runs "
                                        "(another backend would only repeat it, slower); not collected elsewhere")
 
@@ -33,7 +34,11 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     folder = getattr(config, "_plantml_journal_dir", None)
     if folder:
-        os.environ.pop("PLANTML_JOURNAL_DIR", None)
+        before = getattr(config, "_plantml_journal_before", None)
+        if before is None:
+            os.environ.pop("PLANTML_JOURNAL_DIR", None)
+        else:
+            os.environ["PLANTML_JOURNAL_DIR"] = before
         shutil.rmtree(folder, ignore_errors=True)
 
 
