@@ -225,14 +225,17 @@ class ContainerProcess:
 
     def start(self) -> None:
         """Create and start the container (or start the stopped one again) and wait until it answers."""
-        from docker.errors import APIError
+        from docker.errors import APIError, NotFound
 
         try:
+            if self._container is not None:
+                try:
+                    self.docker_container.start()  # type: ignore[union-attr]
+                except NotFound:  # removed behind the stack's back (docker rm -f): made again, on the same folder
+                    self._container = None
             if self._container is None:
                 self._container = self.runner.describe(self.spec, self.container_name)
                 self._container.start()
-            else:
-                self.docker_container.start()  # type: ignore[union-attr]
         except APIError as exc:
             raise StackError(self.spec.name, f"container could not be started: {exc.explanation or exc}", self.log_tail()) from None
         self.on_spawn()
@@ -259,9 +262,13 @@ class ContainerProcess:
 
     def remove(self, at_once: bool = False) -> None:
         """Remove the container (always at once: testcontainers force-removes it)."""
+        from docker.errors import NotFound
+
         if self._container is not None:
             try:
                 self._container.stop()  # testcontainers: force-remove
+            except NotFound:  # already removed (docker rm -f): nothing left to do
+                pass
             except Exception:  # noqa: BLE001 - teardown goes on whatever happened
                 log.warning("%s: removing the container failed", self.spec.name, exc_info=True)
             self._container = None

@@ -168,3 +168,28 @@ def test_a_missing_image_names_the_build_command_the_variable_and_the_pytest_opt
         check_image(docker_client(), "mlflow", "plantml/nope:1")
     assert str(info.value) == ("mlflow: image 'plantml/nope:1' is not present locally: run `plantml stack build-images` "
                                "(no registry needed), or set PLANTML_MLFLOW_IMAGE (pytest: --mlflow-image) to one that is")
+
+
+def test_a_container_removed_under_the_stack_is_made_again_on_its_folder(private_mlflow_stack, docker):
+    """``docker rm -f`` of a service's container: the supervisor makes it again from its description, on its folder
+    and port, rather than trying to start a container that no longer exists until the stack gives up."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
+
+    s3 = private_mlflow_stack.s3_client()
+    s3.put_object(Bucket="mlflow", Key="before-the-removal.txt", Body=b"leaf")
+    process = private_mlflow_stack.services["s3"].process
+    removed = process.docker_container.id
+
+    docker.containers.get(removed).remove(force=True)
+
+    @retry(retry=retry_if_result(lambda ok: not ok), stop=stop_after_delay(60), wait=wait_fixed(0.2), reraise=True)
+    def reads_back() -> bool:
+        try:
+            return s3.get_object(Bucket="mlflow", Key="before-the-removal.txt")["Body"].read() == b"leaf"
+        except (BotoCoreError, ClientError):  # not made again yet
+            return False
+
+    assert reads_back()
+    assert process.docker_container.id != removed
+    assert [c.name for c in _containers_of(docker, **{LABEL: private_mlflow_stack.stack_id})].count(process.container_name) == 1

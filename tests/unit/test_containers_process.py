@@ -1,0 +1,46 @@
+"""A service's container as the supervisor sees it, against a fake of docker-py's container (no daemon)."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import requests
+from docker.errors import NotFound
+
+from plantml.stack.containers import ContainerProcess
+
+
+class FakeContainer:
+    """docker-py's container, as far as :class:`ContainerProcess` reads it; ``status`` None: removed behind its back."""
+
+    def __init__(self, status: str | None = "running") -> None:
+        self.status = status
+        self.attrs: dict = {}
+
+    def reload(self) -> None:
+        if self.status is None:
+            raise NotFound("No such container", response=requests.Response())
+        self.attrs = {"State": {"Status": self.status, "Pid": 4242}}
+
+    def get_wrapped_container(self) -> FakeContainer:  # testcontainers' wrapper and docker-py's container in one
+        return self
+
+    def stop(self) -> None:  # testcontainers' stop: a forced removal
+        self.reload()
+        self.status = None
+
+
+def process_of(container: FakeContainer) -> ContainerProcess:
+    runner = SimpleNamespace(container_name=lambda name: f"plantml-test-{name}")
+    process = ContainerProcess(SimpleNamespace(name="s3"), runner)  # type: ignore[arg-type]
+    process._container = container  # type: ignore[assignment]
+    return process
+
+
+def test_a_container_removed_behind_the_stacks_back_is_removed_at_stop_without_a_traceback(caplog):
+    process = process_of(FakeContainer(status=None))  # docker rm -f: the stack's stop finds nothing to remove
+    with caplog.at_level(logging.WARNING):
+        process.remove()
+    assert caplog.records == []
+    assert process.docker_container is None
