@@ -52,6 +52,8 @@ LABEL = "plantml.stack"
 LABEL_PID = "plantml.pid"
 LABEL_PID_START = "plantml.pid-start"
 LABEL_HOST = "plantml.host"
+#: The container states of a live service: a paused container is hung, not gone.
+ALIVE = ("running", "paused")
 #: Docker's log of each container: at most two files of 32 MB (the local runner's cap, see ``HostProcess.trim_log``).
 LOG_CONFIG = {"type": "json-file", "config": {"max-size": "32m", "max-file": "2"}}
 
@@ -204,14 +206,15 @@ class ContainerProcess:
 
     @property
     def running(self) -> bool:
-        """True while the container runs."""
-        return self._state().get("Status") == "running"
+        """True while the container runs; a paused one too (hung, not dead, as a stopped local process is):
+        it cannot be started again until unpaused, so restarting it would only count failures."""
+        return self._state().get("Status") in ALIVE
 
     @property
     def pid(self) -> int | None:
         """Host pid of the container's main process while it runs."""
         state = self._state()
-        return state.get("Pid") if state.get("Status") == "running" else None
+        return state.get("Pid") if state.get("Status") in ALIVE else None
 
     def _state(self) -> dict[str, Any]:
         container = self.docker_container

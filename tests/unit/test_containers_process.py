@@ -44,3 +44,13 @@ def test_a_container_removed_behind_the_stacks_back_is_removed_at_stop_without_a
         process.remove()
     assert caplog.records == []
     assert process.docker_container is None
+
+
+def test_a_paused_container_is_hung_not_dead_so_the_supervisor_leaves_it():
+    """``docker pause``: Docker refuses to start a paused container, so each restart would fail and the stack
+    would stop after five, reporting a service that "exited" although it never did (a stopped local process,
+    its counterpart, is alive to the host runner too)."""
+    process = process_of(FakeContainer(status="paused"))
+    assert process.running
+    assert process.pid == 4242
+    assert not process_of(FakeContainer(status="exited")).running
