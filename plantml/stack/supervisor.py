@@ -92,6 +92,7 @@ class Supervisor:
         self.max_backoff = max_backoff
         self.failure: StackError | None = None
         self._attempted: dict[str, float] = {}  # when each service's last restart began
+        self._restarts: dict[str, threading.Thread] = {}  # each service's restart in progress
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="plantml-supervisor", daemon=True)
         self._thread.start()
@@ -100,7 +101,10 @@ class Supervisor:
         """Stop supervising (before the services are stopped for good)."""
         self._stopping.set()
         if self._thread is not threading.current_thread():
-            self._thread.join(timeout=120)
+            self._thread.join(timeout=120)  # then no restart begins any more
+        for restart in list(self._restarts.values()):
+            if restart is not threading.current_thread():
+                restart.join(timeout=120)
 
     def wait(self) -> None:
         """Block until supervision ends; raise the failure that ended it, if one did."""
@@ -117,9 +121,17 @@ class Supervisor:
                 self._stopping.set()
                 return
             for service in self.services.values():
-                if self._died(service) and not self._stopping.is_set():
-                    self._bring_back(service)
+                if self._died(service) and not self._stopping.is_set() and not self._restarting(service):
+                    # Each restart in a thread of its own: MLflow's waits for its database, which may be down too
+                    # and must not wait behind it (one after the other, PostgreSQL came back after MLflow's 90 s).
+                    self._restarts[service.name] = threading.Thread(target=self._bring_back, args=(service,),
+                                                                    name=f"plantml-restart-{service.name}", daemon=True)
+                    self._restarts[service.name].start()
                 service.process.trim_log()
+
+    def _restarting(self, service: Service) -> bool:
+        restart = self._restarts.get(service.name)
+        return restart is not None and restart.is_alive()
 
     @staticmethod
     def _died(service: Service) -> bool:

@@ -108,6 +108,39 @@ def test_a_service_that_cannot_come_back_is_given_up_after_the_limit():
     assert service.process.starts == 3  # the first start, then two failed restarts
 
 
+def test_services_that_die_together_come_back_together_though_one_waits_for_the_other():
+    """MLflow and PostgreSQL killed at once: MLflow's restart waits until its database answers, so PostgreSQL's
+    restart must not wait behind it (one after the other, it began only once MLflow's start had timed out)."""
+    database = started()
+    spec = ServiceSpec(name="mlflow", command=("mlflow",), folder=Path("/nowhere"), port=2, ready=lambda: True)
+    server = Service(spec, FakeProcess(spec))
+    server.start()
+
+    def start_then_wait_for_the_database() -> None:
+        FakeProcess.start(server.process)
+        if not wait_for(lambda: database.running):
+            raise StackError("mlflow", "not ready after 3 s")
+
+    server.process.start = start_then_wait_for_the_database  # type: ignore[method-assign]
+    supervisor = Supervisor({"mlflow": server, "postgres": database}, interval=0.01, max_backoff=0.01)
+    try:
+        server.process.alive = database.process.alive = False
+        assert wait_for(lambda: database.running and server.running)
+    finally:
+        supervisor.stop()
+    assert supervisor.failure is None and database.process.starts == 2
+
+
+def wait_for(condition, seconds: float = 3) -> bool:
+    """Whether ``condition`` holds within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 # -- the folder -------------------------------------------------------------------------------------
 
 
