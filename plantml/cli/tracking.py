@@ -87,7 +87,8 @@ def replay(journal: Path, tracking_uri: str | None, timeout: float, status: str)
 @tracking.command()
 @click.option("--dry-run", is_flag=True, help="List what would be done, change nothing.")
 @click.option("--stale", metavar="DURATION", default=None,
-              help="Also end RUNNING runs whose heartbeat is older than DURATION (e.g. 10m, 2h): processes that died on another machine.")
+              help="Also end RUNNING runs whose heartbeat is older than DURATION (e.g. 10m, 2h; at least 3m): processes that died "
+                   "on another machine. Runs whose journal a live process here writes are left alone.")
 @click.option("--status", type=STATUSES, default="KILLED", show_default=True,
               help="End status of the runs recovered (a journal that asked for a status keeps it).")
 @click.option("--journal-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -106,10 +107,10 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
     from plantml.settings import resolve_tracking_settings
     from plantml.tracking.journal import JournalBusy
     from plantml.tracking.journal import journal_dir as default_journal_dir
-    from plantml.tracking.recover import describe_orphan, end_stale_runs, parse_duration, recover_journal, recover_orphans
+    from plantml.tracking.recover import describe_orphan, end_stale_runs, parse_stale, recover_journal, recover_orphans
     from plantml.tracking.sender import resolve_delivery_settings
 
-    older_than = parse_duration(stale) if stale else None
+    older_than = parse_stale(stale) if stale else None
     delivery = resolve_delivery_settings(journal_folder=journal_dir)
     folder = default_journal_dir(journal_dir)
     orphans = recover_orphans(folder)
@@ -146,7 +147,8 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
         click.echo(f"no journals of dead processes in {folder}")
     if older_than is not None:
         settings = resolve_tracking_settings(tracking_uri)
-        runs = end_stale_runs(settings, older_than, experiment_name, dry_run=dry_run, status=status)
+        runs = end_stale_runs(settings, older_than, experiment_name, dry_run=dry_run, status=status,
+                              journal_folder=folder)
         for run in runs:
             verb = "would end" if dry_run else "ended"
             click.echo(f"{verb} run {run.run_id} {status}: heartbeat {run.heartbeat} ({run.age_s / 60:.0f} min old)")

@@ -35,6 +35,7 @@ from plantml.tracking.delivery import RetryPolicy, read_run_state
 from plantml.tracking.entries import End, Model, Tag
 from plantml.tracking.journal import Journal, JournalBusy, list_journals, read_header
 from plantml.tracking.sender import (
+    HEARTBEAT_INTERVAL_S,
     HEARTBEAT_TAG,
     DeliveryPending,
     DeliverySettings,
@@ -251,6 +252,10 @@ def describe_orphan(path: Path) -> str:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
+#: The shortest ``--stale``: a live run's heartbeat is up to a minute old (plus a busy
+#: sender's delay), so a shorter duration would end runs that are still training.
+MIN_STALE_S = 3 * HEARTBEAT_INTERVAL_S
+
 
 def parse_duration(text: str) -> float:
     """``90``, ``90s``, ``10m``, ``2h``, ``1d`` as seconds; a one-line :class:`UsageError` otherwise."""
@@ -258,6 +263,28 @@ def parse_duration(text: str) -> float:
     if not match:
         raise UsageError(f"duration {text!r}: expected a number with an optional unit s, m, h or d (e.g. 10m)")
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def parse_stale(text: str) -> float:
+    """``--stale``'s duration in seconds, refused when shorter than :data:`MIN_STALE_S` (it would end live runs)."""
+    seconds = parse_duration(text)
+    if seconds < MIN_STALE_S:
+        raise UsageError(f"--stale {text!r}: shorter than {MIN_STALE_S / 60:.0f}m; live runs send their heartbeat "
+                         f"once a minute, so it would end runs that are still training")
+    return seconds
+
+
+def live_run_ids(folder: Path) -> set[str]:
+    """Runs whose journal in ``folder`` is still written by a process of this machine."""
+    live = set()
+    for path in list_journals(folder):
+        try:
+            header = read_header(path)
+        except UsageError:
+            continue  # gone meanwhile, or not a journal
+        if not header.writer_gone():
+            live.add(header.run_id)
+    return live
 
 
 @dataclass(frozen=True)
@@ -271,8 +298,12 @@ class StaleRun:
 
 
 def end_stale_runs(settings: TrackingSettings, older_than_s: float, experiment_names: tuple[str, ...] = (),
-                   dry_run: bool = False, status: str = "KILLED") -> list[StaleRun]:
-    """End ``status`` the RUNNING runs whose ``plantml.heartbeat`` is older than ``older_than_s`` seconds."""
+                   dry_run: bool = False, status: str = "KILLED", journal_folder: Path | None = None) -> list[StaleRun]:
+    """End ``status`` the RUNNING runs whose ``plantml.heartbeat`` is older than ``older_than_s`` seconds.
+
+    A run whose journal in ``journal_folder`` a live process of this machine still writes
+    is alive, whatever its heartbeat says (a sender waiting on a slow server), and is left alone.
+    """
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
@@ -284,7 +315,10 @@ def end_stale_runs(settings: TrackingSettings, older_than_s: float, experiment_n
             ids = [e.experiment_id for e in all_experiments(client)]  # past the first page of 1,000 too
         stale = []
         now = time.time()
+        live = live_run_ids(journal_folder) if journal_folder is not None else set()
         for run in _running_runs(client, ids):
+            if run.info.run_id in live:
+                continue
             beat = run.data.tags.get(HEARTBEAT_TAG)
             age = now - _parse_heartbeat(beat) if beat else None
             if age is not None and age > older_than_s:

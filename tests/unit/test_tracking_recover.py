@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,24 @@ def test_every_experiment_is_listed_past_the_first_page(tmp_path) -> None:
     made = {client.create_experiment(f"sweep_{i}") for i in range(5)}
     listed = [e.experiment_id for e in all_experiments(client, page_size=2)]
     assert len(listed) == len(set(listed)) and made <= set(listed)  # the Default experiment too
+
+
+def test_a_stale_duration_shorter_than_a_heartbeat_could_be_old_is_refused_in_one_line(store, capsys) -> None:
+    code = main(["tracking", "recover", "--stale", "5s"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--stale '5s': shorter than 3m" in err
+
+
+def test_recover_stale_leaves_a_run_whose_journal_a_live_process_writes(store, capsys) -> None:
+    from plantml.tracking.sender import HEARTBEAT_TAG, heartbeat_value
+
+    client, uri, _, _, journal_dir = store
+    tracker = MLflowTracker(tracking_uri=uri, experiment_name="live")
+    run_id = tracker.start_run().run_id
+    client.set_tag(run_id, HEARTBEAT_TAG, heartbeat_value(time.time() - 3600))  # a sender held up by a slow server
+    try:
+        code = main(["tracking", "recover", "--stale", "10m", "--journal-dir", str(journal_dir), "--tracking-uri", uri])
+        assert code == 0 and client.get_run(run_id).info.status == "RUNNING", capsys.readouterr().out
+    finally:
+        tracker.end_run()
+    assert client.get_run(run_id).info.status == "FINISHED"
