@@ -248,7 +248,8 @@ class ModelRegistry:
             self._call(action, what)
 
     def _tag_version(self, name: str, number: str, key: str, value: str) -> None:
-        self._call(lambda: self.client.set_model_version_tag(name, number, key, value), f"model {name!r} version {number}")
+        # Two promotions (or rollbacks) onto one version at once both insert its first tag of that key.
+        self._upsert(lambda: self.client.set_model_version_tag(name, number, key, value), f"model {name!r} version {number}")
 
     def _move_alias(self, name: str, alias: str, number: str) -> None:
         """Point ``alias`` at version ``number``; for production/staging, move MLflow's stage with it."""

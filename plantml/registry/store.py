@@ -1,7 +1,7 @@
 """What the registry needs of MLflow's store beyond a client (:mod:`plantml.tracking.stores` opens it).
 
 MLflow's filter parser takes no escapes in quoted names, and two promotions at once can
-both insert the same row (an alias, a model tag): the store then refuses the second.
+both insert the same row (an alias, a model or version tag): the store then refuses the second.
 A model's files live in the object store, which MLflow's S3 client reaches with boto3:
 boto3's failures (no keys, an endpoint that refuses or never answers) come through MLflow
 unchanged, and are named here as the object store's, not the tracking server's.

@@ -336,3 +336,25 @@ def test_promoting_again_after_an_interrupted_promotion_moves_the_stage_to_the_a
     assert again.kind == "unchanged"
     assert sorted((int(mv.version), mv.current_stage) for mv in client.search_model_versions(f"name='{name}'")) \
         == [(1, "Archived"), (2, "Production")]
+
+
+def test_a_version_tag_another_promotion_inserted_at_the_same_moment_is_overwritten_not_an_error(
+    registry: ModelRegistry, client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two promotions of one version at once both insert its ``moved_from`` tag: PostgreSQL refuses the second."""
+    from mlflow.exceptions import MlflowException
+
+    name = register_versions(client, 2)
+    real = registry.client.set_model_version_tag
+    clashes = []
+
+    def clash_once(*args: Any, **kwargs: Any) -> None:
+        if not clashes:
+            clashes.append(args)
+            real(*args, **kwargs)  # the other promotion's insert lands first
+            raise MlflowException('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "model_version_tag_pk"')
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(registry.client, "set_model_version_tag", clash_once)
+    move = registry.promote(name, 2)
+    assert clashes and move.to_version == 2 and int(client.get_model_version_by_alias(name, "production").version) == 2
