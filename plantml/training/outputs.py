@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from plantml.staging import local_writes, staging_folder
+from plantml.staging import folder_lock, local_writes, staging_folder
 from plantml.training import figures
 from plantml.training.models import image_batch_signature
 
@@ -49,12 +49,15 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
             "classes": list(prepared.scan.classes), "image_size": prepared.image_size,
             "epoch": result.best_epoch, "val_loss": result.best_val_loss, "val_accuracy": result.best_val_accuracy,
         }, serialized)
-        write_whole(checkpoint, serialized.getvalue(), role)
-        write_whole(out_dir / "training_history.json", json.dumps(result.history, indent=2).encode(), role)
+        # two trainings given one --output-dir (a sweep): the last to end leaves its own pair of files, and each
+        # run logs its own checkpoint (copied into its journal's spool before the lock goes), never the other's
+        with folder_lock(out_dir) if keep else contextlib.nullcontext():
+            write_whole(checkpoint, serialized.getvalue(), role)
+            write_whole(out_dir / "training_history.json", json.dumps(result.history, indent=2).encode(), role)
+            tracker.log_dict(result.history, "training/training_history.json")
+            tracker.log_artifact(checkpoint, artifact_path="models")
         result.checkpoint = checkpoint if keep else None
 
-        tracker.log_dict(result.history, "training/training_history.json")
-        tracker.log_artifact(checkpoint, artifact_path="models")
         tracker.log_figure(figures.learning_curves(result.history), "figures/learning_curves.png")
         tracker.log_figure(figures.confusion_matrix(result.confusion_matrix, prepared.scan.classes), "figures/confusion_matrix.png")
         tracker.set_tags({

@@ -237,3 +237,25 @@ def test_a_training_without_output_dir_sweeps_the_temporary_folder_a_killed_one_
     assert main(["train", "--data-dir", str(leaves), *TINY]) == 0
 
     assert list(temp.iterdir()) == []  # the dead one's swept, this one's removed
+
+
+def test_a_training_writes_and_logs_its_output_dir_pair_while_no_other_training_writes_there(leaves, tmp_path):
+    """A sweep given one --output-dir: a training that wrote its checkpoint could log the other one's, written in
+    between; the folder is now locked from the first write until the checkpoint is copied into the run's spool."""
+    from plantml.staging import folder_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with folder_lock(out):  # another training writing its pair
+        training = subprocess.Popen([sys.executable, "-m", "plantml", "train", "--data-dir", str(leaves), *TINY,
+                                     "--output-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = training.stdout.readline()  # its one epoch is done; the test split, then it waits for the lock
+        time.sleep(3)
+        ended_early = training.poll()
+        written_meanwhile = sorted(path.name for path in out.iterdir())
+    _, err = training.communicate(timeout=120)
+
+    assert first.startswith("epoch 1/1"), err
+    assert ended_early is None and written_meanwhile == [], err
+    assert training.returncode == 0, err
+    assert sorted(path.name for path in out.iterdir()) == ["best_model.pth", "training_history.json"]
