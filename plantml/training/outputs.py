@@ -51,7 +51,10 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
         }, serialized)
         # two trainings given one --output-dir (a sweep): the last to end leaves its own pair of files, and each
         # run logs its own checkpoint (copied into its journal's spool before the lock goes), never the other's
-        with folder_lock(out_dir) if keep else contextlib.nullcontext():
+        with contextlib.ExitStack() as held:
+            if keep:
+                with contextlib.suppress(OSError):  # a folder that cannot be locked (some network file systems)
+                    held.enter_context(folder_lock(out_dir))
             write_whole(checkpoint, serialized.getvalue(), role)
             write_whole(out_dir / "training_history.json", json.dumps(result.history, indent=2).encode(), role)
             tracker.log_dict(result.history, "training/training_history.json")
