@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import TrackingError, UsageError
-from plantml.tracking.stores import all_experiments, check_store_exists, open_client
+from plantml.tracking.stores import all_experiments, check_store_exists, open_client, search_batches
 
 #: Query string that opens MLflow's UI in its model-training view.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
@@ -77,8 +77,8 @@ def newest_run(tracking_uri: str) -> Landing | None:
         if not experiments:
             return None
         ids = [e.experiment_id for e in experiments]
-        runs = [run for start in range(0, len(ids), 100)
-                for run in client.search_runs(ids[start:start + 100], order_by=["attributes.start_time DESC"], max_results=1)]
+        runs = [run for batch in search_batches(ids)
+                for run in client.search_runs(batch, order_by=["attributes.start_time DESC"], max_results=1)]
     except Exception as exc:  # noqa: BLE001 - any store failure becomes one line naming the store
         raise TrackingError(f"{tracking_uri}: cannot read runs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     if runs:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,6 +35,7 @@ from plantml.settings import TrackingSettings, resolve_tracking_settings
 from plantml.tracking.delivery import RetryPolicy, read_run_state
 from plantml.tracking.entries import End, Model, Tag
 from plantml.tracking.journal import Journal, JournalBusy, list_journals, read_header
+from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.sender import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_TAG,
@@ -44,7 +46,7 @@ from plantml.tracking.sender import (
     resolve_delivery_settings,
 )
 from plantml.tracking.spool import Spool
-from plantml.tracking.stores import all_experiments
+from plantml.tracking.stores import all_experiments, search_batches
 from plantml.tracking.transport import DELIVERY_TAG, Transport, end_status
 
 logger = logging.getLogger(__name__)
@@ -207,17 +209,19 @@ def _kept(journal: Journal, message: str, move_kept: bool) -> RecoverReport:
     return _report(journal, f"{message}; journal kept: {path}", False)
 
 
-def recover_orphans(folder: Path, *, tracking_uri: str | None = None) -> list[Path]:
-    """Journals in ``folder`` whose writer process is gone from this machine (for ``tracking_uri`` only, if given)."""
-    found = []
+def _headers(folder: Path) -> Iterator[tuple[Path, JournalHeader]]:
+    """Each journal in ``folder`` with its header; a file that is not one (or went meanwhile) is passed over."""
     for path in list_journals(folder):
         try:
-            header = read_header(path)
+            yield path, read_header(path)
         except UsageError:
             continue  # not a journal: recovery reports it when asked for by name
-        if header.writer_gone() and (tracking_uri is None or header.tracking_uri == tracking_uri):
-            found.append(path)
-    return found
+
+
+def recover_orphans(folder: Path, *, tracking_uri: str | None = None) -> list[Path]:
+    """Journals in ``folder`` whose writer process is gone from this machine (for ``tracking_uri`` only, if given)."""
+    return [path for path, header in _headers(folder)
+            if header.writer_gone() and (tracking_uri is None or header.tracking_uri == tracking_uri)]
 
 
 def recover_at_start(delivery: DeliverySettings, settings: TrackingSettings, budget: float) -> list[RecoverReport]:
@@ -276,15 +280,7 @@ def parse_stale(text: str) -> float:
 
 def live_run_ids(folder: Path) -> set[str]:
     """Runs whose journal in ``folder`` is still written by a process of this machine."""
-    live = set()
-    for path in list_journals(folder):
-        try:
-            header = read_header(path)
-        except UsageError:
-            continue  # gone meanwhile, or not a journal
-        if not header.writer_gone():
-            live.add(header.run_id)
-    return live
+    return {header.run_id for _, header in _headers(folder) if not header.writer_gone()}
 
 
 @dataclass(frozen=True)
@@ -335,10 +331,10 @@ def end_stale_runs(settings: TrackingSettings, older_than_s: float, experiment_n
 
 def _running_runs(client: Any, experiment_ids: list[str]) -> list[Any]:
     runs: list[Any] = []
-    for start in range(0, len(experiment_ids), 100):  # MLflow searches at most 100 experiments at a time
+    for batch in search_batches(experiment_ids):
         token = None
         while True:
-            page = client.search_runs(experiment_ids[start:start + 100], "attributes.status = 'RUNNING'",
+            page = client.search_runs(batch, "attributes.status = 'RUNNING'",
                                       max_results=1000, page_token=token)
             runs.extend(page)
             token = page.token

@@ -72,6 +72,16 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
         raise TrackingError(f"{describe_uri(uri, source)}: cannot open the store ({type(exc).__name__}: {one_line(exc)})") from exc
 
 
+#: The most experiments one MLflow run search takes.
+SEARCH_RUNS_MAX_EXPERIMENTS = 100
+
+
+def search_batches(experiment_ids: list[str]) -> Iterator[list[str]]:
+    """``experiment_ids`` in lists that one ``search_runs`` call takes."""
+    for start in range(0, len(experiment_ids), SEARCH_RUNS_MAX_EXPERIMENTS):
+        yield experiment_ids[start:start + SEARCH_RUNS_MAX_EXPERIMENTS]
+
+
 def all_experiments(client: Any, page_size: int = 1000) -> list[Any]:
     """Every active experiment of ``client``'s store, the most recently updated first (every page: MLflow's
     ``search_experiments()`` gives the first 1,000)."""
