@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -13,3 +14,23 @@ def test_no_two_test_modules_share_a_file_name() -> None:
     in both tests/unit and tests/integration stops a whole-tree collection with "import file mismatch"."""
     names = Counter(path.name for path in TESTS.rglob("test_*.py"))
     assert [name for name, count in names.items() if count > 1] == []
+
+
+def test_the_session_journals_into_a_folder_of_its_own_even_when_the_user_named_one(tmp_path, monkeypatch) -> None:
+    """A developer's $PLANTML_JOURNAL_DIR holds their real journals: the tests' recoveries must never see them."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("repository_conftest", TESTS.parent / "conftest.py")
+    repository = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(repository)  # type: ignore[union-attr]
+    theirs = tmp_path / "their-journals"
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(theirs))
+    config = types.SimpleNamespace(addinivalue_line=lambda *args: None)
+
+    repository.pytest_configure(config)
+    ours = Path(os.environ["PLANTML_JOURNAL_DIR"])
+    repository.pytest_unconfigure(config)
+
+    assert ours != theirs and ours.name.startswith("plantml-test-journal-") and not ours.exists()
+    assert os.environ["PLANTML_JOURNAL_DIR"] == str(theirs)  # the user's setting again once the session ends
