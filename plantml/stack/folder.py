@@ -155,6 +155,10 @@ def _refuse_foreign(path: Path) -> None:
                           "the stack's credentials and data in it: give a folder of your own")
 
 
+#: The programs of a stack's local services whose command lines name its folder (MLflow's names none).
+SERVICE_PROGRAMS = ("postgres", "weed")
+
+
 def registry() -> Path:
     """Where every stack records its folder while it runs (owner-only)."""
     folder = env_path("PLANTML_CACHE_DIR") / "stacks"  # type: ignore[operator]
@@ -356,7 +360,9 @@ def prune_local_stacks() -> list[str]:
                 folder.lock(pruning=True)
             except PlantmlError:
                 continue  # alive (or a folder that cannot take its lock now: left for a later prune)
-            for name, process in _recorded_processes(folder).items():
+            processes = _recorded_processes(folder)
+            processes.update(_unrecorded_services(folder.path, {process["pid"] for process in processes.values()}))
+            for name, process in processes.items():
                 if _end_process_group(process["pid"], process["started"]):
                     removed.append(f"{name} process {process['pid']}")
         env_file = folder.env_file
@@ -385,6 +391,25 @@ def _recorded_processes(folder: StackFolder) -> dict[str, dict[str, Any]]:
     except (StackError, AttributeError, KeyError, TypeError, ValueError) as exc:
         log.warning("prune: %s; its processes are not waited for", getattr(exc, "cause", exc))
         return {}
+
+
+def _unrecorded_services(path: Path, recorded: set[int]) -> dict[str, dict[str, Any]]:
+    """Services of a dead stack that its state file does not name (its start was killed between a spawn and
+    the record of it), found by their command line, which names their folder in ``path``: the next start
+    must wait for them too (a SeaweedFS still shutting down holds its store's lock)."""
+    inside = f"{path}{os.sep}"
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = [os.fsdecode(arg) for arg in (entry / "cmdline").read_bytes().split(b"\0")]
+        except OSError:  # ended meanwhile
+            continue
+        program = Path(argv[0]).name
+        started = process_start_time(int(entry.name))
+        if (program in SERVICE_PROGRAMS and int(entry.name) not in recorded and started is not None
+                and any(inside in arg for arg in argv[1:])):
+            found[f"{program} (unrecorded)"] = {"pid": int(entry.name), "started": started}
+    return found
 
 
 def _wait_until_gone(pid: int, started: str, timeout: float) -> bool:

@@ -179,19 +179,25 @@ KILLED_OWNER = textwrap.dedent("""
     from plantml.stack.folder import STATE, StackFolder
     folder = StackFolder.open(None, "killed")
     folder.write_env_file(Path(sys.argv[1]), {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
-    service = subprocess.Popen(["sleep", "300"], start_new_session=True)
-    folder.write_json(STATE, {"processes": {"s3": {"pid": service.pid, "started": process_start_time(service.pid)}}})
+    # a stand-in SeaweedFS: its program named weed, its command line naming its folder in the stack's
+    weed = Path(sys.argv[3]) / "weed"
+    weed.symlink_to("/bin/sh")
+    service = subprocess.Popen([str(weed), "-c", "sleep 300; true", f"-dir={folder.path}/s3/data"], start_new_session=True)
+    if sys.argv[2] == "recorded":  # else killed between the spawn and its record
+        folder.write_json(STATE, {"processes": {"s3": {"pid": service.pid, "started": process_start_time(service.pid)}}})
     print(json.dumps({"folder": str(folder.path), "pid": service.pid}), flush=True)
     time.sleep(300)
 """)
 
 
-def test_prune_cleans_up_after_an_owner_killed_with_sigkill(tmp_path, monkeypatch):
+@pytest.mark.parametrize("record", ["recorded", "unrecorded"])
+def test_prune_cleans_up_after_an_owner_killed_with_sigkill(tmp_path, monkeypatch, record):
     from plantml.stack import folder as stack_folder
 
     monkeypatch.setattr(stack_folder, "GRACE_S", 1.0)  # this stand-in service ignores its owner's death
     env_file = tmp_path / "stack.env"
-    owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER, str(env_file)], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", KILLED_OWNER, str(env_file), record, str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
     left = json.loads(owner.stdout.readline())
     owner.send_signal(signal.SIGKILL)
     owner.wait()
@@ -200,7 +206,7 @@ def test_prune_cleans_up_after_an_owner_killed_with_sigkill(tmp_path, monkeypatc
 
     removed = prune_local_stacks()
 
-    assert f"s3 process {left['pid']}" in removed
+    assert f"{'s3' if record == 'recorded' else 'weed (unrecorded)'} process {left['pid']}" in removed
     assert not Path(left["folder"]).exists()
     assert not env_file.exists() and f"env file {env_file}" in removed
     assert process_start_time(left["pid"]) is None or _is_zombie(left["pid"])  # gone before prune returned
