@@ -99,6 +99,10 @@ def test_list_versions_shows_runs_metrics_and_aliases(trained: dict[str, Any], r
     assert [v.version for v in versions] == [1, 2]
     assert versions[0].run_id == mlflow_client.get_model_version(trained["name"], "1").run_id
     assert set(versions[1].metrics) >= {"train_loss", "val_accuracy"}
+    for listed in versions:  # each version shows its own run's figures (the runs are read side by side)
+        run = mlflow_client.get_run(mlflow_client.get_model_version(trained["name"], str(listed.version)).run_id)
+        assert listed.params["seed"] == run.data.params["seed"]
+        assert listed.metrics == dict(run.data.metrics)
 
 
 def test_promote_load_rollback_and_load_again(trained: dict[str, Any], registry: ModelRegistry, mlflow_client: Any) -> None:
