@@ -49,7 +49,7 @@ class ActiveRun:
         (the caller ends the run FAILED).
         """
         header = JournalHeader.for_this_process(run_id, settings.tracking_uri, experiment_id)
-        journal = Journal.create(delivery.journal_dir, header, delivery.max_in_memory)
+        journal = Journal.create(delivery.journal_dir, header, delivery.max_in_memory, delivery.journal_compact_bytes)
         # each run its own transport: a sender left behind by an earlier run never shares its connection
         transport = Transport(settings, client, experiment_id, delivery.request_timeout_s)
         return cls(run_id, RunSender(transport, journal, delivery, run_id), Spool.of_run(delivery.journal_dir, run_id), use_signals)

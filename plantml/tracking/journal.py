@@ -16,6 +16,12 @@ skips them.
 
 Entries not yet delivered stay in memory, up to ``max_in_memory``; beyond that they are
 read back from the file in order when memory has room again.
+
+A run that stays open for days would grow its journal without end, so once the file has
+grown by ``compact_at`` bytes since it was last written whole, and everything undelivered
+is in memory, it is written again holding only the header, the cursor and the undelivered
+entries: a new file, locked, written and fsynced before it takes the old one's name, so a
+crash at any point leaves one whole journal, old or new.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -44,10 +49,15 @@ from plantml.tracking.journal_format import (
     read_lines,
     refused_line,
 )
+from plantml.tracking.journal_io import free_space, partial_path, read_all, still_named, write_all, write_whole
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".jsonl"
+#: Bytes a journal grows by before it is written again without what the server has (about 900,000 metric points).
+COMPACT_AT = 64 << 20
+#: Most undelivered records a compaction rewrites: it holds the journal's lock, so a writer waits (~10 ms at 1,000; 1 s at 100,000).
+COMPACT_MAX_PENDING = 1000
 REFILL_CHUNK = 4 << 20  # bytes read at a time when records waiting on disk are read back (~80,000 points)
 
 
@@ -70,19 +80,6 @@ def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return env_path("PLANTML_JOURNAL_DIR", explicit).absolute()  # type: ignore[union-attr]  # it has a default
 
 
-def free_space(folder: Path) -> str:
-    """Free space of the file system holding ``folder``, in words (``12.0 KiB free``)."""
-    try:
-        free = float(shutil.disk_usage(folder).free)
-    except OSError:
-        return "free space unknown"
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if free < 1024 or unit == "GiB":
-            return f"{free:.0f} {unit} free" if unit == "bytes" else f"{free:.1f} {unit} free"
-        free /= 1024
-    return ""  # pragma: no cover - the loop always returns
-
-
 def write_error(folder: Path, exc: OSError) -> JournalWriteError:
     """The one-line error of a refused write, naming the folder and its free space."""
     return JournalWriteError(f"journal folder {folder}: cannot write ({exc.strerror or exc}); {free_space(folder)}")
@@ -95,10 +92,12 @@ class Journal:
     """One run's journal, open and locked by this process: append, read back in order, acknowledge."""
 
     def __init__(self, path: Path, fd: int, header: JournalHeader, max_in_memory: int, scan: LineScan | None = None,
-                 size: int = 0) -> None:
+                 size: int = 0, compact_at: int = COMPACT_AT) -> None:
         self.path = path
         self.header = header
         self.max_in_memory = max_in_memory
+        self.compact_at = compact_at
+        self._whole_size = size  # the file's size when it was last written whole
         self._fd: int | None = fd
         self._lock = threading.RLock()
         self._size = size  # bytes of whole lines in the file
@@ -109,7 +108,7 @@ class Journal:
         #: The run's end asked for in this journal, if any.
         self.requested_end: End | None = scan.end
         self._progress = dict(scan.progress)
-        self._next_seq = scan.last_seq + 1
+        self._next_seq = max(scan.last_seq, scan.cursor) + 1  # a compacted journal may hold no record at all
         self._memory: deque[Record] = deque()
         self._backlog_offset: int | None = None  # where the first record not held in memory starts
         self._unwritten: list[Record] = []  # accepted while the disk refused: memory only, after the rest
@@ -120,28 +119,19 @@ class Journal:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, folder: Path, header: JournalHeader, max_in_memory: int) -> Journal:
+    def create(cls, folder: Path, header: JournalHeader, max_in_memory: int, compact_at: int = COMPACT_AT) -> Journal:
         """A new, locked journal for ``header.run_id``; :class:`JournalWriteError` if the disk refuses."""
         path = folder / f"{header.run_id}{SUFFIX}"
-        partial = folder / f".{header.run_id}{SUFFIX}.new"  # recovery never reads a journal without its header
-        fd = None
+        data = header_line(header).encode()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            data = header_line(header).encode()
-            _write_all(fd, data)
-            os.fsync(fd)
-            os.rename(partial, path)
+            fd = write_whole(path, data)
         except OSError as exc:
-            if fd is not None:
-                os.close(fd)
-                partial.unlink(missing_ok=True)  # no stray partial file
             raise write_error(folder, exc) from None
-        return cls(path, fd, header, max_in_memory, size=len(data))
+        return cls(path, fd, header, max_in_memory, size=len(data), compact_at=compact_at)
 
     @classmethod
-    def open_existing(cls, path: Path, max_in_memory: int = 100_000) -> Journal:
+    def open_existing(cls, path: Path, max_in_memory: int = 100_000, compact_at: int = COMPACT_AT) -> Journal:
         """Lock and read a journal left by another process (or an earlier run of this one).
 
         Raises :class:`JournalBusy` while another process holds it, :class:`UsageError`
@@ -156,11 +146,13 @@ class Journal:
             raise UsageError(f"journal {path}: cannot open ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not still_named(fd, path):  # its writer compacted it between our open and our lock: the name is the new file's
+                raise BlockingIOError
         except BlockingIOError:
             os.close(fd)
             raise JournalBusy(f"journal {path}: in use by another process (its writer, or another recovery)") from None
         try:
-            data = _read_all(fd)
+            data = read_all(fd)
             first = data.find(b"\n")
             header = parse_header(data[: first if first >= 0 else len(data)], path)
             body = first + 1 if first >= 0 else len(data)
@@ -169,7 +161,7 @@ class Journal:
         except BaseException:
             os.close(fd)
             raise
-        journal = cls(path, fd, header, max_in_memory, scan, size=len(data))
+        journal = cls(path, fd, header, max_in_memory, scan, size=len(data), compact_at=compact_at)
         journal._backlog_offset = body
         journal._refill()
         return journal
@@ -193,7 +185,7 @@ class Journal:
             try:
                 if self._unwritten:  # earlier records are in memory only: these go after them
                     raise OSError(errno.EIO, "earlier entries could not be written either")
-                _write_all(self._fd, data)
+                write_all(self._fd, data)
             except OSError as exc:
                 self._cut_back()
                 error = write_error(self.path.parent, exc)
@@ -271,6 +263,8 @@ class Journal:
             self._note(ack_line(seq))
             if not self._memory:
                 self._refill()
+            if self._size - self._whole_size >= self.compact_at:
+                self._compact()
 
     def sync(self, at_most_every: float = 0.0) -> None:
         """fsync what was written, if anything was, and not more often than ``at_most_every`` seconds."""
@@ -298,6 +292,7 @@ class Journal:
         """Delete the journal (everything in it was settled)."""
         with self._lock:
             self.path.unlink(missing_ok=True)
+            partial_path(self.path).unlink(missing_ok=True)
             self.close()
 
     def keep_aside(self) -> Path:
@@ -321,13 +316,37 @@ class Journal:
         if self._fd is None:
             return
         try:
-            _write_all(self._fd, line.encode())
+            write_all(self._fd, line.encode())
         except OSError as exc:
             self._cut_back()
             self._warn_once("note", "journal %s: %s (delivery goes on; the server has what was sent)", self.path, exc)
             return
         self._size += len(line)
         self._dirty = True
+
+    def _compact(self) -> None:
+        """Write the journal again without what the server has: header, cursor, undelivered records (best effort).
+
+        Only while every undelivered record is in memory, and few enough, and while nothing the file alone
+        knows would be lost: refused entries (kept for the user), unreadable lines, a requested end.
+        """
+        if (self._fd is None or self._backlog_offset is not None or self._unwritten or self.refused or self.problems
+                or self.requested_end is not None or len(self._memory) > COMPACT_MAX_PENDING):
+            return  # the next acknowledgement tries again
+        lines = [header_line(self.header), ack_line(self.cursor)]
+        lines += [progress_line(seq, progress) for seq, progress in sorted(self._progress.items()) if seq > self.cursor]
+        lines += [encode(record) for record in self._memory]
+        data = "".join(lines).encode("ascii")
+        try:
+            partial_path(self.path).unlink(missing_ok=True)  # left by a compaction killed midway (we hold the journal's lock)
+            fd = write_whole(self.path, data)
+        except OSError as exc:
+            self._whole_size = self._size  # try again after as much growth, not at every acknowledgement
+            self._warn_once("compact", "journal %s: could not write it again without what was delivered: %s", self.path, exc)
+            return
+        os.close(self._fd)  # the old file, no longer named, goes with its lock
+        self._fd, self._size, self._whole_size = fd, len(data), len(data)
+        self._progress = {seq: progress for seq, progress in self._progress.items() if seq > self.cursor}
 
     def _cut_back(self) -> None:
         """Drop a partly written line, so the file keeps only whole lines."""
@@ -358,7 +377,7 @@ class Journal:
             at_end = len(data) < REFILL_CHUNK
             cut = len(data) if at_end else data.rfind(b"\n") + 1
             if cut == 0:  # one line longer than a chunk
-                data, at_end = _read_all(self._fd, offset), True
+                data, at_end = read_all(self._fd, offset), True
                 cut = len(data)
             stopped = read_lines(data[:cut], 0, scan, take)
             if stopped < cut or at_end:
@@ -371,23 +390,6 @@ class Journal:
         if what not in self._warned:
             self._warned.add(what)
             logger.warning(message, *args)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _read_all(fd: int, offset: int = 0) -> bytes:
-    chunks = []
-    while True:
-        chunk = os.pread(fd, 1 << 20, offset)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        offset += len(chunk)
 
 
 def list_journals(folder: Path) -> list[Path]:

@@ -152,7 +152,7 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
     :class:`JournalBusy` when its writer (or another recovery) holds it.
     """
     delivery = replace(delivery or resolve_delivery_settings(), linger_s=0.0)
-    journal = Journal.open_existing(path, delivery.max_in_memory)
+    journal = Journal.open_existing(path, delivery.max_in_memory, delivery.journal_compact_bytes)
     header = journal.header
     try:
         settings = settings or resolve_tracking_settings(header.tracking_uri)

@@ -32,7 +32,7 @@ from typing import Any
 from plantml.errors import TrackingError, one_line
 from plantml.tracking.delivery import RetryPolicy, deliver
 from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
-from plantml.tracking.journal import Journal, journal_dir
+from plantml.tracking.journal import COMPACT_AT, Journal, journal_dir
 from plantml.tracking.transport import (
     DEFAULT_REQUEST_TIMEOUT_S,
     REJECTED_TAG,
@@ -80,6 +80,8 @@ class DeliverySettings:
     linger_s: float = 1.0
     #: Seconds a run ended by a signal waits for delivery before leaving the rest to recovery.
     signal_timeout_s: float = 10.0
+    #: Bytes a run's journal grows by before it is written again without what the server has.
+    journal_compact_bytes: int = COMPACT_AT
 
 
 def resolve_delivery_settings(
@@ -101,6 +103,7 @@ def resolve_delivery_settings(
         journal_dir=journal_dir(journal_folder),
         linger_s=env_number("PLANTML_LINGER", minimum=0),
         signal_timeout_s=env_number("PLANTML_SIGNAL_TIMEOUT", minimum=0),
+        journal_compact_bytes=int(env_number("PLANTML_JOURNAL_COMPACT_MB", minimum=0, above=True) * (1 << 20)),
     )
 
 

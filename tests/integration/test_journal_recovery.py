@@ -164,3 +164,41 @@ def test_a_run_deleted_mid_training_keeps_what_it_logged_in_the_journal(mlflow_e
     reopened = Journal.open_existing(journal)
     assert [r.entry.step for r in reopened.pending(100) if isinstance(r.entry, MetricPoint)] == [1, 2, 3]
     reopened.close()
+
+
+COMPACTED_THEN_KILLED = """
+import os, signal, sys
+from pathlib import Path
+from plantml.tracking import MLflowTracker
+
+tracker = MLflowTracker(experiment_name=sys.argv[1])
+run = tracker.start_run()
+journal, largest = Path(os.environ["PLANTML_JOURNAL_DIR"]) / f"{run.run_id}.jsonl", 0
+for step in range(3000):
+    tracker.log_metrics({"train_loss": 1.0 / (step + 1), "val_loss": 2.0 / (step + 1)}, step=step)
+    if step % 500 == 499:
+        assert tracker.flush(60)
+        largest = max(largest, journal.stat().st_size)
+for step in range(3000, 3200):  # in the journal only, when the OOM killer comes
+    tracker.log_metrics({"train_loss": 1.0 / (step + 1), "val_loss": 2.0 / (step + 1)}, step=step)
+print(run.run_id, largest, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_long_run_s_journal_stays_small_and_a_kill_after_it_was_rewritten_loses_nothing(mlflow_stack, mlflow_client,
+                                                                                         experiment_name, tmp_path, capsys):
+    journal_dir = tmp_path / "journal"
+    env = {**os.environ, **mlflow_stack.client_env(), "PLANTML_JOURNAL_DIR": str(journal_dir),
+           "PLANTML_JOURNAL_COMPACT_MB": "0.02"}  # rewritten every 20 KiB: about 30 times over 6,400 points
+    done = subprocess.run([sys.executable, "-c", COMPACTED_THEN_KILLED, experiment_name], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    run_id, largest = done.stdout.split()
+    assert int(largest) < 64 * 1024  # 300 KB of lines were written through it
+
+    code = main(["tracking", "recover", "--journal-dir", str(journal_dir), "--timeout", "120"])
+    assert code == 0, capsys.readouterr().err
+    for key in ("train_loss", "val_loss"):
+        assert steps(mlflow_client, run_id, key) == list(range(3200))  # each point once, none lost
+    assert mlflow_client.get_run(run_id).info.status == "KILLED"
