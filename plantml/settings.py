@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, os_reason
+from plantml.errors import ConfigError, UsageError, os_reason
 from plantml.text import MASK, mask_passwords
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -104,6 +105,17 @@ def env_number(name: str, explicit: Any = None, kind: type = float, environ: Map
     if minimum is not None and (value <= minimum if above else value < minimum):
         raise ConfigError(f"{name}={text!r}: must be {'above' if above else 'at least'} {minimum:g}")
     return value
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``10m``, ``2h``, ``1d`` as seconds; a one-line :class:`UsageError` otherwise."""
+    match = _DURATION.match(text)
+    if not match:
+        raise UsageError(f"duration {text!r}: expected a number with an optional unit s, m, h or d (e.g. 10m)")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None = None) -> Path | None:

@@ -63,6 +63,28 @@ def staging_folder(parent: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` beside itself under a staging name of this process, and return the new path.
+
+    What is set aside is gone from its name in one step; if this process dies before removing
+    it, the next process that stages in the same folder sweeps it.
+    """
+    pid = os.getpid()
+    aside = path.with_name(f".{path.name[:16]}.staging-{pid}-{process_start_time(pid) or 0}-removing")
+    os.rename(path, aside)
+    return aside
+
+
+def still_named(fd: int, path: Path) -> bool:
+    """True when ``path`` still names the file or folder open at ``fd`` (a rename may have given the name to
+    another, or taken it away): a lock taken on ``fd`` after opening ``path`` is only worth something then."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(named, os.fstat(fd))
+
+
 def folder_error(role: str, folder: Path, exc: OSError) -> PlantmlError:
     """One line naming ``folder`` and why it refused a write: a full or failing disk is a
     :class:`StorageError` (exit 1), a read-only or forbidden folder a :class:`UsageError` (exit 2)."""

@@ -102,6 +102,43 @@ def ls(location: str) -> int:
     return 1 if listing.broken else 0
 
 
+@data.command("cache")
+@click.option("--remove-unused-for", "unused_for", metavar="DURATION", default=None,
+              help="Remove the sets no training used for DURATION (90s, 10m, 2h, 30d); sets in use are kept.")
+@click.option("--dry-run", is_flag=True, help="With --remove-unused-for: list what would be removed, remove nothing.")
+def cache(unused_for: str | None, dry_run: bool) -> None:
+    """List the data sets pulled into the cache ($PLANTML_CACHE_DIR/datasets), or remove those unused for a while."""
+    import time
+
+    from plantml.datasets.cache import cached_sets, remove_unused
+    from plantml.errors import UsageError
+    from plantml.settings import env_path, parse_duration
+
+    root = env_path("PLANTML_CACHE_DIR")
+    if unused_for is None:
+        if dry_run:
+            raise UsageError("--dry-run goes with --remove-unused-for")
+        listed = cached_sets(root)
+        for cached in listed:
+            click.echo(_cached_line(cached, time.time()))
+        total = sum(cached.size_bytes for cached in listed)
+        click.echo(f"{len(listed)} set(s), {total / 1e6:.1f} MB in {root / 'datasets'}")
+        return
+    removed = remove_unused(root, parse_duration(unused_for), dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for cached in removed:
+        click.echo(f"{verb} {_cached_line(cached, time.time())}")
+    click.echo(f"{verb} {len(removed)} set(s), {sum(c.size_bytes for c in removed) / 1e6:.1f} MB")
+
+
+def _cached_line(cached: Any, now: float) -> str:
+    from plantml.text import safe_text
+
+    days = max(0.0, now - cached.last_used) / 86400
+    return (f"{cached.digest[:12]}  {safe_text(cached.name)}  {cached.files} files  {cached.size_bytes / 1e6:.1f} MB  "
+            f"last used {days:.1f} days ago{'  in use' if cached.in_use else ''}")
+
+
 @data.command("inspect")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--skip-bad-images", is_flag=True, help="Count unreadable images instead of failing.")

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from plantml.datasets.cache import SetHold, hold
 from plantml.datasets.manifest import Manifest, build_manifest
 from plantml.errors import DataError
 
 SourceKind = Literal["synthetic", "local", "s3"]
+#: Pulls of one set in a row whose cached copy a cache clean-up removed before the training held it.
+PULL_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class DataSource:
     downloaded_bytes: int = 0
     #: The pushed set's manifest (s3 sets), which :meth:`check_digest` holds the cached files to.
     manifest: Manifest | None = field(default=None, repr=False, compare=False)
+    #: The training's lock on the cached copy (s3 sets): ``plantml data cache --remove-unused-for`` leaves it alone.
+    hold: SetHold | None = field(default=None, repr=False, compare=False)
 
     def check_digest(self, scanned: str, skipped: int) -> None:
         """Refuse a cached copy of a pushed set that no longer matches its manifest (changed on disk).
@@ -110,6 +115,12 @@ def pull_for_training(uri: str, *, progress: Any = None) -> DataSource:
     from plantml.settings import env_path, resolve_tracking_settings
 
     S3Location.parse(uri)  # a bad location is the error to show, before the settings are read
-    result = pull(object_store_client(resolve_tracking_settings()), uri, env_path("PLANTML_CACHE_DIR"), progress=progress)
-    return DataSource(result.folder, result.manifest.name, result.source, "s3", result.manifest.digest,
-                      result.downloaded, result.downloaded_bytes, result.manifest)
+    client = object_store_client(resolve_tracking_settings())
+    for _ in range(PULL_TRIES):
+        result = pull(client, uri, env_path("PLANTML_CACHE_DIR"), progress=progress)
+        held = hold(result.folder)
+        if held is not None:
+            return DataSource(result.folder, result.manifest.name, result.source, "s3", result.manifest.digest,
+                              result.downloaded, result.downloaded_bytes, result.manifest, held)
+    raise DataError(f"{uri}: its cached copy {result.folder} was removed each time it was pulled ({PULL_TRIES} times): "
+                    "is a `plantml data cache --remove-unused-for` running in a loop?")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import TrackingError, UsageError
+from plantml.staging import still_named
 from plantml.tracking.entries import End, Entry, Model, ModelProgress, Record
 from plantml.tracking.journal_format import (
     JournalHeader,
@@ -49,7 +50,7 @@ from plantml.tracking.journal_format import (
     read_lines,
     refused_line,
 )
-from plantml.tracking.journal_io import free_space, partial_path, read_all, still_named, write_all, write_whole
+from plantml.tracking.journal_io import free_space, partial_path, read_all, write_all, write_whole
 
 logger = logging.getLogger(__name__)
 

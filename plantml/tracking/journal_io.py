@@ -45,16 +45,6 @@ def write_whole(path: Path, data: bytes) -> int:
     return fd
 
 
-def still_named(fd: int, path: Path) -> bool:
-    """True when ``path`` still names the file open at ``fd`` (a compaction gives the name to a new file)."""
-    try:
-        named = os.stat(path)
-    except FileNotFoundError:
-        return False
-    opened = os.fstat(fd)
-    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
-
-
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

@@ -22,7 +22,6 @@ live run ends, shared with recovery.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import TrackingError, UsageError, one_line
-from plantml.settings import TrackingSettings, resolve_tracking_settings
+from plantml.settings import TrackingSettings, parse_duration, resolve_tracking_settings
 from plantml.tracking.delivery import RetryPolicy, read_run_state
 from plantml.tracking.entries import End, Model, Tag
 from plantml.tracking.journal import Journal, JournalBusy, list_journals, read_header
@@ -254,19 +253,9 @@ def describe_orphan(path: Path) -> str:
             f"(pid {header.pid} on {header.host} is gone)")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-
 #: The shortest ``--stale``: a live run's heartbeat is up to a minute old (plus a busy
 #: sender's delay), so a shorter duration would end runs that are still training.
 MIN_STALE_S = 3 * HEARTBEAT_INTERVAL_S
-
-
-def parse_duration(text: str) -> float:
-    """``90``, ``90s``, ``10m``, ``2h``, ``1d`` as seconds; a one-line :class:`UsageError` otherwise."""
-    match = _DURATION.match(text)
-    if not match:
-        raise UsageError(f"duration {text!r}: expected a number with an optional unit s, m, h or d (e.g. 10m)")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
 def parse_stale(text: str) -> float:

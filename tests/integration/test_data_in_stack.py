@@ -215,3 +215,25 @@ def test_a_missing_bucket_is_a_usage_error_for_ls_and_push(leaves: Path, mlflow_
         err = capsys.readouterr().err
         assert code == 2, err
         assert err.startswith(f"plantml: error: {args[-1]}: no bucket 'no-such-bucket-plantml'") and len(err.splitlines()) == 1
+
+
+def test_a_training_s_cached_set_outlives_a_clean_up_and_goes_at_the_next_once_unused(
+        leaves: Path, env: dict[str, str], prefix: str, experiment_name: str) -> None:
+    assert plantml(env, "data", "push", str(leaves), prefix).returncode == 0
+    training = subprocess.Popen([sys.executable, "-m", "plantml", "train", *TINY_TRAINING, "--epochs", "500",
+                                 "--early-stopping-patience", "500", "--data-dir", prefix, "--experiment-name", experiment_name],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert training.stdout.readline().startswith("epoch 1/"), training.stderr.read() if training.poll() is not None else ""
+        cleaned = plantml(env, "data", "cache", "--remove-unused-for", "0s")
+        assert cleaned.returncode == 0 and cleaned.stdout.splitlines() == ["removed 0 set(s), 0.0 MB"], cleaned.stdout
+        listed = plantml(env, "data", "cache")
+        assert listed.stdout.splitlines()[0].endswith("in use") and "30 files" in listed.stdout
+    finally:
+        training.send_signal(signal.SIGTERM)
+        training.communicate(timeout=120)
+    cached = Path(env["PLANTML_CACHE_DIR"]) / "datasets" / build_manifest(leaves).digest
+    assert cached.is_dir()
+    cleaned = plantml(env, "data", "cache", "--remove-unused-for", "0s")
+    assert cleaned.returncode == 0 and cleaned.stdout.splitlines()[-1].startswith("removed 1 set(s), ")
+    assert not cached.exists() and os.listdir(cached.parent) == []

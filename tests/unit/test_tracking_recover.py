@@ -12,12 +12,12 @@ import pytest
 
 from plantml.cli import main
 from plantml.errors import UsageError
-from plantml.settings import resolve_tracking_settings
+from plantml.settings import parse_duration, resolve_tracking_settings
 from plantml.tracking import MLflowTracker
 from plantml.tracking.entries import End, MetricPoint, Model, Param, Tag
 from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
-from plantml.tracking.recover import parse_duration, recover_journal, recover_orphans
+from plantml.tracking.recover import recover_journal, recover_orphans
 from plantml.tracking.sender import resolve_delivery_settings
 
 
