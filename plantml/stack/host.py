@@ -11,6 +11,7 @@ forked from one launcher thread that lives as long as the process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import logging
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
 from mirakuru import Executor, SimpleExecutor
 from mirakuru.exceptions import ExecutorError, TimeoutExpired
 
@@ -145,6 +147,22 @@ class ServiceExecutor(Executor):
             super().stop(stop_signal, expected_returncode)
         finally:
             self._timeout = self.spec.start_timeout
+        return self
+
+    def kill(self, wait: bool = True, sig: int | None = None) -> ServiceExecutor:
+        """Kill the process group, then every process under it: PostgreSQL's children run in sessions of their
+        own and hide the environment mirakuru finds its kids by; stopped ones (SIGSTOP) would never see their
+        parent die, and would keep its shared memory: the next postmaster refuses to start beside them."""
+        process = self.process
+        try:
+            family = psutil.Process(process.pid).children(recursive=True) if process is not None else []
+        except psutil.NoSuchProcess:
+            family = []
+        super().kill(wait, sig)
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        psutil.wait_procs(family, timeout=STOP_TIMEOUT)
         return self
 
     def start(self) -> ServiceExecutor:
