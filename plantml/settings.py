@@ -62,6 +62,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("PLANTML_STACK", "local", "stack", "backend of the pytest stack fixtures: local, containers or external"),
     Variable("PLANTML_PG_BINDIR", None, "stack", "folder of PostgreSQL's initdb and postgres (found by itself)"),
     Variable("PLANTML_PG_USER", "postgres", "stack", "account that runs PostgreSQL when plantml runs as root"),
+    Variable("PLANTML_HEALTH_WINDOW", "120", "stack", "seconds a running service may fail its readiness check (hung, "
+             "paused) before the supervisor kills and restarts it; 0: never"),
     Variable("PLANTML_S3_BUCKET", DEFAULT_BUCKET, "stack", "artifact bucket of an external stack"),
     Variable("PLANTML_S3_BUCKETS", DEFAULT_BUCKETS, "stack", "buckets every stack creates (the artifact bucket always)"),
     Variable("PLANTML_S3_FLAVOUR", "seaweedfs", "stack", "object store: seaweedfs or minio"),

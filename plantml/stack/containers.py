@@ -207,7 +207,7 @@ class ContainerProcess:
     @property
     def running(self) -> bool:
         """True while the container runs; a paused one too (hung, not dead, as a stopped local process is):
-        it cannot be started again until unpaused, so restarting it would only count failures."""
+        it cannot be started again until unpaused; the supervisor's health check kills it (see :meth:`kill`)."""
         return self._state().get("Status") in ALIVE
 
     @property
@@ -262,6 +262,20 @@ class ContainerProcess:
         container = self.docker_container
         if container is not None:
             container.stop(timeout=10)
+
+    def kill(self) -> None:
+        """Kill the container (unpaused first: Docker kills no paused container); it stays, stopped, for :meth:`start`."""
+        from docker.errors import APIError
+
+        container = self.docker_container
+        if container is None:
+            return
+        try:
+            if self._state().get("Status") == "paused":
+                container.unpause()
+            container.kill()
+        except APIError as exc:  # exited or removed meanwhile: the supervisor sees it down either way
+            log.warning("%s: killing the container failed: %s", self.spec.name, exc.explanation or exc)
 
     def remove(self, at_once: bool = False) -> None:
         """Remove the container (always at once: testcontainers force-removes it)."""

@@ -233,6 +233,11 @@ class HostProcess:
             self._log_file.close()
             self._log_file = None
 
+    def kill(self) -> None:
+        """SIGKILL its process group: a stopped (SIGSTOP) process dies of it too, where it would sleep on SIGTERM."""
+        if self._executor is not None:
+            self._executor.kill()
+
     def remove(self, at_once: bool = False) -> None:
         """Stop it for good: gracefully, or killed ``at_once`` (its process group, SIGKILL)."""
         if at_once and self._executor is not None:

@@ -160,6 +160,9 @@ class ServiceProcess(Protocol):
     def stop(self) -> None:
         """Stop it, keeping its folder for :meth:`start`."""
 
+    def kill(self) -> None:
+        """Kill it at once (a hung one: stopped, paused), keeping its folder for :meth:`start`."""
+
     def remove(self, at_once: bool = False) -> None:
         """Stop it for good (a container is removed); the folder is the stack's business.
 

@@ -25,6 +25,7 @@ import port_for
 
 from plantml.errors import ConfigError, StackError
 from plantml.processes import process_start_time
+from plantml.settings import env_number
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
 from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks, sync_folder
@@ -104,13 +105,14 @@ class ManagedStack(Stack):
     ``auth`` (MLflow's basic-auth app); ``s3_flavour`` (seaweedfs or minio); fixed
     ``mlflow_port``, ``s3_port``, ``postgres_port`` (default: the ports of the folder's
     last start when free, else free ones); ``supervise`` (restart a service that dies;
-    default True); ``spec`` (a whole :class:`StackSpec` instead of the options above).
+    default True); ``health_window`` (seconds a running service may fail its readiness checks
+    before it is killed and restarted; default ``PLANTML_HEALTH_WINDOW``, 0: never); ``spec`` (a whole :class:`StackSpec` instead of the options above).
     """
 
     def __init__(self, runner: Runner, artifact_mode: ArtifactMode = "direct", *, spec: StackSpec | None = None,
                  data_dir: str | Path | None = None, durable: bool = True, auth: bool = False,
                  mlflow_port: int | None = None, s3_port: int | None = None, postgres_port: int | None = None,
-                 s3_flavour: str | None = None, supervise: bool = True) -> None:
+                 s3_flavour: str | None = None, supervise: bool = True, health_window: float | None = None) -> None:
         super().__init__()
         self.runner = runner
         self.spec = spec or StackSpec(postgres=PostgresSpec(durable=durable),
@@ -124,6 +126,7 @@ class ManagedStack(Stack):
         self.folder_path: Path | None = None
         self._fixed_ports = _checked_ports({"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port})
         self._supervise = supervise
+        self._health_window: float = env_number("PLANTML_HEALTH_WINDOW", health_window, minimum=0)
         self._state_lock = threading.Lock()
         self._supervisor: Supervisor | None = None
 
@@ -146,7 +149,8 @@ class ManagedStack(Stack):
             raise
         self._endpoints = self.spec.endpoints(**{f"{name}_port": svc.spec.port for name, svc in self.services.items()})
         if self._supervise:
-            self._supervisor = Supervisor(self.services, on_change=self._save_state, watch=folder.gone)
+            self._supervisor = Supervisor(self.services, on_change=self._save_state, watch=folder.gone,
+                                          health_window=self._health_window)
         log.info("stack ready: %r", self._endpoints)
         return self
 

@@ -26,6 +26,15 @@ class FakeContainer:
     def get_wrapped_container(self) -> FakeContainer:  # testcontainers' wrapper and docker-py's container in one
         return self
 
+    def unpause(self) -> None:
+        assert self.status == "paused"
+        self.status = "running"
+
+    def kill(self) -> None:
+        if self.status == "paused":  # a frozen cgroup takes no signal until it thaws
+            raise AssertionError("killed while paused")
+        self.status = "exited"
+
     def stop(self) -> None:  # testcontainers' stop: a forced removal
         self.reload()
         self.status = None
@@ -54,3 +63,12 @@ def test_a_paused_container_is_hung_not_dead_so_the_supervisor_leaves_it():
     assert process.running
     assert process.pid == 4242
     assert not process_of(FakeContainer(status="exited")).running
+
+
+def test_a_hung_paused_container_is_unpaused_then_killed_so_the_supervisor_can_start_it_again():
+    """The health check's kill of a ``docker pause``d service: its container ends exited (not paused, which
+    Docker cannot start), on the same folder, for the supervisor to start as one that died."""
+    container = FakeContainer(status="paused")
+    process = process_of(container)
+    process.kill()
+    assert container.status == "exited" and not process.running

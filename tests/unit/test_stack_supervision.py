@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,7 @@ class FakeProcess:
     def stop(self) -> None:
         self.alive = False
 
-    remove = stop
+    remove = kill = stop
 
     def log_tail(self, lines: int | None = 25) -> str:
         return "the fake's last words"
@@ -57,8 +58,8 @@ class FakeProcess:
         pass
 
 
-def started(failing_restarts: int = 0) -> Service:
-    spec = ServiceSpec(name="postgres", command=("postgres",), folder=Path("/nowhere"), port=1, ready=lambda: True)
+def started(failing_restarts: int = 0, ready=lambda: True) -> Service:
+    spec = ServiceSpec(name="postgres", command=("postgres",), folder=Path("/nowhere"), port=1, ready=ready)
     service = Service(spec, FakeProcess(spec, failing_restarts))
     service.start()
     return service
@@ -85,6 +86,45 @@ def test_a_service_that_dies_is_restarted_with_one_log_line(caplog):
     assert service.process.starts == 2
     assert [record.getMessage() for record in caplog.records] == [
         "postgres exited unexpectedly; restarting it in 0 s (restart 1 of at most 5 in a row)"]
+
+
+def test_a_running_service_that_stops_answering_is_killed_and_restarted_with_one_log_line(caplog):
+    """Alive but silent (SIGSTOP, docker pause): its process looks fine, its readiness check says otherwise."""
+    answers = {"now": True}
+    service = started(ready=lambda: answers["now"])
+    supervisor = Supervisor({"postgres": service}, interval=0.01, max_backoff=0.01, health_window=0.4)
+    try:
+        with caplog.at_level(logging.WARNING, logger="plantml.stack.supervisor"):
+            time.sleep(1)  # answering: left alone
+            assert service.process.starts == 1
+            answers["now"] = False  # hung
+            eventually(lambda: service.process.starts == 2)
+            answers["now"] = True  # the restart answers
+            time.sleep(1)
+    finally:
+        supervisor.stop()
+    assert service.running and service.process.starts == 2
+    [line] = [record.getMessage() for record in caplog.records]
+    assert re.fullmatch(r"postgres did not answer for \d+ s \([3-9] readiness checks failed in a row\): killed it; "
+                        r"restarting it in 0 s \(restart 1 of at most 5 in a row\)", line), line
+
+
+def test_a_slow_service_that_answers_within_the_window_is_never_killed():
+    """A loaded machine: probes that take most of their interval, and a few that fail, are not a hang."""
+    calls = {"n": 0}
+
+    def slow_and_sometimes_silent() -> bool:
+        calls["n"] += 1
+        time.sleep(0.05)
+        return calls["n"] % 3 != 0  # every third probe fails: never three in a row
+
+    service = started(ready=slow_and_sometimes_silent)
+    supervisor = Supervisor({"postgres": service}, interval=0.01, max_backoff=0.01, health_window=0.4)
+    try:
+        time.sleep(2)
+    finally:
+        supervisor.stop()
+    assert calls["n"] >= 10 and service.process.starts == 1
 
 
 def test_a_service_stopped_on_purpose_stays_stopped():
