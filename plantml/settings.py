@@ -77,6 +77,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("MASTER_ADDR", None, "distributed", "host of rank 0's rendezvous store in a torchrun job (torchrun sets it)"),
     Variable("MASTER_PORT", None, "distributed", "port of that store (torchrun sets it)"),
     Variable("OMP_NUM_THREADS", None, "distributed", "CPU threads per process; `plantml train --nproc` sets 1 where unset, as torchrun does"),
+    Variable("PLANTML_COLLECTIVE_TIMEOUT", None, "distributed", "seconds a rank waits in a collective for a silent peer "
+             "(hung, stopped) before its training fails naming it (default: torch's, 30 min on gloo, 10 on NCCL)"),
     Variable("PLANTML_LAUNCHER_PID", None, "distributed", "set by `plantml train --nproc` for its ranks, which stop when that process dies"),
     Variable("PLANTML_TEST_FAIL_AT", None, "testing", "tests only: `RANK:EPOCH` makes that rank raise as that epoch starts"),
 )}

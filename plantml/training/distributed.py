@@ -30,6 +30,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -309,8 +310,21 @@ def start(device: str | None = None) -> Ranks:
     # The env:// rendezvous is what init_process_group would do; doing it here keeps the store
     # torchrun prepared, through which ranks leave each other messages (failures).
     store, _, _ = next(torch.distributed.rendezvous("env://"))
-    torch.distributed.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size)
+    torch.distributed.init_process_group(backend, store=store, rank=ranks.rank, world_size=ranks.world_size,
+                                         **collective_timeout())
     return replace(ranks, backend=backend, store=torch.distributed.PrefixStore("plantml", store))
+
+
+def collective_timeout() -> dict[str, timedelta]:
+    """``init_process_group``'s ``timeout`` from ``PLANTML_COLLECTIVE_TIMEOUT``; unset: torch's own (nothing passed).
+
+    A peer that hangs (SIGSTOP, a swapped-out or deadlocked process) breaks no connection: the
+    others wait in their next collective until this timeout. torch's is long on purpose (first
+    batches, checkpoint writes, a slow data loader on one rank) and stays the default.
+    """
+    if env_value("PLANTML_COLLECTIVE_TIMEOUT") is None:
+        return {}
+    return {"timeout": timedelta(seconds=env_number("PLANTML_COLLECTIVE_TIMEOUT", minimum=0, above=True))}
 
 
 def _check_rendezvous(ranks: Ranks) -> None:
@@ -379,6 +393,13 @@ def lost_peer(ranks: Ranks, exc: BaseException) -> RankFailed | None:
     words = str(exc)
     if not isinstance(exc, torch.distributed.DistError) and "gloo" not in words and "NCCL" not in words:
         return None
+    if "Timed out waiting" in words or "collective operation timeout" in words:  # gloo's, NCCL's watchdog's
+        # nothing broke: a peer alive but silent (stopped, swapped out, deadlocked) let the group's timeout pass
+        peer, peer_rank = (f"rank {1 - ranks.rank}", 1 - ranks.rank) if ranks.world_size == 2 else ("another rank", -1)
+        waited = collective_timeout().get("timeout")
+        how_long = f"{waited.total_seconds():g} s" if waited else "torch's timeout"
+        return RankFailed(f"{ranks} waited {how_long} in a collective for {peer}, which never answered (hung or "
+                          "stopped?); PLANTML_COLLECTIVE_TIMEOUT sets that wait", rank=peer_rank)
     reason = (words.strip().splitlines() or [type(exc).__name__])[0]
     reason = reason.split("] ", 1)[-1] if reason.startswith("[") else reason  # gloo's source path says nothing here
     reason = reason.split(". ", 1)[0]  # then its advice to read the other rank's logs: there are none

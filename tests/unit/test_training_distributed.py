@@ -370,6 +370,57 @@ def test_a_peer_killed_outright_is_one_line_naming_the_lost_connection():
     assert len(out.strip().splitlines()) == 1 and "gloo/" not in out
 
 
+HUNG_PAIR = textwrap.dedent("""
+    import os, signal, sys, torch
+    from plantml.training import distributed
+    with distributed.session("cpu") as ranks:
+        ranks.sum_across(torch.ones(1))
+        if ranks.rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: stopped, swapped out, deadlocked
+        try:
+            for _ in range(100):
+                ranks.sum_across(torch.ones(1))
+        except RuntimeError as exc:
+            print(distributed.why_stopped(ranks, exc, None).__class__.__name__, distributed.why_stopped(ranks, exc, None))
+""")
+
+
+def test_a_hung_peer_fails_the_other_rank_after_the_collective_timeout_naming_it():
+    """A SIGSTOPped rank breaks no connection: the other waited in its collective for torch's 30 minutes,
+    saying nothing. ``PLANTML_COLLECTIVE_TIMEOUT`` bounds that wait, and the line names the silent rank."""
+    import port_for
+
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port_for.select_random()), "PLANTML_COLLECTIVE_TIMEOUT": "3"}
+    pair = [subprocess.Popen([sys.executable, "-c", HUNG_PAIR], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        started = time.monotonic()
+        out, err = pair[0].communicate(timeout=90)
+        elapsed = time.monotonic() - started
+    finally:
+        for process in pair:
+            process.kill()
+            process.wait()
+    assert out == ("RankFailed rank 0 of 2 waited 3 s in a collective for rank 1, which never answered (hung or "
+                   "stopped?); PLANTML_COLLECTIVE_TIMEOUT sets that wait\n"), err[-2000:]
+    assert elapsed < 60, elapsed
+
+
+def test_the_collective_timeout_is_torchs_unless_set(monkeypatch):
+    from datetime import timedelta
+
+    from plantml.training.distributed import collective_timeout
+
+    monkeypatch.delenv("PLANTML_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout() == {}  # torch's own: long first batches and checkpoint writes stay safe
+    monkeypatch.setenv("PLANTML_COLLECTIVE_TIMEOUT", "90")
+    assert collective_timeout() == {"timeout": timedelta(seconds=90)}
+    monkeypatch.setenv("PLANTML_COLLECTIVE_TIMEOUT", "0")
+    with pytest.raises(ConfigError, match="PLANTML_COLLECTIVE_TIMEOUT='0': must be above 0"):
+        collective_timeout()
+
+
 def test_nproc_shows_none_of_the_agents_own_log_lines(monkeypatch):
     import logging
 
