@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,6 +191,24 @@ def stratified_split(labels: Sequence[int], val_fraction: float = 0.15, test_fra
         test.extend(indices[n_val:n_val + n_test].tolist())
         train.extend(indices[n_val + n_test:].tolist())
     return Split(train=tuple(sorted(train)), val=tuple(sorted(val)), test=tuple(sorted(test)))
+
+
+def preprocessing(classes: tuple[str, ...], image_size: int) -> dict[str, Any]:
+    """What a consumer must do to an image before the model sees it, and what its output columns are.
+
+    Saved as the registered model's MLflow ``metadata``, so it travels with the model:
+    exactly what :func:`build_transforms` does for evaluation.
+    """
+    return {
+        "classes": list(classes),  # one output column each, in this order (the class folders, sorted)
+        "image_size": [image_size, image_size],  # height, width: resized to it, aspect ratio not kept, no crop
+        "resize": "bilinear, antialiased",
+        "color": "RGB",
+        "scale": "pixel / 255",
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "layout": "NCHW float32",
+    }
 
 
 def build_transforms(image_size: int, train: bool) -> transforms.Compose:

@@ -21,6 +21,7 @@ from torch import nn
 
 from plantml.staging import folder_lock, local_writes, staging_folder
 from plantml.training import figures
+from plantml.training.data import preprocessing
 from plantml.training.models import image_batch_signature
 
 if TYPE_CHECKING:
@@ -87,14 +88,16 @@ def write_whole(path: Path, data: bytes, role: str) -> None:
 
 
 def log_model(prepared: Prepared, model: nn.Module, tracker: Any) -> str | None:
-    """Log the best model (PyTorch flavor, signature, a two-image input example) and register it."""
+    """Log the best model (PyTorch flavor, signature, a two-image input example, its classes and preprocessing) and register it."""
     export = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     # two images as the input example shown in the UI and used by `mlflow models serve` checks
     example = torch.stack([prepared.loaders.test.dataset[i][0] for i in range(min(2, len(prepared.loaders.test.dataset)))])
     example_np = example.numpy()
     signature = image_batch_signature(prepared.num_classes)  # any batch size, any image size
+    # the class names and the preprocessing travel with the model: its MLmodel's metadata, readable without the run
+    metadata = preprocessing(prepared.scan.classes, prepared.image_size)
     info = tracker.log_model(export, artifact_path="model", registered_model_name=prepared.registered_model_name,
-                             input_example=example_np, signature=signature)
+                             input_example=example_np, signature=signature, metadata=metadata)
     version = getattr(info, "registered_model_version", None)
     if version is not None:
         tracker.set_tags({"registered_model_name": prepared.registered_model_name, "registered_model_version": str(version)})

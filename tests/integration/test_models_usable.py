@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from _files import snapshot
@@ -74,9 +75,15 @@ def stages(client: Any, name: str) -> dict[str, str]:
     return {mv.version: mv.current_stage for mv in client.search_model_versions(f"name='{name}'")}
 
 
+#: The set's class folders: a comma in one name, and an order that a locale's collation would reverse.
+CLASS_FOLDERS = ("Rust, leaf", "healthy")
+
+
 @pytest.fixture(scope="module")
 def leaves(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synth.generate(tmp_path_factory.mktemp("data") / "leaves", synth.SynthSpec(per_class=10, size=32, seed=3))
+    root = synth.generate(tmp_path_factory.mktemp("data") / "leaves", synth.SynthSpec(per_class=10, size=32, seed=3))
+    (root / "diseased").rename(root / CLASS_FOLDERS[0])
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +167,39 @@ def test_a_model_logged_through_the_tracker_loads_the_same_way(mlflow_stack: Any
     report = fresh_load({**os.environ, **mlflow_stack.client_env()}, *uris)
     assert {entry["type"] for entry in report.values()} == {"TinyNet"}
     assert_usable_and_identical(report, uris)
+
+
+#: Plain MLflow, PIL and numpy in a new interpreter: the classes and the preprocessing read off the model alone.
+FRESH_PREDICT = """
+import json, sys
+import mlflow.models, mlflow.pyfunc, numpy as np
+from PIL import Image
+uri, image = sys.argv[1:]
+meta = mlflow.models.get_model_info(uri).metadata
+height, width = meta["image_size"]
+pixels = np.asarray(Image.open(image).convert(meta["color"]).resize((width, height), Image.BILINEAR), np.float32) / 255
+batch = ((pixels - meta["mean"]) / meta["std"]).transpose(2, 0, 1)[None].astype(np.float32)
+print(json.dumps({"classes": meta["classes"], "logits": np.asarray(mlflow.pyfunc.load_model(uri).predict(batch)).tolist()}))
+"""
+
+
+def test_the_class_names_and_preprocessing_travel_with_the_registered_model(trained: dict[str, Any], mlflow_env: Any,
+                                                                             tmp_path: Path) -> None:
+    from PIL import Image
+
+    from plantml.training.data import build_transforms
+
+    photo = tmp_path / "photo.jpg"  # not the training size: the consumer must resize as training did
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(photo, quality=95)
+    done = subprocess.run([sys.executable, "-c", FRESH_PREDICT, f"models:/{trained['name']}@production", str(photo)],
+                          env=trained["env"], cwd=Path(sys.executable).parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])
+    assert served["classes"] == list(CLASS_FOLDERS)  # the output columns' order, a name with a comma whole
+    model = ModelRegistry(mlflow_env.tracking_uri).load_checkpoint(trained["name"], 1)
+    with torch.no_grad():  # what the training's own evaluation does to that photo
+        expected = model(build_transforms(32, train=False)(Image.open(photo).convert("RGB"))[None])
+    torch.testing.assert_close(torch.tensor(served["logits"]), expected, rtol=0, atol=1e-4)
 
 
 DECOY = """
