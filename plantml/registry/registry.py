@@ -53,7 +53,14 @@ from plantml.registry.models import (
     version_info,
 )
 from plantml.registry.stages import StageKeeper
-from plantml.registry.store import check_s3_keys, is_insert_clash, name_filter, object_store_error, object_store_errors
+from plantml.registry.store import (
+    check_s3_keys,
+    is_insert_clash,
+    name_filter,
+    object_store_error,
+    object_store_errors,
+    server_unreachable,
+)
 from plantml.text import mask_passwords
 from plantml.tracking.environ import forget_stale_s3_clients
 from plantml.tracking.stores import open_client
@@ -375,11 +382,17 @@ class ModelRegistry:
             if not token:
                 return
 
+    def _unreachable(self, what: str) -> TrackingError:
+        return TrackingError(f"{what}: {mask_passwords(self.tracking_uri)}: tracking server not reachable; "
+                             f"this URI came from {self.source}")
+
     def _call(self, action: Callable[[], T], what: str) -> T:
         """Run one MLflow call; "not found" becomes a :class:`RegistryError` naming ``what``."""
         from mlflow.exceptions import MlflowException
 
         forget_stale_s3_clients()  # the S3 settings may have changed since the last call (another stack's keys)
+        if server_unreachable(self.tracking_uri):  # seconds, where MLflow's client would retry for minutes
+            raise self._unreachable(what)
         try:
             return action()
         except MlflowException as exc:
@@ -388,8 +401,7 @@ class ModelRegistry:
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed
                 raise RegistryError(f"{what}: {one_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
             if _no_server(exc):  # a stale .env (a stack stopped since) is the usual cause: say where the URI came from
-                raise TrackingError(f"{what}: {mask_passwords(self.tracking_uri)}: tracking server not reachable; "
-                                    f"this URI came from {self.source}") from exc
+                raise self._unreachable(what) from exc
             raise TrackingError(f"{what}: {one_line(exc)}") from exc
         except object_store_errors() as exc:  # boto3's, before OSError: its timeouts are OSErrors too
             raise object_store_error(exc, what) from exc

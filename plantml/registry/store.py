@@ -62,3 +62,29 @@ def check_s3_keys(location: str, what: str) -> None:
         return
     raise ConfigError(f"{what}: its files are at {location} and this client has no S3 keys: set AWS_ACCESS_KEY_ID and "
                       "AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for a store other than AWS) in the environment or .env")
+
+
+#: Connect and read seconds a registry call gives its HTTP server to answer ``/health`` before it is called
+#: unreachable: MLflow's own client retries a refused or silent server for about four minutes per call.
+REACH_TIMEOUT = (3.0, 10.0)
+
+
+def server_unreachable(uri: str) -> bool:
+    """True when ``uri`` is an HTTP(S) tracking server that refuses the connection or does not answer in time.
+
+    Any answer counts as reachable (a 401, a 503: MLflow's call then says what is wrong), and so
+    does a TLS failure, which MLflow's own settings (a CA bundle) may resolve.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return False
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT)
+    except requests.exceptions.SSLError:
+        return False
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):
+        return True
+    except requests.RequestException:
+        return False
+    return False

@@ -6,6 +6,10 @@ object store that is not there (a closed loopback port) or that this client has 
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -140,3 +144,32 @@ def test_a_model_whose_files_were_deleted_from_the_store_says_so_in_one_line(
     assert code == 2, err
     assert err.startswith(f"plantml: error: model '{name}' version 1: {message}"), err
     assert err.endswith("missing from the artifact store\n") and err.count("\n") == 1, err
+
+
+#: The README's Python loading example in a new interpreter, with MLflow's own client settings.
+LOAD_FROM = """
+import sys, time
+from plantml.errors import TrackingError
+from plantml.registry import ModelRegistry
+started = time.monotonic()
+try:
+    ModelRegistry(sys.argv[1]).load_model("resnet18_plant_classifier", "production")
+except TrackingError as exc:
+    print(f"{time.monotonic() - started:.1f} {exc}")
+"""
+
+
+@pytest.mark.parametrize("server", ["refused", "silent"])
+def test_loading_from_a_stack_that_is_down_fails_in_seconds_in_one_line(server: str, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        if server == "silent":
+            sock.listen()  # the kernel accepts connections, nothing ever answers: a hung server
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+        done = subprocess.run([sys.executable, "-c", LOAD_FROM, uri], env=env, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=90)  # MLflow's client alone: 249 s refused, 120 s per try silent
+    seconds, _, message = done.stdout.strip().partition(" ")
+    assert message == (f"registered model 'resnet18_plant_classifier': {uri}: tracking server not reachable; "
+                       "this URI came from argument"), done.stderr[-2000:]
+    assert float(seconds) < 30
