@@ -93,11 +93,17 @@ def check_model_files(folder: Path, location: str, what: str) -> None:
 
 
 def load_pytorch(folder: Path) -> Any:
-    """The ``torch.nn.Module`` saved in an MLflow model folder (pickle: trusted registries only)."""
-    import mlflow.pytorch
+    """The ``torch.nn.Module`` saved in an MLflow model folder (pickle: trusted registries only).
 
+    On a machine without CUDA, a model pickled with its weights on a GPU (logged by an older
+    plantml, or by MLflow itself) loads on the CPU, where torch alone would refuse it.
+    """
+    import mlflow.pytorch
+    import torch
+
+    options = {} if torch.cuda.is_available() else {"map_location": "cpu"}
     with quiet_pickle_warning():
-        return mlflow.pytorch.load_model(str(folder))
+        return mlflow.pytorch.load_model(str(folder), **options)
 
 
 def load_pyfunc(folder: Path) -> Any:

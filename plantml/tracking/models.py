@@ -9,6 +9,8 @@ registry version ever points at files that are not stored yet.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -62,9 +64,30 @@ def save_model(folder: Path, model: Any, run_id: str, serialization_format: str,
     from mlflow.models import Model as MlflowModel
 
     with quiet_pickle_warning():
-        mlflow.pytorch.save_model(model, str(folder), mlflow_model=MlflowModel(run_id=run_id),
+        mlflow.pytorch.save_model(on_cpu(model), str(folder), mlflow_model=MlflowModel(run_id=run_id),
                                   pip_requirements=pip_requirements or torch_requirements(),
                                   serialization_format=serialization_format, **options)
+
+
+def on_cpu(model: Any) -> Any:
+    """``model``, or a copy of it on the CPU when some of its weights are on a GPU.
+
+    torch pickles each tensor with its device, and refuses to load a CUDA one where there is
+    no CUDA: a model trained on a GPU must load on a CPU-only machine (``mlflow models serve``
+    and ``mlflow.pytorch.load_model`` pass no ``map_location``). The caller's model stays where it is.
+    """
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return model
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    if all(tensor.device.type == "cpu" for tensor in tensors):
+        return model
+    # each tensor copied straight to the CPU: a deepcopy on the GPU first would need the model's size free there
+    memo: dict[int, Any] = {id(t): t.detach().to("cpu", copy=True) for t in tensors}
+    for parameter in model.parameters():
+        memo[id(parameter)] = torch.nn.Parameter(memo[id(parameter)], requires_grad=parameter.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def torch_requirements() -> list[str]:

@@ -358,3 +358,48 @@ def test_a_version_tag_another_promotion_inserted_at_the_same_moment_is_overwrit
     monkeypatch.setattr(registry.client, "set_model_version_tag", clash_once)
     move = registry.promote(name, 2)
     assert clashes and move.to_version == 2 and int(client.get_model_version_by_alias(name, "production").version) == 2
+
+
+def test_a_model_pickled_on_a_gpu_loads_through_the_registry_on_a_machine_without_one(
+    registry: ModelRegistry, client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    import torch.serialization
+
+    from plantml.tracking.models import save_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the file loads there anyway")
+    torch.manual_seed(3)
+    model = torch.nn.Linear(3, 2)
+    # what torch writes on a CUDA machine: every tensor's storage tagged cuda:0 (this one has no GPU to put them on)
+    monkeypatch.setattr(torch.serialization, "_package_registry", list(torch.serialization._package_registry))
+    torch.serialization.register_package(1, lambda storage: "cuda:0", lambda obj, location: None)
+    save_model(tmp_path / "model", model, "run", "pickle")
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="on a CUDA device"):  # what plain torch.load (and MLflow) say of it here
+        torch.load(tmp_path / "model" / "data" / "model.pth", weights_only=False)
+
+    name = f"plants_{uuid.uuid4().hex[:8]}"
+    run = client.create_run(client.create_experiment(name, artifact_location=str(tmp_path / "store")))
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
+    client.create_registered_model(name)
+    client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    loaded = registry.load_model(name, 1)
+    assert loaded.weight.device.type == "cpu"
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_a_model_logged_from_a_gpu_is_saved_with_its_weights_on_the_cpu(tmp_path: Path) -> None:
+    import torch
+
+    from plantml.tracking.models import save_model
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).cuda()
+    save_model(tmp_path / "model", model, "run", "pickle")
+    locations: list[str] = []
+    torch.load(tmp_path / "model" / "data" / "model.pth", weights_only=False,
+               map_location=lambda storage, location: locations.append(location) or storage)
+    assert set(locations) == {"cpu"}  # loads where there is no CUDA, and in `mlflow models serve` there
+    assert {t.device.type for t in model.state_dict().values()} == {"cuda"}  # the caller's model stays on its GPU
