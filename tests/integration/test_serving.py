@@ -109,3 +109,43 @@ def test_invocations_answer_the_production_models_predictions(served: str, produ
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
     np.testing.assert_allclose(np.array(response.json()["predictions"], dtype=np.float32), expected, atol=1e-5)
+
+
+def test_a_running_server_keeps_the_version_it_started_with_when_the_alias_moves(
+    served: str, production_model: tuple[str, TinyNet], mlflow_stack: Any
+) -> None:
+    """What the README says: the alias is read once, at the server's start; a promotion needs a restart."""
+    from plantml.tracking import MLflowTracker
+
+    name, model = production_model
+    tracker = MLflowTracker(tracking_uri=mlflow_stack.tracking_uri, experiment_name=f"test_serving_{uuid.uuid4().hex[:8]}",
+                            s3_endpoint=mlflow_stack.s3_endpoint, aws_access_key=mlflow_stack.aws_access_key,
+                            aws_secret_key=mlflow_stack.aws_secret_key)
+    torch.manual_seed(8)
+    with tracker.start_run(run_name="next"):
+        info = tracker.log_model(TinyNet().eval(), registered_model_name=name, signature=image_batch_signature(2),
+                                 code_paths=CODE_PATHS)
+    registry = ModelRegistry(mlflow_stack.tracking_uri)
+    registry.promote(name, info.registered_model_version, "Production")
+    try:
+        batch = np.random.default_rng(1).random((1, 3, 32, 32), dtype=np.float32)
+        response = requests.post(f"{served}/invocations", json={"inputs": batch.tolist()}, timeout=60)
+        with torch.no_grad():
+            expected = model(torch.from_numpy(batch)).numpy()
+        np.testing.assert_allclose(np.array(response.json()["predictions"], dtype=np.float32), expected, atol=1e-5)
+    finally:
+        registry.rollback(name)
+
+
+@pytest.mark.parametrize(("body", "content_type", "status"), [
+    (b'{"inputs": [[[[0.1', "application/json", 400),
+    (b'{"inputs": "\xff\xfe"}', "application/json", 400),
+    (b'{"inputs": [[[0.1, 0.2]]]}', "application/json", 400),
+    (b'{"inputs": []}', "application/json", 400),
+    (b'{"inputs": [[[["leaf"]]]]}', "application/json", 400),
+    (b'{"inputs": [[[[0.1]]]]}', "text/plain", 415),
+], ids=["cut-json", "not-utf8", "rank-3", "empty-batch", "strings", "text-plain"])
+def test_a_bad_request_is_a_4xx_and_the_server_answers_the_next(served: str, body: bytes, content_type: str, status: int) -> None:
+    assert requests.post(f"{served}/invocations", data=body, headers={"Content-Type": content_type}, timeout=60).status_code == status
+    good = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    assert requests.post(f"{served}/invocations", json={"inputs": good.tolist()}, timeout=60).status_code == 200
