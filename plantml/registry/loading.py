@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import RegistryError, one_line
-from plantml.registry.store import check_s3_keys
+from plantml.registry.store import check_s3_access
 from plantml.tracking.models import quiet_pickle_warning
 
 #: Where ``plantml train`` keeps the best weights in each run's artifacts.
@@ -62,7 +62,7 @@ def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) 
 
     location = client.get_model_version_download_uri(name, str(version))
     what = f"model {name!r} version {version}"
-    check_s3_keys(location, what)
+    check_s3_access(location, what)
     with tempfile.TemporaryDirectory(prefix="plantml-model-") as folder:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
         check_model_files(downloaded, location, what)
@@ -127,7 +127,7 @@ def load_checkpoint_model(tracking_uri: str, artifact_root: str | None, what: st
 
     if not artifact_root:
         raise RegistryError(f"{what}: has no run, so no {CHECKPOINT_ARTIFACT} to rebuild it from")
-    check_s3_keys(artifact_root, what)
+    check_s3_access(artifact_root, what)
     folder, _, file_name = f"{artifact_root.rstrip('/')}/{CHECKPOINT_ARTIFACT}".rpartition("/")
     stored = mlflow.artifacts.list_artifacts(artifact_uri=folder, tracking_uri=tracking_uri)
     if not any(info.path.rpartition("/")[2] == file_name for info in stored):

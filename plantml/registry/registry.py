@@ -54,7 +54,7 @@ from plantml.registry.models import (
 )
 from plantml.registry.stages import StageKeeper
 from plantml.registry.store import (
-    check_s3_keys,
+    check_s3_access,
     is_insert_clash,
     name_filter,
     object_store_error,
@@ -282,7 +282,7 @@ class ModelRegistry:
         version = self.resolve(name, reference)
         what = f"model {name!r} version {version.version}"
         location = self._call(lambda: self.client.get_model_version_download_uri(name, str(version.version)), what)
-        check_s3_keys(location, what)
+        check_s3_access(location, what)
         return self._call(lambda: mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst_path,
                                                                       tracking_uri=self.tracking_uri), what)
 

@@ -50,15 +50,20 @@ def object_store_error(exc: BaseException, what: str) -> PlantmlError:
     return TrackingError(f"{what}: object store {endpoint} failed ({type(exc).__name__}: {one_line(exc)})")
 
 
-def check_s3_keys(location: str, what: str) -> None:
-    """A one-line :class:`ConfigError` when ``location`` is in S3 and this client has no keys to read it.
+def check_s3_access(location: str, what: str) -> None:
+    """One line when ``location`` is in S3 and this client has no keys to read it (:class:`ConfigError`), or
+    its object store (``MLFLOW_S3_ENDPOINT_URL``) refuses the connection or does not answer (:class:`TrackingError`).
 
-    boto3 would otherwise ask the cloud metadata service, then fail with a bare ``NoCredentialsError``.
+    boto3 would otherwise ask the cloud metadata service, then fail with a bare ``NoCredentialsError``;
+    and it gives a silent endpoint 60 s per try, three tries per file listed or downloaded.
     """
     from plantml.tracking.connection import aws_keys_in_files
 
+    if not location.startswith("s3://"):
+        return
     has_keys = env_value("AWS_ACCESS_KEY_ID") and env_value("AWS_SECRET_ACCESS_KEY")
-    if not location.startswith("s3://") or has_keys or aws_keys_in_files():
+    if has_keys or aws_keys_in_files():
+        _check_endpoint(what)
         return
     raise ConfigError(f"{what}: its files are at {location} and this client has no S3 keys: set AWS_ACCESS_KEY_ID and "
                       "AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for a store other than AWS) in the environment or .env")
@@ -67,6 +72,25 @@ def check_s3_keys(location: str, what: str) -> None:
 #: Connect and read seconds a registry call gives its HTTP server to answer ``/health`` before it is called
 #: unreachable: MLflow's own client retries a refused or silent server for about four minutes per call.
 REACH_TIMEOUT = (3.0, 10.0)
+
+
+def _check_endpoint(what: str) -> None:
+    """A :class:`TrackingError` naming the object store at ``MLFLOW_S3_ENDPOINT_URL`` when nothing answers there
+    in :data:`REACH_TIMEOUT` (AWS itself, with no endpoint set, is not asked: no request leaves for the cloud here)."""
+    import requests
+
+    endpoint = env_value("MLFLOW_S3_ENDPOINT_URL")
+    if not endpoint:
+        return
+    try:
+        requests.head(endpoint, timeout=REACH_TIMEOUT)  # any answer (403 without a signature) will do
+    except requests.exceptions.SSLError:
+        return
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise TrackingError(f"{what}: object store {endpoint} failed ({type(exc).__name__}: refused, "
+                            f"or no answer within {sum(REACH_TIMEOUT):.0f} s)") from None
+    except requests.RequestException:
+        return
 
 
 def server_unreachable(uri: str) -> bool:

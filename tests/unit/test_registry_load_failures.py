@@ -173,3 +173,24 @@ def test_loading_from_a_stack_that_is_down_fails_in_seconds_in_one_line(server: 
     assert message == (f"registered model 'resnet18_plant_classifier': {uri}: tracking server not reachable; "
                        "this URI came from argument"), done.stderr[-2000:]
     assert float(seconds) < 30
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-pickle",)], ids=["pickle", "no-pickle"])
+def test_an_object_store_that_never_answers_is_named_in_one_line_in_seconds(
+    s3_model: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], flags: tuple[str, ...]
+) -> None:
+    import time
+
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")  # boto3's own tries, as a user has them
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()  # a hung object store: the kernel accepts, nothing answers
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "plantml-test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+        started = time.monotonic()
+        code, err = load_check(*s3_model, *flags, capfd=capfd)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"plantml: error: model '{s3_model[1]}' version 1: object store {endpoint} failed ("), err
+    assert time.monotonic() - started < 30  # boto3 alone: 60 s a try, 3 tries (193 s measured)
