@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from plantml.datasets.manifest import IMAGE_EXTENSIONS, class_folders, no_images
 from plantml.errors import DataError, UsageError, os_reason
-from plantml.text import name_text
+from plantml.text import name_text, safe_text
 from plantml.training.distributed import Ranks
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ def preprocessing(classes: tuple[str, ...], image_size: int) -> dict[str, Any]:
     exactly what :func:`build_transforms` does for evaluation.
     """
     return {
-        "classes": list(classes),  # one output column each, in this order (the class folders, sorted)
+        # one output column each, in this order (the class folders, sorted); bytes that are not UTF-8 as %XX, as in the run's tags
+        "classes": [safe_text(name) for name in classes],
         "image_size": [image_size, image_size],  # height, width: resized to it, aspect ratio not kept, no crop
         "resize": "bilinear, antialiased",
         "color": "RGB",

@@ -266,3 +266,13 @@ def test_output_dir_keeps_checkpoint_and_history(leaves, tmp_path):
     checkpoint = torch.load(tmp_path / "out" / "best_model.pth", weights_only=True)
     assert checkpoint["epoch"] == result.best_epoch and checkpoint["classes"] == ["diseased", "healthy"]
     assert (tmp_path / "out" / "training_history.json").is_file()
+
+
+def test_the_model_s_class_names_are_sendable_text_even_for_folders_named_in_latin_1() -> None:
+    import json
+
+    from plantml.training.data import preprocessing
+
+    classes = preprocessing(("pl\udce9nts", "healthy"), 32)["classes"]  # a folder named in Latin-1, as Python reads it
+    assert classes == ["pl%E9nts", "healthy"]  # as the run's tags and the confusion matrix show it
+    json.dumps(classes).encode("utf-8")
