@@ -396,7 +396,9 @@ def _recorded_processes(folder: StackFolder) -> dict[str, dict[str, Any]]:
 def _unrecorded_services(path: Path, recorded: set[int]) -> dict[str, dict[str, Any]]:
     """Services of a dead stack that its state file does not name (its start was killed between a spawn and
     the record of it), found by their command line, which names their folder in ``path``: the next start
-    must wait for them too (a SeaweedFS still shutting down holds its store's lock)."""
+    must wait for them too (a SeaweedFS still shutting down holds its store's lock). An argument names a path in
+    the folder when it, or its value after ``=`` (``-dir=``, ``-c hba_file=``), starts with the folder's path: a
+    live stack whose path merely contains this one (``/restore/srv/plantml`` for ``/srv/plantml``) is not its."""
     inside = f"{path}{os.sep}"
     found = {}
     for entry in Path("/proc").glob("[0-9]*"):
@@ -407,7 +409,7 @@ def _unrecorded_services(path: Path, recorded: set[int]) -> dict[str, dict[str, 
         program = Path(argv[0]).name
         started = process_start_time(int(entry.name))
         if (program in SERVICE_PROGRAMS and int(entry.name) not in recorded and started is not None
-                and any(inside in arg for arg in argv[1:])):
+                and any(value.startswith(inside) for arg in argv[1:] for value in (arg, arg.partition("=")[2]))):
             found[f"{program} (unrecorded)"] = {"pid": int(entry.name), "started": started}
     return found
 

@@ -252,6 +252,31 @@ def test_prune_cleans_up_after_an_owner_killed_with_sigkill(tmp_path, monkeypatc
     assert process_start_time(left["pid"]) is None or _is_zombie(left["pid"])  # gone before prune returned
 
 
+def test_prune_leaves_alone_a_live_stack_whose_folder_path_contains_the_dead_stacks(tmp_path, monkeypatch):
+    """A backup restored with tar (which drops the leading /) serves /srv/plantml's data from
+    /restore/srv/plantml: its weed's ``-dir=`` contains the path of a dead stack at /srv/plantml without being
+    in it, and that stack's prune killed it (and its PostgreSQL: SIGKILL, 10 s each, then the live stack's
+    supervisor brought them back)."""
+    from plantml.stack import folder as stack_folder
+
+    monkeypatch.setattr(stack_folder, "GRACE_S", 1.0)
+    dead = tmp_path / "srv" / "plantml"
+    subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; from plantml.stack.folder import "
+                    "StackFolder; StackFolder.open(Path(sys.argv[1]), 'dead'); os._exit(0)", str(dead)], check=True)
+    restored = tmp_path / "restore" / str(dead).lstrip("/")
+    (tmp_path / "weed").symlink_to("/bin/sh")  # a stand-in SeaweedFS of the restored stack, leading its own group
+    live = subprocess.Popen([str(tmp_path / "weed"), "-c", "sleep 300; true", f"-dir={restored}/s3/data"],
+                            start_new_session=True)
+    try:
+        removed = prune_local_stacks()
+
+        assert removed == [f"lock of {dead}"]
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
+
+
 def _is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
