@@ -7,6 +7,9 @@ removed once that process is gone, and never while it runs.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 def proc_stat(pid: int) -> list[str] | None:
     """The fields of ``/proc/PID/stat`` after the command name (state first), None when there is no such process."""
@@ -31,3 +34,16 @@ def process_alive(pid: int, started: str) -> bool:
     """True while the process ``pid`` that started at ``started`` exists and is not a zombie."""
     fields = proc_stat(pid)
     return fields is not None and fields[19] == started and fields[0] != "Z"
+
+
+def working_in(folder: Path) -> list[int]:
+    """The pids of the processes whose working folder is ``folder`` or one in it (those we may look at)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:  # ended meanwhile, a zombie, or another account's
+            continue
+        if cwd.is_relative_to(folder):
+            found.append(int(entry.name))
+    return found

@@ -29,6 +29,7 @@ from mirakuru import Executor, SimpleExecutor
 from mirakuru.exceptions import ExecutorError, TimeoutExpired
 
 from plantml.errors import StackError
+from plantml.processes import process_start_time, working_in
 from plantml.settings import env_path
 from plantml.stack.endpoints import ArtifactMode
 from plantml.stack.folder import private_folder
@@ -173,6 +174,29 @@ class ServiceExecutor(Executor):
         return self
 
 
+def remove_stale_pid_file(spec: ServiceSpec) -> None:
+    """Remove the service's pid file when the pid it names is another live process and none works in its folder.
+
+    A service killed with the machine (a reboot, a power cut) leaves its pid file; after the reboot that pid is
+    often another process's, and PostgreSQL refuses to start while any process of its account has it ("lock
+    file postmaster.pid already exists"): the kept stack did not come back until someone deleted the file.
+    A pid that is free is left to the program (PostgreSQL then checks that no orphan of the old server still
+    uses its shared memory), and so is the file while any process works in the folder (PostgreSQL's processes
+    work in their data folder: a server, or an orphan of one, still there).
+    """
+    if spec.pid_file is None:
+        return
+    path = spec.folder / spec.pid_file
+    try:
+        pid = int(path.read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return  # none (a clean stop removes it), or not one we can read: the program decides
+    if process_start_time(pid) is None or working_in(path.parent):
+        return
+    log.warning("%s: removing %s: its pid %d is another process now", spec.name, path, pid)
+    path.unlink(missing_ok=True)
+
+
 class HostProcess:
     """One service as a local process: its executor and its log file."""
 
@@ -201,6 +225,7 @@ class HostProcess:
         fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(fd, 0o600)  # also a log an older start left readable
         self._log_file = open(fd, "a", buffering=1)  # noqa: SIM115 - closed in stop()
+        remove_stale_pid_file(self.spec)
         self._executor = ServiceExecutor(self.spec, [*program(self.spec.command[0], self.spec.name),
                                                      *self.spec.command[1:]], self._log_file, self.on_spawn)
         try:

@@ -96,5 +96,5 @@ def postgres_service(spec: PostgresSpec, folder: Path, port: int, network: Netwo
         # initialised and never start; written aside and renamed once complete, it is made again instead.
         init=init, initialized=f"{DATA}/PG_VERSION", init_staged=DATA, bootstrap=create_database,
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for MLflow's connections to leave.
-        stop_signal=signal.SIGINT, start_timeout=30, refuses_root=True,
+        stop_signal=signal.SIGINT, start_timeout=30, refuses_root=True, pid_file=f"{DATA}/postmaster.pid",
     )

@@ -126,6 +126,9 @@ class ServiceSpec:
     start_timeout: float = 60
     #: The program refuses to run as root (PostgreSQL): see :func:`service_account`.
     refuses_root: bool = False
+    #: A file (in the folder) naming the pid of the process that serves it, which the program refuses to start past
+    #: while that pid is alive (PostgreSQL's ``postmaster.pid``): a process killed with the machine leaves it.
+    pid_file: str | None = None
 
     @property
     def account(self) -> Account:

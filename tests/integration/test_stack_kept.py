@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -186,6 +187,45 @@ def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_at_once_then_on_
             assert int(stack.tracking_uri.rsplit(":", 1)[1]) != port
             same_run(stack)
     finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_stack_whose_postgres_died_with_the_machine_starts_again_when_its_old_pid_is_another_process(
+        mlflow_stack_factory, pytestconfig):
+    """A reboot (or a power cut) leaves PostgreSQL's postmaster.pid; after it, that pid is often another process
+    of PostgreSQL's account, and PostgreSQL refused to start ("lock file postmaster.pid already exists"): the
+    kept stack did not come back until someone deleted the file. The other process is left alone."""
+    import mlflow
+
+    from plantml.stack.service import service_account
+
+    if pytestconfig.getoption("--stack") != "local":
+        pytest.skip("a container's PostgreSQL has a pid namespace of its own")
+    folder = Path(tempfile.mkdtemp(prefix="plantml-reboot-"))
+    account = service_account(refuses_root=True)
+    squatter = None
+    try:
+        with mlflow_stack_factory(data_dir=folder) as stack:
+            client = mlflow.MlflowClient(stack.tracking_uri)
+            run_id = client.create_run(client.create_experiment(f"reboot_{uuid.uuid4().hex[:8]}")).info.run_id
+            client.log_metric(run_id, "val_loss", 0.25, step=1)
+            pid = stack.services["postgres"].process.pid
+            os.kill(pid, signal.SIGKILL)  # as a power cut ends it
+            stack.stop("postgres")  # and not brought back by this stack
+        postmaster = folder / "postgres" / "data" / "postmaster.pid"
+        assert postmaster.read_text().split("\n", 1)[0] == str(pid)  # what the killed postmaster left
+        squatter = subprocess.Popen(["sleep", "300"], user=account.uid, group=account.gid, cwd="/")
+        lines = postmaster.read_text().split("\n")
+        postmaster.write_text("\n".join([str(squatter.pid), *lines[1:]]))  # its pid, after the reboot
+
+        with mlflow_stack_factory(data_dir=folder) as stack:
+            history = mlflow.MlflowClient(stack.tracking_uri).get_metric_history(run_id, "val_loss")
+            assert [(m.step, m.value) for m in history] == [(1, 0.25)]
+        assert squatter.poll() is None
+    finally:
+        if squatter is not None:
+            squatter.kill()
+            squatter.wait()
         shutil.rmtree(folder, ignore_errors=True)
 
 
