@@ -23,7 +23,7 @@ from pathlib import Path
 
 import port_for
 
-from plantml.errors import ConfigError, StackError
+from plantml.errors import ConfigError, StackError, StorageError, UsageError
 from plantml.processes import process_start_time
 from plantml.settings import env_number
 from plantml.stack.base import Stack
@@ -294,9 +294,15 @@ class ManagedStack(Stack):
                 return
             pids = {name: svc.process.pid for name, svc in self.services.items()}
             processes = {name: {"pid": pid, "started": process_start_time(pid)} for name, pid in pids.items() if pid is not None}
-            self.folder.write_json(STATE, {"owner": self.stack_id, "backend": self.backend,
-                                           "ports": {name: dict(svc.spec.ports) for name, svc in self.services.items()},
-                                           "processes": processes})
+            try:
+                self.folder.write_json(STATE, {"owner": self.stack_id, "backend": self.backend,
+                                               "ports": {name: dict(svc.spec.ports) for name, svc in self.services.items()},
+                                               "processes": processes})
+            except (StorageError, UsageError) as exc:
+                # A full (or read-only) disk must not undo the (re)start that called this: its service was stopped
+                # again, five times, then the whole stack. The record is a hint for the next start's ports and for
+                # prune (which also finds PostgreSQL and SeaweedFS by their command lines): written at the next change.
+                log.warning("%s: the pids of this start are not recorded", exc)
 
 
 def initialize(runner: Runner, spec: ServiceSpec) -> None:

@@ -7,6 +7,7 @@ after a few seconds; ``plantml stack prune`` then removes the folder it could no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
@@ -146,3 +148,53 @@ def test_a_data_folder_deleted_under_stack_up_stops_it_in_one_line_and_leaves_no
     eventually(lambda: not any(alive(pid) for pid in processes))
     eventually(lambda: containers_of(up.process, docker) == [])
     assert not (tmp_path / "stack.env").exists()
+
+
+def test_a_service_that_dies_once_the_disk_is_full_still_comes_back(pytestconfig):
+    """Its restart records the new pid in state.json, which a full disk refused: each restart was stopped again
+    (a traceback each time) and after five the whole stack stopped, though the service itself needs no space."""
+    import requests
+
+    if pytestconfig.getoption("--stack") != "local":
+        pytest.skip("checked on the local backend: the record is written by code both backends share")
+    disk = Path(tempfile.mkdtemp(prefix="plantml-full-"))
+    disk.chmod(0o711)  # PostgreSQL's account enters it
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=711", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        shutil.rmtree(disk, ignore_errors=True)
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.strip()}")
+    env_file = disk.parent / f"{disk.name}.env"
+    up = StackUp("local", env_file, "--data-dir", str(disk / "stack"))
+    try:
+        folder = up.folder()
+        mlflow_pid = json.loads((folder / "state.json").read_text())["processes"]["mlflow"]["pid"]
+        with open(disk / "ballast", "wb", buffering=0) as ballast, contextlib.suppress(OSError):
+            while ballast.write(b"\0" * (1 << 20)):
+                pass
+
+        os.killpg(mlflow_pid, signal.SIGKILL)  # the MLflow server dies (the OOM killer) on the full disk
+
+        uri = read_env_file(env_file)["MLFLOW_TRACKING_URI"]
+
+        def answers() -> bool:
+            with contextlib.suppress(requests.RequestException):
+                return requests.get(f"{uri}/health", timeout=2).status_code == 200
+            return False
+
+        eventually(lambda: "mlflow exited unexpectedly" in up.output())
+        assert eventually(answers)
+        assert up.process.poll() is None
+        assert "Traceback" not in up.output()
+        assert f"stack data folder {folder}: no space left on device: the pids of this start are not recorded" \
+            in up.output()
+    finally:
+        up.process.send_signal(signal.SIGINT)
+        try:
+            up.process.wait(timeout=60)
+        finally:
+            up.process.kill()
+            up.process.wait()
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+            shutil.rmtree(disk, ignore_errors=True)
+            env_file.unlink(missing_ok=True)
