@@ -157,6 +157,9 @@ def _refuse_foreign(path: Path) -> None:
 
 #: The programs of a stack's local services whose command lines name its folder (MLflow's names none).
 SERVICE_PROGRAMS = ("postgres", "weed")
+#: In the environment of every local service: its folder in the stack's, so that prune tells the stack's own
+#: services from a process a person runs on the folder (``postgres --single`` repairing a dead stack's database).
+SERVICE_MARK = "PLANTML_SERVICE_FOLDER"
 
 
 def registry() -> Path:
@@ -395,21 +398,23 @@ def _recorded_processes(folder: StackFolder) -> dict[str, dict[str, Any]]:
 
 def _unrecorded_services(path: Path, recorded: set[int]) -> dict[str, dict[str, Any]]:
     """Services of a dead stack that its state file does not name (its start was killed between a spawn and
-    the record of it), found by their command line, which names their folder in ``path``: the next start
-    must wait for them too (a SeaweedFS still shutting down holds its store's lock). An argument names a path in
-    the folder when it, or its value after ``=`` (``-dir=``, ``-c hba_file=``), starts with the folder's path: a
-    live stack whose path merely contains this one (``/restore/srv/plantml`` for ``/srv/plantml``) is not its."""
-    inside = f"{path}{os.sep}"
+    the record of it): the PostgreSQL and SeaweedFS processes whose environment marks them as services of a
+    folder in ``path`` (:data:`SERVICE_MARK`). The next start must wait for them too (a SeaweedFS still
+    shutting down holds its store's lock). A process whose command line merely names the folder is not one:
+    another stack whose path contains this one's (``/restore/srv/plantml`` for ``/srv/plantml``), a person's
+    ``postgres --single`` on its database."""
     found = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            argv = [os.fsdecode(arg) for arg in (entry / "cmdline").read_bytes().split(b"\0")]
-        except OSError:  # ended meanwhile
+            program = Path(os.fsdecode((entry / "cmdline").read_bytes().split(b"\0", 1)[0])).name
+            if program not in SERVICE_PROGRAMS or int(entry.name) in recorded:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile, or another account's that we may not read: not one we started
             continue
-        program = Path(argv[0]).name
+        marks = [os.fsdecode(item).partition("=")[2] for item in environ if item.startswith(f"{SERVICE_MARK}=".encode())]
         started = process_start_time(int(entry.name))
-        if (program in SERVICE_PROGRAMS and int(entry.name) not in recorded and started is not None
-                and any(value.startswith(inside) for arg in argv[1:] for value in (arg, arg.partition("=")[2]))):
+        if started is not None and marks and Path(marks[0]).parent == path:
             found[f"{program} (unrecorded)"] = {"pid": int(entry.name), "started": started}
     return found
 

@@ -32,7 +32,7 @@ from plantml.errors import StackError
 from plantml.processes import process_start_time, working_in
 from plantml.settings import env_path
 from plantml.stack.endpoints import ArtifactMode
-from plantml.stack.folder import private_folder
+from plantml.stack.folder import SERVICE_MARK, private_folder
 from plantml.stack.s3 import find_weed
 from plantml.stack.service import Account, Command, Network, ServiceSpec
 from plantml.stack.stack import ManagedStack
@@ -127,7 +127,7 @@ class ServiceExecutor(Executor):
         pdeathsig = ["setpriv", f"--pdeathsig={spec.stop_signal.name}", "--"] if has_setpriv() else []
         super().__init__(
             [*pdeathsig, *command], timeout=spec.start_timeout, stop_signal=spec.stop_signal,
-            envvars=dict(spec.env), stdout=log_file, stderr=subprocess.STDOUT, cwd=str(spec.folder),
+            envvars={**spec.env, SERVICE_MARK: str(spec.folder)}, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(spec.folder),
             popen_kwargs=as_account(spec.account),
         )
         self.spec = spec

@@ -213,16 +213,17 @@ def test_a_data_dir_stays_with_owner_only_credentials_and_a_temporary_folder_goe
 
 
 KILLED_OWNER = textwrap.dedent("""
-    import json, subprocess, sys, time
+    import json, os, subprocess, sys, time
     from pathlib import Path
     from plantml.processes import process_start_time
-    from plantml.stack.folder import STATE, StackFolder
+    from plantml.stack.folder import SERVICE_MARK, STATE, StackFolder
     folder = StackFolder.open(None, "killed")
     folder.write_env_file(Path(sys.argv[1]), {"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
     # a stand-in SeaweedFS: its program named weed, its command line naming its folder in the stack's
     weed = Path(sys.argv[3]) / "weed"
     weed.symlink_to("/bin/sh")
-    service = subprocess.Popen([str(weed), "-c", "sleep 300; true", f"-dir={folder.path}/s3/data"], start_new_session=True)
+    service = subprocess.Popen([str(weed), "-c", "sleep 300; true", f"-dir={folder.path}/s3/data"], start_new_session=True,
+                               env={**os.environ, SERVICE_MARK: str(folder.path / "s3")})  # as the local runner starts it
     if sys.argv[2] == "recorded":  # else killed between the spawn and its record
         folder.write_json(STATE, {"processes": {"s3": {"pid": service.pid, "started": process_start_time(service.pid)}}})
     print(json.dumps({"folder": str(folder.path), "pid": service.pid}), flush=True)
@@ -275,6 +276,29 @@ def test_prune_leaves_alone_a_live_stack_whose_folder_path_contains_the_dead_sta
     finally:
         live.kill()
         live.wait()
+
+
+def test_prune_leaves_alone_a_postgres_a_person_runs_on_the_dead_stacks_database(tmp_path, monkeypatch):
+    """After a crash someone repairs the dead stack's database (``postgres --single -D DIR/postgres/data``); any
+    start elsewhere prunes that stack, and its prune took the repair for the stack's own server (its command line
+    names the folder) and SIGKILLed it 10 s on."""
+    from plantml.stack import folder as stack_folder
+
+    monkeypatch.setattr(stack_folder, "GRACE_S", 1.0)
+    dead = tmp_path / "stack"
+    subprocess.run([sys.executable, "-c", "import os, sys; from pathlib import Path; from plantml.stack.folder import "
+                    "StackFolder; StackFolder.open(Path(sys.argv[1]), 'dead'); os._exit(0)", str(dead)], check=True)
+    (tmp_path / "postgres").symlink_to("/bin/sh")  # a stand-in PostgreSQL, started from a person's shell
+    repair = subprocess.Popen([str(tmp_path / "postgres"), "-c", "sleep 300; true", "--single", "-D",
+                               f"{dead}/postgres/data", "mlflow"], start_new_session=True)
+    try:
+        removed = prune_local_stacks()
+
+        assert removed == [f"lock of {dead}"]
+        assert repair.poll() is None
+    finally:
+        repair.kill()
+        repair.wait()
 
 
 def _is_zombie(pid: int) -> bool:
