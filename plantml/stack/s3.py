@@ -136,7 +136,9 @@ def s3_service(spec: S3Spec, folder: Path, ports: Mapping[str, int], network: Ne
         )
     tls = make_mutual_tls()
     return ServiceSpec(
-        command=("weed", "mini", f"-dir={folder / 'data'}", f"-ip={network.host_of('s3')}", f"-ip.bind={network.bind}",
+        # -logtostderr: glog's default also writes every line to world-readable weed.* files in $TMPDIR (up to
+        # 1.8 GB each, never removed); stderr is the service's log, in the stack's folder and rotated with it
+        command=("weed", "-logtostderr", "mini", f"-dir={folder / 'data'}", f"-ip={network.host_of('s3')}", f"-ip.bind={network.bind}",
                  "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                  "-master.telemetry=false", "-disableHttp",  # no master or filer HTTP API: S3 is the only way in
                  f"-filer.localSocket={folder / FILER_SOCKET}", f"-s3.localSocket={folder / S3_SOCKET}",

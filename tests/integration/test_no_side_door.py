@@ -111,6 +111,17 @@ def test_another_local_user_can_read_no_file_of_the_stack(auth_stack):
     assert peek.returncode == 0 and peek.stdout == "", peek.stdout[:2000]
 
 
+def test_the_stacks_processes_write_no_file_outside_its_folder(auth_stack):
+    """Logs included: SeaweedFS's glog wrote each line again into world-readable ``weed.*`` files in $TMPDIR, which
+    no rotation bounded and no stop removed (its access key, folders and ports, for any local user to read)."""
+    if auth_stack.backend != "local":
+        pytest.skip("a container's processes write into the container's own file system")
+    inside = f"{auth_stack.folder.path}{os.sep}"
+    written = {(psutil.Process(pid).name(), file.path) for pid in stack_pids(auth_stack)
+               for file in psutil.Process(pid).open_files() if file.mode != "r"}
+    assert ("weed", f"{inside}logs/s3.log") in written  # the scan sees what the object store writes
+    assert sorted(entry for entry in written if not entry[1].startswith(inside)) == []
+
 def test_every_listening_port_is_declared_and_on_loopback(auth_stack):
     declared = {port for service in auth_stack.services.values() for port in service.spec.ports.values()}
     found = listening(stack_pids(auth_stack))
