@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from plantml.errors import ConfigError, Interrupted, PlantmlError
+from plantml.errors import ConfigError, Interrupted, PlantmlError, os_reason
 from plantml.text import mask_passwords, safe_text
 
 #: command name -> (module, attribute, one-line help shown by ``plantml --help``)
@@ -142,51 +142,70 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script wrapper: exit with :func:`main`'s code."""
-    _tolerant_stdout()
-    sys.exit(main())
+    """Console-script wrapper: exit with :func:`main`'s code, or 1 where stdout could not be written."""
+    stdout = _tolerant_stdout()
+    code = main()
+    if stdout is not None and stdout.failure is not None:
+        click.echo(f"plantml: error: standard output: {os_reason(stdout.failure)}; what the command printed there "
+                   "is lost", err=True)
+        code = code or 1
+    sys.exit(code)
 
 
-def _tolerant_stdout() -> None:
+def _tolerant_stdout() -> TolerantStdout | None:
     """Text the terminal's encoding cannot show (``✓``, a class named in Greek, in a Latin-1 locale) is written as
     ``\\u`` escapes, as Python already does on stderr, rather than a UnicodeEncodeError traceback halfway through;
-    a reader that goes away (``plantml train | head -1``) ends the printing, not the command (see :class:`PipeTolerant`)."""
-    if isinstance(sys.stdout, io.TextIOWrapper):
-        if sys.stdout.errors == "strict":
-            sys.stdout.reconfigure(errors="backslashreplace")
-        sys.stdout = PipeTolerant(sys.stdout)
+    a reader that goes away (``plantml train | head -1``) or a full disk ends the printing, not the command (see
+    :class:`TolerantStdout`). None where there is no stdout (``>&-``)."""
+    if not isinstance(sys.stdout, io.TextIOWrapper):
+        return None
+    if sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
+    sys.stdout = TolerantStdout(sys.stdout)
+    return sys.stdout
 
 
-class PipeTolerant:
-    """stdout that drops what is written once its reader has gone (EPIPE), instead of raising.
+class TolerantStdout:
+    """stdout that drops what is written once it cannot be written (its reader gone, its disk full), instead of raising.
 
-    A training whose output went into ``| head -1`` or a ``| tee`` that died would otherwise end
-    FAILED at its next epoch line, silently (click turns the BrokenPipeError into exit 1): what
-    the command does matters more than what it prints, and its results are in MLflow. File
-    descriptor 1 is pointed at /dev/null then, so Python's last flush at exit is silent too.
+    A training whose output went into ``| head -1``, a ``| tee`` that died or a file on a full disk
+    (``> train.log``) would otherwise end FAILED at its next epoch line, with a traceback: what the
+    command does matters more than what it prints, and its results are in MLflow. A reader that left
+    chose to (EPIPE): nothing is said. Any other failure is kept in :attr:`failure`, which
+    :func:`run` reports in one line once the command has ended. File descriptor 1 is pointed at
+    /dev/null then, so Python's last flush at exit is silent too.
     """
 
     def __init__(self, stream: io.TextIOWrapper) -> None:
         self._stream = stream
         self.reader_gone = False
+        #: Why stdout could not be written (not a reader gone): ``No space left on device``, an I/O error.
+        self.failure: OSError | None = None
 
     def write(self, text: str) -> int:
-        if not self.reader_gone:
+        if not self._dropped:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
-                self._drop()
+            except OSError as exc:
+                self._drop(exc)
         return len(text)
 
     def flush(self) -> None:
-        if not self.reader_gone:
+        if not self._dropped:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._drop()
+            except OSError as exc:
+                self._drop(exc)
 
-    def _drop(self) -> None:
-        self.reader_gone = True
+    @property
+    def _dropped(self) -> bool:
+        return self.reader_gone or self.failure is not None
+
+    def _drop(self, exc: OSError) -> None:
+        if isinstance(exc, BrokenPipeError):
+            self.reader_gone = True
+        else:
+            self.failure = exc
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, self._stream.fileno())

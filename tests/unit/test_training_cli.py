@@ -115,3 +115,33 @@ def test_a_reader_that_goes_away_ends_the_printing_not_the_training(leaves, tmp_
     assert process.returncode == 0, stderr.decode()
     assert (out / "best_model.pth").is_file() and (out / "training_history.json").is_file()
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+
+
+def test_stdout_on_a_full_disk_ends_the_printing_not_the_training_and_says_so_in_one_line(leaves, tmp_path):
+    """`plantml train > train.log` on a full disk (/dev/full): the run ends FINISHED, exit 1, one line naming stdout."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "plantml", "train", "--data-dir", str(leaves), *TINY],
+                              stdout=full, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == ("plantml: error: standard output: No space left on device; "
+                                            "what the command printed there is lost")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert [run.info.status for run in runs] == ["FINISHED"]
+
+
+def test_a_short_command_whose_stdout_is_full_says_so_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "plantml", "data", "synth", str(tmp_path / "set"), "--per-class", "3",
+                               "--size", "16"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (1, "plantml: error: standard output: No space left on device; "
+                                                 "what the command printed there is lost\n")
+    assert len(list((tmp_path / "set").rglob("*.png"))) == 6  # the command did its work
