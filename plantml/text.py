@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
+from typing import Any
 
 MASK = "***"
 """What a secret is shown as."""
@@ -27,6 +29,18 @@ def _replace(match: re.Match[str]) -> str:
 def safe_text(text: str) -> str:
     """``text`` with each undecodable file-name byte written as ``%XX`` and any other lone surrogate as U+FFFD."""
     return _SURROGATE.sub(_replace, text) if _SURROGATE.search(text) else text
+
+
+def safe_data(data: Any) -> Any:
+    """JSON-like ``data`` (mappings, lists, tuples, scalars) with :func:`safe_text` applied to every string in it, keys
+    included: ``json.dumps`` would write a lone surrogate as a ``\\udce9`` escape, which no UTF-8 reader can decode."""
+    if isinstance(data, str):
+        return safe_text(data)
+    if isinstance(data, Mapping):
+        return {safe_data(key): safe_data(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [safe_data(item) for item in data]
+    return data
 
 
 def name_text(name: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from plantml.datasets.cache import SetHold, hold
 from plantml.datasets.manifest import Manifest, build_manifest
 from plantml.errors import DataError
+from plantml.text import safe_data, safe_text
 
 SourceKind = Literal["synthetic", "local", "s3"]
 #: Pulls of one set in a row whose cached copy a cache clean-up removed before the training held it.
@@ -84,12 +85,12 @@ class DatasetRecord:
     def profile(self) -> str:
         """The JSON profile MLflow shows beside the data set: split sizes, classes and the whole
         content digest (MLflow's digest field keeps only its first 32 characters)."""
-        return json.dumps({**self.splits, "classes": list(self.classes), "content_sha256": self.digest}, sort_keys=True)
+        return json.dumps(safe_data({**self.splits, "classes": self.classes, "content_sha256": self.digest}), sort_keys=True)
 
     def source_json(self) -> str:
         """MLflow's source field: a JSON object naming the location."""
         key = "uri" if self.source_type == "s3" else "path"
-        return json.dumps({key: self.source})
+        return json.dumps({key: safe_text(self.source)})
 
 
 def locate(data_dir: str | Path | None, synthetic_folder: Any, *, progress: Any = None) -> DataSource:

@@ -21,7 +21,7 @@ from typing import Any
 from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
 from plantml.settings import TrackingSettings, export_env_file_credentials, resolve_tracking_settings
 from plantml.staging import check_writable
-from plantml.text import mask_passwords
+from plantml.text import mask_passwords, safe_data
 from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
 from plantml.tracking.active_run import ActiveRun
@@ -333,7 +333,7 @@ class MLflowTracker:
         """Save a JSON-serialisable dict as the artifact ``name`` (JSON, or YAML for ``.yaml``)."""
         check.check_artifact_name(name, "dict")
         check.check_json_serialisable(d, name)
-        text = dict_text(d, name)
+        text = dict_text(safe_data(d), name)
         self._log_file(name, lambda path: path.write_text(text, encoding="utf-8"), "dict")
 
     def log_text(self, text: str, name: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ValidationError
-from plantml.text import safe_text
+from plantml.text import safe_data, safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +311,6 @@ def dataset_fields(name: Any, digest: Any, source: Any, source_type: Any, profil
         fields["digest"] = fields["digest"][:32]
     if profile is not None and not isinstance(profile, str):
         check_json_serialisable(profile, "data set profile")
-        profile = json.dumps(profile, sort_keys=True)
+        profile = json.dumps(safe_data(profile), sort_keys=True)
     fields["profile"] = profile
     return fields

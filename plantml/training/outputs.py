@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from plantml.staging import folder_lock, local_writes, staging_folder
+from plantml.text import safe_data
 from plantml.training import figures
 from plantml.training.data import preprocessing
 from plantml.training.models import image_batch_signature
@@ -57,7 +58,7 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
                 with contextlib.suppress(OSError):  # a folder that cannot be locked (some network file systems)
                     held.enter_context(folder_lock(out_dir))
             write_whole(checkpoint, serialized.getvalue(), role)
-            write_whole(out_dir / "training_history.json", json.dumps(result.history, indent=2).encode(), role)
+            write_whole(out_dir / "training_history.json", json.dumps(safe_data(result.history), indent=2).encode(), role)
             tracker.log_dict(result.history, "training/training_history.json")
             tracker.log_artifact(checkpoint, artifact_path="models")
         result.checkpoint = checkpoint if keep else None

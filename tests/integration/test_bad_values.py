@@ -8,6 +8,7 @@ named in Latin-1 and on one holding a truncated JPEG.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -96,6 +97,13 @@ def test_training_on_a_folder_named_in_latin1_finishes_with_everything(leaves, m
     run = only_run(mlflow_client, experiment_name)
     assert run.info.status == "FINISHED"
     assert run.data.tags["dataset"] == "pl%E9nts" and run.data.tags["dataset_classes"] == "diseased,sain%E9"
+    # the dataset input and the history artifact say the same, in JSON every UTF-8 reader decodes (not "\\udce9")
+    [dataset] = [entry.dataset for entry in run.inputs.dataset_inputs]
+    assert json.loads(dataset.profile)["classes"] == ["diseased", "sain%E9"]
+    assert json.loads(dataset.source)["path"] == os.fsdecode(folder).replace("\udce9", "%E9")
+    history = Path(mlflow_client.download_artifacts(run.info.run_id, "training/training_history.json", str(tmp_path)))
+    assert json.loads(history.read_text(encoding="utf-8"))["classes"] == ["diseased", "sain%E9"]
+    assert b"\\udc" not in dataset.profile.encode() + dataset.source.encode() + history.read_bytes()
     assert run.data.params["train_size"] == "28" and run.data.params["skipped_images"] == "0"
     assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
     artifacts = {f.path for f in mlflow_client.list_artifacts(run.info.run_id)}
