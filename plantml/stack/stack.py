@@ -143,6 +143,8 @@ class ManagedStack(Stack):
             prune_local_stacks()  # what stacks killed before their teardown left behind
             folder = self.folder = StackFolder.open(self.data_dir, self.stack_id)
             self.folder_path = folder.path
+            if folder.temporary:  # made in $TMPDIR, which may be deep (removed again by stop)
+                _checked_data_dir(folder.path, "temporary stack folder", "; set TMPDIR to a shorter folder, or give --data-dir")
             self._start_services()
         except BaseException:
             self.stop()
@@ -358,15 +360,18 @@ def _checked_ports(fixed: dict[str, int | None]) -> dict[str, int | None]:
 _SOCKET_PATH_MAX = 107
 
 
-def _checked_data_dir(path: Path) -> Path:
-    """Refuse a data folder the object store cannot work in, in one line rather than its crash dump."""
-    raw = os.fsencode(path.expanduser().absolute())
+def _checked_data_dir(path: Path, what: str = "data folder", remedy: str = "") -> Path:
+    """Refuse a data folder the object store cannot work in, in one line rather than its crash dump.
+
+    The path checked is the one the services get: with its symbolic links resolved, as :meth:`StackFolder.open` does
+    (a short link to a long folder would pass a check of the link's own path)."""
+    raw = os.fsencode(path.expanduser().resolve())
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"data folder {path}: its path is not UTF-8, which SeaweedFS needs; choose another") from None
+        raise ConfigError(f"{what} {path}: its path is not UTF-8, which SeaweedFS needs; choose another{remedy}") from None
     longest = raw + os.fsencode(f"/s3/{max(FILER_SOCKET, S3_SOCKET, key=len)}")  # the object store's folder: see _describe
     if len(longest) > _SOCKET_PATH_MAX:
-        raise ConfigError(f"data folder {path}: its path is {len(raw)} bytes; the object store's sockets in it "
-                          f"({longest.decode()}) would pass the {_SOCKET_PATH_MAX}-byte limit of a Unix socket path")
+        raise ConfigError(f"{what} {path}: its path is {len(raw)} bytes; the object store's sockets in it "
+                          f"({longest.decode()}) would pass the {_SOCKET_PATH_MAX}-byte limit of a Unix socket path{remedy}")
     return path

@@ -79,6 +79,33 @@ def test_a_data_folder_the_object_store_cannot_use_is_named(tmp_path: Path) -> N
         make_stack("local", data_dir=deep)
 
 
+def test_a_short_link_to_a_data_folder_too_deep_for_the_sockets_is_refused(tmp_path: Path) -> None:
+    """The services get the folder with its links resolved: ``~/stack -> /mnt/a/deep/folder`` is checked as the latter."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    (tmp_path / "s").symlink_to(deep)
+    with pytest.raises(ConfigError, match=rf"^data folder {tmp_path}/s/stack: its path is .* would pass the 107-byte limit"):
+        make_stack("local", data_dir=tmp_path / "s" / "stack")
+    assert not (deep / "stack").exists()
+
+
+def test_a_tmpdir_too_deep_for_the_sockets_of_a_temporary_stack_is_named_before_anything_starts(tmp_path, monkeypatch,
+                                                                                                 capsys) -> None:
+    import tempfile
+
+    deep = tmp_path / ("t" * 90)  # a CI's or pytest's temporary folder: plantml-stack-XXXXXXXX/s3/filer.sock in it is too long
+    deep.mkdir()
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))  # what TMPDIR sets
+
+    assert main(["stack", "up"]) == 2
+
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"plantml: error: temporary stack folder {deep}/plantml-stack-")
+    assert line.endswith("would pass the 107-byte limit of a Unix socket path; set TMPDIR to a shorter folder, "
+                         "or give --data-dir")
+    assert list(deep.iterdir()) == []  # the folder made for it is gone, and no service ever ran
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="PLANTML_PG_USER only matters when plantml runs as root")
 def test_a_postgres_account_that_does_not_exist_is_named_not_replaced(monkeypatch) -> None:
     monkeypatch.setenv("PLANTML_PG_USER", "nosuchuser")
