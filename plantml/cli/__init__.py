@@ -142,44 +142,57 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script wrapper: exit with :func:`main`'s code, or 1 where stdout could not be written."""
-    stdout = _tolerant_stdout()
+    """Console-script wrapper: exit with :func:`main`'s code, or 1 where stdout or stderr could not be written."""
+    stdout, stderr = _tolerant_stdout(), _tolerant_stderr()
     code = main()
     if stdout is not None and stdout.failure is not None:
         click.echo(f"plantml: error: standard output: {os_reason(stdout.failure)}; what the command printed there "
                    "is lost", err=True)
         code = code or 1
+    if stderr is not None and stderr.failure is not None:  # nothing can say so: the exit code does
+        code = code or 1
     sys.exit(code)
 
 
-def _tolerant_stdout() -> TolerantStdout | None:
+def _tolerant_stderr() -> TolerantStream | None:
+    """stderr as :func:`_tolerant_stdout` makes stdout: a reader that goes away (``plantml train 2>&1 | head -1``,
+    a ``|& tee`` that died) ends the progress and error lines, not the command."""
+    if not isinstance(sys.stderr, io.TextIOWrapper):
+        return None
+    sys.stderr = TolerantStream(sys.stderr)
+    return sys.stderr
+
+
+def _tolerant_stdout() -> TolerantStream | None:
     """Text the terminal's encoding cannot show (``✓``, a class named in Greek, in a Latin-1 locale) is written as
     ``\\u`` escapes, as Python already does on stderr, rather than a UnicodeEncodeError traceback halfway through;
     a reader that goes away (``plantml train | head -1``) or a full disk ends the printing, not the command (see
-    :class:`TolerantStdout`). None where there is no stdout (``>&-``)."""
+    :class:`TolerantStream`). None where there is no stdout (``>&-``)."""
     if not isinstance(sys.stdout, io.TextIOWrapper):
         return None
     if sys.stdout.errors == "strict":
         sys.stdout.reconfigure(errors="backslashreplace")
-    sys.stdout = TolerantStdout(sys.stdout)
+    sys.stdout = TolerantStream(sys.stdout)
     return sys.stdout
 
 
-class TolerantStdout:
-    """stdout that drops what is written once it cannot be written (its reader gone, its disk full), instead of raising.
+class TolerantStream:
+    """stdout or stderr that drops what is written once it cannot be written (its reader gone, its disk full),
+    instead of raising.
 
     A training whose output went into ``| head -1``, a ``| tee`` that died or a file on a full disk
-    (``> train.log``) would otherwise end FAILED at its next epoch line, with a traceback: what the
+    (``> train.log``) would otherwise end FAILED at its next epoch line (or, for stderr, at its last line,
+    ``registered … version N``), with a traceback: what the
     command does matters more than what it prints, and its results are in MLflow. A reader that left
     chose to (EPIPE): nothing is said. Any other failure is kept in :attr:`failure`, which
-    :func:`run` reports in one line once the command has ended. File descriptor 1 is pointed at
+    :func:`run` reports in one line once the command has ended. Its file descriptor is pointed at
     /dev/null then, so Python's last flush at exit is silent too.
     """
 
     def __init__(self, stream: io.TextIOWrapper) -> None:
         self._stream = stream
         self.reader_gone = False
-        #: Why stdout could not be written (not a reader gone): ``No space left on device``, an I/O error.
+        #: Why the stream could not be written (not a reader gone): ``No space left on device``, an I/O error.
         self.failure: OSError | None = None
 
     def write(self, text: str) -> int:

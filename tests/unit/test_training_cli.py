@@ -117,6 +117,24 @@ def test_a_reader_that_goes_away_ends_the_printing_not_the_training(leaves, tmp_
     assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
 
 
+def test_a_reader_of_both_streams_that_goes_away_ends_the_printing_not_the_training(leaves, tmp_path):
+    """`plantml train 2>&1 | head -1` (or `|& tee` that died): the run's last line, on stderr, must not end it FAILED."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    process = subprocess.Popen([sys.executable, "-m", "plantml", "train", "--data-dir", str(leaves), *TINY],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    first = process.stdout.readline()
+    process.stdout.close()  # the reader goes away after one line, as head -1 does
+    assert process.wait(timeout=300) == 0
+    assert first.startswith(b"data: leaves")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert run.info.status == "FINISHED", run.data.tags.get("plantml.error.message")
+
+
 def test_stdout_on_a_full_disk_ends_the_printing_not_the_training_and_says_so_in_one_line(leaves, tmp_path):
     """`plantml train > train.log` on a full disk (/dev/full): the run ends FINISHED, exit 1, one line naming stdout."""
     import subprocess
