@@ -30,6 +30,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from collections import deque
@@ -125,7 +126,7 @@ class Journal:
         path = folder / f"{header.run_id}{SUFFIX}"
         data = header_line(header).encode()
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner-only, as its journals: see list_journals
             fd = write_whole(path, data)
         except OSError as exc:
             raise write_error(folder, exc) from None
@@ -394,11 +395,27 @@ class Journal:
 
 
 def list_journals(folder: Path) -> list[Path]:
-    """The journals in ``folder`` (not those kept aside, nor ones still being created), oldest first."""
+    """This account's journals in ``folder`` (not those kept aside, nor ones still being created), oldest first.
+
+    A journal is delivered with this account's credentials and its artifact entries name files to upload: one
+    another account planted (in a shared ``PLANTML_JOURNAL_DIR`` such as ``/tmp/journals``, or a folder made
+    world-writable under ``umask 000``), or a link to one, would have this account send that account's run, or
+    its own private files, to the server. Such a file is passed over, with a warning naming it."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.glob(f"*{SUFFIX}") if not p.name.startswith(".")]
-    return sorted(found, key=lambda p: p.stat().st_mtime if p.exists() else 0)
+    found = []
+    for path in folder.glob(f"*{SUFFIX}"):
+        try:
+            info = path.lstat()
+        except FileNotFoundError:  # recovered or kept aside meanwhile
+            continue
+        if path.name.startswith("."):
+            continue
+        if info.st_uid != os.geteuid() or not stat.S_ISREG(info.st_mode):
+            logger.warning("journal %s: not a file of this account (uid %d), so not recovered", path, info.st_uid)
+            continue
+        found.append((info.st_mtime, path))
+    return [path for _, path in sorted(found)]
 
 
 def read_header(path: Path) -> JournalHeader:

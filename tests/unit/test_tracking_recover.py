@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from plantml.cli import main
 from plantml.errors import UsageError
 from plantml.settings import parse_duration, resolve_tracking_settings
 from plantml.tracking import MLflowTracker
-from plantml.tracking.entries import End, MetricPoint, Model, Param, Tag
+from plantml.tracking.entries import Artifact, End, MetricPoint, Model, Param, Tag
 from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.recover import recover_journal, recover_orphans
@@ -61,6 +62,22 @@ ENTRIES = [MetricPoint("loss", 1.0, 100, 0), MetricPoint("loss", 0.5, 200, 1), P
 
 def history(client, run_id):
     return [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plays another account (nobody) planting a journal, which needs root")
+def test_a_journal_another_account_planted_in_the_folder_is_not_delivered(store, tmp_path, caplog) -> None:
+    """A shared PLANTML_JOURNAL_DIR (/tmp/journals): nobody's journal must not upload our files as our run's artifacts."""
+    client, _, _, run_id, folder = store
+    private = tmp_path / "id_rsa"
+    private.write_text("PRIVATE KEY")
+    planted = write_journal(store, [Param("lr", "0.1"), Artifact(str(private), None, False)])
+    os.chown(planted, 65534, 65534)  # nobody's file, as if nobody had written it there
+
+    assert main(["tracking", "recover"]) == 0
+
+    assert client.list_artifacts(run_id) == [] and client.get_run(run_id).data.params == {}
+    assert f"journal {planted}: not a file of this account (uid 65534), so not recovered" in caplog.messages
+    assert planted.exists() and folder.stat().st_mode & 0o777 == 0o700  # the folder plantml made is owner-only
 
 
 def test_a_dead_process_journal_is_delivered_once_and_its_run_ended_killed(store) -> None:
