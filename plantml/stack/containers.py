@@ -32,7 +32,7 @@ from plantml.errors import ConfigError, StackError
 from plantml.processes import process_start_time
 from plantml.settings import env_value
 from plantml.stack.endpoints import ArtifactMode
-from plantml.stack.folder import write_private
+from plantml.stack.files import write_private
 from plantml.stack.images import BUILD_HINT, REGISTRY_IMAGES, default_mlflow_image, default_postgres_image, default_seaweedfs_image
 from plantml.stack.s3 import resolve_flavour
 from plantml.stack.service import SERVICE_NAMES, Command, Network, ServiceSpec

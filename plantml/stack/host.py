@@ -32,7 +32,8 @@ from plantml.errors import StackError
 from plantml.processes import process_start_time, working_in
 from plantml.settings import env_path
 from plantml.stack.endpoints import ArtifactMode
-from plantml.stack.folder import SERVICE_MARK, private_folder
+from plantml.stack.files import private_folder
+from plantml.stack.folder import SERVICE_MARK
 from plantml.stack.s3 import find_weed
 from plantml.stack.service import Account, Command, Network, ServiceSpec
 from plantml.stack.stack import ManagedStack

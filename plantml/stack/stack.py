@@ -28,7 +28,8 @@ from plantml.processes import process_start_time
 from plantml.settings import env_number
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
-from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks, sync_folder
+from plantml.stack.files import sync_folder
+from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks
 from plantml.stack.mlflow_server import MLflowServerSpec, mlflow_service
 from plantml.stack.postgres import PostgresSpec, postgres_service
 from plantml.stack.s3 import FILER_SOCKET, S3_SOCKET, S3Spec, s3_service, seaweed_security_env
