@@ -18,21 +18,29 @@ import atexit
 import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours (they run newest first)
 import logging
 import threading
-import weakref
 from typing import Any
 
 from plantml.errors import one_line
 
 logger = logging.getLogger(__name__)
 
-_LIVE_TRACKERS: weakref.WeakSet[Any] = weakref.WeakSet()
+#: The trackers with a run open, held until it ends: a tracker nobody holds any more (made in a function that
+#: returned without ``end_run``, a notebook cell run again) would otherwise take its run's end with it, leaving
+#: the run RUNNING for good and what it logged last undelivered.
+_LIVE_TRACKERS: dict[int, Any] = {}
 _LIVE_LOCK = threading.Lock()
 
 
-def register(tracker: Any) -> None:
-    """Remember ``tracker`` (weakly) so that its open run is ended at exit."""
+def opened(tracker: Any) -> None:
+    """Hold ``tracker``, whose run just started, until :func:`closed`, so that the run is ended at exit."""
     with _LIVE_LOCK:
-        _LIVE_TRACKERS.add(tracker)
+        _LIVE_TRACKERS[id(tracker)] = tracker
+
+
+def closed(tracker: Any) -> None:
+    """Let go of ``tracker``: its run has ended (or belongs to the process it was forked from)."""
+    with _LIVE_LOCK:
+        _LIVE_TRACKERS.pop(id(tracker), None)
 
 
 #: Runs whose flush at exit ran out of time: their end waits no second timeout.
@@ -42,7 +50,7 @@ _NOT_FLUSHED: set[str] = set()
 def flush_open_runs() -> None:
     """Deliver what every open run has pending, while thread pools still take work (see the module docstring)."""
     with _LIVE_LOCK:
-        trackers = list(_LIVE_TRACKERS)
+        trackers = list(_LIVE_TRACKERS.values())
     for tracker in trackers:
         run_id = tracker.run_id
         if run_id is not None:
@@ -59,7 +67,7 @@ def flush_open_runs() -> None:
 def end_abandoned_runs(announce: bool = True) -> None:
     """End KILLED every run a tracker of this process still has open (at exit, or on a signal nothing caught)."""
     with _LIVE_LOCK:
-        trackers = list(_LIVE_TRACKERS)
+        trackers = list(_LIVE_TRACKERS.values())
     for tracker in trackers:
         run_id = tracker.run_id
         if run_id is not None:

@@ -97,7 +97,6 @@ class MLflowTracker:
         self._active: ActiveRun | None = None
         self._requests_done = 0  # by the runs that ended
         self._failed_tries_done = 0
-        open_runs.register(self)
         if recover_timeout > 0:
             recover_at_start(self.delivery_settings, self.settings, recover_timeout)
 
@@ -180,6 +179,7 @@ class MLflowTracker:
             self._call(f"end run {run_id}", self._transport.terminate, run_id, "FAILED")
             raise TrackingError(f"run {run_id} ended FAILED: {exc}") from None
         self._active = active
+        open_runs.opened(self)
         active.sender.write(tags)
         return run
 
@@ -200,6 +200,7 @@ class MLflowTracker:
         active = self._active
         if active is None or active.forked:  # a forked child's exit (``with``, atexit) leaves the parent's run alone
             self._active = None
+            open_runs.closed(self)
             return
         interrupted = signals.received() if active.signals else None
         if timeout is None:
@@ -209,6 +210,7 @@ class MLflowTracker:
         try:
             with signals.deferred():
                 self._active = None
+                open_runs.closed(self)
                 report = active.finish(status, timeout, error)
                 self._requests_done += active.sender.transport.requests_sent
                 self._failed_tries_done += active.sender.failed_tries

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,6 +112,33 @@ def test_run_left_open_is_ended_killed_at_exit(tracker) -> None:
     run = tracker.start_run()
     end_abandoned_runs()
     assert _run(tracker, run.run_id).info.status == "KILLED"
+
+
+LEFT_IN_A_FUNCTION = """
+import sys
+from plantml.tracking import MLflowTracker
+
+def train():  # its tracker is dropped on return, its run still open
+    tracker = MLflowTracker(tracking_uri=sys.argv[1], experiment_name=sys.argv[2], recover_timeout=0)
+    tracker.start_run()
+    tracker.log_metric("loss", 0.5, step=1)
+    print(tracker.run_id, flush=True)
+
+train()
+"""
+
+
+def test_a_run_whose_tracker_was_dropped_is_still_ended_killed_at_exit(tracker, tmp_path) -> None:
+    # was: the tracker, weakly remembered, went with the function's return: the run stayed RUNNING and the metric,
+    # still lingering for company, never left the journal
+    child = subprocess.run([sys.executable, "-c", LEFT_IN_A_FUNCTION, tracker.tracking_uri, tracker.experiment_name],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert child.returncode == 0, child.stderr
+    run_id = child.stdout.split()[0]
+    stored = _run(tracker, run_id)
+    assert stored.info.status == "KILLED"
+    assert stored.data.metrics == {"loss": 0.5}
+    assert not list((tmp_path / "journal").glob("*.jsonl")), "the journal stayed behind"
 
 
 def test_logging_without_a_run_is_a_usage_error(tracker) -> None:
