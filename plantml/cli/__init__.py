@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, _Stopped) as exc:
         interrupt = exc.interrupt if isinstance(exc, _Stopped) else exc
+        if isinstance(interrupt, Interrupted):  # raised by the tracker's handlers: a second signal from here to the exit only hurries it
+            from plantml.tracking import signals
+
+            signals.exiting()
         from plantml.settings import env_value
 
         if env_value("RANK") == "0":  # the other ranks of a training stop silently: rank 0 says it

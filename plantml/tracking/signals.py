@@ -17,6 +17,7 @@ behaviour.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -47,6 +48,7 @@ class _State:
         self.pending = False  # received inside a deferred() section, to raise on leaving it
         self.hook_installed = False
         self.lingering_until = 0.0  # ours stay after the last uninstall, when it came during an interruption
+        self.exiting = False  # the process is ending (uncaught interruption, atexit, the command line's exit)
         self.on_uncaught: list[Callable[[Interrupted], None]] = []
 
 
@@ -61,7 +63,7 @@ def install() -> None:
         raise UsageError("handle_signals needs the main thread (Python delivers signals only there)")
     if _state.installed == 0:
         _state.owner_pid = os.getpid()
-        _state.current, _state.count, _state.pending = None, 0, False
+        _state.current, _state.count, _state.pending, _state.exiting = None, 0, False, False
         if not _state.previous:  # (still there when ours linger after an interruption)
             _state.previous = {signum: signal.signal(signum, _handler) for signum in HANDLED}
     _state.installed += 1
@@ -69,14 +71,18 @@ def install() -> None:
         _state.hook_installed = True
         previous_hook = sys.excepthook
         sys.excepthook = lambda kind, exc, tb: _excepthook(previous_hook, kind, exc, tb)
+        atexit.register(exiting)  # registered after open_runs' hook, so it runs before it
 
 
 def uninstall() -> None:
     """Undo one :func:`install`; the last one restores the previous handlers.
 
-    Not at once after an interruption: the process is on its way out, and a second Ctrl-C
-    a moment later must not turn into a traceback. For ``AFTER_INTERRUPT_S`` seconds
-    further signals only hurry; the first one after that gets the previous handler.
+    Not at once after an interruption: the process may be on its way out, and a second Ctrl-C
+    a moment later must not turn into a traceback. For ``AFTER_INTERRUPT_S`` seconds,
+    while the interruption is still being handled (unwinding, an ``except`` block) or the
+    process is :func:`exiting`, further signals only hurry. Any other signal (a notebook or
+    an application that caught the interruption and went on) gets the previous handler,
+    which is restored then.
     """
     if _state.installed == 0:
         return
@@ -102,7 +108,7 @@ def reset() -> None:
     """Forget an interruption and give the signals back to the handlers before ours, at once
     (an interactive session that caught the :class:`Interrupted` and goes on)."""
     if _state.installed == 0 and threading.current_thread() is threading.main_thread():
-        _state.current, _state.count, _state.lingering_until = None, 0, 0.0
+        _state.current, _state.count, _state.lingering_until, _state.exiting = None, 0, 0.0, False
         _restore()
 
 
@@ -110,6 +116,18 @@ def _restore() -> None:
     for signum, previous in _state.previous.items():
         signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
     _state.previous = {}
+
+
+def exiting() -> None:
+    """Say the process is ending: a signal shortly after an interruption only hurries it (see :func:`uninstall`)."""
+    _state.exiting = True
+
+
+def _lingering() -> bool:
+    """Whether ours still hold after the last uninstall: soon after an interruption, while the process
+    unwinds it or exits (rather than went on after catching it)."""
+    unwinding = sys.exc_info()[0] is not None
+    return time.monotonic() <= _state.lingering_until and (unwinding or _state.exiting)
 
 
 def received() -> Interrupted | None:
@@ -154,7 +172,7 @@ def _handler(signum: int, frame: Any) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
-    if _state.installed == 0 and time.monotonic() > _state.lingering_until:
+    if _state.installed == 0 and not _lingering():
         previous = _state.previous.get(signum, signal.SIG_DFL)  # no run handles signals any more: as before us
         _restore()
         if callable(previous):
@@ -176,6 +194,7 @@ def _excepthook(previous: Callable[..., Any], kind: type, exc: BaseException, tb
     if not isinstance(exc, Interrupted) or os.getpid() != _state.owner_pid:
         previous(kind, exc, tb)
         return
+    _state.exiting = True
     for callback in list(_state.on_uncaught):
         try:
             callback(exc)

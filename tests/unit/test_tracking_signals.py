@@ -104,17 +104,38 @@ def test_after_an_interruption_a_second_signal_only_hurries_then_ctrl_c_works_ag
     from plantml.errors import Interrupted
 
     monkeypatch.setattr(handling, "AFTER_INTERRUPT_S", 0.3)
-    with pytest.raises(Interrupted):
+    try:
         signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
         time.sleep(0.01)
-    handling.uninstall()  # the run ended; the process may be on its way out
-    signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
-    time.sleep(0.01)  # swallowed: no traceback while exiting
+    except Interrupted:  # the process unwinds the interruption on its way out
+        handling.uninstall()  # the run ended
+        signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
+        time.sleep(0.01)  # swallowed: no traceback while exiting
     assert handling.hurry()
+    handling.exiting()  # past the last except block: atexit
+    signal.raise_signal(signal.SIGINT)
+    time.sleep(0.01)  # swallowed too
     time.sleep(0.4)  # the grace is over
     with pytest.raises(KeyboardInterrupt) as raised:
         signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
         time.sleep(0.01)
     assert not isinstance(raised.value, Interrupted)  # Python's own handler again, and for good
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    handling.install()  # for the fixture's uninstall
+
+
+def test_after_an_interruption_caught_and_gone_past_ctrl_c_works_at_once_and_the_handler_is_given_back(handling) -> None:
+    from plantml.errors import Interrupted
+
+    # a notebook cell interrupted during its run: the kernel catches the interruption and goes on
+    with pytest.raises(Interrupted):
+        signal.raise_signal(signal.SIGINT)  # to this thread: no other thread can take it
+        time.sleep(0.01)
+    handling.uninstall()  # the run ended
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt) as raised:  # the next cell's Ctrl-C: was swallowed for 30 s
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(1.0)
+    assert time.monotonic() - started < 0.5 and not isinstance(raised.value, Interrupted)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     handling.install()  # for the fixture's uninstall
