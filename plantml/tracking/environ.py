@@ -1,8 +1,9 @@
 """Process-wide MLflow settings applied for the duration of one call, under one lock.
 
 MLflow reads some settings from process-wide state at call time: the S3 artifact
-repository reads MLFLOW_S3_ENDPOINT_URL and AWS_* from os.environ, and
-``mlflow.pytorch.log_model`` uses the global tracking URI. A tracker (or its sender
+repository reads MLFLOW_S3_ENDPOINT_URL and AWS_* from os.environ, and the model registry
+of a database store (sqlite, PostgreSQL) finds the logged model a new version points at
+through the global tracking URI, whatever the client's own. A tracker (or its sender
 thread) applies its own values only for the duration of such a call, under this lock,
 then restores the old ones; that is what keeps two trackers on two servers from writing
 to each other's.
@@ -60,3 +61,22 @@ def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = old
+
+
+@contextlib.contextmanager
+def scoped_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` under the module lock, the host's put back after.
+
+    Set in MLflow's module variable itself: ``mlflow.set_tracking_uri`` would also write
+    MLFLOW_TRACKING_URI into the environment and unset it when put back to None, taking a
+    variable the host had set with it.
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    with GLOBAL_STATE_LOCK:
+        saved = utils._tracking_uri
+        utils._tracking_uri = uri
+        try:
+            yield
+        finally:
+            utils._tracking_uri = saved

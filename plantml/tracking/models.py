@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from plantml.tracking.entries import Model, ModelProgress
-from plantml.tracking.environ import scoped_environ
+from plantml.tracking.environ import scoped_environ, scoped_tracking_uri
 
 if TYPE_CHECKING:
     from plantml.tracking.transport import Transport
@@ -139,7 +139,10 @@ def deliver_model(transport: Transport, run_id: str, model: Model, progress: Mod
         if name and progress.version is None:
             tried = progress.register_tried or maybe_sent
             done(register_tried=True)
-            done(version=_register(client, name, model_id, run_id, tried))
+            # a database store's registry looks the logged model up in the global tracking URI's store: this one's here
+            in_store = contextlib.nullcontext() if transport.is_http else scoped_tracking_uri(transport.settings.tracking_uri)
+            with in_store:
+                done(version=_register(client, name, model_id, run_id, tried))
         logged = client.get_logged_model(model_id)
     return _model_info(Path(model.src), logged, progress.version)
 

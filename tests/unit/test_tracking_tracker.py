@@ -141,6 +141,23 @@ def test_a_run_whose_tracker_was_dropped_is_still_ended_killed_at_exit(tracker, 
     assert not list((tmp_path / "journal").glob("*.jsonl")), "the journal stayed behind"
 
 
+def test_a_model_registers_in_a_store_that_is_not_mlflows_global_one(tracker, tmp_path) -> None:
+    import mlflow
+    import torch
+
+    # the store is in another folder than the working one (MLflow's global default, sqlite:///mlflow.db)
+    host_uri = mlflow.get_tracking_uri()
+    run = tracker.start_run()
+    info = tracker.log_model(torch.nn.Linear(2, 2), registered_model_name="elsewhere", wait=20)
+    # was: PendingModel after the wait, "Logged model with ID 'm-…' not found" (looked up in ./mlflow.db, made for it)
+    assert getattr(info, "registered_model_version", None) == 1, tracker.last_delivery_error
+    tracker.end_run()
+    client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri, registry_uri=tracker.tracking_uri)
+    [version] = client.search_model_versions("name='elsewhere'")
+    assert version.run_id == run.run_id and _run(tracker, run.run_id).info.status == "FINISHED"
+    assert mlflow.get_tracking_uri() == host_uri and not (tmp_path / "mlflow.db").exists()
+
+
 def test_logging_without_a_run_is_a_usage_error(tracker) -> None:
     with pytest.raises(UsageError, match="no active run"):
         tracker.log_metric("loss", 1.0)
