@@ -50,6 +50,7 @@ from plantml.tracking.journal_format import (
     progress_line,
     read_lines,
     refused_line,
+    upgrade_v1,
 )
 from plantml.tracking.journal_io import free_space, partial_path, read_all, write_all, write_whole
 
@@ -157,6 +158,10 @@ class Journal:
             data = read_all(fd)
             first = data.find(b"\n")
             header = parse_header(data[: first if first >= 0 else len(data)], path)
+            if header.version == 1:  # an older plantml's: written again as a current journal, under our lock
+                fd, data = _upgraded(path, fd, data)
+                first = data.find(b"\n")
+                header = parse_header(data[:first], path)
             body = first + 1 if first >= 0 else len(data)
             scan = LineScan()
             read_lines(data, body, scan, lambda record, at: None)
@@ -392,6 +397,19 @@ class Journal:
         if what not in self._warned:
             self._warned.add(what)
             logger.warning(message, *args)
+
+
+def _upgraded(path: Path, fd: int, data: bytes) -> tuple[int, bytes]:
+    """Write the version-1 journal ``data`` (open and locked as ``fd``) again as a current one; its locked descriptor."""
+    upgraded = upgrade_v1(data)
+    try:
+        partial_path(path).unlink(missing_ok=True)
+        new_fd = write_whole(path, upgraded)
+    except OSError as exc:
+        raise UsageError(f"journal {path}: an older plantml's journal, not written again as a current one "
+                         f"({exc.strerror or exc})") from None
+    os.close(fd)
+    return new_fd, upgraded
 
 
 def list_journals(folder: Path) -> list[Path]:

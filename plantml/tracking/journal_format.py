@@ -34,6 +34,9 @@ from plantml.errors import UsageError
 from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, ModelProgress, Param, Record, Tag
 
 JOURNAL_VERSION = 2
+#: Journal formats this plantml reads: 1 (plantml before the write-ahead journal, 26-29 Nov 2026: a whole file
+#: written when end_run gave up waiting, entries unnumbered) is read by :func:`upgrade_v1`.
+READABLE_VERSIONS = (1, 2)
 
 
 def process_started(pid: int) -> float | None:
@@ -58,6 +61,7 @@ class JournalHeader:
     pid: int = 0
     pid_started: float | None = None
     journal_id: str = ""
+    version: int = JOURNAL_VERSION
 
     @classmethod
     def for_this_process(cls, run_id: str, tracking_uri: str, experiment_id: str) -> JournalHeader:
@@ -67,6 +71,8 @@ class JournalHeader:
 
     def writer_gone(self) -> bool:
         """True when the process that wrote this journal no longer runs on this machine."""
+        if self.version == 1:
+            return True  # written whole at end_run's timeout; no process writes it again
         if self.host != socket.gethostname():
             return False  # another machine's process: nothing here can tell
         started = process_started(self.pid)
@@ -161,11 +167,45 @@ def parse_header(raw: bytes, path: Path) -> JournalHeader:
     """The header in ``raw`` (line 1 of ``path``); a one-line :class:`UsageError` when it is not one."""
     try:
         head = json.loads(raw.decode("utf-8"))
-        return JournalHeader(str(head["run_id"]), str(head["tracking_uri"]), str(head["experiment_id"]),
-                             float(head["created"]), str(head.get("host", "")), int(head.get("pid", 0)),
-                             head.get("pid_started"), str(head.get("journal_id", "")))
+        header = JournalHeader(str(head["run_id"]), str(head["tracking_uri"]), str(head["experiment_id"]),
+                               float(head["created"]), str(head.get("host", "")), int(head.get("pid", 0)),
+                               head.get("pid_started"), str(head.get("journal_id", "")), head["journal"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UsageError(f"journal {path}: not a plantml journal (line 1 is not a journal header)") from None
+    if header.version not in READABLE_VERSIONS:
+        raise UsageError(f"journal {path}: journal format {header.version!r} is not one this plantml reads "
+                         f"({', '.join(map(str, READABLE_VERSIONS))}): recover it with the plantml that wrote it")
+    return header
+
+
+def upgrade_v1(data: bytes) -> bytes:
+    """A version-1 journal (header, then unnumbered entries with their run id) as a current one, entries numbered
+    in the order written; a model's delivery progress, which version 1 kept in its entry, becomes a progress line.
+    A line that cannot be read is kept as it is, so reading the result reports it."""
+    lines = data.split(b"\n")
+    head = json.loads(lines[0].decode("utf-8"))
+    header = JournalHeader(str(head["run_id"]), str(head["tracking_uri"]), str(head["experiment_id"]),
+                           float(head["created"]), journal_id=f"v1-{uuid.uuid4().hex}")
+    out, progress, seq = [header_line(header)], [], 0
+    for raw in lines[1:]:
+        if not raw.strip():
+            continue
+        seq += 1
+        try:
+            line = json.loads(raw.decode("utf-8"))
+            if "artifact" in line:
+                line["a"] = line.pop("artifact")
+            record = Record(seq, _decode_entry(line))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            out.append(raw.decode("ascii", "backslashreplace") + "\n")
+            continue
+        out.append(encode(record))
+        spec = line.get("model")
+        if isinstance(spec, dict) and any(spec.get(key) for key in ("model_id", "linked", "uploaded", "register_tried")):
+            progress.append(progress_line(seq, ModelProgress(spec.get("model_id"), bool(spec.get("linked")),
+                                                             bool(spec.get("uploaded")), spec.get("version"),
+                                                             bool(spec.get("register_tried")))))
+    return "".join(out + progress).encode("ascii")
 
 
 @dataclass

@@ -249,8 +249,8 @@ def recover_at_start(delivery: DeliverySettings, settings: TrackingSettings, bud
 def describe_orphan(path: Path) -> str:
     """What recovering ``path`` would do, in one line (for ``recover --dry-run``)."""
     header = read_header(path)
-    return (f"would recover {path}: run {header.run_id} on {header.tracking_uri} "
-            f"(pid {header.pid} on {header.host} is gone)")
+    writer = f"pid {header.pid} on {header.host} is gone" if header.version > 1 else "left by an older plantml"
+    return f"would recover {path}: run {header.run_id} on {header.tracking_uri} ({writer})"
 
 
 #: The shortest ``--stale``: a live run's heartbeat is up to a minute old (plus a busy
