@@ -160,7 +160,10 @@ def load_check(ctx: click.Context, model: str, batch_size: int, image_size: int,
     from plantml.errors import RegistryError
 
     loaded = reg.load_checkpoint(model) if no_pickle else reg.load_model(model)
-    loaded.eval()
+    try:
+        loaded.eval()
+    except NotImplementedError:  # a torch.export graph (MLflow's pt2, older plantml train's format): its mode is the one it was exported in
+        pass
     try:
         with torch.no_grad():
             output = loaded(torch.rand(batch_size, 3, image_size, image_size))
