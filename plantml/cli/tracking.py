@@ -49,7 +49,7 @@ def _show(report) -> None:
 def _server_of(path: Path) -> str | None:
     """The tracking URI ``path`` names; None when its header cannot be read (its recovery says why)."""
     from plantml.errors import UsageError
-    from plantml.tracking.journal import read_header
+    from plantml.tracking.journal_io import read_header
 
     try:
         return read_header(path).tracking_uri

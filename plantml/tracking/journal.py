@@ -30,7 +30,6 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import threading
 import time
 from collections import deque
@@ -52,11 +51,11 @@ from plantml.tracking.journal_format import (
     refused_line,
     upgrade_v1,
 )
-from plantml.tracking.journal_io import free_space, partial_path, read_all, write_all, write_whole
+from plantml.tracking.journal_io import SUFFIX, free_space, partial_path, read_all, write_all, write_whole
 
 logger = logging.getLogger(__name__)
 
-SUFFIX = ".jsonl"
+
 #: Bytes a journal grows by before it is written again without what the server has (about 900,000 metric points).
 COMPACT_AT = 64 << 20
 #: Most undelivered records a compaction rewrites: it holds the journal's lock, so a writer waits (~10 ms at 1,000; 1 s at 100,000).
@@ -410,37 +409,3 @@ def _upgraded(path: Path, fd: int, data: bytes) -> tuple[int, bytes]:
                          f"({exc.strerror or exc})") from None
     os.close(fd)
     return new_fd, upgraded
-
-
-def list_journals(folder: Path) -> list[Path]:
-    """This account's journals in ``folder`` (not those kept aside, nor ones still being created), oldest first.
-
-    A journal is delivered with this account's credentials and its artifact entries name files to upload: one
-    another account planted (in a shared ``PLANTML_JOURNAL_DIR`` such as ``/tmp/journals``, or a folder made
-    world-writable under ``umask 000``), or a link to one, would have this account send that account's run, or
-    its own private files, to the server. Such a file is passed over, with a warning naming it."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.glob(f"*{SUFFIX}"):
-        try:
-            info = path.lstat()
-        except FileNotFoundError:  # recovered or kept aside meanwhile
-            continue
-        if path.name.startswith("."):
-            continue
-        if info.st_uid != os.geteuid() or not stat.S_ISREG(info.st_mode):
-            logger.warning("journal %s: not a file of this account (uid %d), so not recovered", path, info.st_uid)
-            continue
-        found.append((info.st_mtime, path))
-    return [path for _, path in sorted(found)]
-
-
-def read_header(path: Path) -> JournalHeader:
-    """A journal's header alone (no lock taken): enough to decide whether to recover it."""
-    try:
-        with open(path, "rb") as src:
-            first = src.readline()
-    except FileNotFoundError:
-        raise UsageError(f"journal {path}: no such file") from None
-    return parse_header(first.rstrip(b"\n"), path)

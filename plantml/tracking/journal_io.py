@@ -1,11 +1,21 @@
-"""The journal's file primitives: whole writes, whole reads, a file written whole before it takes its name."""
+"""The journal's files: whole writes, whole reads, a file written whole before it takes its name; finding journals."""
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
+import stat
 from pathlib import Path
+
+from plantml.errors import UsageError
+from plantml.tracking.journal_format import JournalHeader, parse_header
+
+logger = logging.getLogger(__name__)
+
+#: A journal's file name: ``<run_id>.jsonl``.
+SUFFIX = ".jsonl"
 
 
 def free_space(folder: Path) -> str:
@@ -60,3 +70,37 @@ def read_all(fd: int, offset: int = 0) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         offset += len(chunk)
+
+
+def list_journals(folder: Path) -> list[Path]:
+    """This account's journals in ``folder`` (not those kept aside, nor ones still being created), oldest first.
+
+    A journal is delivered with this account's credentials and its artifact entries name files to upload: one
+    another account planted (in a shared ``PLANTML_JOURNAL_DIR`` such as ``/tmp/journals``, or a folder made
+    world-writable under ``umask 000``), or a link to one, would have this account send that account's run, or
+    its own private files, to the server. Such a file is passed over, with a warning naming it."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob(f"*{SUFFIX}"):
+        try:
+            info = path.lstat()
+        except FileNotFoundError:  # recovered or kept aside meanwhile
+            continue
+        if path.name.startswith("."):
+            continue
+        if info.st_uid != os.geteuid() or not stat.S_ISREG(info.st_mode):
+            logger.warning("journal %s: not a file of this account (uid %d), so not recovered", path, info.st_uid)
+            continue
+        found.append((info.st_mtime, path))
+    return [path for _, path in sorted(found)]
+
+
+def read_header(path: Path) -> JournalHeader:
+    """A journal's header alone (no lock taken): enough to decide whether to recover it."""
+    try:
+        with open(path, "rb") as src:
+            first = src.readline()
+    except FileNotFoundError:
+        raise UsageError(f"journal {path}: no such file") from None
+    return parse_header(first.rstrip(b"\n"), path)

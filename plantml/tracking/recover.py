@@ -33,8 +33,9 @@ from plantml.errors import TrackingError, UsageError, one_line
 from plantml.settings import TrackingSettings, parse_duration, resolve_tracking_settings
 from plantml.tracking.delivery import RetryPolicy, read_run_state
 from plantml.tracking.entries import End, Model, Tag
-from plantml.tracking.journal import Journal, JournalBusy, list_journals, read_header
+from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
+from plantml.tracking.journal_io import list_journals, read_header
 from plantml.tracking.sender import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_TAG,

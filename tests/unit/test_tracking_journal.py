@@ -13,8 +13,9 @@ import pytest
 
 from plantml.errors import UsageError
 from plantml.tracking.entries import Artifact, DatasetInput, End, MetricPoint, Model, ModelProgress, Param, Tag
-from plantml.tracking.journal import Journal, JournalBusy, read_header
+from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
+from plantml.tracking.journal_io import read_header
 
 
 def header(run_id: str = "run1") -> JournalHeader:

@@ -13,8 +13,9 @@ import time
 import pytest
 
 from plantml.tracking.entries import MetricPoint, Model, ModelProgress
-from plantml.tracking.journal import Journal, JournalBusy, list_journals
+from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
+from plantml.tracking.journal_io import list_journals
 
 COMPACT_AT = 4096
 
