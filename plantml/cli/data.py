@@ -144,11 +144,14 @@ def _cached_line(cached: Any, now: float) -> str:
 @click.option("--skip-bad-images", is_flag=True, help="Count unreadable images instead of failing.")
 def inspect(directory: Path, skip_bad_images: bool) -> None:
     """Check DIRECTORY as a data set: classes, image counts, unreadable files, content hash."""
+    from plantml.text import safe_text
     from plantml.training.data import scan_image_folder
 
     scan = scan_image_folder(directory, skip_bad_images=skip_bad_images)
     for name, count in scan.class_counts().items():
-        click.echo(f"{name}\t{count}")
+        # one line per class: a name's tab or newline escaped, bytes that are not UTF-8 as %XX (as MLflow records it)
+        shown = safe_text(name).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+        click.echo(f"{shown}\t{count}")
     click.echo(f"total\t{len(scan.samples)}")
     if scan.skipped:
         click.echo(f"skipped\t{len(scan.skipped)} unreadable")

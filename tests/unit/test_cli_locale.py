@@ -20,3 +20,15 @@ def test_what_a_latin1_terminal_cannot_show_is_escaped_not_a_traceback(tmp_path)
 
     assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
     assert done.stdout.splitlines()[:2] == [b"diseased\t3", b"gesund \\u2713\t3"]
+
+
+def test_inspect_prints_one_line_per_class_whatever_its_name(tmp_path):
+    synth.generate(tmp_path / "made", synth.SynthSpec(per_class=3, size=16, seed=0))
+    os.rename(tmp_path / "made" / "healthy", os.path.join(os.fsencode(tmp_path / "made"), b"pl\xe9nts"))  # named in Latin-1
+    shutil.move(tmp_path / "made" / "diseased", tmp_path / "made" / "two\nlines")
+
+    done = subprocess.run([sys.executable, "-m", "plantml", "data", "inspect", str(tmp_path / "made")],
+                          capture_output=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.splitlines()[:3] == [b"pl%E9nts\t3", b"two\\nlines\t3", b"total\t6"]
