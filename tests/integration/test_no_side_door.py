@@ -111,11 +111,10 @@ def test_another_local_user_can_read_no_file_of_the_stack(auth_stack):
     assert peek.returncode == 0 and peek.stdout == "", peek.stdout[:2000]
 
 
+@pytest.mark.local_session  # a container's processes write into the container's own file system
 def test_the_stacks_processes_write_no_file_outside_its_folder(auth_stack):
     """Logs included: SeaweedFS's glog wrote each line again into world-readable ``weed.*`` files in $TMPDIR, which
     no rotation bounded and no stop removed (its access key, folders and ports, for any local user to read)."""
-    if auth_stack.backend != "local":
-        pytest.skip("a container's processes write into the container's own file system")
     inside = f"{auth_stack.folder.path}{os.sep}"
     written = {(psutil.Process(pid).name(), file.path) for pid in stack_pids(auth_stack)
                for file in psutil.Process(pid).open_files() if file.mode != "r"}

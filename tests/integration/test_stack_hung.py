@@ -75,13 +75,11 @@ def test_a_hung_database_is_killed_and_restarted_on_its_data(mlflow_stack_factor
     assert "readiness checks failed in a row): killed it; restarting it in 1 s (restart 1 of at most 5 in a row)" in line
 
 
-def test_a_hung_database_stopped_with_its_stack_leaves_no_process_and_its_folder_starts_again(
-        mlflow_stack_factory, pytestconfig):
+@pytest.mark.local_session  # Docker kills a container whole: only local processes can leave stopped children
+def test_a_hung_database_stopped_with_its_stack_leaves_no_process_and_its_folder_starts_again(mlflow_stack_factory):
     """The stop of a stack whose PostgreSQL hangs kills it after its grace; before, the SIGKILL reached only the
     postmaster: its children (sessions of their own, stopped) stayed for good, holding its shared memory, and the
     next start on the folder failed ("pre-existing shared memory block is still in use")."""
-    if pytestconfig.getoption("--stack") == "containers":
-        pytest.skip("docker kills a container whole")
     data = Path(tempfile.mkdtemp(prefix="plantml-hung-"))  # not tmp_path: PostgreSQL's account must enter it
     stack = mlflow_stack_factory("direct", data_dir=data, health_window=0).start()
     experiment = mlflow.MlflowClient(stack.tracking_uri).create_experiment("written-before-the-hang")

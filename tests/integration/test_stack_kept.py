@@ -190,8 +190,9 @@ def test_a_stack_killed_with_sigkill_starts_again_on_its_folder_at_once_then_on_
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.local_session  # a container's PostgreSQL has a pid namespace of its own
 def test_a_stack_whose_postgres_died_with_the_machine_starts_again_when_its_old_pid_is_another_process(
-        mlflow_stack_factory, pytestconfig):
+        mlflow_stack_factory):
     """A reboot (or a power cut) leaves PostgreSQL's postmaster.pid; after it, that pid is often another process
     of PostgreSQL's account, and PostgreSQL refused to start ("lock file postmaster.pid already exists"): the
     kept stack did not come back until someone deleted the file. The other process is left alone."""
@@ -199,8 +200,6 @@ def test_a_stack_whose_postgres_died_with_the_machine_starts_again_when_its_old_
 
     from plantml.stack.service import service_account
 
-    if pytestconfig.getoption("--stack") != "local":
-        pytest.skip("a container's PostgreSQL has a pid namespace of its own")
     folder = Path(tempfile.mkdtemp(prefix="plantml-reboot-"))
     account = service_account(refuses_root=True)
     squatter = None

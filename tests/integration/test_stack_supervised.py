@@ -150,13 +150,12 @@ def test_a_data_folder_deleted_under_stack_up_stops_it_in_one_line_and_leaves_no
     assert not (tmp_path / "stack.env").exists()
 
 
-def test_a_service_that_dies_once_the_disk_is_full_still_comes_back(pytestconfig):
+@pytest.mark.local_session  # the record is written by code both backends share
+def test_a_service_that_dies_once_the_disk_is_full_still_comes_back():
     """Its restart records the new pid in state.json, which a full disk refused: each restart was stopped again
     (a traceback each time) and after five the whole stack stopped, though the service itself needs no space."""
     import requests
 
-    if pytestconfig.getoption("--stack") != "local":
-        pytest.skip("checked on the local backend: the record is written by code both backends share")
     disk = Path(tempfile.mkdtemp(prefix="plantml-full-"))
     disk.chmod(0o711)  # PostgreSQL's account enters it
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=711", "tmpfs", str(disk)],
