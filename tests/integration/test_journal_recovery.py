@@ -195,7 +195,9 @@ def test_a_long_run_s_journal_stays_small_and_a_kill_after_it_was_rewritten_lose
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == -9, done.stderr[-2000:]
     run_id, largest = done.stdout.split()
-    assert int(largest) < 64 * 1024  # 300 KB of lines were written through it
+    # about 420 KB were written through it; a rewrite waits while over 1,000 entries are pending (a sender
+    # behind on a loaded machine), so a flush may see up to that many more lines than the 20 KiB
+    assert int(largest) < 160 * 1024
 
     code = main(["tracking", "recover", "--journal-dir", str(journal_dir), "--timeout", "120"])
     assert code == 0, capsys.readouterr().err
