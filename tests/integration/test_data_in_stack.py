@@ -217,6 +217,7 @@ def test_a_missing_bucket_is_a_usage_error_for_ls_and_push(leaves: Path, mlflow_
         assert err.startswith(f"plantml: error: {args[-1]}: no bucket 'no-such-bucket-plantml'") and len(err.splitlines()) == 1
 
 
+@pytest.mark.local_session  # the cache and its locks are the client's: containers would only repeat it
 def test_a_training_s_cached_set_outlives_a_clean_up_and_goes_at_the_next_once_unused(
         leaves: Path, env: dict[str, str], prefix: str, experiment_name: str) -> None:
     assert plantml(env, "data", "push", str(leaves), prefix).returncode == 0

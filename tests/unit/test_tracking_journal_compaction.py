@@ -133,7 +133,7 @@ KEEP_WRITING = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.2, 0.35, 0.5, 0.8])
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.7])
 def test_a_writer_killed_at_any_instant_leaves_one_whole_journal(tmp_path, delay) -> None:
     child = subprocess.Popen([sys.executable, "-c", KEEP_WRITING, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
