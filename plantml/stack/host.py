@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import psutil
 from mirakuru import Executor, SimpleExecutor
-from mirakuru.exceptions import ExecutorError, TimeoutExpired
+from mirakuru.exceptions import ExecutorError, ProcessExitedWithError, TimeoutExpired
 
 from plantml.errors import StackError
 from plantml.processes import process_start_time, working_in
@@ -141,6 +141,14 @@ class ServiceExecutor(Executor):
     def after_start_check(self) -> bool:
         """The description's readiness rule."""
         return self.spec.ready()
+
+    def check_subprocess(self) -> bool:
+        """Ready by the rule, or raise once the process has ended, whatever its exit code: mirakuru passes over an
+        exit 0, and ``mlflow server`` ends with 0 when its port is taken (the start then waited its whole timeout)."""
+        code = self.process.poll() if self.process is not None else None
+        if code is not None:
+            raise ProcessExitedWithError(self, code)
+        return self.after_start_check()
 
     def stop(self, stop_signal: int | None = None, expected_returncode: int | None = None) -> ServiceExecutor:
         """Stop the process group, killing it after :data:`STOP_TIMEOUT` (mirakuru would wait the start timeout)."""

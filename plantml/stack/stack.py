@@ -37,6 +37,8 @@ from plantml.stack.service import LOOPBACK, SERVICE_NAMES, Runner, ServiceProces
 from plantml.stack.supervisor import Service, Supervisor
 
 log = logging.getLogger(__name__)
+#: Starts tried when another program takes a port chosen free before the service listens on it.
+PORT_TRIES = 3
 
 #: The secret fields of each part of a :class:`StackSpec`, kept in the folder's credentials file.
 SECRET_FIELDS = {"postgres": ("user", "password", "database"), "s3": ("access_key", "secret_key"),
@@ -230,8 +232,25 @@ class ManagedStack(Stack):
                                       "(not the credentials a stack wrote)") from None
         self.folder.write_json(CREDENTIALS, self.spec.credentials())
         self.runner.open(self.stack_id, self.folder.path)
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                self._start_on(self._choose_ports())
+                break
+            except StackError:
+                lost = self._ports_taken_meanwhile()
+                if not lost or attempt == PORT_TRIES:
+                    raise
+                log.warning("port %s, chosen free, was taken by another program before its service listened on it: "
+                            "starting the stack again on other ports", ", ".join(map(str, lost)))
+                for service in self.services.values():
+                    service.remove(at_once=True)
+                self.services = {}
+        self._save_state()
+
+    def _start_on(self, ports: dict[str, dict[str, int]]) -> None:
+        assert self.folder is not None
         abandon = threading.Event()
-        for spec in self._describe(self._choose_ports()):
+        for spec in self._describe(ports):
             guarded = replace(spec, ready=abandonable(spec.name, spec.ready, abandon))
             self.folder.prepare(guarded)
             self.services[spec.name] = Service(guarded, self.runner.process(guarded, on_spawn=self._save_state))
@@ -240,7 +259,13 @@ class ManagedStack(Stack):
                 if port_in_use(port):
                     raise StackError(service.name, f"port {port} on {LOOPBACK} is already in use by another process")
         self._start_all(abandon)
-        self._save_state()
+
+    def _ports_taken_meanwhile(self) -> list[int]:
+        """The ports plantml chose free (not given by the user) that a service failed to start on and another
+        program holds now: it took them between their choice and the service's bind (two stacks starting at once)."""
+        return sorted(port for name, service in self.services.items() if not service.running
+                      for port in service.spec.ports.values()
+                      if port != self._fixed_ports[name] and port_in_use(port))
 
     def _start_all(self, abandon: threading.Event) -> None:
         """Start the three at once: MLflow spends its first seconds importing, then retries its database."""

@@ -172,6 +172,40 @@ def test_a_taken_port_names_the_service_and_port_and_leaves_nothing():
     assert not stack.folder_path.exists()
 
 
+
+@pytest.mark.local_session
+def test_a_port_taken_between_its_choice_and_the_bind_costs_one_more_start_not_the_stack(monkeypatch, caplog):
+    """Two stacks starting at once (two pytest workers) can choose the same free port: the second to bind failed
+    its whole start (CI, twice). The squatter takes MLflow's port after the check that it is free."""
+    from plantml.stack.stack import ManagedStack
+
+    squatters: list[socket.socket] = []
+    start_all = ManagedStack._start_all
+
+    def squat_then_start(self, abandon):
+        if not squatters:
+            squatter = socket.socket()
+            squatter.bind(("127.0.0.1", self.services["mlflow"].spec.port))
+            squatter.listen()
+            squatters.append(squatter)
+        start_all(self, abandon)
+
+    monkeypatch.setattr(ManagedStack, "_start_all", squat_then_start)
+    stack = LocalStack()
+    try:
+        started = time.monotonic()
+        stack.start()
+        elapsed = time.monotonic() - started
+        taken = squatters[0].getsockname()[1]
+        assert stack.endpoints.tracking_uri != f"http://127.0.0.1:{taken}"
+        assert requests.get(f"{stack.endpoints.tracking_uri}/health", timeout=10).status_code == 200
+        assert f"port {taken}, chosen free, was taken by another program" in caplog.text
+        print(f"started in {elapsed:.1f} s with one more start")
+    finally:
+        stack.stop()
+        for squatter in squatters:
+            squatter.close()
+
 def test_a_crashing_service_shows_its_log_tail_and_leaves_nothing(tmp_path, monkeypatch):
     # An S3 binary that dies at once stands for any service failing during start.
     fake = tmp_path / "bin" / "weed"

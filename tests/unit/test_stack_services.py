@@ -246,3 +246,21 @@ def test_a_log_past_its_limit_is_set_aside_and_the_service_writing_it_goes_on_fr
     assert 0 < len(written) < kept.stat().st_size + 64 * 1024 * 50  # emptied, then written again
     process.trim_log(limit=10**9)  # under the limit: left as it is
     assert log.read_bytes() == written
+
+
+
+def test_a_service_that_exits_0_while_starting_fails_its_start_at_once(tmp_path: Path) -> None:
+    """``mlflow server`` ends with 0 when its port is taken: the start waited out its 90 s for it."""
+    import time
+
+    from plantml.errors import StackError
+    from plantml.stack.host import HostProcess
+    from plantml.stack.service import ServiceSpec
+
+    spec = ServiceSpec(name="mlflow", command=("sh", "-c", "echo 'Address already in use'; exit 0"), folder=tmp_path,
+                       port=1, ready=lambda: False, start_timeout=60)
+    started = time.monotonic()
+    with pytest.raises(StackError, match=r"^mlflow: exited while starting") as failed:
+        HostProcess(spec, tmp_path / "mlflow.log").start()
+    assert time.monotonic() - started < 10
+    assert "Address already in use" in str(failed.value)
