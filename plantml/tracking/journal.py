@@ -51,7 +51,7 @@ from plantml.tracking.journal_format import (
     refused_line,
     upgrade_v1,
 )
-from plantml.tracking.journal_io import SUFFIX, free_space, partial_path, read_all, write_all, write_whole
+from plantml.tracking.journal_io import SUFFIX, free_space, partial_path, read_all, rewrite_whole, write_all, write_whole
 
 logger = logging.getLogger(__name__)
 
@@ -344,8 +344,7 @@ class Journal:
         lines += [encode(record) for record in self._memory]
         data = "".join(lines).encode("ascii")
         try:
-            partial_path(self.path).unlink(missing_ok=True)  # left by a compaction killed midway (we hold the journal's lock)
-            fd = write_whole(self.path, data)
+            fd = rewrite_whole(self.path, data)
         except OSError as exc:
             self._whole_size = self._size  # try again after as much growth, not at every acknowledgement
             self._warn_once("compact", "journal %s: could not write it again without what was delivered: %s", self.path, exc)
@@ -402,8 +401,7 @@ def _upgraded(path: Path, fd: int, data: bytes) -> tuple[int, bytes]:
     """Write the version-1 journal ``data`` (open and locked as ``fd``) again as a current one; its locked descriptor."""
     upgraded = upgrade_v1(data)
     try:
-        partial_path(path).unlink(missing_ok=True)
-        new_fd = write_whole(path, upgraded)
+        new_fd = rewrite_whole(path, upgraded)
     except OSError as exc:
         raise UsageError(f"journal {path}: an older plantml's journal, not written again as a current one "
                          f"({exc.strerror or exc})") from None

@@ -55,6 +55,13 @@ def write_whole(path: Path, data: bytes) -> int:
     return fd
 
 
+def rewrite_whole(path: Path, data: bytes) -> int:
+    """:func:`write_whole` over the journal at ``path``, whose lock the caller holds: a partial file left by a
+    rewrite killed midway (no one else writes it while that lock is held) goes first."""
+    partial_path(path).unlink(missing_ok=True)
+    return write_whole(path, data)
+
+
 def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from _stores import sqlite_run
 
 from plantml.cli import main
 
@@ -12,18 +13,7 @@ from plantml.cli import main
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A sqlite store with a run the old process left RUNNING, and its journal folder."""
-    import mlflow
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(tmp_path / "journal"))
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment("upgraded")
-    run_id = client.create_run(experiment_id).info.run_id
-    (tmp_path / "journal").mkdir(mode=0o700)
-    return client, uri, experiment_id, run_id, tmp_path / "journal"
+    return sqlite_run(tmp_path, monkeypatch, "upgraded")
 
 
 def old_journal(store, version: int, artifact) -> bytes:

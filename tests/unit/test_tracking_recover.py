@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _stores import sqlite_run
 
 from plantml.cli import main
 from plantml.errors import UsageError
@@ -25,19 +26,11 @@ from plantml.tracking.sender import resolve_delivery_settings
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A sqlite store, a run on it with one point already stored, and an empty journal folder."""
-    import mlflow
     from mlflow.entities import Metric
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(tmp_path / "journal"))
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment("recovered")
-    run_id = client.create_run(experiment_id).info.run_id
+    client, uri, experiment_id, run_id, folder = sqlite_run(tmp_path, monkeypatch, "recovered")
     client.log_batch(run_id, metrics=[Metric("loss", 1.0, 100, 0)], synchronous=True)  # arrived before the process died
-    return client, uri, experiment_id, run_id, tmp_path / "journal"
+    return client, uri, experiment_id, run_id, folder
 
 
 def dead_pid() -> int:
