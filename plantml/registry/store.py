@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
+from plantml.health import ask_health
 from plantml.settings import env_value
 
 #: How a store says another write inserted the same row first (PostgreSQL through psycopg2, SQLite).
@@ -104,7 +105,7 @@ def server_unreachable(uri: str) -> bool:
     import requests
 
     try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT)
+        ask_health(uri, REACH_TIMEOUT)
     except requests.exceptions.SSLError:
         return False
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):

@@ -12,6 +12,7 @@ import os
 import requests
 
 from plantml.errors import StackError
+from plantml.health import ask_health, health_url, tls_failure
 from plantml.settings import env_value, resolve_tracking_settings
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
@@ -56,11 +57,13 @@ class ExternalStack(Stack):
 def check_mlflow(tracking_uri: str, timeout: float = 5) -> None:
     """Raise :class:`StackError` unless ``<uri>/health`` answers 200 within ``timeout``."""
     try:
-        response = requests.get(f"{tracking_uri}/health", timeout=timeout)
+        response = ask_health(tracking_uri, timeout)
+    except requests.exceptions.SSLError as exc:
+        raise StackError("mlflow", f"{tracking_uri}: the TLS handshake failed ({tls_failure(exc)})") from None
     except requests.RequestException as exc:
         raise StackError("mlflow", f"no answer from {tracking_uri} ({type(exc).__name__})") from None
     if response.status_code != 200:
-        raise StackError("mlflow", f"{tracking_uri}/health answered HTTP {response.status_code}")
+        raise StackError("mlflow", f"{health_url(tracking_uri)} answered HTTP {response.status_code}")
 
 
 def check_bucket(endpoints: StackEndpoints) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 
 from plantml.errors import ConfigError
+from plantml.health import ask_health
 from plantml.stack.endpoints import ARTIFACT_MODES, ArtifactMode
 from plantml.stack.postgres import PostgresSpec
 from plantml.stack.s3 import S3Spec
@@ -83,7 +84,7 @@ def mlflow_service(spec: MLflowServerSpec, folder: Path, port: int, network: Net
 
     def ready() -> bool:
         try:
-            return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            return ask_health(f"http://127.0.0.1:{port}", timeout=2).status_code == 200
         except requests.RequestException:
             return False
 

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
+from plantml.health import ServerSession, ask_health, tls_failure
 from plantml.settings import TrackingSettings
 from plantml.text import mask_passwords
 
@@ -32,8 +33,11 @@ def wait_for_server(uri: str, timeout: float, source: str = "default") -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=max(1.0, min(5.0, timeout)))
+            ask_health(uri, timeout=max(1.0, min(5.0, timeout)))
             return  # any HTTP answer means a server is there; MLflow reports what it thinks
+        except requests.exceptions.SSLError as exc:  # a server is there: asking again cannot change its certificate
+            raise TrackingError(f"{uri}: the TLS handshake with the tracking server failed ({tls_failure(exc)}); "
+                                f"this URI came from {source}") from None
         except requests.RequestException as exc:
             if time.monotonic() >= deadline:
                 raise TrackingError(f"{uri}: tracking server not reachable ({type(exc).__name__}); "
@@ -96,13 +100,10 @@ def check_artifact_proxy(settings: TrackingSettings, location: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     import requests
-    from mlflow.utils.credentials import get_default_host_creds
 
-    creds = get_default_host_creds(uri)  # MLFLOW_TRACKING_USERNAME/PASSWORD, as the sender reads them
-    auth = (creds.username, creds.password) if creds.username and creds.password else None
     try:
-        answer = requests.get(f"{uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts", params={"path": ""}, auth=auth,
-                              timeout=10)
+        with ServerSession(uri) as session:  # the user and TLS settings the sender uses
+            answer = session.get(f"{uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts", params={"path": ""}, timeout=10)
     except requests.RequestException:
         return  # an outage is the sender's business: it retries
     if answer.status_code == 503:

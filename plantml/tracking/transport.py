@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError
+from plantml.health import ServerSession
 from plantml.settings import TrackingSettings
 from plantml.tracking.entries import DatasetInput, End, MetricPoint, Model, ModelProgress, Param, Record, Tag
 from plantml.tracking.environ import scoped_environ
@@ -201,16 +202,8 @@ class Transport:
         return env
 
     def _rest(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: bytes | None = None) -> dict[str, Any]:
-        import requests
-        from mlflow.utils.credentials import get_default_host_creds
-
         if self._session is None:
-            creds = get_default_host_creds(self.settings.tracking_uri)
-            self._session = requests.Session()
-            if creds.username and creds.password:
-                self._session.auth = (creds.username, creds.password)
-            elif creds.token:
-                self._session.headers["Authorization"] = f"Bearer {creds.token}"
+            self._session = ServerSession(self.settings.tracking_uri)
         url = f"{self.settings.tracking_uri.rstrip('/')}/api/2.0/mlflow/{path}"
         response = self._session.request(method, url, params=params, data=body,
                                          headers={"Content-Type": "application/json"},

@@ -8,7 +8,6 @@ verification never leaves a run RUNNING. It prints nothing: the command line doe
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 import uuid
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from plantml.errors import ConfigError, PlantmlError
+from plantml.health import ask_health, health_url, tls_failure
 from plantml.settings import TrackingSettings
 from plantml.text import mask_passwords
 from plantml.verification.checks import (
@@ -289,13 +289,11 @@ def _attempt(check: Check, step: Callable[[], None]) -> CheckResult:
 def _probe_health(uri: str) -> None:
     import requests
 
-    url = uri.rstrip("/") + "/health"
+    url = health_url(uri)
     try:
-        response = requests.get(url, timeout=HEALTH_TIMEOUT)
+        response = ask_health(uri, HEALTH_TIMEOUT)
     except requests.exceptions.SSLError as exc:  # a ConnectionError too, but the connection was accepted
-        reason = re.search(r"\[SSL[^\]]*\][^'\"()]*", str(exc))
-        raise CheckFailed(f"{uri}: the TLS handshake failed ({reason[0].strip() if reason else 'TLS error'}); "
-                          "is the server serving https?") from exc
+        raise CheckFailed(f"{uri}: the TLS handshake failed ({tls_failure(exc)})") from exc
     except requests.exceptions.ConnectionError as exc:
         raise CheckFailed(f"{uri} unreachable (connection refused or no route)") from exc
     except requests.exceptions.Timeout as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 
@@ -18,3 +19,13 @@ def stop(process: subprocess.Popen, signum: int = signal.SIGINT, timeout: float 
         raise AssertionError(f"still running {timeout:.0f} s after {signal.Signals(signum).name}; killed. "
                              f"Its output:\n{(output or '')[-2000:]}") from None
     return output or ""
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM to the process group of ``process`` (started with ``start_new_session``), SIGKILL after ``timeout``."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -11,7 +11,6 @@ answered by ``{"predictions": [[logit_0, logit_1], ...]}`` (one row per image).
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 import requests
 import torch
 from _models import CODE_PATHS, TinyNet
+from _processes import stop_group
 
 from plantml.registry import ModelRegistry
 from plantml.training.models import image_batch_signature
@@ -91,12 +91,7 @@ def served(mlflow_stack: Any, production_model: tuple[str, TinyNet], tmp_path_fa
             time.sleep(1)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)
         log.close()
 
 

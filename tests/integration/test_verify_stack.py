@@ -150,7 +150,7 @@ def test_plantml_verify_over_https_to_an_http_server_names_the_tls_failure(mlflo
                      env={**os.environ, **mlflow_stack.client_env()}, timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.splitlines() == [f"✗ connection to the MLflow server: {uri}: the TLS handshake failed "
-                                          "([SSL: WRONG_VERSION_NUMBER] wrong version number); is the server serving https?"]
+                                          "([SSL: WRONG_VERSION_NUMBER] wrong version number; is the server serving https?)"]
 
 
 def test_plantml_verify_never_writes_into_the_training_experiment(mlflow_stack: Any, mlflow_client: Any, experiment_name: str) -> None:

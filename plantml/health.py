@@ -1,0 +1,82 @@
+"""How plantml's own requests reach a tracking server: as MLflow's client does, and ``/health`` asked in one place.
+
+MLflow's client reads the server's credentials and TLS settings from the environment
+(``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` or ``TOKEN``, ``MLFLOW_TRACKING_SERVER_CERT_PATH`` for a private CA,
+``MLFLOW_TRACKING_INSECURE_TLS``, ``MLFLOW_TRACKING_CLIENT_CERT_PATH``); plantml's requests of its own (the
+tracker's deliveries, every first contact: a tracker's start, ``verify``, each registry call, an external stack,
+the local stack's readiness) take them from the same place, so a server MLflow reaches, plantml reaches too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import requests
+
+from plantml.errors import ConfigError
+
+
+def host_creds(uri: str) -> Any:
+    """MLflow's ``MlflowHostCreds`` for ``uri`` from the environment; settings it refuses are one :class:`ConfigError`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+
+    try:
+        return get_default_host_creds(uri)
+    except MlflowException as exc:  # MLFLOW_TRACKING_INSECURE_TLS=true beside MLFLOW_TRACKING_SERVER_CERT_PATH
+        raise ConfigError(f"{uri}: MLflow's TLS settings disagree: {exc.message.splitlines()[0]}") from None
+
+
+def tls_options(uri: str) -> dict[str, Any]:
+    """``requests`` options that check an https server's certificate as MLflow does (nothing for http), to give
+    each request: they win over ``REQUESTS_CA_BUNDLE``, as in MLflow's own requests."""
+    if not uri.startswith("https://"):
+        return {}
+    creds = host_creds(uri)
+    return {"verify": creds.verify, "cert": creds.client_cert_path}
+
+
+class ServerSession(requests.Session):
+    """A session that authenticates to one server and checks its certificate as MLflow's client does.
+
+    The certificate options go with every request: ``requests`` lets ``REQUESTS_CA_BUNDLE`` (set on many machines)
+    override a session's own ``verify``, which would refuse a private CA that MLflow accepts.
+    """
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        creds = host_creds(uri)
+        if creds.username and creds.password:
+            self.auth = (creds.username, creds.password)
+        elif creds.token:
+            self.headers["Authorization"] = f"Bearer {creds.token}"
+        self._tls = tls_options(uri)
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        for name, value in self._tls.items():
+            kwargs.setdefault(name, value)
+        return super().request(method, url, *args, **kwargs)
+
+
+def health_url(uri: str) -> str:
+    """``<uri>/health``."""
+    return f"{uri.rstrip('/')}/health"
+
+
+def ask_health(uri: str, timeout: float | tuple[float, float]) -> requests.Response:
+    """GET ``<uri>/health`` within ``timeout`` (no credentials: it needs none); ``requests``' exceptions as they
+    come (an :class:`~requests.exceptions.SSLError` means a server answered, but its certificate was refused)."""
+    return requests.get(health_url(uri), timeout=timeout, **tls_options(uri))
+
+
+def tls_failure(exc: Exception) -> str:
+    """A TLS failure in a few words: OpenSSL's reason (``[SSL: CERTIFICATE_VERIFY_FAILED] …``) and what gets past it."""
+    found = re.search(r"\[SSL[^\]]*\][^'\"()]*", str(exc))
+    reason = found[0].strip() if found else "TLS error"
+    if "CERTIFICATE_VERIFY_FAILED" in reason:
+        return (f"{reason}; a server on a private CA: set MLFLOW_TRACKING_SERVER_CERT_PATH to that CA's certificate, "
+                "as for MLflow itself")
+    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER_FAILURE" in reason:
+        return f"{reason}; is the server serving https?"
+    return reason
