@@ -22,6 +22,9 @@ INTEGRATION_DIR = Path(__file__).parent / "tests" / "integration"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # One CPU thread per test process (as torchrun gives each rank): two xdist workers on CI's two cores each ran
+    # trainings on two OpenMP threads, whose spinning starved the other worker (a training suite: 87 s -> 43 s).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # The session's runs journal into a folder of its own, not the user's ~/.cache/plantml/journal nor a
     # $PLANTML_JOURNAL_DIR of theirs: a run a test leaves undelivered is then never retried by the user's next
     # tracker, nor by a later session's, and the tests' recoveries never touch the user's journals.

@@ -92,6 +92,7 @@ def test_push_ls_train_and_train_again_from_the_cache(leaves: Path, env: dict[st
         assert {tag.key: tag.value for tag in dataset_input.tags}["mlflow.data.context"] == "training"
 
 
+@pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
 def test_a_local_folder_and_the_synthetic_set_are_recorded_too(leaves: Path, env: dict[str, str], mlflow_client: Any,
                                                               experiment_name: str) -> None:
     done = plantml(env, "train", *TINY_TRAINING, "--data-dir", str(leaves), "--experiment-name", experiment_name)
@@ -103,6 +104,7 @@ def test_a_local_folder_and_the_synthetic_set_are_recorded_too(leaves: Path, env
     assert dataset_input.dataset.source_type == "local" and str(leaves) in dataset_input.dataset.source
 
 
+@pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
 def test_a_tampered_object_is_refused_by_name_before_any_run(leaves: Path, env: dict[str, str], prefix: str,
                                                               s3_client: Any, mlflow_client: Any, experiment_name: str) -> None:
     assert plantml(env, "data", "push", str(leaves), prefix).returncode == 0

@@ -70,6 +70,7 @@ def assert_one_whole_set_or_none(objects: dict[str, bytes]) -> str | None:
     return manifest["digest"]
 
 
+@pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
 def test_a_push_of_another_set_killed_midway_leaves_no_set_and_training_says_so(env, location, s3_client, tmp_path):
     first = synth.generate(tmp_path / "first", synth.SynthSpec(per_class=15, size=32, seed=7))
     assert plantml(env, "data", "push", str(first), location).returncode == 0

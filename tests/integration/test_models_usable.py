@@ -240,9 +240,8 @@ def test_registry_helpers_use_their_uri_beside_a_decoy_store_and_leave_nothing(
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == ["ResNet"]
 
-    # each kind of command once (a process each: a few seconds of imports apiece)
-    commands = [["list"], ["load-check", f"models:/{name}/1"], ["load-check", f"models:/{name}@production", "--no-pickle"],
-                ["compare", name, "1", "2"]]
+    # a command that reads the registry and one that downloads and loads (a process each: seconds of imports apiece)
+    commands = [["list"], ["load-check", f"models:/{name}@production", "--no-pickle"]]
     for args in commands:
         done = subprocess.run([sys.executable, "-m", "plantml", "registry", "--tracking-uri", uri, *args], cwd=decoy, env=env,
                               capture_output=True, text=True, timeout=300)

@@ -132,6 +132,8 @@ def test_ctrl_c_while_the_server_hangs_ends_in_bounded_time_and_the_next_trainin
     assert proxy.mangled["hang"] >= 1
     run = only_run(mlflow_client, experiment_name)
     assert run.info.status == "RUNNING" and list((tmp_path / "journal").glob("*.jsonl"))
+    if signals == 2:
+        return  # the journal left is the same either way: one of the two is recovered below
 
     proxy.clear()  # the server is back; the next training delivers the journal first
     following = subprocess.run(train_command(leaves, experiment_name, 1), env=env, cwd=tmp_path, capture_output=True,

@@ -76,7 +76,8 @@ def test_a_hung_database_is_killed_and_restarted_on_its_data(mlflow_stack_factor
 
 
 @pytest.mark.local_session  # Docker kills a container whole: only local processes can leave stopped children
-def test_a_hung_database_stopped_with_its_stack_leaves_no_process_and_its_folder_starts_again(mlflow_stack_factory):
+def test_a_hung_database_stopped_with_its_stack_leaves_no_process_and_its_folder_starts_again(mlflow_stack_factory,
+                                                                                              monkeypatch):
     """The stop of a stack whose PostgreSQL hangs kills it after its grace; before, the SIGKILL reached only the
     postmaster: its children (sessions of their own, stopped) stayed for good, holding its shared memory, and the
     next start on the folder failed ("pre-existing shared memory block is still in use")."""
@@ -86,6 +87,7 @@ def test_a_hung_database_stopped_with_its_stack_leaves_no_process_and_its_folder
     main = psutil.Process(stack.services["postgres"].process.pid)
     family = [main, *main.children(recursive=True)]
     hang(stack.services["postgres"].process, "local")
+    monkeypatch.setattr("plantml.stack.host.STOP_TIMEOUT", 3)  # the grace before the kill: its length is not the subject
 
     stack.stop()
 

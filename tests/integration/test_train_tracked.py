@@ -61,7 +61,8 @@ def s3_keys(s3, uri: str) -> list[str]:
     return [obj["Key"][len(prefix):].lstrip("/") for page in pages for obj in page.get("Contents", [])]
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+# Every backbone on the local session; one on containers, whose subject is the stack (the backbone is the client's).
+@pytest.mark.parametrize("backbone", [BACKBONES[0], *(pytest.param(b, marks=pytest.mark.local_session) for b in BACKBONES[1:])])
 def test_tracked_run_records_everything_and_registers_a_loadable_model(
         backbone, leaves, mlflow_env, mlflow_client, s3_client, experiment_name, capsys):
     assert train_cli("--backbone", backbone, "--data-dir", str(leaves), "--experiment-name", experiment_name,
@@ -118,6 +119,7 @@ def test_tracked_run_records_everything_and_registers_a_loadable_model(
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"shape": [3, 2]}
 
 
+@pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
 def test_default_command_trains_on_the_cached_synthetic_set(mlflow_env, mlflow_client, experiment_name,
                                                             tmp_path, monkeypatch):
     monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
@@ -206,6 +208,7 @@ def test_keys_in_boto3s_credentials_file_count_for_a_direct_stack(mlflow_stack, 
     tracker.check_artifact_access()  # found: no error
 
 
+@pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
 def test_a_registering_training_prints_its_own_lines_and_none_of_mlflows(leaves, mlflow_env, experiment_name, tmp_path):
     """MLflow's client logged "Waiting up to 300 seconds for model version to finish creation" into every
     training that registered its model on a server."""
