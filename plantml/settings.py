@@ -47,6 +47,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("MLFLOW_S3_ENDPOINT_URL", None, "tracking", "S3 endpoint of the artifact store (direct artifact mode)"),
     Variable("AWS_ACCESS_KEY_ID", None, "tracking", "S3 access key"),
     Variable("AWS_SECRET_ACCESS_KEY", None, "tracking", "S3 secret key (never shown)"),
+    Variable("MLFLOW_S3_IGNORE_TLS", "false", "tracking", "true: S3 certificates are not checked, as by MLflow's client "
+             "(a private CA: set AWS_CA_BUNDLE to its certificate instead)"),
     Variable("MLFLOW_TRACKING_USERNAME", None, "tracking", "user of a tracking server with basic auth (`stack up --auth`)"),
     Variable("MLFLOW_TRACKING_PASSWORD", None, "tracking", "that user's password (never shown)"),
     Variable("PLANTML_VERIFY_EXPERIMENT", "plantml_verification", "tracking", "experiment of `plantml verify` runs"),
@@ -93,6 +95,16 @@ def env_value(name: str, explicit: Any = None, environ: Mapping[str, str] | None
         return str(explicit)
     value = (os.environ if environ is None else environ).get(name)
     return value if value not in (None, "") else VARIABLES[name].default
+
+
+def s3_tls_verify(environ: Mapping[str, str] | None = None) -> bool | None:
+    """The ``verify`` MLflow's S3 client gives boto3: False when ``MLFLOW_S3_IGNORE_TLS`` is true, else None
+    (boto3 then checks certificates against ``AWS_CA_BUNDLE`` or its own bundle); a value MLflow refuses is a
+    one-line :class:`ConfigError`."""
+    text = str(env_value("MLFLOW_S3_IGNORE_TLS", environ=environ)).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ConfigError(f"MLFLOW_S3_IGNORE_TLS={text!r}: expected true, false, 1 or 0 (as MLflow reads it)")
+    return False if text in ("true", "1") else None
 
 
 def env_number(name: str, explicit: Any = None, kind: type = float, environ: Mapping[str, str] | None = None, *,

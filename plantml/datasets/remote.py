@@ -134,6 +134,13 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     return (BotoCoreError, ClientError)
 
 
+def _failure(exc: BaseException) -> str:
+    """A boto3 failure in one line: its code, its text, and what gets past a refused certificate."""
+    from plantml.stack.endpoints import s3_tls_hint
+
+    return f"{_error_code(exc)}: {exc}{s3_tls_hint(exc)}"
+
+
 def _error_code(exc: BaseException) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
 
@@ -149,7 +156,7 @@ def stored_objects(client: Any, where: S3Location) -> dict[str, tuple[int, str]]
     except _client_errors() as exc:
         if _error_code(exc) == "NoSuchBucket":  # a name the user typed, as read_manifest treats it
             raise UsageError(f"{where}: no bucket {where.bucket!r} in the object store") from None
-        raise TrackingError(f"{where}: cannot list the bucket ({_error_code(exc)}: {exc})") from None
+        raise TrackingError(f"{where}: cannot list the bucket ({_failure(exc)})") from None
     return found
 
 
@@ -182,7 +189,7 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
                     client.delete_object(Bucket=where.bucket, Key=key)
                     raise DataError(f"image {root / entry.path}: changed while it was pushed; nothing of it was kept, push again")
         except _client_errors() as exc:
-            raise TrackingError(f"{where}: upload of {entry.path} failed ({_error_code(exc)}: {exc})") from None
+            raise TrackingError(f"{where}: upload of {entry.path} failed ({_failure(exc)})") from None
         if progress is not None:
             progress.update(entry.size)
         return entry.size
@@ -193,7 +200,7 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
         client.put_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME), Body=manifest.to_json().encode(),
                           ContentType="application/json")
     except _client_errors() as exc:
-        raise TrackingError(f"{where}: the manifest could not be stored ({_error_code(exc)}: {exc})") from None
+        raise TrackingError(f"{where}: the manifest could not be stored ({_failure(exc)})") from None
     _check_stored_set(client, where, manifest)
     return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
 
@@ -223,7 +230,7 @@ def _stored_manifest(client: Any, where: S3Location) -> bytes:
         return client.get_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))["Body"].read()
     except _client_errors() as exc:
         if _error_code(exc) not in ("NoSuchKey", "404"):
-            raise TrackingError(f"{where}: cannot read back {MANIFEST_NAME} ({_error_code(exc)}: {exc})") from None
+            raise TrackingError(f"{where}: cannot read back {MANIFEST_NAME} ({_failure(exc)})") from None
         return b""
 
 
@@ -235,7 +242,7 @@ def _withdraw_manifest(client: Any, where: S3Location, when: str = "before its f
         client.delete_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))
     except _client_errors() as exc:
         raise TrackingError(f"{where}: the manifest of the set there could not be removed {when} "
-                            f"({_error_code(exc)}: {exc})") from None
+                            f"({_failure(exc)})") from None
 
 
 class _HashingReader:

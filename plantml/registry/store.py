@@ -47,8 +47,10 @@ def object_store_errors() -> tuple[type[BaseException], ...]:
 
 def object_store_error(exc: BaseException, what: str) -> PlantmlError:
     """One line for a boto3 failure while reading ``what``'s files, naming the object store."""
+    from plantml.stack.endpoints import s3_tls_hint
+
     endpoint = env_value("MLFLOW_S3_ENDPOINT_URL") or "AWS S3"
-    return TrackingError(f"{what}: object store {endpoint} failed ({type(exc).__name__}: {one_line(exc)})")
+    return TrackingError(f"{what}: object store {endpoint} failed ({type(exc).__name__}: {one_line(exc)}){s3_tls_hint(exc)}")
 
 
 def check_s3_access(location: str, what: str) -> None:

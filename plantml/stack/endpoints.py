@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings, mask
+from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings, mask, s3_tls_verify
 from plantml.text import mask_passwords
 
 if TYPE_CHECKING:
@@ -67,7 +67,11 @@ class StackEndpoints:
 
 
 def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str | None, **config: Any) -> S3Client:
-    """A boto3 S3 client with short timeouts; ``config`` overrides botocore's Config fields."""
+    """A boto3 S3 client with short timeouts; ``config`` overrides botocore's Config fields.
+
+    Certificates are checked as by MLflow's S3 client: against ``AWS_CA_BUNDLE`` (boto3 reads it), not at all
+    with ``MLFLOW_S3_IGNORE_TLS=true``, so an object store MLflow reaches, plantml's own requests reach too.
+    """
     import boto3
     from botocore.config import Config
 
@@ -80,7 +84,15 @@ def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str
         aws_secret_access_key=secret_key,
         region_name="us-east-1",
         config=Config(**options),
+        verify=s3_tls_verify(),
     )
+
+
+def s3_tls_hint(exc: BaseException) -> str:
+    """For an S3 request whose server certificate was refused: what gets past it, as for MLflow (else "")."""
+    if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+        return ""
+    return "; a private CA: set AWS_CA_BUNDLE to its certificate (or MLFLOW_S3_IGNORE_TLS=true), as for MLflow itself"
 
 
 #: Object written and read back to tell that the store really serves data.

@@ -15,7 +15,7 @@ from plantml.errors import StackError
 from plantml.health import ask_health, health_url, tls_failure
 from plantml.settings import env_value, resolve_tracking_settings
 from plantml.stack.base import Stack
-from plantml.stack.endpoints import ArtifactMode, StackEndpoints
+from plantml.stack.endpoints import ArtifactMode, StackEndpoints, s3_tls_hint
 
 
 class ExternalStack(Stack):
@@ -81,4 +81,6 @@ def check_bucket(endpoints: StackEndpoints) -> None:
         raise StackError("s3", f"{endpoints.s3_endpoint}: no S3 keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(environment or .env)") from None
     except BotoCoreError as exc:
+        if hint := s3_tls_hint(exc):
+            raise StackError("s3", f"{endpoints.s3_endpoint}: the TLS handshake failed (certificate refused){hint}") from None
         raise StackError("s3", f"no answer from {endpoints.s3_endpoint} ({type(exc).__name__})") from None

@@ -168,3 +168,17 @@ def test_no_plantml_error_shows_a_password_inside_a_url():
     error = TrackingError("http://alice:s3cret@127.0.0.1:1: tracking server not reachable")
     assert str(error) == "http://alice:***@127.0.0.1:1: tracking server not reachable"
     assert "s3cret" not in str(StackError("mlflow", "down", log_tail="connecting to postgresql://u:s3cret@h/db"))
+
+
+@pytest.mark.parametrize("text, verify", [("true", False), ("1", False), ("TRUE", False), ("false", None), ("0", None), ("", None)])
+def test_mlflow_s3_ignore_tls_is_read_as_mlflow_reads_it(text, verify):
+    from plantml.settings import s3_tls_verify
+
+    assert s3_tls_verify({"MLFLOW_S3_IGNORE_TLS": text}) is verify
+
+
+def test_an_mlflow_s3_ignore_tls_mlflow_refuses_is_one_line_naming_it():
+    from plantml.settings import s3_tls_verify
+
+    with pytest.raises(ConfigError, match=r"^MLFLOW_S3_IGNORE_TLS='yes': expected true, false, 1 or 0"):
+        s3_tls_verify({"MLFLOW_S3_IGNORE_TLS": "yes"})
