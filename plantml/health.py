@@ -70,10 +70,15 @@ def ask_health(uri: str, timeout: float | tuple[float, float]) -> requests.Respo
     return requests.get(health_url(uri), timeout=timeout, **tls_options(uri))
 
 
-def tls_failure(exc: Exception) -> str:
-    """A TLS failure in a few words: OpenSSL's reason (``[SSL: CERTIFICATE_VERIFY_FAILED] …``) and what gets past it."""
+def tls_reason(exc: Exception) -> str:
+    """OpenSSL's reason for a TLS failure (``[SSL: CERTIFICATE_VERIFY_FAILED] …``), from requests' or botocore's error."""
     found = re.search(r"\[SSL[^\]]*\][^'\"()]*", str(exc))
-    reason = found[0].strip() if found else "TLS error"
+    return found[0].strip() if found else "TLS error"
+
+
+def tls_failure(exc: Exception) -> str:
+    """A TLS failure with a tracking server in a few words: OpenSSL's reason and what gets past it."""
+    reason = tls_reason(exc)
     if "CERTIFICATE_VERIFY_FAILED" in reason:
         return (f"{reason}; a server on a private CA: set MLFLOW_TRACKING_SERVER_CERT_PATH to that CA's certificate, "
                 "as for MLflow itself")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
-from plantml.health import ServerSession, ask_health, tls_failure
+from plantml.health import ServerSession, ask_health, tls_failure, tls_reason
 from plantml.settings import TrackingSettings
 from plantml.text import mask_passwords
 
@@ -80,12 +81,39 @@ def check_artifact_access(client: Any, experiment_id: str, settings: TrackingSet
     if location.startswith("mlflow-artifacts:"):
         check_artifact_proxy(settings, location)
         return
-    if not location.startswith("s3://") or (settings.aws_access_key and settings.aws_secret_key) or aws_keys_in_files():
+    if not location.startswith("s3://"):
+        return
+    if (settings.aws_access_key and settings.aws_secret_key) or aws_keys_in_files():
+        check_object_store_certificate(settings, location)
         return
     raise ConfigError(
         f"experiment {settings.experiment_name!r} keeps its artifacts at {location} and its server does not store them "
         "for its clients: this client needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for "
         "a store other than AWS) in the environment or .env, and found none")
+
+
+def check_object_store_certificate(settings: TrackingSettings, location: str) -> None:
+    """A one-line :class:`ConfigError` when the object store at an https ``MLFLOW_S3_ENDPOINT_URL`` shows a
+    certificate this client refuses: every upload would fail so, retried until the run's end.
+
+    One request for ``location``'s bucket, checked as MLflow's S3 client checks (``AWS_CA_BUNDLE``,
+    ``MLFLOW_S3_IGNORE_TLS``); any answer, a refusal or an outage included, is left to the sender.
+    """
+    endpoint = settings.s3_endpoint
+    if not (endpoint and endpoint.startswith("https://")):
+        return
+    from botocore.exceptions import BotoCoreError, ClientError, SSLError
+
+    from plantml.stack.endpoints import make_s3_client, s3_tls_hint
+
+    client = make_s3_client(endpoint, settings.aws_access_key, settings.aws_secret_key, retries={"max_attempts": 1})
+    try:
+        client.head_bucket(Bucket=urlsplit(location).netloc)
+    except SSLError as exc:
+        raise ConfigError(f"object store {endpoint} (artifacts at {location}): the TLS handshake failed "
+                          f"({tls_reason(exc)}){s3_tls_hint(exc)}") from None
+    except (BotoCoreError, ClientError):
+        return
 
 
 def check_artifact_proxy(settings: TrackingSettings, location: str) -> None:

@@ -22,7 +22,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from plantml.errors import ConfigError
 from plantml.stack.tls import make_mutual_tls
+from plantml.tracking import MLflowTracker
 from plantml.training import synth
 
 pytestmark = pytest.mark.local_session
@@ -99,3 +101,20 @@ def test_an_s3_certificate_not_trusted_is_one_line_naming_mlflows_settings(
     lines = pushed.stderr.strip().splitlines()
     assert len(lines) == 1 and "CERTIFICATE_VERIFY_FAILED" in lines[0], pushed.stderr
     assert "AWS_CA_BUNDLE" in lines[0] and "MLFLOW_S3_IGNORE_TLS" in lines[0]
+
+
+def test_a_training_whose_s3_certificate_is_not_trusted_is_refused_before_it_starts(
+        mlflow_env: Any, https_s3: tuple[str, Path], experiment_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint, ca = https_s3
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(tmp_path / "journal"))
+    for name in ("AWS_CA_BUNDLE", "MLFLOW_S3_IGNORE_TLS", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    tracker = MLflowTracker(experiment_name=experiment_name)
+    with pytest.raises(ConfigError) as refused:  # what `plantml train` and `verify` ask before their work
+        tracker.check_artifact_access()
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"object store {endpoint} (artifacts at s3://")
+    assert "CERTIFICATE_VERIFY_FAILED" in message and "AWS_CA_BUNDLE" in message and "MLFLOW_S3_IGNORE_TLS" in message
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca))
+    tracker.check_artifact_access()  # trusted with MLflow's own setting
