@@ -65,9 +65,24 @@ def health_url(uri: str) -> str:
 
 
 def ask_health(uri: str, timeout: float | tuple[float, float]) -> requests.Response:
-    """GET ``<uri>/health`` within ``timeout`` (no credentials: it needs none); ``requests``' exceptions as they
-    come (an :class:`~requests.exceptions.SSLError` means a server answered, but its certificate was refused)."""
-    return requests.get(health_url(uri), timeout=timeout, **tls_options(uri))
+    """GET ``<uri>/health`` within ``timeout``, with the credentials MLflow's client sends (MLflow's own server asks
+    none there, but a gateway in front of it, a token or basic-auth proxy, guards every path); ``requests``'
+    exceptions as they come (an :class:`~requests.exceptions.SSLError`: a server answered, its certificate refused)."""
+    with ServerSession(uri) as session:
+        return session.get(health_url(uri), timeout=timeout)
+
+
+def refusal_hint(uri: str, status: int) -> str:
+    """For a 401 or 403 from ``uri``: which of MLflow's credential settings were refused, or that none were sent
+    (else "")."""
+    if status not in (401, 403):
+        return ""
+    creds = host_creds(uri)
+    if creds.username and creds.password:
+        return "; MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD were refused"
+    if creds.token:
+        return "; MLFLOW_TRACKING_TOKEN was refused"
+    return "; no credentials were sent: set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and PASSWORD, as for MLflow"
 
 
 def tls_reason(exc: Exception) -> str:

@@ -12,7 +12,7 @@ import os
 import requests
 
 from plantml.errors import StackError
-from plantml.health import ask_health, health_url, tls_failure
+from plantml.health import ask_health, health_url, refusal_hint, tls_failure
 from plantml.settings import env_value, resolve_tracking_settings
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints, s3_tls_hint
@@ -63,7 +63,8 @@ def check_mlflow(tracking_uri: str, timeout: float = 5) -> None:
     except requests.RequestException as exc:
         raise StackError("mlflow", f"no answer from {tracking_uri} ({type(exc).__name__})") from None
     if response.status_code != 200:
-        raise StackError("mlflow", f"{health_url(tracking_uri)} answered HTTP {response.status_code}")
+        raise StackError("mlflow", f"{health_url(tracking_uri)} answered HTTP {response.status_code}"
+                                   f"{refusal_hint(tracking_uri, response.status_code)}")
 
 
 def check_bucket(endpoints: StackEndpoints) -> None:

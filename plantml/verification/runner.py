@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from plantml.errors import ConfigError, PlantmlError
-from plantml.health import ask_health, health_url, tls_failure
+from plantml.health import ask_health, health_url, refusal_hint, tls_failure
 from plantml.settings import TrackingSettings
 from plantml.text import mask_passwords
 from plantml.verification.checks import (
@@ -299,7 +299,7 @@ def _probe_health(uri: str) -> None:
     except requests.exceptions.Timeout as exc:
         raise CheckFailed(f"{uri} did not answer {url} within {sum(HEALTH_TIMEOUT):.0f} s") from exc
     if response.status_code != 200:
-        raise CheckFailed(f"{url} answered HTTP {response.status_code}")
+        raise CheckFailed(f"{url} answered HTTP {response.status_code}{refusal_hint(uri, response.status_code)}")
 
 
 def _artifact_environ(settings: TrackingSettings) -> Any:
