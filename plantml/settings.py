@@ -51,6 +51,7 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
              "(a private CA: set AWS_CA_BUNDLE to its certificate instead)"),
     Variable("MLFLOW_TRACKING_USERNAME", None, "tracking", "user of a tracking server with basic auth (`stack up --auth`)"),
     Variable("MLFLOW_TRACKING_PASSWORD", None, "tracking", "that user's password (never shown)"),
+    Variable("MLFLOW_TRACKING_TOKEN", None, "tracking", "bearer token of a tracking server behind a token gateway (never shown)"),
     Variable("PLANTML_VERIFY_EXPERIMENT", "plantml_verification", "tracking", "experiment of `plantml verify` runs"),
     Variable("PLANTML_DELIVERY_TIMEOUT", "60", "delivery", "seconds end_run waits for delivery"),
     Variable("PLANTML_MAX_BUFFERED", "100000", "delivery", "entries the sender keeps in memory"),
@@ -171,7 +172,7 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
 
 #: MLflow's client reads its credentials only from the environment: the command line and
 #: the tracker copy them from the env file they read.
-CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 def export_env_file_credentials(environ: MutableMapping[str, str] | None = None, *,

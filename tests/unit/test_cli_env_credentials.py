@@ -35,7 +35,13 @@ def credentials_seen_by(*args: str) -> dict[str, str | None]:
 
 
 def test_the_mlflow_user_and_password_come_from_dot_env(in_folder_with_env: Path) -> None:
-    assert credentials_seen_by("verify") == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "from-dot-env"}
+    assert credentials_seen_by("verify") == {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "from-dot-env",
+                                             "MLFLOW_TRACKING_TOKEN": None}
+
+
+def test_the_mlflow_token_comes_from_dot_env(in_folder_with_env: Path) -> None:
+    (in_folder_with_env / ".env").write_text("MLFLOW_TRACKING_URI=https://mlflow.example/mlflow\nMLFLOW_TRACKING_TOKEN=from-dot-env\n")
+    assert credentials_seen_by("train")["MLFLOW_TRACKING_TOKEN"] == "from-dot-env"
 
 
 def test_the_environment_wins_over_dot_env(in_folder_with_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
