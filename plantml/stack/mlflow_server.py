@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 
 from plantml.errors import ConfigError
-from plantml.health import ask_health
+from plantml.health import health_url
 from plantml.stack.endpoints import ARTIFACT_MODES, ArtifactMode
 from plantml.stack.postgres import PostgresSpec
 from plantml.stack.s3 import S3Spec
@@ -84,7 +84,8 @@ def mlflow_service(spec: MLflowServerSpec, folder: Path, port: int, network: Net
 
     def ready() -> bool:
         try:
-            return ask_health(f"http://127.0.0.1:{port}", timeout=2).status_code == 200
+            # the server's own readiness, over loopback http: no client credential or TLS setting of the caller's
+            return requests.get(health_url(f"http://127.0.0.1:{port}"), timeout=2).status_code == 200
         except requests.RequestException:
             return False
 
