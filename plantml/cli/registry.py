@@ -76,7 +76,7 @@ def list_command(ctx: click.Context, name: str | None) -> None:
         rows: list[Sequence[Any]] = [("NAME", "VERSION", "STAGE", "ALIASES", "RUN", "CREATED")]
         empty: list[str] = []
         for model in models:
-            versions = reg.list_versions(model.name)
+            versions = reg.list_versions(model.name, with_runs=False)  # the table shows no run data
             if not versions:
                 empty.append(model.name)
             rows += [(model.name, v.version, v.stage, ",".join(v.aliases) or "-", v.run_id or "-", v.created_at) for v in versions]

@@ -119,12 +119,13 @@ class ModelRegistry:
         """One registered model, or :class:`RegistryError` naming it."""
         return model_info(self._registered_model(name))
 
-    def list_versions(self, name: str) -> list[VersionInfo]:
-        """Every version of ``name``, oldest first, with its run's metrics and params."""
+    def list_versions(self, name: str, *, with_runs: bool = True) -> list[VersionInfo]:
+        """Every version of ``name``, oldest first, with its run's metrics and params (``with_runs=False``:
+        without them, and without reading the runs, one request each on a server)."""
         registered = self._registered_model(name)
         by_version = aliases_by_version(registered)
         versions = self._search_versions(name)
-        runs = self._runs([mv.run_id for mv in versions])
+        runs = self._runs([mv.run_id for mv in versions]) if with_runs else {}
         infos = [version_info(mv, by_version, runs.get(mv.run_id)) for mv in versions]
         return sorted(infos, key=lambda v: v.version)
 

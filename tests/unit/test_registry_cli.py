@@ -54,6 +54,22 @@ def test_list_shows_every_version_with_its_stage_and_aliases(store: tuple[str, s
     assert rows == [[name, "1", "None", "-"], [name, "2", "Staging", "staging"]]
 
 
+def test_list_of_every_model_reads_no_run(store: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The all-models table shows no run data: reading each version's run (one request each on a server) cost
+    a model of 250 versions and one of 100 on the local stack 5 to 7.5 s of a 10 to 12.7 s listing."""
+    from mlflow import MlflowClient
+
+    uri, name = store
+    reads: list[str] = []
+    real_get_run = MlflowClient.get_run
+    monkeypatch.setattr(MlflowClient, "get_run", lambda self, run_id: reads.append(run_id) or real_get_run(self, run_id))
+    result = registry_cli(uri, "list")
+    assert result.exit_code == 0, result.output
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith(name + " ")] == ["1", "2"]
+    assert reads == []
+    assert "val_accuracy=0.6" in registry_cli(uri, "list", name).stdout and len(reads) == 2  # a model's listing still reads them
+
+
 def test_list_name_shows_versions_stages_runs_and_metrics(store: tuple[str, str]) -> None:
     uri, name = store
     registry_cli(uri, "promote", name, "1")
