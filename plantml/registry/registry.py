@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,6 +58,7 @@ from plantml.registry.store import (
     name_filter,
     object_store_error,
     object_store_errors,
+    read_runs,
     server_unreachable,
 )
 from plantml.text import mask_passwords
@@ -73,8 +73,6 @@ T = TypeVar("T")
 TAG_PREFIX = "plantml.alias"
 NO_VERSION = "none"
 LATEST = "latest"
-#: Runs read at once when listing a model's versions from a tracking server (each is one request, ~20 ms on loopback).
-RUN_READERS = 8
 
 _VERSION_REF_RE = re.compile(r"^[vV]?\d+$")
 
@@ -354,14 +352,8 @@ class ModelRegistry:
         return version_info(mv, by_version, self._run(mv.run_id) if mv.run_id else None)
 
     def _runs(self, run_ids: list[str]) -> dict[str, Any]:
-        """The runs of ``run_ids`` that still exist, by id; read side by side from a server (one request each)."""
-        wanted = sorted({run_id for run_id in run_ids if run_id})
-        if not self.tracking_uri.startswith(("http://", "https://")) or len(wanted) < 2:
-            found = map(self._run, wanted)  # a database store: no round trips to overlap
-        else:
-            with ThreadPoolExecutor(max_workers=min(RUN_READERS, len(wanted)), thread_name_prefix="plantml-runs") as pool:
-                found = list(pool.map(self._run, wanted))
-        return {run_id: run for run_id, run in zip(wanted, found) if run is not None}
+        """The runs of ``run_ids`` that still exist, by id (see :func:`~plantml.registry.store.read_runs`)."""
+        return read_runs(self.client, run_ids, self._run, self._call, over_http=self.tracking_uri.startswith(("http://", "https://")))
 
     def _run(self, run_id: str) -> Any | None:
         """The run, or None when it was deleted (a version outlives its run)."""
