@@ -207,6 +207,22 @@ def test_ls_lists_the_good_sets_and_warns_once_per_broken_manifest(leaves: Path,
     assert warning.startswith(f"plantml: warning: {prefix}/broken/plantml-dataset.json: not a plantml data set manifest")
 
 
+@pytest.mark.local_session  # the walk is the client's
+def test_ls_lists_the_folders_but_not_the_images_of_a_set(leaves: Path, mlflow_env: Any, prefix: str) -> None:
+    """`data ls` listed every object under its location to find the manifests: 4-6 s per 20,000 images
+    stored (8.8 s for a bucket of one such set, 0.7 s walking its folders instead)."""
+    from plantml.datasets import MANIFEST_NAME, remote
+
+    client = mlflow_env.s3_client()
+    remote.push(client, leaves, f"{prefix}/a/set")
+    listed: list[str] = []
+    client.meta.events.register("after-call.s3.ListObjectsV2",
+                                lambda parsed, **_: listed.extend(item["Key"] for item in parsed.get("Contents", [])))
+    found = remote.list_sets(client, prefix)
+    assert [(str(location), len(manifest.files)) for location, manifest in found.sets] == [(f"{prefix}/a/set", 30)]
+    assert [key.rpartition("/")[2] for key in listed] == [MANIFEST_NAME]
+
+
 def test_a_missing_bucket_is_a_usage_error_for_ls_and_push(leaves: Path, mlflow_env: Any, tmp_path: Path,
                                                           monkeypatch, capsys) -> None:
     from plantml.cli import main
