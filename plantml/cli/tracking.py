@@ -77,7 +77,7 @@ def replay(journal: Path, tracking_uri: str | None, timeout: float, status: str)
     from plantml.tracking.recover import recover_journal
 
     settings = resolve_tracking_settings(tracking_uri) if tracking_uri else None
-    report = recover_journal(journal, settings, timeout=timeout, status=status, why="replayed")
+    report = recover_journal(journal, settings, timeout=timeout, status=status, why="replayed", idle=True)
     _show(report)
     if report.model_versions:
         click.echo(f"registered version(s) {', '.join(map(str, report.model_versions))}")
@@ -95,7 +95,7 @@ def replay(journal: Path, tracking_uri: str | None, timeout: float, status: str)
               help="Folder of journals [default: $PLANTML_JOURNAL_DIR or ~/.cache/plantml/journal].")
 @click.option("--tracking-uri", default=None, help="Server searched by --stale [default: $MLFLOW_TRACKING_URI, .env].")
 @click.option("--experiment-name", multiple=True, help="Experiment searched by --stale (repeatable) [default: all].")
-@click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Seconds to keep retrying for each journal.")
+@click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Seconds to keep retrying for each journal (without progress: a long one delivered steadily goes on).")
 def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | None, tracking_uri: str | None,
             experiment_name: tuple[str, ...], timeout: float) -> int:
     """Deliver the journals of processes gone from this machine and end their runs (KILLED by default).
@@ -126,7 +126,7 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
             failures += 1
             continue
         try:
-            report = recover_journal(path, None, delivery, timeout=timeout, status=status, move_kept=True)
+            report = recover_journal(path, None, delivery, timeout=timeout, status=status, move_kept=True, idle=True)
         except JournalBusy:  # a second `recover`, or a tracker starting, took it after the scan
             click.echo(f"journal {path}: being recovered by another process; left to it")
             continue

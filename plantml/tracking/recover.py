@@ -22,6 +22,7 @@ live run ends, shared with recovery.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -144,11 +145,13 @@ def _mark_pending(sender: RunSender, end: End, hurry: bool) -> str:
 
 def recover_journal(path: Path, settings: TrackingSettings | None = None, delivery: DeliverySettings | None = None, *,
                     timeout: float = 300.0, status: str = "KILLED", move_kept: bool = False,
-                    why: str = "recovered") -> RecoverReport:
+                    why: str = "recovered", idle: bool = False) -> RecoverReport:
     """Deliver the journal at ``path`` and end its run; see the module docstring.
 
     ``settings`` names the server (default: the journal's, with credentials from the
     environment or ``.env``); ``status`` ends a run whose journal asked for none.
+    ``timeout`` bounds the whole delivery, or with ``idle`` only a time without progress
+    (the server or the object store away), however long a steady delivery takes.
     :class:`JournalBusy` when its writer (or another recovery) holds it.
     """
     delivery = replace(delivery or resolve_delivery_settings(), linger_s=0.0)
@@ -182,8 +185,9 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
         journal.append([Tag(RECOVERED_TAG, note)], keep_if_refused=True)
         end = journal.requested_end or End(status, int(time.time() * 1000))
         sender = RunSender(transport, journal, delivery, header.run_id, recovering=True)
+        stalled = _Stall(journal, timeout) if idle else (lambda: False)
         report = finish_run(sender, Spool.of_run(delivery.journal_dir, header.run_id), end,
-                            max(0.0, deadline - time.monotonic()), move_kept=move_kept)
+                            math.inf if idle else max(0.0, deadline - time.monotonic()), stalled, move_kept=move_kept)
     except BaseException:
         journal.close()
         raise
@@ -197,6 +201,20 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
     return RecoverReport(report.journal or journal.path, header.run_id, message, ok, status=report.status, delivered=sender.delivered,
                          already_stored=sender.already_stored, refused=refused, skipped_lines=journal.problems,
                          model_versions=tuple(sender.model_versions))
+
+
+class _Stall:
+    """True once the journal's cursor has not moved for ``seconds``: a long journal delivered at a steady pace goes on."""
+
+    def __init__(self, journal: Journal, seconds: float) -> None:
+        self.journal, self.seconds = journal, seconds
+        self.cursor, self.since = journal.cursor, time.monotonic()
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.journal.cursor != self.cursor:
+            self.cursor, self.since = self.journal.cursor, now
+        return now - self.since > self.seconds
 
 
 def _report(journal: Journal, message: str, ok: bool, status: str | None = None) -> RecoverReport:

@@ -89,6 +89,18 @@ def test_a_dead_process_journal_is_delivered_once_and_its_run_ended_killed(store
     assert not path.exists()
 
 
+def test_a_long_journal_delivered_steadily_outlasts_the_timeout(store, capsys) -> None:
+    """``--timeout`` is how long to keep retrying: a journal of 200,000 points took 66 s to recover on the local
+    stack, 1,000,000 would take past the 300 s default; the recovery cut it off, "no answer in time", the run FAILED."""
+    client, _, _, run_id, _ = store
+    path = write_journal(store, [MetricPoint("loss", 1.0 / step, 100 + step, step) for step in range(1, 20_001)])
+
+    assert main(["tracking", "recover", "--timeout", "1"]) == 0, capsys.readouterr()
+
+    assert len(history(client, run_id)) == 20_001 and client.get_run(run_id).info.status == "KILLED"
+    assert not path.exists()
+
+
 def test_a_replay_reads_each_metric_s_history_once_not_once_per_batch(store, monkeypatch) -> None:
     from plantml.tracking.transport import Transport
 
