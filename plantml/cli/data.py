@@ -90,7 +90,7 @@ def ls(location: str) -> int:
 
     A manifest that cannot be read is one warning line on stderr; the others are still listed, and the exit code is 1.
     """
-    from plantml.datasets.remote import iter_manifest_lines, list_sets
+    from plantml.datasets.listing import iter_manifest_lines, list_sets
 
     listing = list_sets(_object_store(location), location)
     if not listing.sets and not listing.broken:

@@ -11,6 +11,7 @@ an unfinished push.
   again after an interruption resumes where it stopped. When it replaces files of a set already
   there, it first deletes that set's manifest, so a cut push never leaves a manifest that its
   files no longer match.
+- :mod:`plantml.datasets.listing` finds the sets under a location (``plantml data ls``).
 - :func:`pull` downloads into ``<cache>/datasets/<digest>/``, checking every file against
   the manifest's SHA-256, and only then makes the folder visible (a rename): a set whose
   folder exists is complete, and a second pull downloads nothing. A missing, corrupt or
@@ -148,13 +149,13 @@ def _error_code(exc: BaseException) -> str:
 def stored_objects(client: Any, where: S3Location) -> dict[str, tuple[int, str]]:
     """Every object under ``where``: key → (size, ETag without quotes)."""
     found: dict[str, tuple[int, str]] = {}
-    for page in _listing(client, where, f"{where.prefix}/" if where.prefix else ""):
+    for page in list_pages(client, where, f"{where.prefix}/" if where.prefix else ""):
         for item in page.get("Contents", []):
             found[item["Key"]] = (int(item["Size"]), item.get("ETag", "").strip('"'))
     return found
 
 
-def _listing(client: Any, where: S3Location, prefix: str, **options: str) -> Iterator[dict[str, Any]]:
+def list_pages(client: Any, where: S3Location, prefix: str, **options: str) -> Iterator[dict[str, Any]]:
     """The pages of ``list_objects_v2`` under ``prefix``; a missing bucket or a failure is one line naming ``where``."""
     try:
         yield from client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=prefix, **options)
@@ -308,55 +309,6 @@ def read_manifest(client: Any, where: S3Location) -> Manifest:
     return Manifest.from_json(body, name)
 
 
-@dataclass(frozen=True)
-class SetListing:
-    """What :func:`list_sets` found: the sets, and one line for each manifest that could not be read."""
-
-    sets: list[tuple[S3Location, Manifest]]
-    broken: list[str]
-
-
-def list_sets(client: Any, uri: str) -> SetListing:
-    """Every pushed set (one with a manifest) under ``uri``, sorted by location; a broken manifest
-    is reported in :attr:`SetListing.broken` and hides none of the others.
-
-    The folders are listed one level at a time, and a set's class folders are not: listing every
-    object cost 4-6 s per 20,000 images stored, so `data ls` grew with every image ever pushed."""
-    where = S3Location.parse(uri)
-    listing = SetListing([], [])
-    folders = [f"{where.prefix}/" if where.prefix else ""]
-    found: list[tuple[str, S3Location, Manifest | str]] = []
-    while folders:
-        folder = folders.pop()
-        keys, below = _folder_level(client, where, folder)
-        skip: set[str] = set()
-        if folder + MANIFEST_NAME in keys:
-            location = S3Location(where.bucket, folder.rstrip("/"))
-            try:
-                manifest = read_manifest(client, location)
-                skip = {f"{folder}{label}/" for label in manifest.classes}  # images only, many of them
-                found.append((folder + MANIFEST_NAME, location, manifest))
-            except DataError as exc:
-                found.append((folder + MANIFEST_NAME, location, str(exc)))
-        folders += [sub for sub in below if sub not in skip]
-    for _, location, manifest in sorted(found, key=lambda item: item[0]):
-        if isinstance(manifest, str):
-            listing.broken.append(manifest)
-        else:
-            listing.sets.append((location, manifest))
-    return listing
-
-
-def _folder_level(client: Any, where: S3Location, folder: str) -> tuple[set[str], list[str]]:
-    """The keys of the objects right in ``folder`` (a key prefix ending in ``/``, or the bucket's root), and its sub-folders."""
-    keys: set[str] = set()
-    below: list[str] = []
-    for page in _listing(client, where, folder, Delimiter="/"):
-        keys.update(item["Key"] for item in page.get("Contents", []))
-        below += [common["Prefix"] for common in page.get("CommonPrefixes", [])]
-    return keys, below
-
-
 def cache_folder(cache_root: Path, digest: str) -> Path:
     """Where a set with this digest lives once pulled."""
     return cache_root / "datasets" / digest
@@ -415,11 +367,3 @@ def _download_into(client: Any, where: S3Location, manifest: Manifest, target: P
             if not target.is_dir():  # another process that pulled the same digest at once got there first
                 raise
     return received
-
-
-def iter_manifest_lines(sets: list[tuple[S3Location, Manifest]]) -> Iterator[str]:
-    """``plantml data ls`` lines: location, files, classes, size, digest."""
-    for location, manifest in sets:
-        mb = manifest.total_bytes / 1e6
-        yield (f"{location}  {len(manifest.files)} files  {len(manifest.classes)} classes ({', '.join(manifest.classes)})  "
-               f"{mb:.1f} MB  digest {manifest.digest}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from plantml.datasets import build_manifest
+from plantml.datasets import build_manifest, list_sets
 from plantml.settings import env_value
 from plantml.training import synth
 
@@ -218,7 +218,7 @@ def test_ls_lists_the_folders_but_not_the_images_of_a_set(leaves: Path, mlflow_e
     listed: list[str] = []
     client.meta.events.register("after-call.s3.ListObjectsV2",
                                 lambda parsed, **_: listed.extend(item["Key"] for item in parsed.get("Contents", [])))
-    found = remote.list_sets(client, prefix)
+    found = list_sets(client, prefix)
     assert [(str(location), len(manifest.files)) for location, manifest in found.sets] == [(f"{prefix}/a/set", 30)]
     assert [key.rpartition("/")[2] for key in listed] == [MANIFEST_NAME]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from plantml.datasets import MANIFEST_NAME, S3Location, build_manifest, remote
+from plantml.datasets import MANIFEST_NAME, S3Location, build_manifest, list_sets, remote
 from plantml.datasets.source import DataSource
 from plantml.errors import ConfigError, DataError, StorageError, TrackingError, UsageError
 from plantml.processes import process_start_time
@@ -177,7 +177,7 @@ def test_a_push_of_other_files_cut_midway_leaves_no_manifest_they_no_longer_matc
     with pytest.raises(TrackingError, match="upload of"):
         remote.push(store, other, "s3://data/set", workers=1)
 
-    assert remote.list_sets(store, "s3://data").sets == []
+    assert list_sets(store, "s3://data").sets == []
     with pytest.raises(DataError, match=f"s3://data/set: no data set there .*{MANIFEST_NAME} not found"):
         remote.read_manifest(store, S3Location.parse("s3://data/set"))
 
@@ -196,7 +196,7 @@ def test_a_push_whose_files_another_push_replaced_meanwhile_says_so_and_leaves_n
         remote.push(store, leaves, "s3://data/set", workers=1)
 
     assert str(refused.value).startswith("s3://data/set: healthy/healthy_0001.png is not the file this push sent")
-    assert f"set/{MANIFEST_NAME}" not in store.objects and remote.list_sets(store, "s3://data").sets == []
+    assert f"set/{MANIFEST_NAME}" not in store.objects and list_sets(store, "s3://data").sets == []
 
 
 def test_a_push_that_finds_another_pushs_manifest_in_place_of_its_own_leaves_that_one(leaves: Path) -> None:
