@@ -282,7 +282,7 @@ class MLflowTracker:
         self._write(self._checked_tags(tags))
 
     def _checked_tags(self, tags: Mapping[str, Any]) -> list[Tag]:
-        return [Tag(check.check_name("tag", key), check.tag_value(key, value))
+        return [Tag(check.check_user_tag_name(key), check.tag_value(key, value))
                 for key, value in check.check_mapping("tags", tags).items()]
 
     def log_input(self, name: str, digest: str, source: str, source_type: str = "local", *,

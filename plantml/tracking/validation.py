@@ -85,6 +85,20 @@ def check_name(kind: str, name: Any) -> str:
     return name
 
 
+#: Tags plantml writes itself, which steer delivery and recovery (``plantml.delivery=complete`` marks a run whose
+#: journal must never be replayed over it): a run's own tags by those names would be overwritten, or would lie.
+RESERVED_TAGS = ("plantml.delivery", "plantml.recovered", "plantml.rejected", "plantml.heartbeat", "plantml.error")
+
+
+def check_user_tag_name(name: Any) -> str:
+    """:func:`check_name` for a tag the user sets, refusing plantml's own (:data:`RESERVED_TAGS`, and names under them)."""
+    checked = check_name("tag", name)
+    if any(checked == reserved or checked.startswith(reserved + ".") for reserved in RESERVED_TAGS):
+        raise ValidationError(f"tag name {checked!r}: reserved for plantml's own records "
+                              f"({', '.join(f'{reserved}*' for reserved in RESERVED_TAGS)}); choose another name")
+    return checked
+
+
 def checked_text(kind: str, key: str, text: str) -> str:
     """``text`` made safe to send (:func:`safe_text`); a NUL character is refused naming ``kind`` ``key``."""
     if "\x00" in text:

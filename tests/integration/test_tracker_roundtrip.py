@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from plantml.errors import ValidationError
 from plantml.tracking import MLflowTracker
-from plantml.tracking.validation import MAX_PARAM_VAL_LENGTH, check_name
+from plantml.tracking.validation import MAX_PARAM_VAL_LENGTH, check_name, check_user_tag_name
 
 NAME_ALPHABET = string.ascii_letters + string.digits + "_-. /:"
 names = st.text(NAME_ALPHABET + "éß", min_size=1, max_size=250).filter(lambda n: _valid(n))
@@ -23,6 +23,7 @@ metric_values = st.floats(allow_nan=False, allow_infinity=False, width=64)
 def _valid(name: str) -> bool:
     try:
         check_name("param", name)
+        check_user_tag_name(name)  # it is a tag's name too: plantml's own are refused (a unit test says so)
     except ValidationError:
         return False
     return True

@@ -169,6 +169,20 @@ def test_second_start_run_is_refused(tracker) -> None:
         tracker.start_run()
 
 
+@pytest.mark.parametrize("name", ["plantml.delivery", "plantml.delivery.journal", "plantml.heartbeat", "plantml.error.type"])
+def test_plantmls_own_tags_are_refused_as_a_runs_tags_and_the_run_keeps_its_delivery_record(tracker, name) -> None:
+    """A run's own ``plantml.delivery`` tag was overwritten by plantml's at its end (a property test found it on a
+    real server); set to ``complete`` on a run still delivering, it would tell recovery to leave its journal."""
+    with pytest.raises(ValidationError, match=rf"^tag name '{name}': reserved for plantml's own records"):
+        tracker.start_run(tags={name: "mine"})
+    run = tracker.start_run()
+    with pytest.raises(ValidationError, match=rf"^tag name '{name}': reserved"):
+        tracker.set_tag(name, "complete")
+    tracker.set_tags({"plantml.verification.id": "x", "plantml.deliveryman": "y"})  # names beside them stay free
+    tracker.end_run()
+    tags = _run(tracker, run.run_id).data.tags
+    assert tags["plantml.delivery"] == "complete" and tags["plantml.deliveryman"] == "y"
+
 def test_invalid_input_is_refused_before_anything_is_sent(tracker, tmp_path) -> None:
     run = tracker.start_run()
     with pytest.raises(ValidationError, match="metric 'val_acc'"):
