@@ -204,6 +204,8 @@ def test_postgres_restarted_mid_run_loses_nothing(stack, client, tmp_path, monke
     assert [f.path for f in client.list_artifacts(run.run_id, "notes")] == ["notes/done.txt"]
 
 
+#: Training processes registering versions of one model at once (eight took 68 s of CI's two cores; four race as well).
+WORKERS = 4
 TRAINING_SCRIPT = textwrap.dedent("""
     import sys, torch
     from plantml.tracking import MLflowTracker
@@ -222,28 +224,28 @@ TRAINING_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.local_session  # the clients' load on one server: the same server on either backend
-def test_eight_training_processes_at_once_against_one_stack(stack, client, tmp_path):
+def test_four_training_processes_at_once_against_one_stack(stack, client, tmp_path):
     script = tmp_path / "train_one.py"
     script.write_text(TRAINING_SCRIPT)
-    experiment, name = f"eight_{uuid.uuid4().hex[:8]}", f"shared_{uuid.uuid4().hex[:8]}"
+    experiment, name = f"four_{uuid.uuid4().hex[:8]}", f"shared_{uuid.uuid4().hex[:8]}"
     env = {**__import__("os").environ, **stack.client_env(), "PLANTML_JOURNAL_DIR": str(tmp_path / "journal")}
     workers = [
         subprocess.Popen([sys.executable, str(script), experiment, name, str(i)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(8)
+        for i in range(WORKERS)
     ]
     outputs = [worker.communicate(timeout=240) for worker in workers]
-    assert [w.returncode for w in workers] == [0] * 8, [err[-2000:] for _, err in outputs]
+    assert [w.returncode for w in workers] == [0] * WORKERS, [err[-2000:] for _, err in outputs]
     printed = sorted(int(out.strip().splitlines()[-1]) for out, _ in outputs)
-    assert printed == list(range(1, 9))
+    assert printed == list(range(1, WORKERS + 1))
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id])
-    assert len(runs) == 8 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == WORKERS and {r.info.status for r in runs} == {"FINISHED"}
     for run in runs:
         assert_each_epoch_once_without_lr(client, run.info.run_id, 3)
     versions = client.search_model_versions(f"name='{name}'")
-    assert sorted(int(v.version) for v in versions) == list(range(1, 9))
-    assert len({v.run_id for v in versions}) == 8
+    assert sorted(int(v.version) for v in versions) == list(range(1, WORKERS + 1))
+    assert len({v.run_id for v in versions}) == WORKERS
 
 
 def assert_each_epoch_once_without_lr(client, run_id: str, epochs: int) -> None:
