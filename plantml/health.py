@@ -28,12 +28,12 @@ def host_creds(uri: str) -> Any:
         raise ConfigError(f"{uri}: MLflow's TLS settings disagree: {exc.message.splitlines()[0]}") from None
 
 
-def tls_options(uri: str) -> dict[str, Any]:
+def tls_options(uri: str, creds: Any) -> dict[str, Any]:
     """``requests`` options that check an https server's certificate as MLflow does (nothing for http), to give
-    each request: they win over ``REQUESTS_CA_BUNDLE``, as in MLflow's own requests."""
+    each request: they win over ``REQUESTS_CA_BUNDLE``, as in MLflow's own requests. ``creds``: :func:`host_creds`
+    of ``uri``."""
     if not uri.startswith("https://"):
         return {}
-    creds = host_creds(uri)
     return {"verify": creds.verify, "cert": creds.client_cert_path}
 
 
@@ -51,7 +51,7 @@ class ServerSession(requests.Session):
             self.auth = (creds.username, creds.password)
         elif creds.token:
             self.headers["Authorization"] = f"Bearer {creds.token}"
-        self._tls = tls_options(uri)
+        self._tls = tls_options(uri, creds)
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         for name, value in self._tls.items():
@@ -85,6 +85,11 @@ def refusal_hint(uri: str, status: int) -> str:
     return "; no credentials were sent: set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and PASSWORD, as for MLflow"
 
 
+def certificate_refused(exc: BaseException) -> bool:
+    """Whether a TLS failure (requests' or botocore's) is a server certificate this client does not trust."""
+    return "CERTIFICATE_VERIFY_FAILED" in str(exc)
+
+
 def tls_reason(exc: Exception) -> str:
     """OpenSSL's reason for a TLS failure (``[SSL: CERTIFICATE_VERIFY_FAILED] …``), from requests' or botocore's error."""
     found = re.search(r"\[SSL[^\]]*\][^'\"()]*", str(exc))
@@ -94,7 +99,7 @@ def tls_reason(exc: Exception) -> str:
 def tls_failure(exc: Exception) -> str:
     """A TLS failure with a tracking server in a few words: OpenSSL's reason and what gets past it."""
     reason = tls_reason(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in reason:
+    if certificate_refused(exc):
         return (f"{reason}; a server on a private CA: set MLFLOW_TRACKING_SERVER_CERT_PATH to that CA's certificate, "
                 "as for MLflow itself")
     if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER_FAILURE" in reason:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from plantml.health import certificate_refused
 from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings, mask, s3_tls_verify
 from plantml.text import mask_passwords
 
@@ -90,7 +91,7 @@ def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str
 
 def s3_tls_hint(exc: BaseException) -> str:
     """For an S3 request whose server certificate was refused: what gets past it, as for MLflow (else "")."""
-    if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+    if not certificate_refused(exc):
         return ""
     return "; a private CA: set AWS_CA_BUNDLE to its certificate (or MLFLOW_S3_IGNORE_TLS=true), as for MLflow itself"
 
