@@ -201,8 +201,16 @@ class ContainerProcess:
 
     @property
     def docker_container(self) -> Container | None:
-        """The docker-py container, once created."""
-        return self._container.get_wrapped_container() if self._container is not None else None
+        """The docker-py container, once created (None while :meth:`start` still creates it: the stack starts its
+        services at once, and each one up records every service's pid)."""
+        from testcontainers.core.exceptions import ContainerStartException
+
+        if self._container is None:
+            return None
+        try:
+            return self._container.get_wrapped_container()
+        except ContainerStartException:  # described, not created yet
+            return None
 
     @property
     def running(self) -> bool:

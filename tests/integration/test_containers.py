@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from click.testing import CliRunner
 
 from plantml.errors import StackError
 from plantml.stack import mlflow_server, stack
-from plantml.stack.containers import LABEL, LABEL_PID, ContainersStack, check_image, docker_client
+from plantml.stack.containers import LABEL, LABEL_PID, ContainerRunner, ContainersStack, check_image, docker_client
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +62,28 @@ def test_a_failed_start_shows_the_containers_log_and_removes_every_container(doc
     assert not containers.folder_path.exists()
 
 
-def test_every_endpoint_is_on_loopback_and_stop_removes_the_containers(docker):
+def test_every_endpoint_is_on_loopback_and_stop_removes_the_containers(docker, monkeypatch):
+    """Its S3 container is created only once another service has recorded the stack's pids: the services start at
+    once, each up records every pid, and one whose container was still being created failed that record
+    ("Container is not started": the stack's start failed on a loaded machine)."""
+    recorded = threading.Event()
+    save_state, describe = ContainersStack._save_state, ContainerRunner.describe
+
+    def save_and_tell(self: ContainersStack) -> None:
+        try:
+            save_state(self)
+        finally:
+            recorded.set()
+
+    def s3_created_late(self: ContainerRunner, spec, name, one_off=None):  # noqa: ANN001, ANN202
+        container = describe(self, spec, name, one_off)
+        if spec.name == "s3" and one_off is None:
+            start = container.start
+            container.start = lambda: (recorded.wait(60), start())[1]
+        return container
+
+    monkeypatch.setattr(ContainersStack, "_save_state", save_and_tell)
+    monkeypatch.setattr(ContainerRunner, "describe", s3_created_late)
     with ContainersStack() as stack:
         endpoints = stack.endpoints
         assert endpoints.tracking_uri.startswith("http://127.0.0.1:")

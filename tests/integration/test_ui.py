@@ -117,10 +117,18 @@ def test_plantml_ui_shows_the_newest_run_and_ctrl_c_frees_the_port(store_with_a_
     assert snapshot(folder) == before  # not a file added, changed or touched (the store's database included)
 
 
-def test_a_closed_terminal_stops_plantml_ui_and_its_server(store_with_a_run: tuple[Path, str, str]) -> None:
+def empty_store(folder: Path) -> Path:
+    """``folder`` with a default local store holding no run: enough for ``plantml ui`` to serve."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
+    return folder
+
+
+def test_a_closed_terminal_stops_plantml_ui_and_its_server(tmp_path: Path) -> None:
     signum = signal.SIGHUP  # SIGTERM takes the same path
     port = free_port()
-    with plantml_ui(store_with_a_run[0], port) as ui:
+    with plantml_ui(empty_store(tmp_path), port) as ui:
         assert ui.stdout.readline().startswith("MLflow UI for "), ui.stderr.read()
         ui.send_signal(signum)  # to plantml ui alone, as a closing terminal signals its session's leader
         assert ui.wait(timeout=30) == 0
@@ -129,11 +137,8 @@ def test_a_closed_terminal_stops_plantml_ui_and_its_server(store_with_a_run: tup
 
 
 def test_kill_9_of_plantml_ui_takes_its_server_with_it(tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # a store to serve
     port = free_port()
-    with plantml_ui(tmp_path, port) as ui:
+    with plantml_ui(empty_store(tmp_path), port) as ui:
         assert ui.stdout.readline().startswith("MLflow UI for "), ui.stderr.read()
         server_pid = int(Path(f"/proc/{ui.pid}/task/{ui.pid}/children").read_text().split()[0])
         ui.kill()  # what the OOM killer does: no handler runs
