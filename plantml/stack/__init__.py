@@ -52,7 +52,7 @@ def prune(everything: bool = False) -> list[str]:
 
     removed = []
     try:
-        from plantml.stack.containers import prune_containers
+        from plantml.stack.docker_api import prune_containers
 
         removed += [f"container {name}" for name in prune_containers(everything)]
     except StackError:

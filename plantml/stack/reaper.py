@@ -17,7 +17,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     """Wait for the end of standard input, then remove the stack's containers."""
-    from plantml.stack.containers import LABEL, docker_client, remove_containers
+    from plantml.stack.docker_api import LABEL, docker_client, remove_containers
 
     stack_id = argv[1]
     client = docker_client()  # connected before the wait, so the removal is immediate

@@ -22,7 +22,8 @@ from click.testing import CliRunner
 
 from plantml.errors import StackError
 from plantml.stack import mlflow_server, stack
-from plantml.stack.containers import LABEL, LABEL_PID, ContainerRunner, ContainersStack, check_image, docker_client
+from plantml.stack.containers import ContainerRunner, ContainersStack
+from plantml.stack.docker_api import LABEL, LABEL_PID, check_image, docker_client
 
 pytestmark = pytest.mark.integration
 

@@ -72,7 +72,7 @@ def docker_of(backend: str):
     """A Docker client on the containers backend (to find the stack's containers), None on the local one."""
     if backend != "containers":
         return None
-    from plantml.stack.containers import docker_client
+    from plantml.stack.docker_api import docker_client
 
     return docker_client()
 

@@ -10,15 +10,8 @@ import pytest
 
 from plantml.errors import ConfigError
 from plantml.stack import BACKENDS, make_stack
-from plantml.stack.containers import (
-    LABEL_HOST,
-    LABEL_PID,
-    LABEL_PID_START,
-    ContainerSettings,
-    ContainersStack,
-    owner_is_gone,
-    owner_labels,
-)
+from plantml.stack.containers import ContainerSettings, ContainersStack
+from plantml.stack.docker_api import LABEL_HOST, LABEL_PID, LABEL_PID_START, owner_is_gone, owner_labels
 from plantml.stack.images import FINGERPRINT_ENV, ImageRecipe, recipes
 
 IMAGE_VARIABLES = ("PLANTML_POSTGRES_IMAGE", "PLANTML_S3_IMAGE", "PLANTML_MLFLOW_IMAGE", "PLANTML_S3_FLAVOUR",
