@@ -85,6 +85,10 @@ def refusal_hint(uri: str, status: int) -> str:
     return "; no credentials were sent: set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and PASSWORD, as for MLflow"
 
 
+#: What gets past a tracking server's certificate that this client refuses.
+TRACKING_CA_HINT = "a server on a private CA: set MLFLOW_TRACKING_SERVER_CERT_PATH to that CA's certificate, as for MLflow itself"
+
+
 def certificate_refused(exc: BaseException) -> bool:
     """Whether a TLS failure (requests' or botocore's) is a server certificate this client does not trust."""
     return "CERTIFICATE_VERIFY_FAILED" in str(exc)
@@ -100,8 +104,7 @@ def tls_failure(exc: Exception) -> str:
     """A TLS failure with a tracking server in a few words: OpenSSL's reason and what gets past it."""
     reason = tls_reason(exc)
     if certificate_refused(exc):
-        return (f"{reason}; a server on a private CA: set MLFLOW_TRACKING_SERVER_CERT_PATH to that CA's certificate, "
-                "as for MLflow itself")
+        return f"{reason}; {TRACKING_CA_HINT}"
     if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER_FAILURE" in reason:
         return f"{reason}; is the server serving https?"
     return reason

@@ -373,7 +373,7 @@ class RunSender:
     def _note_failure(self, exc: BaseException, attempt: int) -> None:
         self.failures += 1
         self.failed_tries += 1
-        self.last_error = one_line(exc)
+        self.last_error = self.transport.failure_reason(exc)
         log = logger.warning if self.failures in (1, 10) or self.failures % 50 == 0 else logger.debug
         log("tracking delivery failed (try %d), retrying: %s", self.failures, self.last_error)
 

@@ -30,9 +30,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from plantml.errors import PlantmlError, TrackingError
-from plantml.health import ServerSession
+from plantml.errors import PlantmlError, TrackingError, one_line
+from plantml.health import TRACKING_CA_HINT, ServerSession, certificate_refused
 from plantml.settings import TrackingSettings
 from plantml.tracking.entries import DatasetInput, End, MetricPoint, Model, ModelProgress, Param, Record, Tag
 from plantml.tracking.environ import scoped_environ
@@ -193,6 +194,18 @@ class Transport:
         #: Points known stored, by (run, key), read once and kept while every send may repeat an earlier one (a
         #: recovery): reading a key's whole history for each batch made a replay quadratic in its points.
         self._stored: dict[tuple[str, str], set[tuple[int, int, Any]]] = {}
+
+    def failure_reason(self, exc: BaseException) -> str:
+        """One line for a failed try; a certificate this client refused also names what gets past it: the object
+        store's setting when the error names its endpoint, else the tracking server's."""
+        text = one_line(exc)
+        if not certificate_refused(exc):
+            return text
+        if self.settings.s3_endpoint and urlsplit(self.settings.s3_endpoint).netloc in str(exc):
+            from plantml.stack.endpoints import s3_tls_hint
+
+            return text + s3_tls_hint(exc)
+        return f"{text}; {TRACKING_CA_HINT}"
 
     def client_env(self) -> dict[str, str]:
         """S3 settings plus MLflow HTTP settings that make one ``MlflowClient`` call fail fast."""
