@@ -148,8 +148,11 @@ class ContainerProcess:
 
         try:
             if self._container is not None:
+                container = self.docker_container
                 try:
-                    self.docker_container.start()  # type: ignore[union-attr]
+                    if container is None:  # a first creation that failed: described again below
+                        raise NotFound("never created")
+                    container.start()
                 except NotFound:  # removed behind the stack's back (docker rm -f): made again, on the same folder
                     self._container = None
             if self._container is None:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import requests
 from docker.errors import NotFound
+from testcontainers.core.exceptions import ContainerStartException
 
 from plantml.stack.containers import ContainerProcess
 
@@ -72,3 +73,29 @@ def test_a_hung_paused_container_is_unpaused_then_killed_so_the_supervisor_can_s
     process = process_of(container)
     process.kill()
     assert container.status == "exited" and not process.running
+
+
+class NeverCreated(FakeContainer):
+    """testcontainers' container described but not created (its creation under way in another thread, or failed)."""
+
+    def get_wrapped_container(self) -> FakeContainer:
+        raise ContainerStartException("Container is not started")
+
+
+def test_a_container_not_created_yet_has_no_pid_and_one_whose_creation_failed_is_made_anew():
+    """The stack's services start at once and each one up records every pid: reading one still being created raised
+    testcontainers' "Container is not started" in the other's thread, and the stack's start failed."""
+    made: list[FakeContainer] = []
+
+    def describe(spec: object, name: str) -> FakeContainer:
+        made.append(FakeContainer(status="created"))
+        made[-1].start = lambda: setattr(made[-1], "status", "running")  # type: ignore[method-assign]
+        return made[-1]
+
+    runner = SimpleNamespace(container_name=lambda name: f"plantml-test-{name}", describe=describe)
+    process = ContainerProcess(SimpleNamespace(name="s3", ready=lambda: True, start_timeout=5), runner)  # type: ignore[arg-type]
+    process._container = NeverCreated()  # type: ignore[assignment]
+    assert process.docker_container is None and process.pid is None and not process.running
+    assert process.log_tail() == ""
+    process.start()  # the next start describes and creates it again rather than failing on the one never created
+    assert len(made) == 1 and process.docker_container is made[0] and process.running and process.pid == 4242
