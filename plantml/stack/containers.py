@@ -147,11 +147,11 @@ class ContainerProcess:
         from docker.errors import APIError, NotFound
 
         try:
-            if self._container is not None:
-                container = self.docker_container
+            container = self.docker_container
+            if container is None:  # never described, or a first creation that failed: described again below
+                self._container = None
+            else:
                 try:
-                    if container is None:  # a first creation that failed: described again below
-                        raise NotFound("never created")
                     container.start()
                 except NotFound:  # removed behind the stack's back (docker rm -f): made again, on the same folder
                     self._container = None
