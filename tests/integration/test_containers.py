@@ -137,7 +137,9 @@ def test_stack_prune_removes_what_a_killed_session_and_its_killed_reaper_left(do
 
     assert result.exit_code == 0, result.output
     assert "removed 3 container(s)" in result.output
-    assert f"stack folder {left['folder']}" in result.output
+    # Every stack's start also prunes dead stacks' folders: another pytest worker's start may have removed this one
+    # first (seen with three workers). Either way it is gone below, and the prune said which it removed.
+    assert f"stack folder {left['folder']}" in result.output or "removed 0 local leftover(s)" in result.output
     assert _containers_of(docker, **{LABEL_PID: str(session.pid)}) == []
     assert not Path(left["folder"]).exists()
 
