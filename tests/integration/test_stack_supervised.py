@@ -117,7 +117,8 @@ def test_a_killed_service_comes_back_and_kill_9_of_stack_up_leaves_nothing(pytes
     assert folder.is_dir()  # a killed process cleans nothing up itself: prune does
     pruned = subprocess.run([sys.executable, "-m", "plantml", "stack", "prune"], capture_output=True, text=True, timeout=120)
     assert pruned.returncode == 0, pruned.stderr
-    assert f"stack folder {folder}" in pruned.stdout
+    # Every stack's start also prunes dead stacks' folders: another pytest worker's may have removed this one first.
+    assert f"stack folder {folder}" in pruned.stdout or "removed 0 local leftover(s)" in pruned.stdout
     assert not folder.exists()
     assert not env_file.exists()  # it pointed at the dead stack
 
