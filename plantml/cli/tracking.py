@@ -106,7 +106,7 @@ def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | N
     from plantml.errors import TrackingError, UsageError
     from plantml.settings import resolve_tracking_settings
     from plantml.tracking.journal import JournalBusy
-    from plantml.tracking.journal import journal_dir as default_journal_dir
+    from plantml.tracking.journal_io import journal_dir as default_journal_dir
     from plantml.tracking.recover import describe_orphan, end_stale_runs, parse_stale, recover_journal, recover_orphans
     from plantml.tracking.sender import resolve_delivery_settings
 

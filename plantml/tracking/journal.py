@@ -8,7 +8,7 @@ Writes are one ``os.write`` per call, so a process killed at any point (SIGKILL,
 killer) loses nothing a call accepted: the kernel has it. ``fsync`` (which only power
 loss needs) runs on flush, at epoch ends and the run's end, and at most about once a
 second in between (:meth:`Journal.sync`, driven by the sender). A write the disk refuses
-raises :class:`JournalWriteError` naming the folder and the free space, after cutting the
+raises :class:`~plantml.tracking.journal_io.JournalWriteError` naming the folder and the free space, after cutting the
 file back to its last whole line. The writing process holds an exclusive ``flock`` on the
 file for as long as it delivers, so recovery never races a live writer, and two
 recoveries never race each other. Reading a journal reports corrupt lines by number and
@@ -51,7 +51,7 @@ from plantml.tracking.journal_format import (
     refused_line,
     upgrade_v1,
 )
-from plantml.tracking.journal_io import SUFFIX, free_space, partial_path, read_all, rewrite_whole, write_all, write_whole
+from plantml.tracking.journal_io import SUFFIX, partial_path, read_all, rewrite_whole, write_all, write_error, write_whole
 
 logger = logging.getLogger(__name__)
 
@@ -63,28 +63,8 @@ COMPACT_MAX_PENDING = 1000
 REFILL_CHUNK = 4 << 20  # bytes read at a time when records waiting on disk are read back (~80,000 points)
 
 
-class JournalWriteError(TrackingError):
-    """The journal's disk refused a write: the call's entries were not accepted."""
-
-
 class JournalBusy(TrackingError):
     """Another process (or another recovery) holds the journal's lock."""
-
-
-def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``~/.cache/plantml/journal``.
-
-    Made absolute at once: spooled files are journalled by path, and the caller may change
-    folder before the sender reads them.
-    """
-    from plantml.settings import env_path
-
-    return env_path("PLANTML_JOURNAL_DIR", explicit).absolute()  # type: ignore[union-attr]  # it has a default
-
-
-def write_error(folder: Path, exc: OSError) -> JournalWriteError:
-    """The one-line error of a refused write, naming the folder and its free space."""
-    return JournalWriteError(f"journal folder {folder}: cannot write ({exc.strerror or exc}); {free_space(folder)}")
 
 
 # -- the journal ---------------------------------------------------------------------------------

@@ -9,13 +9,33 @@ import shutil
 import stat
 from pathlib import Path
 
-from plantml.errors import UsageError
+from plantml.errors import TrackingError, UsageError
 from plantml.tracking.journal_format import JournalHeader, parse_header
 
 logger = logging.getLogger(__name__)
 
 #: A journal's file name: ``<run_id>.jsonl``.
 SUFFIX = ".jsonl"
+
+
+class JournalWriteError(TrackingError):
+    """The journal's disk refused a write: the call's entries were not accepted."""
+
+
+def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``~/.cache/plantml/journal``.
+
+    Made absolute at once: spooled files are journalled by path, and the caller may change
+    folder before the sender reads them.
+    """
+    from plantml.settings import env_path
+
+    return env_path("PLANTML_JOURNAL_DIR", explicit).absolute()  # type: ignore[union-attr]  # it has a default
+
+
+def write_error(folder: Path, exc: OSError) -> JournalWriteError:
+    """The one-line error of a refused write, naming the folder and its free space."""
+    return JournalWriteError(f"journal folder {folder}: cannot write ({exc.strerror or exc}); {free_space(folder)}")
 
 
 def free_space(folder: Path) -> str:

@@ -185,7 +185,7 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
         journal.append([Tag(RECOVERED_TAG, note)], keep_if_refused=True)
         end = journal.requested_end or End(status, int(time.time() * 1000))
         sender = RunSender(transport, journal, delivery, header.run_id, recovering=True)
-        stalled = _Stall(journal, timeout) if idle else (lambda: False)
+        stalled = _Stall(journal, sender, timeout) if idle else (lambda: False)
         report = finish_run(sender, Spool.of_run(delivery.journal_dir, header.run_id), end,
                             math.inf if idle else max(0.0, deadline - time.monotonic()), stalled, move_kept=move_kept)
     except BaseException:
@@ -204,17 +204,21 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
 
 
 class _Stall:
-    """True once the journal's cursor has not moved for ``seconds``: a long journal delivered at a steady pace goes on."""
+    """True once the journal's cursor has not moved for ``seconds`` and a delivery try failed meanwhile.
 
-    def __init__(self, journal: Journal, seconds: float) -> None:
-        self.journal, self.seconds = journal, seconds
-        self.cursor, self.since = journal.cursor, time.monotonic()
+    A long journal delivered at a steady pace goes on, however slow each request is on a
+    loaded server; a server or object store away, or refusing, is given up on.
+    """
+
+    def __init__(self, journal: Journal, sender: RunSender, seconds: float) -> None:
+        self.journal, self.sender, self.seconds = journal, sender, seconds
+        self.cursor, self.since, self.failed = journal.cursor, time.monotonic(), sender.failed_tries
 
     def __call__(self) -> bool:
         now = time.monotonic()
         if self.journal.cursor != self.cursor:
-            self.cursor, self.since = self.journal.cursor, now
-        return now - self.since > self.seconds
+            self.cursor, self.since, self.failed = self.journal.cursor, now, self.sender.failed_tries
+        return now - self.since > self.seconds and self.sender.failed_tries != self.failed
 
 
 def _report(journal: Journal, message: str, ok: bool, status: str | None = None) -> RecoverReport:

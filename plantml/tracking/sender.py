@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import TrackingError, one_line
+from plantml.tracking.batches import describe, discard_spooled, take_batch
 from plantml.tracking.delivery import RetryPolicy, deliver
-from plantml.tracking.entries import Artifact, DatasetInput, End, Entry, MetricPoint, Model, Param, Record, SetAside, Tag
-from plantml.tracking.journal import COMPACT_AT, Journal, journal_dir
+from plantml.tracking.entries import End, Entry, Model, Record, SetAside, Tag
+from plantml.tracking.journal import COMPACT_AT, Journal
+from plantml.tracking.journal_io import journal_dir
 from plantml.tracking.transport import (
     DEFAULT_REQUEST_TIMEOUT_S,
     REJECTED_TAG,
@@ -42,10 +44,8 @@ from plantml.tracking.transport import (
     Transport,
 )
 from plantml.tracking.validation import (
-    MAX_BATCH_LOG_REQUEST_SIZE,
     MAX_ENTITIES_PER_BATCH,
     MAX_METRICS_PER_BATCH,
-    MAX_PARAMS_TAGS_PER_BATCH,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,9 +55,6 @@ HEARTBEAT_TAG = "plantml.heartbeat"
 HEARTBEAT_INTERVAL_S = 60.0
 #: The journal is fsynced at most this often between explicit syncs.
 SYNC_INTERVAL_S = 1.0
-# Room left for the JSON envelope of a request and each entry's field names.
-_REQUEST_SIZE_BUDGET = int(MAX_BATCH_LOG_REQUEST_SIZE * 0.9)
-_ENTRY_OVERHEAD = 96
 
 
 class DeliveryPending(TrackingError):
@@ -105,48 +102,6 @@ def resolve_delivery_settings(
         signal_timeout_s=env_number("PLANTML_SIGNAL_TIMEOUT", minimum=0),
         journal_compact_bytes=int(env_number("PLANTML_JOURNAL_COMPACT_MB", minimum=0, above=True) * (1 << 20)),
     )
-
-
-def _entry_size(entry: Entry) -> int:
-    if isinstance(entry, MetricPoint):
-        return len(entry.key) + _ENTRY_OVERHEAD
-    return len(entry.key) + len(entry.value) + _ENTRY_OVERHEAD  # type: ignore[union-attr]
-
-
-def take_batch(records: Sequence[Record]) -> list[Record]:
-    """The records at the front that one request can carry, in order.
-
-    An artifact, a model or an end goes alone. Otherwise consecutive params, tags and
-    metrics are taken up to MLflow's limits; a param repeated starts the next request. A tag
-    set again joins the batch (the transport sends its last value only: a tag keeps no
-    history), so a tag set every step does not cut the batches down to one step each.
-    """
-    if not records[0].is_log:
-        return [records[0]]
-    batch: list[Record] = []
-    counts: dict[type, int] = {}
-    keys: set[tuple[type, str]] = set()
-    size = 0
-    for record in records[:MAX_ENTITIES_PER_BATCH]:
-        if not record.is_log:
-            break
-        kind = type(record.entry)
-        limit = MAX_METRICS_PER_BATCH if kind is MetricPoint else MAX_PARAMS_TAGS_PER_BATCH
-        entry_size = _entry_size(record.entry)
-        if counts.get(kind, 0) >= limit or (batch and size + entry_size > _REQUEST_SIZE_BUDGET):
-            break
-        key = (kind, getattr(record.entry, "key", ""))
-        if kind is Tag and key in keys:  # replaces the earlier value in the request
-            size += entry_size
-            batch.append(record)
-            continue
-        if kind is Param and key in keys:
-            break
-        keys.add(key)
-        counts[kind] = counts.get(kind, 0) + 1
-        size += entry_size
-        batch.append(record)
-    return batch
 
 
 def heartbeat_value(now: float | None = None) -> str:
@@ -376,33 +331,3 @@ class RunSender:
         self.last_error = self.transport.failure_reason(exc)
         log = logger.warning if self.failures in (1, 10) or self.failures % 50 == 0 else logger.debug
         log("tracking delivery failed (try %d), retrying: %s", self.failures, self.last_error)
-
-
-def describe(record: Record) -> str:
-    """A record in words for a log line: ``param 'lr'``, ``metric 'loss' at step 3``."""
-    entry = record.entry
-    if isinstance(entry, MetricPoint):
-        return f"metric {entry.key!r} at step {entry.step}"
-    if isinstance(entry, (Param, Tag)):
-        return f"{type(entry).__name__.lower()} {entry.key!r}"
-    if isinstance(entry, Model):
-        return f"model {entry.name!r}"
-    if isinstance(entry, Artifact):
-        return f"artifact {Path(entry.src).name!r}"
-    if isinstance(entry, DatasetInput):
-        return f"data set {entry.name!r}"
-    return f"the run's end ({entry.status})"
-
-
-def discard_spooled(records: Sequence[Record]) -> None:
-    """Remove the spooled files or folders of delivered artifacts and models."""
-    import shutil
-
-    for record in records:
-        if not isinstance(record.entry, (Artifact, Model)):
-            continue
-        path = Path(record.entry.src)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)

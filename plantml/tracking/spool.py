@@ -5,7 +5,7 @@ Each artifact (a file, a folder, a figure, a dict, a text) and each model is wri
 delete or change its own file at once, and a recovery after a crash still finds it. File
 names that are not UTF-8 (a byte Python could not decode) are written with
 :func:`~plantml.text.safe_text`, as the object store needs. A copy the disk
-refuses raises a one-line :class:`~plantml.tracking.journal.JournalWriteError` naming the
+refuses raises a one-line :class:`~plantml.tracking.journal_io.JournalWriteError` naming the
 folder and its free space, and leaves nothing half-written behind.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, ValidationError, one_line
 from plantml.text import safe_text
-from plantml.tracking.journal import write_error
+from plantml.tracking.journal_io import write_error
 
 
 class Spool:

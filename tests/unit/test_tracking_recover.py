@@ -101,6 +101,39 @@ def test_a_long_journal_delivered_steadily_outlasts_the_timeout(store, capsys) -
     assert not path.exists()
 
 
+def test_a_request_slower_than_the_timeout_is_progress_not_a_stall(store, monkeypatch, capsys) -> None:
+    """``--timeout`` counts time without progress while tries fail: a loaded server that answers each batch in
+    more than the timeout still delivers the whole journal (it was cut off after its first batch)."""
+    from plantml.tracking.transport import Transport
+
+    client, _, _, run_id, _ = store
+    original = Transport.log_batch
+    monkeypatch.setattr(Transport, "log_batch", lambda self, *args: time.sleep(0.8) or original(self, *args))
+    path = write_journal(store, [MetricPoint("loss", 1.0 / step, 100 + step, step) for step in range(1, 2_501)])
+
+    assert main(["tracking", "recover", "--timeout", "0.5"]) == 0, capsys.readouterr()
+
+    assert len(history(client, run_id)) == 2_501 and client.get_run(run_id).info.status == "KILLED"
+    assert not path.exists()
+
+
+def test_a_server_that_keeps_failing_is_given_up_on_after_the_timeout(store, monkeypatch, capsys) -> None:
+    from plantml.tracking.transport import Transport
+
+    client, _, _, run_id, _ = store
+    monkeypatch.setattr(Transport, "log_batch", lambda self, *args: (_ for _ in ()).throw(ConnectionError("refused")))
+    path = write_journal(store, ENTRIES)
+    started = time.monotonic()
+
+    assert main(["tracking", "recover", "--timeout", "2"]) == 1
+
+    assert time.monotonic() - started < 30
+    out = capsys.readouterr().out
+    assert "delivered 0 entries" in out and "not everything was delivered" in out and "(refused)" in out
+    assert path.exists()  # kept for a later recovery
+    assert history(client, run_id) == [(0, 1.0)]
+
+
 def test_a_replay_reads_each_metric_s_history_once_not_once_per_batch(store, monkeypatch) -> None:
     from plantml.tracking.transport import Transport
 

@@ -16,11 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plantml.settings import TrackingSettings
+from plantml.tracking.batches import take_batch
 from plantml.tracking.entries import End, MetricPoint, Param, Record, Tag
 from plantml.tracking.journal import Journal, JournalBusy
 from plantml.tracking.journal_format import JournalHeader
 from plantml.tracking.recover import finish_run
-from plantml.tracking.sender import DeliveryPending, DeliverySettings, RunSender, take_batch
+from plantml.tracking.sender import DeliveryPending, DeliverySettings, RunSender
 from plantml.tracking.spool import Spool
 from plantml.tracking.transport import REJECTED_TAG, RunState, ServerError, Transport, is_refusal
 from plantml.tracking.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
