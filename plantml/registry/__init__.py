@@ -6,10 +6,10 @@
 >>> model = registry.load_model("models:/plant_classifier@production")
 """
 
-from plantml.registry.aliases import PRODUCTION, STAGING, normalize_alias
+from plantml.registry.aliases import PRODUCTION, STAGING, alias_tag, normalize_alias
 from plantml.registry.loading import parse_model_uri
 from plantml.registry.models import AliasMove, Comparison, ComparisonRow, ModelInfo, VersionInfo
-from plantml.registry.registry import ModelRegistry, alias_tag
+from plantml.registry.registry import ModelRegistry
 
 __all__ = [
     "PRODUCTION",

@@ -18,8 +18,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from datetime import datetime, timezone
 
 from plantml.errors import RegistryError
+
+#: The prefix of the tags that record alias moves (on versions) and histories (on models).
+TAG_PREFIX = "plantml.alias"
+#: ``moved_from``'s value when the alias pointed nowhere before.
+NO_VERSION = "none"
 
 PRODUCTION = "production"
 STAGING = "staging"
@@ -68,7 +74,7 @@ MAX_HISTORY_CHARS = 5000
 
 def history_tag(alias: str) -> str:
     """The registered-model tag key holding ``alias``'s history."""
-    return f"plantml.alias.{alias}.history"
+    return f"{TAG_PREFIX}.{alias}.history"
 
 
 def read_history(tags: Mapping[str, str], alias: str) -> list[int] | None:
@@ -108,3 +114,13 @@ def rollback_target(history: list[int], current: int) -> tuple[list[int], int | 
     """
     left = history[:-1] if history and history[-1] == current else list(history)
     return left, (left[-1] if left else None)
+
+
+def alias_tag(alias: str, what: str) -> str:
+    """The model-version tag key recording ``what`` (``moved_from``...) for ``alias``."""
+    return f"{TAG_PREFIX}.{alias}.{what}"
+
+
+def moved_now() -> str:
+    """When an alias moves: UTC, ISO 8601, to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from plantml.errors import RegistryError, TrackingError, one_line
 from plantml.registry import loading
 from plantml.registry.aliases import (
+    NO_VERSION,
     PRODUCTION,
+    alias_tag,
     encode_history,
     history_tag,
+    moved_now,
     normalize_alias,
     pushed,
     read_history,
@@ -56,6 +58,7 @@ from plantml.registry.store import (
     check_s3_access,
     is_insert_clash,
     name_filter,
+    no_server_answered,
     object_store_error,
     object_store_errors,
     read_runs,
@@ -70,26 +73,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-TAG_PREFIX = "plantml.alias"
-NO_VERSION = "none"
 LATEST = "latest"
 
 _VERSION_REF_RE = re.compile(r"^[vV]?\d+$")
-
-def alias_tag(alias: str, what: str) -> str:
-    """The model-version tag key recording ``what`` (``moved_from``...) for ``alias``."""
-    return f"{TAG_PREFIX}.{alias}.{what}"
-
-
-def _no_server(exc: BaseException) -> bool:
-    """True when MLflow's request failed because nothing answered (it raises without chaining the cause)."""
-    import requests
-
-    return isinstance(exc.__cause__ or exc.__context__, requests.exceptions.ConnectionError)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class ModelRegistry:
@@ -164,7 +150,7 @@ class ModelRegistry:
         alias = normalize_alias(alias)
         previous = alias_of(self._registered_model(name), alias)
         target = self._existing_version(name, version)
-        moved_at = _now()
+        moved_at = moved_now()
         if previous == target:  # a promotion interrupted after the alias moved may have left the stage behind
             self._stages.catch_up(name, alias, target)
             return AliasMove(name, alias, previous, target, moved_at, "unchanged")
@@ -202,7 +188,7 @@ class ModelRegistry:
             raise RegistryError(f"model {name!r} alias {alias!r}: no earlier version recorded before version {current} "
                                 f"to roll back to{gone}")
         number = str(target)
-        moved_at = _now()
+        moved_at = moved_now()
         self._tag_version(name, number, alias_tag(alias, "rolled_back_from"), str(current))
         self._tag_version(name, number, alias_tag(alias, "rolled_back_at"), moved_at)
         if left is not None:  # popped before the move: a move that fails is then simply tried again by the next rollback
@@ -393,7 +379,7 @@ class ModelRegistry:
                 raise RegistryError(f"{what}: not found") from exc
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed
                 raise RegistryError(f"{what}: {one_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
-            if _no_server(exc):  # a stale .env (a stack stopped since) is the usual cause: say where the URI came from
+            if no_server_answered(exc):  # a stale .env (a stack stopped since) is the usual cause: say where the URI came from
                 raise self._unreachable(what) from exc
             raise TrackingError(f"{what}: {one_line(exc)}") from exc
         except object_store_errors() as exc:  # boto3's, before OSError: its timeouts are OSErrors too

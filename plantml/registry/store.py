@@ -174,3 +174,10 @@ def server_unreachable(uri: str) -> bool:
     except requests.RequestException:
         return False
     return False
+
+
+def no_server_answered(exc: BaseException) -> bool:
+    """True when MLflow's request failed because nothing answered (it raises without chaining the cause)."""
+    import requests
+
+    return isinstance(exc.__cause__ or exc.__context__, requests.exceptions.ConnectionError)
