@@ -101,13 +101,13 @@ def local_writes(role: str, folder: Path) -> Iterator[None]:
         raise folder_error(role, folder, exc) from None
 
 
-def check_writable(role: str, folder: Path) -> None:
-    """Make ``folder`` and prove a file can be created in it: a folder that cannot be written is
-    :func:`folder_error`'s one line before any work starts, not a failure in the middle of it."""
+def check_writable(role: str, folder: Path, mode: int = 0o777) -> None:
+    """Make ``folder`` (with ``mode``, if it is made) and prove a file can be created in it: a folder that
+    cannot be written is :func:`folder_error`'s one line before any work starts, not a failure in the middle of it."""
     with local_writes(role, folder):
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{role} {folder}: not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=mode, parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
 

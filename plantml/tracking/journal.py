@@ -275,11 +275,20 @@ class Journal:
             os.close(fd)
 
     def remove(self) -> None:
-        """Delete the journal (everything in it was settled)."""
+        """Delete the journal (everything in it was settled); a folder that refuses it leaves it, with a warning.
+
+        Nothing is lost then: a later recovery finds everything delivered and removes it.
+        """
         with self._lock:
-            self.path.unlink(missing_ok=True)
-            partial_path(self.path).unlink(missing_ok=True)
-            self.close()
+            try:
+                self.path.unlink(missing_ok=True)
+                partial_path(self.path).unlink(missing_ok=True)
+            except OSError as exc:
+                logger.warning("journal %s: everything was delivered, but the file could not be removed (%s); "
+                               "`plantml tracking replay %s` (or `plantml tracking recover` once this process has "
+                               "ended) removes it", self.path, exc.strerror or exc, self.path)
+            finally:
+                self.close()
 
     def keep_aside(self) -> Path:
         """Move the journal into ``kept/`` beside it (entries refused or lines corrupt); return the new path."""

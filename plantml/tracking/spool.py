@@ -52,16 +52,16 @@ class Spool:
                     _copy_file(Path(folder) / name, target / safe_text(name))
         return dest
 
-    def write(self, name: str, writer: Callable[[Path], None], what: str = "artifact") -> Path:
+    def write(self, name: str, writer: Callable[[Path], None], what: str = "artifact", shown: str | None = None) -> Path:
         """A new file (or folder) ``name``, written by ``writer(path)``; its failure is a one-line
-        :class:`TrackingError` naming ``what`` it was."""
+        :class:`TrackingError` naming ``what`` it was, and ``shown`` (the name the user gave) or ``name``."""
         with self._new(name) as dest:
             try:
                 writer(dest)
             except (OSError, PlantmlError):
                 raise
             except Exception as exc:
-                raise TrackingError(f"{what} {name!r}: could not be saved: {one_line(exc)}") from exc
+                raise TrackingError(f"{what} {shown or name!r}: could not be saved: {one_line(exc)}") from exc
         return dest
 
     def remove(self) -> None:
@@ -77,7 +77,8 @@ class Spool:
         try:
             # owner-only, as the journal (0600): the copies are the run's artifacts and models, whatever the
             # modes of their sources (a log_dict or log_text file is written with the umask's 0644)
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # spool/, in the journal folder
+            self.folder.mkdir(mode=0o700, exist_ok=True)
             slot.mkdir(exist_ok=True)
             yield dest
         except OSError as exc:

@@ -90,7 +90,7 @@ class MLflowTracker:
             export_env_file_credentials(env_file=env_file)  # a server of ``stack up --auth``: its user is there
         self.delivery_settings: DeliverySettings = resolve_delivery_settings(delivery_timeout, max_buffered, journal_dir)
         # a journal folder nobody can write (HOME read-only, a file in the way) is an input error: say so before any run exists
-        check_writable("journal folder", self.delivery_settings.journal_dir)
+        check_writable("journal folder", self.delivery_settings.journal_dir, mode=0o700)  # owner-only, as its journals
         self.handle_signals = handle_signals
         self._client, self.experiment_id = connection.connect(self.settings, connect_timeout)
         self._transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)
@@ -382,10 +382,10 @@ class MLflowTracker:
         goes on in the background (the run's end decides its fate).
         """
         active = self._require_run()
-        artifact_path = check.check_artifact_name(artifact_path, "model")
+        artifact_path = check.check_model_name(artifact_path)
         options = {"input_example": input_example, "signature": signature, **kwargs}
         folder = active.spool.write("model", lambda path: save_model(
-            path, model, active.run_id, serialization_format or MODEL_FORMAT, pip_requirements, **options), "model")
+            path, model, active.run_id, serialization_format or MODEL_FORMAT, pip_requirements, **options), "model", artifact_path)
         with signals.deferred():
             future = active.sender.write_model(Model(str(folder), artifact_path, registered_model_name))
         wait = self.delivery_settings.timeout_s if wait is None else wait

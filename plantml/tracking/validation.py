@@ -245,6 +245,19 @@ def check_artifact_name(name: Any, kind: str) -> str:
     return normalised
 
 
+#: What MLflow 3 refuses in a logged model's name (``mlflow.utils.validation._validate_logged_model_name``).
+LOGGED_MODEL_BAD_CHARS = ("/", ":", ".", "%", '"', "'")
+
+
+def check_model_name(name: Any) -> str:
+    """Raise unless ``name`` is a logged model's name MLflow takes (``model``, ``best_model``): checked
+    before the model is saved and sent, not refused by the server afterwards."""
+    if not isinstance(name, str) or not name.strip() or "\\" in name or any(c in name for c in LOGGED_MODEL_BAD_CHARS):
+        raise ValidationError(f"model name {name!r}: must be a non-empty name without any of / \\ : . % \" ' "
+                              "(MLflow's rule for logged models), such as 'model'")
+    return name
+
+
 def existing_file(path: Any) -> Path:
     """The path of an existing file to upload, or a ValidationError naming it."""
     local = Path(path)

@@ -1,0 +1,97 @@
+"""The tracker at its edges, on a local sqlite store: a journal folder that stops taking writes once the run
+is delivered, the owner-only folders it makes, model names MLflow refuses, a model that cannot be saved."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plantml.cli import main
+from plantml.errors import TrackingError, ValidationError
+from plantml.tracking import MLflowTracker
+
+ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+@pytest.fixture
+def journal(tmp_path, monkeypatch) -> Path:
+    """A journal folder that does not exist yet, two levels below ``tmp_path``; the client settings cleared."""
+    monkeypatch.chdir(tmp_path)
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    folder = tmp_path / "cache" / "journal"
+    monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture
+def tracker(journal, tmp_path, request) -> MLflowTracker:
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name=request.node.name[:100])
+    yield tracker
+    tracker.end_run()
+
+
+@contextlib.contextmanager
+def unwritable(path: Path) -> Iterator[None]:
+    """``path`` refuses new files, removals and renames, even to root (``chattr +i``), for the block."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o700)
+
+
+def test_a_run_delivered_whole_ends_quietly_when_its_journal_cannot_be_removed(tracker, journal, caplog) -> None:
+    """Was: ``PermissionError`` from the ``with`` block of a run the server had whole (FINISHED, every point)."""
+    with tracker.start_run(run_name="folder-turned-read-only") as run:
+        tracker.log_metric("loss", 1.0, step=0)
+        with unwritable(journal):
+            tracker.log_metric("loss", 0.5, step=1)  # the journal file itself still takes writes
+            tracker.end_run()
+
+    stored = tracker.client.get_run(run.run_id)
+    assert stored.info.status == "FINISHED" and stored.data.tags["plantml.delivery"] == "complete"
+    assert [m.value for m in tracker.client.get_metric_history(run.run_id, "loss")] == [1.0, 0.5]
+    left = journal / f"{run.run_id}.jsonl"
+    assert left.exists()
+    assert any("everything was delivered, but the file could not be removed" in m for m in caplog.messages)
+
+    assert main(["tracking", "replay", str(left)]) == 0  # once the folder takes writes again, it tidies the journal away
+    assert not left.exists() and tracker.client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_the_journal_folder_and_its_spool_are_owner_only(tracker, journal, tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("leaf counts")
+    with tracker.start_run():
+        tracker.log_artifact(tmp_path / "notes.txt")
+        assert (journal.stat().st_mode & 0o777, (journal / "spool").stat().st_mode & 0o777) == (0o700, 0o700)
+
+
+@pytest.mark.parametrize("name", ["models/best", "best.pt", "model:v2", "50%", "it's", "a\\b", ""])
+def test_a_model_name_mlflow_refuses_is_one_line_at_the_call_and_nothing_is_sent(tracker, journal, name) -> None:
+    import torch
+
+    with tracker.start_run() as run:
+        with pytest.raises(ValidationError, match=r"model name .*MLflow's rule for logged models"):
+            tracker.log_model(torch.nn.Linear(2, 2), name)
+        assert not (journal / "spool" / run.run_id).exists() or not any((journal / "spool" / run.run_id).iterdir())
+
+    assert "plantml.rejected" not in tracker.client.get_run(run.run_id).data.tags
+
+
+def test_a_model_that_cannot_be_saved_is_named_by_the_name_it_was_given(tracker) -> None:
+    with tracker.start_run():
+        with pytest.raises(TrackingError, match=r"^model 'classifier': could not be saved: "):
+            tracker.log_model({"not": "a model"}, "classifier")
