@@ -12,6 +12,7 @@ to each other's.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -80,3 +81,30 @@ def scoped_tracking_uri(uri: str) -> Iterator[None]:
             yield
         finally:
             utils._tracking_uri = saved
+
+
+class ScopedClient:
+    """An ``MlflowClient`` whose every call runs with ``env`` in force (:func:`scoped_environ`).
+
+    What :attr:`MLflowTracker.client <plantml.tracking.MLflowTracker.client>` hands out: its
+    artifact calls reach the tracker's object store with the tracker's keys, not whatever
+    the process's environment holds (nothing there: boto3's default, public AWS).
+    """
+
+    def __init__(self, client: object, env: Mapping[str, str]) -> None:
+        self._client, self._env = client, dict(env)
+
+    def __getattr__(self, name: str) -> object:
+        attribute = getattr(self._client, name)
+        if not callable(attribute) or not self._env:
+            return attribute
+
+        @functools.wraps(attribute)
+        def scoped(*args: object, **kwargs: object) -> object:
+            with scoped_environ(self._env):
+                return attribute(*args, **kwargs)
+
+        return scoped
+
+    def __repr__(self) -> str:
+        return f"ScopedClient({self._client!r})"

@@ -26,6 +26,7 @@ from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
 from plantml.tracking.active_run import ActiveRun
 from plantml.tracking.entries import Artifact, DatasetInput, Entry, MetricPoint, Model, Tag
+from plantml.tracking.environ import ScopedClient
 from plantml.tracking.models import save_model
 from plantml.tracking.recover import recover_at_start
 from plantml.tracking.runs import PendingModel, TrackedRun, best_run, best_run_order, flatten_run
@@ -125,8 +126,9 @@ class MLflowTracker:
 
     @property
     def client(self) -> Any:
-        """This tracker's own ``mlflow.MlflowClient``."""
-        return self._client
+        """This tracker's own ``mlflow.MlflowClient``, its calls made with the tracker's object store settings."""
+        env = {k: v for k, v in self.settings.client_env().items() if k != "MLFLOW_TRACKING_URI"}
+        return ScopedClient(self._client, env)
 
     @property
     def requests_sent(self) -> int:

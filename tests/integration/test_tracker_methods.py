@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -144,6 +145,10 @@ def test_artifacts_reach_the_bucket(tracker, client, stack, tmp_path, monkeypatc
     assert objects["confusion_matrix.png"].startswith(b"\x89PNG")
     assert json.loads(objects["training/training_history.json"]) == {"val_accuracy": [0.9, 0.95]}
     assert objects["model_summary.txt"] == b"ResNet18 summary"
+    own = tracker.client  # with nothing in the environment: was public AWS's endpoint in direct mode
+    assert {f.path for f in own.list_artifacts(run.run_id)} >= {"models", "confusion_matrix.png", "model_summary.txt"}
+    assert Path(own.download_artifacts(run.run_id, "model_summary.txt", str(tmp_path))).read_text() == "ResNet18 summary"
+    assert "MLFLOW_S3_ENDPOINT_URL" not in os.environ  # in force for the call only
     for var, value in stack.client_env().items():
         monkeypatch.setenv(var, value)  # a plain client in direct mode reads S3 settings from here
     listed = {f.path for f in client.list_artifacts(run.run_id)}
