@@ -47,7 +47,7 @@ from plantml.tracking.sender import (
     resolve_delivery_settings,
 )
 from plantml.tracking.spool import Spool
-from plantml.tracking.stores import all_experiments, search_batches
+from plantml.tracking.stores import all_experiments, same_store, search_batches
 from plantml.tracking.transport import DELIVERY_TAG, Transport, end_status
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def _headers(folder: Path) -> Iterator[tuple[Path, JournalHeader]]:
 def recover_orphans(folder: Path, *, tracking_uri: str | None = None) -> list[Path]:
     """Journals in ``folder`` whose writer process is gone from this machine (for ``tracking_uri`` only, if given)."""
     return [path for path, header in _headers(folder)
-            if header.writer_gone() and (tracking_uri is None or header.tracking_uri == tracking_uri)]
+            if header.writer_gone() and (tracking_uri is None or same_store(header.tracking_uri, tracking_uri))]
 
 
 def recover_at_start(delivery: DeliverySettings, settings: TrackingSettings, budget: float) -> list[RecoverReport]:

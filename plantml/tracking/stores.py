@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,39 @@ def check_store_exists(uri: str, source: str | None = None) -> None:
     raise ConfigError(f"{describe_uri(uri, source)}: no MLflow store at {shown} (train first, or give another tracking URI{tilde})")
 
 
+def _refuse_tilde(uri: str, source: str | None) -> None:
+    """A store to be made at ``sqlite:///~/x.db`` would be made in a folder named ``~`` here: refuse it in one line."""
+    path = sqlite_path(uri)
+    if path is not None and path.parts[:1] == ("~",) and not Path("~").exists():
+        raise ConfigError(f"{describe_uri(uri, source)}: SQLite reads ~ as a folder name (it would make {path.absolute()}); "
+                          f"write the full path: sqlite:///{path.expanduser()}")
+
+
+def same_store(first: str, second: str) -> bool:
+    """Whether two tracking URIs name the same store: ``http://localhost:5000/`` and ``http://127.0.0.1:5000``
+    alike (letter case, a trailing slash, a default port, ``localhost`` for the loopback address), sqlite paths
+    alike once normalised."""
+    return _store_key(first) == _store_key(second)
+
+
+def _store_key(uri: str) -> str:
+    from urllib.parse import urlsplit
+
+    path = sqlite_path(uri)
+    if path is not None:
+        return f"{SQLITE_PREFIX}{os.path.normpath(path.absolute())}"
+    parts = urlsplit(uri.strip())
+    if parts.scheme.lower() not in ("http", "https") or parts.hostname is None:
+        return uri.strip().rstrip("/")
+    scheme = parts.scheme.lower()
+    host = "127.0.0.1" if parts.hostname in ("localhost", "::1") else parts.hostname
+    try:
+        port = parts.port or {"http": 80, "https": 443}[scheme]
+    except ValueError:  # a port that is no number: compared as written
+        return uri.strip().rstrip("/")
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
+
+
 def open_client(uri: str, source: str | None = None, *, must_exist: bool = True) -> Any:
     """An ``MlflowClient`` on ``uri`` (tracking and registry alike), or one :class:`PlantmlError` line.
 
@@ -58,6 +92,8 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
 
     if must_exist:
         check_store_exists(uri, source)
+    else:
+        _refuse_tilde(uri, source)
     try:
         with _one_creator(sqlite_path(uri)), _quiet_store_creation():
             return MlflowClient(tracking_uri=uri, registry_uri=uri)

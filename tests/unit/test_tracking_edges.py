@@ -95,3 +95,45 @@ def test_a_model_that_cannot_be_saved_is_named_by_the_name_it_was_given(tracker)
     with tracker.start_run():
         with pytest.raises(TrackingError, match=r"^model 'classifier': could not be saved: "):
             tracker.log_model({"not": "a model"}, "classifier")
+
+
+@pytest.mark.parametrize(("first", "second", "same"), [
+    ("http://localhost:5000/", "http://127.0.0.1:5000", True),
+    ("HTTP://127.0.0.1:80", "http://127.0.0.1/", True),
+    ("https://[::1]:8443/mlflow/", "https://localhost:8443/mlflow", True),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5001", False),
+    ("http://127.0.0.1:5000", "https://127.0.0.1:5000", False),
+    ("sqlite:////data/runs/../mlflow.db", "sqlite:////data/mlflow.db", True),
+    ("sqlite:////data/a.db", "sqlite:////data/b.db", False),
+])
+def test_two_spellings_of_one_store_are_the_same_store(first, second, same) -> None:
+    from plantml.tracking.stores import same_store
+
+    assert same_store(first, second) is same and same_store(second, first) is same
+
+
+def test_a_dead_process_journal_for_the_same_server_spelt_otherwise_is_found(tmp_path) -> None:
+    """Was: a journal written through ``http://localhost:P/`` was left to ``plantml tracking recover`` by hand
+    when a new tracker on ``http://127.0.0.1:P`` looked for what dead processes left for its server."""
+    import sys
+
+    from plantml.tracking.journal import Journal
+    from plantml.tracking.journal_format import JournalHeader
+    from plantml.tracking.recover import recover_orphans
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    live = JournalHeader.for_this_process("0" * 32, "http://localhost:5999/", "1")
+    header = JournalHeader("0" * 32, "http://localhost:5999/", "1", live.created, live.host, child.pid, 1.0, "j1")
+    Journal.create(tmp_path, header, 10).close()
+
+    assert recover_orphans(tmp_path, tracking_uri="http://127.0.0.1:5999") == [tmp_path / f"{'0' * 32}.jsonl"]
+    assert recover_orphans(tmp_path, tracking_uri="http://127.0.0.1:6000") == []
+
+
+def test_a_new_sqlite_store_under_a_literal_tilde_is_refused_in_one_line(journal, tmp_path) -> None:
+    from plantml.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"SQLite reads ~ as a folder name .*write the full path: sqlite:///"):
+        MLflowTracker(tracking_uri="sqlite:///~/runs.db", experiment_name="tilde")
+    assert not (tmp_path / "~").exists()
