@@ -98,6 +98,7 @@ class MLflowTracker:
         self._active: ActiveRun | None = None
         self._requests_done = 0  # by the runs that ended
         self._failed_tries_done = 0
+        self._last_error_done: str | None = None
         if recover_timeout > 0:
             recover_at_start(self.delivery_settings, self.settings, recover_timeout)
 
@@ -142,8 +143,9 @@ class MLflowTracker:
 
     @property
     def last_delivery_error(self) -> str | None:
-        """The one-line cause of the active run's last failed delivery try (None when none failed)."""
-        return self._active.sender.last_error if self._active else None
+        """The one-line cause of the last failed delivery try of the active run, else of the run ended last
+        (None when none failed): after a :class:`DeliveryPending`, it says why."""
+        return self._active.sender.last_error if self._active else self._last_error_done
 
     # -- runs -------------------------------------------------------------------------
 
@@ -216,6 +218,7 @@ class MLflowTracker:
                 report = active.finish(status, timeout, error)
                 self._requests_done += active.sender.transport.requests_sent
                 self._failed_tries_done += active.sender.failed_tries
+                self._last_error_done = active.sender.last_error
         finally:
             if active.signals:
                 signals.uninstall()

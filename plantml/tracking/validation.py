@@ -143,6 +143,8 @@ def metric_step(key: str, step: Any) -> int:
         return 0
     if type(step) is int and INT64_MIN <= step <= INT64_MAX:  # the common case
         return step
+    if not isinstance(step, numbers.Integral):
+        step = _unwrap_scalar(step)  # a one-element integer tensor or array (``torch.tensor(5)``)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         raise ValidationError(f"metric {key!r}: step {step!r} is not an integer")
     if not INT64_MIN <= int(step) <= INT64_MAX:

@@ -137,3 +137,27 @@ def test_a_new_sqlite_store_under_a_literal_tilde_is_refused_in_one_line(journal
     with pytest.raises(ConfigError, match=r"SQLite reads ~ as a folder name .*write the full path: sqlite:///"):
         MLflowTracker(tracking_uri="sqlite:///~/runs.db", experiment_name="tilde")
     assert not (tmp_path / "~").exists()
+
+
+def test_an_integer_tensor_is_a_step_as_it_is_a_value(tracker) -> None:
+    import torch
+
+    with tracker.start_run() as run:
+        tracker.log_training_metrics(torch.tensor(2), torch.tensor(0.5), 0.8, 0.6, 0.7)  # was: step tensor(2) is not an integer
+        with pytest.raises(ValidationError, match=r"step 2\.0 is not an integer"):
+            tracker.log_metric("loss", 0.1, step=torch.tensor(2.0))
+
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run.run_id, "train_loss")] == [(2, 0.5)]
+
+
+def test_why_a_delivery_is_pending_is_still_told_after_the_run_ended(tracker, monkeypatch) -> None:
+    from plantml.tracking.sender import DeliveryPending
+    from plantml.tracking.transport import Transport
+
+    monkeypatch.setattr(Transport, "log_batch", lambda self, *args: (_ for _ in ()).throw(ConnectionError("object store away")))
+    tracker.start_run()
+    tracker.log_metric("loss", 1.0)
+    with pytest.raises(DeliveryPending):
+        tracker.end_run(timeout=2)
+
+    assert "object store away" in tracker.last_delivery_error  # was None once the run had ended
