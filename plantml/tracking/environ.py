@@ -47,9 +47,15 @@ def forget_stale_s3_clients() -> None:
 
 
 @contextlib.contextmanager
-def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
-    """Set ``values`` in ``os.environ`` under the module lock; restore the previous ones after."""
-    with GLOBAL_STATE_LOCK:
+def scoped_environ(values: Mapping[str, str], wait: float | None = None) -> Iterator[None]:
+    """Set ``values`` in ``os.environ`` under the module lock; restore the previous ones after.
+
+    ``wait``: at most that many seconds for the lock (another thread's call may hold it for
+    as long as an upload to a hung object store takes), then :class:`TimeoutError`.
+    """
+    if not GLOBAL_STATE_LOCK.acquire(timeout=-1 if wait is None else wait):
+        raise TimeoutError(f"another MLflow call of this process held its settings for {wait:.0f} s")
+    try:
         saved = {name: os.environ.get(name) for name in values}
         os.environ.update(values)
         if S3_VARIABLES & set(values):
@@ -62,6 +68,8 @@ def scoped_environ(values: Mapping[str, str]) -> Iterator[None]:
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = old
+    finally:
+        GLOBAL_STATE_LOCK.release()
 
 
 @contextlib.contextmanager

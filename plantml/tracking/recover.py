@@ -120,9 +120,10 @@ def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry:
         journal.close()
         message = f"{sender.gone}; what the run logged is kept in {journal.path}"
         return EndReport(run_id, message, journal.path, TrackingError(message))
+    waited_for = sender.in_flight
     marked = _mark_pending(sender, end, hurry())
     sender.release(0.0 if hurry() else 1.0)  # a request still in flight journals its outcome before the lock goes
-    why = sender.last_error or "no answer in time"
+    why = sender.last_error or (f"no answer in time for {waited_for}" if waited_for else "no answer in time")
     message = (f"run {run_id}: not everything was delivered to {sender.transport.settings.tracking_uri} ({why}); "
                f"{marked}; the rest is kept in {journal.path}: `plantml tracking replay {journal.path}` "
                f"(or `plantml tracking recover` once this process has ended) delivers it")
@@ -134,6 +135,7 @@ def _mark_pending(sender: RunSender, end: End, hurry: bool) -> str:
     status = "FAILED" if end.status == "FINISHED" else end.status
     quick = Transport(sender.transport.settings, sender.transport.client, sender.transport.experiment_id,
                       1.0 if hurry else min(3.0, sender.transport.timeout))
+    quick.lock_wait = quick.timeout  # the sender thread may hold MLflow's settings through a hung upload
     try:
         quick.log_batch(sender.run_id, [], [], [Tag(DELIVERY_TAG, "pending"), Tag(JOURNAL_TAG, str(sender.journal.path)[:5000]),
                                                 Tag(REQUESTED_STATUS_TAG, end.status)])

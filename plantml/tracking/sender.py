@@ -122,6 +122,7 @@ class RunSender:
         self.rejected: list[SetAside] = []
         self.gone: RunGone | None = None
         self.last_error: str | None = None
+        self.in_flight: str | None = None  # what the thread is delivering now, in words
         self.failures = 0  # tries failed in a row (the log says how long an outage lasts)
         self.failed_tries = 0  # tries failed in all, for this run
         self.delivered = 0
@@ -268,6 +269,7 @@ class RunSender:
         policy = RetryPolicy(self.settings.max_backoff_s, give_up=self._stop.is_set, sleep=self._stop.wait,
                              on_failure=self._note_failure)
         model_refused = any(isinstance(aside.record.entry, Model) for aside in self.rejected)
+        self.in_flight = describe(batch[0]) if len(batch) == 1 else f"a batch of {len(batch)} params, metrics and tags"
         try:
             outcome = deliver(self.transport, self.run_id, batch, policy, self._book, model_refused,
                               maybe_sent=self.recovering, grow=self._front_batch)
@@ -281,6 +283,7 @@ class RunSender:
             if self._stop.is_set():
                 return  # stopped mid-retry: the journal keeps the batch
             raise
+        self.in_flight = None
         if self.failures:
             logger.info("tracking delivery resumed after %d failed tries", self.failures)
             self.failures = 0
@@ -309,7 +312,7 @@ class RunSender:
         return front if front[: len(batch)] == batch else batch
 
     def _set_aside(self, aside: SetAside) -> None:
-        logger.warning("tracking server refused %s for run %s, set aside: %s",
+        logger.warning("%s refused for run %s, set aside: %s",
                        describe(aside.record), self.run_id, aside.reason)
         self.rejected.append(aside)
         self.journal.set_aside(aside.record, aside.reason)

@@ -189,6 +189,8 @@ class Transport:
         self.experiment_id = experiment_id
         self.timeout = request_timeout
         self.is_http = settings.tracking_uri.startswith(("http://", "https://"))
+        #: Seconds a call waits for MLflow's process-wide settings that another thread's call holds (None: as long as it takes).
+        self.lock_wait: float | None = None
         self._session: Any = None
         self.requests_sent = 0
         #: Points known stored, by (run, key), read once and kept while every send may repeat an earlier one (a
@@ -212,6 +214,9 @@ class Transport:
         env = {k: v for k, v in self.settings.client_env().items() if k != "MLFLOW_TRACKING_URI"}
         env.update(MODEL_STEPS_ENV)
         env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, self.timeout * 3)))
+        # one try per upload: the sender retries with its own backoff, and a process waits at exit for an upload
+        # in flight (boto3's transfer threads), which boto3's own retries made last 3 minutes to a hung object store
+        env["AWS_MAX_ATTEMPTS"] = "1"
         return env
 
     def _rest(self, method: str, path: str, *, params: dict[str, Any] | None = None, body: bytes | None = None) -> dict[str, Any]:
@@ -311,7 +316,7 @@ class Transport:
         """Set the run's status and end time; repeating it is harmless."""
         end_time = end_time or int(time.time() * 1000)
         if not self.is_http:
-            with scoped_environ({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}):
+            with scoped_environ({"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}, wait=self.lock_wait):
                 self.client.set_terminated(run_id, status, end_time=end_time)
             return
         self._rest("POST", "runs/update", body=json.dumps({"run_id": run_id, "status": status, "end_time": end_time}).encode())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,3 +162,31 @@ def test_why_a_delivery_is_pending_is_still_told_after_the_run_ended(tracker, mo
         tracker.end_run(timeout=2)
 
     assert "object store away" in tracker.last_delivery_error  # was None once the run had ended
+
+
+def test_a_run_ended_while_the_object_store_hangs_says_what_it_waited_for(journal, tmp_path) -> None:
+    """Was: "not everything was delivered to <tracking server> (no answer in time)": the server had answered
+    everything; the object store, which accepts connections and never answers, held the artifact."""
+    import socket
+
+    import mlflow
+
+    from plantml.tracking.sender import DeliveryPending
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the kernel's backlog; nothing ever reads or answers them
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("hung-store", artifact_location="s3://mlflow/artifacts")
+    tracker = MLflowTracker(uri, "hung-store", s3_endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                            aws_access_key="plantml", aws_secret_key="not-checked")
+    try:
+        tracker.start_run()
+        tracker.log_text("leaf counts", "notes.txt")
+        started = time.monotonic()
+        with pytest.raises(DeliveryPending, match=r"no answer in time for artifact 'notes\.txt'"):
+            tracker.end_run(timeout=2)
+        # was 3 minutes: marking the run pending waited for MLflow's settings, held by the upload in flight
+        assert time.monotonic() - started < 30
+    finally:
+        silent.close()  # the upload in flight is reset
