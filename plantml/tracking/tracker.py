@@ -388,6 +388,8 @@ class MLflowTracker:
         """
         active = self._require_run()
         artifact_path = check.check_model_name(artifact_path)
+        if registered_model_name is not None:
+            check.check_registered_model_name(registered_model_name)
         options = {"input_example": input_example, "signature": signature, **kwargs}
         folder = active.spool.write("model", lambda path: save_model(
             path, model, active.run_id, serialization_format or MODEL_FORMAT, pip_requirements, **options), "model", artifact_path)

@@ -260,6 +260,16 @@ def check_model_name(name: Any) -> str:
     return name
 
 
+def check_registered_model_name(name: Any, what: str = "registered model name") -> str:
+    """Raise unless MLflow's registry takes ``name`` (``mlflow.utils.validation._validate_model_name``): not
+    empty, no ``/`` or ``:``, not ``.`` or ``..``; checked before a training or an upload, not refused after it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError(f"{what} {name!r}: must be a non-empty name such as 'plant_classifier'")
+    if "/" in name or ":" in name or name in (".", "..") or "\0" in name:
+        raise ValidationError(f"{what} {name!r}: MLflow's registry refuses '/', ':' and NUL in a name, and '.' or '..' as one")
+    return name
+
+
 def existing_file(path: Any) -> Path:
     """The path of an existing file to upload, or a ValidationError naming it."""
     local = Path(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from plantml.errors import UsageError, os_reason
-from plantml.tracking.validation import run_name
+from plantml.tracking.validation import check_registered_model_name, run_name
 from plantml.training.config import DEFAULT_IMAGE_SIZE, TrainConfig
 from plantml.training.models import SMALLEST_FEATURE_MAP_PX, get_backbone
 
@@ -18,6 +18,8 @@ def check_config(config: TrainConfig) -> torch.device:
     """Reject impossible flag combinations; return the device to train on."""
     get_backbone(config.backbone)
     run_name(config.run_name)  # a NUL or a name too long for MLflow's database: before any data is read
+    if config.registered_model_name is not None:  # refused by the registry only after the whole training, otherwise
+        check_registered_model_name(config.registered_model_name, "--registered-model-name")
     for name in ("epochs", "batch_size"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(config, name)}: must be at least 1")

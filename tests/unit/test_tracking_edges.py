@@ -190,3 +190,12 @@ def test_a_run_ended_while_the_object_store_hangs_says_what_it_waited_for(journa
         assert time.monotonic() - started < 30
     finally:
         silent.close()  # the upload in flight is reset
+
+
+def test_a_registered_model_name_the_registry_refuses_is_one_line_before_the_model_is_saved(tracker, journal) -> None:
+    import torch
+
+    with tracker.start_run() as run:
+        with pytest.raises(ValidationError, match=r"registered model name 'team/leaves': MLflow's registry refuses"):
+            tracker.log_model(torch.nn.Linear(2, 2), registered_model_name="team/leaves")
+        assert not (journal / "spool" / run.run_id).exists()

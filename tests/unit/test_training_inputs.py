@@ -46,6 +46,10 @@ def _one_line(err: str) -> str:
     (["--learning-rate", "inf"], "--learning-rate inf: must be a finite number"),
     (["--learning-rate", "1e309"], "--learning-rate inf: must be a finite number"),
     (["--batch-size", "1"], "--batch-size 1 at --image-size 32"),
+    # was refused by the registry after the whole training, naming the artifact ('model') instead
+    (["--registered-model-name", "a:b"], "--registered-model-name 'a:b': MLflow's registry refuses '/', ':'"),
+    (["--registered-model-name", "team/leaves"], "--registered-model-name 'team/leaves': MLflow's registry refuses"),
+    (["--registered-model-name", " "], "--registered-model-name ' ': must be a non-empty name"),
 ])
 def test_a_value_that_cannot_train_is_one_line_before_any_work(capsys, leaves, args, expected):
     code = main(["train", "--data-dir", str(leaves), *TINY, *args])
