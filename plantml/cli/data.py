@@ -144,9 +144,11 @@ def _cached_line(cached: Any, now: float) -> str:
 @click.option("--skip-bad-images", is_flag=True, help="Count unreadable images instead of failing.")
 def inspect(directory: Path, skip_bad_images: bool) -> None:
     """Check DIRECTORY as a data set: classes, image counts, unreadable files, content hash."""
+    from plantml.cli.warnings_output import show_warnings
     from plantml.text import safe_text
     from plantml.training.data import scan_image_folder
 
+    show_warnings()  # the scan's warnings (files left out of the set) as train prints them
     scan = scan_image_folder(directory, skip_bad_images=skip_bad_images)
     for name, count in scan.class_counts().items():
         # one line per class: a name's tab or newline escaped, bytes that are not UTF-8 as %XX (as MLflow records it)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from plantml.cli.warnings_output import show_warnings
 from plantml.text import mask_passwords
 
 BACKBONE_NAMES = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v2")
@@ -116,7 +117,7 @@ def train(ctx: click.Context, **options) -> int | None:
         resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
     follow_launcher()  # a rank of plantml train --nproc stops when its launcher is killed
     with distributed.session(config.device) as ranks, contextlib.ExitStack() as stop_signals:
-        _show_warnings(ranks.is_main)
+        show_warnings(ranks.is_main)
         # SIGTERM or SIGHUP while the data is pulled or made (or while one process trains untracked) ends the
         # command like Ctrl-C: one line, 128 + the signal, no staging folder left; the tracker handles them in a run
         stop_signals.enter_context(signals.handled())
@@ -181,38 +182,6 @@ def _echo_data(prepared) -> None:
     )
 
 
-def _show_warnings(main_rank: bool = True) -> None:
-    """Print the training and tracking packages' logged warnings as ``plantml: warning: ...`` lines
-    (on rank 0; the other ranks of a distributed training print only errors)."""
-    import logging
-
-    class CurrentStderr(logging.StreamHandler):
-        """Writes to ``sys.stderr`` as it is when a line comes (a stream captured or closed since is not kept)."""
-
-        @property
-        def stream(self):  # noqa: ANN201 - logging's own attribute
-            return sys.stderr
-
-        @stream.setter
-        def stream(self, value) -> None:
-            pass
-
-    import warnings
-
-    from PIL import Image
-
-    # the scan names each very large image once (a plantml warning); Pillow's own repeats it unnamed each epoch
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    for name in ("plantml.training", "plantml.tracking"):
-        log = logging.getLogger(name)
-        if not log.handlers:
-            handler = CurrentStderr()
-            handler.setFormatter(logging.Formatter("plantml: warning: %(message)s"))
-            handler.setLevel(logging.WARNING if main_rank else logging.ERROR)
-            log.addHandler(handler)
-            log.propagate = False
-
-
 def _launch(ctx: click.Context, nproc: int, options: dict) -> int:
     """``--nproc N``: this process becomes torchrun's agent and starts N ranks of the same command."""
     from plantml.errors import RankFailed
@@ -243,7 +212,7 @@ def _end_runs_the_ranks_left(options: dict) -> None:
     from plantml.tracking.sender import resolve_delivery_settings
     from plantml.tracking.tracker import RECOVER_AT_START_S
 
-    _show_warnings()
+    show_warnings()
     settings = resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
     recover_at_start(resolve_delivery_settings(), settings, RECOVER_AT_START_S)
 

@@ -152,8 +152,18 @@ def _check_relative(path: str, where: str) -> None:
 
 
 def is_image_file(path: Path) -> bool:
-    """A file with an image extension, not hidden."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    """A file with an image extension, not hidden; a link to nothing is one too, so that reading it names it."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+        return False
+    return path.is_file() or (path.is_symlink() and not path.exists())
+
+
+def loose_files(root: Path) -> list[Path]:
+    """The files at the top of an image folder, in no class folder (hidden ones and a pulled set's manifest aside), sorted."""
+    try:
+        return sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.name != MANIFEST_NAME and not p.is_dir())
+    except OSError as exc:
+        raise _unreadable_folder(exc) from None
 
 
 def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[Path, list[Path]]]:

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from plantml.datasets.manifest import IMAGE_EXTENSIONS, class_folders, no_images
+from plantml.datasets.manifest import IMAGE_EXTENSIONS, class_folders, loose_files, no_images
 from plantml.errors import DataError, UsageError, os_reason
 from plantml.text import name_text, safe_text
 from plantml.training.distributed import Ranks
@@ -86,6 +86,9 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     if others:  # a .gif or .heic among the photos: the set is smaller than the folder, say so
         logger.warning("%d file(s) left out of the set: not %s (such as %s)", len(others),
                        "/".join(IMAGE_EXTENSIONS), name_of(others[0]))
+    loose = loose_files(root)
+    if loose:  # a photo saved beside the class folders has no class
+        logger.warning("%d file(s) left out of the set: not in a class folder (such as %s)", len(loose), name_of(loose[0]))
 
     digest = hashlib.sha256()
     samples: list[tuple[Path, int]] = []

@@ -194,6 +194,24 @@ def test_files_of_other_formats_left_out_of_the_set_are_one_warning_line(tmp_pat
         f"2 file(s) left out of the set: not .jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp (such as {folder / 'diseased' / 'notes.txt'})"]
 
 
+def test_files_beside_the_class_folders_are_one_warning_line_and_a_link_to_nothing_is_named(tmp_path, caplog, capsys):
+    """Were: a photo at the set's top left out without a word; a ``.jpg`` link to nothing "not .jpg/..."."""
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=4, size=24, seed=0))
+    Image.new("RGB", (24, 24), (20, 120, 30)).save(folder / "loose.jpg")
+    (folder / "README.md").write_text("what these leaves are")
+
+    with caplog.at_level(logging.WARNING, logger="plantml.training"):
+        assert len(scan_image_folder(folder).samples) == 8
+    assert [record.getMessage() for record in caplog.records] == [
+        f"2 file(s) left out of the set: not in a class folder (such as {folder / 'README.md'})"]
+
+    (folder / "healthy" / "moved.jpg").symlink_to(tmp_path / "gone.jpg")
+    assert main(["data", "inspect", str(folder)]) == 2
+    *warnings, error = capsys.readouterr().err.strip().splitlines()  # the warning above is printed too
+    assert f"image {folder / 'healthy' / 'moved.jpg'}: cannot be read" in error
+    assert all(line.startswith("plantml: warning: 2 file(s) left out") for line in warnings)
+
+
 def test_sigterm_while_the_synthetic_set_is_made_is_one_line_and_leaves_no_staging_folder(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "PLANTML_CACHE_DIR": str(cache)}
