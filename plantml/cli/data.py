@@ -74,10 +74,17 @@ def push(directory: Path, destination: str, workers: int) -> None:
 
 
 def _push(directory: Path, destination: str, workers: int = 16) -> None:
+    from plantml.cli.warnings_output import show_warnings
     from plantml.datasets.remote import push as push_set
+    from plantml.training.data import scan_image_folder
 
+    store = _object_store(destination)
+    show_warnings()
+    # every image decoded first, as a training does: a set with an image that cannot be decoded would upload,
+    # then fail every training from it
+    scan_image_folder(directory, bad_image_hint="a pushed set must train: repair or remove it, then push again")
     with _bytes_bar("push") as bar:
-        result = push_set(_object_store(destination), directory, destination, workers=workers, progress=bar)
+        result = push_set(store, directory, destination, workers=workers, progress=bar)
     m = result.manifest
     click.echo(f"{destination}: {len(m.files)} files ({result.uploaded} uploaded, {result.skipped} already there, "
                f"{result.uploaded_bytes / 1e6:.1f} MB sent), {len(m.classes)} classes, digest {m.digest}")

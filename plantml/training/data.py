@@ -71,14 +71,15 @@ class Split:
 
 
 def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = False,
-                      name_of: Callable[[Path], str] = str) -> ImageFolderScan:
+                      name_of: Callable[[Path], str] = str,
+                      bad_image_hint: str = "use --skip-bad-images to leave it out") -> ImageFolderScan:
     """Validate ``root`` as an image-folder data set and hash its content.
 
     Every image is read once: to prove PIL can decode it and to feed the hash (relative
     path and bytes of each file, in sorted order), so two folders with the same hash hold
     the same data. An unreadable image raises, or with ``skip_bad_images`` is left out
-    and listed in ``skipped``. Messages name an image by ``name_of(path)`` (a pulled set's
-    ``s3://`` key rather than its cache path).
+    and listed in ``skipped`` (else the error ends with ``bad_image_hint``). Messages name an image by
+    ``name_of(path)`` (a pulled set's ``s3://`` key rather than its cache path).
     """
     root = Path(root).expanduser()
     others: list[Path] = []
@@ -99,7 +100,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
             data, problem = _read_image(path, name_of)
             if problem:
                 if not skip_bad_images:
-                    raise DataError(f"image {name_of(path)}: {problem}; use --skip-bad-images to leave it out")
+                    raise DataError(f"image {name_of(path)}: {problem}; {bad_image_hint}")
                 skipped.append(path)
                 continue
             # fsencode: a name that is not UTF-8 (a Latin-1 folder) hashes as its bytes

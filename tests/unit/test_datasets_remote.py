@@ -320,3 +320,21 @@ def test_a_missing_bucket_is_a_usage_error() -> None:
 
     with pytest.raises(UsageError, match="^s3://nosuch/x: no bucket 'nosuch'"):
         remote.stored_objects(NoBucket(), S3Location.parse("s3://nosuch/x"))
+
+
+def test_a_set_with_an_image_that_cannot_be_decoded_is_refused_before_the_push(leaves: Path, monkeypatch, capsys) -> None:
+    """Was: uploaded (exit 0), then every training from the pushed set failed on that image."""
+    from plantml.cli import main
+
+    monkeypatch.chdir(leaves.parent)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # never asked: nothing answers there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "plantml")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-used")
+    monkeypatch.setattr(remote, "push", lambda *a, **k: pytest.fail("pushed a set that cannot train"))
+    (leaves / "healthy" / "fake.png").write_text("not a png")
+
+    assert main(["data", "push", str(leaves), "s3://data/leaves"]) == 2
+
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"plantml: error: image {leaves / 'healthy' / 'fake.png'}: cannot be decoded (not an image format Pillow reads); "
+        "a pushed set must train: repair or remove it, then push again")
