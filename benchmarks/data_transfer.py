@@ -1,8 +1,9 @@
 """Benchmark: ``plantml data push`` / the pull of ``--data-dir s3://…`` against plain boto3 transfers.
 
 On one local stack, alternately, N rounds each, for one synthetic image set:
-- push: :func:`plantml.datasets.push` (hashes every file, skips what is stored, uploads in
-  parallel, writes the manifest) to a fresh prefix, against an ``aws s3 sync``-style upload
+- push: what ``plantml data push`` does: every image decoded once (a set that cannot train is
+  refused before any upload), then :func:`plantml.datasets.push` (hashes every file, skips what
+  is stored, uploads in parallel, writes the manifest) to a fresh prefix, against an ``aws s3 sync``-style upload
   of the same files with boto3's transfer manager (``upload_file``, the same number of
   threads, no hashing, no manifest) to another fresh prefix;
 - pull: :func:`plantml.datasets.pull` (downloads in parallel, checks every SHA-256, renames
@@ -30,9 +31,16 @@ from plantml.datasets import build_manifest, pull, push
 from plantml.datasets.remote import DEFAULT_WORKERS, S3Location, object_store_client
 from plantml.stack import make_stack
 from plantml.training import synth
+from plantml.training.data import scan_image_folder
 
 RESULTS = Path(__file__).parent / "results" / "data_transfer.json"
 BUCKET = "data"
+
+
+def checked_push(client, root: Path, uri: str) -> None:
+    """``plantml data push``: the decode check of every image, then the push."""
+    scan_image_folder(root)
+    push(client, root, uri)
 
 
 def boto3_upload(client, root: Path, where: S3Location, files: list[str]) -> None:
@@ -78,7 +86,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"plantml_push": [], "boto3_upload": [], "plantml_pull": [], "boto3_download": []}
         for round_index in range(args.repeats):
             ours, theirs = f"s3://{BUCKET}/p-{uuid.uuid4().hex[:8]}", S3Location(BUCKET, f"b-{uuid.uuid4().hex[:8]}")
-            pairs = [("plantml_push", partial(push, client, root, ours)),
+            pairs = [("plantml_push", partial(checked_push, client, root, ours)),
                      ("boto3_upload", partial(boto3_upload, client, root, theirs, files))]
             for name, action in pairs if round_index % 2 == 0 else reversed(pairs):
                 times[name].append(timed(action))
