@@ -171,3 +171,13 @@ def load_check(ctx: click.Context, model: str, batch_size: int, image_size: int,
         raise RegistryError(f"{model}: loaded, but a {batch_size}x3x{image_size}x{image_size} batch failed: "
                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
     click.echo(f"{model}: loaded {type(loaded).__name__}; batch {batch_size}x3x{image_size}x{image_size} -> output {tuple(output.shape)}")
+
+
+def _subcommand_tracking_uri(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:  # after the command's name too, as train, verify and ui take it
+        ctx.ensure_object(dict)["tracking_uri"] = value
+
+
+for _command in registry.commands.values():
+    _command.params.append(click.Option(["--tracking-uri"], default=None, expose_value=False, is_eager=True,
+                                        callback=_subcommand_tracking_uri, help="MLflow tracking URI (as before the command's name)."))

@@ -256,3 +256,14 @@ def test_a_server_gone_from_a_stale_env_file_says_where_its_uri_came_from(
     assert got == 1 and err.count("\n") == 1, err
     assert f"http://127.0.0.1:{port}: tracking server not reachable; this URI came from" in err
     assert f".env in {tmp_path}" in err
+
+
+def test_the_tracking_uri_is_taken_after_the_command_name_as_train_takes_it(store: tuple[str, str]) -> None:
+    """Was: ``plantml registry list --tracking-uri URI``: "No such option"; only ``registry --tracking-uri URI list``."""
+    from plantml.cli import cli
+
+    uri, name = store
+    runner = CliRunner(env={name: os.environ.get(name) for name in QUICK_HTTP_ENV})
+    result = runner.invoke(cli, ["registry", "--tracking-uri", "sqlite:////nowhere/mlflow.db", "list", name, "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["1", "2"]
