@@ -139,3 +139,29 @@ def test_after_an_interruption_caught_and_gone_past_ctrl_c_works_at_once_and_the
     assert time.monotonic() - started < 0.5 and not isinstance(raised.value, Interrupted)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     handling.install()  # for the fixture's uninstall
+
+
+def test_a_users_own_handler_stands_aside_while_a_run_handles_signals_and_is_back_after() -> None:
+    from plantml.errors import Interrupted
+    from plantml.tracking import signals as handling
+
+    called: list[int] = []
+
+    def checkpoint(signum, frame) -> None:
+        called.append(signum)
+
+    before = signal.signal(signal.SIGTERM, checkpoint)
+    try:
+        handling.install()  # a run with handle_signals=True opened
+        try:
+            with pytest.raises(Interrupted):
+                signal.raise_signal(signal.SIGTERM)
+                time.sleep(0.01)
+        finally:
+            handling.uninstall()  # the run ended
+        assert called == []  # the README says so: catch Interrupted to checkpoint
+        signal.raise_signal(signal.SIGTERM)  # the run has ended: the user's handler takes the next signal
+        time.sleep(0.01)
+        assert called == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is checkpoint
+    finally:
+        signal.signal(signal.SIGTERM, before)
