@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from plantml.cli.params import NON_BLANK
+
 #: A dead server should fail a registry command in seconds, not after minutes of retries.
 #: Values already in the environment win.
 QUICK_HTTP_ENV = {
@@ -50,7 +52,7 @@ def _format_value(value: Any) -> str:
 
 
 @click.group()
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, .env, sqlite:///mlflow.db).")
+@click.option("--tracking-uri", type=NON_BLANK, default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, .env, sqlite:///mlflow.db).")
 @click.pass_context
 def registry(ctx: click.Context, tracking_uri: str | None) -> None:
     """List, promote, roll back and compare registered models.
@@ -179,5 +181,5 @@ def _subcommand_tracking_uri(ctx: click.Context, _param: click.Parameter, value:
 
 
 for _command in registry.commands.values():
-    _command.params.append(click.Option(["--tracking-uri"], default=None, expose_value=False, is_eager=True,
+    _command.params.append(click.Option(["--tracking-uri"], type=NON_BLANK, default=None, expose_value=False, is_eager=True,
                                         callback=_subcommand_tracking_uri, help="MLflow tracking URI (as before the command's name)."))

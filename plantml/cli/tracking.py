@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from plantml.cli.params import NON_BLANK
 from plantml.text import mask_passwords
 
 #: A dead server should fail MLflow client calls in seconds: recovery does its own retrying.
@@ -59,7 +60,7 @@ def _server_of(path: Path) -> str | None:
 
 @tracking.command()
 @click.argument("journal", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--tracking-uri", default=None, help="Deliver to this server instead of the one the journal names.")
+@click.option("--tracking-uri", type=NON_BLANK, default=None, help="Deliver to this server instead of the one the journal names.")
 @click.option("--timeout", type=SECONDS, default=300.0, show_default=True,
               help="Seconds to keep retrying while the server or the object store is away.")
 @click.option("--status", type=STATUSES, default="KILLED", show_default=True,
@@ -93,8 +94,8 @@ def replay(journal: Path, tracking_uri: str | None, timeout: float, status: str)
               help="End status of the runs recovered (a journal that asked for a status keeps it).")
 @click.option("--journal-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of journals [default: $PLANTML_JOURNAL_DIR or ~/.cache/plantml/journal].")
-@click.option("--tracking-uri", default=None, help="Server searched by --stale [default: $MLFLOW_TRACKING_URI, .env].")
-@click.option("--experiment-name", multiple=True, help="Experiment searched by --stale (repeatable) [default: all].")
+@click.option("--tracking-uri", type=NON_BLANK, default=None, help="Server searched by --stale [default: $MLFLOW_TRACKING_URI, .env].")
+@click.option("--experiment-name", type=NON_BLANK, multiple=True, help="Experiment searched by --stale (repeatable) [default: all].")
 @click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Seconds to keep retrying for each journal (without progress: a long one delivered steadily goes on).")
 def recover(dry_run: bool, stale: str | None, status: str, journal_dir: Path | None, tracking_uri: str | None,
             experiment_name: tuple[str, ...], timeout: float) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from plantml.cli.params import NON_BLANK
 from plantml.cli.warnings_output import show_warnings
 from plantml.text import mask_passwords
 
@@ -70,9 +71,9 @@ def _console_reporter(stream_is_tty: bool):
 @click.option("--data-on-device/--no-data-on-device", default=None, help="Decode the images on the GPU and build batches there: once for the whole set when it fits in a quarter of free GPU memory, else batch by batch [default: on for cuda].")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (slower start; measure before relying on it).")
 @click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Also keep best_model.pth and training_history.json here.")
-@click.option("--experiment-name", default=None, help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or plant_classification].")
+@click.option("--experiment-name", type=NON_BLANK, default=None, help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or plant_classification].")
 @click.option("--run-name", default=None, help="MLflow run name [default: {backbone}_{date-time}].")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, .env, or sqlite:///mlflow.db].")
+@click.option("--tracking-uri", type=NON_BLANK, default=None, help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, .env, or sqlite:///mlflow.db].")
 @click.option("--registered-model-name", default=None, help="Registry name of the best model [default: {backbone}_plant_classifier].")
 @click.option("--no-register", is_flag=True, help="Log the best model without registering it.")
 @click.option("--no-mlflow", is_flag=True, help="Train without any tracking (nothing from mlflow is imported).")

@@ -9,6 +9,7 @@ from types import FrameType
 
 import click
 
+from plantml.cli.params import NON_BLANK
 from plantml.text import mask_passwords
 
 #: A dead server should fail this command in seconds (values already in the environment win).
@@ -28,7 +29,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 @click.command("ui")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Port on 127.0.0.1 [default: 5000, or a free one when 5000 is taken].")
-@click.option("--tracking-uri", default=None,
+@click.option("--tracking-uri", type=NON_BLANK, default=None,
               help="Store or server to show [default: $MLFLOW_TRACKING_URI, .env, or sqlite:///mlflow.db].")
 def ui(port: int | None, tracking_uri: str | None) -> None:
     """Show MLflow's UI (model-training view) for the store plantml uses, and print the newest run's URL.

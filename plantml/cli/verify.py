@@ -6,6 +6,8 @@ import os
 
 import click
 
+from plantml.cli.params import NON_BLANK
+
 #: Set for this command's process (values already in the environment win).
 QUICK_HTTP_ENV = {
     # MLflow's HTTP client retries a dead server for minutes by default; verify must answer fast.
@@ -19,8 +21,8 @@ QUICK_HTTP_ENV = {
 
 
 @click.command()
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, .env, sqlite:///mlflow.db).")
-@click.option("--experiment-name", default=None,
+@click.option("--tracking-uri", type=NON_BLANK, default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, .env, sqlite:///mlflow.db).")
+@click.option("--experiment-name", type=NON_BLANK, default=None,
               help="Experiment the verification run goes to (default: $PLANTML_VERIFY_EXPERIMENT or plantml_verification; "
                    "never the training experiment).")
 def verify(tracking_uri: str | None, experiment_name: str | None) -> None:
