@@ -84,7 +84,7 @@ def check_artifact_access(client: Any, experiment_id: str, settings: TrackingSet
     if not location.startswith("s3://"):
         return
     if (settings.aws_access_key and settings.aws_secret_key) or aws_keys_in_files():
-        check_object_store_certificate(settings, location)
+        check_object_store_keys(settings, location)
         return
     raise ConfigError(
         f"experiment {settings.experiment_name!r} keeps its artifacts at {location} and its server does not store them "
@@ -92,27 +92,45 @@ def check_artifact_access(client: Any, experiment_id: str, settings: TrackingSet
         "a store other than AWS) in the environment or .env, and found none")
 
 
-def check_object_store_certificate(settings: TrackingSettings, location: str) -> None:
-    """A one-line :class:`ConfigError` when the object store at an https ``MLFLOW_S3_ENDPOINT_URL`` shows a
-    certificate this client refuses: every upload would fail so, retried until the run's end.
+#: What an object store answers for keys it does not know or a secret that does not match, and for a bucket that is
+#: not there: every upload would be refused so. ``AccessDenied`` is not among them: write-only keys may list nothing.
+REFUSED_KEYS = ("SignatureDoesNotMatch", "InvalidAccessKeyId")
 
-    One request for ``location``'s bucket, checked as MLflow's S3 client checks (``AWS_CA_BUNDLE``,
-    ``MLFLOW_S3_IGNORE_TLS``); any answer, a refusal or an outage included, is left to the sender.
+
+def check_object_store_keys(settings: TrackingSettings, location: str) -> None:
+    """A one-line :class:`ConfigError` when the object store at ``MLFLOW_S3_ENDPOINT_URL`` refuses this client's
+    keys, has no bucket for ``location``, or shows a certificate this client refuses: every upload would fail so,
+    retried until the run's end, hours of training later.
+
+    One listing of at most one key under ``location``, checked as MLflow's S3 client checks (``AWS_CA_BUNDLE``,
+    ``MLFLOW_S3_IGNORE_TLS``); any other answer, an outage included, is left to the sender. Without an endpoint
+    (AWS itself) nothing is asked: no request leaves this machine.
     """
     endpoint = settings.s3_endpoint
-    if not (endpoint and endpoint.startswith("https://")):
+    if not endpoint:
         return
     from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
     from plantml.stack.endpoints import make_s3_client, s3_tls_hint
 
-    client = make_s3_client(endpoint, settings.aws_access_key, settings.aws_secret_key, retries={"max_attempts": 1})
+    parts = urlsplit(location)
+    client = make_s3_client(endpoint, settings.aws_access_key, settings.aws_secret_key, retries={"max_attempts": 1},
+                            connect_timeout=3, read_timeout=10)
     try:
-        client.head_bucket(Bucket=urlsplit(location).netloc)
+        client.list_objects_v2(Bucket=parts.netloc, Prefix=parts.path.lstrip("/"), MaxKeys=1)
     except SSLError as exc:
         raise ConfigError(f"object store {endpoint} (artifacts at {location}): the TLS handshake failed "
                           f"({tls_reason(exc)}){s3_tls_hint(exc)}") from None
-    except (BotoCoreError, ClientError):
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in REFUSED_KEYS:
+            raise ConfigError(f"object store {endpoint} (artifacts at {location}) refuses this client's keys ({code}: "
+                              f"AWS_ACCESS_KEY_ID {settings.aws_access_key or '(from boto3 files)'!r}, from "
+                              f"{settings.source_of('aws_access_key')}): every upload would fail") from None
+        if code == "NoSuchBucket":
+            raise ConfigError(f"object store {endpoint} has no bucket {parts.netloc!r} for the artifacts at {location}: "
+                              "every upload would fail") from None
+    except BotoCoreError:
         return
 
 

@@ -208,6 +208,31 @@ def test_keys_in_boto3s_credentials_file_count_for_a_direct_stack(mlflow_stack, 
     tracker.check_artifact_access()  # found: no error
 
 
+@pytest.mark.local_session
+def test_keys_the_object_store_refuses_or_a_missing_bucket_are_one_line_before_any_work(mlflow_stack, tmp_path, monkeypatch,
+                                                                                       experiment_name):
+    """Was: accepted, then every upload refused (SignatureDoesNotMatch) until the run's end, marked FAILED."""
+    import mlflow
+
+    from plantml.errors import ConfigError
+    from plantml.tracking import MLflowTracker
+
+    monkeypatch.chdir(tmp_path)
+    stack = mlflow_stack
+    wrong = MLflowTracker(stack.tracking_uri, experiment_name, s3_endpoint=stack.s3_endpoint, aws_access_key=stack.aws_access_key,
+                          aws_secret_key="wrong-secret", journal_dir=tmp_path / "journal")
+    with pytest.raises(ConfigError, match=rf"^object store {stack.s3_endpoint} .* refuses this client's keys "
+                                          rf"\(SignatureDoesNotMatch: AWS_ACCESS_KEY_ID '{stack.aws_access_key}', from argument\)"):
+        wrong.check_artifact_access()
+
+    mlflow.MlflowClient(stack.tracking_uri).create_experiment(f"{experiment_name}-nb", artifact_location="s3://no-such-bucket/a")
+    elsewhere = MLflowTracker(stack.tracking_uri, f"{experiment_name}-nb", s3_endpoint=stack.s3_endpoint,
+                              aws_access_key=stack.aws_access_key, aws_secret_key=stack.aws_secret_key,
+                              journal_dir=tmp_path / "journal")
+    with pytest.raises(ConfigError, match=r"has no bucket 'no-such-bucket' for the artifacts at s3://no-such-bucket/a"):
+        elsewhere.check_artifact_access()
+
+
 @pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
 def test_a_registering_training_prints_its_own_lines_and_none_of_mlflows(leaves, mlflow_env, experiment_name, tmp_path):
     """MLflow's client logged "Waiting up to 300 seconds for model version to finish creation" into every
