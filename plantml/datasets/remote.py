@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest, image_files
 from plantml.errors import ConfigError, DataError, TrackingError, UsageError
 from plantml.staging import local_writes, staging_folder, sweep
-from plantml.text import file_name
+from plantml.text import file_name, safe_text
 
 #: Parallel transfers (S3 requests wait on the network, not on the CPU).
 DEFAULT_WORKERS = 16
@@ -270,7 +270,8 @@ def _check_key_names(root: Path) -> None:
         try:
             relative.encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(f"image {path}: its name is not valid UTF-8, which S3 keys must be") from None
+            raise DataError(f"image {safe_text(str(path))}: its name is not valid UTF-8 (shown as %XX), "
+                            "which S3 keys must be; rename it") from None
         if "\\" in relative:  # SeaweedFS stores it as '/', so a second push would never find it
             culprit = next(part for part in relative.split("/") if "\\" in part)
             raise DataError(f"image {path}: {culprit!r} holds a backslash, which S3 stores read as '/'; rename it")

@@ -338,3 +338,11 @@ def test_a_set_with_an_image_that_cannot_be_decoded_is_refused_before_the_push(l
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"plantml: error: image {leaves / 'healthy' / 'fake.png'}: cannot be decoded (not an image format Pillow reads); "
         "a pushed set must train: repair or remove it, then push again")
+
+
+def test_an_image_name_that_is_not_utf8_is_refused_shown_with_percent_escapes(leaves: Path) -> None:
+    """Was shown as Python's surrogate escape (``f\\udce9rn.png``); everywhere else plantml writes ``%E9``."""
+    latin1 = Path(os.fsdecode(bytes(leaves / "healthy") + b"/f\xe9rn.png"))
+    (leaves / "healthy" / "healthy_0000.png").rename(latin1)
+    with pytest.raises(DataError, match=r"healthy/f%E9rn\.png: its name is not valid UTF-8 \(shown as %XX\)"):
+        remote.push(None, leaves, "s3://data/x")  # refused before the store is asked anything
