@@ -304,7 +304,9 @@ def read_manifest(client: Any, where: S3Location) -> Manifest:
         body = client.get_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))["Body"].read()
     except _client_errors() as exc:
         code = _error_code(exc)
-        if code in ("NoSuchKey", "404", "NoSuchBucket"):
+        if code == "NoSuchBucket":  # a push there would fail too: say what is missing
+            raise DataError(f"{where}: no bucket {where.bucket!r} in the object store, so no data set there") from None
+        if code in ("NoSuchKey", "404"):
             raise DataError(f"{where}: no data set there ({name} not found; push one with `plantml data push`)") from None
         raise TrackingError(f"{where}: cannot read {MANIFEST_NAME} ({code}: {exc})") from None
     return Manifest.from_json(body, name)

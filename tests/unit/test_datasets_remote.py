@@ -346,3 +346,15 @@ def test_an_image_name_that_is_not_utf8_is_refused_shown_with_percent_escapes(le
     (leaves / "healthy" / "healthy_0000.png").rename(latin1)
     with pytest.raises(DataError, match=r"healthy/f%E9rn\.png: its name is not valid UTF-8 \(shown as %XX\)"):
         remote.push(None, leaves, "s3://data/x")  # refused before the store is asked anything
+
+
+def test_a_set_in_a_bucket_that_is_not_there_says_the_bucket_is_missing() -> None:
+    """Was: "no data set there … push one with `plantml data push`", when a push there fails for want of the bucket."""
+    from botocore.exceptions import ClientError
+
+    class NoBucket:
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:  # noqa: N803 - boto3's names
+            raise ClientError({"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"}}, "GetObject")
+
+    with pytest.raises(DataError, match=r"^s3://nobucket/x: no bucket 'nobucket' in the object store, so no data set there$"):
+        remote.read_manifest(NoBucket(), S3Location.parse("s3://nobucket/x"))
