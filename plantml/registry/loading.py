@@ -30,6 +30,8 @@ from typing import Any
 
 from plantml.errors import RegistryError, one_line
 from plantml.registry.store import check_s3_access
+from plantml.text import mask_passwords
+from plantml.tracking.connection import serves_no_artifacts
 from plantml.tracking.models import quiet_pickle_warning
 
 #: Where ``plantml train`` keeps the best weights in each run's artifacts.
@@ -63,6 +65,11 @@ def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) 
     location = client.get_model_version_download_uri(name, str(version))
     what = f"model {name!r} version {version}"
     check_s3_access(location, what)
+    if location.startswith("mlflow-artifacts:") and serves_no_artifacts(tracking_uri):
+        raise RegistryError(f"{what}: its files are kept through the tracking server ({location}), and "
+                            f"{mask_passwords(tracking_uri)} serves no artifacts (started with --no-serve-artifacts: a plantml "
+                            "stack started --artifacts direct on a data folder first started proxied); start it with "
+                            "--artifacts proxied to load it")
     with tempfile.TemporaryDirectory(prefix="plantml-model-") as folder:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
         check_model_files(downloaded, location, what)

@@ -143,21 +143,27 @@ def check_artifact_proxy(settings: TrackingSettings, location: str) -> None:
     which a training would only find at its end, after retrying for minutes.
     """
     uri = settings.tracking_uri
+    if serves_no_artifacts(uri):
+        raise ConfigError(
+            f"experiment {settings.experiment_name!r} keeps its artifacts at {location}, through its server, and "
+            f"{mask_passwords(uri)} serves no artifacts (started with --no-serve-artifacts: a plantml stack started "
+            "--artifacts direct on a data folder first started proxied); start that stack with --artifacts proxied, "
+            "or use another experiment name")
+
+
+def serves_no_artifacts(uri: str) -> bool:
+    """True when the tracking server at ``uri`` answers 503 to an artifact listing: started ``--no-serve-artifacts``,
+    it cannot store or serve the files of ``mlflow-artifacts:/`` locations. False for an outage, or no server."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return False
     import requests
 
     try:
         with ServerSession(uri) as session:  # the user and TLS settings the sender uses
             answer = session.get(f"{uri.rstrip('/')}/api/2.0/mlflow-artifacts/artifacts", params={"path": ""}, timeout=10)
     except requests.RequestException:
-        return  # an outage is the sender's business: it retries
-    if answer.status_code == 503:
-        raise ConfigError(
-            f"experiment {settings.experiment_name!r} keeps its artifacts at {location}, through its server, and "
-            f"{mask_passwords(uri)} serves no artifacts (started with --no-serve-artifacts: a plantml stack started "
-            "--artifacts direct on a data folder first started proxied); start that stack with --artifacts proxied, "
-            "or use another experiment name")
+        return False  # an outage is the sender's business: it retries
+    return answer.status_code == 503
 
 
 def aws_keys_in_files() -> bool:

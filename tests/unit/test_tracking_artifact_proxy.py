@@ -61,3 +61,16 @@ def test_a_proxied_experiment_on_a_server_serving_no_artifacts_is_one_line_befor
 def test_a_proxied_experiment_on_a_server_serving_artifacts_passes(artifact_serving) -> None:
     settings = TrackingSettings(tracking_uri=artifact_serving, experiment_name="plants")
     check_artifact_access(client_with_location("mlflow-artifacts:/1"), "1", settings)
+
+
+def test_a_model_kept_through_a_server_serving_no_artifacts_is_one_line_naming_the_fix(no_artifact_serving) -> None:
+    """Was MLflow's own "… Caused by ResponseError('too many 503 error responses')" after its retries."""
+    from plantml.errors import RegistryError
+    from plantml.registry.loading import downloaded_version
+
+    client = SimpleNamespace(get_model_version_download_uri=lambda name, version: "mlflow-artifacts:/1/models/m-1/artifacts")
+    with pytest.raises(RegistryError, match=r"^model 'plants' version 1: its files are kept through the tracking server "
+                                           r"\(mlflow-artifacts:/1/models/m-1/artifacts\), and .* serves no artifacts .*"
+                                           r"--artifacts proxied to load it$"):
+        with downloaded_version(client, no_artifact_serving, "plants", 1):
+            pass
