@@ -107,6 +107,11 @@ class MLflowTracker:
         and this client has no keys for it: call it before work whose artifacts must not be lost."""
         connection.check_artifact_access(self._client, self.experiment_id, self.settings)
 
+    def __getstate__(self) -> Any:
+        """Refused in one line: a tracker holds its process's run, journal lock and sender thread."""
+        raise UsageError("an MLflowTracker cannot be pickled or copied (it holds this process's run, journal and sender): "
+                         "make one in each process, from the same settings")
+
     def __repr__(self) -> str:
         return f"MLflowTracker(tracking_uri={mask_passwords(self.tracking_uri)!r}, experiment={self.settings.experiment_name!r}, run_id={self.run_id!r})"
 

@@ -199,3 +199,15 @@ def test_a_registered_model_name_the_registry_refuses_is_one_line_before_the_mod
         with pytest.raises(ValidationError, match=r"registered model name 'team/leaves': MLflow's registry refuses"):
             tracker.log_model(torch.nn.Linear(2, 2), registered_model_name="team/leaves")
         assert not (journal / "spool" / run.run_id).exists()
+
+
+def test_a_tracker_handed_to_another_process_or_copied_is_one_line(tracker) -> None:
+    """Was ``TypeError: cannot pickle '_thread.RLock' object`` from a spawned DataLoader worker's arguments."""
+    import copy
+    import pickle
+
+    from plantml.errors import UsageError
+
+    for attempt in (pickle.dumps, copy.deepcopy, copy.copy):
+        with pytest.raises(UsageError, match=r"^an MLflowTracker cannot be pickled or copied .*make one in each process"):
+            attempt(tracker)
