@@ -18,20 +18,20 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from plantml.errors import PlantmlError, TrackingError, UsageError, ValidationError, one_line
+from plantml.errors import PlantmlError, TrackingError, UsageError, one_line
 from plantml.settings import TrackingSettings, export_env_file_credentials, resolve_tracking_settings
 from plantml.staging import check_writable
-from plantml.text import mask_passwords, safe_data
+from plantml.text import mask_passwords
 from plantml.tracking import connection, open_runs, signals
 from plantml.tracking import validation as check
 from plantml.tracking.active_run import ActiveRun
-from plantml.tracking.entries import Artifact, DatasetInput, Entry, MetricPoint, Model, Tag
+from plantml.tracking.artifact_calls import ArtifactCalls
+from plantml.tracking.entries import DatasetInput, Entry, MetricPoint, Model, Tag
 from plantml.tracking.environ import ScopedClient
 from plantml.tracking.models import save_model
 from plantml.tracking.recover import recover_at_start
 from plantml.tracking.runs import PendingModel, TrackedRun, best_run, best_run_order, flatten_run
 from plantml.tracking.sender import HEARTBEAT_TAG, DeliveryPending, DeliverySettings, heartbeat_value, resolve_delivery_settings
-from plantml.tracking.spool import dict_text, figure_writer
 from plantml.tracking.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ CONNECT_TIMEOUT_S = 10.0
 RECOVER_AT_START_S = 10.0
 
 
-class MLflowTracker:
+class MLflowTracker(ArtifactCalls):
     """Log runs, params, metrics, artifacts and models to MLflow, one client per tracker.
 
     Every setting resolves as: argument, then environment (``MLFLOW_TRACKING_URI``,
@@ -318,50 +318,6 @@ class MLflowTracker:
         self.log_params(facts)
         return facts
 
-    # -- artifacts: copied into the run's spool first, so the caller may delete its file at once --
-
-    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        """Upload one existing file to the run's artifacts, under ``artifact_path`` if given."""
-        active = self._require_run()
-        local = check.existing_file(path)
-        dst = check.check_artifact_subpath(artifact_path)
-        self._write([Artifact(str(active.spool.copy_file(local)), dst, is_dir=False)])
-
-    def log_artifacts(self, dir: str | os.PathLike[str], artifact_path: str | None = None) -> None:  # noqa: A002 - the design's name
-        """Upload an existing folder's files to the run's artifacts, under ``artifact_path`` if given."""
-        active = self._require_run()
-        local = check.existing_dir(dir)
-        dst = check.check_artifact_subpath(artifact_path)
-        self._write([Artifact(str(active.spool.copy_tree(local)), dst, is_dir=True)])
-
-    def log_figure(self, fig: Any, name: str) -> None:
-        """Save a matplotlib (or plotly) figure as the artifact ``name`` (e.g. ``confusion_matrix.png``)."""
-        check.check_artifact_name(name, "figure")
-        if not hasattr(fig, "savefig") and not hasattr(fig, "write_image"):
-            raise ValidationError(f"figure {name!r}: expected a matplotlib or plotly figure, got {type(fig).__name__}")
-        self._log_file(name, figure_writer(fig, name), "figure")
-
-    def log_dict(self, d: Any, name: str) -> None:
-        """Save a JSON-serialisable dict as the artifact ``name`` (JSON, or YAML for ``.yaml``)."""
-        check.check_artifact_name(name, "dict")
-        check.check_json_serialisable(d, name)
-        text = dict_text(safe_data(d), name)
-        self._log_file(name, lambda path: path.write_text(text, encoding="utf-8"), "dict")
-
-    def log_text(self, text: str, name: str) -> None:
-        """Save a string as the artifact ``name`` (e.g. ``model_summary.txt``)."""
-        check.check_artifact_name(name, "text")
-        if not isinstance(text, str):
-            raise ValidationError(f"text {name!r}: expected a str, got {type(text).__name__}")
-        self._log_file(name, lambda path: path.write_text(text, encoding="utf-8", errors="surrogateescape"), "text")
-
-    def _log_file(self, name: str, writer: Any, kind: str) -> None:
-        """Write artifact ``name`` (``a/b.png``) into the spool with ``writer``, then journal it for folder ``a``."""
-        active = self._require_run()
-        folder, _, base = check.check_artifact_subpath(name.replace("\\", "/")).rpartition("/")  # type: ignore[union-attr]
-        spooled = active.spool.write(base, writer, kind)
-        self._write([Artifact(str(spooled), folder or None, is_dir=False)])
-
     # -- models -----------------------------------------------------------------------
 
     def log_model(
@@ -386,8 +342,8 @@ class MLflowTracker:
 
         The model is saved into the run's spool at once; the sender then creates the logged
         model, stores every file, and only then registers a version, so no registry
-        version ever points at missing files. This call waits up to ``wait`` seconds (the
-        tracker's ``delivery_timeout`` by default) and returns MLflow's ``ModelInfo``; if
+        version ever points at missing files. This call then waits up to ``wait`` seconds (the
+        tracker's ``delivery_timeout`` by default; saving is not counted) and returns MLflow's ``ModelInfo``; if
         the model is not stored by then it returns a :class:`PendingModel` and delivery
         goes on in the background (the run's end decides its fate).
         """
