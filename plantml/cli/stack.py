@@ -1,4 +1,4 @@
-"""``plantml stack``: run the tracking stack in the foreground, build its images, prune leftovers."""
+"""``plantml stack``: run the tracking stack in the foreground, list and stop running ones, build its images, prune leftovers."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 @click.group()
 def stack() -> None:
-    """Start the tracking stack (PostgreSQL, S3, MLflow) on this machine."""
+    """Start the tracking stack (PostgreSQL, S3, MLflow) on this machine; list and stop running ones."""
 
 
 @stack.command("up")
@@ -123,7 +123,7 @@ def _print_ready(running: ManagedStack, env: dict[str, str], env_file: Path | No
         click.echo(f"  export {key}={value}")
     if env_file is not None:
         click.echo(f"(also written to {env_file}, removed at stop)")
-    click.echo("Press Ctrl-C to stop.", nl=True)
+    click.echo("Press Ctrl-C to stop (or, from another shell, `plantml stack down`).", nl=True)
 
 
 @stack.command("build-images")
@@ -164,3 +164,51 @@ def prune(everything: bool) -> None:
                                                                if containers else ""))
     others = [item for item in removed if not item.startswith("container ")]
     click.echo(f"removed {len(others)} local leftover(s)" + (f": {', '.join(others)}" if others else ""))
+
+
+@stack.command("list")
+def list_command() -> None:
+    """List this account's stacks that run now: their process, data folder, env file and MLflow URL."""
+    from plantml.stack.running import running_stacks
+
+    stacks = running_stacks()
+    if not stacks:
+        click.echo("no plantml stack runs now")
+        return
+    rows = [("PID", "MLFLOW", "DATA", "ENV FILE")]
+    rows += [(str(s.pid), s.tracking_uri or "-", f"{s.folder}{' (temporary)' if s.temporary else ''}", str(s.env_file or "-"))
+             for s in stacks]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@stack.command("down")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Stop the stack that runs on this data folder.")
+@click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path), help="Stop the stack that wrote this env file.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True,
+              help="Seconds to wait for it to stop.")
+def down(data_dir: Path | None, env_file: Path | None, timeout: float) -> None:
+    """Stop a stack running in another terminal or in the background, as Ctrl-C there would.
+
+    The one on --data-dir, or the one that wrote --env-file, or else the only one running
+    (see `plantml stack list`). Nothing running there is no error: it is down already.
+    """
+    from plantml.errors import StackError, UsageError
+    from plantml.stack.running import running_stacks, stop
+
+    stacks = running_stacks()
+    targets = [target for target in (data_dir, env_file) if target is not None]
+    chosen = [s for s in stacks if all(s.names(target) for target in targets)]
+    if not chosen:
+        where = " and ".join(str(target) for target in targets)
+        click.echo(f"no plantml stack runs {'on ' + where if targets else 'now'}: nothing to stop")
+        return
+    if not targets and len(chosen) > 1:
+        raise UsageError(f"{len(chosen)} stacks run now ({', '.join(str(s.folder) for s in chosen)}): "
+                         "name one with --data-dir or --env-file")
+    for running in chosen:
+        if not stop(running, timeout):
+            raise StackError("stack", f"the stack of pid {running.pid} (data folder {running.folder}) did not stop "
+                                      f"within {timeout:.0f} s; it is still stopping, or stuck: kill {running.pid}")
+        click.echo(f"stopped the stack of pid {running.pid} (data folder {running.folder})")

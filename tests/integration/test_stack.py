@@ -341,10 +341,10 @@ def test_a_pytest_session_on_an_external_stack_uses_it_and_starts_nothing(mlflow
 
 
 @pytest.mark.local_session
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["plantml stack down", "SIGHUP"])
 def test_stack_up_stops_on_sigterm_or_sighup_like_on_ctrl_c(tmp_path, signum):
-    """What a service manager or ``docker stop`` sends, or a closed terminal: everything stops, the temporary
-    data and the env file go, exit status 0."""
+    """What ``plantml stack down``, a service manager or ``docker stop`` sends (SIGTERM), or a closed terminal:
+    everything stops, the temporary data and the env file go, exit status 0."""
     env_file = tmp_path / "stack.env"
     up = subprocess.Popen([sys.executable, "-m", "plantml", "stack", "up", "--env-file", str(env_file)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -356,6 +356,17 @@ def test_stack_up_stops_on_sigterm_or_sighup_like_on_ctrl_c(tmp_path, signum):
                 break
         stack_processes = psutil.Process(up.pid).children(recursive=True)
         assert env_file.is_file()
+        if signum == signal.SIGTERM:  # from another shell, by the env file it wrote
+            listed = subprocess.run([sys.executable, "-m", "plantml", "stack", "list"], capture_output=True, text=True, timeout=60)
+            url = re.search(r"MLflow UI:\s+(\S+)", "".join(lines)).group(1)
+            assert re.search(rf"^{up.pid}\s+{re.escape(url)}\s+\S+ \(temporary\)\s+{re.escape(str(env_file))}$",
+                             listed.stdout, re.MULTILINE), listed.stdout + listed.stderr
+            down = subprocess.run([sys.executable, "-m", "plantml", "stack", "down", "--env-file", str(env_file)],
+                                  capture_output=True, text=True, timeout=120)
+            assert down.returncode == 0 and down.stdout.startswith(f"stopped the stack of pid {up.pid}"), down.stderr
+            again = subprocess.run([sys.executable, "-m", "plantml", "stack", "down", "--env-file", str(env_file)],
+                                   capture_output=True, text=True, timeout=60)
+            assert again.returncode == 0 and "nothing to stop" in again.stdout  # down already: no error
     finally:
         rest = stop(up, signum)
     output = "".join(lines) + rest
