@@ -110,7 +110,7 @@ def loopback_store(port: int = 0) -> Any:
 
 
 def _create_rendezvous(params: Any) -> Any:
-    """torch's c10d rendezvous handler, both of whose stores are :func:`loopback_store`\ s."""
+    """torch's c10d rendezvous handler, both of whose stores come from :func:`loopback_store`."""
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
