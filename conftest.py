@@ -1,5 +1,5 @@
-"""Repository-wide pytest setup: tests under tests/integration/ are marked ``integration``;
-the containers backend's own tests are collected only in a ``--stack containers`` session,
+"""Repository-wide pytest setup (the plugin marks tests under tests/integration/ ``integration`` and gives the
+session a journal folder of its own): the containers backend's own tests are collected only in a ``--stack containers`` session,
 the tracking client's fault tests (whole files, or tests marked ``local_session``) only in a
 ``--stack local`` one.
 
@@ -10,8 +10,6 @@ loaded through its ``pytest11`` entry point.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,30 +23,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # One CPU thread per test process (as torchrun gives each rank): two xdist workers on CI's two cores each ran
     # trainings on two OpenMP threads, whose spinning starved the other worker (a training suite: 87 s -> 43 s).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # The session's runs journal into a folder of its own, not the user's ~/.cache/plantml/journal nor a
-    # $PLANTML_JOURNAL_DIR of theirs: a run a test leaves undelivered is then never retried by the user's next
-    # tracker, nor by a later session's, and the tests' recoveries never touch the user's journals.
-    config._plantml_journal_before = os.environ.get("PLANTML_JOURNAL_DIR")  # type: ignore[attr-defined]
-    os.environ["PLANTML_JOURNAL_DIR"] = config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
     config.addinivalue_line("markers", "local_session: a test of the client that the local backend's session runs "
                                        "(another backend would only repeat it, slower); not collected elsewhere")
 
 
-def pytest_unconfigure(config: pytest.Config) -> None:
-    folder = getattr(config, "_plantml_journal_dir", None)
-    if folder:
-        before = getattr(config, "_plantml_journal_before", None)
-        if before is None:
-            os.environ.pop("PLANTML_JOURNAL_DIR", None)
-        else:
-            os.environ["PLANTML_JOURNAL_DIR"] = before
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if INTEGRATION_DIR in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.integration)
     if config.getoption("--stack") != "local":  # deselected, not skipped: this session has nothing to say on them
         elsewhere = [item for item in items if item.get_closest_marker("local_session")]
         if elsewhere:

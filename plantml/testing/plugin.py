@@ -20,8 +20,11 @@ SIGTERM tears the session's stacks down, like Ctrl-C).
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +34,7 @@ import pytest
 
 from plantml.settings import VARIABLES, Variable, env_value
 from plantml.stack import ARTIFACT_MODES, BACKENDS, ArtifactMode, ManagedStack, Stack, make_stack
+from plantml.stack.s3 import S3_FLAVOURS
 
 # Backends whose stacks plantml starts itself, in either artifact mode.
 OWN_BACKENDS = ("local", "containers")
@@ -86,6 +90,26 @@ def pytest_configure(config: pytest.Config) -> None:
     backend = config.getoption("--stack")
     if backend is not None and backend not in BACKENDS:
         raise pytest.UsageError(f"PLANTML_STACK={backend!r}: expected one of {', '.join(BACKENDS)} (or give --stack)")
+    flavour = config.getoption(option_name(VARIABLES["PLANTML_S3_FLAVOUR"]))
+    if flavour and flavour not in S3_FLAVOURS:  # else every stack test errors at its setup, one by one
+        raise pytest.UsageError(f"--s3-flavour {flavour!r}: expected one of {', '.join(S3_FLAVOURS)}")
+    # The session's runs journal into a folder of its own, not the user's ~/.cache/plantml/journal nor a
+    # $PLANTML_JOURNAL_DIR of theirs: a run a test leaves undelivered is then never retried by the user's next
+    # tracker (against a stack long gone, or another on the same port), and the tests' recoveries never touch
+    # the user's journals.
+    config._plantml_journal_before = os.environ.get("PLANTML_JOURNAL_DIR")  # type: ignore[attr-defined]
+    os.environ["PLANTML_JOURNAL_DIR"] = config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, "_plantml_journal_dir", None)
+    if folder:
+        before = getattr(config, "_plantml_journal_before", None)
+        if before is None:
+            os.environ.pop("PLANTML_JOURNAL_DIR", None)
+        else:
+            os.environ["PLANTML_JOURNAL_DIR"] = before
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -119,6 +143,10 @@ def _cuda_skip_reason() -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    integration = config.rootpath / "tests" / "integration"
+    for item in items:
+        if integration in item.path.parents:
+            item.add_marker(pytest.mark.integration)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
         return
@@ -163,9 +191,20 @@ class StackPool:
         return self._stacks[mode]
 
     def stop_all(self) -> None:
+        if self._stacks:
+            end_open_runs()
         for stack in self._stacks.values():
             stack.stop()
         self._stacks.clear()
+
+
+def end_open_runs() -> None:
+    """End KILLED the runs that tests left open (a test failed between ``start_run`` and ``end_run``), before
+    their stacks stop: at exit they would retry a stopped server for the delivery timeout (60 s) and leave
+    their journals behind."""
+    from plantml.tracking.open_runs import end_abandoned_runs
+
+    end_abandoned_runs()
 
 
 @pytest.fixture(scope="session")
@@ -209,6 +248,8 @@ def mlflow_stack_factory(_plantml_stack_pool: StackPool) -> Iterator[Callable[..
         return stack
 
     yield make
+    if made:
+        end_open_runs()
     for stack in made:
         stack.stop()
 
@@ -219,7 +260,10 @@ def private_mlflow_stack(mlflow_stack_factory: Callable[..., ManagedStack]) -> I
     restart or otherwise break its services on purpose. Started for the module, stopped after it.
     Always durable (``--stack-fast`` leaves it alone): fault tests need the real thing."""
     with mlflow_stack_factory("direct") as stack:
-        yield stack
+        try:
+            yield stack
+        finally:
+            end_open_runs()  # while it still answers
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,25 @@ def test_a_project_that_names_the_plugin_module_loads_it_once(pytester: pytest.P
     pytester.makepyfile("def test_x(experiment_name):\n    assert experiment_name.startswith('test_test_x_')\n")
     result = pytester.runpytest("-p", "no:cacheprovider", *(["-p", "plantml.testing.plugin"] if how == "-p" else []))
     result.assert_outcomes(passed=1)
+
+
+def test_an_s3_flavour_that_is_none_is_a_usage_error_before_any_test(pytester: pytest.Pytester):
+    """Was: the session ran, and every stack test errored at its setup with the same ConfigError."""
+    pytester.makepyfile("def test_x(mlflow_stack):\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--s3-flavour", "foo")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--s3-flavour 'foo': expected one of seaweedfs, minio*"])
+
+
+def test_a_downstream_projects_integration_tests_are_marked_and_its_runs_journal_apart(pytester: pytest.Pytester):
+    """The README's promises for any project that installs plantml, not only plantml's own (its conftest did both)."""
+    pytester.mkdir("tests")
+    pytester.mkdir("tests/integration")
+    pytester.path.joinpath("tests", "integration", "test_marked.py").write_text(
+        "import os, tempfile\n"
+        "def test_journal_apart():\n"
+        "    folder = os.environ['PLANTML_JOURNAL_DIR']\n"
+        "    assert os.path.basename(folder).startswith('plantml-test-journal-') and os.path.isdir(folder)\n")
+    pytester.path.joinpath("tests", "test_unmarked.py").write_text("def test_plain():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-m", "integration", "tests")
+    result.assert_outcomes(passed=1, deselected=1)
