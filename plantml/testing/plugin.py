@@ -20,7 +20,6 @@ SIGTERM tears the session's stacks down, like Ctrl-C).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -97,19 +96,16 @@ def pytest_configure(config: pytest.Config) -> None:
     # $PLANTML_JOURNAL_DIR of theirs: a run a test leaves undelivered is then never retried by the user's next
     # tracker (against a stack long gone, or another on the same port), and the tests' recoveries never touch
     # the user's journals.
-    config._plantml_journal_before = os.environ.get("PLANTML_JOURNAL_DIR")  # type: ignore[attr-defined]
-    os.environ["PLANTML_JOURNAL_DIR"] = config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
+    config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
+    config._plantml_environ = pytest.MonkeyPatch()  # type: ignore[attr-defined]  # puts the user's value back at the end
+    config._plantml_environ.setenv("PLANTML_JOURNAL_DIR", config._plantml_journal_dir)  # type: ignore[attr-defined]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    folder = getattr(config, "_plantml_journal_dir", None)
-    if folder:
-        before = getattr(config, "_plantml_journal_before", None)
-        if before is None:
-            os.environ.pop("PLANTML_JOURNAL_DIR", None)
-        else:
-            os.environ["PLANTML_JOURNAL_DIR"] = before
-        shutil.rmtree(folder, ignore_errors=True)
+    environ = getattr(config, "_plantml_environ", None)
+    if environ is not None:
+        environ.undo()
+        shutil.rmtree(config._plantml_journal_dir, ignore_errors=True)  # type: ignore[attr-defined]
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -17,20 +17,19 @@ def test_no_two_test_modules_share_a_file_name() -> None:
 
 
 def test_the_session_journals_into_a_folder_of_its_own_even_when_the_user_named_one(tmp_path, monkeypatch) -> None:
-    """A developer's $PLANTML_JOURNAL_DIR holds their real journals: the tests' recoveries must never see them."""
-    import importlib.util
+    """A developer's $PLANTML_JOURNAL_DIR holds their real journals: the tests' recoveries must never see them
+    (the plugin's doing, so that any project's sessions get it)."""
     import types
 
-    spec = importlib.util.spec_from_file_location("repository_conftest", TESTS.parent / "conftest.py")
-    repository = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(repository)  # type: ignore[union-attr]
+    from plantml.testing import plugin
+
     theirs = tmp_path / "their-journals"
     monkeypatch.setenv("PLANTML_JOURNAL_DIR", str(theirs))
-    config = types.SimpleNamespace(addinivalue_line=lambda *args: None)
+    config = types.SimpleNamespace(addinivalue_line=lambda *args: None, getoption=lambda name: None)
 
-    repository.pytest_configure(config)
+    plugin.pytest_configure(config)
     ours = Path(os.environ["PLANTML_JOURNAL_DIR"])
-    repository.pytest_unconfigure(config)
+    plugin.pytest_unconfigure(config)
 
     assert ours != theirs and ours.name.startswith("plantml-test-journal-") and not ours.exists()
     assert os.environ["PLANTML_JOURNAL_DIR"] == str(theirs)  # the user's setting again once the session ends
