@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from plantml.cli.params import NON_BLANK
+from plantml.cli.tables import echo_table, table
 
 #: A dead server should fail a registry command in seconds, not after minutes of retries.
 #: Values already in the environment win.
@@ -29,18 +30,6 @@ def _registry(ctx: click.Context) -> Any:
     # This command is its own process; loading a model reads S3 settings from the environment.
     os.environ.update({k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"})
     return ModelRegistry(settings.tracking_uri, source=settings.source_of())
-
-
-def _table(rows: Sequence[Sequence[Any]]) -> list[str]:
-    """Rows as left-aligned columns; the first row is the header."""
-    text = [["" if cell is None else str(cell) for cell in row] for row in rows]
-    widths = [max(len(row[i]) for row in text) for i in range(len(text[0]))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in text]
-
-
-def _echo_table(rows: Sequence[Sequence[Any]]) -> None:
-    for line in _table(rows):
-        click.echo(line)
 
 
 def _format_value(value: Any) -> str:
@@ -83,7 +72,7 @@ def list_command(ctx: click.Context, name: str | None) -> None:
                 empty.append(model.name)
             rows += [(model.name, v.version, v.stage, ",".join(v.aliases) or "-", v.run_id or "-", v.created_at) for v in versions]
         if len(rows) > 1:
-            _echo_table(rows)
+            echo_table(rows)
         for name_without_versions in empty:  # after the table, so its columns stay aligned
             click.echo(f"{name_without_versions}: no versions")
         return
@@ -95,7 +84,7 @@ def list_command(ctx: click.Context, name: str | None) -> None:
     for v in versions:
         metrics = " ".join(f"{key}={_format_value(value)}" for key, value in v.metrics.items())
         rows.append((v.version, v.stage, ",".join(v.aliases) or "-", v.run_id or "-", v.status, v.created_at, metrics or "-"))
-    _echo_table(rows)
+    echo_table(rows)
 
 
 @registry.command()
@@ -141,8 +130,8 @@ def compare(ctx: click.Context, name: str, first: str, second: str) -> None:
         if not rows:
             click.echo("  (none)")
             continue
-        table = [header] + [("*" if r.differs else " ", r.key, _format_value(r.first), _format_value(r.second)) for r in rows]
-        for line in _table(table):
+        compared = [header] + [("*" if r.differs else " ", r.key, _format_value(r.first), _format_value(r.second)) for r in rows]
+        for line in table(compared):
             click.echo("  " + line)
 
 

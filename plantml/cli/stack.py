@@ -169,18 +169,16 @@ def prune(everything: bool) -> None:
 @stack.command("list")
 def list_command() -> None:
     """List this account's stacks that run now: their process, data folder, env file and MLflow URL."""
+    from plantml.cli.tables import echo_table
     from plantml.stack.running import running_stacks
 
     stacks = running_stacks()
     if not stacks:
         click.echo("no plantml stack runs now")
         return
-    rows = [("PID", "MLFLOW", "DATA", "ENV FILE")]
-    rows += [(str(s.pid), s.tracking_uri or "-", f"{s.folder}{' (temporary)' if s.temporary else ''}", str(s.env_file or "-"))
-             for s in stacks]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    echo_table([("PID", "MLFLOW", "DATA", "ENV FILE"),
+                *((s.pid, s.tracking_uri or "-", f"{s.folder}{' (temporary)' if s.temporary else ''}", s.env_file or "-")
+                  for s in stacks)])
 
 
 @stack.command("down")
