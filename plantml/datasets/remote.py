@@ -192,8 +192,12 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
                     client.upload_fileobj(sent, where.bucket, key, ExtraArgs={"Metadata": {SHA256_METADATA: entry.sha256}})
                 if sent.sha256.hexdigest() != entry.sha256:  # saved again since it was hashed: its metadata would lie
                     client.delete_object(Bucket=where.bucket, Key=key)
-                    raise DataError(f"image {root / entry.path}: changed while it was pushed; nothing of it was kept, push again")
+                    raise _changed_while_pushed(root / entry.path)
+        except FileNotFoundError:
+            raise _changed_while_pushed(root / entry.path) from None
         except _client_errors() as exc:
+            if entry.size <= SINGLE_PART_LIMIT and _error_code(exc) == "BadDigest":  # not the bytes that were hashed
+                raise _changed_while_pushed(root / entry.path) from None
             raise TrackingError(f"{where}: upload of {entry.path} failed ({_failure(exc)})") from None
         if progress is not None:
             progress.update(entry.size)
@@ -208,6 +212,12 @@ def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int 
         raise TrackingError(f"{where}: the manifest could not be stored ({_failure(exc)})") from None
     _check_stored_set(client, where, manifest)
     return PushResult(manifest, len(todo), len(manifest.files) - len(todo), sent)
+
+
+def _changed_while_pushed(image: Path) -> DataError:
+    """An image saved again or removed between its hashing and its upload: the store kept none of it (its
+    Content-MD5 or its hash as read did not match), so the set must be pushed again."""
+    return DataError(f"image {image}: changed or removed while it was pushed; nothing of it was kept, push again")
 
 
 def _check_stored_set(client: Any, where: S3Location, manifest: Manifest) -> None:

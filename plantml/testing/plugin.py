@@ -14,8 +14,9 @@ Installed with plantml (``pytest11`` entry point), so downstream projects get:
 - the markers ``integration``, ``gpu`` (skipped with a reason where CUDA is absent) and ``slow``.
 
 A stack that cannot start makes the tests that need it fail with the cause; it never skips them.
-The plugin changes nothing in a session until one of its stack fixtures starts a stack (then
-SIGTERM tears the session's stacks down, like Ctrl-C).
+Until one of its stack fixtures starts a stack, the plugin only gives the session a journal folder of
+its own (a temporary ``PLANTML_JOURNAL_DIR``, removed at the end); then SIGTERM tears the session's stacks
+down, like Ctrl-C.
 """
 
 from __future__ import annotations

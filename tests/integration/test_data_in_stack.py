@@ -93,8 +93,8 @@ def test_push_ls_train_and_train_again_from_the_cache(leaves: Path, env: dict[st
 
 
 @pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
-def test_a_local_folder_and_the_synthetic_set_are_recorded_too(leaves: Path, env: dict[str, str], mlflow_client: Any,
-                                                              experiment_name: str) -> None:
+def test_a_local_folder_is_recorded_too(leaves: Path, env: dict[str, str], mlflow_client: Any, experiment_name: str) -> None:
+    """(The synthetic set: test_train_tracked.py's default command.)"""
     done = plantml(env, "train", *TINY_TRAINING, "--data-dir", str(leaves), "--experiment-name", experiment_name)
     assert done.returncode == 0, done.stderr[-2000:]
     experiment = mlflow_client.get_experiment_by_name(experiment_name)
@@ -174,6 +174,37 @@ def test_a_file_sent_in_parts_and_changed_at_the_same_size_is_sent_again(mlflow_
     key = remote.S3Location.parse(prefix).key(changed.relative_to(folder).as_posix())
     stored = client.get_object(Bucket=remote.S3Location.parse(prefix).bucket, Key=key)["Body"].read()
     assert stored == bytes(data)
+
+
+@pytest.mark.local_session
+@pytest.mark.parametrize("change", ["saved again", "removed"])
+def test_an_image_saved_again_or_removed_after_it_was_hashed_is_one_line_naming_it_and_not_kept(
+        mlflow_stack: Any, prefix: str, tmp_path: Path, monkeypatch, change: str) -> None:
+    """A file under the single-part limit goes up with the Content-MD5 of its hashing: the real store refuses
+    other bytes (BadDigest), which is the user's file changing under the push, not the store failing."""
+    from plantml.datasets import remote
+    from plantml.errors import DataError
+
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=3, size=32, seed=10))
+    victim = sorted(folder.rglob("*.png"))[0]
+
+    def hash_then_change(*args: Any, **kwargs: Any) -> Any:
+        manifest = build_manifest(*args, **kwargs)
+        if change == "removed":
+            victim.unlink()
+        else:
+            victim.write_bytes(victim.read_bytes() + b"saved again")
+        return manifest
+
+    monkeypatch.setattr(remote, "build_manifest", hash_then_change)
+    client = mlflow_stack.s3_client()
+    with pytest.raises(DataError) as refused:
+        remote.push(client, folder, prefix, workers=1)
+    assert str(refused.value) == (f"image {victim}: changed or removed while it was pushed; nothing of it was kept, "
+                                  "push again")
+    where = remote.S3Location.parse(prefix)
+    kept = {o["Key"] for o in client.list_objects_v2(Bucket=where.bucket, Prefix=f"{where.prefix}/").get("Contents", [])}
+    assert where.key(victim.relative_to(folder).as_posix()) not in kept and where.key("plantml-dataset.json") not in kept
 
 
 @pytest.mark.local_session

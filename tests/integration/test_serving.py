@@ -10,6 +10,7 @@ answered by ``{"predictions": [[logit_0, logit_1], ...]}`` (one row per image).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -136,11 +137,28 @@ def test_a_running_server_keeps_the_version_it_started_with_when_the_alias_moves
     (b'{"inputs": [[[[0.1', "application/json", 400),
     (b'{"inputs": "\xff\xfe"}', "application/json", 400),
     (b'{"inputs": [[[0.1, 0.2]]]}', "application/json", 400),
+    (b'{"inputs": [[[[0.1]], [[0.2]]]]}', "application/json", 400),
     (b'{"inputs": []}', "application/json", 400),
     (b'{"inputs": [[[["leaf"]]]]}', "application/json", 400),
     (b'{"inputs": [[[[0.1]]]]}', "text/plain", 415),
-], ids=["cut-json", "not-utf8", "rank-3", "empty-batch", "strings", "text-plain"])
-def test_a_bad_request_is_a_4xx_and_the_server_answers_the_next(served: str, body: bytes, content_type: str, status: int) -> None:
-    assert requests.post(f"{served}/invocations", data=body, headers={"Content-Type": content_type}, timeout=60).status_code == status
+], ids=["cut-json", "not-utf8", "rank-3", "two-channels", "empty-batch", "strings", "text-plain"])
+def test_a_bad_request_is_a_4xx_with_its_reason_and_the_server_answers_the_next(served: str, body: bytes, content_type: str,
+                                                                              status: int) -> None:
+    refused = requests.post(f"{served}/invocations", data=body, headers={"Content-Type": content_type}, timeout=60)
+    assert refused.status_code == status, refused.text
+    if status == 400:  # MLflow's reason, in JSON
+        assert refused.json()["message"], refused.text
+    else:  # a line of text naming the types it takes
+        assert "application/json" in refused.text and "'text/plain'" in refused.text
     good = np.zeros((1, 3, 32, 32), dtype=np.float32)
     assert requests.post(f"{served}/invocations", json={"inputs": good.tolist()}, timeout=60).status_code == 200
+
+
+def test_nan_or_inf_pixels_are_answered_with_nan_logits_written_as_nan(served: str) -> None:
+    batch = np.zeros((2, 3, 32, 32), dtype=np.float32)
+    batch[0, 0, 0, 0], batch[1, 2, 5, 5] = np.nan, np.inf
+    body = "{\"inputs\": " + json.dumps(batch.tolist()) + "}"  # Python's json writes NaN and Infinity, as numpy clients do
+    answered = requests.post(f"{served}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert answered.status_code == 200, answered.text
+    predictions = np.array(json.loads(answered.text)["predictions"], dtype=np.float64)
+    assert "NaN" in answered.text and np.isnan(predictions[0]).all() and not np.isfinite(predictions[1]).any(), answered.text

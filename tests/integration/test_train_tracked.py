@@ -130,6 +130,10 @@ def test_default_command_trains_on_the_cached_synthetic_set(mlflow_env, mlflow_c
     assert run.data.tags["dataset"].startswith("synthetic-leaves-200x2-96px")
     assert (run.data.params["train_size"], run.data.params["val_size"], run.data.params["test_size"]) == ("280", "60", "60")
     assert run.data.params["image_size"] == "64"
+    [dataset_input] = run.inputs.dataset_inputs  # the synthetic set is a run's input like any other
+    assert dataset_input.dataset.name == run.data.tags["dataset"] and dataset_input.dataset.source_type == "synthetic"
+    assert dataset_input.dataset.digest == run.data.tags["dataset_hash"][:32]
+    assert json.loads(dataset_input.dataset.profile)["content_sha256"] == run.data.tags["dataset_hash"]
 
 
 @pytest.mark.parametrize("raised, status", [(KeyboardInterrupt, "KILLED"), (RuntimeError, "FAILED")])
@@ -224,6 +228,10 @@ def test_keys_the_object_store_refuses_or_a_missing_bucket_are_one_line_before_a
     with pytest.raises(ConfigError, match=rf"^object store {stack.s3_endpoint} .* refuses this client's keys "
                                           rf"\(SignatureDoesNotMatch: AWS_ACCESS_KEY_ID '{stack.aws_access_key}', from argument\)"):
         wrong.check_artifact_access()
+    unknown = MLflowTracker(stack.tracking_uri, experiment_name, s3_endpoint=stack.s3_endpoint, aws_access_key="nobody",
+                            aws_secret_key=stack.aws_secret_key, journal_dir=tmp_path / "journal")
+    with pytest.raises(ConfigError, match=r"refuses this client's keys \(InvalidAccessKeyId: AWS_ACCESS_KEY_ID 'nobody', "):
+        unknown.check_artifact_access()
 
     mlflow.MlflowClient(stack.tracking_uri).create_experiment(f"{experiment_name}-nb", artifact_location="s3://no-such-bucket/a")
     elsewhere = MLflowTracker(stack.tracking_uri, f"{experiment_name}-nb", s3_endpoint=stack.s3_endpoint,

@@ -138,6 +138,20 @@ def test_the_cache_command_lists_and_removes(tmp_path, monkeypatch) -> None:
     assert lines[0].startswith(f"{old.name[:12]}  old-leaves  6 files  ") and "last used 40.0 days ago" in lines[0]
     assert "new-leaves" in lines[1] and lines[2].startswith("2 set(s), ")
 
+    would = runner.invoke(cli, ["data", "cache", "--remove-unused-for", "30d", "--dry-run"])
+    assert would.exit_code == 0, would.output
+    assert would.output.splitlines()[0].startswith(f"would remove {old.name[:12]}  old-leaves")
+    assert would.output.splitlines()[-1].startswith("would remove 1 set(s), ") and old.is_dir()
+
+    training = training_holding(old)
+    try:
+        held = runner.invoke(cli, ["data", "cache"])
+        in_use = {line.split()[1]: line.endswith("  in use") for line in held.output.splitlines()[:2]}
+        assert in_use == {"old-leaves": True, "new-leaves": False}, held.output
+    finally:
+        training.communicate("")
+    os.utime(old, (time.time() - 40 * DAY,) * 2)  # taking it marked it used
+
     removed = runner.invoke(cli, ["data", "cache", "--remove-unused-for", "30d"])
     assert removed.exit_code == 0, removed.output
     assert removed.output.splitlines()[0].startswith(f"removed {old.name[:12]}  old-leaves")

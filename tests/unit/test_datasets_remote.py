@@ -132,7 +132,7 @@ def test_a_file_sent_in_parts_saved_again_after_it_was_hashed_is_not_kept(leaves
 
     monkeypatch.setattr(remote, "SINGLE_PART_LIMIT", 0)  # every file goes up in parts
     monkeypatch.setattr(remote, "build_manifest", hash_then_save_again)
-    with pytest.raises(DataError, match=f"image {changed}: changed while it was pushed"):
+    with pytest.raises(DataError, match=f"image {changed}: changed or removed while it was pushed"):
         remote.push(Store(), leaves, "s3://data/set", workers=1)
     assert f"set/healthy/{changed.name}" not in stored and f"set/{MANIFEST_NAME}" not in stored
 

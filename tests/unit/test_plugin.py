@@ -104,6 +104,17 @@ def test_an_s3_flavour_that_is_none_is_a_usage_error_before_any_test(pytester: p
     result.stderr.fnmatch_lines(["*--s3-flavour 'foo': expected one of seaweedfs, minio*"])
 
 
+def test_dash_p_no_turns_the_plugin_off(pytester: pytest.Pytester):
+    """The README's way out for a project that installs plantml but wants none of its fixtures or options."""
+    pytester.makepyfile("def test_x(mlflow_stack):\n    pass\n")
+    off = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:plantml.testing.plugin")
+    off.assert_outcomes(errors=1)
+    off.stdout.fnmatch_lines(["*fixture 'mlflow_stack' not found*"])
+    unknown = pytester.runpytest("-p", "no:cacheprovider", "-p", "no:plantml.testing.plugin", "--stack", "local")
+    assert unknown.ret == pytest.ExitCode.USAGE_ERROR
+    unknown.stderr.fnmatch_lines(["*unrecognized arguments: --stack*"])
+
+
 def test_a_downstream_projects_integration_tests_are_marked_and_its_runs_journal_apart(pytester: pytest.Pytester):
     """The README's promises for any project that installs plantml, not only plantml's own (its conftest did both)."""
     pytester.mkdir("tests")

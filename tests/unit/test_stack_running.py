@@ -53,12 +53,21 @@ def stacks(tmp_path, monkeypatch):
 def test_running_stacks_are_listed_and_one_named_is_stopped(stacks, tmp_path, capsys) -> None:
     first = stacks("first", env_file=tmp_path / "first.env")
     second = stacks("second")
+    third = stacks("third")
     stacks("pruned", written=f" {PRUNING}")  # a prune ending a dead stack's services: no stack runs there
 
     assert [(s.pid, s.folder.name, s.tracking_uri) for s in running_stacks()] == [
-        (first.pid, "first", "http://127.0.0.1:5999"), (second.pid, "second", "http://127.0.0.1:5999")]
+        (first.pid, "first", "http://127.0.0.1:5999"), (second.pid, "second", "http://127.0.0.1:5999"),
+        (third.pid, "third", "http://127.0.0.1:5999")]
     assert main(["stack", "list"]) == 0
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["PID", str(first.pid), str(second.pid)]
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == [
+        "PID", str(first.pid), str(second.pid), str(third.pid)]
+
+    assert main(["stack", "down", "--data-dir", str(tmp_path / "first" / ".." / "third")]) == 0  # any spelling of it
+    assert capsys.readouterr().out == f"stopped the stack of pid {third.pid} (data folder {tmp_path / 'third'})\n"
+    assert third.wait(timeout=10) == -15 and first.poll() is None and second.poll() is None
+    assert main(["stack", "down", "--data-dir", str(tmp_path / "third")]) == 0
+    assert capsys.readouterr().out == f"no plantml stack runs on {tmp_path / 'third'}: nothing to stop\n"
 
     assert main(["stack", "down"]) == 2  # two run: which one?
     assert "2 stacks run now" in capsys.readouterr().err and first.poll() is None and second.poll() is None

@@ -158,6 +158,8 @@ def test_weed_grpc_needs_a_certificate_signed_by_the_stacks_own_ca():
     cert = x509.load_pem_x509_certificate(weed.files["tls/weed.crt"])
     cert.verify_directly_issued_by(ca)  # raises when another CA signed it
     assert b"PRIVATE KEY" in weed.files["tls/weed.key"] and b"PRIVATE KEY" not in weed.files["tls/ca.crt"]
+    # the CA's key signs and is gone: no file the service keeps could sign another certificate
+    assert sorted(weed.files) == ["tls/ca.crt", "tls/weed.crt", "tls/weed.key"]
 
 
 # -- buckets --------------------------------------------------------------------------------------------

@@ -74,3 +74,23 @@ def test_a_model_kept_through_a_server_serving_no_artifacts_is_one_line_naming_t
                                            r"--artifacts proxied to load it$"):
         with downloaded_version(client, no_artifact_serving, "plants", 1):
             pass
+
+
+def test_the_keys_are_asked_of_an_s3_endpoint_only_never_of_aws_itself(monkeypatch) -> None:
+    """The key check before a training lists one key at MLFLOW_S3_ENDPOINT_URL; without one (AWS) no request is made."""
+    from plantml.stack import endpoints
+    from plantml.tracking.connection import check_object_store_keys
+
+    asked: list[str] = []
+
+    def make_s3_client(endpoint: str, *args: object, **kwargs: object) -> SimpleNamespace:
+        asked.append(endpoint)
+        return SimpleNamespace(list_objects_v2=lambda **kw: asked.append(f"list {kw['Bucket']}/{kw['Prefix']} {kw['MaxKeys']}"))
+
+    monkeypatch.setattr(endpoints, "make_s3_client", make_s3_client)
+    keys = {"aws_access_key": "key", "aws_secret_key": "secret"}
+    check_object_store_keys(TrackingSettings(tracking_uri="http://127.0.0.1:1", **keys), "s3://bucket/1")
+    assert asked == []
+    check_object_store_keys(TrackingSettings(tracking_uri="http://127.0.0.1:1", s3_endpoint="http://127.0.0.1:2", **keys),
+                            "s3://bucket/1")
+    assert asked == ["http://127.0.0.1:2", "list bucket/1 1"]

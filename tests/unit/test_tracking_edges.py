@@ -75,9 +75,10 @@ def test_a_run_delivered_whole_ends_quietly_when_its_journal_cannot_be_removed(t
 
 def test_the_journal_folder_and_its_spool_are_owner_only(tracker, journal, tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("leaf counts")
-    with tracker.start_run():
+    with tracker.start_run() as run:
         tracker.log_artifact(tmp_path / "notes.txt")
         assert (journal.stat().st_mode & 0o777, (journal / "spool").stat().st_mode & 0o777) == (0o700, 0o700)
+        assert (journal / f"{run.run_id}.jsonl").stat().st_mode & 0o777 == 0o600  # the run's journal file too
 
 
 @pytest.mark.parametrize("name", ["models/best", "best.pt", "model:v2", "50%", "it's", "a\\b", ""])
@@ -164,25 +165,31 @@ def test_why_a_delivery_is_pending_is_still_told_after_the_run_ended(tracker, mo
     assert "object store away" in tracker.last_delivery_error  # was None once the run had ended
 
 
+def tracker_with_artifacts_at(tmp_path: Path, s3_endpoint: str) -> MLflowTracker:
+    """A tracker on a sqlite store whose experiment keeps artifacts in S3 at ``s3_endpoint``, in a run that has
+    logged one small artifact (``notes.txt``)."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(uri).create_experiment("s3-store", artifact_location="s3://mlflow/artifacts")
+    tracker = MLflowTracker(uri, "s3-store", s3_endpoint=s3_endpoint, aws_access_key="plantml", aws_secret_key="not-checked")
+    tracker.start_run()
+    tracker.log_text("leaf counts", "notes.txt")
+    return tracker
+
+
 def test_a_run_ended_while_the_object_store_hangs_says_what_it_waited_for(journal, tmp_path) -> None:
     """Was: "not everything was delivered to <tracking server> (no answer in time)": the server had answered
     everything; the object store, which accepts connections and never answers, held the artifact."""
     import socket
-
-    import mlflow
 
     from plantml.tracking.sender import DeliveryPending
 
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # connections complete in the kernel's backlog; nothing ever reads or answers them
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.MlflowClient(uri).create_experiment("hung-store", artifact_location="s3://mlflow/artifacts")
-    tracker = MLflowTracker(uri, "hung-store", s3_endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}",
-                            aws_access_key="plantml", aws_secret_key="not-checked")
+    tracker = tracker_with_artifacts_at(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}")
     try:
-        tracker.start_run()
-        tracker.log_text("leaf counts", "notes.txt")
         started = time.monotonic()
         with pytest.raises(DeliveryPending, match=r"no answer in time for artifact 'notes\.txt'"):
             tracker.end_run(timeout=2)
@@ -190,6 +197,46 @@ def test_a_run_ended_while_the_object_store_hangs_says_what_it_waited_for(journa
         assert time.monotonic() - started < 30
     finally:
         silent.close()  # the upload in flight is reset
+
+
+def test_an_upload_is_one_boto3_try_the_senders_own_retries_do_the_rest(journal, tmp_path) -> None:
+    """boto3's own retries (3 to 5 a call) made a process wait at its exit for minutes of an object store's
+    failures; plantml's S3 calls make one try each (AWS_MAX_ATTEMPTS=1), as every request says."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from plantml.tracking.sender import DeliveryPending
+
+    tries: list[str] = []
+
+    class Busy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def answer(self) -> None:
+            if self.command == "PUT":
+                tries.append(self.headers.get("amz-sdk-request", ""))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b"<Error><Code>SlowDown</Code><Message>busy</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_GET = do_HEAD = do_POST = answer  # noqa: N815 - http.server's names
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    busy = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    tracker = tracker_with_artifacts_at(tmp_path, f"http://127.0.0.1:{busy.server_address[1]}")
+    try:
+        with pytest.raises(DeliveryPending):
+            tracker.end_run(timeout=3)
+    finally:
+        busy.shutdown()
+        busy.server_close()
+    assert tries and all(header.endswith("max=1") for header in tries), tries
 
 
 def test_a_registered_model_name_the_registry_refuses_is_one_line_before_the_model_is_saved(tracker, journal) -> None:

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,25 @@ def test_the_status_a_journal_asked_for_is_kept(store) -> None:
     path = write_journal(store, [*ENTRIES, End("FAILED", 300)])
     assert recover_journal(path).status == "FAILED"
     assert client.get_run(store[3]).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("command", ["recover", "replay"])
+def test_status_ends_a_journal_that_asked_for_none_so_and_leaves_one_that_did(store, command, capsys) -> None:
+    client, uri, experiment_id, run_id, folder = store
+    asked = client.create_run(experiment_id).info.run_id
+    path = write_journal(store, ENTRIES)
+    kept = Journal.create(folder, replace(JournalHeader.for_this_process(asked, uri, experiment_id), pid=dead_pid()), 1000)
+    kept.append([End("FINISHED", 300)])
+    kept.close()
+
+    if command == "recover":
+        code = main(["tracking", "recover", "--status", "FAILED"])
+    else:
+        code = max(main(["tracking", "replay", "--status", "FAILED", str(journal)]) for journal in (path, kept.path))
+
+    assert code == 0, capsys.readouterr()
+    assert (client.get_run(run_id).info.status, client.get_run(asked).info.status) == ("FAILED", "FINISHED")
+    assert not path.exists() and not kept.path.exists()
 
 
 def test_a_stale_copy_never_changes_a_run_that_has_ended(store, tmp_path) -> None:

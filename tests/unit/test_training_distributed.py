@@ -440,15 +440,17 @@ def test_nproc_shows_none_of_the_agents_own_log_lines(monkeypatch):
     assert logging.getLogger("plantml").isEnabledFor(logging.WARNING)  # and logging is back afterwards
 
 
-def test_nproc_listens_on_the_loopback_address_only(tmp_path):
-    """torch's c10d rendezvous binds its two stores on every address; plantml's binds them on 127.0.0.1."""
+def test_nproc_listens_on_the_loopback_address_only_and_gives_each_rank_one_thread(tmp_path):
+    """torch's c10d rendezvous binds its two stores on every address; plantml's binds them on 127.0.0.1. Where the
+    user set no OMP_NUM_THREADS, each rank gets 1, as under torchrun (else N ranks each take every core)."""
     import psutil
 
     folder = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=8, size=32, seed=0))
     launcher = subprocess.Popen([sys.executable, "-m", "plantml", "train", "--nproc", "2", "--no-mlflow", "--epochs",
                                  "1000", "--image-size", "32", "--weights", "none", "--data-dir", str(folder)],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+                                env={**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},
+                                     "GLOO_SOCKET_IFNAME": "lo"})
     try:
         for line in launcher.stdout:
             if line.startswith("epoch 1/"):
@@ -456,8 +458,10 @@ def test_nproc_listens_on_the_loopback_address_only(tmp_path):
         processes = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children()]
         listening = [(process.pid, connection.laddr.ip) for process in processes
                      for connection in process.net_connections(kind="inet") if connection.status == psutil.CONN_LISTEN]
+        threads = [process.environ().get("OMP_NUM_THREADS") for process in processes]
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.communicate(timeout=60)
     assert launcher.pid in {pid for pid, _ in listening}  # the agent's stores were seen
     assert {ip for _, ip in listening} == {"127.0.0.1"}, listening
+    assert threads == [None, "1", "1"]  # the launcher as the user started it; its two ranks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from types import SimpleNamespace
 
@@ -118,7 +119,10 @@ def test_artifacts_figures_model_and_tags_are_recorded(leaves):
     [(_, model_kwargs)] = tracker.named("log_model")
     assert model_kwargs["registered_model_name"] == "resnet18_plant_classifier"
     assert model_kwargs["input_example"].shape == (2, 3, 32, 32)
-    assert model_kwargs["signature"] is not None
+    signature = model_kwargs["signature"].to_dict()  # any batch and image size, three float32 channels in
+    assert (json.loads(signature["inputs"]), json.loads(signature["outputs"])) == (
+        [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 3, -1, -1]}}],
+        [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": [-1, 2]}}])
     start_tags = tracker.named("start_run")[0][1]["tags"]
     assert start_tags["framework"] == "pytorch" and start_tags["dataset"] == "leaves"
     assert start_tags["dataset_synthetic"] == "true" and len(start_tags["dataset_hash"]) == 64
