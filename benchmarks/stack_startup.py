@@ -4,7 +4,9 @@ In one run, alternately, N times each:
 - the whole local stack, durable (the default: fsync and synchronous commit on), from nothing
   until every service answers;
 - the same with ``durable=False`` (what durability costs at start);
-- the MLflow server alone, on a fresh database of an already-running PostgreSQL;
+- the MLflow server alone, on a fresh database of an already-running PostgreSQL, as plantml runs it (one
+  process: :mod:`plantml.stack.mlflow_launch`) and as MLflow's own ``mlflow server`` does (a parent that
+  starts uvicorn in a second Python, which imports MLflow again), with the CPU each used until ready;
 - the whole containers stack, durable (images present: ``plantml stack build-images`` first);
   ``--no-containers`` leaves it out.
 
@@ -41,8 +43,11 @@ def time_whole_stack(backend: str = "local", durable: bool = True) -> float:
     return elapsed
 
 
-def time_mlflow_alone(base, index: int, workdir: Path) -> float:
-    """The server on a fresh database of ``base``'s PostgreSQL (migrations included, as in the whole stack)."""
+def time_mlflow_alone(base, index: int, workdir: Path, *, own_command: bool = False) -> tuple[float, float]:
+    """The server on a fresh database of ``base``'s PostgreSQL (migrations included, as in the whole stack):
+    seconds to ready, and the CPU seconds its processes used until then. ``own_command``: MLflow's ``mlflow server``."""
+    import psutil
+
     postgres_port = base.services["postgres"].spec.port
     conn = base.spec.postgres.connect(postgres_port)
     conn.autocommit = True
@@ -55,14 +60,20 @@ def time_mlflow_alone(base, index: int, workdir: Path) -> float:
     spec = mlflow_service(MLflowServerSpec(), folder, free_port(set()), HostRunner.network,
                           replace(base.spec.postgres, database=database), postgres_port,
                           base.spec.s3, base.services["s3"].spec.port)
+    if own_command:
+        spec = replace(spec, command=("python", "-m", "mlflow", *spec.command[2:]))
+    for name, content in spec.files.items():  # what a stack's folder writes before a start (the launcher)
+        (folder / name).write_text(content)
     runner = HostRunner()
     runner.open(f"bench-{index}", workdir)
     server = runner.process(spec)
     started = time.perf_counter()
     server.start()
     elapsed = time.perf_counter() - started
+    main = psutil.Process(server.pid)
+    cpu = sum(sum(process.cpu_times()[:2]) for process in [main, *main.children(recursive=True)])
     server.remove()
-    return elapsed
+    return elapsed, cpu
 
 
 def main() -> None:
@@ -73,14 +84,18 @@ def main() -> None:
                         help="leave the containers backend out (no Docker here)")
     args = parser.parse_args()
 
-    series: dict[str, list[float]] = {"whole_stack_s": [], "whole_stack_fast_s": [], "mlflow_alone_s": []}
+    series: dict[str, list[float]] = {"whole_stack_s": [], "whole_stack_fast_s": [], "mlflow_alone_s": [],
+                                      "mlflow_own_command_s": [], "mlflow_alone_cpu_s": [], "mlflow_own_command_cpu_s": []}
     if args.containers:
         series["containers_stack_s"] = []
     with tempfile.TemporaryDirectory(prefix="plantml-bench-") as tmp, start_local_stack() as base:
         for index in range(args.repeats):
             series["whole_stack_s"].append(time_whole_stack())
             series["whole_stack_fast_s"].append(time_whole_stack(durable=False))
-            series["mlflow_alone_s"].append(time_mlflow_alone(base, index, Path(tmp)))
+            for key, own in (("mlflow_alone", False), ("mlflow_own_command", True))[:: 1 if index % 2 == 0 else -1]:
+                ready, cpu = time_mlflow_alone(base, 2 * index + own, Path(tmp), own_command=own)
+                series[f"{key}_s"].append(ready)
+                series[f"{key}_cpu_s"].append(cpu)
             if args.containers:
                 series["containers_stack_s"].append(time_whole_stack("containers"))
             print(f"round {index + 1}: " + ", ".join(f"{name} {values[-1]:.2f}" for name, values in series.items()), flush=True)
@@ -89,10 +104,15 @@ def main() -> None:
     result: dict[str, object] = {"repeats": args.repeats, **series, **medians}
     result["ratio"] = medians["whole_stack_median_s"] / medians["mlflow_alone_median_s"]
     result["durable_vs_fast_ratio"] = medians["whole_stack_median_s"] / medians["whole_stack_fast_median_s"]
+    result["one_process_vs_mlflow_server_ratio"] = medians["mlflow_alone_median_s"] / medians["mlflow_own_command_median_s"]
+    result["one_process_vs_mlflow_server_cpu_ratio"] = (medians["mlflow_alone_cpu_median_s"]
+                                                        / medians["mlflow_own_command_cpu_median_s"])
     for name, value in medians.items():
         print(f"median {name.removesuffix('_median_s').replace('_', ' ')}: {value:.2f} s")
     print(f"ratio durable whole stack / MLflow alone: {result['ratio']:.2f} (goal <= 1.3)")
     print(f"ratio durable / fast whole stack: {result['durable_vs_fast_ratio']:.2f} (what durability costs at start)")
+    print(f"ratio one-process server / mlflow server: ready {result['one_process_vs_mlflow_server_ratio']:.2f}, "
+          f"CPU {result['one_process_vs_mlflow_server_cpu_ratio']:.2f}")
     if args.containers:
         result["containers_vs_local_ratio"] = medians["containers_stack_median_s"] / medians["whole_stack_median_s"]
         print(f"ratio containers/local: {result['containers_vs_local_ratio']:.2f} (goal <= 2)")

@@ -113,7 +113,8 @@ class LocalUI:
         artifacts = (Path.cwd() / "mlruns").resolve().as_uri()
         # as the stack's services: the kernel stops the server when plantml dies (kill -9 included)
         pdeathsig = ["setpriv", "--pdeathsig=SIGTERM", "--"] if has_setpriv() else []
-        return [*pdeathsig, sys.executable, "-m", "mlflow", "server", "--default-artifact-root", artifacts, "--no-serve-artifacts",
+        launcher = Path(__file__).with_name("stack") / "mlflow_launch.py"  # MLflow's server as one process, as a stack runs it
+        return [*pdeathsig, sys.executable, str(launcher), "server", "--default-artifact-root", artifacts, "--no-serve-artifacts",
                 "--host", LOOPBACK, "--port", str(self.port), "--workers", "1"]
 
     def environment(self) -> dict[str, str]:

@@ -85,8 +85,8 @@ def program(name: str, service: str) -> list[str]:
         return [str(find_postgres_bindir() / name)]
     if name == "weed":
         return [str(find_weed())]
-    if name == "mlflow":
-        return [sys.executable, "-m", "mlflow"]  # this Python's mlflow, whatever the PATH says
+    if name == "python":
+        return [sys.executable]  # this Python, with its MLflow, whatever the PATH says
     found = shutil.which(name)
     if found is None:
         raise StackError(service, f"the program {name!r} was not found on the PATH")

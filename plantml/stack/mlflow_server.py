@@ -78,7 +78,8 @@ class MLflowServerSpec:
 
 def mlflow_service(spec: MLflowServerSpec, folder: Path, port: int, network: Network, postgres: PostgresSpec,
                    postgres_port: int, s3: S3Spec, s3_port: int) -> ServiceSpec:
-    """``mlflow server`` on ``port``, on the stack's PostgreSQL and S3; its folder holds the auth database."""
+    """``mlflow server`` on ``port``, on the stack's PostgreSQL and S3, run as one process by the launcher file
+written into its folder (which also holds the auth database)."""
     backend_uri = postgres.sqlalchemy_uri(network.host_of("postgres"), postgres_port)
     s3_endpoint = f"http://{network.host_of('s3')}:{s3_port}"
 
@@ -90,7 +91,17 @@ def mlflow_service(spec: MLflowServerSpec, folder: Path, port: int, network: Net
             return False
 
     return ServiceSpec(
-        name="mlflow", command=("mlflow", "server", *spec.server_args(s3.bucket, network.bind, port)),
+        name="mlflow", command=("python", str(folder / LAUNCHER), "server", *spec.server_args(s3.bucket, network.bind, port)),
         folder=folder, port=port, ports={"mlflow": port}, ready=ready,
         env=spec.server_env(backend_uri, s3_endpoint, s3), start_timeout=90,
+        files={LAUNCHER: launcher_source()},
     )
+
+
+#: The file, in the service's folder, that runs ``mlflow server`` as one process (see :mod:`plantml.stack.mlflow_launch`).
+LAUNCHER = "mlflow_launch.py"
+
+
+def launcher_source() -> str:
+    """The text of :mod:`plantml.stack.mlflow_launch`, which a container without plantml runs as well."""
+    return Path(__file__).with_name(LAUNCHER).read_text(encoding="utf-8")

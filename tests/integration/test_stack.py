@@ -109,6 +109,19 @@ def test_a_fast_stack_on_fixed_ports_gets_them_on_the_sessions_backend(mlflow_st
         assert requests.get(f"{stack.tracking_uri}/health", timeout=10).status_code == 200
 
 
+@pytest.mark.local_session  # the same launcher runs in the containers' image (the whole containers session uses it)
+def test_the_mlflow_server_is_one_process_that_serves_the_port(mlflow_stack):
+    """MLflow's own ``mlflow server`` runs uvicorn as a second Python that imports MLflow again: 4 CPU-seconds and
+    4 s more at every stack start here. plantml's launcher runs the same server in the first."""
+    import json
+
+    pid = json.loads((mlflow_stack.folder.path / "state.json").read_text())["processes"]["mlflow"]["pid"]
+    server = psutil.Process(pid)
+    assert server.children() == [] and "mlflow_launch.py" in " ".join(server.cmdline())
+    port = int(mlflow_stack.tracking_uri.rsplit(":", 1)[1])
+    assert any(c.laddr.port == port and c.status == psutil.CONN_LISTEN for c in server.net_connections(kind="inet"))
+
+
 def test_every_stack_has_the_designs_four_buckets(mlflow_stack):
     names = {bucket["Name"] for bucket in mlflow_stack.s3_client().list_buckets()["Buckets"]}
     assert {"mlflow", "models", "plants-images", "data"} <= names

@@ -141,6 +141,7 @@ def test_kill_9_of_plantml_ui_takes_its_server_with_it(tmp_path: Path) -> None:
     with plantml_ui(empty_store(tmp_path), port) as ui:
         assert ui.stdout.readline().startswith("MLflow UI for "), ui.stderr.read()
         server_pid = int(Path(f"/proc/{ui.pid}/task/{ui.pid}/children").read_text().split()[0])
+        assert not Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()  # MLflow's server: one process
         ui.kill()  # what the OOM killer does: no handler runs
         ui.wait(timeout=30)
         try:

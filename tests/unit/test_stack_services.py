@@ -103,6 +103,20 @@ def test_the_database_password_reaches_mlflow_only_through_its_environment():
     assert mlflow.env["MLFLOW_BACKEND_STORE_URI"] == spec.postgres.sqlalchemy_uri("127.0.0.1", 15432)
 
 
+def test_mlflow_runs_the_launcher_written_into_its_folder_which_needs_only_mlflow():
+    """The containers' image has MLflow but not plantml: the launcher the service runs imports nothing of plantml's."""
+    import ast
+
+    mlflow = describe(StackSpec())[2]
+    assert mlflow.command[:3] == ("python", str(ROOT / "mlflow" / "mlflow_launch.py"), "server")
+    source = mlflow.files["mlflow_launch.py"]
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported == {"__future__", "os", "sys", "typing", "mlflow", "uvicorn"}
+
+
 def test_no_description_shows_a_secret_in_its_repr():
     spec = StackSpec(mlflow=MLflowServerSpec(auth=True))
     shown = " ".join(repr(service) for service in describe(spec)) + repr(spec)
