@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,19 +64,23 @@ def production_model(mlflow_stack: Any) -> tuple[str, TinyNet]:
     return name, model
 
 
+def serve_command(mlflow_stack: Any, name: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The design's ``mlflow models serve`` of ``name``'s production alias on ``port``, and its environment."""
+    bin_dir = str(Path(sys.executable).parent)  # the server execs `uvicorn`, which lives beside python
+    env = {**os.environ, **mlflow_stack.client_env(), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    return ([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@production",
+             "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"], env)
+
+
 @pytest.fixture(scope="module")
-def served(mlflow_stack: Any, production_model: tuple[str, TinyNet], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow models serve`` on the production alias; yields its base URL."""
+def serving(mlflow_stack: Any, production_model: tuple[str, TinyNet],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mlflow models serve`` on the production alias; yields its base URL and its process."""
     name, _ = production_model
     port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    bin_dir = str(Path(sys.executable).parent)  # the server execs `uvicorn`, which lives beside python
-    env = {**os.environ, **mlflow_stack.client_env(), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@production",
-         "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    command, env = serve_command(mlflow_stack, name, port)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVE_TIMEOUT_S
@@ -90,10 +95,17 @@ def served(mlflow_stack: Any, production_model: tuple[str, TinyNet], tmp_path_fa
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow models serve not ready after {SERVE_TIMEOUT_S} s: {Path(log.name).read_text()[-2000:]}")
             time.sleep(1)
-        yield url
+        yield url, process
     finally:
-        stop_group(process)
+        if process.poll() is None:  # the last test stops it itself
+            stop_group(process)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def served(serving: tuple[str, subprocess.Popen]) -> str:
+    """The base URL of :func:`serving`'s server."""
+    return serving[0]
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 32, 32), (3, 3, 40, 36)], ids=["example-size", "other-size"])
@@ -154,6 +166,7 @@ def test_a_bad_request_is_a_4xx_with_its_reason_and_the_server_answers_the_next(
     assert requests.post(f"{served}/invocations", json={"inputs": good.tolist()}, timeout=60).status_code == 200
 
 
+@pytest.mark.local_session  # the server's own behaviour: the same on either backend
 def test_nan_or_inf_pixels_are_answered_with_nan_logits_written_as_nan(served: str) -> None:
     batch = np.zeros((2, 3, 32, 32), dtype=np.float32)
     batch[0, 0, 0, 0], batch[1, 2, 5, 5] = np.nan, np.inf
@@ -162,3 +175,27 @@ def test_nan_or_inf_pixels_are_answered_with_nan_logits_written_as_nan(served: s
     assert answered.status_code == 200, answered.text
     predictions = np.array(json.loads(answered.text)["predictions"], dtype=np.float64)
     assert "NaN" in answered.text and np.isnan(predictions[0]).all() and not np.isfinite(predictions[1]).any(), answered.text
+
+
+@pytest.mark.local_session  # the server's own behaviour: the same on either backend
+def test_a_taken_port_is_exit_1_and_sigterm_answers_the_request_in_flight_then_stops(
+        serving: tuple[str, subprocess.Popen], production_model: tuple[str, TinyNet], mlflow_stack: Any) -> None:
+    """The README's two last words on the server (last in this file: it stops the module's server)."""
+    import http.client
+
+    url, process = serving
+    command, env = serve_command(mlflow_stack, production_model[0], int(url.rsplit(":", 1)[1]))
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=SERVE_TIMEOUT_S)
+    assert second.returncode == 1 and "address already in use" in (second.stdout + second.stderr).lower()
+
+    batch = np.random.default_rng(2).random((400, 3, 32, 32), dtype=np.float32)  # about 12 MB of JSON: seconds to read
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=120)
+    connection.request("POST", "/invocations", body=json.dumps({"inputs": batch.tolist()}),
+                       headers={"Content-Type": "application/json"})  # returns once the whole body is sent
+    os.killpg(process.pid, signal.SIGTERM)
+    response = connection.getresponse()
+    assert response.status == 200 and len(json.loads(response.read())["predictions"]) == 400
+    connection.close()
+    process.wait(timeout=60)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/ping", timeout=5)
