@@ -125,8 +125,8 @@ def empty_store(folder: Path) -> Path:
     return folder
 
 
-def test_a_closed_terminal_stops_plantml_ui_and_its_server(tmp_path: Path) -> None:
-    signum = signal.SIGHUP  # SIGTERM takes the same path
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["closed terminal", "SIGTERM"])
+def test_a_closed_terminal_or_sigterm_stops_plantml_ui_and_its_server(tmp_path: Path, signum: int) -> None:
     port = free_port()
     with plantml_ui(empty_store(tmp_path), port) as ui:
         assert ui.stdout.readline().startswith("MLflow UI for "), ui.stderr.read()

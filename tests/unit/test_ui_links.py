@@ -98,3 +98,19 @@ def test_a_server_gone_from_a_stale_env_file_is_one_line_saying_where_the_uri_ca
     assert capsys.readouterr().err.splitlines() == [
         "plantml: error: http://127.0.0.1:9: tracking server not reachable (ConnectionError); "
         f"this URI came from MLFLOW_TRACKING_URI in .env in {tmp_path}"]
+
+
+
+def test_the_ui_takes_mlflows_usual_port_5000_when_free_else_another_free_one() -> None:
+    import socket
+
+    store = "postgresql+psycopg2://mlflow:pw@127.0.0.1:1/mlflow"  # a store that is not checked for existence
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 5000))
+        taken.listen()
+        other = LocalUI(store).port
+        assert other != 5000
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", other))  # one that was free
+    assert LocalUI(store).port == 5000  # free again
