@@ -85,7 +85,7 @@ def test_push_ls_train_and_train_again_from_the_cache(leaves: Path, env: dict[st
         dataset = dataset_input.dataset
         assert (dataset.name, dataset.digest, dataset.source_type) == ("leaves", digest[:32], "s3")
         assert f'"content_sha256": "{digest}"' in dataset.profile
-        assert prefix in dataset.source
+        assert prefix in dataset.source and run.data.tags["dataset_source"] == prefix  # the run's own source
         profile = json.loads(dataset.profile)
         assert profile["classes"] == ["diseased", "healthy"]
         assert profile["train_size"] + profile["val_size"] + profile["test_size"] == 30 and profile["train_size"] > 20
@@ -102,6 +102,7 @@ def test_a_local_folder_is_recorded_too(leaves: Path, env: dict[str, str], mlflo
     [dataset_input] = run.inputs.dataset_inputs
     assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("leaves", build_manifest(leaves).digest[:32])
     assert dataset_input.dataset.source_type == "local" and str(leaves) in dataset_input.dataset.source
+    assert run.data.tags["dataset_source"] == str(leaves)
 
 
 @pytest.mark.local_session  # the client's: the containers session would only repeat it, slower
