@@ -109,12 +109,12 @@ class LocalUI:
         """The ``mlflow server`` command line, without the store's URI: a database store's URI can hold
         its password, and ``ps`` shows command lines to every local user (see :meth:`environment`)."""
         from plantml.stack.host import has_setpriv
+        from plantml.stack.mlflow_server import LAUNCHER_PATH  # MLflow's server as one process, as a stack runs it
 
         artifacts = (Path.cwd() / "mlruns").resolve().as_uri()
         # as the stack's services: the kernel stops the server when plantml dies (kill -9 included)
         pdeathsig = ["setpriv", "--pdeathsig=SIGTERM", "--"] if has_setpriv() else []
-        launcher = Path(__file__).with_name("stack") / "mlflow_launch.py"  # MLflow's server as one process, as a stack runs it
-        return [*pdeathsig, sys.executable, str(launcher), "server", "--default-artifact-root", artifacts, "--no-serve-artifacts",
+        return [*pdeathsig, sys.executable, str(LAUNCHER_PATH), "server", "--default-artifact-root", artifacts, "--no-serve-artifacts",
                 "--host", LOOPBACK, "--port", str(self.port), "--workers", "1"]
 
     def environment(self) -> dict[str, str]:

@@ -102,6 +102,10 @@ written into its folder (which also holds the auth database)."""
 LAUNCHER = "mlflow_launch.py"
 
 
+#: :mod:`plantml.stack.mlflow_launch` as a file: ``plantml ui`` runs it where it lies, a stack from a copy in its folder.
+LAUNCHER_PATH = Path(__file__).with_name(LAUNCHER)
+
+
 def launcher_source() -> str:
     """The text of :mod:`plantml.stack.mlflow_launch`, which a container without plantml runs as well."""
-    return Path(__file__).with_name(LAUNCHER).read_text(encoding="utf-8")
+    return LAUNCHER_PATH.read_text(encoding="utf-8")
