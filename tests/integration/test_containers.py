@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -224,3 +225,43 @@ def test_a_container_removed_under_the_stack_is_made_again_on_its_folder(private
     assert reads_back()
     assert process.docker_container.id != removed
     assert [c.name for c in _containers_of(docker, **{LABEL: private_mlflow_stack.stack_id})].count(process.container_name) == 1
+
+
+def test_build_images_on_current_images_rebuilds_none_of_them():
+    """What ``.ci/run`` and the README rely on: a second ``build-images`` finds the three images current (their
+    inputs' fingerprint unchanged) and leaves them as they are."""
+    from plantml.stack import images
+
+    before = {key: images.image_id(recipe.name) for key, recipe in images.recipes().items()}
+    result = subprocess.run([sys.executable, "-m", "plantml", "stack", "build-images"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sorted(lines[:-1]) == sorted(f"{recipe.name}: up to date" for recipe in images.recipes().values())
+    assert lines[-1].startswith("images ready in ")
+    assert {key: images.image_id(recipe.name) for key, recipe in images.recipes().items()} == before
+
+
+def test_an_image_is_rebuilt_when_one_of_its_inputs_changes_and_its_old_image_dropped(tmp_path):
+    """The fingerprint at work on a real daemon, with an image of this test's own (the session's stacks use the
+    three defaults): built, current while its file is unchanged, rebuilt once the file changes, the old one gone."""
+    from plantml.stack import images
+
+    tool = tmp_path / "tool"
+    tool.write_text("#!/bin/sh\necho one\n", encoding="utf-8")
+    recipe = images.ImageRecipe(service="s3", name=f"plantml-test/rebuild:{uuid.uuid4().hex[:8]}",
+                                files=((str(tool), "/usr/local/bin/tool"),), changes=('CMD ["/usr/local/bin/tool"]',))
+    try:
+        assert images.build_image(recipe).startswith("built in ")
+        first = images.image_id(recipe.name)
+        assert images.build_image(recipe) == "up to date"
+        assert images.image_id(recipe.name) == first
+
+        tool.write_text("#!/bin/sh\necho two\n", encoding="utf-8")
+        assert images.build_image(recipe).startswith("built in ")
+        second = images.image_id(recipe.name)
+        assert second not in (None, first)
+        assert subprocess.run(["docker", "image", "inspect", first], capture_output=True).returncode != 0
+        assert images.build_image(recipe, force=True).startswith("built in ")  # --force: even when current
+    finally:
+        subprocess.run(["docker", "image", "rm", "-f", recipe.name], capture_output=True, check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -218,6 +219,77 @@ def test_a_port_taken_between_its_choice_and_the_bind_costs_one_more_start_not_t
         stack.stop()
         for squatter in squatters:
             squatter.close()
+
+@pytest.mark.local_session
+def test_ports_taken_at_every_start_fail_the_stack_after_three_starts_and_leave_nothing(monkeypatch):
+    """The README's "up to three": a program that takes each new choice of port (here PostgreSQL's) before its
+    service binds it makes the stack fail after the third start, with the service named, not retry for ever."""
+    from plantml.stack.stack import PORT_TRIES, ManagedStack
+
+    squatters: list[socket.socket] = []
+    start_all = ManagedStack._start_all
+
+    def squat_then_start(self, abandon):
+        squatter = socket.socket()
+        squatter.bind(("127.0.0.1", self.services["postgres"].spec.port))
+        squatter.listen()
+        squatters.append(squatter)
+        ports.append(squatter.getsockname()[1])
+        start_all(self, abandon)
+
+    ports: list[int] = []
+    monkeypatch.setattr(ManagedStack, "_start_all", squat_then_start)
+    before = _children()
+    stack = LocalStack()
+    try:
+        with pytest.raises(StackError) as failure:
+            stack.start()
+    finally:
+        for squatter in squatters:
+            squatter.close()
+    assert PORT_TRIES == 3
+    assert len(squatters) == 3
+    assert failure.value.service == "postgres"
+    assert len(set(ports)) == 3  # a new port at each start
+    assert f"port {ports[-1]}" in str(failure.value)
+    print(failure.value)
+    assert _children() <= before
+    assert not stack.folder_path.exists()
+
+
+@pytest.mark.local_session
+def test_the_readmes_python_example_runs_as_written_and_leaves_nothing(tmp_path):
+    """The README's "From Python" block, run as written in a fresh Python: the printed endpoints answer inside the
+    ``with``, ``client_env()`` has the four variables, and the end of the block stops everything."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(from plantml\.stack import start_local_stack\n.*?)```", readme, re.DOTALL)
+    assert len(blocks) == 1, "the README's start_local_stack example moved: update this test"
+    # The block ends inside its ``with``: indented lines go on inside it, the others run after it.
+    checks = textwrap.dedent("""\
+        import json, requests
+        tracking = stack.tracking_uri
+        answered = [requests.get(tracking + "/health", timeout=10).status_code,
+                    requests.get(stack.s3_endpoint, timeout=10).status_code]
+    try:
+        requests.get(tracking + "/health", timeout=5)
+        stopped = False
+    except requests.ConnectionError:
+        stopped = True
+    print(json.dumps({"env": sorted(env), "answered": answered, "stopped": stopped, "folder": str(stack.folder_path)}))
+    """)
+    script = tmp_path / "example.py"
+    script.write_text(blocks[0] + checks, encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    printed, report = result.stdout.strip().splitlines()[-2:]
+    tracking, s3 = printed.split()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", tracking) and re.fullmatch(r"http://127\.0\.0\.1:\d+", s3)
+    facts = json.loads(report)
+    assert facts["env"] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI"]
+    assert facts["answered"][0] == 200  # MLflow's /health; the object store answers too (403 without a signature)
+    assert facts["stopped"], "the stack still answered after its with block"
+    assert not Path(facts["folder"]).exists()
+
 
 def test_a_crashing_service_shows_its_log_tail_and_leaves_nothing(tmp_path, monkeypatch):
     # An S3 binary that dies at once stands for any service failing during start.
