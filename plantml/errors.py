@@ -6,7 +6,7 @@ them into a message and an exit code, in one place.
 
 from __future__ import annotations
 
-from plantml.text import mask_passwords
+from plantml.text import escape_controls, mask_passwords, safe_text
 
 
 class PlantmlError(Exception):
@@ -22,9 +22,16 @@ class PlantmlError(Exception):
 
 
 class UsageError(PlantmlError):
-    """The caller asked for something invalid (a bad flag, a bad name, a missing folder)."""
+    """The caller asked for something invalid (a bad flag, a bad name, a missing folder).
+
+    Its text is one line whatever the culprit's name holds: control characters escaped (a file named with a
+    newline), bytes that are not UTF-8 as ``%XX``.
+    """
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return escape_controls(safe_text(super().__str__()))
 
 
 class ConfigError(UsageError):
@@ -61,21 +68,26 @@ class TrackingError(PlantmlError):
 
 
 class RegistryError(PlantmlError):
-    """A registered model, version or alias is unknown or invalid."""
+    """A registered model, version or alias is unknown or invalid (one line, as :class:`UsageError`)."""
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return escape_controls(safe_text(super().__str__()))
 
 
 class RankFailed(PlantmlError):
     """Another process of a distributed training failed first; this one stopped because of it.
 
-    The message names the failing rank and its error; ``exit_code`` is that rank's.
+    The message names the failing rank and its error; ``exit_code`` is that rank's. ``quiet``: this rank failed
+    with the very error that rank printed (every rank read the same bad image), so the command prints nothing more.
     """
 
-    def __init__(self, message: str, rank: int, exit_code: int = 1) -> None:
+    def __init__(self, message: str, rank: int, exit_code: int = 1, quiet: bool = False) -> None:
         super().__init__(message)
         self.rank = rank
         self.exit_code = exit_code
+        self.quiet = quiet
 
 
 class Interrupted(KeyboardInterrupt):

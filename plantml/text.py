@@ -31,6 +31,17 @@ def safe_text(text: str) -> str:
     return _SURROGATE.sub(_replace, text) if _SURROGATE.search(text) else text
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character written as an escape (a newline as ``\\n``, a tab as ``\\t``, others as
+    ``\\xNN``): a file named ``bad\\nname.jpg`` stays on the one line of the message that names it."""
+    return _CONTROL.sub(lambda m: _CONTROL_NAMES.get(m.group(), f"\\x{ord(m.group()):02x}"), text) \
+        if _CONTROL.search(text) else text
+
+
 def safe_data(data: Any) -> Any:
     """JSON-like ``data`` (mappings, lists, tuples, scalars) with :func:`safe_text` applied to every string in it, keys
     included: ``json.dumps`` would write a lone surrogate as a ``\\udce9`` escape, which no UTF-8 reader can decode."""

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except PlantmlError as exc:
         if debug:
             raise
-        click.echo(f"{prog}: error: {exc}", err=True)
+        if not getattr(exc, "quiet", False):  # a rank that failed as a lower rank did, which said it
+            click.echo(f"{prog}: error: {exc}", err=True)
         return exc.exit_code
     except OSError as exc:
         # Python 3.11's Path.exists() and is_file() raise on a name too long for the file system (3.12's answer False),

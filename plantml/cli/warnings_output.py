@@ -26,6 +26,9 @@ def show_warnings(main_rank: bool = True) -> None:
 
     # the scan names each very large image once (a plantml warning); Pillow's own repeats it unnamed each epoch
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # a class named with an emoji or a tab: matplotlib's font draws a box in the figure and says so in two raw lines
+    # of Python warning per character; the name itself is intact in the tags, the model's classes and the table
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
     for name in ("plantml.training", "plantml.tracking"):
         log = logging.getLogger(name)
         if not log.handlers:

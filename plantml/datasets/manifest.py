@@ -193,12 +193,14 @@ def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[
 
 def _files_under(class_dir: Path) -> list[Path]:
     """Every file under ``class_dir``, hidden folders (``.thumbs/``, ``.Trashes/``: what file managers
-    and NAS boxes leave) and linked folders left out; a folder that cannot be listed raises, naming it,
-    rather than its images silently missing from the set."""
+    and NAS boxes leave) left out; a linked folder is not followed (it could lead back up) but listed as it is,
+    so that the set's warnings name it; a folder that cannot be listed raises, naming it, rather than its images
+    silently missing from the set."""
     found: list[Path] = []
     for folder, folders, files in os.walk(class_dir, onerror=_raise_unreadable):
         folders[:] = [name for name in folders if not name.startswith(".")]
         found += [Path(folder) / name for name in files]
+        found += [Path(folder) / name for name in folders if (Path(folder) / name).is_symlink()]
     return found
 
 

@@ -24,6 +24,7 @@ An alias promoted only by plantml versions older than the history is rolled back
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -74,6 +75,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 LATEST = "latest"
+#: MLflow's stages that are not the design's aliases, as ``models:/NAME/<stage>`` names them (any case).
+OTHER_STAGES = {"archived": "Archived", "none": "None"}
 
 _VERSION_REF_RE = re.compile(r"^[vV]?\d+$")
 
@@ -130,6 +133,15 @@ class ModelRegistry:
             if model.latest_version is None:
                 raise RegistryError(f"model {name!r}: has no versions")
             return self.get_version(name, model.latest_version)
+        if ref.lower() in OTHER_STAGES:  # models:/NAME/Archived: MLflow's newest version in that stage
+            stage = OTHER_STAGES[ref.lower()]
+            self._registered_model(name)
+            with warnings.catch_warnings():  # stages are deprecated; MLflow still reads these URIs so
+                warnings.simplefilter("ignore", FutureWarning)
+                found = self._call(lambda: self.client.get_latest_versions(name, stages=[stage]), f"model {name!r}")
+            if not found:
+                raise RegistryError(f"model {name!r}: no version in stage {stage!r}")
+            return self.get_version(name, max(int(mv.version) for mv in found))
         return self.get_version(name, self.alias_version(name, ref.removeprefix("@")))
 
     def alias_version(self, name: str, alias: str) -> int:

@@ -46,7 +46,8 @@ class TrackedRun:
         try:
             self.tracker.end_run("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", error=exc)
         except Exception as end_exc:  # the original error matters more than this one
-            logger.warning("run %s: %s", self.run_id, one_line(end_exc))
+            text = one_line(end_exc)  # most of the tracker's errors name the run already
+            logger.warning("%s", text if text.startswith(f"run {self.run_id}") else f"run {self.run_id}: {text}")
 
     def __repr__(self) -> str:
         return f"TrackedRun(run_id={self.run_id!r})"

@@ -349,6 +349,7 @@ class MLflowTracker(ArtifactCalls):
         """
         active = self._require_run()
         artifact_path = check.check_model_name(artifact_path)
+        check.torch_module(model, artifact_path)
         if registered_model_name is not None:
             check.check_registered_model_name(registered_model_name)
         options = {"input_example": input_example, "signature": signature, **kwargs}

@@ -16,12 +16,15 @@ writes each such byte as ``%XX`` instead, so such a path is logged readably rath
 
 from __future__ import annotations
 
+import decimal
 import json
 import logging
 import math
 import numbers
+import os
 import posixpath
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +34,18 @@ from plantml.errors import ValidationError
 from plantml.text import safe_data, safe_text
 
 logger = logging.getLogger(__name__)
+
+_PACKAGE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # plantml/
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a :func:`warnings.warn` issued by the function calling this one point at the
+    first line outside plantml: the user's ``tracker.log_metric(...)``, however many of plantml's frames (and
+    comprehensions, frames of their own) lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_FOLDER):
+        frame, level = frame.f_back, level + 1
+    return level
 
 MAX_ENTITY_KEY_LENGTH = 250
 MAX_PARAM_VAL_LENGTH = 6000
@@ -110,6 +125,8 @@ def metric_value(key: str, value: Any) -> float:
     """Return ``value`` as a float; warn on NaN or infinity; raise on a non-number or one too large."""
     if type(value) is float and value - value == 0:  # the common case, finite (no ABC check: it costs microseconds)
         return value
+    if isinstance(value, decimal.Decimal):  # a Number, not a Real: MLflow takes it as its float
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         value = _unwrap_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -122,7 +139,7 @@ def metric_value(key: str, value: Any) -> float:
         warnings.warn(
             f"metric {key!r} is {number}: MLflow stores NaN as NaN and infinities as +/-1.79e308",
             NonFiniteMetricWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
     return number
 
@@ -133,7 +150,10 @@ def _unwrap_scalar(value: Any) -> Any:
     size = numel() if callable(numel) else getattr(value, "size", None)
     item = getattr(value, "item", None)
     if size == 1 and callable(item):
-        return item()
+        try:
+            return item()
+        except (RuntimeError, TypeError, ValueError):  # a tensor with no value (on the meta device): not a number
+            return value
     return value
 
 
@@ -178,7 +198,7 @@ def _truncated(kind: str, key: str, text: str, limit: int) -> str:
     warnings.warn(
         f"{kind} {key!r}: value of {len(text)} characters truncated to MLflow's limit of {limit}",
         TruncatedValueWarning,
-        stacklevel=4,
+        stacklevel=caller_stacklevel(),
     )
     return text[:limit]
 
@@ -270,9 +290,25 @@ def check_registered_model_name(name: Any, what: str = "registered model name") 
     return name
 
 
+def _local_path(path: Any, what: str) -> Path:
+    """``path`` (a str, an ``os.PathLike`` or bytes, as ``os.listdir(b".")`` gives) as a Path, or a ValidationError."""
+    try:
+        return Path(os.fsdecode(path))
+    except TypeError:
+        raise ValidationError(f"{what} {path!r}: expected a path (str or os.PathLike), got {type(path).__name__}") from None
+
+
+def torch_module(model: Any, name: str) -> None:
+    """Raise unless ``model`` is a ``torch.nn.Module`` (what MLflow's pytorch flavor saves): a wrong argument is bad
+    input, not a failure to save."""
+    torch = sys.modules.get("torch")  # without torch imported, nothing is an nn.Module
+    if torch is None or not isinstance(model, torch.nn.Module):
+        raise ValidationError(f"model {name!r}: expected a torch.nn.Module, got {type(model).__name__}")
+
+
 def existing_file(path: Any) -> Path:
     """The path of an existing file to upload, or a ValidationError naming it."""
-    local = Path(path)
+    local = _local_path(path, "artifact")
     if not local.exists():
         raise ValidationError(f"artifact {str(local)!r}: no such file")
     if local.is_dir():
@@ -282,7 +318,7 @@ def existing_file(path: Any) -> Path:
 
 def existing_dir(path: Any) -> Path:
     """The path of an existing folder to upload, or a ValidationError naming it."""
-    local = Path(path)
+    local = _local_path(path, "artifact folder")
     if not local.exists():
         raise ValidationError(f"artifact folder {str(local)!r}: no such folder")
     if not local.is_dir():

@@ -11,6 +11,7 @@ import torch
 from plantml.errors import UsageError, os_reason
 from plantml.tracking.validation import check_registered_model_name, run_name
 from plantml.training.config import DEFAULT_IMAGE_SIZE, TrainConfig
+from plantml.training.data import check_split_fractions
 from plantml.training.models import SMALLEST_FEATURE_MAP_PX, get_backbone
 
 
@@ -39,6 +40,9 @@ def check_config(config: TrainConfig) -> torch.device:
             raise UsageError(f"--unfreeze-epoch {config.unfreeze_epoch}: must be between 1 and --epochs ({config.epochs})")
     if config.image_size is not None and not 16 <= config.image_size <= 1024:
         raise UsageError(f"--image-size {config.image_size}: choose between 16 and 1024 pixels")
+    check_split_fractions(config.val_split, config.test_split)  # before a scan that decodes every image
+    if config.data_dir is not None and not str(config.data_dir).strip():  # "$UNSET" would train on the current folder
+        raise UsageError("--data-dir is empty: give a folder or s3://BUCKET/PREFIX, or leave it out for the synthetic set")
     if config.num_workers is not None and config.num_workers < 0:
         raise UsageError(f"--num-workers {config.num_workers}: must be 0 or more")
     if config.device not in (None, "cpu", "cuda"):

@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from plantml.datasets.manifest import IMAGE_EXTENSIONS, class_folders, loose_files, no_images
 from plantml.errors import DataError, UsageError, os_reason
-from plantml.text import name_text, safe_text
+from plantml.text import escape_controls, name_text, safe_text
 from plantml.training.distributed import Ranks
 
 logger = logging.getLogger(__name__)
@@ -81,15 +81,18 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     and listed in ``skipped`` (else the error ends with ``bad_image_hint``). Messages name an image by
     ``name_of(path)`` (a pulled set's ``s3://`` key rather than its cache path).
     """
+    def name_of_image(path: Path) -> str:  # on one line, whatever its name holds (a newline, bytes not UTF-8)
+        return escape_controls(safe_text(name_of(path)))
+
     root = Path(root).expanduser()
     others: list[Path] = []
     folders = class_folders(root, left_out=others)
-    if others:  # a .gif or .heic among the photos: the set is smaller than the folder, say so
-        logger.warning("%d file(s) left out of the set: not %s (such as %s)", len(others),
-                       "/".join(IMAGE_EXTENSIONS), name_of(others[0]))
+    # a .gif or .heic among the photos, a linked sub-folder: the set is smaller than the folder, say so and why
+    for why, left in _by_reason(others).items():
+        logger.warning("%d file(s) left out of the set: %s (such as %s)", len(left), why, name_of_image(left[0]))
     loose = loose_files(root)
     if loose:  # a photo saved beside the class folders has no class
-        logger.warning("%d file(s) left out of the set: not in a class folder (such as %s)", len(loose), name_of(loose[0]))
+        logger.warning("%d file(s) left out of the set: not in a class folder (such as %s)", len(loose), name_of_image(loose[0]))
 
     digest = hashlib.sha256()
     samples: list[tuple[Path, int]] = []
@@ -97,10 +100,10 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     for label, (class_dir, files) in enumerate(folders):
         kept = 0
         for path in files:
-            data, problem = _read_image(path, name_of)
+            data, problem = _read_image(path, name_of_image)
             if problem:
                 if not skip_bad_images:
-                    raise DataError(f"image {name_of(path)}: {problem}; {bad_image_hint}")
+                    raise DataError(f"image {name_of_image(path)}: {problem}; {bad_image_hint}")
                 skipped.append(path)
                 continue
             # fsencode: a name that is not UTF-8 (a Latin-1 folder) hashes as its bytes
@@ -117,6 +120,21 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
         content_hash=digest.hexdigest(),
         skipped=tuple(skipped),
     )
+
+
+def _by_reason(left_out: Sequence[Path]) -> dict[str, list[Path]]:
+    """The files of the class folders left out of a set, by why: not an image's extension, a linked folder (not
+    followed), or named like an image but not a regular file (a FIFO, a link to a device)."""
+    reasons: dict[str, list[Path]] = {}
+    for path in left_out:
+        if path.is_dir():
+            why = "linked folders inside a class folder are not followed"
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            why = "not regular files"
+        else:
+            why = f"not {'/'.join(IMAGE_EXTENSIONS)}"
+        reasons.setdefault(why, []).append(path)
+    return reasons
 
 
 #: Pillow's modes of 16-bit (and 32-bit integer) grayscale, which its ``convert("RGB")`` clips at 255.
@@ -165,6 +183,12 @@ def _decode_problem(data: bytes) -> str | None:
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """A :class:`UsageError` unless both fractions are in (0, 1) and their sum below 1 (``--val-split``, ``--test-split``)."""
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise UsageError(f"split fractions val={val_fraction}, test={test_fraction}: each must be in (0, 1) and their sum below 1")
+
+
 def stratified_split(labels: Sequence[int], val_fraction: float = 0.15, test_fraction: float = 0.15,
                      seed: int = 0, class_names: Sequence[str] | None = None) -> Split:
     """Split indices per class, with a seeded shuffle, so each subset keeps the class balance.
@@ -172,8 +196,7 @@ def stratified_split(labels: Sequence[int], val_fraction: float = 0.15, test_fra
     Every class gives at least one image to each subset; with 200 images per class and
     the default fractions the subsets hold 140/30/30 per class.
     """
-    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise UsageError(f"split fractions val={val_fraction}, test={test_fraction}: each must be in (0, 1) and their sum below 1")
+    check_split_fractions(val_fraction, test_fraction)
     labels_array = np.asarray(labels)
     rng = np.random.default_rng(seed)
     train: list[int] = []

@@ -134,7 +134,8 @@ class Ranks:
         Used before the tracking run starts: a bad input on one machine (a missing data
         folder, an unreachable server on rank 0) stops every rank there, and no run is
         created. The failing rank raises its own error; the others :class:`RankFailed`
-        naming it, with its exit code.
+        naming it, with its exit code. Where several failed with the same message (every rank read the same
+        bad image), the first of them raises it and the others a quiet :class:`RankFailed`: one line, not N.
         """
         if not self.distributed:
             return step()
@@ -146,11 +147,17 @@ class Ranks:
             self.publish_failure(exc)
         succeeded = torch.tensor([0 if error else 1], device=self.device)
         torch.distributed.all_reduce(succeeded, op=torch.distributed.ReduceOp.MIN)
-        if error is not None:
-            raise error
-        if not succeeded.item():
+        if succeeded.item():
+            return result
+        messages: list[Any] = [None] * self.world_size  # every rank knows one failed: each says what, if anything
+        torch.distributed.all_gather_object(messages, None if error is None else str(error))
+        if error is None:
             raise self.peer_failure() or RankFailed(f"{self}: another rank failed", rank=-1)
-        return result
+        first = next(rank for rank, message in enumerate(messages) if message is not None)
+        if first != self.rank and messages[first] == messages[self.rank]:
+            raise RankFailed(f"{self}: failed as rank {first} did: {error}", rank=first,
+                             exit_code=getattr(error, "exit_code", 1), quiet=True) from error
+        raise error
 
     def require_same(self, value: str, what: str) -> None:
         """Every rank must hold the same ``value`` (the data set's content hash); else all raise, naming a rank that differs.

@@ -32,23 +32,39 @@ def learning_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     return fig
 
 
+#: Up to this many classes each cell shows its count; above, the colours alone (the counts are in the run's
+#: ``training/training_history.json``): n² numbers cost minutes and gigabytes past a few hundred classes.
+COUNTS_UP_TO = 30
+#: Up to this many classes the axes name them; above, their names could not be read anyway.
+NAMES_UP_TO = 100
+#: The figure's largest side, in inches (at matplotlib's 100 dpi): 1,600 pixels whatever the number of classes.
+MAX_INCHES = 16.0
+
+
 def confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str = "Test confusion matrix") -> Figure:
-    """A confusion matrix (rows: true class, columns: predicted class) with counts in the cells."""
+    """A confusion matrix (rows: true class, columns: predicted class): counts in the cells up to
+    :data:`COUNTS_UP_TO` classes, class names on the axes up to :data:`NAMES_UP_TO`, at most :data:`MAX_INCHES`
+    a side, so that a set of a thousand species costs a second, not the end of its training."""
     classes = [safe_text(name) for name in classes]  # a folder name that is not UTF-8 has no glyphs
     n = len(classes)
-    size = max(4.0, 0.6 * n + 2)
+    size = min(max(4.0, 0.6 * n + 2), MAX_INCHES)
     fig = Figure(figsize=(size, size), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(matrix, cmap="Greens")
+    image = ax.imshow(matrix, cmap="Greens", interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_xticks(range(n), labels=classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=classes)
+    if n <= NAMES_UP_TO:
+        fontsize = min(10.0, 0.6 * size * 72 / n)  # points: at most about half a row's height
+        ax.set_xticks(range(n), labels=classes, rotation=45, ha="right", fontsize=fontsize)
+        ax.set_yticks(range(n), labels=classes, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    if n > COUNTS_UP_TO:
+        title = f"{title} ({n} classes; counts in training/training_history.json)"
     ax.set_title(title)
-    peak = max((max(row) for row in matrix), default=0) or 1
-    for i in range(n):
-        for j in range(n):
-            value = matrix[i][j]
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    if n <= COUNTS_UP_TO:
+        peak = max((max(row) for row in matrix), default=0) or 1
+        for i in range(n):
+            for j in range(n):
+                value = matrix[i][j]
+                ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
     return fig

@@ -70,6 +70,8 @@ def launch(nproc: int, worker_args: list[str]) -> int:
             elastic_launch(config, sys.executable)(*worker_args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
+        if failure.exitcode == UsageError.exit_code:  # an input error, which that rank said in one line
+            return failure.exitcode
         if failure.exitcode < 0:
             raise RankFailed(f"rank {rank} of {nproc} was killed by {signal.Signals(-failure.exitcode).name}",
                              rank=rank, exit_code=128 - failure.exitcode) from None

@@ -100,3 +100,17 @@ def test_train_loader_augments_and_eval_loaders_do_not(folder):
 
 def test_workers_are_sized_to_the_machine():
     assert 0 <= default_num_workers() <= 8
+
+
+def test_inspect_refuses_a_class_too_small_to_split_as_train_does(folder, capsys):
+    """``data inspect`` checks a folder before training: a class train refuses is not a table saying all is well."""
+    from plantml.cli import main
+
+    for extra in sorted((folder / "healthy").iterdir())[2:]:
+        extra.unlink()
+    expected = "plantml: error: class 'healthy': 2 image(s) are too few for a train/val/test split (need at least 3)"
+
+    assert main(["data", "inspect", str(folder)]) == 2
+    assert capsys.readouterr().err.strip() == expected
+    assert main(["train", "--data-dir", str(folder), "--no-mlflow", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.strip() == expected

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from plantml.errors import RegistryError
-from plantml.registry import ModelRegistry, alias_tag
+from plantml.registry import ModelRegistry, alias_tag, parse_model_uri
 from plantml.registry.aliases import history_tag
 
 
@@ -205,6 +205,22 @@ def test_the_design_stage_words_resolve_to_the_aliases(registry: ModelRegistry, 
     registry.promote(name, 2, "staging")
     assert registry.resolve(name, "Staging").version == 2
     assert registry.resolve(name, "STAGING").version == 2
+
+
+def test_mlflows_other_stages_resolve_as_mlflow_resolves_them(registry: ModelRegistry, client: Any) -> None:
+    """``models:/NAME/Archived`` (a version promotion archived) and ``/None``: MLflow's newest version in that
+    stage, as ``mlflow.pytorch.load_model`` reads the URI; they were taken for aliases and refused."""
+    name = register_versions(client, 3)
+    registry.promote(name, 1)
+    registry.promote(name, 2)  # archives version 1
+
+    assert registry.resolve(name, "Archived").version == 1
+    assert registry.resolve(name, "archived").version == 1
+    assert registry.resolve(name, "None").version == 3
+    assert parse_model_uri(f"models:/{name}/Archived") == (name, "Archived")
+    registry.promote(name, 3, "Staging")
+    with pytest.raises(RegistryError, match=f"^model '{name}': no version in stage 'None'$"):
+        registry.resolve(name, "None")
 
 
 def test_the_registry_leaves_mlflows_global_tracking_uri_alone(registry: ModelRegistry, client: Any) -> None:

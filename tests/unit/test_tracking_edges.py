@@ -94,9 +94,17 @@ def test_a_model_name_mlflow_refuses_is_one_line_at_the_call_and_nothing_is_sent
 
 
 def test_a_model_that_cannot_be_saved_is_named_by_the_name_it_was_given(tracker) -> None:
+    import threading
+
+    import torch
+
+    unpicklable = torch.nn.Linear(2, 2)
+    unpicklable.lock = threading.Lock()  # no pickle module saves a lock
     with tracker.start_run():
         with pytest.raises(TrackingError, match=r"^model 'classifier': could not be saved: "):
-            tracker.log_model({"not": "a model"}, "classifier")
+            tracker.log_model(unpicklable, "classifier")
+        with pytest.raises(ValidationError, match=r"^model 'classifier': expected a torch.nn.Module, got dict$"):
+            tracker.log_model({"not": "a model"}, "classifier")  # bad input (exit 2), not a failure to save
 
 
 @pytest.mark.parametrize(("first", "second", "same"), [
@@ -258,3 +266,26 @@ def test_a_tracker_handed_to_another_process_or_copied_is_one_line(tracker) -> N
     for attempt in (pickle.dumps, copy.deepcopy, copy.copy):
         with pytest.raises(UsageError, match=r"^an MLflowTracker cannot be pickled or copied .*make one in each process"):
             attempt(tracker)
+
+
+@pytest.mark.parametrize("end_error, logged", [
+    ("run abc: not everything was delivered to http://x (no answer in time)",
+     "run abc: not everything was delivered to http://x (no answer in time)"),
+    ("tracking server http://x unreachable", "run abc: tracking server http://x unreachable"),
+])
+def test_a_with_block_whose_run_cannot_end_logs_the_run_id_once(caplog, end_error, logged) -> None:
+    """The error of the block propagates; the run's end failing too is one warning, which named the run twice
+    ("run abc: run abc: not everything was delivered…") when the tracker's own message named it already."""
+    import logging
+    from types import SimpleNamespace
+
+    from plantml.tracking.runs import TrackedRun
+
+    def end_run(status, error=None):
+        raise TrackingError(end_error)
+
+    tracker = SimpleNamespace(run_id="abc", end_run=end_run)
+    with caplog.at_level(logging.WARNING, logger="plantml.tracking"), pytest.raises(ValueError, match="the block's"):
+        with TrackedRun(tracker, SimpleNamespace(info=SimpleNamespace(run_id="abc"))):
+            raise ValueError("the block's error")
+    assert [record.getMessage() for record in caplog.records] == [logged]

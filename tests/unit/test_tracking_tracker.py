@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from plantml.errors import TrackingError, UsageError, ValidationError
 from plantml.tracking import MLflowTracker, NonFiniteMetricWarning
 from plantml.tracking.open_runs import end_abandoned_runs
+from plantml.tracking.validation import TruncatedValueWarning
 
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -195,6 +197,12 @@ def test_invalid_input_is_refused_before_anything_is_sent(tracker, tmp_path) -> 
         tracker.log_dict({"model": object()}, "history.json")
     with pytest.raises(ValidationError, match="no such file"):
         tracker.log_artifact(tmp_path / "absent.pth")
+    with pytest.raises(ValidationError, match=r"^artifact 3: expected a path \(str or os.PathLike\), got int$"):
+        tracker.log_artifact(3)
+    with pytest.raises(ValidationError, match=r"^model 'model': expected a torch.nn.Module, got object$"):
+        tracker.log_model(object())  # was a TrackingError (a service failure, exit 1) from MLflow's save
+    with pytest.raises(ValidationError, match="metric 'm': value tensor.*meta.* is not a number"):
+        tracker.log_metric("m", torch.empty((), device="meta"))  # was torch's bare RuntimeError
     with pytest.raises(ValidationError, match="param 'path': value contains a NUL"):
         tracker.log_params({"fine": 1, "path": "a\x00b"})
     with pytest.raises(ValidationError, match="step 9223372036854775808 is outside"):
@@ -216,13 +224,27 @@ def test_changing_a_param_within_a_run_is_refused(tracker) -> None:
     assert _run(tracker, run.run_id).data.params == {"lr": "0.1"}
 
 
-def test_non_finite_metrics_are_logged_with_a_warning(tracker) -> None:
+def test_non_finite_metrics_are_logged_with_a_warning_that_points_at_the_callers_line(tracker) -> None:
     run = tracker.start_run()
-    with pytest.warns(NonFiniteMetricWarning, match="'loss'"):
+    with pytest.warns(NonFiniteMetricWarning, match="'loss'") as shown:
         tracker.log_metrics({"loss": math.nan, "grad": math.inf})
+        tracker.log_metric("again", math.nan)
+    with pytest.warns(TruncatedValueWarning) as truncated:
+        tracker.log_params({"notes": "x" * 7000})
     tracker.end_run()
     metrics = _run(tracker, run.run_id).data.metrics
     assert math.isnan(metrics["loss"]) and metrics["grad"] > 1e308
+    # the user's line, not plantml's (a filter by module=, the printed location): comprehensions are frames too
+    assert {(Path(w.filename), w.lineno > 0) for w in [*shown, *truncated]} == {(Path(__file__), True)}
+
+
+def test_decimal_metrics_are_taken_as_mlflow_takes_them(tracker) -> None:
+    from decimal import Decimal
+
+    run = tracker.start_run()
+    tracker.log_metric("price", Decimal("0.1"))
+    tracker.end_run()
+    assert _run(tracker, run.run_id).data.metrics == {"price": 0.1}
 
 
 def test_log_metrics_is_one_request_with_its_step_and_timestamp(tracker) -> None:

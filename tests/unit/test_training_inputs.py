@@ -157,11 +157,41 @@ def test_an_image_that_cannot_be_read_is_named_in_one_line(capsys, unreadable):
     assert "locked.png: cannot be read" in _one_line(capsys.readouterr().err)
 
 
-def test_skip_bad_images_leaves_out_an_image_that_cannot_be_read(capsys, unreadable):
+def test_skip_bad_images_leaves_out_an_image_that_cannot_be_read_and_names_one(capsys, unreadable):
     scan = scan_image_folder(unreadable, skip_bad_images=True)
     assert [path.name for path in scan.skipped] == ["locked.png"]
 
     assert main(["train", "--data-dir", str(unreadable), *TINY, "--skip-bad-images"]) == 0
+    locked = unreadable / "healthy" / "locked.png"
+    assert f"plantml: warning: 1 unreadable image(s) skipped (such as {locked})" in capsys.readouterr().err
+    assert main(["data", "inspect", str(unreadable), "--skip-bad-images"]) == 0
+    assert f"skipped\t1 unreadable (such as {locked})" in capsys.readouterr().out.splitlines()
+
+
+def test_a_file_name_with_a_newline_stays_on_the_one_line_that_names_it(capsys, tmp_path):
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=4, size=24, seed=0))
+    (folder / "healthy" / "bad\nname\x01.png").write_bytes(b"not an image")
+
+    assert main(["train", "--data-dir", str(folder), *TINY]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"plantml: error: image {folder / 'healthy'}/bad\\nname\\x01.png: ")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--val-split", "15"], "split fractions val=15.0, test=0.15: each must be in (0, 1)"),
+    (["--val-split", "0.5", "--test-split", "0.5"], "split fractions val=0.5, test=0.5: each must be in (0, 1)"),
+    (["--data-dir", ""], "--data-dir is empty: give a folder or s3://BUCKET/PREFIX"),
+])
+def test_split_fractions_and_an_empty_data_dir_are_refused_before_the_images_are_read(capsys, tmp_path, monkeypatch,
+                                                                                     args, expected):
+    """Checked with the other flags, not after a scan that decodes every image (minutes on a large set): the bad
+    image here would be the error otherwise. An empty --data-dir ("$UNSET") would have trained on the current folder."""
+    folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=4, size=24, seed=0))
+    (folder / "healthy" / "broken.png").write_bytes(b"not an image")
+    monkeypatch.chdir(folder)
+
+    assert main(["train", "--data-dir", str(folder), *TINY, *args]) == 2
+    assert expected in _one_line(capsys.readouterr().err)
 
 
 def test_a_very_large_image_is_one_warning_line_naming_it(tmp_path, caplog, monkeypatch):
@@ -180,17 +210,23 @@ def test_a_very_large_image_is_one_warning_line_naming_it(tmp_path, caplog, monk
     assert not [w for w in shown if issubclass(w.category, Image.DecompressionBombWarning)]
 
 
-def test_files_of_other_formats_left_out_of_the_set_are_one_warning_line(tmp_path, caplog):
+def test_files_of_other_formats_linked_folders_and_fifos_left_out_of_the_set_are_one_warning_line_each(tmp_path, caplog):
     folder = synth.generate(tmp_path / "set", synth.SynthSpec(per_class=4, size=24, seed=0))
     Image.new("RGB", (24, 24), (20, 120, 30)).save(folder / "healthy" / "photo.gif")  # Pillow reads it; plantml does not
     (folder / "diseased" / "notes.txt").write_text("field notes")
     (folder / "diseased" / ".DS_Store").write_bytes(b"hidden: not counted")
+    # were left out without a word: a linked sub-folder of a class (not followed), a FIFO named like an image
+    elsewhere = synth.generate(tmp_path / "elsewhere", synth.SynthSpec(per_class=3, size=24, seed=1))
+    (folder / "healthy" / "more").symlink_to(elsewhere / "healthy", target_is_directory=True)
+    os.mkfifo(folder / "healthy" / "pipe.jpg")
 
     with caplog.at_level(logging.WARNING, logger="plantml.training"):
         scan = scan_image_folder(folder)
 
     assert len(scan.samples) == 8
-    assert [record.getMessage() for record in caplog.records] == [
+    assert sorted(record.getMessage() for record in caplog.records) == [
+        f"1 file(s) left out of the set: linked folders inside a class folder are not followed (such as {folder / 'healthy' / 'more'})",
+        f"1 file(s) left out of the set: not regular files (such as {folder / 'healthy' / 'pipe.jpg'})",
         f"2 file(s) left out of the set: not .jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp (such as {folder / 'diseased' / 'notes.txt'})"]
 
 
