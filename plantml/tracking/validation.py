@@ -35,7 +35,7 @@ from plantml.text import safe_data, safe_text
 
 logger = logging.getLogger(__name__)
 
-_PACKAGE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # plantml/
+_PACKAGE_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # plantml/, not plantml_x/
 
 
 def caller_stacklevel() -> int:
