@@ -54,7 +54,7 @@ from plantml.registry.models import (
     model_info,
     version_info,
 )
-from plantml.registry.stages import StageKeeper
+from plantml.registry.stages import OTHER_STAGES, StageKeeper
 from plantml.registry.store import (
     check_s3_access,
     is_insert_clash,
@@ -75,8 +75,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 LATEST = "latest"
-#: MLflow's stages that are not the design's aliases, as ``models:/NAME/<stage>`` names them (any case).
-OTHER_STAGES = {"archived": "Archived", "none": "None"}
 
 _VERSION_REF_RE = re.compile(r"^[vV]?\d+$")
 

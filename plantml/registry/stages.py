@@ -19,6 +19,8 @@ from plantml.registry.models import alias_of
 T = TypeVar("T")
 
 ARCHIVED = "Archived"
+#: MLflow's stages that are not the design's aliases, as ``models:/NAME/<stage>`` names them (any case).
+OTHER_STAGES = {"archived": ARCHIVED, "none": "None"}
 
 #: Rounds of settling a stage after a promotion before giving up: each round follows a
 #: promotion that moved the alias meanwhile, so two at once settle in one or two.

@@ -28,8 +28,9 @@ import torch
 from PIL import Image
 
 from plantml.training.data import IMAGENET_MEAN, IMAGENET_STD, DataLoaders, ImageFolderScan, Split, drops_lone_last_image, to_rgb
-from plantml.training.distributed import Ranks, rank_share
+from plantml.training.distributed import Ranks
 from plantml.training.image_decode import EncodedImages
+from plantml.training.sharding import rank_share
 
 #: Keep the cached images under this share of the device's free memory.
 MAX_MEMORY_SHARE = 0.25

@@ -6,7 +6,7 @@ group (NCCL on CUDA, gloo on the CPU) and hands the training a :class:`Ranks`, t
 object through which the rest of plantml sees the other processes:
 
 - data: each rank iterates its own share of every split (:meth:`Ranks.train_sampler`,
-  :meth:`Ranks.eval_sampler`, :func:`rank_share`);
+  :meth:`Ranks.eval_sampler`, :mod:`plantml.training.sharding`);
 - metrics: loss and accuracy sums are all-reduced (:meth:`Ranks.sum_across`), so every rank
   reads the same value over the whole split, and early stopping, the kept epoch and the
   learning-rate schedule come out the same everywhere;
@@ -35,11 +35,12 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DistributedSampler
 
 from plantml.errors import ConfigError, DataError, Interrupted, PlantmlError, RankFailed, UsageError
 from plantml.processes import process_alive, process_start_time
 from plantml.settings import env_number, env_value
+from plantml.training.sharding import ShardSampler
 
 T = TypeVar("T")
 
@@ -116,7 +117,7 @@ class Ranks:
         and a rank with one batch more would wait forever for the others. To even the
         shares, DistributedSampler repeats up to ``world_size - 1`` images, which that
         epoch trains on twice. The order is the same permutation on every rank (``seed``
-        plus the epoch, see :func:`set_epoch`).
+        plus the epoch, see :func:`plantml.training.sharding.set_epoch`).
         """
         if not self.distributed:
             return None
@@ -228,45 +229,6 @@ class Ranks:
             return None
         return RankFailed(f"rank {failure['rank']} of {self.world_size} failed: {failure['error']}",
                           rank=failure["rank"], exit_code=failure["exit_code"])
-
-
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...``: each rank a disjoint share, every index exactly once.
-
-    For validation and test, where torch's DistributedSampler would pad the last shares
-    with repeated indices and so count those images twice in a metric. Evaluation runs no
-    collective per batch, so the shares may differ by one image.
-    """
-
-    def __init__(self, size: int, rank: int, world_size: int) -> None:
-        self.indices = range(rank, size, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def rank_share(order: torch.Tensor, rank: int, world_size: int, pad: bool) -> torch.Tensor:
-    """This rank's part of ``order`` (every ``world_size``-th element from ``rank``), as the samplers above.
-
-    ``pad`` first extends ``order`` with its own beginning to a multiple of ``world_size``,
-    as DistributedSampler does for training.
-    """
-    if world_size == 1:
-        return order
-    if pad:
-        total = -(-len(order) // world_size) * world_size
-        order = order.repeat(-(-total // max(len(order), 1)))[:total]
-    return order[rank::world_size]
-
-
-def set_epoch(loader: Any, epoch: int) -> None:
-    """Tell the train loader's DistributedSampler the epoch, so each epoch has its own order."""
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
-        sampler.set_epoch(epoch)
 
 
 def fail_if_asked(ranks: Ranks, epoch: int) -> None:

@@ -45,6 +45,7 @@ from plantml.training.models import (
     resolve_weights,
     set_backbone_frozen,
 )
+from plantml.training.sharding import set_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -326,7 +327,7 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
             if ranks.distributed:
                 train_model = step_model()  # DDP syncs only what required a gradient when it was built
             reporter.message(f"epoch {epoch}: backbone unfrozen")
-        distributed.set_epoch(loaders.train, epoch)
+        set_epoch(loaders.train, epoch)
         learning_rate = optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         wrap = lambda batches, e=epoch: reporter.batches(batches, epoch=e, epochs=config.epochs, total=len(loaders.train))  # noqa: E731

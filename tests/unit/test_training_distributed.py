@@ -21,13 +21,8 @@ import torch
 from plantml.errors import ConfigError, DataError, RankFailed
 from plantml.training import synth
 from plantml.training.device_data import DeviceLoader
-from plantml.training.distributed import (
-    Ranks,
-    ShardSampler,
-    rank_info,
-    rank_share,
-    why_stopped,
-)
+from plantml.training.distributed import Ranks, rank_info, why_stopped
+from plantml.training.sharding import ShardSampler, rank_share
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4])
