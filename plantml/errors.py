@@ -6,7 +6,7 @@ them into a message and an exit code, in one place.
 
 from __future__ import annotations
 
-from plantml.text import escape_controls, mask_passwords, safe_text
+from plantml.text import mask_passwords, shown_text
 
 
 class PlantmlError(Exception):
@@ -31,7 +31,7 @@ class UsageError(PlantmlError):
     exit_code = 2
 
     def __str__(self) -> str:
-        return escape_controls(safe_text(super().__str__()))
+        return shown_text(super().__str__())
 
 
 class ConfigError(UsageError):
@@ -73,7 +73,7 @@ class RegistryError(PlantmlError):
     exit_code = 2
 
     def __str__(self) -> str:
-        return escape_controls(safe_text(super().__str__()))
+        return shown_text(super().__str__())
 
 
 class RankFailed(PlantmlError):

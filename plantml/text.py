@@ -35,9 +35,11 @@ _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _CONTROL_NAMES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
-def escape_controls(text: str) -> str:
-    """``text`` with each control character written as an escape (a newline as ``\\n``, a tab as ``\\t``, others as
-    ``\\xNN``): a file named ``bad\\nname.jpg`` stays on the one line of the message that names it."""
+def shown_text(text: str) -> str:
+    """``text`` as one line that can be shown: :func:`safe_text`, and each control character written as an escape (a
+    newline as ``\\n``, a tab as ``\\t``, others as ``\\xNN``), so a file named ``bad\\nname.jpg`` stays on the one line
+    of the message that names it."""
+    text = safe_text(text)
     return _CONTROL.sub(lambda m: _CONTROL_NAMES.get(m.group(), f"\\x{ord(m.group()):02x}"), text) \
         if _CONTROL.search(text) else text
 

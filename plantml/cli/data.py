@@ -152,7 +152,7 @@ def _cached_line(cached: Any, now: float) -> str:
 def inspect(directory: Path, skip_bad_images: bool) -> None:
     """Check DIRECTORY as a data set: classes, image counts, unreadable files, content hash."""
     from plantml.cli.warnings_output import show_warnings
-    from plantml.text import escape_controls, safe_text
+    from plantml.text import shown_text
     from plantml.training.data import scan_image_folder, stratified_split
 
     show_warnings()  # the scan's warnings (files left out of the set) as train prints them
@@ -161,9 +161,9 @@ def inspect(directory: Path, skip_bad_images: bool) -> None:
     stratified_split([label for _, label in scan.samples], class_names=scan.classes)
     for name, count in scan.class_counts().items():
         # one line per class: a name's tab or newline escaped, bytes that are not UTF-8 as %XX (as MLflow records it)
-        shown = escape_controls(safe_text(name).replace("\\", "\\\\"))
+        shown = shown_text(name.replace("\\", "\\\\"))
         click.echo(f"{shown}\t{count}")
     click.echo(f"total\t{len(scan.samples)}")
     if scan.skipped:
-        click.echo(f"skipped\t{len(scan.skipped)} unreadable (such as {escape_controls(safe_text(str(scan.skipped[0])))})")
+        click.echo(f"skipped\t{len(scan.skipped)} unreadable (such as {shown_text(str(scan.skipped[0]))})")
     click.echo(f"hash\t{scan.content_hash}")

@@ -25,7 +25,7 @@ from torchvision import transforms
 
 from plantml.datasets.manifest import IMAGE_EXTENSIONS, class_folders, loose_files, no_images
 from plantml.errors import DataError, UsageError, os_reason
-from plantml.text import escape_controls, name_text, safe_text
+from plantml.text import name_text, safe_text, shown_text
 from plantml.training.distributed import Ranks
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     ``name_of(path)`` (a pulled set's ``s3://`` key rather than its cache path).
     """
     def name_of_image(path: Path) -> str:  # on one line, whatever its name holds (a newline, bytes not UTF-8)
-        return escape_controls(safe_text(name_of(path)))
+        return shown_text(name_of(path))
 
     root = Path(root).expanduser()
     others: list[Path] = []

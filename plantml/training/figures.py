@@ -58,13 +58,13 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], ti
         ax.set_yticks(range(n), labels=classes, fontsize=fontsize)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n > COUNTS_UP_TO:
-        title = f"{title} ({n} classes; counts in training/training_history.json)"
-    ax.set_title(title)
     if n <= COUNTS_UP_TO:
         peak = max((max(row) for row in matrix), default=0) or 1
         for i in range(n):
             for j in range(n):
                 value = matrix[i][j]
                 ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    else:
+        title = f"{title} ({n} classes; counts in training/training_history.json)"
+    ax.set_title(title)
     return fig

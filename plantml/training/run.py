@@ -28,7 +28,7 @@ from torch import nn
 
 from plantml.datasets.source import DatasetRecord, DataSource, locate
 from plantml.errors import RankFailed, UsageError
-from plantml.text import escape_controls, safe_text
+from plantml.text import shown_text
 from plantml.tracking import signals as tracking_signals
 from plantml.training import data as data_mod
 from plantml.training import distributed, outputs, synth
@@ -228,8 +228,7 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
 
     notes = [weights.note] if weights.note else []
     if scan.skipped:
-        notes.append(f"{len(scan.skipped)} unreadable image(s) skipped (such as "
-                     f"{escape_controls(safe_text(source.origin_of(scan.skipped[0])))})")
+        notes.append(f"{len(scan.skipped)} unreadable image(s) skipped (such as {shown_text(source.origin_of(scan.skipped[0]))})")
     return Prepared(
         config=config, device=device, precision=precision, source=source,
         image_size=image_size, num_workers=num_workers, scan=scan, loaders=loaders, model=model,
