@@ -182,3 +182,26 @@ def test_batches_keep_the_order_and_augmentations_a_seed_gave_before(jpegs: Path
         assert torch.equal(batch_labels, labels[index])
         assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         torch.testing.assert_close(images, plain_batch(raw[index], rand), rtol=0, atol=1e-5)
+
+
+def test_exif_orientation_is_not_applied_on_either_path_as_in_torchvision(tmp_path: Path) -> None:
+    """The README's word: a photo tagged "rotate 90°" (EXIF orientation 6) trains as its pixels are stored, on the
+    PIL path and on the device path alike; were one of them to apply the tag, the red half would be on top there."""
+    from PIL import Image
+
+    picture = Image.new("RGB", (64, 32), (0, 200, 0))
+    picture.paste((200, 0, 0), (0, 0, 32, 32))  # left half red, right half green
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to show
+    path = tmp_path / "tagged.jpg"
+    picture.save(path, quality=95, exif=exif.tobytes())
+    with Image.open(path) as saved:
+        assert saved.getexif()[0x0112] == 6
+
+    pil, _ = decode_images([(path, 0)], 32)
+    device = decode_on_device(read_encoded([path]), 32, CPU)
+    for decoded in (pil[0].float(), device[0].float()):
+        left, right = decoded[:, :, :8].mean(dim=(1, 2)), decoded[:, :, -8:].mean(dim=(1, 2))
+        assert left[0] > 150 > left[1] and right[1] > 150 > right[0], (left, right)  # red left, green right
+    difference = (device.float() - pil.float()).abs()
+    assert difference.max() <= MAX_LEVELS and difference.mean() <= MEAN_LEVELS
