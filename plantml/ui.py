@@ -127,7 +127,9 @@ class LocalUI:
         from mirakuru import HTTPExecutor
         from mirakuru.exceptions import AlreadyRunning, ProcessExitedWithError, TimeoutExpired
 
-        if not _port_is_free(self.port):
+        from plantml.stack.stack import port_in_use
+
+        if port_in_use(self.port):
             raise UsageError(f"--port {self.port}: already in use on {LOOPBACK}; choose another with --port")
         env = self.environment()
         # The server's log goes to a temporary file (a pipe nobody reads would fill and block it).
@@ -165,20 +167,10 @@ class LocalUI:
         self.stop()
 
 
-def _port_is_free(port: int) -> bool:
-    """True when nothing listens on ``port`` of the loopback address."""
-    import socket
-
-    with socket.socket() as probe:
-        try:
-            probe.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
 def _default_port() -> int:
     """MLflow's usual 5000 when it is free, else any free loopback port."""
     import port_for
 
-    return DEFAULT_UI_PORT if _port_is_free(DEFAULT_UI_PORT) else port_for.select_random()
+    from plantml.stack.stack import port_in_use  # something listens there: not what closed connections leave
+
+    return port_for.select_random() if port_in_use(DEFAULT_UI_PORT) else DEFAULT_UI_PORT

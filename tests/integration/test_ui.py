@@ -36,7 +36,11 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """A server can bind ``port`` again, as servers bind (SO_REUSEADDR: uvicorn, PostgreSQL, weed): refused while
+    anything listens there; not by what the kernel keeps of closed connections (TIME_WAIT, FIN_WAIT), which made a
+    plain bind fail for a few seconds after the browser's connections (CI, once)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
