@@ -131,8 +131,12 @@ def _lingering() -> bool:
 
 
 def received() -> Interrupted | None:
-    """The interruption being handled (the first signal), or None."""
-    return _state.current
+    """The interruption being handled (the first signal) while a run handles signals, or None.
+
+    An interruption an earlier run got and its caller caught is not news to a later training
+    that fails without handling signals: its error is (it was reported as that old stop).
+    """
+    return _state.current if _state.installed else None
 
 
 def hurry() -> bool:

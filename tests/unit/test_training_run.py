@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -280,3 +281,32 @@ def test_the_model_s_class_names_are_sendable_text_even_for_folders_named_in_lat
     classes = preprocessing(("pl\udce9nts", "healthy"), 32)["classes"]  # a folder named in Latin-1, as Python reads it
     assert classes == ["pl%E9nts", "healthy"]  # as the run's tags and the confusion matrix show it
     json.dumps(classes).encode("utf-8")
+
+
+def test_an_error_after_an_earlier_runs_interruption_was_caught_is_that_error_not_the_old_stop(leaves):
+    """Was: a run interrupted by SIGTERM whose caller caught the interruption and went on (a notebook, a
+    scheduler) left it behind; a later training's RuntimeError was then reported KILLED and re-raised as
+    that old "interrupted by SIGTERM" (a KeyboardInterrupt: it ended a pytest worker's session in CI)."""
+    import signal
+
+    from plantml.errors import Interrupted
+    from plantml.tracking import signals as handling
+
+    class Boom(Reporter):
+        def epoch_end(self, record):
+            raise RuntimeError("boom")
+
+    handling.install()  # an earlier run with handle_signals=True
+    try:
+        with pytest.raises(Interrupted):
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(0.01)
+    finally:
+        handling.uninstall()  # that run ended; its caller goes on
+    try:
+        tracker = RecordingTracker()
+        with pytest.raises(RuntimeError, match="boom") as raised:
+            train(tiny(leaves), tracker, Boom())
+        assert tracker.named("end_run") == [((), {"status": "FAILED", "error": raised.value})]
+    finally:
+        handling.reset()
