@@ -55,8 +55,7 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
     server = LocalUI(uri, port, source=settings.source_of("tracking_uri"))  # refuses a store that does not exist
     landing = newest_run(uri)
     # SIGHUP: a closed terminal; also when started with SIGINT ignored (a background job)
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _raise_interrupt)
+    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in STOP_SIGNALS}
     try:
         server.start()
         click.echo(mask_passwords(f"MLflow UI for {uri}: {landing.url(server.base_url) if landing else server.base_url}"))
@@ -69,4 +68,8 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
     finally:
         for signum in STOP_SIGNALS:  # a second Ctrl-C (or SIGHUP) must not orphan the server
             signal.signal(signum, signal.SIG_IGN)
-        server.stop()
+        try:
+            server.stop()
+        finally:  # a caller of main([...]) gets its own handlers back
+            for signum, handler_before in previous.items():
+                signal.signal(signum, handler_before)

@@ -114,3 +114,42 @@ def test_the_ui_takes_mlflows_usual_port_5000_when_free_else_another_free_one() 
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", other))  # one that was free
     assert LocalUI(store).port == 5000  # free again
+
+
+def test_plantml_ui_run_from_python_and_stopped_by_ctrl_c_gives_the_caller_its_signal_handlers_back(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: ``main(["ui"])`` left SIGINT, SIGTERM and SIGHUP ignored in its caller once it returned."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import mlflow
+    import port_for
+    import requests
+
+    from plantml.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("plant_classification")
+    port = port_for.select_random()
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def ctrl_c_once_it_answers() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)  # reaches the main thread, as a Ctrl-C would
+
+    threading.Thread(target=ctrl_c_once_it_answers, daemon=True).start()
+    assert main(["ui", "--tracking-uri", uri, "--port", str(port)]) == 0
+
+    assert "plantml ui: stopped" in capsys.readouterr().err
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C works in the caller again
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.01)
