@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
+from plantml.cli.environment import command_environ
 from plantml.cli.params import NON_BLANK
 from plantml.cli.tables import echo_table, table
 
@@ -25,10 +25,9 @@ def _registry(ctx: click.Context) -> Any:
     from plantml.settings import resolve_tracking_settings
 
     settings = resolve_tracking_settings(tracking_uri=ctx.obj["tracking_uri"])
-    for key, value in QUICK_HTTP_ENV.items():
-        os.environ.setdefault(key, value)
-    # This command is its own process; loading a model reads S3 settings from the environment.
-    os.environ.update({k: v for k, v in settings.client_env().items() if k != "MLFLOW_TRACKING_URI"})
+    # loading a model reads the object store's settings from the environment
+    ctx.with_resource(command_environ(QUICK_HTTP_ENV, {k: v for k, v in settings.client_env().items()
+                                                       if k != "MLFLOW_TRACKING_URI"}))
     return ModelRegistry(settings.tracking_uri, source=settings.source_of())
 
 

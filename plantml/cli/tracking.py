@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import click
 
+from plantml.cli.environment import command_environ
 from plantml.cli.params import NON_BLANK
 from plantml.text import mask_passwords
 
@@ -35,8 +35,7 @@ SECONDS = _Seconds()
 @click.group()
 def tracking() -> None:
     """Deliver what runs left in their journals; end runs whose process died."""
-    for key, value in QUICK_HTTP_ENV.items():
-        os.environ.setdefault(key, value)
+    click.get_current_context().with_resource(command_environ(QUICK_HTTP_ENV))
 
 
 def _show(report) -> None:

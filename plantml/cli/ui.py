@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from types import FrameType
@@ -37,11 +36,16 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
     A local store (the default sqlite:///mlflow.db, with its ./mlruns artifacts) is served
     on 127.0.0.1 until Ctrl-C; for a tracking server the link is printed and nothing is started.
     """
+    from plantml.cli.environment import command_environ
+
+    with command_environ(QUICK_HTTP_ENV):
+        _ui(port, tracking_uri)
+
+
+def _ui(port: int | None, tracking_uri: str | None) -> None:
     from plantml.settings import resolve_tracking_settings
     from plantml.ui import LocalUI, is_server_uri, newest_run
 
-    for key, value in QUICK_HTTP_ENV.items():
-        os.environ.setdefault(key, value)
     settings = resolve_tracking_settings(tracking_uri=tracking_uri)
     uri = settings.tracking_uri
     if is_server_uri(uri):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import click
 
+from plantml.cli.environment import command_environ
 from plantml.cli.params import NON_BLANK
 
-#: Set for this command's process (values already in the environment win).
+#: Set while the command runs (values already in the environment win).
 QUICK_HTTP_ENV = {
     # MLflow's HTTP client retries a dead server for minutes by default; verify must answer fast.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
@@ -39,8 +38,7 @@ def verify(tracking_uri: str | None, experiment_name: str | None) -> None:
     # Its own experiment: verification runs must not mix with training runs.
     settings = resolve_tracking_settings(tracking_uri=tracking_uri,
                                          experiment_name=env_value("PLANTML_VERIFY_EXPERIMENT", experiment_name))
-    for key, value in QUICK_HTTP_ENV.items():
-        os.environ.setdefault(key, value)
+    click.get_current_context().with_resource(command_environ(QUICK_HTTP_ENV))
     failed = None
     # The runner stops by itself after a failure; letting it finish (rather than
     # breaking out) runs its clean-up, which ends the verification run. SIGTERM and

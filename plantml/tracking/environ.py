@@ -63,13 +63,18 @@ def scoped_environ(values: Mapping[str, str], wait: float | None = None) -> Iter
         try:
             yield
         finally:
-            for name, old in saved.items():
-                if old is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = old
+            restore_environ(saved)
     finally:
         GLOBAL_STATE_LOCK.release()
+
+
+def restore_environ(saved: Mapping[str, str | None]) -> None:
+    """Put back the values ``saved`` (None: the variable was not set)."""
+    for name, old in saved.items():
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 @contextlib.contextmanager
