@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from plantml.cli.environment import command_environ
 from plantml.cli.params import NON_BLANK
 from plantml.cli.tables import echo_table, table
+from plantml.tracking.environ import command_environ
 
 #: A dead server should fail a registry command in seconds, not after minutes of retries.
 #: Values already in the environment win.

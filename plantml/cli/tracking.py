@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from plantml.cli.environment import command_environ
 from plantml.cli.params import NON_BLANK
 from plantml.text import mask_passwords
+from plantml.tracking.environ import command_environ
 
 #: A dead server should fail MLflow client calls in seconds: recovery does its own retrying.
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}

@@ -36,7 +36,7 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
     A local store (the default sqlite:///mlflow.db, with its ./mlruns artifacts) is served
     on 127.0.0.1 until Ctrl-C; for a tracking server the link is printed and nothing is started.
     """
-    from plantml.cli.environment import command_environ
+    from plantml.tracking.environ import command_environ
 
     with command_environ(QUICK_HTTP_ENV):
         _ui(port, tracking_uri)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from plantml.cli.environment import command_environ
 from plantml.cli.params import NON_BLANK
+from plantml.tracking.environ import command_environ
 
 #: Set while the command runs (values already in the environment win).
 QUICK_HTTP_ENV = {

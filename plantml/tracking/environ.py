@@ -6,7 +6,8 @@ of a database store (sqlite, PostgreSQL) finds the logged model a new version po
 through the global tracking URI, whatever the client's own. A tracker (or its sender
 thread) applies its own values only for the duration of such a call, under this lock,
 then restores the old ones; that is what keeps two trackers on two servers from writing
-to each other's.
+to each other's. A command run from Python (``plantml.cli.main([...])``) sets its own for as
+long as it runs (:func:`command_environ`), and its caller's are as before after.
 """
 
 from __future__ import annotations
@@ -121,3 +122,20 @@ class ScopedClient:
 
     def __repr__(self) -> str:
         return f"ScopedClient({self._client!r})"
+
+
+@contextlib.contextmanager
+def command_environ(defaults: Mapping[str, str], values: Mapping[str, str] | None = None) -> Iterator[None]:
+    """``defaults`` where the environment has no value (the user's win), ``values`` in any case; undone on leaving.
+
+    ``plantml`` is its own process, but ``main([...])`` also runs in its caller's (a notebook, a test
+    suite): a command's quicker HTTP settings or a stack's S3 keys must not stay behind there.
+    """
+    values = dict(values or {})
+    saved = {name: os.environ.get(name) for name in {*defaults, *values}}
+    os.environ.update({name: value for name, value in defaults.items() if name not in os.environ})
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        restore_environ(saved)

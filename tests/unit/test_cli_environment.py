@@ -48,7 +48,7 @@ def test_a_command_run_from_python_leaves_its_callers_environment_as_it_was(here
 
 
 def test_the_users_own_values_win_during_the_command_and_stay_after(here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from plantml.cli.environment import command_environ
+    from plantml.tracking.environ import command_environ
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     with command_environ({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"},

@@ -113,6 +113,29 @@ def test_a_postgres_account_that_does_not_exist_is_named_not_replaced(monkeypatc
         service_account(refuses_root=True)
 
 
+def test_keys_a_client_found_earlier_in_the_process_are_not_sent_to_a_store_given_none(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """Was: boto3's default session kept the keys its first client found in the environment (stack A's, from
+    its .env), and a store checked later without keys was sent them; the unit suite in reverse order showed it."""
+    import boto3
+
+    from plantml.stack.endpoints import make_s3_client
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "stack-a-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stack-a-secret")
+    make_s3_client("http://127.0.0.1:1", None, None)  # found stack A's keys
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+
+    endpoints = StackEndpoints("http://127.0.0.1:1", "http://127.0.0.1:2", None, None)
+    with pytest.raises(StackError, match="no S3 keys: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        check_bucket(endpoints)
+
+
 def test_an_external_stack_without_s3_keys_names_them(tmp_path: Path, monkeypatch) -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
