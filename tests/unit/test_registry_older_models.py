@@ -21,9 +21,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     mlflow.set_tracking_uri(uri)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment(name, artifact_location=(folder / "artifacts").as_uri()))
+    # not mlflow.set_experiment: it leaves MLFLOW_EXPERIMENT_ID in the environment of the tests that follow
+    experiment_id = mlflow.create_experiment(name, artifact_location=(folder / "artifacts").as_uri())
     for serialization_format in ("pt2", "pickle"):
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment_id):
             mlflow.pytorch.log_model(model, name="model", serialization_format=serialization_format,
                                      input_example=torch.rand(2, 3, 16, 16).numpy(), registered_model_name=name)
     mlflow.set_tracking_uri(None)
