@@ -32,7 +32,8 @@ def client(store_uri: str) -> Any:
 
 
 @pytest.fixture
-def registry(store_uri: str) -> ModelRegistry:
+def registry(store_uri: str, client: Any) -> ModelRegistry:
+    client.search_experiments()  # the store exists (ModelRegistry refuses one that does not), whichever test runs first
     return ModelRegistry(store_uri)
 
 
