@@ -23,6 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # One CPU thread per test process (as torchrun gives each rank): two xdist workers on CI's two cores each ran
     # trainings on two OpenMP threads, whose spinning starved the other worker (a training suite: 87 s -> 43 s).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _refuse_files_of_another_backend(config)
     config.addinivalue_line("markers", "local_session: a test of the client that the local backend's session runs "
                                        "(another backend would only repeat it, slower); not collected elsewhere")
 
@@ -44,6 +45,18 @@ LOCAL_SESSION_ONLY = {INTEGRATION_DIR / name for name in (
     "test_journal_recovery.py", "test_journal_disk_full.py", "test_bad_input.py",
     "test_tracker_methods.py", "test_models_usable.py",
 )}
+
+
+def _refuse_files_of_another_backend(config: pytest.Config) -> None:
+    """A module named on the command line is collected whatever pytest_ignore_collect says: its tests then failed on
+    the wrong backend's stack (``'HostProcess' object has no attribute 'docker_container'``). Say which they need."""
+    backend = config.getoption("--stack")
+    for arg in config.args:
+        path = (config.invocation_params.dir / arg.split("::")[0]).resolve()
+        if path in CONTAINERS_ONLY and backend != "containers":
+            raise pytest.UsageError(f"{arg}: the containers backend's own tests: run them with --stack containers")
+        if path in LOCAL_SESSION_ONLY and backend != "local":
+            raise pytest.UsageError(f"{arg}: tests of the client that only a --stack local session runs")
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

@@ -33,3 +33,22 @@ def test_the_session_journals_into_a_folder_of_its_own_even_when_the_user_named_
 
     assert ours != theirs and ours.name.startswith("plantml-test-journal-") and not ours.exists()
     assert os.environ["PLANTML_JOURNAL_DIR"] == str(theirs)  # the user's setting again once the session ends
+
+
+def test_a_module_of_another_backend_named_on_the_command_line_is_one_usage_error_naming_it() -> None:
+    """pytest collects a module named on its command line whatever the conftest ignores: the containers backend's own
+    tests then ran on a local stack and failed with ``'HostProcess' object has no attribute 'docker_container'``."""
+    import subprocess
+    import sys
+
+    def collect(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *args],
+                              cwd=TESTS.parent, capture_output=True, text=True, timeout=300)
+
+    refused = collect("tests/integration/test_containers.py", "--stack", "local")
+    assert refused.returncode == 4 and refused.stderr.strip() == (
+        "ERROR: tests/integration/test_containers.py: the containers backend's own tests: run them with --stack containers")
+    refused = collect("tests/integration/test_ui.py::test_a_closed_terminal_or_sigterm_stops_plantml_ui_and_its_server",
+                      "--stack", "containers")
+    assert refused.returncode == 4 and "tests of the client that only a --stack local session runs" in refused.stderr
+    assert collect("tests/integration/test_containers.py", "--stack", "containers").returncode == 0
