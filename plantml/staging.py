@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -56,8 +57,12 @@ def staging_folder(parent: Path, name: str) -> Iterator[Path]:
     sweep(parent)
     pid = os.getpid()
     owner = f"{pid}-{process_start_time(pid) or 0}"
-    folder = Path(tempfile.mkdtemp(prefix=f".{name}.staging-{owner}-", dir=parent))
+    # Named before it exists (this process's pid and start time, 64 random bits: no other writer has it): a signal
+    # raised just after the mkdir, before any try could be entered, still removes it. tempfile.mkdtemp returns the
+    # name only after Python code that a handled SIGTERM interrupts, leaving the folder behind.
+    folder = parent / f".{name}.staging-{owner}-{secrets.token_hex(8)}"
     try:
+        os.mkdir(folder, 0o700)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -266,6 +266,26 @@ def test_sigterm_while_the_synthetic_set_is_made_is_one_line_and_leaves_no_stagi
     assert not [path.name for path in cache.iterdir() if path.name.startswith(".")]
 
 
+def test_a_signal_landing_just_after_the_staging_folder_is_made_still_removes_it(tmp_path, monkeypatch):
+    """Was: tempfile.mkdtemp ran Python code after its mkdir, before the clean-up's try was entered: a SIGTERM landing
+    there (the test above, once in CI) left the folder. Here the stop is raised by the mkdir itself, once it made it."""
+    from plantml.errors import Interrupted
+    from plantml.staging import staging_folder
+
+    make_folder = os.mkdir
+
+    def made_then_stopped(path, *args, **kwargs):
+        make_folder(path, *args, **kwargs)
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(os, "mkdir", made_then_stopped)
+    with pytest.raises(Interrupted):
+        with staging_folder(tmp_path, "synthetic-leaves"):
+            pass
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("uri, shown", [
     ("sqlite:////etc/passwd/mlflow.db", "tracking URI 'sqlite:////etc/passwd/mlflow.db' (from argument): cannot open the store"),
     ("postgresql://user:secret@127.0.0.1:1/db", "tracking URI 'postgresql://user:***@127.0.0.1:1/db' (from argument): needs"),
