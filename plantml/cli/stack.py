@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import click
 
+from plantml.cli.foreground import stopped_by_signals
 from plantml.stack.endpoints import ARTIFACT_MODES
 
 if TYPE_CHECKING:
     from plantml.stack import ManagedStack
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 @click.group()
@@ -61,20 +56,16 @@ def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path |
 def _in_foreground() -> Iterator[None]:
     """Ctrl-C, SIGTERM and SIGHUP stop the stack, and the supervisor's one line per restart goes to stderr,
     until the command returns: a caller of ``main([...])`` gets its own handlers back."""
-    # SIGHUP: a closed terminal or a dropped ssh; also when started with SIGINT ignored (a background job)
-    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in signums}
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("plantml stack: %(message)s"))
     logger = logging.getLogger("plantml.stack.supervisor")
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        for signum, handler_before in previous.items():
-            signal.signal(signum, handler_before)
+    with stopped_by_signals():
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
 
 
 def _serve(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path | None, *, auth: bool,

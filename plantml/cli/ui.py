@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import signal
 import time
-from types import FrameType
 
 import click
 
+from plantml.cli.foreground import STOP_SIGNALS, stopped_by_signals
 from plantml.cli.params import NON_BLANK
 from plantml.text import mask_passwords
 
@@ -15,14 +15,8 @@ from plantml.text import mask_passwords
 QUICK_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
-#: Each stops the UI and its server, freeing the port.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Seconds ``plantml ui`` waits for a tracking server to answer before it says where its URI came from.
 SERVER_WAIT_S = 3.0
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 @click.command("ui")
@@ -36,16 +30,11 @@ def ui(port: int | None, tracking_uri: str | None) -> None:
     A local store (the default sqlite:///mlflow.db, with its ./mlruns artifacts) is served
     on 127.0.0.1 until Ctrl-C; for a tracking server the link is printed and nothing is started.
     """
-    from plantml.tracking.environ import command_environ
-
-    with command_environ(QUICK_HTTP_ENV):
-        _ui(port, tracking_uri)
-
-
-def _ui(port: int | None, tracking_uri: str | None) -> None:
     from plantml.settings import resolve_tracking_settings
+    from plantml.tracking.environ import command_environ
     from plantml.ui import LocalUI, is_server_uri, newest_run
 
+    click.get_current_context().with_resource(command_environ(QUICK_HTTP_ENV))
     settings = resolve_tracking_settings(tracking_uri=tracking_uri)
     uri = settings.tracking_uri
     if is_server_uri(uri):
@@ -58,22 +47,17 @@ def _ui(port: int | None, tracking_uri: str | None) -> None:
         return
     server = LocalUI(uri, port, source=settings.source_of("tracking_uri"))  # refuses a store that does not exist
     landing = newest_run(uri)
-    # SIGHUP: a closed terminal; also when started with SIGINT ignored (a background job)
-    previous = {signum: signal.signal(signum, _raise_interrupt) for signum in STOP_SIGNALS}
-    try:
-        server.start()
-        click.echo(mask_passwords(f"MLflow UI for {uri}: {landing.url(server.base_url) if landing else server.base_url}"))
-        click.echo("Press Ctrl-C to stop.")
-        while server.running:
-            time.sleep(0.5)
-        raise click.ClickException(f"the mlflow server for {mask_passwords(uri)} stopped by itself")
-    except KeyboardInterrupt:
-        click.echo("plantml ui: stopped", err=True)
-    finally:
-        for signum in STOP_SIGNALS:  # a second Ctrl-C (or SIGHUP) must not orphan the server
-            signal.signal(signum, signal.SIG_IGN)
+    with stopped_by_signals():
         try:
+            server.start()
+            click.echo(mask_passwords(f"MLflow UI for {uri}: {landing.url(server.base_url) if landing else server.base_url}"))
+            click.echo("Press Ctrl-C to stop.")
+            while server.running:
+                time.sleep(0.5)
+            raise click.ClickException(f"the mlflow server for {mask_passwords(uri)} stopped by itself")
+        except KeyboardInterrupt:
+            click.echo("plantml ui: stopped", err=True)
+        finally:
+            for signum in STOP_SIGNALS:  # a second Ctrl-C (or SIGHUP) must not orphan the server
+                signal.signal(signum, signal.SIG_IGN)
             server.stop()
-        finally:  # a caller of main([...]) gets its own handlers back
-            for signum, handler_before in previous.items():
-                signal.signal(signum, handler_before)
