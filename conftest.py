@@ -47,23 +47,29 @@ LOCAL_SESSION_ONLY = {INTEGRATION_DIR / name for name in (
 )}
 
 
+def _only_backend(path: Path) -> str | None:
+    """The one backend whose session runs the module at ``path``; None where every session does."""
+    if path in CONTAINERS_ONLY:
+        return "containers"
+    if path in LOCAL_SESSION_ONLY:
+        return "local"
+    return None
+
+
 def _refuse_files_of_another_backend(config: pytest.Config) -> None:
     """A module named on the command line is collected whatever pytest_ignore_collect says: its tests then failed on
     the wrong backend's stack (``'HostProcess' object has no attribute 'docker_container'``). Say which they need."""
     backend = config.getoption("--stack")
     for arg in config.args:
-        path = (config.invocation_params.dir / arg.split("::")[0]).resolve()
-        if path in CONTAINERS_ONLY and backend != "containers":
+        only = _only_backend((config.invocation_params.dir / arg.split("::")[0]).resolve())
+        if only is None or only == backend:
+            continue
+        if only == "containers":
             raise pytest.UsageError(f"{arg}: the containers backend's own tests: run them with --stack containers")
-        if path in LOCAL_SESSION_ONLY and backend != "local":
-            raise pytest.UsageError(f"{arg}: tests of the client that only a --stack local session runs")
+        raise pytest.UsageError(f"{arg}: tests of the client that only a --stack local session runs")
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     # Not collected rather than skipped: a session on another backend has nothing to say about them.
-    backend = config.getoption("--stack")
-    if collection_path in CONTAINERS_ONLY and backend != "containers":
-        return True
-    if collection_path in LOCAL_SESSION_ONLY and backend != "local":
-        return True
-    return None
+    only = _only_backend(collection_path)
+    return True if only is not None and only != config.getoption("--stack") else None
