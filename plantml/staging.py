@@ -68,6 +68,21 @@ def staging_folder(parent: Path, name: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_folder(name: str) -> Iterator[Path]:
+    """A private :func:`staging_folder` for ``name`` in the system's temporary folder, removed on the way out.
+
+    Unlike ``tempfile.TemporaryDirectory``, a signal landing just after it is made still removes it, and
+    what a ``kill -9`` left there (a downloaded model: 100 MB for a resnet50) is swept by the next plantml
+    process that needs one. A temporary folder that refuses the write is :func:`folder_error`'s one line.
+    """
+    parent = Path(tempfile.gettempdir())
+    with contextlib.ExitStack() as scope:
+        with local_writes("temporary folder", parent):  # only its making: a caller's OSError is not blamed on it
+            folder = scope.enter_context(staging_folder(parent, name))
+        yield folder
+
+
 def set_aside(path: Path) -> Path:
     """Rename ``path`` beside itself under a staging name of this process, and return the new path.
 

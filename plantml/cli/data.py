@@ -41,19 +41,16 @@ def synth(directory: str, per_class: int, size: int, seed: int) -> None:
 
     A folder must be new, empty, or a synthetic set already; one holding other files is refused.
     """
-    import tempfile
-
     from plantml.datasets.remote import is_s3_uri
-    from plantml.staging import local_writes
+    from plantml.staging import scratch_folder
     from plantml.training import synth as synth_mod
     from plantml.training.data import scan_image_folder
 
     spec = synth_mod.SynthSpec(per_class=per_class, size=size, seed=seed)
     if is_s3_uri(directory):
-        with local_writes("temporary folder", Path(tempfile.gettempdir())):
-            with tempfile.TemporaryDirectory(prefix="plantml-synth-") as scratch:
-                folder = synth_mod.generate(Path(scratch) / spec.name, spec)
-                _push(folder, directory)
+        with scratch_folder("plantml-synth") as scratch:
+            folder = synth_mod.generate(scratch / spec.name, spec)
+            _push(folder, directory)
         return
     scan = scan_image_folder(synth_mod.write_set(directory, spec))
     counts = ", ".join(f"{name} {count}" for name, count in scan.class_counts().items())

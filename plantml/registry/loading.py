@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from plantml.errors import RegistryError, one_line
 from plantml.registry.store import check_s3_access
+from plantml.staging import scratch_folder
 from plantml.text import mask_passwords
 from plantml.tracking.connection import serves_no_artifacts
 from plantml.tracking.models import quiet_pickle_warning
@@ -70,7 +70,7 @@ def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) 
                             f"{mask_passwords(tracking_uri)} serves no artifacts (started with --no-serve-artifacts: a plantml "
                             "stack started --artifacts direct on a data folder first started proxied); start it with "
                             "--artifacts proxied to load it")
-    with tempfile.TemporaryDirectory(prefix="plantml-model-") as folder:
+    with scratch_folder("plantml-model") as folder:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
         check_model_files(downloaded, location, what)
         yield downloaded
@@ -140,7 +140,7 @@ def load_checkpoint_model(tracking_uri: str, artifact_root: str | None, what: st
     if not any(info.path.rpartition("/")[2] == file_name for info in stored):
         raise RegistryError(f"{what}: its run's artifacts ({artifact_root}) hold no {CHECKPOINT_ARTIFACT} (only `plantml train` "
                             "stores one; load such a model with load_model)")
-    with tempfile.TemporaryDirectory(prefix="plantml-checkpoint-") as destination:
+    with scratch_folder("plantml-checkpoint") as destination:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{file_name}", dst_path=destination,
                                                    tracking_uri=tracking_uri)
         try:

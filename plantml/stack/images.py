@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 from plantml.errors import StackError
+from plantml.staging import scratch_folder
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def build_image(recipe: ImageRecipe, force: bool = False) -> str:
     if not force and image_is_current(recipe):
         return "up to date"
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"plantml-image-{recipe.service}-") as tmp:
+    with scratch_folder(f"plantml-image-{recipe.service}") as tmp:
         workdir = Path(tmp)
         rootfs = debian_rootfs(recipe, workdir) if recipe.debian_packages else files_rootfs(recipe, workdir)
         changes = [*recipe.changes, f"ENV {FINGERPRINT_ENV}={recipe.fingerprint()}"]

@@ -21,18 +21,16 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from plantml.errors import RankFailed, UsageError
 from plantml.processes import process_start_time
 from plantml.settings import env_value
-from plantml.staging import staging_folder
+from plantml.staging import scratch_folder
 from plantml.tracking.environ import scoped_environ
 from plantml.training.distributed import launcher_gone, rank_info
 
@@ -60,7 +58,7 @@ def launch(nproc: int, worker_args: list[str]) -> int:
     try:
         # the agent's error files go here, and nowhere else; named after this process, so that the
         # next launch removes the folder of one that was killed
-        with staging_folder(Path(tempfile.gettempdir()), "plantml-ranks") as log_dir, \
+        with scratch_folder("plantml-ranks") as log_dir, \
                 scoped_environ({**threads, "PLANTML_LAUNCHER_PID": str(os.getpid())}):
             _register_rendezvous()
             config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc,

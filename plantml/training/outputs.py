@@ -12,14 +12,13 @@ import copy
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from plantml.staging import folder_lock, local_writes, staging_folder
+from plantml.staging import folder_lock, local_writes, scratch_folder
 from plantml.text import safe_data
 from plantml.training import figures
 from plantml.training.data import preprocessing
@@ -42,8 +41,7 @@ def save_and_log(prepared: Prepared, model: nn.Module, best_state: dict, result:
             with local_writes(role, out_dir):
                 out_dir.mkdir(parents=True, exist_ok=True)
         else:  # named after this process: the next training sweeps it away if a kill -9 left it
-            with local_writes(role, Path(tempfile.gettempdir())):
-                out_dir = scope.enter_context(staging_folder(Path(tempfile.gettempdir()), "plantml-train"))
+            out_dir = scope.enter_context(scratch_folder("plantml-train"))
         checkpoint = out_dir / "best_model.pth"
         serialized = io.BytesIO()  # torch's own writer reports a full disk as a RuntimeError about zip offsets
         torch.save({

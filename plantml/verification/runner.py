@@ -8,7 +8,6 @@ verification never leaves a run RUNNING. It prints nothing: the command line doe
 
 from __future__ import annotations
 
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from plantml.errors import ConfigError, PlantmlError
 from plantml.health import ask_health, health_url, refusal_hint, tls_failure
 from plantml.settings import TrackingSettings
+from plantml.staging import scratch_folder
 from plantml.text import mask_passwords
 from plantml.verification.checks import (
     ARTIFACT,
@@ -195,7 +195,7 @@ class Verification:
             self.tracker.check_artifact_access()
         except ConfigError as exc:
             raise CheckFailed(str(exc)) from None
-        with tempfile.TemporaryDirectory(prefix="plantml-verify-") as folder:
+        with scratch_folder("plantml-verify") as folder:
             source = Path(folder) / ARTIFACT_NAME
             source.write_text(self.artifact_text, encoding="utf-8")
             self.tracker.log_artifact(source, artifact_path=ARTIFACT_DIR)

@@ -10,7 +10,11 @@ the integration tests' PostgreSQL stores, are made by MLflow as always.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,3 +52,22 @@ def _mlflow_schema_from_one_made_by_mlflow(tmp_path_factory: pytest.TempPathFact
     patch.setattr(registry_store, "_initialize_tables", copy_schema)  # the registry store imported it by name
     yield
     patch.undo()
+
+
+@pytest.fixture
+def killed_leftover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Path]:
+    """Give the test a temporary folder of its own (``tempfile.gettempdir()``), and a function that leaves in it the
+    staging folder ``NAME`` of a plantml process that is gone, with a file, as a ``kill -9`` leaves it; the function
+    returns that temporary folder."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+
+    def leave(name: str) -> Path:
+        ended = subprocess.Popen([sys.executable, "-c", "pass"])
+        ended.wait()
+        left = temp / f".{name}.staging-{ended.pid}-12345-abc123de" / "sub"
+        left.mkdir(parents=True)
+        (left / "weights.pth").write_bytes(b"what a process killed with -9 was writing")
+        return temp
+    return leave

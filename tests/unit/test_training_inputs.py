@@ -299,18 +299,9 @@ def test_a_tracking_store_mlflow_cannot_open_is_one_line_without_its_password(ca
     assert line.startswith(f"plantml: error: {shown}") and "secret" not in line
 
 
-def test_a_training_without_output_dir_sweeps_the_temporary_folder_a_killed_one_left(leaves, tmp_path, monkeypatch):
+def test_a_training_without_output_dir_sweeps_the_temporary_folder_a_killed_one_left(leaves, killed_leftover):
     """Its checkpoint went to a plantml-train-* folder that a kill -9 left in /tmp for good (a resnet50's: 100 MB)."""
-    import tempfile
-
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    left = temp / f".plantml-train.staging-{ended.pid}-12345-abc123de"
-    (left / "sub").mkdir(parents=True)
-    (left / "best_model.pth").write_bytes(b"a checkpoint of a training killed with -9")
+    temp = killed_leftover("plantml-train")
 
     assert main(["train", "--data-dir", str(leaves), *TINY]) == 0
 

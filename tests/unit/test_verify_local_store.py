@@ -55,6 +55,17 @@ def test_all_eight_checks_pass_on_a_local_store(local_settings: TrackingSettings
     assert all(r.ok for r in results), [r.line for r in results if not r.ok]
 
 
+def test_the_checks_leave_nothing_in_the_temporary_folder_and_sweep_what_a_killed_check_left(
+    local_settings: TrackingSettings, killed_leftover: Any,
+) -> None:
+    """The artifact check's file went to a tempfile.TemporaryDirectory, left in /tmp by a kill -9 for good."""
+    temp = killed_leftover("plantml-verify")
+
+    assert all(r.ok for r in Verification(local_settings).run())
+
+    assert list(temp.iterdir()) == []
+
+
 def test_the_verification_run_is_tagged_and_finished(local_settings: TrackingSettings) -> None:
     verification = Verification(local_settings)
     list(verification.run())
