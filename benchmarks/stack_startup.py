@@ -28,7 +28,7 @@ from pathlib import Path
 from plantml.stack import make_stack, start_local_stack
 from plantml.stack.host import HostRunner
 from plantml.stack.mlflow_server import MLflowServerSpec, mlflow_service
-from plantml.stack.stack import free_port
+from plantml.stack.ports import free_port
 
 RESULTS = Path(__file__).parent / "results" / "stack_startup.json"
 

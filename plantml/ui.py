@@ -127,7 +127,7 @@ class LocalUI:
         from mirakuru import HTTPExecutor
         from mirakuru.exceptions import AlreadyRunning, ProcessExitedWithError, TimeoutExpired
 
-        from plantml.stack.stack import port_in_use
+        from plantml.stack.ports import port_in_use
 
         if port_in_use(self.port):
             raise UsageError(f"--port {self.port}: already in use on {LOOPBACK}; choose another with --port")
@@ -171,6 +171,6 @@ def _default_port() -> int:
     """MLflow's usual 5000 when it is free, else any free loopback port."""
     import port_for
 
-    from plantml.stack.stack import port_in_use  # something listens there: not what closed connections leave
+    from plantml.stack.ports import port_in_use  # something listens there: not what closed connections leave
 
     return port_for.select_random() if port_in_use(DEFAULT_UI_PORT) else DEFAULT_UI_PORT

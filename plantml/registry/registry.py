@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from plantml.errors import RegistryError, TrackingError, one_line
@@ -42,6 +42,7 @@ from plantml.registry.aliases import (
     read_history,
     rollback_target,
 )
+from plantml.registry.calls import RegistryCalls
 from plantml.registry.loading import parse_model_uri
 from plantml.registry.models import (
     AliasMove,
@@ -59,14 +60,8 @@ from plantml.registry.store import (
     check_s3_access,
     is_insert_clash,
     name_filter,
-    no_server_answered,
-    object_store_error,
-    object_store_errors,
     read_runs,
-    server_unreachable,
 )
-from plantml.text import mask_passwords
-from plantml.tracking.environ import forget_stale_s3_clients
 from plantml.tracking.stores import open_client
 
 if TYPE_CHECKING:
@@ -91,13 +86,14 @@ class ModelRegistry:
         self.tracking_uri = tracking_uri
         self.source = source or "argument"
         self.client = client if client is not None else open_client(tracking_uri, source)
-        self._stages = StageKeeper(self.client, self._call, self._registered_model, self._search_versions)
+        self._calls = RegistryCalls(self.client, tracking_uri, self.source)
+        self._stages = StageKeeper(self.client, self._calls.call, self._registered_model, self._search_versions)
 
     # -- reading ---------------------------------------------------------------------
 
     def list_models(self) -> list[ModelInfo]:
         """Every registered model, sorted by name."""
-        models = self._paged(lambda token: self.client.search_registered_models(page_token=token), "registered models")
+        models = self._calls.paged(lambda token: self.client.search_registered_models(page_token=token), "registered models")
         return sorted((model_info(rm) for rm in models), key=lambda m: m.name)
 
     def get_model(self, name: str) -> ModelInfo:
@@ -118,7 +114,7 @@ class ModelRegistry:
         """One version of ``name`` by number, or :class:`RegistryError` naming it."""
         number = _version_number(name, version)
         registered = self._registered_model(name)
-        mv = self._call(lambda: self.client.get_model_version(name, str(number)), f"model {name!r} version {number}")
+        mv = self._calls.call(lambda: self.client.get_model_version(name, str(number)), f"model {name!r} version {number}")
         return self._version_info(mv, aliases_by_version(registered))
 
     def resolve(self, name: str, reference: int | str = LATEST) -> VersionInfo:
@@ -136,7 +132,7 @@ class ModelRegistry:
             self._registered_model(name)
             with warnings.catch_warnings():  # stages are deprecated; MLflow still reads these URIs so
                 warnings.simplefilter("ignore", FutureWarning)
-                found = self._call(lambda: self.client.get_latest_versions(name, stages=[stage]), f"model {name!r}")
+                found = self._calls.call(lambda: self.client.get_latest_versions(name, stages=[stage]), f"model {name!r}")
             if not found:
                 raise RegistryError(f"model {name!r}: no version in stage {stage!r}")
             return self.get_version(name, max(int(mv.version) for mv in found))
@@ -209,7 +205,7 @@ class ModelRegistry:
     def _existing_version(self, name: str, version: int | str) -> int:
         """The number of ``name``'s version ``version`` once MLflow confirms it exists (no run read, unlike get_version)."""
         number = _version_number(name, version)
-        self._call(lambda: self.client.get_model_version(name, str(number)), f"model {name!r} version {number}")
+        self._calls.call(lambda: self.client.get_model_version(name, str(number)), f"model {name!r} version {number}")
         return number
 
     def _exists(self, name: str, version: int) -> bool:
@@ -248,11 +244,11 @@ class ModelRegistry:
         unique-key error. The value then exists, so writing again simply overwrites it.
         """
         try:
-            self._call(action, what)
+            self._calls.call(action, what)
         except TrackingError as exc:
             if not is_insert_clash(exc):
                 raise
-            self._call(action, what)
+            self._calls.call(action, what)
 
     def _tag_version(self, name: str, number: str, key: str, value: str) -> None:
         # Two promotions (or rollbacks) onto one version at once both insert its first tag of that key.
@@ -276,9 +272,9 @@ class ModelRegistry:
 
         version = self.resolve(name, reference)
         what = f"model {name!r} version {version.version}"
-        location = self._call(lambda: self.client.get_model_version_download_uri(name, str(version.version)), what)
+        location = self._calls.call(lambda: self.client.get_model_version_download_uri(name, str(version.version)), what)
         check_s3_access(location, what)
-        return self._call(lambda: mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst_path,
+        return self._calls.call(lambda: mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst_path,
                                                                       tracking_uri=self.tracking_uri), what)
 
     def load_model(self, name_or_uri: str, reference: int | str | None = None) -> Any:
@@ -305,9 +301,9 @@ class ModelRegistry:
         name, ref = self._split(name_or_uri, reference)
         version = self.resolve(name, ref)
         what = f"model {name!r} version {version.version}"
-        run = self._run(version.run_id) if version.run_id else None
+        run = self._calls.run(version.run_id) if version.run_id else None
         root = run.info.artifact_uri if run is not None else None
-        return self._call(lambda: loading.load_checkpoint_model(self.tracking_uri, root, what), what)
+        return self._calls.call(lambda: loading.load_checkpoint_model(self.tracking_uri, root, what), what)
 
     def _load(self, name_or_uri: str, reference: int | str | None, load: Callable[[Any], T]) -> T:
         name, ref = self._split(name_or_uri, reference)
@@ -321,7 +317,7 @@ class ModelRegistry:
                 except Exception as exc:  # an unpicklable class, a missing module, a torch version clash
                     raise RegistryError(f"{what}: downloaded but cannot be loaded here ({type(exc).__name__}: {one_line(exc)})") from exc
 
-        return self._call(download_and_load, what)
+        return self._calls.call(download_and_load, what)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -336,66 +332,20 @@ class ModelRegistry:
     def _search_versions(self, name: str) -> list[Any]:
         """Every version of ``name`` (MLflow's filter may match more names: they are dropped here)."""
         query = name_filter(name)
-        found = self._paged(lambda token: self.client.search_model_versions(query, page_token=token), f"versions of {name!r}")
+        found = self._calls.paged(lambda token: self.client.search_model_versions(query, page_token=token), f"versions of {name!r}")
         return [mv for mv in found if mv.name == name]
 
     def _registered_model(self, name: str) -> Any:
         if not name:
             raise RegistryError("registered model '': a name is required")
-        return self._call(lambda: self.client.get_registered_model(name), f"registered model {name!r}")
+        return self._calls.call(lambda: self.client.get_registered_model(name), f"registered model {name!r}")
 
     def _version_info(self, mv: Any, by_version: dict[int, tuple[str, ...]]) -> VersionInfo:
-        return version_info(mv, by_version, self._run(mv.run_id) if mv.run_id else None)
+        return version_info(mv, by_version, self._calls.run(mv.run_id) if mv.run_id else None)
 
     def _runs(self, run_ids: list[str]) -> dict[str, Any]:
         """The runs of ``run_ids`` that still exist, by id (see :func:`~plantml.registry.store.read_runs`)."""
-        return read_runs(self.client, run_ids, self._run, self._call, over_http=self.tracking_uri.startswith(("http://", "https://")))
-
-    def _run(self, run_id: str) -> Any | None:
-        """The run, or None when it was deleted (a version outlives its run)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise TrackingError(f"run {run_id}: {one_line(exc)}") from exc
-
-    def _paged(self, fetch: Callable[[str | None], Any], what: str) -> Iterator[Any]:
-        token: str | None = None
-        while True:
-            page = self._call(lambda: fetch(token), what)  # noqa: B023 - called at once
-            yield from page
-            token = getattr(page, "token", None)
-            if not token:
-                return
-
-    def _unreachable(self, what: str) -> TrackingError:
-        return TrackingError(f"{what}: {mask_passwords(self.tracking_uri)}: tracking server not reachable; "
-                             f"this URI came from {self.source}")
-
-    def _call(self, action: Callable[[], T], what: str) -> T:
-        """Run one MLflow call; "not found" becomes a :class:`RegistryError` naming ``what``."""
-        from mlflow.exceptions import MlflowException
-
-        forget_stale_s3_clients()  # the S3 settings may have changed since the last call (another stack's keys)
-        if server_unreachable(self.tracking_uri):  # seconds, where MLflow's client would retry for minutes
-            raise self._unreachable(what)
-        try:
-            return action()
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
-                raise RegistryError(f"{what}: not found") from exc
-            if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed
-                raise RegistryError(f"{what}: {one_line(exc).removeprefix('INVALID_PARAMETER_VALUE: ')}") from exc
-            if no_server_answered(exc):  # a stale .env (a stack stopped since) is the usual cause: say where the URI came from
-                raise self._unreachable(what) from exc
-            raise TrackingError(f"{what}: {one_line(exc)}") from exc
-        except object_store_errors() as exc:  # boto3's, before OSError: its timeouts are OSErrors too
-            raise object_store_error(exc, what) from exc
-        except OSError as exc:  # connection refused, DNS, timeouts (requests' errors are OSErrors)
-            raise TrackingError(f"{what}: tracking server {self.tracking_uri} unreachable ({one_line(exc)})") from exc
+        return read_runs(self.client, run_ids, self._calls.run, self._calls.call, over_http=self.tracking_uri.startswith(("http://", "https://")))
 
 
 def _version_number(name: str, version: int | str) -> int:

@@ -48,7 +48,7 @@ def prune(everything: bool = False) -> list[str]:
     ``everything`` also removes the containers of live stacks. Returns what was removed, in words.
     """
     from plantml.errors import StackError
-    from plantml.stack.folder import prune_local_stacks
+    from plantml.stack.leftovers import prune_local_stacks
 
     removed = []
     try:

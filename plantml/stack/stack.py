@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import shutil
-import socket
 import threading
 import uuid
 from collections.abc import Callable, Mapping
@@ -21,18 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import port_for
-
 from plantml.errors import ConfigError, StackError, StorageError, UsageError
 from plantml.processes import process_start_time
 from plantml.settings import env_number
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
 from plantml.stack.files import sync_folder
-from plantml.stack.folder import CREDENTIALS, STATE, StackFolder, prune_local_stacks
+from plantml.stack.folder import CREDENTIALS, STATE, StackFolder
+from plantml.stack.leftovers import prune_local_stacks
 from plantml.stack.mlflow_server import MLflowServerSpec, mlflow_service
+from plantml.stack.ports import check_data_dir, check_ports, free_port, port_in_use
 from plantml.stack.postgres import PostgresSpec, postgres_service
-from plantml.stack.s3 import FILER_SOCKET, S3_SOCKET, S3Spec, s3_service, seaweed_security_env
+from plantml.stack.s3 import S3Spec, s3_service, seaweed_security_env
 from plantml.stack.service import LOOPBACK, SERVICE_NAMES, Runner, ServiceProcess, ServiceSpec
 from plantml.stack.supervisor import Service, Supervisor
 
@@ -85,20 +83,6 @@ class StackSpec:
         return {**found, **jwt}
 
 
-def port_in_use(port: int) -> bool:
-    """True when something already listens on 127.0.0.1:port."""
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((LOOPBACK, port)) == 0
-
-
-def free_port(taken: set[int]) -> int:
-    """A free loopback port not in ``taken`` (which it joins)."""
-    port = port_for.select_random(exclude_ports=taken)
-    taken.add(port)
-    return port
-
-
 class ManagedStack(Stack):
     """A stack whose services plantml runs itself, through one runner.
 
@@ -121,13 +105,13 @@ class ManagedStack(Stack):
         self.spec = spec or StackSpec(postgres=PostgresSpec(durable=durable),
                                       s3=S3Spec(flavour=s3_flavour) if s3_flavour else S3Spec(),  # type: ignore[arg-type]
                                       mlflow=MLflowServerSpec(artifact_mode=artifact_mode, auth=auth))
-        self.data_dir = _checked_data_dir(Path(data_dir)) if data_dir is not None else None
+        self.data_dir = check_data_dir(Path(data_dir)) if data_dir is not None else None
         self.stack_id = uuid.uuid4().hex[:10]
         self.services: dict[str, Service] = {}
         self.folder: StackFolder | None = None
         #: The folder of the last start, also once stopped (a temporary one no longer exists then).
         self.folder_path: Path | None = None
-        self._fixed_ports = _checked_ports({"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port})
+        self._fixed_ports = check_ports({"mlflow": mlflow_port, "s3": s3_port, "postgres": postgres_port})
         self._supervise = supervise
         self._health_window: float = env_number("PLANTML_HEALTH_WINDOW", health_window, minimum=0)
         self._state_lock = threading.Lock()
@@ -147,7 +131,7 @@ class ManagedStack(Stack):
             folder = self.folder = StackFolder.open(self.data_dir, self.stack_id)
             self.folder_path = folder.path
             if folder.temporary:  # made in $TMPDIR, which may be deep (removed again by stop)
-                _checked_data_dir(folder.path, "temporary stack folder", "; set TMPDIR to a shorter folder, or give --data-dir")
+                check_data_dir(folder.path, "temporary stack folder", "; set TMPDIR to a shorter folder, or give --data-dir")
             self._start_services()
         except BaseException:
             self.stop()
@@ -365,39 +349,4 @@ def abandonable(name: str, ready: Callable[[], bool], abandon: threading.Event) 
     return check
 
 
-__all__ = ["ManagedStack", "ServiceProcess", "StackSpec", "free_port", "port_in_use"]
-
-
-def _checked_ports(fixed: dict[str, int | None]) -> dict[str, int | None]:
-    """Fixed ports as given (None: a free one), refused at once when out of range or given to two services:
-    the second service would fail to bind and the start would wait for it."""
-    for name, port in fixed.items():
-        if port is not None and not 0 < port < 65536:
-            raise ConfigError(f"{name}_port={port}: expected a port from 1 to 65535 (or None for a free one)")
-    given = [(name, port) for name, port in fixed.items() if port is not None]
-    for index, (name, port) in enumerate(given):
-        for other, other_port in given[index + 1:]:
-            if port == other_port:
-                raise ConfigError(f"{name}_port and {other}_port are both {port}: each service needs its own port")
-    return fixed
-
-
-#: The longest path a Unix socket can have (``sun_path``, with its NUL); the object store keeps two in its folder.
-_SOCKET_PATH_MAX = 107
-
-
-def _checked_data_dir(path: Path, what: str = "data folder", remedy: str = "") -> Path:
-    """Refuse a data folder the object store cannot work in, in one line rather than its crash dump.
-
-    The path checked is the one the services get: with its symbolic links resolved, as :meth:`StackFolder.open` does
-    (a short link to a long folder would pass a check of the link's own path)."""
-    raw = os.fsencode(path.expanduser().resolve())
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path}: its path is not UTF-8, which SeaweedFS needs; choose another{remedy}") from None
-    longest = raw + os.fsencode(f"/s3/{max(FILER_SOCKET, S3_SOCKET, key=len)}")  # the object store's folder: see _describe
-    if len(longest) > _SOCKET_PATH_MAX:
-        raise ConfigError(f"{what} {path}: its path is {len(raw)} bytes; the object store's sockets in it "
-                          f"({longest.decode()}) would pass the {_SOCKET_PATH_MAX}-byte limit of a Unix socket path{remedy}")
-    return path
+__all__ = ["ManagedStack", "ServiceProcess", "StackSpec"]

@@ -17,7 +17,7 @@ from _processes import stop_group
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from plantml.errors import TrackingError
-from plantml.stack.stack import free_port
+from plantml.stack.ports import free_port
 from plantml.stack.tls import make_mutual_tls
 from plantml.tracking import MLflowTracker
 

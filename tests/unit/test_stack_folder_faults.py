@@ -136,7 +136,7 @@ KILLED_WITH_A_SERVICE = (
     "print(service.pid, flush=True); os._exit(0)"
 )
 #: Another start's prune, whose wait for the killed stack's service is cut to 2 s.
-PRUNE = "from plantml.stack import folder; folder.GRACE_S = 2.0; print(folder.prune_local_stacks(), flush=True)"
+PRUNE = "from plantml.stack import folder, leftovers; folder.GRACE_S = 2.0; print(leftovers.prune_local_stacks(), flush=True)"
 
 
 def test_a_stack_started_again_on_its_folder_waits_for_another_starts_prune_of_it(tmp_path):

@@ -18,7 +18,8 @@ from tenacity import retry, retry_if_result, stop_after_delay, wait_fixed
 
 from plantml.errors import ConfigError, StackError
 from plantml.processes import process_start_time
-from plantml.stack.folder import CREDENTIALS, ENV_FILE_HEADER, StackFolder, prune_local_stacks
+from plantml.stack.folder import CREDENTIALS, ENV_FILE_HEADER, StackFolder
+from plantml.stack.leftovers import prune_local_stacks
 from plantml.stack.service import ServiceSpec
 from plantml.stack.supervisor import Service, Supervisor, backoff
 
