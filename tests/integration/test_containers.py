@@ -6,6 +6,7 @@ and the images of ``plantml stack build-images``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -149,6 +150,33 @@ def test_stack_prune_removes_what_a_killed_session_and_its_killed_reaper_left(do
     while Path(left["folder"]).exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not Path(left["folder"]).exists()
+
+
+def test_stack_prune_keeps_a_live_owners_containers_and_prune_all_removes_them(docker, monkeypatch):
+    """``prune --all`` removes every plantml container, a live session's too; ``prune`` alone only those of dead
+    owners. The label is narrowed to this test's own: a real ``--all`` would end the other workers' stacks."""
+    from plantml.cli.stack import stack as stack_command
+    from plantml.stack import docker_api
+    from plantml.stack.images import default_postgres_image
+
+    label = f"plantml.stack-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(docker_api, "LABEL", label)
+    container = docker.containers.run(default_postgres_image(), ["sleep", "300"], entrypoint=[], detach=True,
+                                      network_mode="none", labels=docker_api.owner_labels("live-session"))
+    try:
+        kept = CliRunner().invoke(stack_command, ["prune"])
+        assert kept.exit_code == 0, kept.output
+        assert "removed 0 container(s)" in kept.output
+        assert docker.containers.get(container.id).status == "running"  # its owner, this process, is alive
+
+        removed = CliRunner().invoke(stack_command, ["prune", "--all"])
+
+        assert removed.exit_code == 0, removed.output
+        assert "removed 1 container(s)" in removed.output and container.name in removed.output
+        assert docker.containers.list(all=True, filters={"label": label}) == []
+    finally:
+        with contextlib.suppress(Exception):
+            container.remove(force=True)
 
 
 def test_a_folder_kept_by_one_backend_is_served_by_the_other_in_another_mode(tmp_path):
