@@ -57,3 +57,36 @@ def test_the_users_own_values_win_during_the_command_and_stay_after(here: Path, 
                 os.environ["AWS_ACCESS_KEY_ID"]) == ("7", "30", "k")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ and "AWS_ACCESS_KEY_ID" not in os.environ
+
+
+@pytest.fixture
+def leaves(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from plantml.training import synth
+
+    return synth.write_set(tmp_path_factory.mktemp("leaves") / "leaves", synth.SynthSpec(per_class=6, size=16))
+
+
+def _warning_state() -> tuple:
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("plantml.training", "plantml.tracking")]
+    return list(warnings.filters), warnings.showwarning, [(list(log.handlers), log.propagate) for log in loggers]
+
+
+@pytest.mark.parametrize("command", ["train", "data inspect"])
+def test_a_command_run_from_python_leaves_its_callers_warning_filters_and_loggers_as_they_were(
+        here: Path, leaves: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``train`` and ``data`` added two ignore filters to the caller's warnings and took over plantml's loggers
+    (their own stderr handler, no propagation) for good: a notebook's later warnings went missing."""
+    argv = {"train": ["train", "--data-dir", str(leaves), "--backbone", "mobilenet_v2", "--weights", "none",
+                      "--epochs", "1", "--batch-size", "8", "--image-size", "32", "--no-mlflow"],
+            "data inspect": ["data", "inspect", str(leaves)]}[command]
+    import plantml.training.figures
+    import plantml.training.run  # noqa: F401 - what they add to the filters when imported is theirs, not the command's
+
+    before = _warning_state()
+
+    assert main(argv) == 0, capsys.readouterr()
+
+    assert _warning_state() == before

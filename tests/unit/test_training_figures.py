@@ -40,10 +40,10 @@ def test_a_class_name_the_font_cannot_draw_prints_no_raw_python_warning():
     command line, which prints only ``plantml:`` lines."""
     import warnings
 
-    from plantml.cli.warnings_output import show_warnings
+    from plantml.cli.warnings_output import shown_warnings
 
     with warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
-        show_warnings()
-        _rendered(figures.confusion_matrix([[1, 0], [0, 1]], ["Blätter \N{HERB}", "tab\there"]))
+        with shown_warnings():
+            _rendered(figures.confusion_matrix([[1, 0], [0, 1]], ["Blätter \N{HERB}", "tab\there"]))
     assert [str(w.message) for w in shown if "Glyph" in str(w.message)] == []
