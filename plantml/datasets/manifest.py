@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from plantml.errors import DataError, os_reason
-from plantml.text import name_text
+from plantml.text import name_text, safe_text, shown_text
 
 #: Name of the manifest object stored beside a pushed set's files.
 MANIFEST_NAME = "plantml-dataset.json"
@@ -182,6 +182,7 @@ def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[
     if len(class_dirs) < 2:
         found = ", ".join(p.name for p in class_dirs) or "none"
         raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})")
+    _refuse_classes_recorded_alike(root, class_dirs)
     folders = []
     for class_dir in class_dirs:
         files = _files_under(class_dir)
@@ -189,6 +190,19 @@ def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[
         if left_out is not None:
             left_out += sorted(p for p in files if not p.name.startswith(".") and not is_image_file(p))
     return folders
+
+
+def _refuse_classes_recorded_alike(root: Path, class_dirs: list[Path]) -> None:
+    """Two class folders whose names are recorded as one (a byte that is not UTF-8 is written ``%XX``, so a Latin-1
+    ``a\\xff`` and a plain ``a%FF`` are both class ``a%FF``): the model's output columns could not be told apart."""
+    seen: dict[str, Path] = {}
+    for class_dir in class_dirs:
+        recorded = safe_text(name_text(class_dir.name))
+        if recorded in seen:
+            names = " and ".join(ascii(os.fsencode(folder.name)) for folder in (seen[recorded], class_dir))
+            raise DataError(f"data folder {shown_text(str(root))}: class folders {names} would both be recorded as "
+                            f"class {shown_text(recorded)!r} (a byte that is not UTF-8 is written %XX); rename one")
+        seen[recorded] = class_dir
 
 
 def _files_under(class_dir: Path) -> list[Path]:

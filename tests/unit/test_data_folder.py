@@ -114,3 +114,27 @@ def test_inspect_refuses_a_class_too_small_to_split_as_train_does(folder, capsys
     assert capsys.readouterr().err.strip() == expected
     assert main(["train", "--data-dir", str(folder), "--no-mlflow", "--epochs", "1"]) == 2
     assert capsys.readouterr().err.strip() == expected
+
+
+@pytest.mark.parametrize("command", ["data inspect", "train", "data push"])
+def test_two_class_folders_recorded_under_one_name_are_refused_in_one_line_naming_both(folder, monkeypatch, capsys,
+                                                                                       command):
+    """A Latin-1 folder ``healthy\\xff`` is recorded as class ``healthy%FF`` (a byte that is not UTF-8 is written %XX),
+    as is a folder really named ``healthy%FF``: the set trained, and its model had two output columns of one name."""
+    import os
+
+    from plantml.cli import main
+
+    for name in (b"healthy\xff", b"healthy%FF"):
+        shutil.copytree(folder / "healthy", folder / os.fsdecode(name))
+    argv = {"data inspect": ["data", "inspect", str(folder)],
+            "train": ["train", "--data-dir", str(folder), "--no-mlflow", "--epochs", "1"],
+            "data push": ["data", "push", str(folder), "s3://plantml-data/leaves"]}[command]
+    for name, value in {"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "plantml-key",
+                        "AWS_SECRET_ACCESS_KEY": "plantml-secret"}.items():  # a store never reached: refused before
+        monkeypatch.setenv(name, value)
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"plantml: error: data folder {folder}: class folders b'healthy%FF' and b'healthy\\xff' would both be "
+                   "recorded as class 'healthy%FF' (a byte that is not UTF-8 is written %XX); rename one\n")
