@@ -128,3 +128,22 @@ def one_line(exc: BaseException) -> str:
 def os_reason(exc: OSError) -> str:
     """Why the system refused a file operation, in its own words (``Permission denied``), for a one-line error."""
     return exc.strerror or type(exc).__name__
+
+
+def connection_reason(exc: BaseException) -> str:
+    """Why a connection failed, in the system's few words (``Connection refused``, ``timed out``), found in the chain
+    of wrappers requests and urllib3 put around it (``HTTPConnectionPool(...): Max retries exceeded with url: ...``);
+    :func:`one_line` when the chain holds no such reason."""
+    pending: list[object] = [exc]
+    seen: set[int] = set()
+    while pending:
+        cause = pending.pop(0)
+        if not isinstance(cause, BaseException) or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        if isinstance(cause, TimeoutError) or type(cause).__name__.endswith("Timeout"):
+            return "timed out"
+        pending += [getattr(cause, "reason", None), *cause.args[:1], cause.__cause__, cause.__context__]
+    return one_line(exc)

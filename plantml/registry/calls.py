@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from plantml.errors import RegistryError, TrackingError, one_line
+from plantml.errors import RegistryError, TrackingError, connection_reason, one_line
 from plantml.registry.store import no_server_answered, object_store_error, object_store_errors, server_unreachable
 from plantml.text import mask_passwords
 from plantml.tracking.environ import forget_stale_s3_clients
@@ -72,4 +72,4 @@ class RegistryCalls:
         except object_store_errors() as exc:  # boto3's, before OSError: its timeouts are OSErrors too
             raise object_store_error(exc, what) from exc
         except OSError as exc:  # connection refused, DNS, timeouts (requests' errors are OSErrors)
-            raise TrackingError(f"{what}: tracking server {self.tracking_uri} unreachable ({one_line(exc)})") from exc
+            raise TrackingError(f"{what}: tracking server {mask_passwords(self.tracking_uri)} unreachable ({connection_reason(exc)})") from exc

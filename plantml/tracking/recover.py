@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import TrackingError, UsageError, one_line
+from plantml.errors import TrackingError, UsageError, connection_reason, one_line
 from plantml.settings import TrackingSettings, parse_duration, resolve_tracking_settings
 from plantml.tracking.delivery import RetryPolicy, read_run_state
 from plantml.tracking.entries import End, Model, Tag
@@ -172,7 +172,8 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
             state = read_run_state(transport, header.run_id, replace(policy, give_up=lambda: time.monotonic() > first_contact))
         except Exception as exc:
             journal.close()
-            report = _report(journal, f"{settings.tracking_uri} not reachable ({one_line(exc)}); journal kept", False)
+            report = _report(journal, f"journal {path} (run {header.run_id}): {settings.tracking_uri} not reachable "
+                                      f"({connection_reason(exc)}); journal kept", False)
             return replace(report, unreachable=True)
         if state is None or state.deleted:
             where = "deleted" if state else "not found"

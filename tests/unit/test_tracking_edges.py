@@ -289,3 +289,29 @@ def test_a_with_block_whose_run_cannot_end_logs_the_run_id_once(caplog, end_erro
         with TrackedRun(tracker, SimpleNamespace(info=SimpleNamespace(run_id="abc"))):
             raise ValueError("the block's error")
     assert [record.getMessage() for record in caplog.records] == [logged]
+
+
+def test_a_connection_failure_is_named_in_the_systems_words_not_urllib3s_wrappers() -> None:
+    """requests wraps a refused connection three times (ConnectionError, MaxRetryError, NewConnectionError): the
+    one-line errors that name a server that did not answer said "HTTPConnectionPool(host=...): Max retries exceeded
+    with url: ... (Caused by NewConnectionError(...))"."""
+    import socket
+
+    import requests
+
+    from plantml.errors import connection_reason
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)  # accepts, never answers
+        silent = listening.getsockname()[1]
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            refused = closed.getsockname()[1]
+        reasons = []
+        for port, timeout in ((refused, 3), (silent, (3, 0.5))):
+            with pytest.raises(requests.RequestException) as failure:
+                requests.get(f"http://127.0.0.1:{port}/api", timeout=timeout)
+            reasons.append(connection_reason(failure.value))
+    assert reasons == ["Connection refused", "timed out"]
+    assert connection_reason(ValueError("not a connection\nsecond line")) == "not a connection"

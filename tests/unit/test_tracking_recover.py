@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -341,6 +342,10 @@ def test_recover_waits_once_for_a_server_that_is_gone_not_once_per_journal(store
     out = capsys.readouterr().out.splitlines()
     assert took < 4.5, f"{took:.1f} s: each journal waited for the server"  # was 3 x 2 s
     assert len(out) == 3 and sum("not reachable (above)" in line for line in out) == 2
+    # the first names its journal and run, and why in the system's words, not urllib3's three nested wrappers
+    first = next(line for line in out if "(above)" not in line)
+    assert re.fullmatch(rf"journal \S+\.jsonl \(run [0-9a-f]{{32}}\): {dead} not reachable \(Connection refused\); "
+                        "journal kept", first), first
     assert all(path.exists() for path in paths)
 
 
