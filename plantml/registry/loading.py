@@ -22,14 +22,16 @@ Two ways in:
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import RegistryError, one_line
+from plantml.errors import RegistryError, TrackingError, one_line
 from plantml.registry.store import check_s3_access
-from plantml.staging import scratch_folder
+from plantml.staging import folder_error, scratch_folder
 from plantml.text import mask_passwords
 from plantml.tracking.connection import serves_no_artifacts
 from plantml.tracking.models import quiet_pickle_warning
@@ -39,6 +41,13 @@ CHECKPOINT_ARTIFACT = "models/best_model.pth"
 
 #: The weights file of MLflow's pytorch flavor: pickled, or exported by ``torch.export`` (MLflow 3's default).
 TORCH_MODEL_FILES = ("model.pth", "model.pt2")
+
+#: What a download's failure says of the local folder it writes to (full, over quota, read-only, forbidden): that
+#: folder's error, not the store's.
+_LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
+#: A file's section in MLflow's message for a failed download (the message shows nothing past its first line).
+_FAILED_FILE = re.compile(r"^##### File (?P<file>.+) #####\n(?P<reason>.*)$", re.M)
+_ERRNO = re.compile(r"^\[Errno (\d+)\]")
 
 _MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))/?$")
 
@@ -57,10 +66,50 @@ def parse_model_uri(uri: str) -> tuple[str, str]:
     return match["name"], match["version"]
 
 
+def download(location: str, destination: Path, tracking_uri: str, what: str, role: str, folder: Path) -> Path:
+    """MLflow's download of ``location`` into ``destination``; its failure in one line.
+
+    MLflow gathers the failures of a download into one message, a section per file, whose first line says only that
+    some failed: the first file's reason is named instead. A local folder that refuses the files (``folder``, named
+    as ``role``: full, read-only) is its one-line error (:func:`~plantml.staging.folder_error`), not the store's; a
+    file of a local store that cannot be read (a link to nothing) is the store's, not a "tracking server unreachable".
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(destination),
+                                                        tracking_uri=tracking_uri))
+    except OSError as exc:
+        if exc.errno not in _LOCAL_ERRNOS:
+            if exc.filename is None:  # a connection's (requests', boto3's): the caller names the server
+                raise
+            raise TrackingError(f"{what}: its files at {mask_passwords(location)} cannot be read ({one_line(exc)})") from None
+        number = exc.errno
+        failed = None
+    except MlflowException as exc:
+        failed = _FAILED_FILE.search(str(exc))
+        if failed is None:
+            raise
+        code = _ERRNO.match(failed["reason"])
+        number = int(code[1]) if code else None
+    if number in _LOCAL_ERRNOS:
+        raise folder_error(role, folder, OSError(number, os.strerror(number))) from None
+    raise TrackingError(f"{what}: {failed['file']} could not be downloaded from {mask_passwords(location)} "
+                        f"({failed['reason'][:300]})") from None
+
+
+@contextlib.contextmanager
+def scratch_download(location: str, tracking_uri: str, what: str, name: str) -> Iterator[Path]:
+    """:func:`download` into a :func:`~plantml.staging.scratch_folder` named ``name``; the files go with it."""
+    with scratch_folder(name) as folder:
+        yield download(location, folder, tracking_uri, what, f"{what}: its download to the temporary folder (TMPDIR)",
+                       folder.parent)
+
+
 @contextlib.contextmanager
 def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) -> Iterator[Path]:
     """The folder of version ``version`` of ``name``, downloaded from the client's registry; removed after."""
-    import mlflow.artifacts
 
     location = client.get_model_version_download_uri(name, str(version))
     what = f"model {name!r} version {version}"
@@ -70,8 +119,7 @@ def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) 
                             f"{mask_passwords(tracking_uri)} serves no artifacts (started with --no-serve-artifacts: a plantml "
                             "stack started --artifacts direct on a data folder first started proxied); start it with "
                             "--artifacts proxied to load it")
-    with scratch_folder("plantml-model") as folder:
-        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=folder, tracking_uri=tracking_uri))
+    with scratch_download(location, tracking_uri, what, "plantml-model") as downloaded:
         check_model_files(downloaded, location, what)
         yield downloaded
 
@@ -140,9 +188,7 @@ def load_checkpoint_model(tracking_uri: str, artifact_root: str | None, what: st
     if not any(info.path.rpartition("/")[2] == file_name for info in stored):
         raise RegistryError(f"{what}: its run's artifacts ({artifact_root}) hold no {CHECKPOINT_ARTIFACT} (only `plantml train` "
                             "stores one; load such a model with load_model)")
-    with scratch_folder("plantml-checkpoint") as destination:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{folder}/{file_name}", dst_path=destination,
-                                                   tracking_uri=tracking_uri)
+    with scratch_download(f"{folder}/{file_name}", tracking_uri, what, "plantml-checkpoint") as path:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - truncated or altered in the store: torch's zip reader, its weights-only unpickler

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from plantml.errors import RegistryError, TrackingError, one_line
@@ -268,14 +269,13 @@ class ModelRegistry:
 
     def download(self, name: str, reference: int | str, dst_path: str) -> str:
         """Download a version's model folder (MLmodel and data) into ``dst_path``; return its path."""
-        import mlflow.artifacts
-
         version = self.resolve(name, reference)
         what = f"model {name!r} version {version.version}"
         location = self._calls.call(lambda: self.client.get_model_version_download_uri(name, str(version.version)), what)
         check_s3_access(location, what)
-        return self._calls.call(lambda: mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=dst_path,
-                                                                      tracking_uri=self.tracking_uri), what)
+        destination = Path(dst_path)
+        return str(self._calls.call(lambda: loading.download(location, destination, self.tracking_uri, what,
+                                                             "download folder", destination), what))
 
     def load_model(self, name_or_uri: str, reference: int | str | None = None) -> Any:
         """Load a registered PyTorch model as a ``torch.nn.Module``, from this registry only.

@@ -9,6 +9,7 @@ the integration tests' PostgreSQL stores, are made by MLflow as always.
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -71,3 +72,16 @@ def killed_leftover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable
         (left / "weights.pth").write_bytes(b"what a process killed with -9 was writing")
         return temp
     return leave
+
+
+@pytest.fixture()
+def files_of_at_most_one_mib() -> Iterator[None]:
+    """Writes past 1 MiB fail in this process as on a full disk (EFBIG, which torch's own writer gets too)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, previous)

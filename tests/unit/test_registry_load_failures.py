@@ -226,3 +226,65 @@ def test_a_load_leaves_nothing_in_the_temporary_folder_and_sweeps_what_a_killed_
 
     assert isinstance(loaded, torch.nn.Module)
     assert list(temp.iterdir()) == []  # the dead one's swept, this one's removed
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-pickle",)], ids=["pickle", "no-pickle"])
+def test_a_temporary_folder_that_fills_up_during_the_download_is_named_in_one_line_and_left_empty(
+    local_store: tuple[str, str, Path], killed_leftover: Callable[[str], Path], capfd: pytest.CaptureFixture[str],
+    flags: tuple[str, ...], request: pytest.FixtureRequest,
+) -> None:
+    """Was: "model 'x' version 1: The following failures occurred while downloading one or more artifacts from …:",
+    MLflow's first line, without the reason (the disk) nor the folder, exit 1 as if the store had failed."""
+    import shutil
+
+    import mlflow.pytorch
+    import torch
+
+    from plantml.training.models import WeightsChoice, build_model
+
+    uri, name, artifacts = local_store
+    model = build_model("mobilenet_v2", 2, WeightsChoice("none"))  # 9 MB: past the 1 MiB a file may have below
+    shutil.rmtree(artifacts / "model", ignore_errors=True)
+    mlflow.pytorch.save_model(model, str(artifacts / "model"), serialization_format="pickle", pip_requirements=["torch"])
+    (artifacts / "models").mkdir(parents=True, exist_ok=True)
+    torch.save({"backbone": "mobilenet_v2", "num_classes": 2, "model_state_dict": model.state_dict()},
+               artifacts / "models" / "best_model.pth")
+    temp = killed_leftover("plantml-model")
+    capfd.readouterr()
+    request.getfixturevalue("files_of_at_most_one_mib")
+
+    code, err = load_check(uri, name, *flags, capfd=capfd)
+
+    assert code == 1, err
+    assert err == (f"plantml: error: model '{name}' version 1: its download to the temporary folder (TMPDIR) {temp}: "
+                   "file too large\n")
+    # torch's own compile cache folder (torchinductor_USER, empty) is torch's to keep
+    assert [path.name for path in temp.iterdir() if not path.name.startswith("torchinductor_")] == []
+
+
+def test_a_file_the_store_lists_but_cannot_give_is_named_with_its_reason_in_one_line(
+    local_store: tuple[str, str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Was: "tracking server sqlite:///…/mlflow.db unreachable (…)", for a file of the artifact store that a link
+    names but that is gone: the store's failure, with its file and reason, exit 1."""
+    import shutil
+
+    import mlflow.pytorch
+    import torch
+
+    uri, name, artifacts = local_store
+    shutil.rmtree(artifacts / "model", ignore_errors=True)
+    mlflow.pytorch.save_model(torch.nn.Linear(2, 2), str(artifacts / "model"), serialization_format="pickle",
+                              pip_requirements=["torch"])
+    weights = artifacts / "model" / "data" / "model.pth"
+    weights.unlink()
+    weights.symlink_to(tmp_path / "gone.pth")  # listed by the store, unreadable when copied
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+
+    code, err = load_check(uri, name, capfd=capfd)
+
+    assert code == 1, err
+    assert err.startswith(f"plantml: error: model '{name}' version 1: its files at {artifacts / 'model'} cannot be "
+                          f"read ([Errno 2] No such file or directory: '{weights}')"), err
+    assert err.count("\n") == 1, err

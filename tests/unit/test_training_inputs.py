@@ -81,19 +81,6 @@ def test_a_quoted_tilde_output_dir_is_the_home_folder_as_for_data_dir(capsys, le
     assert (tmp_path / "home" / "out" / "best_model.pth").is_file() and not (tmp_path / "~").exists()
 
 
-@pytest.fixture()
-def files_of_at_most_one_mib():
-    """Writes past 1 MiB fail in this process as on a full disk (EFBIG, which torch's own writer gets too)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous)
-
-
 def test_an_output_dir_that_fills_up_after_the_training_is_one_line_and_no_truncated_checkpoint(
         capsys, leaves, tmp_path, files_of_at_most_one_mib):
     output = tmp_path / "out"
