@@ -72,4 +72,6 @@ class RegistryCalls:
         except object_store_errors() as exc:  # boto3's, before OSError: its timeouts are OSErrors too
             raise object_store_error(exc, what) from exc
         except OSError as exc:  # connection refused, DNS, timeouts (requests' errors are OSErrors)
+            if exc.filename is not None:  # a file's (a local store's): not the server's
+                raise TrackingError(f"{what}: {one_line(exc)}") from exc
             raise TrackingError(f"{what}: tracking server {mask_passwords(self.tracking_uri)} unreachable ({connection_reason(exc)})") from exc

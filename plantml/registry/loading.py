@@ -42,9 +42,9 @@ CHECKPOINT_ARTIFACT = "models/best_model.pth"
 #: The weights file of MLflow's pytorch flavor: pickled, or exported by ``torch.export`` (MLflow 3's default).
 TORCH_MODEL_FILES = ("model.pth", "model.pt2")
 
-#: What a download's failure says of the local folder it writes to (full, over quota, read-only, forbidden): that
-#: folder's error, not the store's.
-_LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
+#: Failures only a write gets (full, over quota, read-only): the local folder's error, not the store's, wherever
+#: they name no file.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 #: A file's section in MLflow's message for a failed download (the message shows nothing past its first line).
 _FAILED_FILE = re.compile(r"^##### File (?P<file>.+) #####\n(?P<reason>.*)$", re.M)
 _ERRNO = re.compile(r"^\[Errno (\d+)\]")
@@ -71,7 +71,7 @@ def download(location: str, destination: Path, tracking_uri: str, what: str, rol
 
     MLflow gathers the failures of a download into one message, a section per file, whose first line says only that
     some failed: the first file's reason is named instead. A local folder that refuses the files (``folder``, named
-    as ``role``: full, read-only) is its one-line error (:func:`~plantml.staging.folder_error`), not the store's; a
+    as ``role``: full, read-only, forbidden) is its one-line error (:func:`~plantml.staging.folder_error`), not the store's; a
     file of a local store that cannot be read (a link to nothing) is the store's, not a "tracking server unreachable".
     """
     import mlflow.artifacts
@@ -81,22 +81,28 @@ def download(location: str, destination: Path, tracking_uri: str, what: str, rol
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(destination),
                                                         tracking_uri=tracking_uri))
     except OSError as exc:
-        if exc.errno not in _LOCAL_ERRNOS:
-            if exc.filename is None:  # a connection's (requests', boto3's): the caller names the server
-                raise
-            raise TrackingError(f"{what}: its files at {mask_passwords(location)} cannot be read ({one_line(exc)})") from None
-        number = exc.errno
-        failed = None
+        if exc.errno in _WRITE_ERRNOS or _names_a_file_under(exc, destination):
+            raise folder_error(role, folder, exc) from None
+        if exc.filename is None:  # a connection's (requests', boto3's): the caller names the server
+            raise
+        raise TrackingError(f"{what}: its files at {mask_passwords(location)} cannot be read ({one_line(exc)})") from None
     except MlflowException as exc:
         failed = _FAILED_FILE.search(str(exc))
         if failed is None:
             raise
         code = _ERRNO.match(failed["reason"])
         number = int(code[1]) if code else None
-    if number in _LOCAL_ERRNOS:
+    if number in _WRITE_ERRNOS:
         raise folder_error(role, folder, OSError(number, os.strerror(number))) from None
     raise TrackingError(f"{what}: {failed['file']} could not be downloaded from {mask_passwords(location)} "
                         f"({failed['reason'][:300]})") from None
+
+
+def _names_a_file_under(exc: OSError, destination: Path) -> bool:
+    """Whether ``exc`` is about ``destination`` or a file under it (where the download writes), not the store's."""
+    mine = os.path.abspath(destination)
+    return any(name is not None and os.path.commonpath([mine, os.path.abspath(os.fsdecode(name))]) == mine
+               for name in (exc.filename, exc.filename2))
 
 
 @contextlib.contextmanager

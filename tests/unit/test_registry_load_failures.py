@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _tempdir import left_in
 
 from plantml.cli.registry import QUICK_HTTP_ENV
 
@@ -225,7 +226,7 @@ def test_a_load_leaves_nothing_in_the_temporary_folder_and_sweeps_what_a_killed_
     loaded = registry.load_checkpoint(name, 1) if no_pickle else registry.load_model(name, 1)
 
     assert isinstance(loaded, torch.nn.Module)
-    assert list(temp.iterdir()) == []  # the dead one's swept, this one's removed
+    assert left_in(temp) == []  # the dead one's swept, this one's removed
 
 
 @pytest.mark.parametrize("flags", [(), ("--no-pickle",)], ids=["pickle", "no-pickle"])
@@ -258,8 +259,7 @@ def test_a_temporary_folder_that_fills_up_during_the_download_is_named_in_one_li
     assert code == 1, err
     assert err == (f"plantml: error: model '{name}' version 1: its download to the temporary folder (TMPDIR) {temp}: "
                    "file too large\n")
-    # torch's own compile cache folder (torchinductor_USER, empty) is torch's to keep
-    assert [path.name for path in temp.iterdir() if not path.name.startswith("torchinductor_")] == []
+    assert left_in(temp) == []
 
 
 def test_a_file_the_store_lists_but_cannot_give_is_named_with_its_reason_in_one_line(
@@ -288,3 +288,27 @@ def test_a_file_the_store_lists_but_cannot_give_is_named_with_its_reason_in_one_
     assert err.startswith(f"plantml: error: model '{name}' version 1: its files at {artifacts / 'model'} cannot be "
                           f"read ([Errno 2] No such file or directory: '{weights}')"), err
     assert err.count("\n") == 1, err
+
+
+def test_a_download_folder_that_cannot_be_made_is_named_as_the_download_folder_not_the_server(
+    local_store: tuple[str, str, Path], tmp_path: Path,
+) -> None:
+    """Was: "tracking server sqlite:///… unreachable (…)" for a ``dst_path`` under a file."""
+    import shutil
+
+    import mlflow.pytorch
+    import torch
+
+    from plantml.errors import UsageError
+    from plantml.registry import ModelRegistry
+
+    uri, name, artifacts = local_store
+    shutil.rmtree(artifacts / "model", ignore_errors=True)
+    mlflow.pytorch.save_model(torch.nn.Linear(2, 2), str(artifacts / "model"), serialization_format="pickle",
+                              pip_requirements=["torch"])
+    (tmp_path / "a-file").write_text("not a folder")
+
+    with pytest.raises(UsageError) as failure:
+        ModelRegistry(uri).download(name, 1, str(tmp_path / "a-file" / "model"))
+
+    assert str(failure.value) == f"download folder {tmp_path / 'a-file' / 'model'}: not a directory"

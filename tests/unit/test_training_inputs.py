@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tempdir import left_in
 from PIL import Image
 
 from plantml.cli import main
@@ -292,7 +293,7 @@ def test_a_training_without_output_dir_sweeps_the_temporary_folder_a_killed_one_
 
     assert main(["train", "--data-dir", str(leaves), *TINY]) == 0
 
-    assert list(temp.iterdir()) == []  # the dead one's swept, this one's removed
+    assert left_in(temp) == []  # the dead one's swept, this one's removed
 
 
 def test_a_training_writes_and_logs_its_output_dir_pair_while_no_other_training_writes_there(leaves, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _tempdir import left_in
 from click.testing import CliRunner
 
 from plantml.settings import TrackingSettings
@@ -63,7 +64,7 @@ def test_the_checks_leave_nothing_in_the_temporary_folder_and_sweep_what_a_kille
 
     assert all(r.ok for r in Verification(local_settings).run())
 
-    assert list(temp.iterdir()) == []
+    assert left_in(temp) == []
 
 
 def test_the_verification_run_is_tagged_and_finished(local_settings: TrackingSettings) -> None:
