@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from plantml.errors import PlantmlError, TrackingError, one_line
+from plantml.errors import PlantmlError, TrackingError, connection_reason, one_line
 from plantml.health import TRACKING_CA_HINT, ServerSession, certificate_refused
 from plantml.settings import TrackingSettings
+from plantml.text import mask_passwords
 from plantml.tracking.entries import DatasetInput, End, MetricPoint, Model, ModelProgress, Param, Record, Tag
 from plantml.tracking.environ import scoped_environ
 from plantml.tracking.models import MODEL_STEPS_ENV, deliver_model
@@ -202,6 +203,11 @@ class Transport:
         store's setting when the error names its endpoint, else the tracking server's."""
         text = one_line(exc)
         if not certificate_refused(exc):
+            url = getattr(getattr(exc, "request", None), "url", None)  # requests' own errors carry their request
+            if isinstance(exc, OSError) and isinstance(url, str) and getattr(exc, "response", None) is None:
+                # a connection that failed: the server and why, not urllib3's three nested wrappers
+                parts = urlsplit(url)
+                return mask_passwords(f"{parts.scheme}://{parts.netloc}: {connection_reason(exc)}")
             return text
         if self.settings.s3_endpoint and urlsplit(self.settings.s3_endpoint).netloc in str(exc):
             from plantml.stack.endpoints import s3_tls_hint

@@ -92,3 +92,13 @@ def test_the_tracking_servers_refused_certificate_names_its_setting(tls_server: 
 def test_any_other_failure_is_its_first_line_alone() -> None:
     transport = Transport(TrackingSettings(tracking_uri="http://127.0.0.1:5000"), None, "0")
     assert transport.failure_reason(ConnectionError("refused\nsecond line")) == "refused"
+
+
+def test_a_tracking_server_that_is_gone_is_named_with_the_systems_reason() -> None:
+    """Was each failed try's warning: "HTTPConnectionPool(host=…, port=…): Max retries exceeded with url: …
+    (Caused by NewConnectionError(…: Failed to establish a new connection: [Errno 111] Connection refused))"."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    transport = Transport(TrackingSettings(tracking_uri=gone), None, "0")
+    assert transport.failure_reason(http_failure(gone)) == f"{gone}: Connection refused"
