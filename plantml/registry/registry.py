@@ -64,6 +64,7 @@ from plantml.registry.store import (
     read_runs,
 )
 from plantml.tracking.stores import open_client
+from plantml.tracking.validation import check_utf8
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -338,6 +339,7 @@ class ModelRegistry:
     def _registered_model(self, name: str) -> Any:
         if not name:
             raise RegistryError("registered model '': a name is required")
+        check_utf8(name, "registered model")  # the store cannot encode it: one line, not a codec's error
         return self._calls.call(lambda: self.client.get_registered_model(name), f"registered model {name!r}")
 
     def _version_info(self, mv: Any, by_version: dict[int, tuple[str, ...]]) -> VersionInfo:

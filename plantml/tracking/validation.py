@@ -277,7 +277,7 @@ def check_model_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip() or "\\" in name or any(c in name for c in LOGGED_MODEL_BAD_CHARS):
         raise ValidationError(f"model name {name!r}: must be a non-empty name without any of / \\ : . % \" ' "
                               "(MLflow's rule for logged models), such as 'model'")
-    return name
+    return check_utf8(name, "model name")
 
 
 def check_registered_model_name(name: Any, what: str = "registered model name") -> str:
@@ -287,6 +287,14 @@ def check_registered_model_name(name: Any, what: str = "registered model name") 
         raise ValidationError(f"{what} {name!r}: must be a non-empty name such as 'plant_classifier'")
     if "/" in name or ":" in name or name in (".", "..") or "\0" in name:
         raise ValidationError(f"{what} {name!r}: MLflow's registry refuses '/', ':' and NUL in a name, and '.' or '..' as one")
+    return check_utf8(name, what)
+
+
+def check_utf8(name: str, what: str) -> str:
+    """Raise when ``name`` holds bytes that are not UTF-8 (lone surrogates: a shell in Latin-1): no store takes them,
+    and writing them as ``%XX``, as file names are, would rename what the caller names."""
+    if safe_text(name) != name:
+        raise ValidationError(f"{what} {safe_text(name)!r}: holds bytes that are not UTF-8 (shown as %XX); give it in UTF-8")
     return name
 
 
@@ -355,9 +363,7 @@ def check_experiment_name(name: Any) -> str:
         raise ValidationError(f"experiment name {name!r}: must be a non-empty string")
     if len(name) > min(MAX_EXPERIMENT_NAME_LENGTH, EXPERIMENT_NAME_COLUMN):
         raise ValidationError(f"experiment name {name[:40]!r}...: longer than MLflow's {EXPERIMENT_NAME_COLUMN} characters ({len(name)})")
-    if safe_text(name) != name:  # bytes that are not UTF-8 (a shell in Latin-1): no store takes them, and a run name's %XX would rename it
-        raise ValidationError(f"experiment name {safe_text(name)!r}: holds bytes that are not UTF-8 (shown as %XX); give it in UTF-8")
-    return name
+    return check_utf8(name, "experiment name")
 
 
 #: MLflow's limits on a dataset input (``mlflow.utils.validation``).

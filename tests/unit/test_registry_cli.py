@@ -127,8 +127,15 @@ def test_compare_marks_the_keys_that_differ(store: tuple[str, str]) -> None:
         (("promote", "{name}", "7"), "version 7: not found"),
         (("rollback", "{name}", "--alias", "canary"), "alias 'canary': not set"),
         (("list", "ghost_model"), "registered model 'ghost_model': not found"),
+        # a name typed in a Latin-1 shell: was "'utf-8' codec can't encode character '\udcff'…", exit 1
+        *((command, "registered model 'x%FFy': holds bytes that are not UTF-8 (shown as %XX)")
+          for command in (("list", "x\udcffy"), ("promote", "x\udcffy", "1"), ("rollback", "x\udcffy"),
+                          ("compare", "x\udcffy", "1", "2"), ("load-check", "models:/x\udcffy/1"),
+                          ("load-check", "--no-pickle", "models:/x\udcffy@production"))),
+        (("promote", "{name}", "1", "--alias", "a\udcff"), "alias 'a%FF': only letters"),
     ],
-    ids=["reserved-alias", "unknown-version", "unknown-alias", "unknown-model"],
+    ids=["reserved-alias", "unknown-version", "unknown-alias", "unknown-model", "latin1-list", "latin1-promote",
+         "latin1-rollback", "latin1-compare", "latin1-load", "latin1-load-no-pickle", "latin1-alias"],
 )
 def test_errors_are_one_line_naming_the_culprit_with_exit_2(
     store: tuple[str, str], args: tuple[str, ...], message: str, capsys: pytest.CaptureFixture[str]

@@ -247,12 +247,18 @@ def test_an_upload_is_one_boto3_try_the_senders_own_retries_do_the_rest(journal,
     assert tries and all(header.endswith("max=1") for header in tries), tries
 
 
-def test_a_registered_model_name_the_registry_refuses_is_one_line_before_the_model_is_saved(tracker, journal) -> None:
+@pytest.mark.parametrize("name, message", [
+    ("team/leaves", r"registered model name 'team/leaves': MLflow's registry refuses"),
+    # bytes that are not UTF-8: was saved and sent, then failed its delivery with a codec error, the run FAILED
+    ("x\udcffy", r"registered model name 'x%FFy': holds bytes that are not UTF-8"),
+], ids=["slash", "latin1"])
+def test_a_registered_model_name_the_registry_refuses_is_one_line_before_the_model_is_saved(tracker, journal, name,
+                                                                                             message) -> None:
     import torch
 
     with tracker.start_run() as run:
-        with pytest.raises(ValidationError, match=r"registered model name 'team/leaves': MLflow's registry refuses"):
-            tracker.log_model(torch.nn.Linear(2, 2), registered_model_name="team/leaves")
+        with pytest.raises(ValidationError, match=message):
+            tracker.log_model(torch.nn.Linear(2, 2), registered_model_name=name)
         assert not (journal / "spool" / run.run_id).exists()
 
 

@@ -36,6 +36,8 @@ TINY = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--weights",
     (["--learning-rate", "0"], "--learning-rate"),
     (["--run-name", "x" * 251], "run name 'xxxx"),  # PostgreSQL's answer named nothing, after the data was read
     (["--run-name", "a\x00b"], "NUL"),
+    # a Latin-1 shell: was accepted, trained, then failed the run's delivery with a codec error (exit 1)
+    (["--registered-model-name", "x\udcffy"], "--registered-model-name 'x%FFy': holds bytes that are not UTF-8"),
 ])
 def test_usage_errors_exit_2_with_one_line_and_no_run(capsys, leaves, no_tracker, args, expected):
     code = main(["train", "--data-dir", str(leaves), *args])
