@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, UsageError, os_reason
-from plantml.text import MASK, mask_passwords
+from plantml.text import MASK, mask_passwords, safe_text
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT_NAME = "plant_classification"
@@ -295,8 +295,17 @@ def describe_uri(uri: str, source: str | None) -> str:
     return f"tracking URI {mask_passwords(uri)!r}{origin}"
 
 
+def check_uri_text(uri: str, source: str | None) -> None:
+    """Refuse a tracking URI holding bytes that are not UTF-8 (typed in a Latin-1 shell): no store or server takes
+    it, and MLflow would fail on it with a codec's error, or retry it for minutes."""
+    if safe_text(uri) != uri:
+        raise ConfigError(f"{describe_uri(safe_text(uri), source)}: holds bytes that are not UTF-8 (shown as %XX); "
+                          "give it in UTF-8")
+
+
 def _check_tracking_uri(settings: TrackingSettings) -> None:
     uri = settings.tracking_uri
+    check_uri_text(uri, settings.source_of())
     shown = describe_uri(uri, settings.source_of())
     if "://" not in uri and not uri.startswith(("file:", "databricks")):
         raise ConfigError(f"{shown}: expected a URL such as http://127.0.0.1:5001 or sqlite:///mlflow.db")

@@ -52,6 +52,9 @@ class S3Location:
     @classmethod
     def parse(cls, uri: str) -> S3Location:
         """Split an ``s3://`` URI, or a :class:`UsageError` naming it."""
+        if safe_text(uri) != uri:  # typed in a Latin-1 shell: S3 names are UTF-8, boto3 would fail with a traceback
+            raise UsageError(f"{safe_text(uri)!r}: holds bytes that are not UTF-8 (shown as %XX), which S3 names must be; "
+                             "give it in UTF-8")
         if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
             raise UsageError(f"{uri!r}: expected s3://BUCKET/PREFIX")
         if "\\" in uri:  # S3 stores (SeaweedFS) read it as '/': what was pushed would never be found again

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, TrackingError, one_line
-from plantml.settings import describe_uri
+from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
+from plantml.settings import check_uri_text, describe_uri
 from plantml.staging import folder_lock
 
 SQLITE_PREFIX = "sqlite:///"
@@ -90,11 +90,13 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    check_uri_text(uri, source)
     if must_exist:
         check_store_exists(uri, source)
     else:
         _refuse_tilde(uri, source)
     try:
+        _check_database(uri, source)
         with _one_creator(sqlite_path(uri)), _quiet_store_creation():
             return MlflowClient(tracking_uri=uri, registry_uri=uri)
     except ImportError as exc:  # postgresql:// without psycopg, mysql:// without its driver
@@ -104,8 +106,41 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
         text = one_line(exc)
         hint = "; MLFLOW_ALLOW_FILE_STORE=true opens it anyway" if "MLFLOW_ALLOW_FILE_STORE" in text else ""
         raise ConfigError(f"{describe_uri(uri, source)}: {text.split('. ')[0]}{hint}") from exc
+    except PlantmlError:  # already one line
+        raise
     except Exception as exc:  # the store is built from a user's URI: a sqlite file that is not one, a driver's own errors
         raise TrackingError(f"{describe_uri(uri, source)}: cannot open the store ({type(exc).__name__}: {one_line(exc)})") from exc
+
+
+#: Seconds to connect to a database named by the tracking URI before saying it does not answer.
+DATABASE_CONNECT_S = 3
+#: The database servers MLflow stores runs in whose drivers take a ``connect_timeout`` (seconds).
+_CONNECT_TIMEOUT_DIALECTS = ("postgresql", "mysql")
+
+
+def _check_database(uri: str, source: str | None) -> None:
+    """One connection to the database server a ``postgresql://`` (``mysql://``...) URI names, once: a server that is
+    down, a wrong password or database is then one line in seconds. MLflow's own store retries any failure to connect
+    ten times, 100 s, with a warning of several lines each time."""
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+    except Exception:  # noqa: BLE001 - not a database URL (http, file, databricks): MLflow says what it makes of it
+        return
+    if url.get_backend_name() in ("sqlite", "http", "https", "file"):
+        return
+    options = {"connect_timeout": DATABASE_CONNECT_S} if url.get_backend_name() in _CONNECT_TIMEOUT_DIALECTS else {}
+    engine = sqlalchemy.create_engine(url, connect_args=options, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.DBAPIError as exc:  # the driver's own words: refused, timeout expired, authentication failed
+        reason = one_line(exc.orig) if exc.orig is not None else one_line(exc)
+        raise TrackingError(f"{describe_uri(uri, source)}: the database does not answer or refuses the connection "
+                            f"({reason})") from None
+    finally:
+        engine.dispose()
 
 
 #: The most experiments one MLflow run search takes.

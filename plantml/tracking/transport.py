@@ -109,6 +109,8 @@ def is_refusal(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (FileNotFoundError, UnicodeError, OverflowError)):
         return True  # a spooled file gone for good; a value the client cannot encode
+    if any(isinstance(link, UnicodeError) for link in _chain(exc)):
+        return True  # the same, wrapped by MLflow's database store in an INTERNAL_ERROR
     if isinstance(exc, ValueError) and "out of range" in str(exc).lower():
         return True  # protobuf refusing an int64 it cannot hold
     if _s3_error_code(exc) in S3_OBJECT_REFUSALS:

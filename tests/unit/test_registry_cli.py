@@ -247,6 +247,42 @@ def test_unusable_tracking_uris_give_one_line_naming_them(
     assert err.startswith("plantml: error: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("answer", ["refused", "silent"])
+def test_a_database_that_is_down_or_silent_is_one_line_in_seconds_not_mlflows_ten_retries(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], answer: str
+) -> None:
+    """Was 100 s of MLflow's "SQLAlchemy engine could not be created … Operation will be retried in 51.1 seconds",
+    ten times, for ``--tracking-uri postgresql+psycopg2://…`` with the database down (a wrong password too)."""
+    import socket
+    import time
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        if answer == "silent":
+            listening.listen(1)  # accepts, never answers: psycopg2 waits for its connect_timeout
+        uri = f"postgresql+psycopg2://mlflow:s3cret@127.0.0.1:{listening.getsockname()[1]}/mlflow"
+        if answer == "refused":
+            listening.close()
+        started = time.monotonic()
+        got, _, err = run_main(["registry", "--tracking-uri", uri, "list"], capfd)
+        took = time.monotonic() - started
+    assert got == 1 and took < 10, (took, err)
+    shown = uri.replace("s3cret", "***")
+    reason = {"refused": "Connection refused", "silent": "timeout expired"}[answer]
+    assert err.startswith(f"plantml: error: tracking URI '{shown}' (from argument): the database does not answer or "
+                          "refuses the connection ("), err
+    assert reason in err and err.count("\n") == 1 and "s3cret" not in err, err
+
+
+@pytest.mark.parametrize("uri", ["sqlite:///x\udcff.db", "http://127.0.0.1:9/x\udcff"])
+def test_a_tracking_uri_typed_in_a_latin1_shell_is_refused_in_one_line(uri: str, capfd: pytest.CaptureFixture[str]) -> None:
+    """Was "cannot open the store (UnicodeEncodeError: 'utf-8' codec can't encode character '\\udcff'…)", exit 1."""
+    got, _, err = run_main(["registry", "--tracking-uri", uri, "list"], capfd)
+    assert got == 2
+    assert err == (f"plantml: error: tracking URI '{uri.replace(chr(0xDCFF), '%FF')}' (from argument): holds bytes that "
+                   "are not UTF-8 (shown as %XX); give it in UTF-8\n")
+
+
 def test_a_server_gone_from_a_stale_env_file_says_where_its_uri_came_from(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

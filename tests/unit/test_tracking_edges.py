@@ -321,3 +321,19 @@ def test_a_connection_failure_is_named_in_the_systems_words_not_urllib3s_wrapper
             reasons.append(connection_reason(failure.value))
     assert reasons == ["Connection refused", "timed out"]
     assert connection_reason(ValueError("not a connection\nsecond line")) == "not a connection"
+
+
+def test_a_name_a_database_store_cannot_encode_is_a_refusal_not_a_failure_to_retry(tmp_path) -> None:
+    """A journal written before names were checked for bytes that are not UTF-8 holds a registration under such a
+    name: MLflow's database store wraps the UnicodeEncodeError in an INTERNAL_ERROR, which was retried until the
+    recovery's timeout (300 s) each time, then kept; it is now set aside as refused, and the run ends."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from plantml.tracking.transport import is_refusal
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(MlflowException) as failure:
+        client.create_registered_model("x\udcffy")
+
+    assert failure.value.error_code == "INTERNAL_ERROR" and is_refusal(failure.value)
