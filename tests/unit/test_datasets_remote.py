@@ -74,6 +74,22 @@ def test_an_s3_location_with_dot_empty_or_backslash_segments_is_a_usage_error(ur
     assert str(refused.value).startswith(f"{uri!r}: ") and shown in str(refused.value)
 
 
+@pytest.mark.parametrize("command", [["data", "ls"], ["data", "push", "{leaves}"], ["data", "synth"], ["train", "--data-dir"]])
+def test_an_s3_location_typed_in_a_latin1_shell_is_one_line_exit_2(leaves: Path, monkeypatch, capsys, command) -> None:
+    """Was a traceback ending in boto3's UnicodeEncodeError ('utf-8' codec can't encode character '\\udcff')."""
+    from plantml.cli import main
+
+    for name, value in {"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "plantml-key",
+                        "AWS_SECRET_ACCESS_KEY": "plantml-secret"}.items():
+        monkeypatch.setenv(name, value)
+
+    code = main([part.format(leaves=leaves) for part in command] + ["s3://data/x\udcffy"])
+
+    assert code == 2
+    assert capsys.readouterr().err == ("plantml: error: 's3://data/x%FFy': holds bytes that are not UTF-8 (shown as %XX), "
+                                       "which S3 names must be; give it in UTF-8\n")
+
+
 def test_a_bad_location_is_refused_before_any_file_is_hashed(leaves: Path, monkeypatch) -> None:
     monkeypatch.setattr(remote, "build_manifest", lambda *a, **k: pytest.fail("hashed before the location was checked"))
     with pytest.raises(UsageError):
