@@ -116,7 +116,6 @@ def scratch_download(location: str, tracking_uri: str, what: str, name: str) -> 
 @contextlib.contextmanager
 def downloaded_version(client: Any, tracking_uri: str, name: str, version: int) -> Iterator[Path]:
     """The folder of version ``version`` of ``name``, downloaded from the client's registry; removed after."""
-
     location = client.get_model_version_download_uri(name, str(version))
     what = f"model {name!r} version {version}"
     check_s3_access(location, what)

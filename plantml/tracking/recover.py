@@ -47,7 +47,7 @@ from plantml.tracking.sender import (
     resolve_delivery_settings,
 )
 from plantml.tracking.spool import Spool
-from plantml.tracking.stores import all_experiments, same_store, search_batches
+from plantml.tracking.stores import all_experiments, open_client, same_store, search_batches
 from plantml.tracking.transport import DELIVERY_TAG, Transport, end_status
 
 logger = logging.getLogger(__name__)
@@ -161,9 +161,12 @@ def recover_journal(path: Path, settings: TrackingSettings | None = None, delive
     header = journal.header
     try:
         settings = settings or resolve_tracking_settings(header.tracking_uri)
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+        try:  # a database URI whose server is down is one line in seconds (MLflow's store retries it for 100 s)
+            client = open_client(settings.tracking_uri, settings.source_of("tracking_uri"), must_exist=False)
+        except TrackingError as exc:
+            journal.close()
+            report = _report(journal, f"journal {path} (run {header.run_id}): {exc}; journal kept", False)
+            return replace(report, unreachable=True)
         transport = Transport(settings, client, header.experiment_id, delivery.request_timeout_s)
         deadline = time.monotonic() + timeout
         policy = RetryPolicy(delivery.max_backoff_s, give_up=lambda: time.monotonic() > deadline)
@@ -315,9 +318,7 @@ def end_stale_runs(settings: TrackingSettings, older_than_s: float, experiment_n
     A run whose journal in ``journal_folder`` a live process of this machine still writes
     is alive, whatever its heartbeat says (a sender waiting on a slow server), and is left alone.
     """
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=settings.tracking_uri)
+    client = open_client(settings.tracking_uri, settings.source_of("tracking_uri"), must_exist=False)
     try:
         if experiment_names:
             experiments = [client.get_experiment_by_name(name) for name in experiment_names]

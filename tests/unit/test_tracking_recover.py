@@ -389,3 +389,27 @@ def test_recover_stale_leaves_a_run_whose_journal_a_live_process_writes(store, c
     finally:
         tracker.end_run()
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_journal_of_a_database_store_that_is_down_is_kept_in_seconds_not_after_mlflows_retries(store, capsys) -> None:
+    """A run tracked straight into PostgreSQL (no server): MLflow's store retried the database ten times over 100 s
+    for each such journal, with a warning of several lines each time."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        down = f"postgresql+psycopg2://mlflow:s3cret@127.0.0.1:{sock.getsockname()[1]}/mlflow"
+    client, _, experiment_id, run_id, folder = store
+    path = write_journal((client, down, experiment_id, run_id, folder), ENTRIES)
+    started = time.monotonic()
+
+    assert main(["tracking", "recover", "--timeout", "300"]) == 1
+
+    took = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert took < 15, f"{took:.0f} s"
+    assert path.exists()  # kept for a later recovery
+    line = next(line for line in (out + err).splitlines() if run_id in line)
+    assert "the database does not answer or refuses the connection" in line and "Connection refused" in line, line
+    assert "s3cret" not in out + err
