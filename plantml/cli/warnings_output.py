@@ -31,7 +31,7 @@ def shown_warnings(main_rank: bool = True) -> Iterator[None]:
     notebook) has its warning filters and those loggers as before."""
     from PIL import Image
 
-    added: list[tuple[logging.Logger, logging.Handler]] = []
+    added: list[tuple[logging.Logger, logging.Handler, bool]] = []
     with warnings.catch_warnings():
         # the scan names each very large image once (a plantml warning); Pillow's own repeats it unnamed each epoch
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -44,15 +44,15 @@ def shown_warnings(main_rank: bool = True) -> Iterator[None]:
                 handler = CurrentStderr()
                 handler.setFormatter(logging.Formatter("plantml: warning: %(message)s"))
                 handler.setLevel(logging.WARNING if main_rank else logging.ERROR)
+                added.append((log, handler, log.propagate))
                 log.addHandler(handler)
                 log.propagate = False
-                added.append((log, handler))
         try:
             yield
         finally:
-            for log, handler in added:
+            for log, handler, propagated in added:
                 log.removeHandler(handler)
-                log.propagate = True
+                log.propagate = propagated
 
 
 def show_warnings(main_rank: bool = True) -> None:

@@ -114,7 +114,9 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
 
 #: Seconds to connect to a database named by the tracking URI before saying it does not answer.
 DATABASE_CONNECT_S = 3
-#: The database servers MLflow stores runs in whose drivers take a ``connect_timeout`` (seconds).
+#: The database servers MLflow stores runs in (``mlflow.store.db.db_types``, sqlite aside: a file, no server).
+_DATABASE_SERVERS = ("postgresql", "mysql", "mssql")
+#: Those whose drivers take a ``connect_timeout`` (seconds).
 _CONNECT_TIMEOUT_DIALECTS = ("postgresql", "mysql")
 
 
@@ -122,13 +124,13 @@ def _check_database(uri: str, source: str | None) -> None:
     """One connection to the database server a ``postgresql://`` (``mysql://``...) URI names, once: a server that is
     down, a wrong password or database is then one line in seconds. MLflow's own store retries any failure to connect
     ten times, 100 s, with a warning of several lines each time."""
+    if uri.partition("://")[0].partition("+")[0].lower() not in _DATABASE_SERVERS:
+        return  # decided before importing SQLAlchemy (0.2 s), which a server's or a sqlite URI's commands need not pay
     import sqlalchemy
 
     try:
         url = sqlalchemy.engine.make_url(uri)
-    except Exception:  # noqa: BLE001 - not a database URL (http, file, databricks): MLflow says what it makes of it
-        return
-    if url.get_backend_name() in ("sqlite", "http", "https", "file"):
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot read: MLflow says what it makes of it
         return
     options = {"connect_timeout": DATABASE_CONNECT_S} if url.get_backend_name() in _CONNECT_TIMEOUT_DIALECTS else {}
     engine = sqlalchemy.create_engine(url, connect_args=options, poolclass=sqlalchemy.pool.NullPool)

@@ -107,10 +107,10 @@ def is_refusal(exc: BaseException) -> bool:
         return 400 <= exc.status < 500 and exc.status not in (408, 429)
     if isinstance(exc, PlantmlError):
         return False
-    if isinstance(exc, (FileNotFoundError, UnicodeError, OverflowError)):
-        return True  # a spooled file gone for good; a value the client cannot encode
+    if isinstance(exc, (FileNotFoundError, OverflowError)):
+        return True  # a spooled file gone for good; a number the client cannot encode
     if any(isinstance(link, UnicodeError) for link in _chain(exc)):
-        return True  # the same, wrapped by MLflow's database store in an INTERNAL_ERROR
+        return True  # a text the client cannot encode, also wrapped by MLflow's database store in an INTERNAL_ERROR
     if isinstance(exc, ValueError) and "out of range" in str(exc).lower():
         return True  # protobuf refusing an int64 it cannot hold
     if _s3_error_code(exc) in S3_OBJECT_REFUSALS:
