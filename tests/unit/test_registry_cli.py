@@ -274,10 +274,16 @@ def test_a_database_that_is_down_or_silent_is_one_line_in_seconds_not_mlflows_te
     assert reason in err and err.count("\n") == 1 and "s3cret" not in err, err
 
 
+@pytest.mark.parametrize("command", [["registry", "list"], ["train"], ["verify"], ["ui"], ["tracking", "recover", "--stale", "10m"]],
+                         ids=" ".join)
 @pytest.mark.parametrize("uri", ["sqlite:///x\udcff.db", "http://127.0.0.1:9/x\udcff"])
-def test_a_tracking_uri_typed_in_a_latin1_shell_is_refused_in_one_line(uri: str, capfd: pytest.CaptureFixture[str]) -> None:
-    """Was "cannot open the store (UnicodeEncodeError: 'utf-8' codec can't encode character '\\udcff'…)", exit 1."""
-    got, _, err = run_main(["registry", "--tracking-uri", uri, "list"], capfd)
+def test_a_tracking_uri_typed_in_a_latin1_shell_is_refused_in_one_line(
+    uri: str, command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Was "cannot open the store (UnicodeEncodeError: 'utf-8' codec can't encode character '\\udcff'…)", exit 1;
+    ``tracking recover --stale`` retried it for its whole timeout."""
+    monkeypatch.chdir(tmp_path)
+    got, _, err = run_main([*command, "--tracking-uri", uri], capfd)
     assert got == 2
     assert err == (f"plantml: error: tracking URI '{uri.replace(chr(0xDCFF), '%FF')}' (from argument): holds bytes that "
                    "are not UTF-8 (shown as %XX); give it in UTF-8\n")
