@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, UsageError, os_reason
-from plantml.text import MASK, mask_passwords, safe_text
+from plantml.text import MASK, NOT_UTF8, is_utf8, mask_passwords, safe_text
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT_NAME = "plant_classification"
@@ -298,9 +298,8 @@ def describe_uri(uri: str, source: str | None) -> str:
 def check_uri_text(uri: str, source: str | None) -> None:
     """Refuse a tracking URI holding bytes that are not UTF-8 (typed in a Latin-1 shell): no store or server takes
     it, and MLflow would fail on it with a codec's error, or retry it for minutes."""
-    if safe_text(uri) != uri:
-        raise ConfigError(f"{describe_uri(safe_text(uri), source)}: holds bytes that are not UTF-8 (shown as %XX); "
-                          "give it in UTF-8")
+    if not is_utf8(uri):
+        raise ConfigError(f"{describe_uri(safe_text(uri), source)}: {NOT_UTF8}")
 
 
 def _check_tracking_uri(settings: TrackingSettings) -> None:

@@ -31,6 +31,15 @@ def safe_text(text: str) -> str:
     return _SURROGATE.sub(_replace, text) if _SURROGATE.search(text) else text
 
 
+NOT_UTF8 = "holds bytes that are not UTF-8 (shown as %XX); give it in UTF-8"
+"""The one line's reason for a name typed in a Latin-1 shell, which no store, server or S3 key takes."""
+
+
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` holds no lone surrogate: bytes that were not UTF-8 (a Latin-1 shell's), which no store takes."""
+    return _SURROGATE.search(text) is None
+
+
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _CONTROL_NAMES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 

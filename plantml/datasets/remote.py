@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest, image_files
 from plantml.errors import ConfigError, DataError, TrackingError, UsageError
 from plantml.staging import local_writes, staging_folder, sweep
-from plantml.text import file_name, safe_text
+from plantml.text import NOT_UTF8, file_name, is_utf8, safe_text
 
 #: Parallel transfers (S3 requests wait on the network, not on the CPU).
 DEFAULT_WORKERS = 16
@@ -52,9 +52,8 @@ class S3Location:
     @classmethod
     def parse(cls, uri: str) -> S3Location:
         """Split an ``s3://`` URI, or a :class:`UsageError` naming it."""
-        if safe_text(uri) != uri:  # typed in a Latin-1 shell: S3 names are UTF-8, boto3 would fail with a traceback
-            raise UsageError(f"{safe_text(uri)!r}: holds bytes that are not UTF-8 (shown as %XX), which S3 names must be; "
-                             "give it in UTF-8")
+        if not is_utf8(uri):  # typed in a Latin-1 shell: S3 names are UTF-8, boto3 would fail with a traceback
+            raise UsageError(f"{safe_text(uri)!r}: {NOT_UTF8}")
         if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
             raise UsageError(f"{uri!r}: expected s3://BUCKET/PREFIX")
         if "\\" in uri:  # S3 stores (SeaweedFS) read it as '/': what was pushed would never be found again

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ValidationError
-from plantml.text import safe_data, safe_text
+from plantml.text import NOT_UTF8, is_utf8, safe_data, safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +293,8 @@ def check_registered_model_name(name: Any, what: str = "registered model name") 
 def check_utf8(name: str, what: str) -> str:
     """Raise when ``name`` holds bytes that are not UTF-8 (lone surrogates: a shell in Latin-1): no store takes them,
     and writing them as ``%XX``, as file names are, would rename what the caller names."""
-    if safe_text(name) != name:
-        raise ValidationError(f"{what} {safe_text(name)!r}: holds bytes that are not UTF-8 (shown as %XX); give it in UTF-8")
+    if not is_utf8(name):
+        raise ValidationError(f"{what} {safe_text(name)!r}: {NOT_UTF8}")
     return name
 
 

@@ -86,8 +86,8 @@ def test_an_s3_location_typed_in_a_latin1_shell_is_one_line_exit_2(leaves: Path,
     code = main([part.format(leaves=leaves) for part in command] + ["s3://data/x\udcffy"])
 
     assert code == 2
-    assert capsys.readouterr().err == ("plantml: error: 's3://data/x%FFy': holds bytes that are not UTF-8 (shown as %XX), "
-                                       "which S3 names must be; give it in UTF-8\n")
+    assert capsys.readouterr().err == ("plantml: error: 's3://data/x%FFy': holds bytes that are not UTF-8 (shown as %XX); "
+                                       "give it in UTF-8\n")
 
 
 def test_a_bad_location_is_refused_before_any_file_is_hashed(leaves: Path, monkeypatch) -> None:
