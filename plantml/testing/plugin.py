@@ -15,16 +15,16 @@ Installed with plantml (``pytest11`` entry point), so downstream projects get:
 
 A stack that cannot start makes the tests that need it fail with the cause; it never skips them.
 Until one of its stack fixtures starts a stack, the plugin only gives the session a journal folder of
-its own (a temporary ``PLANTML_JOURNAL_DIR``, removed at the end); then SIGTERM tears the session's stacks
+its own (a temporary ``PLANTML_JOURNAL_DIR``, removed at the end, or by a later plantml process when the
+session was killed with ``kill -9``); then SIGTERM tears the session's stacks
 down, like Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-import shutil
 import signal
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,9 +32,11 @@ from typing import Any
 
 import pytest
 
+from plantml.errors import PlantmlError
 from plantml.settings import VARIABLES, Variable, env_value
 from plantml.stack import ARTIFACT_MODES, BACKENDS, ArtifactMode, ManagedStack, Stack, make_stack
 from plantml.stack.s3 import S3_FLAVOURS
+from plantml.staging import scratch_folder
 
 # Backends whose stacks plantml starts itself, in either artifact mode.
 OWN_BACKENDS = ("local", "containers")
@@ -96,17 +98,22 @@ def pytest_configure(config: pytest.Config) -> None:
     # The session's runs journal into a folder of its own, not the user's ~/.cache/plantml/journal nor a
     # $PLANTML_JOURNAL_DIR of theirs: a run a test leaves undelivered is then never retried by the user's next
     # tracker (against a stack long gone, or another on the same port), and the tests' recoveries never touch
-    # the user's journals.
-    config._plantml_journal_dir = tempfile.mkdtemp(prefix="plantml-test-journal-")  # type: ignore[attr-defined]
-    config._plantml_environ = pytest.MonkeyPatch()  # type: ignore[attr-defined]  # puts the user's value back at the end
-    config._plantml_environ.setenv("PLANTML_JOURNAL_DIR", config._plantml_journal_dir)  # type: ignore[attr-defined]
+    # the user's journals. A staging folder named after this process: what a session killed with -9 left there
+    # is swept by the next plantml process that needs a temporary folder.
+    scope = contextlib.ExitStack()
+    try:
+        journal = scope.enter_context(scratch_folder("plantml-test-journal"))
+    except PlantmlError as exc:  # a temporary folder that is full or read-only: one line, not a traceback
+        raise pytest.UsageError(f"the session's journal folder: {exc}") from None
+    environ = scope.enter_context(pytest.MonkeyPatch.context())  # puts the user's value back at the end
+    environ.setenv("PLANTML_JOURNAL_DIR", str(journal))
+    config._plantml_scope = scope  # type: ignore[attr-defined]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    environ = getattr(config, "_plantml_environ", None)
-    if environ is not None:
-        environ.undo()
-        shutil.rmtree(config._plantml_journal_dir, ignore_errors=True)  # type: ignore[attr-defined]
+    scope = getattr(config, "_plantml_scope", None)
+    if scope is not None:
+        scope.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -123,7 +123,37 @@ def test_a_downstream_projects_integration_tests_are_marked_and_its_runs_journal
         "import os, tempfile\n"
         "def test_journal_apart():\n"
         "    folder = os.environ['PLANTML_JOURNAL_DIR']\n"
-        "    assert os.path.basename(folder).startswith('plantml-test-journal-') and os.path.isdir(folder)\n")
+        "    assert os.path.basename(folder).startswith('.plantml-test-journal.staging-') and os.path.isdir(folder)\n")
     pytester.path.joinpath("tests", "test_unmarked.py").write_text("def test_plain():\n    pass\n")
     result = pytester.runpytest("-p", "no:cacheprovider", "-m", "integration", "tests")
     result.assert_outcomes(passed=1, deselected=1)
+
+
+def test_a_session_killed_with_minus_9_leaves_a_journal_folder_the_next_plantml_process_sweeps(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    """Was: ``tempfile.mkdtemp`` made it, and a killed session's journals (and whatever its runs wrote there) stayed in
+    the temporary folder for good, one folder per killed session."""
+    import os
+    import tempfile
+
+    from plantml.staging import scratch_folder
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    pytester.makepyfile(
+        "import os, signal\n"
+        "def test_killed():\n"
+        "    with open(os.path.join(os.environ['PLANTML_JOURNAL_DIR'], 'run.journal'), 'w') as f:\n"
+        "        f.write('a run the killed session was journalling')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    monkeypatch.setenv("TMPDIR", str(temp))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == -9
+    (left,) = temp.iterdir()
+    assert left.name.startswith(".plantml-test-journal.staging-") and (left / "run.journal").is_file()
+
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with scratch_folder("plantml-model") as folder:  # any plantml process's temporary folder, here a model load's
+        assert os.listdir(temp) == [folder.name]
+    assert os.listdir(temp) == []

@@ -31,7 +31,7 @@ def test_the_session_journals_into_a_folder_of_its_own_even_when_the_user_named_
     ours = Path(os.environ["PLANTML_JOURNAL_DIR"])
     plugin.pytest_unconfigure(config)
 
-    assert ours != theirs and ours.name.startswith("plantml-test-journal-") and not ours.exists()
+    assert ours != theirs and ours.name.startswith(".plantml-test-journal.staging-") and not ours.exists()
     assert os.environ["PLANTML_JOURNAL_DIR"] == str(theirs)  # the user's setting again once the session ends
 
 
