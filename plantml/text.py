@@ -31,6 +31,12 @@ def safe_text(text: str) -> str:
     return _SURROGATE.sub(_replace, text) if _SURROGATE.search(text) else text
 
 
+def quoted(value: object) -> str:
+    """``repr(value)``, a string's taken after :func:`safe_text`: a name typed in a Latin-1 shell is shown
+    ``'pl%E9nts'``, as plantml shows it everywhere, not ``'pl\\udce9nts'``."""
+    return repr(safe_text(value) if isinstance(value, str) else value)
+
+
 NOT_UTF8 = "holds bytes that are not UTF-8 (shown as %XX); give it in UTF-8"
 """The one line's reason for a name typed in a Latin-1 shell, which no store, server or S3 key takes."""
 

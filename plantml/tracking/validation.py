@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ValidationError
-from plantml.text import NOT_UTF8, is_utf8, safe_data, safe_text
+from plantml.text import NOT_UTF8, is_utf8, quoted, safe_data, safe_text
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +84,17 @@ def check_name(kind: str, name: Any) -> str:
     if type(name) is str and name in _ACCEPTED_NAMES:  # the same keys come every step: checked once
         return name
     if not isinstance(name, str):
-        raise ValidationError(f"{kind} name {name!r}: must be a string, not {type(name).__name__}")
+        raise ValidationError(f"{kind} name {quoted(name)}: must be a string, not {type(name).__name__}")
     if not _NAME_RE.match(name):
-        raise ValidationError(f"{kind} name {name!r}: {NAME_RULE}")
+        raise ValidationError(f"{kind} name {quoted(name)}: {NAME_RULE if is_utf8(name) else NOT_UTF8}")
     normalised = posixpath.normpath(name)
     if normalised != name or normalised == "." or normalised.startswith(("..", "/")):
         raise ValidationError(
-            f"{kind} name {name!r}: must be a normalised relative path "
-            f"(no empty, '.' or '..' parts, no leading or doubled '/'), it would resolve to {normalised!r}"
+            f"{kind} name {quoted(name)}: must be a normalised relative path "
+            f"(no empty, '.' or '..' parts, no leading or doubled '/'), it would resolve to {quoted(normalised)}"
         )
     if len(name) > MAX_ENTITY_KEY_LENGTH:
-        raise ValidationError(f"{kind} name {name[:40]!r}...: longer than {MAX_ENTITY_KEY_LENGTH} characters ({len(name)})")
+        raise ValidationError(f"{kind} name {quoted(name[:40])}...: longer than {MAX_ENTITY_KEY_LENGTH} characters ({len(name)})")
     if len(_ACCEPTED_NAMES) < 100_000:
         _ACCEPTED_NAMES.add(name)
     return name
@@ -109,7 +109,7 @@ def check_user_tag_name(name: Any) -> str:
     """:func:`check_name` for a tag the user sets, refusing plantml's own (:data:`RESERVED_TAGS`, and names under them)."""
     checked = check_name("tag", name)
     if any(checked == reserved or checked.startswith(reserved + ".") for reserved in RESERVED_TAGS):
-        raise ValidationError(f"tag name {checked!r}: reserved for plantml's own records "
+        raise ValidationError(f"tag name {quoted(checked)}: reserved for plantml's own records "
                               f"({', '.join(f'{reserved}*' for reserved in RESERVED_TAGS)}); choose another name")
     return checked
 
@@ -117,7 +117,7 @@ def check_user_tag_name(name: Any) -> str:
 def checked_text(kind: str, key: str, text: str) -> str:
     """``text`` made safe to send (:func:`safe_text`); a NUL character is refused naming ``kind`` ``key``."""
     if "\x00" in text:
-        raise ValidationError(f"{kind} {key!r}: value contains a NUL character (\\x00), which MLflow's stores cannot hold")
+        raise ValidationError(f"{kind} {quoted(key)}: value contains a NUL character (\\x00), which MLflow's stores cannot hold")
     return safe_text(text)
 
 
@@ -130,14 +130,14 @@ def metric_value(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         value = _unwrap_scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValidationError(f"metric {key!r}: value {value!r} is not a number ({type(value).__name__})")
+        raise ValidationError(f"metric {quoted(key)}: value {quoted(value)} is not a number ({type(value).__name__})")
     try:
         number = float(value)
     except OverflowError:
-        raise ValidationError(f"metric {key!r}: value {str(value)[:40]}... is too large for a float") from None
+        raise ValidationError(f"metric {quoted(key)}: value {str(value)[:40]}... is too large for a float") from None
     if not math.isfinite(number):
         warnings.warn(
-            f"metric {key!r} is {number}: MLflow stores NaN as NaN and infinities as +/-1.79e308",
+            f"metric {quoted(key)} is {number}: MLflow stores NaN as NaN and infinities as +/-1.79e308",
             NonFiniteMetricWarning,
             stacklevel=caller_stacklevel(),
         )
@@ -166,9 +166,9 @@ def metric_step(key: str, step: Any) -> int:
     if not isinstance(step, numbers.Integral):
         step = _unwrap_scalar(step)  # a one-element integer tensor or array (``torch.tensor(5)``)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise ValidationError(f"metric {key!r}: step {step!r} is not an integer")
+        raise ValidationError(f"metric {quoted(key)}: step {step!r} is not an integer")
     if not INT64_MIN <= int(step) <= INT64_MAX:
-        raise ValidationError(f"metric {key!r}: step {step} is outside MLflow's 64-bit range [-2**63, 2**63 - 1]")
+        raise ValidationError(f"metric {quoted(key)}: step {step} is outside MLflow's 64-bit range [-2**63, 2**63 - 1]")
     return int(step)
 
 
@@ -188,7 +188,7 @@ def run_name(name: Any) -> str | None:
         return None
     text = checked_text("run name", str(name), str(name))
     if len(text) > MAX_RUN_NAME_LENGTH:
-        raise ValidationError(f"run name {text[:40]!r}...: longer than MLflow's {MAX_RUN_NAME_LENGTH} characters ({len(text)})")
+        raise ValidationError(f"run name {quoted(text[:40])}...: longer than MLflow's {MAX_RUN_NAME_LENGTH} characters ({len(text)})")
     return text
 
 
@@ -196,7 +196,7 @@ def _truncated(kind: str, key: str, text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     warnings.warn(
-        f"{kind} {key!r}: value of {len(text)} characters truncated to MLflow's limit of {limit}",
+        f"{kind} {quoted(key)}: value of {len(text)} characters truncated to MLflow's limit of {limit}",
         TruncatedValueWarning,
         stacklevel=caller_stacklevel(),
     )
@@ -254,7 +254,7 @@ def check_artifact_subpath(artifact_path: str | None) -> str | None:
     text = checked_text("artifact path", str(artifact_path), str(artifact_path))
     parts = text.replace("\\", "/").split("/")
     if text.startswith(("/", "\\")) or ".." in parts:
-        raise ValidationError(f"artifact path {text!r}: must be relative, without '..' parts")
+        raise ValidationError(f"artifact path {quoted(text)}: must be relative, without '..' parts")
     kept = [part for part in parts if part not in ("", ".")]
     return "/".join(kept) or None
 
@@ -263,7 +263,7 @@ def check_artifact_name(name: Any, kind: str) -> str:
     """Raise unless ``name`` is a usable artifact file name (``confusion_matrix.png``, ``a/b.json``), normalised."""
     normalised = check_artifact_subpath(name) if isinstance(name, str) and not name.endswith(("/", "\\")) else None
     if normalised is None or normalised.rpartition("/")[2] in ("", "."):
-        raise ValidationError(f"{kind} name {name!r}: must be a non-empty file name such as 'history.json'")
+        raise ValidationError(f"{kind} name {quoted(name)}: must be a non-empty file name such as 'history.json'")
     return normalised
 
 
@@ -275,7 +275,7 @@ def check_model_name(name: Any) -> str:
     """Raise unless ``name`` is a logged model's name MLflow takes (``model``, ``best_model``): checked
     before the model is saved and sent, not refused by the server afterwards."""
     if not isinstance(name, str) or not name.strip() or "\\" in name or any(c in name for c in LOGGED_MODEL_BAD_CHARS):
-        raise ValidationError(f"model name {name!r}: must be a non-empty name without any of / \\ : . % \" ' "
+        raise ValidationError(f"model name {quoted(name)}: must be a non-empty name without any of / \\ : . % \" ' "
                               "(MLflow's rule for logged models), such as 'model'")
     return check_utf8(name, "model name")
 
@@ -284,9 +284,9 @@ def check_registered_model_name(name: Any, what: str = "registered model name") 
     """Raise unless MLflow's registry takes ``name`` (``mlflow.utils.validation._validate_model_name``): not
     empty, no ``/`` or ``:``, not ``.`` or ``..``; checked before a training or an upload, not refused after it."""
     if not isinstance(name, str) or not name.strip():
-        raise ValidationError(f"{what} {name!r}: must be a non-empty name such as 'plant_classifier'")
+        raise ValidationError(f"{what} {quoted(name)}: must be a non-empty name such as 'plant_classifier'")
     if "/" in name or ":" in name or name in (".", "..") or "\0" in name:
-        raise ValidationError(f"{what} {name!r}: MLflow's registry refuses '/', ':' and NUL in a name, and '.' or '..' as one")
+        raise ValidationError(f"{what} {quoted(name)}: MLflow's registry refuses '/', ':' and NUL in a name, and '.' or '..' as one")
     return check_utf8(name, what)
 
 
@@ -294,7 +294,7 @@ def check_utf8(name: str, what: str) -> str:
     """Raise when ``name`` holds bytes that are not UTF-8 (lone surrogates: a shell in Latin-1): no store takes them,
     and writing them as ``%XX``, as file names are, would rename what the caller names."""
     if not is_utf8(name):
-        raise ValidationError(f"{what} {safe_text(name)!r}: {NOT_UTF8}")
+        raise ValidationError(f"{what} {quoted(name)}: {NOT_UTF8}")
     return name
 
 
@@ -303,7 +303,7 @@ def _local_path(path: Any, what: str) -> Path:
     try:
         return Path(os.fsdecode(path))
     except TypeError:
-        raise ValidationError(f"{what} {path!r}: expected a path (str or os.PathLike), got {type(path).__name__}") from None
+        raise ValidationError(f"{what} {quoted(path)}: expected a path (str or os.PathLike), got {type(path).__name__}") from None
 
 
 def torch_module(model: Any, name: str) -> None:
@@ -311,16 +311,16 @@ def torch_module(model: Any, name: str) -> None:
     input, not a failure to save."""
     torch = sys.modules.get("torch")  # without torch imported, nothing is an nn.Module
     if torch is None or not isinstance(model, torch.nn.Module):
-        raise ValidationError(f"model {name!r}: expected a torch.nn.Module, got {type(model).__name__}")
+        raise ValidationError(f"model {quoted(name)}: expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def existing_file(path: Any) -> Path:
     """The path of an existing file to upload, or a ValidationError naming it."""
     local = _local_path(path, "artifact")
     if not local.exists():
-        raise ValidationError(f"artifact {str(local)!r}: no such file")
+        raise ValidationError(f"artifact {quoted(str(local))}: no such file")
     if local.is_dir():
-        raise ValidationError(f"artifact {str(local)!r}: is a folder, use log_artifacts()")
+        raise ValidationError(f"artifact {quoted(str(local))}: is a folder, use log_artifacts()")
     return local
 
 
@@ -328,9 +328,9 @@ def existing_dir(path: Any) -> Path:
     """The path of an existing folder to upload, or a ValidationError naming it."""
     local = _local_path(path, "artifact folder")
     if not local.exists():
-        raise ValidationError(f"artifact folder {str(local)!r}: no such folder")
+        raise ValidationError(f"artifact folder {quoted(str(local))}: no such folder")
     if not local.is_dir():
-        raise ValidationError(f"artifact folder {str(local)!r}: is a file, use log_artifact()")
+        raise ValidationError(f"artifact folder {quoted(str(local))}: is a file, use log_artifact()")
     return local
 
 
@@ -353,16 +353,16 @@ def search_options(max_results: Any, order_by: Any) -> tuple[int | None, list[st
 def check_status(status: Any) -> str:
     """Return ``status`` if it ends a run in MLflow (FINISHED, FAILED, KILLED), else raise."""
     if status not in RUN_STATUSES:
-        raise ValidationError(f"run status {status!r}: must be one of {', '.join(RUN_STATUSES)}")
+        raise ValidationError(f"run status {quoted(status)}: must be one of {', '.join(RUN_STATUSES)}")
     return status
 
 
 def check_experiment_name(name: Any) -> str:
     """Return ``name`` if MLflow accepts it as an experiment name, else raise."""
     if not isinstance(name, str) or not name.strip():
-        raise ValidationError(f"experiment name {name!r}: must be a non-empty string")
+        raise ValidationError(f"experiment name {quoted(name)}: must be a non-empty string")
     if len(name) > min(MAX_EXPERIMENT_NAME_LENGTH, EXPERIMENT_NAME_COLUMN):
-        raise ValidationError(f"experiment name {name[:40]!r}...: longer than MLflow's {EXPERIMENT_NAME_COLUMN} characters ({len(name)})")
+        raise ValidationError(f"experiment name {quoted(name[:40])}...: longer than MLflow's {EXPERIMENT_NAME_COLUMN} characters ({len(name)})")
     return check_utf8(name, "experiment name")
 
 
@@ -382,11 +382,11 @@ def dataset_fields(name: Any, digest: Any, source: Any, source_type: Any, profil
     for field_name, value in (("name", name), ("digest", digest), ("source", source), ("source_type", source_type),
                               ("context", context)):
         if not isinstance(value, str) or not value.strip():
-            raise ValidationError(f"data set {field_name} {value!r}: must be a non-empty string")
+            raise ValidationError(f"data set {field_name} {quoted(value)}: must be a non-empty string")
         text = checked_text("data set", field_name, value)
         limit = limits[field_name]
         if limit is not None and len(text) > limit:
-            raise ValidationError(f"data set {field_name} {text[:40]!r}...: longer than MLflow's {limit} characters")
+            raise ValidationError(f"data set {field_name} {quoted(text[:40])}...: longer than MLflow's {limit} characters")
         fields[field_name] = text
     if len(fields["digest"]) > MAX_DATASET_DIGEST_LENGTH:
         fields["digest"] = fields["digest"][:32]

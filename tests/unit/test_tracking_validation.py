@@ -184,3 +184,22 @@ def test_an_artifact_name_that_is_no_file_name_is_refused(name: str) -> None:
 def test_an_experiment_name_with_bytes_that_are_not_utf8_is_refused_naming_them():
     with pytest.raises(ValidationError, match=r"^experiment name 'pl%E9nts': holds bytes that are not UTF-8"):
         check.check_experiment_name("pl\udce9nts")
+
+
+@pytest.mark.parametrize(("call", "line"), [
+    (lambda t: t.log_params({"pl\udce9nts": 1}), "param name 'pl%E9nts': holds bytes that are not UTF-8"),
+    (lambda t: t.log_metric("pl\udce9nts", 1.0), "metric name 'pl%E9nts': holds bytes that are not UTF-8"),
+    (lambda t: t.set_tags({"pl\udce9nts": "v"}), "tag name 'pl%E9nts': holds bytes that are not UTF-8"),
+    (lambda t: t.log_metric("loss", "pl\udce9nts"), "metric 'loss': value 'pl%E9nts' is not a number"),
+    (lambda t: t.log_artifact("pl\udce9nts.txt"), "artifact 'pl%E9nts.txt': no such file"),
+], ids=["param", "metric", "tag", "metric value", "artifact"])
+def test_a_name_typed_in_a_latin1_shell_is_shown_as_plantml_shows_file_names(call, line, tmp_path, monkeypatch):
+    """Was ``'pl\\udce9nts'`` (Python's repr of the lone surrogate), and for a key the rule of the allowed
+    characters, which the user's name seems to keep."""
+    from plantml import MLflowTracker
+
+    monkeypatch.chdir(tmp_path)
+    tracker = MLflowTracker(experiment_name="e", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    with tracker.start_run(), pytest.raises(ValidationError) as raised:
+        call(tracker)
+    assert str(raised.value).startswith(line)
