@@ -37,6 +37,15 @@ def quoted(value: object) -> str:
     return repr(safe_text(value) if isinstance(value, str) else value)
 
 
+_ESCAPED_BYTE = re.compile(r"(\\\\)|\\udc([89a-f][0-9a-f])")
+
+
+def unescaped_bytes(message: str) -> str:
+    """A message that quoted a name with ``repr`` (click's ``No such option '--pl\\udce9nts'``) with each undecodable
+    byte's escape written ``%XX`` as :func:`safe_text` writes it; an escaped backslash is left as it is."""
+    return _ESCAPED_BYTE.sub(lambda m: m[1] or f"%{m[2].upper()}", message)
+
+
 NOT_UTF8 = "holds bytes that are not UTF-8 (shown as %XX); give it in UTF-8"
 """The one line's reason for a name typed in a Latin-1 shell, which no store, server or S3 key takes."""
 

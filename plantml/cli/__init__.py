@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import click
 
 from plantml.errors import ConfigError, Interrupted, PlantmlError, os_reason
-from plantml.text import mask_passwords, safe_text
+from plantml.text import mask_passwords, safe_text, unescaped_bytes
 
 #: command name -> (module, attribute, one-line help shown by ``plantml --help``)
 COMMANDS = {
@@ -99,6 +99,12 @@ def _export_env_file_credentials() -> None:
         pass  # an unreadable .env: the command that resolves its settings says so in one line
 
 
+def shown_click_message(exc: click.ClickException) -> str:
+    """Click's message, its passwords masked and a name typed in a Latin-1 shell shown ``pl%E9nts`` (click quotes it
+    with ``repr``: ``'pl\\udce9nts'``), as plantml's own messages show it."""
+    return unescaped_bytes(safe_text(mask_passwords(exc.format_message())))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``plantml`` console script; returns the exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -115,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else prog
-        click.echo(f"{command}: error: {mask_passwords(exc.format_message())}", err=True)
+        click.echo(f"{command}: error: {shown_click_message(exc)}", err=True)
         return 2
     except click.ClickException as exc:
-        click.echo(f"{prog}: error: {mask_passwords(exc.format_message())}", err=True)
+        click.echo(f"{prog}: error: {shown_click_message(exc)}", err=True)
         return exc.exit_code
     except PlantmlError as exc:
         if debug:

@@ -32,3 +32,23 @@ def test_inspect_prints_one_line_per_class_whatever_its_name(tmp_path):
 
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert done.stdout.splitlines()[:3] == [b"pl%E9nts\t3", b"two\\nlines\t3", b"total\t6"]
+
+
+def test_click_s_own_refusals_show_a_latin1_name_as_plantml_shows_it(capsys):
+    """Was ``No such option '--pl\\udce9nts'``: click quotes what it refuses with ``repr``."""
+    from plantml.cli import main
+
+    for args, line in [
+        (["pl\udce9nts"], "plantml: error: No such command 'pl%E9nts'."),
+        (["train", "--pl\udce9nts"], "plantml train: error: No such option '--pl%E9nts'."),
+        (["train", "--backbone", "pl\udce9nts"], "plantml train: error: Invalid value for '--backbone': 'pl%E9nts' is not"),
+    ]:
+        assert main(args) == 2
+        assert capsys.readouterr().err.startswith(line)
+
+
+def test_a_backslash_the_user_typed_before_udc_is_kept():
+    from plantml.text import unescaped_bytes
+
+    assert unescaped_bytes(repr("a\\udce9")) == repr("a\\udce9")  # typed as text: shown as typed
+    assert unescaped_bytes(repr("a\\\udce9")) == "'a\\\\%E9'"  # a backslash, then a byte that is not UTF-8
