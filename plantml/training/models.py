@@ -109,12 +109,21 @@ def build_model(backbone: str, num_classes: int, weights: WeightsChoice) -> nn.M
     spec = get_backbone(backbone)
     model = spec.builder(weights=None)
     if weights.kind == "imagenet":
-        state = spec.imagenet_weights.get_state_dict(progress=False, check_hash=False)
-        model.load_state_dict(state)
+        _load_cached_imagenet(model, backbone)
     _replace_head(model, spec, num_classes)
     if weights.kind == "path":
         load_state_file(model, weights.path, spec)
     return model
+
+
+def _load_cached_imagenet(model: nn.Module, backbone: str) -> None:
+    """Load the ImageNet weights torch's hub cache holds (never downloading them), or one line naming the file."""
+    cached = imagenet_cache_file(backbone)
+    try:
+        model.load_state_dict(torch.load(cached, map_location="cpu", weights_only=True))
+    except Exception as exc:  # torch raises many types for a bad file: truncated, another model's, unreadable
+        raise UsageError(f"the ImageNet weights of {backbone} in torch's cache, {cached}: cannot be loaded "
+                         f"({exc.__class__.__name__}); remove the file and fetch it again, or use --weights none") from None
 
 
 def _replace_head(model: nn.Module, spec: Backbone, num_classes: int) -> None:

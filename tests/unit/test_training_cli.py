@@ -69,6 +69,34 @@ def test_imagenet_weights_missing_is_one_line_suggesting_none(capsys, leaves, no
     assert code == 2 and "--weights none" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("weights", ["auto", "imagenet"])
+@pytest.mark.parametrize("damage", ["truncated", "another model's"])
+def test_cached_imagenet_weights_that_cannot_be_loaded_are_one_line_naming_the_file(
+    capsys, leaves, no_tracker, monkeypatch, tmp_path, weights, damage,
+):
+    """Was a traceback (``_pickle.UnpicklingError: invalid load key``) for a download cut short or a file of another
+    torchvision in torch's cache, with ``--weights auto``: the README's first command."""
+    import torch
+
+    from plantml.training.models import WeightsChoice, build_model, imagenet_cache_file
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = imagenet_cache_file("resnet18")
+    cached.parent.mkdir(parents=True)
+    if damage == "truncated":
+        torch.save(build_model("resnet18", 1000, WeightsChoice("none")).state_dict(), cached)
+        cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    else:
+        torch.save(build_model("mobilenet_v2", 1000, WeightsChoice("none")).state_dict(), cached)
+
+    code = main(["train", "--data-dir", str(leaves), *TINY, "--weights", weights])
+
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"plantml: error: the ImageNet weights of resnet18 in torch's cache, {cached}: cannot be loaded (")
+    assert err.rstrip().endswith("remove the file and fetch it again, or use --weights none")
+
+
 def test_no_mlflow_trains_and_prints_plain_epoch_lines(capsys, leaves):
     code = main(["train", "--data-dir", str(leaves), "--no-mlflow", *TINY, "--epochs", "2"])
 
