@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
@@ -20,8 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from plantml.errors import UsageError
-from plantml.staging import folder_lock, local_writes, staging_folder, sweep
+from plantml.errors import PlantmlError, UsageError
+from plantml.staging import folder_lock, local_writes, set_aside, staging_folder, sweep
+
+logger = logging.getLogger(__name__)
 
 CLASSES = ("diseased", "healthy")
 DEFAULT_PER_CLASS = 200
@@ -143,8 +146,28 @@ def generate(directory: str | os.PathLike[str], spec: SynthSpec = SynthSpec()) -
             image = draw_leaf(_rng_for(spec.seed, label, index), spec.size, diseased=class_name == "diseased")
             # optimize=False and no metadata keep the bytes deterministic
             image.save(class_dir / f"{class_name}_{index:04d}.png", format="PNG", optimize=False)
-    (root / _MARKER).write_text(f"{spec.name}\n")
+    # the content digest, which the next use of a cached set holds its files to
+    (root / _MARKER).write_text(f"{spec.name}\n{_content_digest(root)}\n")
     return root
+
+
+def _content_digest(root: Path) -> str:
+    from plantml.datasets.manifest import build_manifest
+
+    return build_manifest(root).digest
+
+
+def _damage(folder: Path) -> str | None:
+    """What changed in a cached set since it was drawn (an image removed, cut short or rewritten), or None.
+
+    A set drawn before the marker recorded its digest is taken as it is."""
+    try:
+        recorded = (folder / _MARKER).read_text(encoding="utf-8", errors="replace").split("\n")
+        if len(recorded) < 2 or not recorded[1]:
+            return None
+        return None if _content_digest(folder) == recorded[1] else "its images changed on disk since it was drawn"
+    except (OSError, PlantmlError) as exc:
+        return f"it cannot be read ({exc})"
 
 
 def as_jpeg(source: str | os.PathLike[str], target: str | os.PathLike[str], quality: int = 95,
@@ -173,7 +196,10 @@ def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
     target = root / spec.name
     if (target / _MARKER).is_file():
         sweep(root)  # what a killed generation of another spec left
-        return target
+        damage = _damage(target)
+        if damage is None:
+            return target
+        return _draw_again(target, spec, damage)
     with local_writes("cache folder", root):
         root.mkdir(parents=True, exist_ok=True)
         with staging_folder(root, spec.name) as staging:
@@ -183,6 +209,20 @@ def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
             except OSError:
                 if not (target / _MARKER).is_file():  # not a concurrent twin that won the race
                     raise
+    return target
+
+
+def _draw_again(target: Path, spec: SynthSpec, damage: str) -> Path:
+    """Replace a damaged cached set by a new drawing (the same bytes as it had), one process at a time."""
+    with local_writes("cache folder", target.parent), folder_lock(target):
+        if _damage(target) is None:  # another process drew it again while this one waited
+            return target
+        logger.warning("the cached synthetic data set %s: %s; drawing it again", target, damage)
+        with staging_folder(target.parent, spec.name) as staging:
+            generate(staging, spec)
+            aside = set_aside(target)
+            staging.rename(target)
+        shutil.rmtree(aside, ignore_errors=True)
     return target
 
 

@@ -47,6 +47,44 @@ def test_cache_is_generated_once_under_plantml_cache_dir(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [spec.name]  # no staging left behind
 
 
+@pytest.mark.parametrize("damage", ["cut short", "rewritten", "removed"])
+def test_a_damaged_cached_set_is_drawn_again_with_a_warning(tmp_path, monkeypatch, caplog, damage):
+    """Was: an image cut short stopped every training with ``cannot be decoded …; use --skip-bad-images`` (advice
+    about a folder plantml owns), and one removed trained on 5 images with another digest, silently."""
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+    spec = synth.SynthSpec(per_class=3, size=16, seed=0)
+    cached = synth.ensure_cached(spec)
+    drawn = {path.relative_to(cached): path.read_bytes() for path in cached.rglob("*.png")}
+    image = cached / "healthy" / "healthy_0001.png"
+    if damage == "cut short":
+        image.write_bytes(image.read_bytes()[:40])
+    elif damage == "rewritten":
+        image.write_bytes(drawn[image.relative_to(cached)][::-1])
+    else:
+        image.unlink()
+
+    with caplog.at_level("WARNING", logger="plantml.training.synth"):
+        again = synth.ensure_cached(spec)
+
+    assert again == cached and {path.relative_to(cached): path.read_bytes() for path in cached.rglob("*.png")} == drawn
+    assert caplog.messages == [f"the cached synthetic data set {cached}: its images changed on disk since it was "
+                               "drawn; drawing it again"]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [spec.name]  # neither the old set nor a staging left
+    caplog.clear()
+    assert synth.ensure_cached(spec) == cached and caplog.messages == []  # whole again: taken as it is
+
+
+def test_a_set_cached_before_its_digest_was_recorded_is_taken_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
+    spec = synth.SynthSpec(per_class=3, size=16, seed=0)
+    cached = synth.ensure_cached(spec)
+    (cached / ".plantml-synthetic").write_text(f"{spec.name}\n")  # as plantml wrote it before
+    stamp = (cached / "healthy" / "healthy_0000.png").stat().st_mtime_ns
+
+    assert synth.ensure_cached(spec) == cached
+    assert (cached / "healthy" / "healthy_0000.png").stat().st_mtime_ns == stamp
+
+
 def test_default_set_matches_the_design_sizes():
     spec = synth.SynthSpec()
 
