@@ -58,7 +58,7 @@ def _in_foreground() -> Iterator[None]:
     until the command returns: a caller of ``main([...])`` gets its own handlers back."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("plantml stack: %(message)s"))
-    logger = logging.getLogger("plantml.stack.supervisor")
+    logger = logging.getLogger("plantml.stack")  # the supervisor's restarts, a lost store, ports taken meanwhile
     with stopped_by_signals():
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)

@@ -214,6 +214,8 @@ class ManagedStack(Stack):
         except (TypeError, ValueError):  # a part that is not a mapping of the secret fields
             raise StackError("stack", f"data folder {self.folder.path}: {CREDENTIALS} cannot be read "
                                       "(not the credentials a stack wrote)") from None
+        if saved:
+            self._warn_of_a_lost_store()
         self.folder.write_json(CREDENTIALS, self.spec.credentials())
         self.runner.open(self.stack_id, self.folder.path)
         for attempt in range(1, PORT_TRIES + 1):
@@ -230,6 +232,17 @@ class ManagedStack(Stack):
                     service.remove(at_once=True)
                 self.services = {}
         self._save_state()
+
+    def _warn_of_a_lost_store(self) -> None:
+        """Say so when a kept stack's database or object store folder is gone while the other holds data: the new,
+        empty one starts, and the runs the database records lose their artifacts (or the artifacts their runs)."""
+        assert self.folder is not None
+        root = self.folder.path
+        for name, other, lost in (("s3", "postgres", "the artifacts of the runs its database records"),
+                                  ("postgres", "s3", "the runs, models and experiments its artifacts belong to")):
+            if not (root / name).exists() and (root / other).is_dir():
+                log.warning("data folder %s: %s/ is missing while %s/ holds data (deleted?): starting an empty %s; "
+                            "%s are gone", root, name, other, name, lost)
 
     def _start_on(self, ports: dict[str, dict[str, int]]) -> None:
         assert self.folder is not None
@@ -321,12 +334,18 @@ def initialize(runner: Runner, spec: ServiceSpec) -> None:
     """Run ``spec.init``; a staged one (:attr:`ServiceSpec.init_staged`) into a fresh folder, renamed into place
     (and the rename synced) only once it succeeded. What an init killed half-way left aside is removed first."""
     staging = spec.staging()
+    final = None if spec.init_staged is None else spec.folder / spec.init_staged
+    if final is not None and final.is_dir() and any(final.iterdir()):
+        # plantml's init renames a complete folder into place, so this one is damaged (or an older plantml's,
+        # half-made): initialising over it could only fail, after the init's seconds; removing it may lose a database
+        raise StackError(spec.name, f"{final}: holds files but no {Path(spec.initialized or '').name} (deleted?, or a "
+                                    "first start of an older plantml cut short): not initialised over; restore the file, "
+                                    "or remove the folder if it holds nothing you need")
     if staging is not None:
         shutil.rmtree(staging, ignore_errors=True)
     runner.run_once(spec, spec.init)  # type: ignore[arg-type]
-    if staging is None:
+    if staging is None or final is None:
         return
-    final = spec.folder / spec.init_staged  # type: ignore[operator]
     try:
         staging.rename(final)
         sync_folder(spec.folder)

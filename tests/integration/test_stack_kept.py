@@ -260,3 +260,36 @@ def test_a_first_stack_up_killed_during_initdb_leaves_a_folder_the_next_start_se
             assert client.get_run(run.info.run_id).info.status == "RUNNING"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_lost_object_store_is_said_and_a_database_folder_without_pg_version_is_not_initialised_over(
+        mlflow_stack_factory, caplog):
+    """Was: a kept folder whose ``s3/`` was deleted started an empty store in silence, its runs' artifacts gone; one
+    whose ``postgres/data/PG_VERSION`` was deleted ran initdb for seconds, then advised removing the database."""
+    import logging
+
+    import mlflow
+
+    from plantml.errors import StackError
+
+    folder = Path(tempfile.mkdtemp(prefix="plantml-lost-"))
+    try:
+        with mlflow_stack_factory(data_dir=folder) as stack:
+            client = mlflow.MlflowClient(stack.tracking_uri)
+            run_id = client.create_run(client.create_experiment(f"lost_{uuid.uuid4().hex[:8]}")).info.run_id
+        shutil.rmtree(folder / "s3")
+
+        with caplog.at_level(logging.WARNING, logger="plantml.stack"), mlflow_stack_factory(data_dir=folder) as stack:
+            assert mlflow.MlflowClient(stack.tracking_uri).get_run(run_id).info.status == "RUNNING"  # the database kept
+        assert (f"data folder {folder}: s3/ is missing while postgres/ holds data (deleted?): starting an empty s3; "
+                "the artifacts of the runs its database records are gone") in caplog.messages
+
+        data = folder / "postgres" / "data"
+        (data / "PG_VERSION").unlink()
+        kept = sorted(path.name for path in data.iterdir())
+        with pytest.raises(StackError) as refused:
+            mlflow_stack_factory(data_dir=folder).start()
+        assert str(refused.value).startswith(f"postgres: {data}: holds files but no PG_VERSION (deleted?")
+        assert sorted(path.name for path in data.iterdir()) == kept and not (folder / "postgres" / "data.init").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
