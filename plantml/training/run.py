@@ -36,6 +36,7 @@ from plantml.training.checks import check_config, check_output_dir, data_on_devi
 from plantml.training.config import DEFAULT_IMAGE_SIZE, NullTracker, Reporter, TrainConfig, TrainResult
 from plantml.training.device_data import build_device_loaders, fits_on_device
 from plantml.training.distributed import Ranks
+from plantml.training.failures import raise_as_resource_failure
 from plantml.training.loop import EarlyStopping, Precision, choose_precision, evaluate, train_one_epoch
 from plantml.training.models import (
     SMALLEST_FEATURE_MAP_PX,
@@ -277,6 +278,7 @@ def fit(prepared: Prepared, tracker: Any = None, reporter: Reporter | None = Non
                 raise
             # torchrun's SIGTERM, sent because another rank failed: that failure is the news
         if cause is exc:
+            raise_as_resource_failure(exc, prepared)  # after the run ended FAILED with torch's own error
             raise
         raise cause from exc
     tracker.end_run(status="FINISHED")
