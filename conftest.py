@@ -18,6 +18,10 @@ pytest_plugins = ["pytester"]
 
 INTEGRATION_DIR = Path(__file__).parent / "tests" / "integration"
 
+# As tox sets it, for a pytest run outside tox: MLflow's usage telemetry would reach out of 127.0.0.1 (CI=true turns it
+# off by itself), and its thread unsets _MLFLOW_TELEMETRY_SESSION_ID in os.environ at a moment of its own
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # One CPU thread per test process (as torchrun gives each rank): two xdist workers on CI's two cores each ran

@@ -6,6 +6,8 @@ them into a message and an exit code, in one place.
 
 from __future__ import annotations
 
+import re
+
 from plantml.text import mask_passwords, shown_text
 
 
@@ -120,9 +122,28 @@ class Interrupted(KeyboardInterrupt):
 
 
 def one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when it has none), at most 500 characters."""
+    """The first line of an exception's message (its type name when it has none), at most 500 characters;
+    MLflow's words for an answer that is not its API's, :func:`foreign_answer`'s."""
+    foreign = foreign_answer(exc)
+    if foreign is not None:
+        return foreign
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:500]
+
+
+# MLflow's client on an HTTP answer that is not its API's JSON (rest_utils.verify_rest_response)
+_REST_FAILURE = re.compile(r"API request to endpoint (\S+) failed with error code (\d+) != 200\. Response body: '(.*)", re.S)
+
+
+def foreign_answer(exc: BaseException) -> str | None:
+    """For an HTTP answer that is not MLflow's (another program's web page on the port, a proxy's error page): a
+    short line saying so, where MLflow's client quotes the page's first line (``Response body: '<!DOCTYPE HTML>``)."""
+    match = _REST_FAILURE.match(str(exc).strip())
+    if match is None or match[3].lstrip().startswith(("{", "[")):
+        return None
+    body = "a web page" if match[3].lstrip().startswith("<") else "a body that is not MLflow's JSON"
+    return (f"HTTP {match[2]} with {body} for {match[1]}: not the answer of an MLflow tracking server "
+            "(another program on this port, a wrong path, a proxy in between?)")
 
 
 def os_reason(exc: OSError) -> str:

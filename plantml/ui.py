@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import TrackingError, UsageError
+from plantml.errors import TrackingError, UsageError, foreign_answer, one_line
 from plantml.tracking.stores import all_experiments, check_store_exists, open_client, search_batches
 
 #: Query string that opens MLflow's UI in its model-training view.
@@ -80,7 +80,8 @@ def newest_run(tracking_uri: str) -> Landing | None:
         runs = [run for batch in search_batches(ids)
                 for run in client.search_runs(batch, order_by=["attributes.start_time DESC"], max_results=1)]
     except Exception as exc:  # noqa: BLE001 - any store failure becomes one line naming the store
-        raise TrackingError(f"{tracking_uri}: cannot read runs ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        reason = foreign_answer(exc) or f"{type(exc).__name__}: {one_line(exc)[:200]}"
+        raise TrackingError(f"{tracking_uri}: cannot read runs ({reason})") from exc
     if runs:
         newest = max(runs, key=lambda run: run.info.start_time or 0)
         return Landing(newest.info.experiment_id, newest.info.run_id)

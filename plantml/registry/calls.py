@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from plantml.errors import RegistryError, TrackingError, connection_reason, one_line
+from plantml.errors import RegistryError, TrackingError, connection_reason, foreign_answer, one_line
 from plantml.registry.store import no_server_answered, object_store_error, object_store_errors, server_unreachable
 from plantml.text import mask_passwords
 from plantml.tracking.environ import forget_stale_s3_clients
@@ -62,6 +62,9 @@ class RegistryCalls:
         try:
             return action()
         except MlflowException as exc:
+            foreign = foreign_answer(exc)  # before "not found": another program's 404 page says "Not Found"
+            if foreign is not None:
+                raise TrackingError(f"{what}: {mask_passwords(self.tracking_uri)}: {foreign}") from exc
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
                 raise RegistryError(f"{what}: not found") from exc
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed

@@ -1,0 +1,64 @@
+"""A tracking URI that names another program's web server (a wrong port, a proxy's error page): one line saying the
+answer is not MLflow's, where MLflow's client quoted the page's first line, and the registry said "not found"."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from plantml.cli import main
+
+NOT_MLFLOW = ("with a web page for {endpoint}: not the answer of an MLflow tracking server (another program on this "
+              "port, a wrong path, a proxy in between?)")
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - its signature
+        pass  # its access log would go to this test's stderr
+
+
+@pytest.fixture(scope="module")
+def web_server() -> Iterator[str]:
+    """Python's own file server on 127.0.0.1: a 404 page for every MLflow GET, 501 for every POST."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(("args", "start", "code", "endpoint"), [
+    (["registry", "list"], "registered models: {uri}: HTTP 404", 1, "/api/2.0/mlflow/registered-models/search"),
+    (["registry", "promote", "m", "1"], "registered model 'm': {uri}: HTTP 404", 1, "/api/2.0/mlflow/registered-models/get"),
+    (["ui"], "{uri}: cannot read runs (HTTP 501", 1, "/api/2.0/mlflow/experiments/search"),
+    (["train", "--epochs", "1", "--weights", "none", "--data-dir", "{leaves}"],
+     "{uri}: cannot open experiment 'plant_classification': HTTP 404", 1, "/api/2.0/mlflow/experiments/get-by-name"),
+], ids=["registry list", "registry promote", "ui", "train"])
+def test_a_web_server_that_is_not_mlflow_is_one_line_saying_so(web_server, args, start, code, endpoint, capsys,
+                                                               tmp_path, monkeypatch):
+    from plantml.training import synth
+
+    monkeypatch.chdir(tmp_path)  # the file server serves its own folder: nothing of this one
+    leaves = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=6, size=16, seed=0)) if "train" in args else ""
+
+    assert main([*(arg.format(leaves=leaves) for arg in args), "--tracking-uri", web_server]) == code
+
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith(f"plantml: error: {start.format(uri=web_server)} {NOT_MLFLOW.format(endpoint=endpoint)}"), line
+
+
+def test_mlflows_own_json_errors_are_left_as_mlflow_says_them():
+    from mlflow.exceptions import MlflowException
+
+    from plantml.errors import foreign_answer, one_line
+
+    said = MlflowException("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 403 != 200. "
+                           "Response body: '{\"error_code\": \"PERMISSION_DENIED\"}'")
+    assert foreign_answer(said) is None and one_line(said) == str(said)
