@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from plantml.errors import UsageError, os_reason
+from plantml.errors import UsageError, one_line, os_reason
 from plantml.tracking.validation import check_registered_model_name, run_name
 from plantml.training.config import DEFAULT_IMAGE_SIZE, TrainConfig
 from plantml.training.data import check_split_fractions
@@ -55,7 +55,22 @@ def check_config(config: TrainConfig) -> torch.device:
         raise UsageError(f"--batch-size 1 at --image-size {image_size}: the backbone's last feature map is 1x1 there, "
                          "and batch norm cannot train on one value per channel; use --batch-size 2 or more, "
                          f"or --image-size {SMALLEST_FEATURE_MAP_PX + 1} or more")
+    if config.compile:
+        check_compiler()
     return device
+
+
+def check_compiler() -> None:
+    """``--compile`` needs a working C++ compiler (torch's inductor builds its kernels with one, on the CPU and for
+    triton's launchers on CUDA): a slim container has none, and torch failed at the first batch, with a traceback."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch: its own error comes at the first batch
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler, whatever module torch keeps it in
+        raise UsageError(f"--compile: {one_line(exc)}; install one (g++), set CXX to it, or train without --compile") from None
 
 
 def check_output_dir(folder: Path) -> None:

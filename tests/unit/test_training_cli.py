@@ -97,6 +97,19 @@ def test_cached_imagenet_weights_that_cannot_be_loaded_are_one_line_naming_the_f
     assert err.rstrip().endswith("remove the file and fetch it again, or use --weights none")
 
 
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_run(capsys, leaves, no_tracker, monkeypatch):
+    """Was torch's traceback (``InductorError: InvalidCxxCompiler``) at the first batch, the run FAILED: a slim
+    container has no compiler. Torch's own setting points at a compiler that is not there."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
+    code = main(["train", "--data-dir", str(leaves), *TINY, "--compile"])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("plantml: error: --compile: No working C++ compiler found") and \
+        err.rstrip().endswith("install one (g++), set CXX to it, or train without --compile") and len(err.splitlines()) == 1
+
+
 def test_no_mlflow_trains_and_prints_plain_epoch_lines(capsys, leaves):
     code = main(["train", "--data-dir", str(leaves), "--no-mlflow", *TINY, "--epochs", "2"])
 
