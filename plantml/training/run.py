@@ -32,7 +32,7 @@ from plantml.text import shown_text
 from plantml.tracking import signals as tracking_signals
 from plantml.training import data as data_mod
 from plantml.training import distributed, outputs, synth
-from plantml.training.checks import check_config, check_output_dir, data_on_device
+from plantml.training.checks import check_config, check_output_dir, data_on_device, emulated_bf16_note
 from plantml.training.config import DEFAULT_IMAGE_SIZE, NullTracker, Reporter, TrainConfig, TrainResult
 from plantml.training.device_data import build_device_loaders, fits_on_device
 from plantml.training.distributed import Ranks
@@ -227,7 +227,7 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     if ranks.distributed:
         seed_everything(config.seed + ranks.rank)  # but each rank its own augmentation draws
 
-    notes = [weights.note] if weights.note else []
+    notes = [note for note in (weights.note, emulated_bf16_note(device, precision.autocast_dtype)) if note]
     if scan.skipped:
         notes.append(f"{len(scan.skipped)} unreadable image(s) skipped (such as {shown_text(source.origin_of(scan.skipped[0]))})")
     return Prepared(

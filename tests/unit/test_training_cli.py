@@ -206,3 +206,21 @@ def test_a_short_command_whose_stdout_is_full_says_so_in_one_line(tmp_path):
     assert (done.returncode, done.stderr) == (1, "plantml: error: standard output: No space left on device; "
                                                  "what the command printed there is lost\n")
     assert len(list((tmp_path / "set").rglob("*.png"))) == 6  # the command did its work
+
+
+@pytest.mark.parametrize("has_bf16", [False, True])
+def test_amp_on_a_cpu_without_bf16_instructions_warns_that_it_is_emulated(capsys, leaves, monkeypatch, has_bf16):
+    """Was silent: bf16 emulated made the training steps 26 times as long (benchmarks/cpu_amp.py). The CPU's flags
+    are read from /proc/cpuinfo; the flag looked for is one every x86 CPU has, or none has."""
+    import platform
+
+    from plantml.training import checks
+
+    if platform.machine() not in ("x86_64", "AMD64", "i686"):
+        pytest.skip("/proc/cpuinfo lists 'flags' on x86 only")
+    monkeypatch.setattr(checks, "_BF16_FLAGS", {"fpu" if has_bf16 else "no_such_flag"})
+    code = main(["train", "--data-dir", str(leaves), "--no-mlflow", *TINY, "--amp"])
+
+    err = capsys.readouterr().err
+    assert code == 0
+    assert ("plantml: warning: --amp on this CPU: it has no bf16 instructions" in err) is not has_bf16, err
