@@ -206,8 +206,10 @@ class ManagedStack(Stack):
         if not saved and any((self.folder.path / name).exists() for name in SERVICE_NAMES):
             # The credentials are written before any service's folder: its data is there, its secrets are not.
             # Fresh ones would replace the file for good and wait 30 s for a database that refuses them.
-            raise StackError("stack", f"data folder {self.folder.path} holds a stack's data but no {CREDENTIALS} "
-                                      "(deleted, or lost in a crash): its database cannot be opened without it; "
+            there = (self.folder.path / CREDENTIALS).exists()  # read as {}: none of the credentials in it
+            what, how = (f"an empty {CREDENTIALS}", "emptied") if there else (f"no {CREDENTIALS}", "deleted")
+            raise StackError("stack", f"data folder {self.folder.path} holds a stack's data but {what} "
+                                      f"({how}, or lost in a crash): its database cannot be opened without it; "
                                       "restore the file, or start on a new folder")
         try:
             self.spec = self.spec.with_credentials(saved) if saved else self.spec

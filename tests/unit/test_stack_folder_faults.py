@@ -174,19 +174,24 @@ class NoServices:
         pass
 
 
-def test_a_folder_whose_credentials_are_gone_is_refused_before_new_ones_replace_them(tmp_path):
+@pytest.mark.parametrize("left", ["no file", "an empty object"])
+def test_a_folder_whose_credentials_are_gone_is_refused_before_new_ones_replace_them(tmp_path, left):
     folder = tmp_path / "kept"
     StackFolder.open(folder, "first").close()
     (folder / "postgres" / "data").mkdir(parents=True)
     (folder / "postgres" / "data" / "PG_VERSION").write_text("15\n")
+    if left == "an empty object":  # was reported as no file at all
+        (folder / CREDENTIALS).write_text("{}")
 
     with pytest.raises(StackError) as refused:
         ManagedStack(NoServices(), data_dir=folder).start()
 
-    assert str(refused.value) == (f"stack: data folder {folder} holds a stack's data but no {CREDENTIALS} (deleted, or lost "
+    said = f"an empty {CREDENTIALS} (emptied" if left == "an empty object" else f"no {CREDENTIALS} (deleted"
+    assert str(refused.value) == (f"stack: data folder {folder} holds a stack's data but {said}, or lost "
                                   "in a crash): its database cannot be opened without it; restore the file, or start "
                                   "on a new folder")
-    assert not (folder / CREDENTIALS).exists()
+    kept = (folder / CREDENTIALS).read_text() if (folder / CREDENTIALS).exists() else None
+    assert kept == ("{}" if left == "an empty object" else None)  # never replaced by new ones
 
 
 def test_the_credentials_are_on_disk_before_the_start_goes_on(tmp_path, monkeypatch):
