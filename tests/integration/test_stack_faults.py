@@ -61,14 +61,16 @@ def kill_postgres_after_acknowledged_writes(stack, writes: int = 300) -> list[tu
 
     client = mlflow.MlflowClient(stack.tracking_uri)
     run_id = client.create_run(client.create_experiment(f"durable_{uuid.uuid4().hex[:8]}")).info.run_id
-    now = int(time.time() * 1000)
-    for step in range(writes):  # each call answered 200 before the next: acknowledged writes
-        client.log_batch(run_id, metrics=[Metric("loss", 1 / (step + 1), now + step, step)])
     postgres = stack.services["postgres"]
     postmaster = psutil.Process(postgres.process.pid)
     backends = [child for child in postmaster.children() if "mlflow mlflow" in " ".join(child.cmdline())]
     assert backends, [child.cmdline() for child in postmaster.children()]  # MLflow's open connections
+    now = int(time.time() * 1000)
+    for step in range(writes):  # each call answered 200 before the next: acknowledged writes
+        client.log_batch(run_id, metrics=[Metric("loss", 1 / (step + 1), now + step, step)])
 
+    # At once: without synchronous commit, PostgreSQL's WAL writer flushes the last commits within 200 ms
+    # (wal_writer_delay), so the control sees its loss only when the kill comes sooner (found them before the writes)
     backends[0].kill()
     assert backends[0].wait(timeout=10) is not None or not backends[0].is_running()
     postmaster.kill()
