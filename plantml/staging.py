@@ -78,7 +78,7 @@ def scratch_folder(name: str) -> Iterator[Path]:
     """
     parent = Path(tempfile.gettempdir())
     with contextlib.ExitStack() as scope:
-        with local_writes("temporary folder", parent):  # only its making: a caller's OSError is not blamed on it
+        with local_writes("temporary folder (TMPDIR)", parent):  # only its making: a caller's OSError is not blamed on it
             folder = scope.enter_context(staging_folder(parent, name))
         yield folder
 

@@ -98,7 +98,7 @@ def remove_unused(cache_root: Path, unused_for_s: float, *, dry_run: bool = Fals
         if dry_run:
             removed.append(cached)
             continue
-        with local_writes("cache folder", cached.folder.parent), _exclusive(cached.folder) as fd:
+        with local_writes("cache folder (PLANTML_CACHE_DIR)", cached.folder.parent), _exclusive(cached.folder) as fd:
             if fd is None or now - os.fstat(fd).st_mtime < unused_for_s:
                 continue  # a training took it since it was listed
             aside = set_aside(cached.folder)

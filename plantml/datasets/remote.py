@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest, image_files
 from plantml.errors import ConfigError, DataError, TrackingError, UsageError
 from plantml.staging import local_writes, staging_folder, sweep
-from plantml.text import NOT_UTF8, file_name, is_utf8, safe_text
+from plantml.text import NOT_UTF8, file_name, is_utf8, quoted, safe_text
 
 #: Parallel transfers (S3 requests wait on the network, not on the CPU).
 DEFAULT_WORKERS = 16
@@ -53,7 +53,7 @@ class S3Location:
     def parse(cls, uri: str) -> S3Location:
         """Split an ``s3://`` URI, or a :class:`UsageError` naming it."""
         if not is_utf8(uri):  # typed in a Latin-1 shell: S3 names are UTF-8, boto3 would fail with a traceback
-            raise UsageError(f"{safe_text(uri)!r}: {NOT_UTF8}")
+            raise UsageError(f"{quoted(uri)}: {NOT_UTF8}")
         if not uri.startswith("s3://") or not uri[5:].split("/", 1)[0]:
             raise UsageError(f"{uri!r}: expected s3://BUCKET/PREFIX")
         if "\\" in uri:  # S3 stores (SeaweedFS) read it as '/': what was pushed would never be found again
@@ -340,7 +340,7 @@ def pull(client: Any, uri: str, cache_root: Path, *, workers: int = DEFAULT_WORK
         return PullResult(manifest, target, 0, 0, str(where))
     if progress is not None:
         progress.total = manifest.total_bytes
-    with local_writes("cache folder", cache_root):
+    with local_writes("cache folder (PLANTML_CACHE_DIR)", cache_root):
         target.parent.mkdir(parents=True, exist_ok=True)
         received = _download_into(client, where, manifest, target, workers, progress)
     return PullResult(manifest, target, len(manifest.files), received, str(where))

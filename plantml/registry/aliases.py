@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 
 from plantml.errors import RegistryError
-from plantml.text import safe_text
+from plantml.text import quoted
 
 #: The prefix of the tags that record alias moves (on versions) and histories (on models).
 TAG_PREFIX = "plantml.alias"
@@ -62,7 +62,7 @@ def normalize_alias(alias: str) -> str:
     if _VERSION_ALIAS_RE.match(name):
         raise RegistryError(f"alias {name!r}: 'v<digits>' names are reserved by MLflow for versions")
     if not _ALIAS_RE.match(name):
-        raise RegistryError(f"alias {safe_text(name)!r}: only letters, digits, '_' and '-' are allowed")
+        raise RegistryError(f"alias {quoted(name)}: only letters, digits, '_' and '-' are allowed")
     if len(name) > MAX_ALIAS_LENGTH:
         raise RegistryError(f"alias {name[:20]!r}...: longer than {MAX_ALIAS_LENGTH} characters")
     return name

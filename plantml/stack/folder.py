@@ -145,7 +145,7 @@ class StackFolder:
     def open(cls, data_dir: Path | None, stack_id: str) -> StackFolder:
         """Lock ``data_dir`` (created if missing), or a new temporary folder, and record it for prune."""
         if data_dir is None:
-            with local_writes("stack data folder in", Path(tempfile.gettempdir())):
+            with local_writes("stack data folder in the temporary folder (TMPDIR)", Path(tempfile.gettempdir())):
                 path, temporary = Path(tempfile.mkdtemp(prefix="plantml-stack-")), True
         else:
             path, temporary = data_dir.expanduser().resolve(), False

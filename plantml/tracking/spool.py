@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import PlantmlError, TrackingError, ValidationError, one_line
-from plantml.text import safe_text
+from plantml.text import quoted, safe_text
 from plantml.tracking.journal_io import write_error
 
 
@@ -93,7 +93,7 @@ def _copy_file(src: Path, dest: Path) -> None:
     """``shutil.copy2``; a source that is no regular file (a dangling link, a pipe, a socket) is a
     ValidationError naming it, not a spool the disk refused."""
     if not src.is_file():
-        raise ValidationError(f"artifact {safe_text(str(src))!r}: not a regular file (a dangling link, a pipe or a device)")
+        raise ValidationError(f"artifact {quoted(str(src))}: not a regular file (a dangling link, a pipe or a device)")
     shutil.copy2(src, dest)
 
 

@@ -90,8 +90,10 @@ class MLflowTracker(ArtifactCalls):
         if self.settings.tracking_uri.startswith(("http://", "https://")):
             export_env_file_credentials(env_file=env_file)  # a server of ``stack up --auth``: its user is there
         self.delivery_settings: DeliverySettings = resolve_delivery_settings(delivery_timeout, max_buffered, journal_dir)
-        # a journal folder nobody can write (HOME read-only, a file in the way) is an input error: say so before any run exists
-        check_writable("journal folder", self.delivery_settings.journal_dir, mode=0o700)  # owner-only, as its journals
+        # a journal folder nobody can write (HOME read-only, a file in the way) is an input error: say so before any run
+        # exists, with the variable that moves it unless the caller named the folder; owner-only, as its journals
+        check_writable("journal folder" if journal_dir is not None else "journal folder (PLANTML_JOURNAL_DIR)",
+                       self.delivery_settings.journal_dir, mode=0o700)
         self.handle_signals = handle_signals
         self._client, self.experiment_id = connection.connect(self.settings, connect_timeout)
         self._transport = Transport(self.settings, self._client, self.experiment_id, self.delivery_settings.request_timeout_s)

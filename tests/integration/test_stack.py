@@ -385,12 +385,14 @@ def test_a_pytest_session_killed_with_sigterm_or_sighup_tears_its_stack_down(tmp
     (tmp_path / "test_hangs.py").write_text(SESSION_THAT_HANGS)
     report = tmp_path / "report.json"
     session = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "test_hangs.py")],
-                               cwd=tmp_path, env={**os.environ, "REPORT": str(report)},
+                               cwd=tmp_path, env={**os.environ, "REPORT": str(report), "PYTHONFAULTHANDLER": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_file(report)
     finally:
-        stop(session, signum)
+        # The teardown's own bound: each of the three services is killed 15 s after its stop signal (STOP_TIMEOUT);
+        # 60 s was passed once on a machine whose disk made the whole suite 60% slower (its stacks were not dumped)
+        stop(session, signum, timeout=120)
     started = json.loads(report.read_text())
     assert len(started["pids"]) >= 3
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started["pids"])

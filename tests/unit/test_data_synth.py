@@ -236,7 +236,7 @@ def test_the_cached_set_on_a_full_disk_is_one_line_naming_the_cache(tmp_path, mo
     monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path))
     full_disk_after(monkeypatch, 2)
 
-    with pytest.raises(StorageError, match=f"^cache folder {tmp_path}: no space left on device$"):
+    with pytest.raises(StorageError, match=rf"^cache folder \(PLANTML_CACHE_DIR\) {tmp_path}: no space left on device$"):
         synth.ensure_cached(synth.SynthSpec(per_class=3, size=16, seed=0))
     assert list(tmp_path.iterdir()) == []
 
@@ -245,5 +245,5 @@ def test_a_cache_folder_that_is_a_file_is_one_line_naming_it(tmp_path, monkeypat
     (tmp_path / "cache").write_text("a file")
     monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "cache"))
 
-    with pytest.raises(UsageError, match=f"^cache folder {tmp_path / 'cache'}: "):
+    with pytest.raises(UsageError, match=rf"^cache folder \(PLANTML_CACHE_DIR\) {tmp_path / 'cache'}: "):
         synth.ensure_cached(synth.SynthSpec(per_class=3, size=16, seed=0))

@@ -261,7 +261,7 @@ def test_ensure_cached_removes_the_staging_folder_of_a_dead_process(tmp_path: Pa
 def test_a_cache_folder_that_cannot_be_written_is_one_line_naming_it(leaves: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "afile"
     blocker.write_text("not a folder")
-    with pytest.raises(UsageError, match=f"^cache folder {blocker / 'cache'}: not a directory$"):
+    with pytest.raises(UsageError, match=rf"^cache folder \(PLANTML_CACHE_DIR\) {blocker / 'cache'}: not a directory$"):
         remote.pull(FakeStore(leaves), "s3://b/set", blocker / "cache")
 
 
@@ -279,7 +279,7 @@ def test_a_full_disk_during_a_pull_is_one_line_and_keeps_nothing(leaves: Path, t
             yield self.data
 
     monkeypatch.setattr(store, "get_object", lambda Bucket, Key: {"Body": FullDisk(store.objects[Key])})
-    with pytest.raises(StorageError, match=f"^cache folder {tmp_path / 'cache'}: no space left on device$"):
+    with pytest.raises(StorageError, match=rf"^cache folder \(PLANTML_CACHE_DIR\) {tmp_path / 'cache'}: no space left on device$"):
         remote.pull(store, "s3://b/set", tmp_path / "cache", workers=1)
     assert not list((tmp_path / "cache" / "datasets").iterdir())
 

@@ -224,3 +224,23 @@ def test_amp_on_a_cpu_without_bf16_instructions_warns_that_it_is_emulated(capsys
     err = capsys.readouterr().err
     assert code == 0
     assert ("plantml: warning: --amp on this CPU: it has no bf16 instructions" in err) is not has_bf16, err
+
+
+def test_a_home_that_is_no_folder_names_the_variable_that_moves_each_folder_train_needs(tmp_path):
+    """A service account's HOME (``/nonexistent``, ``/dev/null``): the synthetic set's cache, then the run's journal,
+    are refused in one line each, exit 2, naming the variable that puts them elsewhere; with both set it trains."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PLANTML_", "MLFLOW_TRACKING"))},
+           "HOME": "/dev/null", "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    lines = []
+    for extra in ({}, {"PLANTML_CACHE_DIR": str(tmp_path / "cache")}):
+        done = subprocess.run([sys.executable, "-m", "plantml", "train", *TINY], env={**env, **extra}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        lines.append(done.stderr.splitlines()[-1])
+    assert lines == ["plantml: error: cache folder (PLANTML_CACHE_DIR) /dev/null/.cache/plantml: not a directory",
+                     "plantml: error: journal folder (PLANTML_JOURNAL_DIR) /dev/null/.cache/plantml/journal: not a directory"]
+    assert not (tmp_path / "mlflow.db").exists()  # no run was begun
