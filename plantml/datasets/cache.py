@@ -83,7 +83,7 @@ def cached_sets(cache_root: Path) -> list[CachedSet]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise DataError(f"cache folder {parent}: cannot be read ({exc.strerror})") from None
+        raise DataError(f"cache folder (PLANTML_CACHE_DIR) {parent}: cannot be read ({exc.strerror})") from None
     found = [_describe(child) for child in children]
     return sorted((s for s in found if s is not None), key=lambda s: s.last_used)
 

@@ -173,3 +173,11 @@ def test_an_empty_cache_lists_nothing(tmp_path, monkeypatch) -> None:
     listed = CliRunner().invoke(cli, ["data", "cache"])
     assert listed.exit_code == 0 and listed.output.startswith("0 set(s), 0.0 MB")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_cache_that_is_no_folder_is_one_line_naming_the_variable_that_moves_it(tmp_path, monkeypatch) -> None:
+    (tmp_path / "file").write_text("where HOME/.cache would be")
+    monkeypatch.setenv("PLANTML_CACHE_DIR", str(tmp_path / "file"))
+    done = subprocess.run([sys.executable, "-m", "plantml", "data", "cache"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == (f"plantml: error: cache folder (PLANTML_CACHE_DIR) "
+                                                    f"{tmp_path / 'file' / 'datasets'}: cannot be read (Not a directory)\n")
