@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a CUDA machine that has torch and torchvision but maybe
-# no network and no mlflow: missing wheels travel in .whl/ (see README, "Performance").
+# no network and no mlflow: missing wheels travel in .whl/ (see docs/training.md, "On a GPU").
 # Writes its logs and JSON under ${OUT:-benchmarks/results}. COMPILE=1 adds a torch.compile run
 # (it compiles each contender and recompiles for the last, smaller batch: minutes).
 set -uo pipefail

@@ -2,7 +2,7 @@
 
 Every environment variable plantml reads is a row of :data:`VARIABLES` (name, default,
 what it sets); code reads one only through :func:`env_value`, and the pytest plugin's
-options and the README's table come from the same rows.
+options and the table of docs/settings.md come from the same rows.
 
 Resolution order for every tracking setting: explicit argument, then the process
 environment, then a ``.env`` file, then the embedded default (MLflow's local
@@ -333,7 +333,7 @@ def _check_s3_endpoint(settings: TrackingSettings) -> None:
 
 
 def variables_table() -> str:
-    """:data:`VARIABLES` as the Markdown table the README shows (a unit test keeps them equal)."""
+    """:data:`VARIABLES` as the Markdown table docs/settings.md shows (a unit test keeps them equal)."""
     rows = ["| variable | default | what it sets |", "| --- | --- | --- |"]
     for variable in VARIABLES.values():
         default = f"`{variable.default}`" if variable.default is not None else "-"

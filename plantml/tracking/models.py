@@ -36,7 +36,7 @@ MODEL_STEPS_ENV = {
 
 
 class _PickleChoiceFilter(logging.Filter):
-    """Drops MLflow's warning that a PyTorch model is pickled: plantml chose it (the README says why, once)."""
+    """Drops MLflow's warning that a PyTorch model is pickled: plantml chose it (docs/registry.md says why, once)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Pickle or CloudPickle" not in record.getMessage()

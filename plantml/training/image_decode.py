@@ -37,7 +37,7 @@ RESIZE_PIXELS = 1 << 26
 
 @contextlib.contextmanager
 def _torchvision_io() -> Iterator[None]:
-    """torchvision 0.29 warns on every decode that TorchCodec will take its decoders over; once is in the README."""
+    """torchvision 0.29 warns on every decode that TorchCodec will take its decoders over; docs/training.md says so once."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                                 category=DeprecationWarning)

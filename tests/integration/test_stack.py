@@ -259,11 +259,11 @@ def test_ports_taken_at_every_start_fail_the_stack_after_three_starts_and_leave_
 
 @pytest.mark.local_session
 def test_the_readmes_python_example_runs_as_written_and_leaves_nothing(tmp_path):
-    """The README's "From Python" block, run as written in a fresh Python: the printed endpoints answer inside the
-    ``with``, ``client_env()`` has the four variables, and the end of the block stops everything."""
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    """The "From Python" block of docs/stack.md, run as written in a fresh Python: the printed endpoints answer
+    inside the ``with``, ``client_env()`` has the four variables, and the end of the block stops everything."""
+    readme = (Path(__file__).parents[2] / "docs" / "stack.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(from plantml\.stack import start_local_stack\n.*?)```", readme, re.DOTALL)
-    assert len(blocks) == 1, "the README's start_local_stack example moved: update this test"
+    assert len(blocks) == 1, "the start_local_stack example of docs/stack.md moved: update this test"
     # The block ends inside its ``with``: indented lines go on inside it, the others run after it.
     checks = textwrap.dedent("""\
         import json, requests

@@ -91,13 +91,13 @@ def test_every_variable_plantml_reads_is_in_the_one_table():
     assert read_names <= set(settings.VARIABLES)
 
 
-def test_the_readme_lists_every_variable():
+def test_the_settings_document_lists_every_variable():
     from pathlib import Path
 
     from plantml.settings import variables_table
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
-    assert variables_table() in readme
+    documented = (Path(__file__).parents[2] / "docs" / "settings.md").read_text(encoding="utf-8")
+    assert variables_table() in documented
 
 
 def test_a_malformed_number_is_one_line_naming_the_variable():
