@@ -144,6 +144,13 @@ def _failure(exc: BaseException) -> str:
     return f"{_error_code(exc)}: {exc}{s3_tls_hint(exc)}"
 
 
+def _foreign(client: Any, exc: BaseException) -> str | None:
+    """:func:`~plantml.stack.endpoints.s3_foreign_answer` for this client's endpoint."""
+    from plantml.stack.endpoints import s3_foreign_answer
+
+    return s3_foreign_answer(exc, getattr(getattr(client, "meta", None), "endpoint_url", None))
+
+
 def _error_code(exc: BaseException) -> str:
     return str(getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__))
 
@@ -164,7 +171,7 @@ def list_pages(client: Any, where: S3Location, prefix: str, **options: str) -> I
     except _client_errors() as exc:
         if _error_code(exc) == "NoSuchBucket":  # a name the user typed, as read_manifest treats it
             raise UsageError(f"{where}: no bucket {where.bucket!r} in the object store") from None
-        raise TrackingError(f"{where}: cannot list the bucket ({_failure(exc)})") from None
+        raise TrackingError(f"{where}: {_foreign(client, exc) or f'cannot list the bucket ({_failure(exc)})'}") from None
 
 
 def push(client: Any, folder: str | os.PathLike[str], uri: str, *, workers: int = DEFAULT_WORKERS,
@@ -316,6 +323,9 @@ def read_manifest(client: Any, where: S3Location) -> Manifest:
         body = client.get_object(Bucket=where.bucket, Key=where.key(MANIFEST_NAME))["Body"].read()
     except _client_errors() as exc:
         code = _error_code(exc)
+        foreign = _foreign(client, exc)
+        if foreign:  # another program's "Not Found" page: not a set missing from a store
+            raise TrackingError(f"{where}: {foreign}") from None
         if code == "NoSuchBucket":  # a push there would fail too: say what is missing
             raise DataError(f"{where}: no bucket {where.bucket!r} in the object store, so no data set there") from None
         if code in ("NoSuchKey", "404"):

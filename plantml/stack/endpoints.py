@@ -100,6 +100,19 @@ def s3_tls_hint(exc: BaseException) -> str:
     return "; a private CA: set AWS_CA_BUNDLE to its certificate (or MLFLOW_S3_IGNORE_TLS=true), as for MLflow itself"
 
 
+def s3_foreign_answer(exc: BaseException, endpoint: str | None) -> str | None:
+    """For an S3 request answered with a web page instead of an S3 error (another program's server on the port, a
+    proxy's error page): a line saying so, where boto3 gives the bare status (``An error occurred (404) … Not Found``),
+    which reads as a missing object or bucket. An S3 server's errors carry an XML body, whose code boto3 gives."""
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    if not code.isdigit() or "html" not in str(headers.get("content-type", "")).lower():
+        return None
+    return (f"the object store at {endpoint or 'MLFLOW_S3_ENDPOINT_URL'} answered HTTP {code} with a web page, which no "
+            "S3 server sends (another program on this port, a proxy in between?): check MLFLOW_S3_ENDPOINT_URL")
+
+
 #: Object written and read back to tell that the store really serves data.
 READY_PROBE_KEY = ".plantml-ready"
 

@@ -111,7 +111,7 @@ def check_object_store_keys(settings: TrackingSettings, location: str) -> None:
         return
     from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
-    from plantml.stack.endpoints import make_s3_client, s3_tls_hint
+    from plantml.stack.endpoints import make_s3_client, s3_foreign_answer, s3_tls_hint
 
     parts = urlsplit(location)
     client = make_s3_client(endpoint, settings.aws_access_key, settings.aws_secret_key, retries={"max_attempts": 1},
@@ -130,6 +130,8 @@ def check_object_store_keys(settings: TrackingSettings, location: str) -> None:
         if code == "NoSuchBucket":
             raise ConfigError(f"object store {endpoint} has no bucket {parts.netloc!r} for the artifacts at {location}: "
                               "every upload would fail") from None
+        if foreign := s3_foreign_answer(exc, endpoint):
+            raise ConfigError(f"artifacts at {location}: {foreign}; every upload would fail") from None
     except BotoCoreError:
         return
 

@@ -62,3 +62,43 @@ def test_mlflows_own_json_errors_are_left_as_mlflow_says_them():
     said = MlflowException("API request to endpoint /api/2.0/mlflow/runs/get failed with error code 403 != 200. "
                            "Response body: '{\"error_code\": \"PERMISSION_DENIED\"}'")
     assert foreign_answer(said) is None and one_line(said) == str(said)
+
+
+NOT_S3 = ("the object store at {endpoint} answered HTTP 404 with a web page, which no S3 server sends (another program "
+          "on this port, a proxy in between?): check MLFLOW_S3_ENDPOINT_URL")
+
+
+@pytest.mark.parametrize(("args", "where"), [
+    (["data", "ls", "s3://data"], "s3://data"),
+    (["data", "push", "{leaves}", "s3://data/set"], "s3://data/set"),
+    (["train", "--no-mlflow", "--epochs", "1", "--weights", "none", "--data-dir", "s3://data/set"], "s3://data/set"),
+], ids=["data ls", "data push", "train from s3"])
+def test_an_s3_endpoint_that_is_another_web_server_is_one_line_saying_so(web_server, args, where, capsys, tmp_path,
+                                                                         monkeypatch):
+    """Was "no data set there (… not found; push one with `plantml data push`)" for train, a bare "404: … Not Found"
+    for ls and push: the file server's 404 page read as a missing set or bucket."""
+    from plantml.training import synth
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", web_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "plantml")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+    leaves = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=3, size=16, seed=0))
+
+    assert main([arg.format(leaves=leaves) for arg in args]) == 1
+
+    err = capsys.readouterr().err
+    assert err == f"plantml: error: {where}: {NOT_S3.format(endpoint=web_server)}\n"
+
+
+def test_a_tracked_training_whose_artifact_store_is_another_web_server_stops_before_training(web_server):
+    """The check a tracked training makes of a direct stack's object store, before its epochs: was passed over, so the
+    model's upload failed only at the run's end."""
+    from plantml.errors import ConfigError
+    from plantml.settings import resolve_tracking_settings
+    from plantml.tracking.connection import check_object_store_keys
+
+    settings = resolve_tracking_settings("http://127.0.0.1:9", None, web_server, "plantml", "not-a-secret")
+    with pytest.raises(ConfigError) as refused:
+        check_object_store_keys(settings, "s3://mlflow/1")
+    assert str(refused.value) == f"artifacts at s3://mlflow/1: {NOT_S3.format(endpoint=web_server)}; every upload would fail"
