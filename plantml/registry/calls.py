@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from plantml.errors import RegistryError, TrackingError, connection_reason, foreign_answer, one_line
-from plantml.registry.store import no_server_answered, object_store_error, object_store_errors, server_unreachable
+from plantml.registry.store import (
+    no_server_answered,
+    object_store_error,
+    object_store_errors,
+    object_store_foreign,
+    server_unreachable,
+)
 from plantml.text import mask_passwords
 from plantml.tracking.environ import forget_stale_s3_clients
 
@@ -65,6 +71,9 @@ class RegistryCalls:
             foreign = foreign_answer(exc)  # before "not found": another program's 404 page says "Not Found"
             if foreign is not None:
                 raise TrackingError(f"{what}: {mask_passwords(self.tracking_uri)}: {foreign}") from exc
+            foreign = object_store_foreign(exc)  # the same page from the object store, wrapped by MLflow
+            if foreign is not None:
+                raise TrackingError(f"{what}: {foreign}") from exc
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(exc).lower():
                 raise RegistryError(f"{what}: not found") from exc
             if exc.error_code == "INVALID_PARAMETER_VALUE":  # the caller's name or version is malformed

@@ -109,7 +109,24 @@ def object_store_error(exc: BaseException, what: str) -> PlantmlError:
     from plantml.stack.endpoints import s3_tls_hint
 
     endpoint = env_value("MLFLOW_S3_ENDPOINT_URL") or "AWS S3"
+    if foreign := object_store_foreign(exc):
+        return TrackingError(f"{what}: {foreign}")
     return TrackingError(f"{what}: object store {endpoint} failed ({type(exc).__name__}: {one_line(exc)}){s3_tls_hint(exc)}")
+
+
+def object_store_foreign(exc: BaseException) -> str | None:
+    """:func:`~plantml.stack.endpoints.s3_foreign_answer` for a boto3 failure in ``exc`` or its causes (MLflow wraps
+    them: "Failed to list artifacts in s3://…: Not Found", which reads as a version that is not there)."""
+    from plantml.stack.endpoints import s3_foreign_answer
+
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if foreign := s3_foreign_answer(seen, env_value("MLFLOW_S3_ENDPOINT_URL")):
+            return foreign
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def check_s3_access(location: str, what: str) -> None:

@@ -102,3 +102,23 @@ def test_a_tracked_training_whose_artifact_store_is_another_web_server_stops_bef
     with pytest.raises(ConfigError) as refused:
         check_object_store_keys(settings, "s3://mlflow/1")
     assert str(refused.value) == f"artifacts at s3://mlflow/1: {NOT_S3.format(endpoint=web_server)}; every upload would fail"
+
+
+def test_a_model_whose_object_store_is_another_web_server_is_one_line_saying_so(web_server, capsys, tmp_path,
+                                                                                monkeypatch):
+    """MLflow wraps the page's 404 as "Failed to list artifacts in s3://…: Not Found": was "model 'm' version 1: not
+    found", a version that is there."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("in_s3", artifact_location="s3://mlflow/in_s3"))
+    client.create_registered_model("m")
+    client.create_model_version("m", f"s3://mlflow/in_s3/{run.info.run_id}/artifacts/model", run.info.run_id)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", web_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "plantml")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-secret")
+
+    assert main(["registry", "load-check", "models:/m/1", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 1
+
+    assert capsys.readouterr().err == f"plantml: error: model 'm' version 1: {NOT_S3.format(endpoint=web_server)}\n"
