@@ -15,7 +15,7 @@ from plantml.errors import StackError
 from plantml.health import ask_health, health_url, refusal_hint, tls_failure
 from plantml.settings import env_value, resolve_tracking_settings
 from plantml.stack.base import Stack
-from plantml.stack.endpoints import ArtifactMode, StackEndpoints, s3_tls_hint
+from plantml.stack.endpoints import ArtifactMode, StackEndpoints, s3_foreign_answer, s3_tls_hint
 
 
 class ExternalStack(Stack):
@@ -75,6 +75,8 @@ def check_bucket(endpoints: StackEndpoints) -> None:
     try:
         client.head_bucket(Bucket=endpoints.bucket)
     except ClientError as exc:
+        if foreign := s3_foreign_answer(exc, endpoints.s3_endpoint):  # its page's 404 is no missing bucket
+            raise StackError("s3", foreign) from None
         code = exc.response.get("Error", {}).get("Code", "?")
         cause = {"403": "access denied: the S3 credentials were refused", "404": "does not exist"}.get(code, f"error {code}")
         raise StackError("s3", f"bucket {endpoints.bucket!r} at {endpoints.s3_endpoint}: {cause}") from None

@@ -122,3 +122,14 @@ def test_a_model_whose_object_store_is_another_web_server_is_one_line_saying_so(
     assert main(["registry", "load-check", "models:/m/1", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 1
 
     assert capsys.readouterr().err == f"plantml: error: model 'm' version 1: {NOT_S3.format(endpoint=web_server)}\n"
+
+
+def test_an_external_stack_whose_s3_endpoint_is_another_web_server_says_so_not_that_its_bucket_is_missing(web_server):
+    from plantml.errors import StackError
+    from plantml.stack.endpoints import StackEndpoints
+    from plantml.stack.external import check_bucket
+
+    endpoints = StackEndpoints("http://127.0.0.1:9", web_server, "plantml", "not-a-secret")
+    with pytest.raises(StackError) as refused:
+        check_bucket(endpoints)
+    assert NOT_S3.format(endpoint=web_server) in str(refused.value) and "does not exist" not in str(refused.value)
