@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -183,6 +184,7 @@ def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[
         found = ", ".join(p.name for p in class_dirs) or "none"
         raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})")
     _refuse_classes_recorded_alike(root, class_dirs)
+    _refuse_a_set_split_already(root, class_dirs)
     folders = []
     for class_dir in class_dirs:
         files = _files_under(class_dir)
@@ -203,6 +205,33 @@ def _refuse_classes_recorded_alike(root: Path, class_dirs: list[Path]) -> None:
             raise DataError(f"data folder {shown_text(str(root))}: class folders {names} would both be recorded as "
                             f"class {shown_text(recorded)!r} (a byte that is not UTF-8 is written %XX); rename one")
         seen[recorded] = class_dir
+
+
+#: Folder names of a set split before it reached plantml (Kaggle's and torchvision's layouts: train/CLASS, val/CLASS).
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval", "dev"})
+
+
+def _refuse_a_set_split_already(root: Path, class_dirs: list[Path]) -> None:
+    """``train/healthy``, ``val/healthy``…: taken as it is, the set's classes would be ``train`` and ``val`` (every
+    image of a split counted as one class, as torchvision's ``ImageFolder`` would), and the model would learn which
+    split a photo came from. Refused in one line when two or more such folders hold class folders of the same names."""
+    splits: dict[str, set[str]] = {}
+    for folder in class_dirs:
+        if folder.name.lower() in SPLIT_NAMES:
+            try:
+                splits[folder.name] = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+            except OSError as exc:
+                raise _unreadable_folder(exc) from None
+    shared = sorted({name for a, b in combinations(splits.values(), 2) for name in a & b})
+    if not shared:
+        return
+    names = ", ".join(sorted(splits))
+    first = sorted(splits)[0]
+    raise DataError(f"data folder {shown_text(str(root))}: {names} hold the same class folders ("
+                    f"{', '.join(shown_text(name) for name in shared[:5])}{', …' if len(shared) > 5 else ''}): a set split "
+                    f"already, whose classes would be {names}; give one split (--data-dir "
+                    f"{shown_text(str(root / first))}), or merge them into one folder per class: plantml splits each "
+                    "class itself (--val-split, --test-split)")
 
 
 def _files_under(class_dir: Path) -> list[Path]:

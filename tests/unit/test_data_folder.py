@@ -138,3 +138,35 @@ def test_two_class_folders_recorded_under_one_name_are_refused_in_one_line_namin
     err = capsys.readouterr().err
     assert err == (f"plantml: error: data folder {folder}: class folders b'healthy%FF' and b'healthy\\xff' would both be "
                    "recorded as class 'healthy%FF' (a byte that is not UTF-8 is written %XX); rename one\n")
+
+
+@pytest.mark.parametrize("splits", [("train", "val"), ("Train", "Valid", "Test")])
+def test_a_set_split_already_is_refused_in_one_line_naming_its_splits_and_classes(folder, tmp_path, capsys, splits):
+    """Kaggle's layout, train/healthy, val/healthy: taken as it is, the classes were the splits (every image of
+    train/ one class), and the model learned which split a photo came from, with no word said."""
+    from plantml.cli import main
+
+    split = tmp_path / "kaggle"
+    for name in splits:
+        shutil.copytree(folder, split / name)
+    shown = ", ".join(sorted(splits))
+    expected = (f"data folder {split}: {shown} hold the same class folders (diseased, healthy): a set split already, "
+                f"whose classes would be {shown}; give one split (--data-dir {split / sorted(splits)[0]}), or merge them "
+                "into one folder per class: plantml splits each class itself (--val-split, --test-split)")
+
+    with pytest.raises(DataError) as refused:
+        scan_image_folder(split)
+    assert str(refused.value) == expected
+    assert main(["data", "inspect", str(split)]) == 2
+    assert capsys.readouterr().err == f"plantml: error: {expected}\n"
+    assert scan_image_folder(split / sorted(splits)[0]).classes == ("diseased", "healthy")  # one split trains as it is
+
+
+def test_class_folders_with_sub_folders_of_the_same_names_are_a_set(folder):
+    """healthy/field and diseased/field (photos sorted by where they were taken) are classes, not splits."""
+    for name in ("healthy", "diseased"):
+        (folder / name / "field").mkdir()
+        for image in sorted((folder / name).glob("*.png"))[:3]:
+            image.rename(folder / name / "field" / image.name)
+    scan = scan_image_folder(folder)
+    assert scan.classes == ("diseased", "healthy") and len(scan.samples) == 20
