@@ -329,7 +329,8 @@ def read_manifest(client: Any, where: S3Location) -> Manifest:
         if code == "NoSuchBucket":  # a push there would fail too: say what is missing
             raise DataError(f"{where}: no bucket {where.bucket!r} in the object store, so no data set there") from None
         if code in ("NoSuchKey", "404"):
-            raise DataError(f"{where}: no data set there ({name} not found; push one with `plantml data push`)") from None
+            raise DataError(f"{where}: no data set there ({name} not found): push one with `plantml data push`, or "
+                            f"list the sets under it with `plantml data ls {where}`") from None
         raise TrackingError(f"{where}: cannot read {MANIFEST_NAME} ({code}: {exc})") from None
     return Manifest.from_json(body, name)
 

@@ -95,7 +95,8 @@ def test_a_push_of_another_set_killed_midway_leaves_no_set_and_training_says_so(
                        "--data-dir", location)
     assert training.returncode == 2
     assert training.stderr.strip().splitlines() == [
-        f"plantml: error: {location}: no data set there ({location}/{MANIFEST} not found; push one with `plantml data push`)"]
+        f"plantml: error: {location}: no data set there ({location}/{MANIFEST} not found): push one with `plantml data push`, "
+        f"or list the sets under it with `plantml data ls {location}`"]
 
     resumed = plantml(env, "data", "push", str(second), location)  # the cut push, run again, finishes the set
     assert resumed.returncode == 0, resumed.stderr
