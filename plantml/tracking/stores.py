@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
 from plantml.settings import check_uri_text, describe_uri
 from plantml.staging import folder_lock
+from plantml.text import mask_passwords
 
 SQLITE_PREFIX = "sqlite:///"
 #: Seconds a process waits for another one creating the same sqlite store (MLflow's migrations take a second or two).
@@ -104,12 +106,34 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
                             "which is not installed here") from exc
     except MlflowException as exc:  # MLflow refuses this kind of store (file: is in "maintenance mode")
         text = one_line(exc)
+        if schema := _SCHEMA.match(text):  # MLflow's advice to upgrade would be lost with its first sentence
+            raise ConfigError(f"{describe_uri(uri, source)}: {_schema_advice(uri, schema[1], schema[2])}") from exc
         hint = "; MLFLOW_ALLOW_FILE_STORE=true opens it anyway" if "MLFLOW_ALLOW_FILE_STORE" in text else ""
         raise ConfigError(f"{describe_uri(uri, source)}: {text.split('. ')[0]}{hint}") from exc
     except PlantmlError:  # already one line
         raise
     except Exception as exc:  # the store is built from a user's URI: a sqlite file that is not one, a driver's own errors
         raise TrackingError(f"{describe_uri(uri, source)}: cannot open the store ({type(exc).__name__}: {one_line(exc)})") from exc
+
+
+_SCHEMA = re.compile(r"Detected out-of-date database schema \(found version (\w+), but expected (\w+)\)")
+
+
+def _schema_advice(uri: str, found: str, expected: str) -> str:
+    """A store whose schema is not this MLflow's: an older MLflow's is upgraded with ``mlflow db upgrade``
+    (MLflow's own advice); a newer MLflow's (after a downgrade, a colleague's store) is not, and says so."""
+    import mlflow
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+    from mlflow.store.db.utils import _get_alembic_config
+
+    try:
+        ScriptDirectory.from_config(_get_alembic_config(uri)).get_revision(found)
+    except CommandError:
+        return (f"the store was written by a newer MLflow than this one ({mlflow.__version__}; its schema {found} is "
+                "unknown here): use that MLflow version or a later one")
+    return (f"the store's schema is an older MLflow's ({found}; MLflow {mlflow.__version__} needs {expected}): back it "
+            f"up, then run `mlflow db upgrade {mask_passwords(uri)}`")
 
 
 #: Seconds to connect to a database named by the tracking URI before saying it does not answer.

@@ -316,3 +316,39 @@ def test_the_tracking_uri_is_taken_after_the_command_name_as_train_takes_it(stor
     result = runner.invoke(cli, ["registry", "--tracking-uri", "sqlite:////nowhere/mlflow.db", "list", name, "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
     assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == ["1", "2"]
+
+
+@pytest.mark.parametrize(("revision", "message"), [
+    ("ffffffffffff", "the store was written by a newer MLflow than this one ({version}; its schema ffffffffffff is "
+                     "unknown here): use that MLflow version or a later one"),
+    ("{older}", "the store's schema is an older MLflow's ({older}; MLflow {version} needs {head}): back it up, then run "
+                "`mlflow db upgrade {uri}`"),
+], ids=["newer MLflow", "older MLflow"])
+def test_a_store_of_another_mlflow_version_says_which_way_and_what_to_do(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], revision: str, message: str
+) -> None:
+    """Was MLflow's first sentence alone, "Detected out-of-date database schema (found version …)": its advice (mlflow
+    db upgrade) cut off, and the same words for a store a newer MLflow wrote, which no upgrade here can read."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    import mlflow
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    made = subprocess.run([sys.executable, "-c", f"import mlflow; mlflow.MlflowClient({uri!r}).search_experiments()"],
+                          capture_output=True, text=True, timeout=120)  # another process: this one keeps its stores open
+    assert made.returncode == 0, made.stderr
+    scripts = ScriptDirectory.from_config(_get_alembic_config(uri))
+    head = scripts.get_current_head()
+    older = scripts.get_revision(head).down_revision
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (revision.format(older=older),))
+
+    got, _, err = run_main(["registry", "--tracking-uri", uri, "list"], capfd)
+
+    assert got == 2
+    shown = message.format(version=mlflow.__version__, older=older, head=head, uri=uri)
+    assert err == f"plantml: error: tracking URI {uri!r} (from argument): {shown}\n"
