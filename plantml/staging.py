@@ -105,6 +105,10 @@ def still_named(fd: int, path: Path) -> bool:
     return os.path.samestat(named, os.fstat(fd))
 
 
+#: How an error names the cache folder: with the variable that moves it (HOME read-only, or a file).
+CACHE_FOLDER = "cache folder (PLANTML_CACHE_DIR)"
+
+
 def folder_error(role: str, folder: Path, exc: OSError) -> PlantmlError:
     """One line naming ``folder`` and why it refused a write: a full or failing disk is a
     :class:`StorageError` (exit 1), a read-only or forbidden folder a :class:`UsageError` (exit 2)."""

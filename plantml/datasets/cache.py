@@ -23,7 +23,7 @@ from pathlib import Path
 
 from plantml.datasets.manifest import MANIFEST_NAME, Manifest
 from plantml.errors import DataError, PlantmlError
-from plantml.staging import local_writes, set_aside, still_named
+from plantml.staging import CACHE_FOLDER, local_writes, set_aside, still_named
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def cached_sets(cache_root: Path) -> list[CachedSet]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise DataError(f"cache folder (PLANTML_CACHE_DIR) {parent}: cannot be read ({exc.strerror})") from None
+        raise DataError(f"{CACHE_FOLDER} {parent}: cannot be read ({exc.strerror})") from None
     found = [_describe(child) for child in children]
     return sorted((s for s in found if s is not None), key=lambda s: s.last_used)
 
@@ -98,7 +98,7 @@ def remove_unused(cache_root: Path, unused_for_s: float, *, dry_run: bool = Fals
         if dry_run:
             removed.append(cached)
             continue
-        with local_writes("cache folder (PLANTML_CACHE_DIR)", cached.folder.parent), _exclusive(cached.folder) as fd:
+        with local_writes(CACHE_FOLDER, cached.folder.parent), _exclusive(cached.folder) as fd:
             if fd is None or now - os.fstat(fd).st_mtime < unused_for_s:
                 continue  # a training took it since it was listed
             aside = set_aside(cached.folder)

@@ -225,8 +225,8 @@ def _refuse_a_set_split_already(root: Path, class_dirs: list[Path]) -> None:
     shared = sorted({name for a, b in combinations(splits.values(), 2) for name in a & b})
     if not shared:
         return
-    names = ", ".join(sorted(splits))
-    first = sorted(splits)[0]
+    ordered = sorted(splits)
+    names, first = ", ".join(ordered), ordered[0]
     raise DataError(f"data folder {shown_text(str(root))}: {names} hold the same class folders ("
                     f"{', '.join(shown_text(name) for name in shared[:5])}{', …' if len(shared) > 5 else ''}): a set split "
                     f"already, whose classes would be {names}; give one split (--data-dir "

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from plantml.datasets.manifest import MANIFEST_NAME, FileEntry, Manifest, build_manifest, image_files
 from plantml.errors import ConfigError, DataError, TrackingError, UsageError
-from plantml.staging import local_writes, staging_folder, sweep
+from plantml.staging import CACHE_FOLDER, local_writes, staging_folder, sweep
 from plantml.text import NOT_UTF8, file_name, is_utf8, quoted, safe_text
 
 #: Parallel transfers (S3 requests wait on the network, not on the CPU).
@@ -351,7 +351,7 @@ def pull(client: Any, uri: str, cache_root: Path, *, workers: int = DEFAULT_WORK
         return PullResult(manifest, target, 0, 0, str(where))
     if progress is not None:
         progress.total = manifest.total_bytes
-    with local_writes("cache folder (PLANTML_CACHE_DIR)", cache_root):
+    with local_writes(CACHE_FOLDER, cache_root):
         target.parent.mkdir(parents=True, exist_ok=True)
         received = _download_into(client, where, manifest, target, workers, progress)
     return PullResult(manifest, target, len(manifest.files), received, str(where))

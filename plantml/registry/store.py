@@ -115,18 +115,11 @@ def object_store_error(exc: BaseException, what: str) -> PlantmlError:
 
 
 def object_store_foreign(exc: BaseException) -> str | None:
-    """:func:`~plantml.stack.endpoints.s3_foreign_answer` for a boto3 failure in ``exc`` or its causes (MLflow wraps
-    them: "Failed to list artifacts in s3://…: Not Found", which reads as a version that is not there)."""
+    """:func:`~plantml.stack.endpoints.s3_foreign_answer` for MLflow's object store (``MLFLOW_S3_ENDPOINT_URL``):
+    MLflow's "Failed to list artifacts in s3://…: Not Found" would read as a version that is not there."""
     from plantml.stack.endpoints import s3_foreign_answer
 
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return None
-        if foreign := s3_foreign_answer(seen, env_value("MLFLOW_S3_ENDPOINT_URL")):
-            return foreign
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return s3_foreign_answer(exc, env_value("MLFLOW_S3_ENDPOINT_URL"))
 
 
 def check_s3_access(location: str, what: str) -> None:

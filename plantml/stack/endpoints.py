@@ -103,14 +103,21 @@ def s3_tls_hint(exc: BaseException) -> str:
 def s3_foreign_answer(exc: BaseException, endpoint: str | None) -> str | None:
     """For an S3 request answered with a web page instead of an S3 error (another program's server on the port, a
     proxy's error page): a line saying so, where boto3 gives the bare status (``An error occurred (404) … Not Found``),
-    which reads as a missing object or bucket. An S3 server's errors carry an XML body, whose code boto3 gives."""
-    response = getattr(exc, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code", ""))
-    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-    if not code.isdigit() or "html" not in str(headers.get("content-type", "")).lower():
-        return None
-    return (f"the object store at {endpoint or 'MLFLOW_S3_ENDPOINT_URL'} answered HTTP {code} with a web page, which no "
-            "S3 server sends (another program on this port, a proxy in between?): check MLFLOW_S3_ENDPOINT_URL")
+    which reads as a missing object or bucket. An S3 server's errors carry an XML body, whose code boto3 gives.
+    boto3's error is looked for in ``exc`` and its causes: MLflow wraps it ("Failed to list artifacts in s3://…")."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a chain of wrappers, never a cycle's worth
+        if cause is None:
+            return None
+        response = getattr(cause, "response", None) or {}
+        code = str(response.get("Error", {}).get("Code", ""))
+        headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        if code.isdigit() and "html" in str(headers.get("content-type", "")).lower():
+            return (f"the object store at {endpoint or 'MLFLOW_S3_ENDPOINT_URL'} answered HTTP {code} with a web page, "
+                    "which no S3 server sends (another program on this port, a proxy in between?): check "
+                    "MLFLOW_S3_ENDPOINT_URL")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 #: Object written and read back to tell that the store really serves data.

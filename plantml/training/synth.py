@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from plantml.errors import PlantmlError, UsageError
-from plantml.staging import folder_lock, local_writes, set_aside, staging_folder, sweep
+from plantml.staging import CACHE_FOLDER, folder_lock, local_writes, set_aside, staging_folder, sweep
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
         if damage is None:
             return target
         return _draw_again(target, spec, damage)
-    with local_writes("cache folder (PLANTML_CACHE_DIR)", root):
+    with local_writes(CACHE_FOLDER, root):
         root.mkdir(parents=True, exist_ok=True)
         with staging_folder(root, spec.name) as staging:
             generate(staging, spec)
@@ -214,7 +214,7 @@ def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
 
 def _draw_again(target: Path, spec: SynthSpec, damage: str) -> Path:
     """Replace a damaged cached set by a new drawing (the same bytes as it had), one process at a time."""
-    with local_writes("cache folder (PLANTML_CACHE_DIR)", target.parent), folder_lock(target):
+    with local_writes(CACHE_FOLDER, target.parent), folder_lock(target):
         if _damage(target) is None:  # another process drew it again while this one waited
             return target
         logger.warning("the cached synthetic data set %s: %s; drawing it again", target, damage)
