@@ -40,15 +40,21 @@ def stack() -> None:
 @click.option("--fast", is_flag=True,
               help="PostgreSQL without fsync or synchronous commit: faster, but a crash loses acknowledged writes. "
                    "For throwaway stacks only.")
+@click.option("--upgrade-db", is_flag=True,
+              help="Migrate the --data-dir database of an older MLflow's schema to this MLflow's (copy the folder "
+                   "first): a stack refuses to start on it otherwise.")
 def up(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path | None, mlflow_port: int | None,
-       s3_port: int | None, postgres_port: int | None, auth: bool, fast: bool) -> None:
+       s3_port: int | None, postgres_port: int | None, auth: bool, fast: bool, upgrade_db: bool) -> None:
     """Start the stack in the foreground until Ctrl-C (or SIGTERM, SIGHUP); a service that dies is restarted."""
+    from plantml.errors import UsageError
     from plantml.stack.folder import check_env_file_target
 
+    if upgrade_db and data_dir is None:
+        raise UsageError("--upgrade-db: only a kept stack's database (--data-dir DIR) has a schema to upgrade")
     if env_file is not None:  # before ten seconds of start-up, not after them
         check_env_file_target(env_file)
     with _in_foreground():
-        _serve(backend, artifact_mode, data_dir, env_file, auth=auth, durable=not fast,
+        _serve(backend, artifact_mode, data_dir, env_file, auth=auth, durable=not fast, upgrade_db=upgrade_db,
                ports={"mlflow_port": mlflow_port, "s3_port": s3_port, "postgres_port": postgres_port})
 
 
@@ -69,13 +75,13 @@ def _in_foreground() -> Iterator[None]:
 
 
 def _serve(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Path | None, *, auth: bool,
-           durable: bool, ports: dict[str, int | None]) -> None:
+           durable: bool, upgrade_db: bool, ports: dict[str, int | None]) -> None:
     from plantml.stack import make_stack
     from plantml.stack.folder import LOCK
 
     started = time.perf_counter()
     running: ManagedStack = make_stack(backend, artifact_mode, data_dir=data_dir, durable=durable, auth=auth,  # type: ignore[arg-type,assignment]
-                                       **ports)
+                                       upgrade_db=upgrade_db, **ports)
     ready = False
     try:
         running.start()

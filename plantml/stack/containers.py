@@ -170,8 +170,8 @@ class ContainerProcess:
         def answers() -> bool:
             state = self._state()
             if state.get("Status") in ("exited", "dead"):
-                raise StackError(self.spec.name, f"container exited with code {state.get('ExitCode')} while starting",
-                                 self.log_tail())
+                raise self.spec.exited_while_starting(f"container exited with code {state.get('ExitCode')} while starting",
+                                                      self.log_tail())
             return self.spec.ready()
 
         return answers()

@@ -244,7 +244,7 @@ class HostProcess:
             raise StackError(self.spec.name, f"not ready after {self.spec.start_timeout:.0f} s", self.log_tail()) from None
         except ExecutorError as exc:
             self.stop()
-            raise StackError(self.spec.name, f"exited while starting ({type(exc).__name__})", self.log_tail()) from None
+            raise self.spec.exited_while_starting(f"exited while starting ({type(exc).__name__})", self.log_tail()) from None
         except OSError as exc:
             self.stop()
             raise StackError(self.spec.name, f"could not be started: {exc}", self.log_tail()) from None

@@ -7,6 +7,7 @@ command line, which ``ps`` shows to every local user.
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ class MLflowServerSpec:
     admin_username: str = "admin"
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16), repr=False)
     flask_secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    #: Migrate a kept database of an older MLflow's schema to this MLflow's before serving it (else refused).
+    upgrade_schema: bool = False
 
     def __post_init__(self) -> None:
         if self.artifact_mode not in ARTIFACT_MODES:
@@ -90,12 +93,39 @@ written into its folder (which also holds the auth database)."""
         except requests.RequestException:
             return False
 
+    schema = f"{SCHEMA_OPTION}{'upgrade' if spec.upgrade_schema else 'check'}"
     return ServiceSpec(
-        name="mlflow", command=("python", str(folder / LAUNCHER), "server", *spec.server_args(s3.bucket, network.bind, port)),
+        name="mlflow", command=("python", str(folder / LAUNCHER), schema, "server", *spec.server_args(s3.bucket, network.bind, port)),
         folder=folder, port=port, ports={"mlflow": port}, ready=ready,
         env=spec.server_env(backend_uri, s3_endpoint, s3), start_timeout=90,
-        files={LAUNCHER: launcher_source()},
+        files={LAUNCHER: launcher_source()}, explain_exit=lambda log_tail: schema_refusal(log_tail, folder.parent),
     )
+
+
+#: The launcher's option that checks (or upgrades) the database's schema, and the line it exits with when it
+#: refuses one (:mod:`plantml.stack.mlflow_launch`, which cannot import plantml, says the same).
+SCHEMA_OPTION = "--plantml-schema="
+SCHEMA_MARK = "plantml-mlflow-schema: "
+
+
+def schema_refusal(log_tail: str, data_dir: Path) -> str | None:
+    """What to do about the kept database in ``data_dir`` whose schema the server refused (its log ends with
+    :data:`SCHEMA_MARK`); None when its log says something else."""
+    last = log_tail.strip().rpartition("\n")[2].strip()
+    if not last.startswith(SCHEMA_MARK):
+        return None
+    try:
+        facts = json.loads(last[len(SCHEMA_MARK):])
+        found, expected, version, newer = (str(facts["found"]), str(facts["expected"]), str(facts["mlflow"]),
+                                           facts["newer"] is True)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if newer:
+        return (f"the database in {data_dir} was written by a newer MLflow than the server's {version} (its schema "
+                f"{found} is unknown to it): start the stack with that MLflow version or a later one")
+    return (f"the database in {data_dir} has an older MLflow's schema ({found}; the server's MLflow {version} needs "
+            f"{expected}): copy the folder as a backup while the stack is stopped (cp -a {data_dir} "
+            f"{data_dir}.bak), then start it with --upgrade-db (Python: upgrade_db=True), which migrates it")
 
 
 #: The file, in the service's folder, that runs ``mlflow server`` as one process (see :mod:`plantml.stack.mlflow_launch`).

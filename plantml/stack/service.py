@@ -126,6 +126,9 @@ class ServiceSpec:
     start_timeout: float = 60
     #: The program refuses to run as root (PostgreSQL): see :func:`service_account`.
     refuses_root: bool = False
+    #: Reads the log tail of a process that exited while starting: the program's own reason in one line, when it
+    #: gave one that the description knows (MLflow's launcher refusing a database of another MLflow's schema).
+    explain_exit: Callable[[str], str | None] | None = field(default=None, repr=False)
     #: A file (in the folder) naming the pid of the process that serves it, which the program refuses to start past
     #: while that pid is alive (PostgreSQL's ``postmaster.pid``): a process killed with the machine leaves it.
     pid_file: str | None = None
@@ -134,6 +137,12 @@ class ServiceSpec:
     def account(self) -> Account:
         """The account this service runs as."""
         return service_account(self.refuses_root)
+
+    def exited_while_starting(self, cause: str, log_tail: str) -> StackError:
+        """The error of its process that exited while starting: the program's own reason when
+        :attr:`explain_exit` reads one in the log, else ``cause`` and the log's tail."""
+        reason = self.explain_exit(log_tail) if self.explain_exit is not None else None
+        return StackError(self.name, reason) if reason else StackError(self.name, cause, log_tail)
 
     def is_initialized(self) -> bool:
         """True when the folder needs no ``init`` (none declared, or it already ran)."""

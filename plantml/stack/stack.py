@@ -93,18 +93,23 @@ class ManagedStack(Stack):
     ``mlflow_port``, ``s3_port``, ``postgres_port`` (default: the ports of the folder's
     last start when free, else free ones); ``supervise`` (restart a service that dies;
     default True); ``health_window`` (seconds a running service may fail its readiness checks
-    before it is killed and restarted; default ``PLANTML_HEALTH_WINDOW``, 0: never); ``spec`` (a whole :class:`StackSpec` instead of the options above).
+    before it is killed and restarted; default ``PLANTML_HEALTH_WINDOW``, 0: never); ``upgrade_db`` (migrate a
+    kept database of an older MLflow's schema to the server's MLflow, which otherwise refuses to start on it);
+    ``spec`` (a whole :class:`StackSpec` instead of the options above).
     """
 
     def __init__(self, runner: Runner, artifact_mode: ArtifactMode = "direct", *, spec: StackSpec | None = None,
                  data_dir: str | Path | None = None, durable: bool = True, auth: bool = False,
                  mlflow_port: int | None = None, s3_port: int | None = None, postgres_port: int | None = None,
-                 s3_flavour: str | None = None, supervise: bool = True, health_window: float | None = None) -> None:
+                 s3_flavour: str | None = None, supervise: bool = True, health_window: float | None = None,
+                 upgrade_db: bool = False) -> None:
         super().__init__()
         self.runner = runner
         self.spec = spec or StackSpec(postgres=PostgresSpec(durable=durable),
                                       s3=S3Spec(flavour=s3_flavour) if s3_flavour else S3Spec(),  # type: ignore[arg-type]
                                       mlflow=MLflowServerSpec(artifact_mode=artifact_mode, auth=auth))
+        if upgrade_db:
+            self.spec = replace(self.spec, mlflow=replace(self.spec.mlflow, upgrade_schema=True))
         self.data_dir = check_data_dir(Path(data_dir)) if data_dir is not None else None
         self.stack_id = uuid.uuid4().hex[:10]
         self.services: dict[str, Service] = {}

@@ -293,3 +293,51 @@ def test_a_lost_object_store_is_said_and_a_database_folder_without_pg_version_is
         assert sorted(path.name for path in data.iterdir()) == kept and not (folder / "postgres" / "data.init").exists()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_kept_stack_after_an_mlflow_upgrade_is_refused_in_one_line_then_migrated_with_upgrade_db(
+        mlflow_stack_factory, pytestconfig):
+    """Was: ``stack up`` on a kept folder whose database an older MLflow wrote failed with a paragraph ("mlflow:
+    exited while starting", then MLflow's advice to run ``mlflow db upgrade <database_uri>``, a URI the user does not
+    have, of a database that runs only with the stack); or, when the new migration adds a table (as here), MLflow
+    migrated the team's database on the spot without a word or a backup."""
+    import mlflow
+    import sqlalchemy
+    from alembic import command
+    from mlflow.store.db.utils import _get_alembic_config, _get_latest_schema_revision
+
+    folder = Path(tempfile.mkdtemp(prefix="plantml-schema-"))
+
+    def revision(database_uri: str) -> str:
+        engine = sqlalchemy.create_engine(database_uri, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar_one()
+
+    try:
+        with mlflow_stack_factory(data_dir=folder) as stack:
+            client = mlflow.MlflowClient(stack.tracking_uri)
+            run_id = client.create_run(client.create_experiment(f"schema_{uuid.uuid4().hex[:8]}")).info.run_id
+            client.log_metric(run_id, "val_loss", 0.25)
+            # the MLflow before this one: its last migration taken back, by MLflow's own downgrade
+            config = _get_alembic_config(stack.endpoints.database_uri)
+            engine = sqlalchemy.create_engine(stack.endpoints.database_uri, poolclass=sqlalchemy.pool.NullPool)
+            with engine.begin() as connection:
+                config.attributes["connection"] = connection
+                command.downgrade(config, "-1")
+            older = revision(stack.endpoints.database_uri)
+
+        refused = subprocess.run([sys.executable, "-m", "plantml", "stack", "up", "--backend", pytestconfig.getoption("--stack"),
+                                  "--data-dir", str(folder)], capture_output=True, text=True, timeout=180)
+        assert refused.returncode == 1, refused.stderr
+        assert refused.stderr == (
+            f"plantml: error: mlflow: the database in {folder} has an older MLflow's schema ({older}; the server's "
+            f"MLflow {mlflow.__version__} needs {_get_latest_schema_revision()}): copy the folder as a backup while "
+            f"the stack is stopped (cp -a {folder} {folder}.bak), then start it with --upgrade-db (Python: "
+            "upgrade_db=True), which migrates it\n")
+
+        with mlflow_stack_factory(data_dir=folder, upgrade_db=True) as stack:
+            assert revision(stack.endpoints.database_uri) == _get_latest_schema_revision()
+            assert mlflow.MlflowClient(stack.tracking_uri).get_run(run_id).data.metrics == {"val_loss": 0.25}
+            assert "upgrading the database's MLflow schema from" in stack.service_logs()["mlflow"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

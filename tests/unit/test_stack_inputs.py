@@ -28,6 +28,13 @@ def test_a_users_own_env_file_is_refused_untouched_before_the_stack_starts(tmp_p
     assert own.read_text() == "MY_TEAM_SETTING=keep-me\n"
 
 
+def test_upgrade_db_without_a_kept_folder_is_refused_before_anything_starts(capsys) -> None:
+    assert main(["stack", "up", "--upgrade-db"]) == 2
+
+    assert capsys.readouterr().err == ("plantml: error: --upgrade-db: only a kept stack's database (--data-dir DIR) has "
+                                       "a schema to upgrade\n")
+
+
 def test_an_env_file_a_stack_wrote_may_be_written_again(tmp_path: Path) -> None:
     mine = tmp_path / ".env"
     mine.write_text(ENV_FILE_HEADER + "MLFLOW_TRACKING_URI=http://127.0.0.1:1\n")

@@ -108,13 +108,13 @@ def test_mlflow_runs_the_launcher_written_into_its_folder_which_needs_only_mlflo
     import ast
 
     mlflow = describe(StackSpec())[2]
-    assert mlflow.command[:3] == ("python", str(ROOT / "mlflow" / "mlflow_launch.py"), "server")
+    assert mlflow.command[:4] == ("python", str(ROOT / "mlflow" / "mlflow_launch.py"), "--plantml-schema=check", "server")
     source = mlflow.files["mlflow_launch.py"]
     imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
                  if isinstance(node, ast.ImportFrom) and node.module}
-    assert imported == {"__future__", "os", "sys", "typing", "mlflow", "uvicorn"}
+    assert imported == {"__future__", "json", "os", "sys", "typing", "mlflow", "uvicorn", "alembic"}
 
 
 def test_no_description_shows_a_secret_in_its_repr():
