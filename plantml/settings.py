@@ -59,9 +59,11 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("PLANTML_LINGER", "1", "delivery", "seconds a part-filled batch waits for company"),
     Variable("PLANTML_REQUEST_TIMEOUT", "10", "delivery", "seconds one request to the tracking server may take"),
     Variable("PLANTML_SIGNAL_TIMEOUT", "10", "delivery", "seconds a run ended by SIGTERM, SIGHUP or SIGINT waits for delivery"),
-    Variable("PLANTML_JOURNAL_DIR", "~/.cache/plantml/journal", "delivery", "folder of run journals (write-ahead logs)"),
+    Variable("PLANTML_JOURNAL_DIR", None, "delivery", "folder of run journals (write-ahead logs); unset: `journal` in PLANTML_CACHE_DIR"),
     Variable("PLANTML_JOURNAL_COMPACT_MB", "64", "delivery", "MiB a run's journal grows by before it is written again without what the server has"),
     Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set, downloaded data sets and the records of running stacks"),
+    Variable("MPLCONFIGDIR", None, "data", "matplotlib's settings and font cache (the run's figures); unset and HOME not "
+             "writable: `matplotlib` in PLANTML_CACHE_DIR"),
     Variable("PLANTML_STACK", "local", "stack", "backend of the pytest stack fixtures: local, containers or external"),
     Variable("PLANTML_PG_BINDIR", None, "stack", "folder of PostgreSQL's initdb and postgres (found by itself)"),
     Variable("PLANTML_PG_USER", "postgres", "stack", "account that runs PostgreSQL when plantml runs as root"),

@@ -92,7 +92,7 @@ def replay(journal: Path, tracking_uri: str | None, timeout: float, status: str)
 @click.option("--status", type=STATUSES, default="KILLED", show_default=True,
               help="End status of the runs recovered (a journal that asked for a status keeps it).")
 @click.option("--journal-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder of journals [default: $PLANTML_JOURNAL_DIR or ~/.cache/plantml/journal].")
+              help="Folder of journals [default: $PLANTML_JOURNAL_DIR, else journal/ in $PLANTML_CACHE_DIR or ~/.cache/plantml].")
 @click.option("--tracking-uri", type=NON_BLANK, default=None, help="Server searched by --stale [default: $MLFLOW_TRACKING_URI, .env].")
 @click.option("--experiment-name", type=NON_BLANK, multiple=True, help="Experiment searched by --stale (repeatable) [default: all].")
 @click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Seconds to keep retrying for each journal (without progress: a long one delivered steadily goes on).")

@@ -23,14 +23,16 @@ class JournalWriteError(TrackingError):
 
 
 def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``~/.cache/plantml/journal``.
+    """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``journal`` in plantml's cache folder
+    (``$PLANTML_CACHE_DIR``, ``~/.cache/plantml``): moving the cache (a service account's HOME) moves them too.
 
     Made absolute at once: spooled files are journalled by path, and the caller may change
     folder before the sender reads them.
     """
     from plantml.settings import env_path
 
-    return env_path("PLANTML_JOURNAL_DIR", explicit).absolute()  # type: ignore[union-attr]  # it has a default
+    chosen = env_path("PLANTML_JOURNAL_DIR", explicit)
+    return (chosen if chosen is not None else env_path("PLANTML_CACHE_DIR") / "journal").absolute()  # type: ignore[operator]
 
 
 def write_error(folder: Path, exc: OSError) -> JournalWriteError:

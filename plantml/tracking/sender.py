@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,7 @@ class DeliverySettings:
     max_in_memory: int = 100_000
     max_backoff_s: float = 5.0
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
-    journal_dir: Path = Path("~/.cache/plantml/journal").expanduser()
+    journal_dir: Path = field(default_factory=journal_dir)
     linger_s: float = 1.0
     #: Seconds a run ended by a signal waits for delivery before leaving the rest to recovery.
     signal_timeout_s: float = 10.0

@@ -61,7 +61,7 @@ class MLflowTracker(ArtifactCalls):
     60 s) is how long :meth:`end_run` and :meth:`log_model` wait for delivery;
     ``max_buffered`` (``$PLANTML_MAX_BUFFERED``, 100,000) bounds the entries kept in
     memory (the rest is read back from the journal); ``journal_dir``
-    (``$PLANTML_JOURNAL_DIR``, ``~/.cache/plantml/journal``) holds journals and spooled
+    (``$PLANTML_JOURNAL_DIR``, else ``journal`` in ``$PLANTML_CACHE_DIR`` or ``~/.cache/plantml``) holds journals and spooled
     files. ``handle_signals`` ends a run KILLED on SIGTERM, SIGHUP or SIGINT (see
     :mod:`plantml.tracking.signals`). A new tracker first delivers, for up to
     ``recover_timeout`` seconds, the journals that processes which died left for its server.

@@ -1,22 +1,55 @@
 """The two figures of a run: learning curves and the test confusion matrix.
 
 Built as bare :class:`matplotlib.figure.Figure` objects (no pyplot state, no display),
-so they work in threads and on machines without a screen.
+so they work in threads and on machines without a screen. matplotlib is imported with the first figure, not
+with the command: a training that fails first never pays for it.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
-
+from plantml.settings import env_path, env_value
 from plantml.text import safe_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def new_figure(**options: Any) -> Figure:
+    """A bare matplotlib figure; matplotlib's folder chosen first (:func:`matplotlib_folder`)."""
+    matplotlib_folder()
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
+def matplotlib_folder() -> None:
+    """Before matplotlib's import: with no ``MPLCONFIGDIR`` and a HOME where nothing can be written (a service
+    account's ``/nonexistent``), its settings and font cache go to ``matplotlib`` in plantml's cache folder. Else
+    matplotlib makes a new temporary folder at every start, builds its font cache again in it (seconds), and
+    says so in two lines of warning."""
+    if "matplotlib" in sys.modules or env_value("MPLCONFIGDIR"):
+        return
+    home = Path.home()
+    if home.is_dir() and os.access(home, os.W_OK):
+        return
+    folder = env_path("PLANTML_CACHE_DIR") / "matplotlib"  # type: ignore[operator]  # it has a default
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # a cache folder under that HOME too: matplotlib's own temporary folder, and its warning
+    os.environ["MPLCONFIGDIR"] = str(folder)  # matplotlib reads it at its import; DataLoader workers inherit it
 
 
 def learning_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     """Loss and accuracy per epoch, train against validation, side by side."""
     epochs = history["epoch"]
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = new_figure(figsize=(10, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, metric, title in ((loss_ax, "loss", "Loss"), (acc_ax, "accuracy", "Accuracy")):
         ax.plot(epochs, history[f"train_{metric}"], marker="o", label="train")
@@ -48,7 +81,7 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str], ti
     classes = [safe_text(name) for name in classes]  # a folder name that is not UTF-8 has no glyphs
     n = len(classes)
     size = min(max(4.0, 0.6 * n + 2), MAX_INCHES)
-    fig = Figure(figsize=(size, size), layout="constrained")
+    fig = new_figure(figsize=(size, size), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Greens", interpolation="nearest")
     fig.colorbar(image, ax=ax, shrink=0.8)
