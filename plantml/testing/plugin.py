@@ -114,6 +114,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     scope = getattr(config, "_plantml_scope", None)
     if scope is not None:
         scope.close()
+    _give_back_sigterm()
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -134,6 +135,16 @@ def _teardown_on_sigterm() -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal that ran pytest closed
         if signal.getsignal(signum) is signal.SIG_DFL:
             signal.signal(signum, _interrupt)
+
+
+def _give_back_sigterm() -> None:
+    """At the session's end, SIGTERM and SIGHUP as they were before :func:`_teardown_on_sigterm`: a session run
+    inside a longer process (``pytest.main`` from an IDE or a script, pytester) must not leave them raising there."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is _interrupt:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def _cuda_skip_reason() -> str | None:

@@ -38,14 +38,19 @@ def test_run_on_gpu_sh_loads_the_plugin_once_also_where_plantml_is_installed():
 
 
 def test_a_stack_that_cannot_start_errors_every_test_and_skips_none(pytester: pytest.Pytester, monkeypatch):
+    import signal
+
     monkeypatch.setenv("PLANTML_PG_BINDIR", "/no/such/folder")
     pytester.makepyfile(
         "def test_one(mlflow_stack):\n    assert mlflow_stack\n"
         "def test_two(tracking_uri):\n    assert tracking_uri\n"
     )
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    before = signal.getsignal(signal.SIGTERM)
+    result = pytester.runpytest("-p", "no:cacheprovider")  # in this process, as pytest.main from an IDE
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*postgres: PLANTML_PG_BINDIR=/no/such/folder holds no initdb*"])
+    # the session's SIGTERM teardown ends with it: was left raising KeyboardInterrupt in the calling process
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_stack_option_rejects_an_unknown_backend(pytester: pytest.Pytester):
