@@ -55,6 +55,18 @@ def _mlflow_schema_from_one_made_by_mlflow(tmp_path_factory: pytest.TempPathFact
     patch.undo()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_python_sets_it() -> Iterator[None]:
+    """SIGINT raising KeyboardInterrupt, as Python sets it in a terminal: a suite started in the background by a
+    shell (``tox &``, ``nohup``) inherits SIGINT ignored, and the tests of what Ctrl-C does would see nothing."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.fixture
 def killed_leftover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Path]:
     """Give the test a temporary folder of its own (``tempfile.gettempdir()``), and a function that leaves in it the
