@@ -8,6 +8,7 @@ caller asks for it; it loses acknowledged writes when a backend dies.
 
 from __future__ import annotations
 
+import re
 import secrets
 import signal
 from dataclasses import dataclass, field
@@ -97,4 +98,24 @@ def postgres_service(spec: PostgresSpec, folder: Path, port: int, network: Netwo
         init=init, initialized=f"{DATA}/PG_VERSION", init_staged=DATA, bootstrap=create_database,
         # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for MLflow's connections to leave.
         stop_signal=signal.SIGINT, start_timeout=30, refuses_root=True, pid_file=f"{DATA}/postmaster.pid",
+        explain_exit=lambda log_tail: version_refusal(log_tail, data),
     )
+
+
+#: PostgreSQL's reason for refusing a cluster another major version made (its DETAIL line).
+_OTHER_VERSION = re.compile(r"initialized by PostgreSQL version (\d+(?:\.\d+)?), which is not compatible with this "
+                            r"version (\d+)")
+
+
+def version_refusal(log_tail: str, data: Path) -> str | None:
+    """What to do about a kept cluster ``data`` that another PostgreSQL major version made (a machine or an image
+    upgraded since), when the server's log ends with its refusal; None when it ends with something else."""
+    found = _OTHER_VERSION.search("\n".join(log_tail.strip().splitlines()[-3:]))
+    if found is None:
+        return None
+    made, running = found[1], found[2]
+    older = tuple(map(int, made.split("."))) < (int(running),)
+    upgrade = f", or move the folder to {running} with pg_upgrade after a copy" if older else ""
+    return (f"the database in {data} was made by PostgreSQL {made} and this server is PostgreSQL {running}: start the "
+            f"stack with PostgreSQL {made}'s server (its binaries in PLANTML_PG_BINDIR; with --backend containers, its "
+            f"image in PLANTML_POSTGRES_IMAGE){upgrade}")

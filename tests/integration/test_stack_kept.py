@@ -262,10 +262,10 @@ def test_a_first_stack_up_killed_during_initdb_leaves_a_folder_the_next_start_se
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_lost_object_store_is_said_and_a_database_folder_without_pg_version_is_not_initialised_over(
-        mlflow_stack_factory, caplog):
+def test_a_kept_folder_with_a_part_lost_or_of_another_postgresql_is_said_in_one_line(mlflow_stack_factory, caplog):
     """Was: a kept folder whose ``s3/`` was deleted started an empty store in silence, its runs' artifacts gone; one
-    whose ``postgres/data/PG_VERSION`` was deleted ran initdb for seconds, then advised removing the database."""
+    whose ``postgres/data/PG_VERSION`` was deleted ran initdb for seconds, then advised removing the database; one
+    whose cluster another PostgreSQL major version made (a machine upgraded since) failed in a paragraph of log."""
     import logging
 
     import mlflow
@@ -285,6 +285,17 @@ def test_a_lost_object_store_is_said_and_a_database_folder_without_pg_version_is
                 "the artifacts of the runs its database records are gone") in caplog.messages
 
         data = folder / "postgres" / "data"
+        major = (data / "PG_VERSION").read_text().strip()
+        older = str(int(major) - 1)
+        (data / "PG_VERSION").write_text(f"{older}\n")  # what PostgreSQL reads to tell which version made the cluster
+        with pytest.raises(StackError) as refused:
+            mlflow_stack_factory(data_dir=folder).start()
+        assert str(refused.value) == (
+            f"postgres: the database in {data} was made by PostgreSQL {older} and this server is PostgreSQL {major}: "
+            f"start the stack with PostgreSQL {older}'s server (its binaries in PLANTML_PG_BINDIR; with --backend "
+            f"containers, its image in PLANTML_POSTGRES_IMAGE), or move the folder to {major} with pg_upgrade after a copy")
+        (data / "PG_VERSION").write_text(f"{major}\n")
+
         (data / "PG_VERSION").unlink()
         kept = sorted(path.name for path in data.iterdir())
         with pytest.raises(StackError) as refused:

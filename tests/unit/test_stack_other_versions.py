@@ -1,6 +1,6 @@
-"""A stack's MLflow server on a database of another MLflow's schema: refused before MLflow opens it, in one line
-that says what to do (the kept stack after an MLflow upgrade or downgrade; the whole path on a real stack is in
-``tests/integration/test_stack_kept.py``)."""
+"""A kept stack after an upgrade: its MLflow server on a database of another MLflow's schema is refused before
+MLflow opens it, its PostgreSQL on a cluster of another major version says so, each in one line that says what to do
+(the whole path on a real stack is in ``tests/integration/test_stack_kept.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from plantml.stack.mlflow_server import LAUNCHER_PATH, SCHEMA_MARK, SCHEMA_OPTION, schema_refusal
+from plantml.stack.postgres import version_refusal
 from plantml.stack.service import ServiceSpec
 
 
@@ -97,3 +98,16 @@ def test_a_log_that_does_not_end_with_the_launchers_refusal_keeps_the_usual_erro
                        explain_exit=lambda log: schema_refusal(log, Path("/data")))
     error = spec.exited_while_starting("exited while starting (ProcessExitedWithError)", tail)
     assert (error.cause, error.log_tail) == ("exited while starting (ProcessExitedWithError)", tail)
+
+
+def test_a_cluster_of_a_newer_postgresql_names_its_version_and_no_pg_upgrade() -> None:
+    """pg_upgrade moves a cluster to a later major version only: after a downgrade, the way out is the later server."""
+    tail = ("2026-12-02 10:06:22.350 UTC [12871] FATAL:  database files are incompatible with server\n"
+            "2026-12-02 10:06:22.350 UTC [12871] DETAIL:  The data directory was initialized by PostgreSQL version 16, "
+            "which is not compatible with this version 15.18 (Debian 15.18-0+deb12u1).")
+
+    assert version_refusal(tail, Path("/kept/postgres/data")) == (
+        "the database in /kept/postgres/data was made by PostgreSQL 16 and this server is PostgreSQL 15: start the stack "
+        "with PostgreSQL 16's server (its binaries in PLANTML_PG_BINDIR; with --backend containers, its image in "
+        "PLANTML_POSTGRES_IMAGE)")
+    assert version_refusal("FATAL:  could not open file \"global/pg_filenode.map\"", Path("/kept")) is None
