@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plantml.errors import StackError
+from plantml.stack.folder import CREDENTIALS
 from plantml.stack.service import INIT_SUFFIX, Network, ServiceSpec
 
 #: initdb reads the superuser's password from this file (owner-only, in the owner-only folder).
@@ -68,14 +70,20 @@ def postgres_service(spec: PostgresSpec, folder: Path, port: int, network: Netwo
             "-E", "UTF8", "--no-instructions", *(() if spec.durable else ("--no-sync",)))
     command = ("postgres", "-D", str(data), "-p", str(port), "-c", f"listen_addresses={network.bind}",
                # No Unix socket: nothing but the TCP port to guard (and no path-length limit on long folders).
-               "-c", "unix_socket_directories=", "-c", f"hba_file={folder / HBA_FILE}", *server_settings(spec.durable))
+               "-c", "unix_socket_directories=", "-c", f"hba_file={folder / HBA_FILE}",
+               # its messages in English whatever the machine's language: the readiness check reads a refused password
+               "-c", "lc_messages=C", *server_settings(spec.durable))
 
     def ready() -> bool:
         import psycopg2
 
         try:
             spec.connect(port).close()
-        except psycopg2.OperationalError:
+        except psycopg2.OperationalError as exc:
+            if "password authentication failed" in str(exc):  # no wait would change it
+                kept = folder.parent / CREDENTIALS
+                raise StackError("postgres", f"the database in {data} refuses the password kept in {kept} (edited, or "
+                                             f"another stack's file): put back this stack's own {CREDENTIALS}") from None
             return False
         return True
 

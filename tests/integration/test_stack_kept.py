@@ -262,11 +262,13 @@ def test_a_first_stack_up_killed_during_initdb_leaves_a_folder_the_next_start_se
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_kept_folder_with_a_part_lost_or_of_another_postgresql_is_said_in_one_line(mlflow_stack_factory, caplog):
+def test_a_kept_folder_with_a_part_lost_another_postgresql_or_password_is_said_in_one_line(mlflow_stack_factory, caplog):
     """Was: a kept folder whose ``s3/`` was deleted started an empty store in silence, its runs' artifacts gone; one
     whose ``postgres/data/PG_VERSION`` was deleted ran initdb for seconds, then advised removing the database; one
-    whose cluster another PostgreSQL major version made (a machine upgraded since) failed in a paragraph of log."""
+    whose cluster another PostgreSQL major version made (a machine upgraded since) failed in a paragraph of log, and
+    one whose credentials.json holds another password (edited, another stack's) after 30 s, in a paragraph too."""
     import logging
+    import time
 
     import mlflow
 
@@ -295,6 +297,18 @@ def test_a_kept_folder_with_a_part_lost_or_of_another_postgresql_is_said_in_one_
             f"start the stack with PostgreSQL {older}'s server (its binaries in PLANTML_PG_BINDIR; with --backend "
             f"containers, its image in PLANTML_POSTGRES_IMAGE), or move the folder to {major} with pg_upgrade after a copy")
         (data / "PG_VERSION").write_text(f"{major}\n")
+
+        credentials = folder / "credentials.json"
+        kept = credentials.read_text()
+        credentials.write_text(json.dumps({**json.loads(kept), "postgres": {**json.loads(kept)["postgres"],
+                                                                            "password": "another-stacks"}}))
+        started = time.monotonic()
+        with pytest.raises(StackError) as refused:
+            mlflow_stack_factory(data_dir=folder).start()
+        assert str(refused.value) == (f"postgres: the database in {data} refuses the password kept in {credentials} "
+                                      "(edited, or another stack's file): put back this stack's own credentials.json")
+        assert time.monotonic() - started < 20  # PostgreSQL's own start-up, not its 30 s wait to answer
+        credentials.write_text(kept)
 
         (data / "PG_VERSION").unlink()
         kept = sorted(path.name for path in data.iterdir())
