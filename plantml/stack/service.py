@@ -127,7 +127,7 @@ class ServiceSpec:
     #: The program refuses to run as root (PostgreSQL): see :func:`service_account`.
     refuses_root: bool = False
     #: Reads the log tail of a process that exited while starting: the program's own reason in one line, when it
-    #: gave one that the description knows (MLflow's launcher refusing a database of another MLflow's schema).
+    #: gave one that the description knows (a kept database of another MLflow's schema, or of another PostgreSQL).
     explain_exit: Callable[[str], str | None] | None = field(default=None, repr=False)
     #: A file (in the folder) naming the pid of the process that serves it, which the program refuses to start past
     #: while that pid is alive (PostgreSQL's ``postmaster.pid``): a process killed with the machine leaves it.
