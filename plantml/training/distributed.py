@@ -194,7 +194,9 @@ class Ranks:
                 self.store.set(done, "1")  # failed or not: the others go on, and meet the failure in agree()
         while not self.store.check([done]):
             culprit = self.peer_failure()
-            if culprit is not None:
+            # a failure published once `done` is there came after the first rank's step (its own input check, a
+            # moment later): this rank meets it in agree(), where the ranks that failed alike say it once
+            if culprit is not None and not self.store.check([done]):
                 raise culprit
             time.sleep(0.05)
         return step()

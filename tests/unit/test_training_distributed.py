@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -98,6 +99,39 @@ def test_the_first_published_failure_is_the_one_named():
     assert str(failure) == "rank 1 of 2 failed: data folder /nowhere: not found"
     assert failure.rank == 1 and failure.exit_code == DataError.exit_code
     assert rank1.peer_failure() is None  # its own failure is not a peer's
+
+
+def test_a_failure_the_first_rank_publishes_after_its_cache_step_does_not_stop_the_rank_waiting_for_that_step():
+    """Was (seen in a CI run on two loaded cores): rank 1, waiting for rank 0 to fill the cache, looked for the end of that
+    step a moment before rank 0 ended it, then found the failure rank 0 met just after (its input check, which rank 1
+    would meet too): rank 1 raised it as "rank 0 of 2 failed: …", and the command printed the error twice."""
+    from plantml.errors import UsageError
+
+    first, second = pair_on_one_store()
+    first = replace(first, local_rank=0)
+    second = replace(second, local_rank=1)
+
+    class LooksJustBefore:
+        """Rank 1's store: rank 0 ends its step and fails right after rank 1's first look for the step's end."""
+
+        def __init__(self, store):
+            self.store, self.looked = store, False
+
+        def check(self, keys):
+            seen = self.store.check(keys)
+            if not self.looked:
+                self.looked = True
+                first.local_main_first(lambda: "filled")
+                first.publish_failure(UsageError("2 training images give each of 2 processes one image a step"))
+            return seen
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+    second = replace(second, store=LooksJustBefore(second.store))
+
+    assert second.local_main_first(lambda: "read") == "read"  # on to its own input check, and agree()
+    assert str(second.peer_failure()) == "rank 0 of 2 failed: 2 training images give each of 2 processes one image a step"
 
 
 def test_a_stop_is_not_published_as_a_failure():
