@@ -143,6 +143,12 @@ def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None 
     return None if text is None else Path(text).expanduser()
 
 
+def cache_dir() -> Path:
+    """plantml's cache folder: ``$PLANTML_CACHE_DIR``, else ``~/.cache/plantml`` (the synthetic set, pulled sets,
+    image wheelhouses, the records of running stacks, and by default the run journals and matplotlib's folder)."""
+    return env_path("PLANTML_CACHE_DIR")  # type: ignore[return-value]  # it has a default
+
+
 def mask(secret: str | None) -> str | None:
     """Return a fixed mask for a secret (``None`` stays ``None``)."""
     return None if secret is None else MASK

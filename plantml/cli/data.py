@@ -116,9 +116,9 @@ def cache(unused_for: str | None, dry_run: bool) -> None:
 
     from plantml.datasets.cache import cached_sets, remove_unused
     from plantml.errors import UsageError
-    from plantml.settings import env_path, parse_duration
+    from plantml.settings import cache_dir, parse_duration
 
-    root = env_path("PLANTML_CACHE_DIR")
+    root = cache_dir()
     if unused_for is None:
         if dry_run:
             raise UsageError("--dry-run goes with --remove-unused-for")

@@ -113,12 +113,12 @@ def locate(data_dir: str | Path | None, synthetic_folder: Any, *, progress: Any 
 def pull_for_training(uri: str, *, progress: Any = None) -> DataSource:
     """Pull the set at ``uri`` into plantml's cache (``PLANTML_CACHE_DIR``), with the object store of the settings."""
     from plantml.datasets.remote import S3Location, object_store_client, pull
-    from plantml.settings import env_path, resolve_tracking_settings
+    from plantml.settings import cache_dir, resolve_tracking_settings
 
     S3Location.parse(uri)  # a bad location is the error to show, before the settings are read
     client = object_store_client(resolve_tracking_settings())
     for _ in range(PULL_TRIES):
-        result = pull(client, uri, env_path("PLANTML_CACHE_DIR"), progress=progress)
+        result = pull(client, uri, cache_dir(), progress=progress)
         held = hold(result.folder)
         if held is not None:
             return DataSource(result.folder, result.manifest.name, result.source, "s3", result.manifest.digest,

@@ -29,7 +29,7 @@ from typing import Any
 
 from plantml.errors import ConfigError, StackError, os_reason
 from plantml.processes import process_start_time
-from plantml.settings import env_path
+from plantml.settings import cache_dir
 from plantml.stack.files import private_folder, write_private
 from plantml.stack.service import ServiceSpec
 from plantml.staging import local_writes
@@ -122,7 +122,7 @@ SERVICE_MARK = "PLANTML_SERVICE_FOLDER"
 
 def registry() -> Path:
     """Where every stack records its folder while it runs (owner-only)."""
-    folder = env_path("PLANTML_CACHE_DIR") / "stacks"  # type: ignore[operator]
+    folder = cache_dir() / "stacks"
     try:
         return private_folder(folder)
     except OSError as exc:

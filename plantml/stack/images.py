@@ -31,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 from plantml.errors import StackError
+from plantml.settings import cache_dir
 from plantml.staging import scratch_folder
 
 log = logging.getLogger(__name__)
@@ -221,13 +222,6 @@ def image_is_current(recipe: ImageRecipe) -> bool:
 
 
 # -- building ---------------------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """Where wheelhouses are kept between builds (plantml's cache folder)."""
-    from plantml.settings import env_path
-
-    return env_path("PLANTML_CACHE_DIR")
-
 
 def wheelhouse(recipe: ImageRecipe) -> Path:
     """The wheels of the recipe's requirements, downloaded once by this Python's pip (same Python 3.11)."""

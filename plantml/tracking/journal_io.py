@@ -29,10 +29,10 @@ def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     Made absolute at once: spooled files are journalled by path, and the caller may change
     folder before the sender reads them.
     """
-    from plantml.settings import env_path
+    from plantml.settings import cache_dir, env_path
 
     chosen = env_path("PLANTML_JOURNAL_DIR", explicit)
-    return (chosen if chosen is not None else env_path("PLANTML_CACHE_DIR") / "journal").absolute()  # type: ignore[operator]
+    return (chosen if chosen is not None else cache_dir() / "journal").absolute()
 
 
 def write_error(folder: Path, exc: OSError) -> JournalWriteError:

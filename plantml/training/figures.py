@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from plantml.settings import env_path, env_value
+from plantml.settings import cache_dir, env_value
 from plantml.text import safe_text
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def matplotlib_folder() -> None:
     home = Path.home()
     if home.is_dir() and os.access(home, os.W_OK):
         return
-    folder = env_path("PLANTML_CACHE_DIR") / "matplotlib"  # type: ignore[operator]  # it has a default
+    folder = cache_dir() / "matplotlib"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from plantml.errors import PlantmlError, UsageError
+from plantml.settings import cache_dir
 from plantml.staging import CACHE_FOLDER, folder_lock, local_writes, set_aside, staging_folder, sweep
 
 logger = logging.getLogger(__name__)
@@ -53,13 +54,6 @@ class SynthSpec:
         """A stable name for the set, also used for its cache folder."""
         digest = hashlib.sha256(repr((GENERATOR_VERSION, self.per_class, self.size, self.seed)).encode()).hexdigest()
         return f"synthetic-leaves-{self.per_class}x{len(CLASSES)}-{self.size}px-s{self.seed}-{digest[:8]}"
-
-
-def cache_root() -> Path:
-    """``$PLANTML_CACHE_DIR``, else ``~/.cache/plantml``."""
-    from plantml.settings import env_path
-
-    return env_path("PLANTML_CACHE_DIR")
 
 
 def _rng_for(seed: int, label: int, index: int) -> np.random.Generator:
@@ -192,7 +186,7 @@ def ensure_cached(spec: SynthSpec = SynthSpec()) -> Path:
     It is generated into a staging folder beside it, then renamed: an interrupted run leaves
     no half set, and a staging folder whose process died is swept by the next call.
     """
-    root = cache_root()
+    root = cache_dir()
     target = root / spec.name
     if (target / _MARKER).is_file():
         sweep(root)  # what a killed generation of another spec left
