@@ -85,6 +85,11 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("PLANTML_COLLECTIVE_TIMEOUT", None, "distributed", "seconds a rank waits in a collective for a silent peer "
              "(hung, stopped) before its training fails naming it (default: torch's, 30 min on gloo, 10 on NCCL)"),
     Variable("PLANTML_LAUNCHER_PID", None, "distributed", "set by `plantml train --nproc` for its ranks, which stop when that process dies"),
+    Variable("HTTP_PROXY", None, "network", "proxy of HTTP requests (also `HTTPS_PROXY`, `ALL_PROXY`, lower-case too), "
+             "for every host but the loopback: see NO_PROXY"),
+    Variable("NO_PROXY", None, "network", "hosts reached without the proxy (also `no_proxy`); where a proxy is set, "
+             "plantml adds `127.0.0.1,localhost,::1,[::1]`: a proxy cannot reach this machine's loopback, where its stacks "
+             "and tests live"),
     Variable("PLANTML_TEST_FAIL_AT", None, "testing", "tests only: `RANK:EPOCH` makes that rank raise as that epoch starts"),
 )}
 
@@ -141,6 +146,31 @@ def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None 
     """:func:`env_value` as a path with ``~`` expanded (None when unset and without default)."""
     text = env_value(name, explicit, environ)
     return None if text is None else Path(text).expanduser()
+
+
+#: Every variable that sends HTTP through a proxy, as requests, botocore and urllib read them.
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+#: What plantml adds to ``no_proxy`` where a proxy is set.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")  # urllib and botocore compare "[::1]:8333" bracketed
+
+
+def bypass_proxies_for_loopback(environ: MutableMapping[str, str] | None = None) -> dict[str, str | None]:
+    """Where a proxy variable is set, add :data:`LOOPBACK_HOSTS` to ``no_proxy`` and ``NO_PROXY`` (those missing,
+    after the user's own hosts), so that requests, botocore and urllib (MLflow's and boto3's clients too) reach
+    127.0.0.1 directly, as Go's clients and browsers do: a proxy on another machine cannot reach this one's
+    loopback, and test traffic must stay on it. Returns what it set (nothing without a proxy). Called where plantml
+    starts a stack or resolves tracking settings, and by the pytest plugin."""
+    environ = os.environ if environ is None else environ
+    if not any(environ.get(name) for name in PROXY_VARIABLES):
+        return {}
+    current = environ.get("no_proxy") or environ.get("NO_PROXY") or ""  # requests and urllib read the lower first
+    hosts = [host.strip() for host in current.split(",") if host.strip()]
+    if "*" in hosts:
+        return {}
+    value = ",".join([*hosts, *(host for host in LOOPBACK_HOSTS if host not in hosts)])
+    changed = {name: value for name in ("no_proxy", "NO_PROXY") if environ.get(name) != value}
+    environ.update(changed)
+    return changed
 
 
 def cache_dir() -> Path:
@@ -271,6 +301,8 @@ def resolve_tracking_settings(
         "aws_access_key": aws_access_key,
         "aws_secret_key": aws_secret_key,
     }
+    if environ is None:
+        bypass_proxies_for_loopback()
     environ = os.environ if environ is None else environ
     from_file = read_env_file(env_file)
     file_words = f".env in {Path.cwd()}" if env_file is None else f"env file {Path(env_file).resolve()}"

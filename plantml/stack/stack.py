@@ -21,7 +21,7 @@ from pathlib import Path
 
 from plantml.errors import ConfigError, StackError, StorageError, UsageError
 from plantml.processes import process_start_time
-from plantml.settings import env_number
+from plantml.settings import bypass_proxies_for_loopback, env_number
 from plantml.stack.base import Stack
 from plantml.stack.endpoints import ArtifactMode, StackEndpoints
 from plantml.stack.files import sync_folder
@@ -131,6 +131,7 @@ class ManagedStack(Stack):
         if self.services:
             raise StackError("stack", "already started")
         atexit.register(self.stop)
+        bypass_proxies_for_loopback()  # its readiness checks, its clients and its services talk to 127.0.0.1
         try:
             prune_local_stacks()  # what stacks killed before their teardown left behind
             folder = self.folder = StackFolder.open(self.data_dir, self.stack_id)

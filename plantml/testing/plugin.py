@@ -23,6 +23,7 @@ down, like Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import threading
@@ -33,7 +34,7 @@ from typing import Any
 import pytest
 
 from plantml.errors import PlantmlError
-from plantml.settings import VARIABLES, Variable, env_value
+from plantml.settings import VARIABLES, Variable, bypass_proxies_for_loopback, env_value
 from plantml.stack import ARTIFACT_MODES, BACKENDS, ArtifactMode, ManagedStack, Stack, make_stack
 from plantml.stack.s3 import S3_FLAVOURS
 from plantml.staging import scratch_folder
@@ -107,6 +108,9 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"the session's journal folder: {exc}") from None
     environ = scope.enter_context(pytest.MonkeyPatch.context())  # puts the user's value back at the end
     environ.setenv("PLANTML_JOURNAL_DIR", str(journal))
+    # A proxy of the machine's (a CI runner's) would get the tests' traffic to 127.0.0.1, their subprocesses' too
+    for name, value in bypass_proxies_for_loopback(dict(os.environ)).items():
+        environ.setenv(name, value)
     config._plantml_scope = scope  # type: ignore[attr-defined]
 
 

@@ -134,6 +134,29 @@ def test_a_downstream_projects_integration_tests_are_marked_and_its_runs_journal
     result.assert_outcomes(passed=1, deselected=1)
 
 
+def test_behind_a_proxy_the_sessions_loopback_traffic_skips_it_and_the_callers_variables_come_back(
+        pytester: pytest.Pytester, monkeypatch):
+    """A CI runner's HTTP_PROXY would get every test's request to 127.0.0.1 (and a remote proxy cannot reach it):
+    the session adds the loopback to NO_PROXY, for its tests and their subprocesses, and takes it away at its end."""
+    import os
+
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("no_proxy", ".corp")
+    pytester.makepyfile(
+        "import os, subprocess, sys\n"
+        "def test_loopback_is_direct():\n"
+        "    import requests.utils\n"
+        "    assert requests.utils.should_bypass_proxies('http://127.0.0.1:5000/api', None)\n"
+        "    child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ[\"NO_PROXY\"])'],\n"
+        "                           capture_output=True, text=True, check=True)\n"
+        "    assert child.stdout.strip() == '.corp,127.0.0.1,localhost,::1,[::1]'\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert (os.environ.get("no_proxy"), os.environ.get("NO_PROXY")) == (".corp", None)
+
+
 def test_a_session_killed_with_minus_9_leaves_a_journal_folder_the_next_plantml_process_sweeps(
     pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ):

@@ -182,3 +182,51 @@ def test_an_mlflow_s3_ignore_tls_mlflow_refuses_is_one_line_naming_it():
 
     with pytest.raises(ConfigError, match=r"^MLFLOW_S3_IGNORE_TLS='yes': expected true, false, 1 or 0"):
         s3_tls_verify({"MLFLOW_S3_IGNORE_TLS": "yes"})
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, {}),  # no proxy: nothing changes
+    ({"NO_PROXY": ""}, {}),
+    ({"HTTPS_PROXY": "http://proxy.corp:3128"}, {"no_proxy": "127.0.0.1,localhost,::1,[::1]", "NO_PROXY": "127.0.0.1,localhost,::1,[::1]"}),
+    ({"http_proxy": "http://proxy.corp:3128", "no_proxy": ".corp, intranet"},
+     {"no_proxy": ".corp,intranet,127.0.0.1,localhost,::1,[::1]", "NO_PROXY": ".corp,intranet,127.0.0.1,localhost,::1,[::1]"}),
+    ({"ALL_PROXY": "socks5://proxy.corp:1080", "NO_PROXY": "localhost,127.0.0.1"},
+     {"no_proxy": "localhost,127.0.0.1,::1,[::1]", "NO_PROXY": "localhost,127.0.0.1,::1,[::1]"}),
+    ({"HTTP_PROXY": "http://proxy.corp:3128", "no_proxy": "127.0.0.1,localhost,::1,[::1]", "NO_PROXY": "127.0.0.1,localhost,::1,[::1]"}, {}),
+    ({"HTTP_PROXY": "http://proxy.corp:3128", "NO_PROXY": "*"}, {}),  # no proxy for any host already
+])
+def test_where_a_proxy_is_set_the_loopback_is_added_to_no_proxy_after_the_users_hosts(environ, expected):
+    from plantml.settings import bypass_proxies_for_loopback
+
+    before = dict(environ)
+    assert bypass_proxies_for_loopback(environ) == expected
+    assert environ == {**before, **expected}
+
+
+def test_with_the_loopback_added_requests_botocore_and_urllib_skip_the_proxy_for_it_alone(monkeypatch):
+    """The three HTTP clients of plantml, MLflow and boto3 (urllib: torch's weight downloads) each decide by their
+    own reading of the variables: 127.0.0.1, localhost and [::1] go direct, any other host still through the proxy."""
+    import urllib.request
+
+    import botocore.utils
+    import requests.utils
+
+    from plantml.settings import bypass_proxies_for_loopback
+
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("no_proxy", "")  # recorded, so the test's end removes what the function sets
+    monkeypatch.setenv("NO_PROXY", "")
+    loopback = ["http://127.0.0.1:5000/api", "http://localhost:9000/mlflow", "http://[::1]:8333/"]
+    assert not any(requests.utils.should_bypass_proxies(url, None) for url in loopback)
+    resolve_tracking_settings(tracking_uri="http://127.0.0.1:5000")  # what every tracker and command does first
+    assert all(requests.utils.should_bypass_proxies(url, None) for url in loopback)
+    assert all(botocore.utils.should_bypass_proxies(url) for url in loopback)
+    assert all(urllib.request.proxy_bypass(url.split("/")[2]) for url in loopback)
+    assert requests.utils.get_environ_proxies("http://127.0.0.1:5000/api") == {}
+    outside = "http://download.pytorch.org/models/resnet18.pth"
+    assert not requests.utils.should_bypass_proxies(outside, None)
+    assert requests.utils.get_environ_proxies(outside)["http"] == "http://proxy.corp:3128"
+    assert not botocore.utils.should_bypass_proxies(outside) and not urllib.request.proxy_bypass("download.pytorch.org")
+    assert bypass_proxies_for_loopback() == {}  # once is enough
