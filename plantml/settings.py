@@ -159,7 +159,7 @@ def bypass_proxies_for_loopback(environ: MutableMapping[str, str] | None = None)
     after the user's own hosts), so that requests, botocore and urllib (MLflow's and boto3's clients too) reach
     127.0.0.1 directly, as Go's clients and browsers do: a proxy on another machine cannot reach this one's
     loopback, and test traffic must stay on it. Returns what it set (nothing without a proxy). Called where plantml
-    starts a stack or resolves tracking settings, and by the pytest plugin."""
+    starts a stack, resolves tracking settings or opens a store, and by the pytest plugin."""
     environ = os.environ if environ is None else environ
     if not any(environ.get(name) for name in PROXY_VARIABLES):
         return {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from plantml.errors import ConfigError, PlantmlError, TrackingError, one_line
-from plantml.settings import check_uri_text, describe_uri
+from plantml.settings import bypass_proxies_for_loopback, check_uri_text, describe_uri
 from plantml.staging import folder_lock
 from plantml.text import mask_passwords
 
@@ -93,6 +93,7 @@ def open_client(uri: str, source: str | None = None, *, must_exist: bool = True)
     from mlflow.exceptions import MlflowException
 
     check_uri_text(uri, source)
+    bypass_proxies_for_loopback()  # also for a ModelRegistry given its URI, which resolves no settings
     if must_exist:
         check_store_exists(uri, source)
     else:

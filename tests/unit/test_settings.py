@@ -203,7 +203,8 @@ def test_where_a_proxy_is_set_the_loopback_is_added_to_no_proxy_after_the_users_
     assert environ == {**before, **expected}
 
 
-def test_with_the_loopback_added_requests_botocore_and_urllib_skip_the_proxy_for_it_alone(monkeypatch):
+@pytest.mark.parametrize("entry", ["settings", "registry"])
+def test_with_the_loopback_added_requests_botocore_and_urllib_skip_the_proxy_for_it_alone(monkeypatch, entry):
     """The three HTTP clients of plantml, MLflow and boto3 (urllib: torch's weight downloads) each decide by their
     own reading of the variables: 127.0.0.1, localhost and [::1] go direct, any other host still through the proxy."""
     import urllib.request
@@ -220,7 +221,12 @@ def test_with_the_loopback_added_requests_botocore_and_urllib_skip_the_proxy_for
     monkeypatch.setenv("NO_PROXY", "")
     loopback = ["http://127.0.0.1:5000/api", "http://localhost:9000/mlflow", "http://[::1]:8333/"]
     assert not any(requests.utils.should_bypass_proxies(url, None) for url in loopback)
-    resolve_tracking_settings(tracking_uri="http://127.0.0.1:5000")  # what every tracker and command does first
+    if entry == "settings":  # what every tracker and command does first
+        resolve_tracking_settings(tracking_uri="http://127.0.0.1:5000")
+    else:  # a registry given its URI resolves no settings
+        from plantml.registry import ModelRegistry
+
+        ModelRegistry("http://127.0.0.1:5000")
     assert all(requests.utils.should_bypass_proxies(url, None) for url in loopback)
     assert all(botocore.utils.should_bypass_proxies(url) for url in loopback)
     assert all(urllib.request.proxy_bypass(url.split("/")[2]) for url in loopback)
