@@ -47,6 +47,8 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("MLFLOW_S3_ENDPOINT_URL", None, "tracking", "S3 endpoint of the artifact store (direct artifact mode)"),
     Variable("AWS_ACCESS_KEY_ID", None, "tracking", "S3 access key"),
     Variable("AWS_SECRET_ACCESS_KEY", None, "tracking", "S3 secret key (never shown)"),
+    Variable("AWS_SESSION_TOKEN", None, "tracking", "session token of temporary S3 keys, used only with keys from the "
+             "same place (argument, environment or .env; never shown)"),
     Variable("MLFLOW_S3_IGNORE_TLS", "false", "tracking", "true: S3 certificates are not checked, as by MLflow's client "
              "(a private CA: set AWS_CA_BUNDLE to its certificate instead)"),
     Variable("MLFLOW_TRACKING_USERNAME", None, "tracking", "user of a tracking server with basic auth (`stack up --auth`)"),
@@ -240,11 +242,14 @@ class TrackingSettings:
     s3_endpoint: str | None = None
     aws_access_key: str | None = None
     aws_secret_key: str | None = field(default=None, repr=False)
+    #: The session token of temporary keys: only from where the keys came from (see :func:`resolve_tracking_settings`).
+    aws_session_token: str | None = field(default=None, repr=False)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "sources"}
-        shown.update(tracking_uri=mask_passwords(self.tracking_uri), aws_secret_key=mask(self.aws_secret_key))
+        shown.update(tracking_uri=mask_passwords(self.tracking_uri), aws_secret_key=mask(self.aws_secret_key),
+                     aws_session_token=mask(self.aws_session_token))
         return f"TrackingSettings({', '.join(f'{name}={value!r}' for name, value in shown.items())})"
 
     @property
@@ -265,6 +270,8 @@ class TrackingSettings:
             env["AWS_ACCESS_KEY_ID"] = self.aws_access_key
         if self.aws_secret_key:
             env["AWS_SECRET_ACCESS_KEY"] = self.aws_secret_key
+        if self.aws_access_key:  # with keys, their token or none (empty: botocore reads the legacy name first)
+            env.update(AWS_SESSION_TOKEN=self.aws_session_token or "", AWS_SECURITY_TOKEN="")
         return env
 
     def with_overrides(self, **overrides: str | None) -> TrackingSettings:
@@ -290,10 +297,15 @@ def resolve_tracking_settings(
     aws_access_key: str | None = None,
     aws_secret_key: str | None = None,
     *,
+    aws_session_token: str | None = None,
     environ: Mapping[str, str] | None = None,
     env_file: str | os.PathLike[str] | None = None,
 ) -> TrackingSettings:
-    """Resolve every tracking setting: argument, environment, ``.env`` file, default."""
+    """Resolve every tracking setting: argument, environment, ``.env`` file, default.
+
+    ``AWS_SESSION_TOKEN`` is taken only from where the access key came from: a token the shell keeps for other
+    keys (an AWS SSO login, a CI runner's cloud role) would be sent with a stack's keys from ``.env``, and refused
+    (``InvalidAccessKeyId``)."""
     arguments = {
         "tracking_uri": tracking_uri,
         "experiment_name": experiment_name,
@@ -308,13 +320,18 @@ def resolve_tracking_settings(
     file_words = f".env in {Path.cwd()}" if env_file is None else f"env file {Path(env_file).resolve()}"
     resolved: dict[str, str] = {}
     sources: dict[str, str] = {}
+    origins: dict[str, int] = {}
     for name, value in arguments.items():
         var = ENV_NAMES[name]
-        for candidate, source in ((value, "argument"), (environ.get(var), f"environment ({var})"),
-                                  (from_file.get(var), f"{var} in {file_words}")):
+        for origin, (candidate, source) in enumerate(((value, "argument"), (environ.get(var), f"environment ({var})"),
+                                                      (from_file.get(var), f"{var} in {file_words}"))):
             if candidate not in (None, ""):
-                resolved[name], sources[name] = candidate, source
+                resolved[name], sources[name], origins[name] = candidate, source, origin
                 break
+    if "aws_access_key" in origins:
+        token = (aws_session_token, environ.get("AWS_SESSION_TOKEN"), from_file.get("AWS_SESSION_TOKEN"))[origins["aws_access_key"]]
+        if token:
+            resolved["aws_session_token"], sources["aws_session_token"] = token, sources["aws_access_key"]
     settings = TrackingSettings(**resolved, sources=sources)
     _check_tracking_uri(settings)
     _check_s3_endpoint(settings)

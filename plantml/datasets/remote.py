@@ -121,7 +121,7 @@ def object_store_client(settings: Any, workers: int = DEFAULT_WORKERS) -> Any:
                           "`plantml stack up` writes them to .env")
     try:
         return make_s3_client(settings.s3_endpoint, settings.aws_access_key, settings.aws_secret_key,
-                              max_pool_connections=workers * 2, retries={"max_attempts": 3})
+                              session_token=settings.aws_session_token, max_pool_connections=workers * 2, retries={"max_attempts": 3})
     except ValueError as exc:  # botocore's "Invalid endpoint" for settings made without resolve_tracking_settings
         raise ConfigError(f"S3 endpoint {settings.s3_endpoint!r}: {exc}") from None
 

@@ -67,8 +67,10 @@ class StackEndpoints:
         return make_s3_client(self.s3_endpoint, self.aws_access_key, self.aws_secret_key, **config)
 
 
-def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str | None, **config: Any) -> S3Client:
-    """A boto3 S3 client with short timeouts; ``config`` overrides botocore's Config fields.
+def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str | None, *,
+                   session_token: str | None = None, **config: Any) -> S3Client:
+    """A boto3 S3 client with short timeouts; ``config`` overrides botocore's Config fields; ``session_token``
+    (of temporary keys) goes with the keys, never alone.
 
     Certificates are checked as by MLflow's S3 client: against ``AWS_CA_BUNDLE`` (boto3 reads it), not at all
     with ``MLFLOW_S3_IGNORE_TLS=true``, so an object store MLflow reaches, plantml's own requests reach too.
@@ -87,6 +89,7 @@ def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str
         endpoint_url=endpoint,
         aws_access_key_id=access_key,
         aws_secret_access_key=secret_key,
+        aws_session_token=session_token if access_key and secret_key else None,
         region_name="us-east-1",
         config=Config(**options),
         verify=s3_tls_verify(),

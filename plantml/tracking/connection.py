@@ -114,7 +114,8 @@ def check_object_store_keys(settings: TrackingSettings, location: str) -> None:
     from plantml.stack.endpoints import make_s3_client, s3_foreign_answer, s3_tls_hint
 
     parts = urlsplit(location)
-    client = make_s3_client(endpoint, settings.aws_access_key, settings.aws_secret_key, retries={"max_attempts": 1},
+    client = make_s3_client(endpoint, settings.aws_access_key, settings.aws_secret_key,
+                            session_token=settings.aws_session_token, retries={"max_attempts": 1},
                             connect_timeout=3, read_timeout=10)
     try:
         client.list_objects_v2(Bucket=parts.netloc, Prefix=parts.path.lstrip("/"), MaxKeys=1)

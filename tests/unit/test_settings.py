@@ -236,3 +236,37 @@ def test_with_the_loopback_added_requests_botocore_and_urllib_skip_the_proxy_for
     assert requests.utils.get_environ_proxies(outside)["http"] == "http://proxy.corp:3128"
     assert not botocore.utils.should_bypass_proxies(outside) and not urllib.request.proxy_bypass("download.pytorch.org")
     assert bypass_proxies_for_loopback() == {}  # once is enough
+
+
+@pytest.mark.parametrize(("keys_in", "token_in", "kept"), [
+    ("dot_env", "environment", False),  # a stack's .env, a shell after an AWS SSO login
+    ("argument", "environment", False),
+    ("environment", "environment", True),  # temporary keys with their token, as for real S3
+    ("dot_env", "dot_env", True),
+    ("environment", "dot_env", False),
+])
+def test_a_session_token_goes_only_with_keys_from_where_it_came_from(tmp_path, monkeypatch, keys_in, token_in, kept):
+    monkeypatch.chdir(tmp_path)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    keys = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}
+    places = {"dot_env": {}, "environment": {}}
+    if keys_in != "argument":
+        places[keys_in].update(keys)
+    places[token_in]["AWS_SESSION_TOKEN"] = "token-of-those-keys"
+    (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in places["dot_env"].items()))
+    for name, value in places["environment"].items():
+        monkeypatch.setenv(name, value)
+    arguments = {"aws_access_key": "key", "aws_secret_key": "secret"} if keys_in == "argument" else {}
+    settings = resolve_tracking_settings(**arguments)
+    assert settings.aws_session_token == ("token-of-those-keys" if kept else None)
+    env = settings.client_env()
+    assert (env["AWS_SESSION_TOKEN"], env["AWS_SECURITY_TOKEN"]) == ("token-of-those-keys" if kept else "", "")
+    assert "token-of-those" not in repr(settings)
+
+
+def test_without_keys_the_token_is_left_to_boto3(tmp_path, monkeypatch):
+    """Keys from ~/.aws or a cloud role: boto3 finds them with their token, plantml sets neither."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    env = resolve_tracking_settings(tracking_uri="http://127.0.0.1:1", environ={"AWS_SESSION_TOKEN": "token"}).client_env()
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"} & set(env)

@@ -74,13 +74,15 @@ def test_endpoints_mask_the_s3_secret_and_the_database_password():
     assert "mlflow:***@" in shown
 
 
-def test_client_env_holds_exactly_the_four_client_variables():
+def test_client_env_holds_exactly_the_client_variables_and_no_token_of_other_keys():
     endpoints = StackEndpoints("http://127.0.0.1:1", "http://127.0.0.1:2", "key", "secret")
     assert endpoints.client_env() == {
         "MLFLOW_TRACKING_URI": "http://127.0.0.1:1",
         "MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:2",
         "AWS_ACCESS_KEY_ID": "key",
         "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "",  # a shell's token (an AWS SSO login) would be sent with the stack's keys
+        "AWS_SECURITY_TOKEN": "",
     }
 
 
