@@ -294,6 +294,8 @@ def test_a_process_that_claims_peers_but_has_no_rendezvous_is_one_line(monkeypat
     monkeypatch.setenv("RANK", "0")
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+    for label in ("healthy", "diseased"):  # a folder that passes the checks made before torch is imported
+        (tmp_path / label).mkdir()
     assert main(["train", "--no-mlflow", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "MASTER_ADDR=None and MASTER_PORT=None name no rendezvous" in err[0]
