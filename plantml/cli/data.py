@@ -72,10 +72,13 @@ def push(directory: Path, destination: str, workers: int) -> None:
 
 def _push(directory: Path, destination: str, workers: int = 16) -> None:
     from plantml.cli.warnings_output import show_warnings
+    from plantml.datasets.manifest import class_folders
     from plantml.datasets.remote import push as push_set
-    from plantml.training.data import scan_image_folder
 
     store = _object_store(destination)
+    class_folders(directory)  # missing, or fewer than two classes: said before torch's import (9 s here)
+    from plantml.training.data import scan_image_folder
+
     show_warnings()
     # every image decoded first, as a training does: a set with an image that cannot be decoded would upload,
     # then fail every training from it

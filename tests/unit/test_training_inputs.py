@@ -319,14 +319,19 @@ def test_a_training_writes_and_logs_its_output_dir_pair_while_no_other_training_
 
 
 @pytest.mark.parametrize(("case", "args", "env", "expected"), [
-    ("missing folder", ["--data-dir", "{tmp}/nowhere"], {}, "data folder {tmp}/nowhere: not found"),
-    ("one class", ["--data-dir", "{tmp}/one"], {}, "data folder {tmp}/one: need at least two class sub-folders, found 1 (healthy)"),
-    ("home a file", [], {"HOME": "/dev/null"}, "cache folder (PLANTML_CACHE_DIR) /dev/null/.cache/plantml: not a directory"),
-    ("journal under a file", [], {"PLANTML_CACHE_DIR": "{tmp}/cache", "PLANTML_JOURNAL_DIR": "/dev/null/journal"},
+    ("missing folder", ["train", "--data-dir", "{tmp}/nowhere"], {}, "data folder {tmp}/nowhere: not found"),
+    ("one class", ["train", "--data-dir", "{tmp}/one"], {},
+     "data folder {tmp}/one: need at least two class sub-folders, found 1 (healthy)"),
+    ("home a file", ["train"], {"HOME": "/dev/null"},
+     "cache folder (PLANTML_CACHE_DIR) /dev/null/.cache/plantml: not a directory"),
+    ("journal under a file", ["train"], {"PLANTML_CACHE_DIR": "{tmp}/cache", "PLANTML_JOURNAL_DIR": "/dev/null/journal"},
      "journal folder (PLANTML_JOURNAL_DIR) /dev/null/journal: not a directory"),
-    ("uri typo", [], {"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"},
+    ("uri typo", ["train"], {"MLFLOW_TRACKING_URI": "htp://127.0.0.1:5000"},
      "tracking URI 'htp://127.0.0.1:5000' (from environment (MLFLOW_TRACKING_URI)): unknown scheme 'htp' (use http, "
      "https, sqlite, postgresql or file)"),
+    ("push of a missing folder", ["data", "push", "{tmp}/nowhere", "s3://plants-images/x"],
+     {"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"},
+     "data folder {tmp}/nowhere: not found"),
 ])
 def test_input_errors_that_need_neither_torch_nor_mlflow_are_said_before_either_is_imported(tmp_path, case, args, env,
                                                                                              expected):
@@ -334,9 +339,9 @@ def test_input_errors_that_need_neither_torch_nor_mlflow_are_said_before_either_
     (tmp_path / "one" / "healthy").mkdir(parents=True)
     probe = ("import sys\nfrom plantml.cli import main\ncode = main(sys.argv[1:])\n"
              "print(code, sorted({'torch', 'torchvision', 'mlflow'} & set(sys.modules)))\n")
-    environ = {**{k: v for k, v in os.environ.items() if not k.startswith(("PLANTML_", "MLFLOW_"))},
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith(("PLANTML_", "MLFLOW_", "AWS_"))},
                **{k: v.format(tmp=tmp_path) for k, v in env.items()}}
-    done = subprocess.run([sys.executable, "-c", probe, "train", *(a.format(tmp=tmp_path) for a in args)], env=environ,
+    done = subprocess.run([sys.executable, "-c", probe, *(a.format(tmp=tmp_path) for a in args)], env=environ,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.stderr.splitlines() == [f"plantml: error: {expected.format(tmp=tmp_path)}"], done.stderr
     assert done.stdout.split(None, 1) == ["2", "[]\n"]
