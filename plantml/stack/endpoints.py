@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from plantml.errors import ConfigError
 from plantml.health import certificate_refused
 from plantml.settings import DEFAULT_BUCKET, DEFAULT_EXPERIMENT_NAME, MASK, TrackingSettings, mask, s3_tls_verify
 from plantml.text import mask_passwords
@@ -77,23 +78,29 @@ def make_s3_client(endpoint: str | None, access_key: str | None, secret_key: str
     """
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import ProfileNotFound
 
     options = {"connect_timeout": 3, "read_timeout": 30, "retries": {"max_attempts": 2}, "s3": {"addressing_style": "path"}}
     options.update(config)
     # Without both keys boto3 looks for them (environment, ~/.aws) once per session and keeps what it found: with its
     # default session, keys another store's client found earlier in this process would be sent here. A new session
     # (about 0.1 s) reads them as they are now.
-    session = boto3 if access_key and secret_key else boto3.session.Session()
-    return session.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        aws_session_token=session_token if access_key and secret_key else None,
-        region_name="us-east-1",
-        config=Config(**options),
-        verify=s3_tls_verify(),
-    )
+    try:
+        session = boto3 if access_key and secret_key else boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            aws_session_token=session_token if access_key and secret_key else None,
+            region_name="us-east-1",
+            config=Config(**options),
+            verify=s3_tls_verify(),
+        )
+    except ProfileNotFound as exc:  # boto3 (MLflow's client too) reads the profile's settings even with keys given
+        raise ConfigError(f"AWS_PROFILE={exc.kwargs.get('profile')!r}: no such profile in boto3's files "
+                          "(~/.aws/config, ~/.aws/credentials, or AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE); "
+                          "unset it, or name one of them") from None
 
 
 def s3_tls_hint(exc: BaseException) -> str:

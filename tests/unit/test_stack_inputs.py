@@ -195,3 +195,28 @@ def test_a_refused_stack_up_in_process_gives_the_caller_its_signal_handlers_and_
     assert "not empty and holds no plantml stack" in capsys.readouterr().err
     assert {signum: signal.getsignal(signum) for signum in signums} == before
     assert logging.getLogger("plantml.stack.supervisor").handlers == handlers_before
+
+
+@pytest.mark.parametrize("keys", [True, False])
+def test_an_aws_profile_that_is_nowhere_is_one_line_naming_the_variable(tmp_path: Path, monkeypatch, capsys, keys) -> None:
+    """boto3 reads the profile's settings even with keys given (MLflow's client as well): AWS_PROFILE exported in a
+    shell whose ~/.aws is on another machine (a container, a CI runner) was a traceback from `plantml train`."""
+    import boto3
+
+    from plantml.stack.endpoints import make_s3_client
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a session an earlier test made read no profile
+    monkeypatch.setenv("AWS_PROFILE", "work")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    (tmp_path / "config").write_text("[profile home]\nregion = eu-west-3\n")
+    with pytest.raises(ConfigError, match=r"^AWS_PROFILE='work': no such profile in boto3's files \(~/.aws/config, "):
+        make_s3_client("http://127.0.0.1:9", "key" if keys else None, "secret" if keys else None)
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "key",
+                        "AWS_SECRET_ACCESS_KEY": "secret"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["data", "ls", "s3://plants-images"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "plantml: error: AWS_PROFILE='work': no such profile in boto3's files (~/.aws/config, ~/.aws/credentials, "
+        "or AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE); unset it, or name one of them"]
