@@ -35,7 +35,7 @@ from plantml.stack.endpoints import ArtifactMode
 from plantml.stack.files import private_folder
 from plantml.stack.folder import SERVICE_MARK
 from plantml.stack.s3 import find_weed
-from plantml.stack.service import Account, Command, Network, ServiceSpec
+from plantml.stack.service import Account, Command, Network, ServiceSpec, check_listed
 from plantml.stack.stack import ManagedStack
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,8 @@ class HostRunner:
 
     def process(self, spec: ServiceSpec, on_spawn: Callable[[], None] = lambda: None) -> HostProcess:
         """A local process for ``spec`` (its account must be able to reach its folder)."""
+        if spec.refuses_root:
+            check_listed(spec.name, spec.account)
         if not can_enter(spec.folder, spec.account):
             raise StackError(spec.name, f"runs as user {spec.account.name} (plantml runs as root), who cannot enter "
                                         f"{spec.folder}: choose a data folder every user may traverse (e.g. under /tmp or /srv)")
@@ -335,6 +337,8 @@ class HostRunner:
 
     def run_once(self, spec: ServiceSpec, command: Command) -> None:
         """Run ``command`` (initdb) as the service's account, in its folder; its output goes in the error."""
+        if spec.refuses_root:
+            check_listed(spec.name, spec.account)
         # Killed with plantml (kill -9, a crash): its half-made folder is removed by the next start, which must
         # not find it still writing there. The start thread that waits for it is its parent until it ends.
         pdeathsig = ["setpriv", "--pdeathsig=SIGKILL", "--"] if has_setpriv() else []

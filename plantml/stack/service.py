@@ -58,6 +58,9 @@ class Account:
     uid: int
     gid: int
     home: str = "/"
+    #: False for an account the password database does not list: a container run with ``--user UID`` (Jenkins'
+    #: Docker agents, OpenShift, Kubernetes' runAsUser), whose UID has no /etc/passwd line.
+    listed: bool = True
 
     @classmethod
     def of(cls, entry: pwd.struct_passwd) -> Account:
@@ -70,8 +73,22 @@ class Account:
 
 
 def current_account() -> Account:
-    """The account plantml runs as."""
-    return Account.of(pwd.getpwuid(os.geteuid()))
+    """The account plantml runs as (named ``uidN``, not :attr:`~Account.listed`, where /etc/passwd has no line for it)."""
+    uid = os.geteuid()
+    try:
+        return Account.of(pwd.getpwuid(uid))
+    except KeyError:
+        return Account(f"uid{uid}", uid, os.getegid(), listed=False)
+
+
+def check_listed(service: str, account: Account) -> None:
+    """One line where ``service`` (PostgreSQL's initdb and server, which look their account up) would run as an
+    account the password database does not list, before anything starts."""
+    if not account.listed:
+        raise StackError(service, f"this account (uid {account.uid}) has no line in the password database "
+                                  "(/etc/passwd), as in a container run with --user; PostgreSQL's initdb and server "
+                                  "refuse to run without one: add it (or lend one with nss_wrapper, as PostgreSQL's "
+                                  "image does), or use --backend containers")
 
 
 def service_account(refuses_root: bool) -> Account:
@@ -124,7 +141,8 @@ class ServiceSpec:
     bootstrap: Callable[[], None] | None = field(default=None, repr=False)
     stop_signal: signal.Signals = signal.SIGTERM
     start_timeout: float = 60
-    #: The program refuses to run as root (PostgreSQL): see :func:`service_account`.
+    #: The program refuses to run as root (PostgreSQL): see :func:`service_account`. It also looks its account up in
+    #: the password database, so the local runner refuses an account that is not listed (:func:`check_listed`).
     refuses_root: bool = False
     #: Reads the log tail of a process that exited while starting: the program's own reason in one line, when it
     #: gave one that the description knows (a kept database of another MLflow's schema, or of another PostgreSQL).

@@ -220,3 +220,33 @@ def test_an_aws_profile_that_is_nowhere_is_one_line_naming_the_variable(tmp_path
     assert capsys.readouterr().err.splitlines() == [
         "plantml: error: AWS_PROFILE='work': no such profile in boto3's files (~/.aws/config, ~/.aws/credentials, "
         "or AWS_CONFIG_FILE and AWS_SHARED_CREDENTIALS_FILE); unset it, or name one of them"]
+
+
+def test_an_account_without_a_passwd_line_is_one_line_before_postgres_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """A container run with --user UID (Jenkins' Docker agents, OpenShift): was a KeyError traceback from getpwuid at
+    the first stack start. The account is named uidN and not listed; the local runner refuses it for PostgreSQL (its
+    initdb refuses such an account) in one line naming the way out, and stops what it started."""
+    import pwd
+
+    import psutil
+
+    from plantml.stack import service
+
+    def unlisted(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(service.pwd, "getpwuid", unlisted)
+        account = service.current_account()
+    assert account == service.Account(f"uid{os.geteuid()}", os.geteuid(), os.getegid(), "/", listed=False)
+    service.check_listed("postgres", service.current_account())  # a listed account passes
+    # the service account as a non-root plantml has it (it is plantml's own; here root's uid, so nothing changes user)
+    monkeypatch.setattr(service, "service_account", lambda refuses_root: account)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(StackError) as refused:
+        make_stack("local", data_dir=tmp_path / "stack").start()
+    assert str(refused.value) == (
+        f"postgres: this account (uid {os.geteuid()}) has no line in the password database (/etc/passwd), as in a "
+        "container run with --user; PostgreSQL's initdb and server refuse to run without one: add it (or lend one "
+        "with nss_wrapper, as PostgreSQL's image does), or use --backend containers")
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
