@@ -156,7 +156,7 @@ PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTP
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")  # urllib and botocore compare "[::1]:8333" bracketed
 
 
-def bypass_proxies_for_loopback(environ: MutableMapping[str, str] | None = None) -> dict[str, str | None]:
+def bypass_proxies_for_loopback(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Where a proxy variable is set, add :data:`LOOPBACK_HOSTS` to ``no_proxy`` and ``NO_PROXY`` (those missing,
     after the user's own hosts), so that requests, botocore and urllib (MLflow's and boto3's clients too) reach
     127.0.0.1 directly, as Go's clients and browsers do: a proxy on another machine cannot reach this one's
