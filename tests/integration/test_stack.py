@@ -260,7 +260,7 @@ def test_ports_taken_at_every_start_fail_the_stack_after_three_starts_and_leave_
 @pytest.mark.local_session
 def test_the_readmes_python_example_runs_as_written_and_leaves_nothing(tmp_path):
     """The "From Python" block of docs/stack.md, run as written in a fresh Python: the printed endpoints answer
-    inside the ``with``, ``client_env()`` has the four variables, and the end of the block stops everything."""
+    inside the ``with``, ``client_env()`` has the client's variables, and the end of the block stops everything."""
     readme = (Path(__file__).parents[2] / "docs" / "stack.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```python\n(from plantml\.stack import start_local_stack\n.*?)```", readme, re.DOTALL)
     assert len(blocks) == 1, "the start_local_stack example of docs/stack.md moved: update this test"
@@ -285,7 +285,8 @@ def test_the_readmes_python_example_runs_as_written_and_leaves_nothing(tmp_path)
     tracking, s3 = printed.split()
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", tracking) and re.fullmatch(r"http://127\.0\.0\.1:\d+", s3)
     facts = json.loads(report)
-    assert facts["env"] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI"]
+    assert facts["env"] == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN",
+                            "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI"]  # the tokens empty: no shell's token goes
     assert facts["answered"][0] == 200  # MLflow's /health; the object store answers too (403 without a signature)
     assert facts["stopped"], "the stack still answered after its with block"
     assert not Path(facts["folder"]).exists()
