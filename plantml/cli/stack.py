@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,7 +104,8 @@ def _serve(backend: str, artifact_mode: str, data_dir: Path | None, env_file: Pa
         elif not (data_dir / LOCK).exists():
             click.echo(f"plantml stack: stopped; its data folder {data_dir} is no longer there", err=True)
         else:
-            click.echo(f"plantml stack: stopped; data kept in {data_dir} (start again with --data-dir {data_dir})", err=True)
+            click.echo(f"plantml stack: stopped; data kept in {data_dir} (start again with --data-dir "
+                       f"{shlex.quote(str(data_dir))})", err=True)  # pasted into a shell: a space in it is quoted
 
 
 def _print_ready(running: ManagedStack, env: dict[str, str], env_file: Path | None, seconds: float) -> None:

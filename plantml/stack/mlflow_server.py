@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,8 +125,8 @@ def schema_refusal(log_tail: str, data_dir: Path) -> str | None:
         return (f"the database in {data_dir} was written by a newer MLflow than the server's {version} (its schema "
                 f"{found} is unknown to it): start the stack with that MLflow version or a later one")
     return (f"the database in {data_dir} has an older MLflow's schema ({found}; the server's MLflow {version} needs "
-            f"{expected}): copy the folder as a backup while the stack is stopped (cp -a {data_dir} "
-            f"{data_dir}.bak), then start it with --upgrade-db (Python: upgrade_db=True), which migrates it")
+            f"{expected}): copy the folder as a backup while the stack is stopped (cp -a {shlex.quote(str(data_dir))} "
+            f"{shlex.quote(f'{data_dir}.bak')}), then start it with --upgrade-db (Python: upgrade_db=True), which migrates it")
 
 
 #: The file, in the service's folder, that runs ``mlflow server`` as one process (see :mod:`plantml.stack.mlflow_launch`).

@@ -111,3 +111,10 @@ def test_a_cluster_of_a_newer_postgresql_names_its_version_and_no_pg_upgrade() -
         "with PostgreSQL 16's server (its binaries in PLANTML_PG_BINDIR; with --backend containers, its image in "
         "PLANTML_POSTGRES_IMAGE)")
     assert version_refusal("FATAL:  could not open file \"global/pg_filenode.map\"", Path("/kept")) is None
+
+
+def test_the_backup_command_of_a_folder_with_a_space_is_quoted_for_the_shell() -> None:
+    """Pasted as printed, ``cp -a /srv/ml stacks/team /srv/ml stacks/team.bak`` copied the wrong folders."""
+    tail = 'starting\nplantml-mlflow-schema: {"found": "aaa", "expected": "bbb", "mlflow": "3.17.2", "newer": false}\n'
+    said = schema_refusal(tail, Path("/srv/ml stacks/team"))
+    assert "(cp -a '/srv/ml stacks/team' '/srv/ml stacks/team.bak')" in said
