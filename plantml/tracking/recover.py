@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -125,7 +126,7 @@ def finish_run(sender: RunSender, spool: Spool, end: End, timeout: float, hurry:
     sender.release(0.0 if hurry() else 1.0)  # a request still in flight journals its outcome before the lock goes
     why = sender.last_error or (f"no answer in time for {waited_for}" if waited_for else "no answer in time")
     message = (f"run {run_id}: not everything was delivered to {sender.transport.settings.tracking_uri} ({why}); "
-               f"{marked}; the rest is kept in {journal.path}: `plantml tracking replay {journal.path}` "
+               f"{marked}; the rest is kept in {journal.path}: `plantml tracking replay {shlex.quote(str(journal.path))}` "
                f"(or `plantml tracking recover` once this process has ended) delivers it")
     return EndReport(run_id, message, journal.path, DeliveryPending(message, journal.path))
 

@@ -341,3 +341,18 @@ def test_an_artifact_the_server_refuses_through_its_proxy_is_a_refusal_not_an_ou
     answer = requests.Response()
     answer.status_code = status  # what MLflow's proxied upload raises: {"error_code": "INVALID_PARAMETER_VALUE", "message": "Invalid path"}
     assert is_refusal(requests.HTTPError(f"{status} Client Error", response=answer)) is refused
+
+
+def test_the_replay_command_names_a_journal_in_a_folder_with_a_space_quoted_for_the_shell(fake, tmp_path) -> None:
+    """A HOME such as ``/home/Jo Smith``: pasted as printed, the command named two files that do not exist."""
+    folder = tmp_path / "Jo Smith"
+    folder.mkdir()
+    sender = make_sender(fake, folder)
+    try:
+        fake.down = True
+        sender.write([MetricPoint("loss", 9.0, 99, 9)])
+        report = finish_run(sender, Spool.of_run(folder, "run"), End("FINISHED", 9), timeout=0.3)
+    finally:
+        sender.stop()
+        sender.journal.close()
+    assert f"`plantml tracking replay '{folder}/run.jsonl'`" in str(report.error)
