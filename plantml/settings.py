@@ -318,18 +318,21 @@ def resolve_tracking_settings(
     environ = os.environ if environ is None else environ
     from_file = read_env_file(env_file)
     file_words = f".env in {Path.cwd()}" if env_file is None else f"env file {Path(env_file).resolve()}"
+
+    def candidates(value: str | None, var: str) -> tuple[tuple[str | None, str], ...]:
+        """Where a setting may come from, in order: the argument, the environment, the file."""
+        return (value, "argument"), (environ.get(var), f"environment ({var})"), (from_file.get(var), f"{var} in {file_words}")
+
     resolved: dict[str, str] = {}
     sources: dict[str, str] = {}
     origins: dict[str, int] = {}
     for name, value in arguments.items():
-        var = ENV_NAMES[name]
-        for origin, (candidate, source) in enumerate(((value, "argument"), (environ.get(var), f"environment ({var})"),
-                                                      (from_file.get(var), f"{var} in {file_words}"))):
+        for origin, (candidate, source) in enumerate(candidates(value, ENV_NAMES[name])):
             if candidate not in (None, ""):
                 resolved[name], sources[name], origins[name] = candidate, source, origin
                 break
     if "aws_access_key" in origins:
-        token = (aws_session_token, environ.get("AWS_SESSION_TOKEN"), from_file.get("AWS_SESSION_TOKEN"))[origins["aws_access_key"]]
+        token = candidates(aws_session_token, "AWS_SESSION_TOKEN")[origins["aws_access_key"]][0]
         if token:
             resolved["aws_session_token"], sources["aws_session_token"] = token, sources["aws_access_key"]
     settings = TrackingSettings(**resolved, sources=sources)

@@ -150,7 +150,7 @@ def _check_before_loading(options: dict) -> None:
     from plantml.datasets.remote import is_s3_uri
     from plantml.settings import cache_dir, env_value, resolve_tracking_settings
     from plantml.staging import CACHE_FOLDER, check_writable
-    from plantml.tracking.journal_io import journal_dir
+    from plantml.tracking.journal_io import JOURNAL_FOLDER, journal_dir
 
     data_dir = options["data_dir"]
     if data_dir is not None and not is_s3_uri(data_dir):
@@ -160,7 +160,7 @@ def _check_before_loading(options: dict) -> None:
     if not options["no_mlflow"]:
         resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
         if env_value("RANK") == "0":  # the one that tracks (the tracker checks its folder again, with its mode)
-            check_writable("journal folder (PLANTML_JOURNAL_DIR)", journal_dir(), mode=0o700)
+            check_writable(JOURNAL_FOLDER, journal_dir(), mode=0o700)
 
 
 def _prepare_and_connect(config, options: dict, ranks):

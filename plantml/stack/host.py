@@ -104,6 +104,15 @@ def can_enter(path: Path, account: Account) -> bool:
     return True
 
 
+def local_account(spec: ServiceSpec) -> Account:
+    """The account ``spec`` runs as here: for PostgreSQL (whose initdb and server look it up), only one that the
+    password database lists (:func:`~plantml.stack.service.check_listed`)."""
+    account = spec.account
+    if spec.refuses_root:
+        check_listed(spec.name, account)
+    return account
+
+
 def as_account(account: Account) -> dict[str, Any]:
     """Popen arguments that run a process as ``account`` (nothing to change when it is us)."""
     if account.uid == os.geteuid():
@@ -327,18 +336,16 @@ class HostRunner:
 
     def process(self, spec: ServiceSpec, on_spawn: Callable[[], None] = lambda: None) -> HostProcess:
         """A local process for ``spec`` (its account must be able to reach its folder)."""
-        if spec.refuses_root:
-            check_listed(spec.name, spec.account)
-        if not can_enter(spec.folder, spec.account):
-            raise StackError(spec.name, f"runs as user {spec.account.name} (plantml runs as root), who cannot enter "
+        account = local_account(spec)
+        if not can_enter(spec.folder, account):
+            raise StackError(spec.name, f"runs as user {account.name} (plantml runs as root), who cannot enter "
                                         f"{spec.folder}: choose a data folder every user may traverse (e.g. under /tmp or /srv)")
         assert self.logs is not None, "open() first"
         return HostProcess(spec, self.logs / f"{spec.name}.log", on_spawn)
 
     def run_once(self, spec: ServiceSpec, command: Command) -> None:
         """Run ``command`` (initdb) as the service's account, in its folder; its output goes in the error."""
-        if spec.refuses_root:
-            check_listed(spec.name, spec.account)
+        account = local_account(spec)
         # Killed with plantml (kill -9, a crash): its half-made folder is removed by the next start, which must
         # not find it still writing there. The start thread that waits for it is its parent until it ends.
         pdeathsig = ["setpriv", "--pdeathsig=SIGKILL", "--"] if has_setpriv() else []
@@ -346,7 +353,7 @@ class HostRunner:
             # errors="replace": the output may quote a path that is not UTF-8 (a Latin-1 --data-dir)
             result = subprocess.run([*pdeathsig, *program(command[0], spec.name), *command[1:]], capture_output=True, text=True,
                                     errors="replace",
-                                    check=False, cwd=spec.folder, env={**os.environ, **spec.env}, **as_account(spec.account))
+                                    check=False, cwd=spec.folder, env={**os.environ, **spec.env}, **as_account(account))
         except OSError as exc:
             raise StackError(spec.name, f"{command[0]} could not be started: {exc}") from None
         if result.returncode != 0:

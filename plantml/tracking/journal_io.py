@@ -22,6 +22,10 @@ class JournalWriteError(TrackingError):
     """The journal's disk refused a write: the call's entries were not accepted."""
 
 
+#: How an error names the journal folder it was not given: with the variable that moves it (HOME read-only, or a file).
+JOURNAL_FOLDER = "journal folder (PLANTML_JOURNAL_DIR)"
+
+
 def journal_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Where journals go: the argument, else ``$PLANTML_JOURNAL_DIR``, else ``journal`` in plantml's cache folder
     (``$PLANTML_CACHE_DIR``, ``~/.cache/plantml``): moving the cache (a service account's HOME) moves them too.

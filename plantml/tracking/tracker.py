@@ -28,6 +28,7 @@ from plantml.tracking.active_run import ActiveRun
 from plantml.tracking.artifact_calls import ArtifactCalls
 from plantml.tracking.entries import DatasetInput, Entry, MetricPoint, Model, Tag
 from plantml.tracking.environ import ScopedClient
+from plantml.tracking.journal_io import JOURNAL_FOLDER
 from plantml.tracking.models import save_model
 from plantml.tracking.recover import recover_at_start
 from plantml.tracking.runs import PendingModel, TrackedRun, best_run, best_run_order, flatten_run
@@ -92,7 +93,7 @@ class MLflowTracker(ArtifactCalls):
         self.delivery_settings: DeliverySettings = resolve_delivery_settings(delivery_timeout, max_buffered, journal_dir)
         # a journal folder nobody can write (HOME read-only, a file in the way) is an input error: say so before any run
         # exists, with the variable that moves it unless the caller named the folder; owner-only, as its journals
-        check_writable("journal folder" if journal_dir is not None else "journal folder (PLANTML_JOURNAL_DIR)",
+        check_writable("journal folder" if journal_dir is not None else JOURNAL_FOLDER,
                        self.delivery_settings.journal_dir, mode=0o700)
         self.handle_signals = handle_signals
         self._client, self.experiment_id = connection.connect(self.settings, connect_timeout)
