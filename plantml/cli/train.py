@@ -145,7 +145,8 @@ def train(ctx: click.Context, **options) -> int | None:
 def _check_before_loading(options: dict) -> None:
     """The inputs that need neither torch nor MLflow, checked before their import (9 s on a 2-core machine): a
     missing ``--data-dir`` or one of fewer than two classes (each rank checks the rest), a mistyped tracking URI, a
-    cache or journal folder that cannot be written (a service account's HOME) each say so in a second."""
+    cache or journal folder that cannot be written (a service account's HOME) each say so in a second; a tracking
+    server that does not answer, after the tracker's own wait for one (not after the data is made or pulled too)."""
     from plantml.datasets.manifest import class_folders
     from plantml.datasets.remote import is_s3_uri
     from plantml.settings import cache_dir, env_value, resolve_tracking_settings
@@ -158,9 +159,14 @@ def _check_before_loading(options: dict) -> None:
     else:  # the synthetic set is made there, a set in the object store pulled there
         check_writable(CACHE_FOLDER, cache_dir())
     if not options["no_mlflow"]:
-        resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
+        settings = resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
         if env_value("RANK") == "0":  # the one that tracks (the tracker checks its folder again, with its mode)
             check_writable(JOURNAL_FOLDER, journal_dir(), mode=0o700)
+            if settings.tracking_uri.startswith(("http://", "https://")):
+                from plantml.tracking.connection import wait_for_server
+                from plantml.tracking.tracker import CONNECT_TIMEOUT_S
+
+                wait_for_server(settings.tracking_uri, CONNECT_TIMEOUT_S, settings.source_of("tracking_uri"))
 
 
 def _prepare_and_connect(config, options: dict, ranks):

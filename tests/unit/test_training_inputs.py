@@ -337,11 +337,33 @@ def test_input_errors_that_need_neither_torch_nor_mlflow_are_said_before_either_
                                                                                              expected):
     """Was: each said after torch's, torchvision's and MLflow's import, 9 s here for a mistyped --data-dir."""
     (tmp_path / "one" / "healthy").mkdir(parents=True)
+    done = _before_loading(tmp_path, args, env)
+    assert done.stderr.splitlines() == [f"plantml: error: {expected.format(tmp=tmp_path)}"], done.stderr
+    assert done.stdout.split(None, 1) == ["2", "[]\n"]
+
+
+def _before_loading(tmp_path: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``plantml ARGS`` in a process that prints its exit code and which of torch, torchvision and mlflow it imported."""
     probe = ("import sys\nfrom plantml.cli import main\ncode = main(sys.argv[1:])\n"
              "print(code, sorted({'torch', 'torchvision', 'mlflow'} & set(sys.modules)))\n")
     environ = {**{k: v for k, v in os.environ.items() if not k.startswith(("PLANTML_", "MLFLOW_", "AWS_"))},
                **{k: v.format(tmp=tmp_path) for k, v in env.items()}}
-    done = subprocess.run([sys.executable, "-c", probe, *(a.format(tmp=tmp_path) for a in args)], env=environ,
+    return subprocess.run([sys.executable, "-c", probe, *(a.format(tmp=tmp_path) for a in args)], env=environ,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.stderr.splitlines() == [f"plantml: error: {expected.format(tmp=tmp_path)}"], done.stderr
-    assert done.stdout.split(None, 1) == ["2", "[]\n"]
+
+
+def test_a_tracking_server_that_does_not_answer_is_said_before_the_data_is_made_or_torch_imported(tmp_path):
+    """Was: said after the imports, the synthetic set's making and the tracker's wait, 26 s here; now after the wait
+    and MLflow's import (12 s). The port is closed: connection refused, as when the stack is down."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    done = _before_loading(tmp_path, ["train"], {"MLFLOW_TRACKING_URI": uri, "PLANTML_CACHE_DIR": "{tmp}/cache"})
+
+    assert done.stderr.splitlines() == [f"plantml: error: {uri}: tracking server not reachable (ConnectionError); "
+                                        "this URI came from environment (MLFLOW_TRACKING_URI)"], done.stderr
+    assert done.stdout.split(None, 1) == ["1", "['mlflow']\n"]  # its client's TLS and credential settings: 2 s
+    assert not any((tmp_path / "cache").rglob("*.png")), "the synthetic set was made first"
