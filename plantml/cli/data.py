@@ -82,7 +82,7 @@ def _push(directory: Path, destination: str, workers: int = 16) -> None:
     show_warnings()
     # every image decoded first, as a training does: a set with an image that cannot be decoded would upload,
     # then fail every training from it
-    scan_image_folder(directory, bad_image_hint="a pushed set must train: repair or remove it, then push again")
+    scan_image_folder(directory, bad_image_hint="a pushed set must train: repair or remove it, then push again", record="use")
     with _bytes_bar("push") as bar:
         result = push_set(store, directory, destination, workers=workers, progress=bar)
     m = result.manifest
@@ -156,7 +156,8 @@ def inspect(directory: Path, skip_bad_images: bool) -> None:
     from plantml.training.data import scan_image_folder, stratified_split
 
     show_warnings()  # the scan's warnings (files left out of the set) as train prints them
-    scan = scan_image_folder(directory, skip_bad_images=skip_bad_images)
+    # every byte read, whatever a training recorded (a disk's silent damage keeps a file's stat), and recorded anew
+    scan = scan_image_folder(directory, skip_bad_images=skip_bad_images, record="renew")
     # a class too small for train/val/test is the error train would give, not a table that says all is well
     stratified_split([label for _, label in scan.samples], class_names=scan.classes)
     for name, count in scan.class_counts().items():

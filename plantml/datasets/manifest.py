@@ -177,7 +177,7 @@ def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[
     if not root.is_dir():
         raise DataError(f"data folder {root}: not a directory")
     try:
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not set_aside_folder(p.name))
     except OSError as exc:
         raise _unreadable_folder(exc) from None
     if len(class_dirs) < 2:
@@ -219,7 +219,7 @@ def _refuse_a_set_split_already(root: Path, class_dirs: list[Path]) -> None:
     for folder in class_dirs:
         if folder.name.lower() in SPLIT_NAMES:
             try:
-                splits[folder.name] = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+                splits[folder.name] = {p.name for p in folder.iterdir() if p.is_dir() and not set_aside_folder(p.name)}
             except OSError as exc:
                 raise _unreadable_folder(exc) from None
     shared = sorted({name for a, b in combinations(splits.values(), 2) for name in a & b})
@@ -234,14 +234,24 @@ def _refuse_a_set_split_already(root: Path, class_dirs: list[Path]) -> None:
                     "class itself (--val-split, --test-split)")
 
 
+#: Folders that are no class and hold no image of one: macOS's archive metadata (``._NAME`` twins of each file), which
+#: a zip made in the Finder carries and ``unzip`` writes out.
+ARCHIVE_METADATA = "__MACOSX"
+
+
+def set_aside_folder(name: str) -> bool:
+    """Whether a folder named ``name`` is left out of a set, and out of the class folders: hidden, or archive metadata."""
+    return name.startswith(".") or name == ARCHIVE_METADATA
+
+
 def _files_under(class_dir: Path) -> list[Path]:
     """Every file under ``class_dir``, hidden folders (``.thumbs/``, ``.Trashes/``: what file managers
-    and NAS boxes leave) left out; a linked folder is not followed (it could lead back up) but listed as it is,
+    and NAS boxes leave) and ``__MACOSX`` left out; a linked folder is not followed (it could lead back up) but listed as it is,
     so that the set's warnings name it; a folder that cannot be listed raises, naming it, rather than its images
     silently missing from the set."""
     found: list[Path] = []
     for folder, folders, files in os.walk(class_dir, onerror=_raise_unreadable):
-        folders[:] = [name for name in folders if not name.startswith(".")]
+        folders[:] = [name for name in folders if not set_aside_folder(name)]
         found += [Path(folder) / name for name in files]
         found += [Path(folder) / name for name in folders if (Path(folder) / name).is_symlink()]
     return found

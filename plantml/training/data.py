@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from plantml.datasets.manifest import IMAGE_EXTENSIONS, class_folders, loose_files, no_images
+from plantml.datasets.scan_record import ScanRecord, file_stat
 from plantml.errors import DataError, UsageError, os_reason
 from plantml.text import name_text, safe_text, shown_text
 from plantml.training.distributed import Ranks
@@ -43,6 +44,8 @@ class ImageFolderScan:
     samples: tuple[tuple[Path, int], ...]
     content_hash: str
     skipped: tuple[Path, ...] = ()
+    #: Images not read again: unchanged since the folder's last recorded scan.
+    unchanged: int = 0
 
     @property
     def name(self) -> str:
@@ -72,14 +75,17 @@ class Split:
 
 def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = False,
                       name_of: Callable[[Path], str] = str,
-                      bad_image_hint: str = "use --skip-bad-images to leave it out") -> ImageFolderScan:
+                      bad_image_hint: str = "use --skip-bad-images to leave it out",
+                      record: Literal["off", "use", "renew"] = "off") -> ImageFolderScan:
     """Validate ``root`` as an image-folder data set and hash its content.
 
     Every image is read once: to prove PIL can decode it and to feed the hash (relative
     path and bytes of each file, in sorted order), so two folders with the same hash hold
     the same data. An unreadable image raises, or with ``skip_bad_images`` is left out
     and listed in ``skipped`` (else the error ends with ``bad_image_hint``). Messages name an image by
-    ``name_of(path)`` (a pulled set's ``s3://`` key rather than its cache path).
+    ``name_of(path)`` (a pulled set's ``s3://`` key rather than its cache path). ``record``: ``use`` reads only
+    the images changed since the folder's last recorded scan (:mod:`plantml.datasets.scan_record`) and records
+    this one; ``renew`` reads every image and records the scan; ``off`` reads every image and records nothing.
     """
     def name_of_image(path: Path) -> str:  # on one line, whatever its name holds (a newline, bytes not UTF-8)
         return shown_text(name_of(path))
@@ -97,28 +103,39 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     digest = hashlib.sha256()
     samples: list[tuple[Path, int]] = []
     skipped: list[Path] = []
+    known = ScanRecord(root, trusted=record == "use")
     for label, (class_dir, files) in enumerate(folders):
         kept = 0
         for path in files:
-            data, problem = _read_image(path, name_of_image)
-            if problem:
-                if not skip_bad_images:
-                    raise DataError(f"image {name_of_image(path)}: {problem}; {bad_image_hint}")
-                skipped.append(path)
-                continue
+            relative = path.relative_to(root).as_posix()
+            stat = file_stat(path)  # before the read: a change after it is a new stat next time
+            file_digest = known.digest(relative, stat)
+            if file_digest is None:
+                data, problem, noted = _read_image(path, name_of_image)
+                if problem:
+                    if not skip_bad_images:
+                        raise DataError(f"image {name_of_image(path)}: {problem}; {bad_image_hint}")
+                    skipped.append(path)
+                    continue
+                file_digest = hashlib.sha256(data).digest()
+                if not noted:  # a very large image's warning is said at every scan
+                    known.found(relative, stat, file_digest)
             # fsencode: a name that is not UTF-8 (a Latin-1 folder) hashes as its bytes
-            digest.update(os.fsencode(path.relative_to(root).as_posix()) + b"\0")
-            digest.update(hashlib.sha256(data).digest())
+            digest.update(os.fsencode(relative) + b"\0")
+            digest.update(file_digest)
             samples.append((path, label))
             kept += 1
         if kept == 0:
             raise no_images(class_dir, unreadable=len(files))
+    if record != "off":
+        known.save()
     return ImageFolderScan(
         root=root,
         classes=tuple(name_text(class_dir.name) for class_dir, _ in folders),
         samples=tuple(samples),
         content_hash=digest.hexdigest(),
         skipped=tuple(skipped),
+        unchanged=known.reused,
     )
 
 
@@ -150,14 +167,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read_image(path: Path, name_of: Callable[[Path], str] = str) -> tuple[bytes, str | None]:
-    """The bytes of ``path`` and why they are not a whole image (None when they are); a file that cannot
-    be read (no permission, an I/O error) is a problem like one that cannot be decoded. Pillow's
-    warning about a very large image becomes one warning line that names the file."""
+def _read_image(path: Path, name_of: Callable[[Path], str] = str) -> tuple[bytes, str | None, bool]:
+    """The bytes of ``path``, why they are not a whole image (None when they are), and whether a warning was
+    said about it; a file that cannot be read (no permission, an I/O error) is a problem like one that cannot
+    be decoded. Pillow's warning about a very large image becomes one warning line that names the file."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return b"", f"cannot be read ({os_reason(exc)})"
+        return b"", f"cannot be read ({os_reason(exc)})", False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", Image.DecompressionBombWarning)
         problem = _decode_problem(data)
@@ -166,7 +183,7 @@ def _read_image(path: Path, name_of: Callable[[Path], str] = str) -> tuple[bytes
             logger.warning("image %s: %s", name_of(path), str(warning.message).split(", could be")[0])
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return data, problem and f"cannot be decoded ({problem})"
+    return data, problem and f"cannot be decoded ({problem})", bool(caught)
 
 
 def _decode_problem(data: bytes) -> str | None:

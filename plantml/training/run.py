@@ -194,7 +194,8 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     # under torchrun, one rank per machine makes or pulls the set into the cache, then the others read it
     source = ranks.local_main_first(lambda: locate(config.data_dir, lambda: synth.ensure_cached(config.synthetic)))
     synthetic = source.kind == "synthetic" or synth.is_synthetic(source.folder)
-    scan = data_mod.scan_image_folder(source.folder, skip_bad_images=config.skip_bad_images, name_of=source.origin_of)
+    scan = data_mod.scan_image_folder(source.folder, skip_bad_images=config.skip_bad_images, name_of=source.origin_of,
+                                     record="use")  # the images unchanged since the last training are not read again
     source.check_digest(scan.content_hash, len(scan.skipped))
     split = data_mod.stratified_split([label for _, label in scan.samples], config.val_split, config.test_split,
                                       seed=config.seed, class_names=scan.classes)

@@ -121,6 +121,23 @@ def test_images_in_hidden_sub_folders_of_a_class_are_ignored(tmp_path: Path) -> 
     assert len(scan_image_folder(folder).samples) == 6
 
 
+def test_the_macos_metadata_a_finder_zip_unpacks_to_is_no_class_and_no_image(tmp_path: Path, caplog) -> None:
+    """Was: a set unzipped from a Mac's archive (Kaggle's, a colleague's) stopped with ``class folder …/__MACOSX: no
+    images``, or with a ``__MACOSX`` in a class, a warning about its ``._`` files; it is the set without them."""
+    folder = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=3, size=16, seed=2))
+    before = build_manifest(folder).digest
+    for metadata in (folder / "__MACOSX" / "healthy", folder / "healthy" / "__MACOSX"):
+        metadata.mkdir(parents=True)
+        (metadata / "._healthy_0000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble, not a PNG
+        shutil.copy(folder / "healthy" / "healthy_0000.png", metadata / "copy.png")
+
+    with caplog.at_level("WARNING"):
+        scan = scan_image_folder(folder)
+
+    assert scan.classes == ("diseased", "healthy") and len(scan.samples) == 6 and caplog.messages == []
+    assert build_manifest(folder).digest == before
+
+
 def test_a_file_that_cannot_be_read_is_named_when_a_set_is_hashed_for_a_push(tmp_path: Path) -> None:
     folder = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=3, size=16, seed=2))
     (folder / "healthy" / "locked.png").symlink_to("/proc/self/mem")  # a regular file whose read fails (EIO), root included
