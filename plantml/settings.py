@@ -63,7 +63,7 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in (
     Variable("PLANTML_SIGNAL_TIMEOUT", "10", "delivery", "seconds a run ended by SIGTERM, SIGHUP or SIGINT waits for delivery"),
     Variable("PLANTML_JOURNAL_DIR", None, "delivery", "folder of run journals (write-ahead logs); unset: `journal` in PLANTML_CACHE_DIR"),
     Variable("PLANTML_JOURNAL_COMPACT_MB", "64", "delivery", "MiB a run's journal grows by before it is written again without what the server has"),
-    Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set, downloaded data sets and the records of running stacks"),
+    Variable("PLANTML_CACHE_DIR", "~/.cache/plantml", "data", "folder of the synthetic set, downloaded data sets, image folders' scan records and the records of running stacks"),
     Variable("MPLCONFIGDIR", None, "data", "matplotlib's settings and font cache (the run's figures); unset and HOME not "
              "writable: `matplotlib` in PLANTML_CACHE_DIR"),
     Variable("PLANTML_STACK", "local", "stack", "backend of the pytest stack fixtures: local, containers or external"),
@@ -145,9 +145,14 @@ def parse_duration(text: str) -> float:
 
 
 def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None = None) -> Path | None:
-    """:func:`env_value` as a path with ``~`` expanded (None when unset and without default)."""
+    """:func:`env_value` as a path with ``~`` expanded (None when unset and without default); a ``~`` with no home to
+    expand to (HOME unset, an account with no ``/etc/passwd`` line: ``docker run --user UID``) is a ConfigError."""
     text = env_value(name, explicit, environ)
-    return None if text is None else Path(text).expanduser()
+    try:
+        return None if text is None else Path(text).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        raise ConfigError(f"{name} {text}: no home folder to put it in (HOME is unset, and uid {os.getuid()} has no "
+                          f"/etc/passwd line): set HOME, or {name} to a folder") from None
 
 
 #: Every variable that sends HTTP through a proxy, as requests, botocore and urllib read them.
@@ -176,7 +181,7 @@ def bypass_proxies_for_loopback(environ: MutableMapping[str, str] | None = None)
 
 
 def cache_dir() -> Path:
-    """plantml's cache folder: ``$PLANTML_CACHE_DIR``, else ``~/.cache/plantml`` (the synthetic set, pulled sets,
+    """plantml's cache folder: ``$PLANTML_CACHE_DIR``, else ``~/.cache/plantml`` (the synthetic set, pulled sets, scan records,
     image wheelhouses, the records of running stacks, and by default the run journals and matplotlib's folder)."""
     return env_path("PLANTML_CACHE_DIR")  # type: ignore[return-value]  # it has a default
 

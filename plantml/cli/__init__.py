@@ -132,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(exc, "quiet", False):  # a rank that failed as a lower rank did, which said it
             click.echo(f"{prog}: error: {exc}", err=True)
         return exc.exit_code
+    except RuntimeError as exc:
+        # pathlib's Path.home() with HOME unset and an account with no /etc/passwd line (`docker run --user UID`):
+        # MLflow calls it when imported
+        if debug or str(exc) != "Could not determine home directory.":
+            raise
+        click.echo(f"{prog}: error: no home folder (HOME is unset, and uid {os.getuid()} has no /etc/passwd line), "
+                   "which MLflow needs: set HOME to a folder this account can write", err=True)
+        return 2
     except OSError as exc:
         # Python 3.11's Path.exists() and is_file() raise on a name too long for the file system (3.12's answer False),
         # wherever a command first looks at a path it was given: the name is the culprit, in one line

@@ -159,6 +159,7 @@ def _check_before_loading(options: dict) -> None:
     else:  # the synthetic set is made there, a set in the object store pulled there
         check_writable(CACHE_FOLDER, cache_dir())
     if not options["no_mlflow"]:
+        Path.home()  # MLflow asks for it at its import: an account with none is said now (see plantml.cli.main)
         settings = resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
         if env_value("RANK") == "0":  # the one that tracks (the tracker checks its folder again, with its mode)
             check_writable(JOURNAL_FOLDER, journal_dir(), mode=0o700)

@@ -35,8 +35,11 @@ def matplotlib_folder() -> None:
     says so in two lines of warning."""
     if "matplotlib" in sys.modules or env_value("MPLCONFIGDIR"):
         return
-    home = Path.home()
-    if home.is_dir() and os.access(home, os.W_OK):
+    try:
+        home = Path.home()
+    except RuntimeError:  # HOME unset, and an account with no /etc/passwd line
+        home = None
+    if home is not None and home.is_dir() and os.access(home, os.W_OK):
         return
     folder = cache_dir() / "matplotlib"
     try:
