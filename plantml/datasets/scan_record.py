@@ -26,6 +26,7 @@ import stat as stat_mod
 import time
 from pathlib import Path
 
+from plantml.errors import PlantmlError
 from plantml.settings import cache_dir
 from plantml.stack.files import write_private
 
@@ -61,8 +62,13 @@ class ScanRecord:
 
     def __init__(self, root: Path, *, trusted: bool, folder: Path | None = None) -> None:
         self._folder_name = os.fsdecode(os.path.realpath(root))
-        self._path = (folder or cache_dir() / FOLDER) / f"{hashlib.sha256(os.fsencode(self._folder_name)).hexdigest()[:32]}.json"
-        self._known = _load(self._path, self._folder_name) if trusted else {}
+        try:
+            folder = folder or cache_dir() / FOLDER
+        except PlantmlError as exc:  # no home for the cache folder: nothing is recorded, nothing stops
+            logger.debug("no scan record: %s", exc)
+            folder = None
+        self._path = folder and folder / f"{hashlib.sha256(os.fsencode(self._folder_name)).hexdigest()[:32]}.json"
+        self._known = _load(self._path, self._folder_name) if trusted and self._path else {}
         self._found: dict[str, list] = {}
         self._settled_before = time.time_ns() - SETTLE_NS
         self.reused = 0
@@ -84,6 +90,8 @@ class ScanRecord:
     def save(self) -> None:
         """Write what this scan found (the files gone since are dropped), or mark the record used when it is the same;
         then remove the records no scan used for :data:`UNUSED_DAYS` (folders moved or deleted since)."""
+        if self._path is None:
+            return
         try:
             if self._found == self._known:
                 os.utime(self._path)

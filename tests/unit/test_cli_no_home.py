@@ -59,3 +59,12 @@ def test_a_training_that_tracks_nothing_runs_without_a_home_given_its_cache_fold
 
     assert done.returncode == 0 and done.stdout.split()[-2:] == ["0", "True"], done.stderr[-3000:]
     assert "best epoch 1" in done.stdout
+
+
+def test_a_folder_is_inspected_without_a_home_and_without_a_cache_folder(tmp_path: Path) -> None:
+    """The scan record goes in the cache folder: with none to be had, nothing is recorded, and nothing stops."""
+    leaves = synth.generate(tmp_path / "leaves", synth.SynthSpec(per_class=6, size=16, seed=0))
+    done = _without_home(tmp_path, ["data", "inspect", str(leaves)], {})
+
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "0 True", done.stderr[-3000:]
+    assert "total\t12" in done.stdout
