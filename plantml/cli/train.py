@@ -161,7 +161,9 @@ def _check_before_loading(options: dict) -> None:
     if not options["no_mlflow"]:
         Path.home()  # MLflow asks for it at its import: an account with none is said now (see plantml.cli.main)
         settings = resolve_tracking_settings(tracking_uri=options["tracking_uri"], experiment_name=options["experiment_name"])
-        if env_value("RANK") == "0":  # the one that tracks (the tracker checks its folder again, with its mode)
+        # the one process that will track, alone: one rank of several failing here would leave the others waiting
+        # for it in torchrun's rendezvous (in a job, rank 0's tracker says these inside ranks.agree, to every rank)
+        if env_value("WORLD_SIZE") == "1":
             check_writable(JOURNAL_FOLDER, journal_dir(), mode=0o700)
             if settings.tracking_uri.startswith(("http://", "https://")):
                 from plantml.tracking.connection import wait_for_server
