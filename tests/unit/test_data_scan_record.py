@@ -219,3 +219,30 @@ def test_records_unused_for_thirty_days_are_removed_and_used_ones_kept(cache: Pa
 
     assert not any(path.exists() for path in stale)
     assert record.stat().st_mtime > long_ago + 86400
+
+
+WRITER = """
+import sys
+from plantml.datasets import scan_record
+from plantml.training.data import scan_image_folder
+scan_record.SETTLE_NS = 0
+print(*(scan_image_folder(sys.argv[1], record=sys.argv[2]).content_hash for _ in range(4)))
+"""
+
+
+def test_trainings_scanning_one_folder_at_once_each_get_its_hash_and_leave_a_whole_record(cache: Path, leaves: Path) -> None:
+    """Four processes (the ranks of a job on one machine, a sweep) each scan the folder four times over while the
+    others write its record, half of them renewing it: each scan gives the hash of a full read, and the record ends
+    whole (trusted by the next scan) with nothing left aside."""
+    import subprocess
+    import sys
+
+    full = scan_image_folder(leaves).content_hash
+    scanners = [subprocess.Popen([sys.executable, "-c", WRITER, str(leaves), mode], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}) for mode in ("use", "renew") * 2]
+    outputs = [scanner.communicate(timeout=300)[0].split() for scanner in scanners]
+
+    assert [scanner.returncode for scanner in scanners] == [0] * 4
+    assert outputs == [[full] * 4] * 4
+    assert scan_image_folder(leaves, record="use").unchanged == 12
+    assert [path.name for path in (cache / scan_record.FOLDER).iterdir()] == [_record_of(cache).name]  # nothing aside
