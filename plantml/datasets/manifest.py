@@ -182,7 +182,8 @@ def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[
         raise _unreadable_folder(exc) from None
     if len(class_dirs) < 2:
         found = ", ".join(p.name for p in class_dirs) or "none"
-        raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})")
+        raise DataError(f"data folder {root}: need at least two class sub-folders, found {len(class_dirs)} ({found})"
+                        + _one_level_down(class_dirs))
     _refuse_classes_recorded_alike(root, class_dirs)
     _refuse_a_set_split_already(root, class_dirs)
     folders = []
@@ -192,6 +193,19 @@ def class_folders(root: Path, left_out: list[Path] | None = None) -> list[tuple[
         if left_out is not None:
             left_out += sorted(p for p in files if not p.name.startswith(".") and not is_image_file(p))
     return folders
+
+
+def _one_level_down(class_dirs: list[Path]) -> str:
+    """For a lone sub-folder that itself holds two folders or more (``PlantVillage/PlantVillage/<classes>``, as many
+    archives unpack), the folder meant; else ""."""
+    if len(class_dirs) != 1:
+        return ""
+    try:
+        inner = [p for p in class_dirs[0].iterdir() if p.is_dir() and not set_aside_folder(p.name)]
+    except OSError:
+        return ""
+    return (f"; {class_dirs[0].name} holds {len(inner)} folders: is the set {shown_text(str(class_dirs[0]))}?"
+            if len(inner) >= 2 else "")
 
 
 def _refuse_classes_recorded_alike(root: Path, class_dirs: list[Path]) -> None:

@@ -93,8 +93,23 @@ def test_a_manifest_cannot_point_outside_the_set(leaves: Path) -> None:
 
 def test_a_folder_without_two_classes_is_refused(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
-    with pytest.raises(DataError, match="need at least two class sub-folders"):
+    with pytest.raises(DataError, match="need at least two class sub-folders") as refused:
         build_manifest(tmp_path)
+    assert str(refused.value).endswith("found 1 (only)")
+
+
+def test_a_set_one_folder_down_is_named_in_the_refusal(tmp_path: Path) -> None:
+    """``PlantVillage/PlantVillage/<classes>`` (how many archives unpack, a Mac's ``__MACOSX`` beside it): the one
+    folder found holds the classes; the refusal names it."""
+    synth.generate(tmp_path / "download" / "PlantVillage", synth.SynthSpec(per_class=3, size=16, seed=2))
+    (tmp_path / "download" / "__MACOSX" / "PlantVillage").mkdir(parents=True)
+
+    with pytest.raises(DataError) as refused:
+        scan_image_folder(tmp_path / "download")
+
+    assert str(refused.value) == (f"data folder {tmp_path / 'download'}: need at least two class sub-folders, found 1 "
+                                  f"(PlantVillage); PlantVillage holds 2 folders: is the set "
+                                  f"{tmp_path / 'download' / 'PlantVillage'}?")
 
 
 @pytest.mark.parametrize("uri, bucket, prefix", [("s3://data", "data", ""), ("s3://data/a/b/", "data", "a/b")])
