@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from plantml.cli.bars import bytes_bar, scan_bar
+
 
 @click.group("data", context_settings={"help_option_names": ["-h", "--help"]})
 def data() -> None:
     """Make or inspect image data sets (ImageFolder layout: one sub-folder per class)."""
-
-
-def _bytes_bar(description: str) -> Any:
-    """A progress bar in bytes on stderr (hidden when stderr is not a terminal); the transfer sets its total."""
-    from tqdm import tqdm
-
-    return tqdm(unit="B", unit_scale=True, desc=description, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
 def _object_store(location: str) -> Any:
@@ -82,8 +76,9 @@ def _push(directory: Path, destination: str, workers: int = 16) -> None:
     show_warnings()
     # every image decoded first, as a training does: a set with an image that cannot be decoded would upload,
     # then fail every training from it
-    scan_image_folder(directory, bad_image_hint="a pushed set must train: repair or remove it, then push again", record="use")
-    with _bytes_bar("push") as bar:
+    scan_image_folder(directory, bad_image_hint="a pushed set must train: repair or remove it, then push again", record="use",
+                      progress=scan_bar)
+    with bytes_bar("push") as bar:
         result = push_set(store, directory, destination, workers=workers, progress=bar)
     m = result.manifest
     click.echo(f"{destination}: {len(m.files)} files ({result.uploaded} uploaded, {result.skipped} already there, "
@@ -157,7 +152,7 @@ def inspect(directory: Path, skip_bad_images: bool) -> None:
 
     show_warnings()  # the scan's warnings (files left out of the set) as train prints them
     # every byte read, whatever a training recorded (a disk's silent damage keeps a file's stat), and recorded anew
-    scan = scan_image_folder(directory, skip_bad_images=skip_bad_images, record="renew")
+    scan = scan_image_folder(directory, skip_bad_images=skip_bad_images, record="renew", progress=scan_bar)
     # a class too small for train/val/test is the error train would give, not a table that says all is well
     stratified_split([label for _, label in scan.samples], class_names=scan.classes)
     for name, count in scan.class_counts().items():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from plantml.cli.bars import scan_bar
 from plantml.cli.params import NON_BLANK
 from plantml.cli.warnings_output import show_warnings
 from plantml.text import mask_passwords
@@ -28,6 +29,9 @@ def _console_reporter(stream_is_tty: bool):
     from plantml.training.config import Reporter
 
     class ConsoleReporter(Reporter):
+        def images(self, iterable: Iterable, *, total: int) -> Iterable:
+            return scan_bar(iterable, total=total, stream_is_tty=stream_is_tty)
+
         def batches(self, iterable: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
             if not stream_is_tty:
                 return iterable
@@ -119,16 +123,17 @@ def train(ctx: click.Context, **options) -> int | None:
         # SIGTERM or SIGHUP while the data is pulled or made (or while one process trains untracked) ends the
         # command like Ctrl-C: one line, 128 + the signal, no staging folder left; the tracker handles them in a run
         stop_signals.enter_context(signals.handled())
+        reporter = _console_reporter(sys.stderr.isatty()) if ranks.is_main else Reporter()  # the others train silently
         # every input error surfaces here, before any run exists; on any rank, it stops them all
-        prepared, tracker = ranks.agree(lambda: _prepare_and_connect(config, options, ranks))
+        prepared, tracker = ranks.agree(lambda: _prepare_and_connect(config, options, ranks, reporter))
         if ranks.distributed:
             stop_signals.close()  # torchrun stops the ranks of a distributed training
         ranks.require_same(prepared.scan.content_hash, f"the content of {prepared.source.name}")
-        if not ranks.is_main:  # the other ranks train their share, silently
-            fit(prepared, tracker, Reporter())
+        if not ranks.is_main:
+            fit(prepared, tracker, reporter)
             return None
         _echo_data(prepared)
-        result = fit(prepared, tracker, _console_reporter(sys.stderr.isatty()))
+        result = fit(prepared, tracker, reporter)
     click.echo(
         f"best epoch {result.best_epoch}: val_loss {result.best_val_loss:.4f}, val_acc {result.best_val_accuracy:.4f}; "
         f"test_loss {result.test.loss:.4f}, test_acc {result.test.accuracy:.4f}  ({time.perf_counter() - started:.1f}s)"
@@ -172,13 +177,13 @@ def _check_before_loading(options: dict) -> None:
                 wait_for_server(settings.tracking_uri, CONNECT_TIMEOUT_S, settings.source_of("tracking_uri"))
 
 
-def _prepare_and_connect(config, options: dict, ranks):
+def _prepare_and_connect(config, options: dict, ranks, reporter):
     """Check the inputs and load the data (:func:`prepare`), then connect rank 0's tracker (an
     unreachable server fails here, still before any run); the other ranks get a NullTracker."""
     from plantml.training.config import NullTracker
     from plantml.training.run import prepare
 
-    prepared = prepare(config, ranks)
+    prepared = prepare(config, ranks, reporter)
     return prepared, _make_tracker(options) if ranks.is_main else NullTracker()
 
 

@@ -66,6 +66,10 @@ class NullTracker:
 class Reporter:
     """Where :func:`fit` reports progress; this base reports nothing."""
 
+    def images(self, iterable: Iterable, *, total: int) -> Iterable:
+        """Wrap the images the data folder's scan reads or finds unchanged, before the run (a progress bar may draw here)."""
+        return iterable
+
     def batches(self, iterable: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
         """Wrap the training batches of one epoch (a progress bar may draw here)."""
         return iterable

@@ -12,7 +12,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +76,8 @@ class Split:
 def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = False,
                       name_of: Callable[[Path], str] = str,
                       bad_image_hint: str = "use --skip-bad-images to leave it out",
-                      record: Literal["off", "use", "renew"] = "off") -> ImageFolderScan:
+                      record: Literal["off", "use", "renew"] = "off",
+                      progress: Callable[..., Iterable] | None = None) -> ImageFolderScan:
     """Validate ``root`` as an image-folder data set and hash its content.
 
     Every image is read once: to prove PIL can decode it and to feed the hash (relative
@@ -86,6 +87,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     ``name_of(path)`` (a pulled set's ``s3://`` key rather than its cache path). ``record``: ``use`` reads only
     the images changed since the folder's last recorded scan (:mod:`plantml.datasets.scan_record`) and records
     this one; ``renew`` reads every image and records the scan; ``off`` reads every image and records nothing.
+    ``progress(images, total=N)`` wraps the iteration over the images (a progress bar may draw there).
     """
     def name_of_image(path: Path) -> str:  # on one line, whatever its name holds (a newline, bytes not UTF-8)
         return shown_text(name_of(path))
@@ -100,32 +102,36 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     if loose:  # a photo saved beside the class folders has no class
         logger.warning("%d file(s) left out of the set: not in a class folder (such as %s)", len(loose), name_of_image(loose[0]))
 
+    for class_dir, files in folders:
+        if not files:  # said before a single image is read
+            raise no_images(class_dir)
     digest = hashlib.sha256()
     samples: list[tuple[Path, int]] = []
     skipped: list[Path] = []
+    kept = [0] * len(folders)
     known = ScanRecord(root, trusted=record == "use")
-    for label, (class_dir, files) in enumerate(folders):
-        kept = 0
-        for path in files:
-            relative = path.relative_to(root).as_posix()
-            stat = file_stat(path)  # before the read: a change after it is a new stat next time
-            file_digest = known.digest(relative, stat)
-            if file_digest is None:
-                data, problem, noted = _read_image(path, name_of_image)
-                if problem:
-                    if not skip_bad_images:
-                        raise DataError(f"image {name_of_image(path)}: {problem}; {bad_image_hint}")
-                    skipped.append(path)
-                    continue
-                file_digest = hashlib.sha256(data).digest()
-                if not noted:  # a very large image's warning is said at every scan
-                    known.found(relative, stat, file_digest)
-            # fsencode: a name that is not UTF-8 (a Latin-1 folder) hashes as its bytes
-            digest.update(os.fsencode(relative) + b"\0")
-            digest.update(file_digest)
-            samples.append((path, label))
-            kept += 1
-        if kept == 0:
+    images = [(label, path) for label, (_, files) in enumerate(folders) for path in files]
+    for label, path in progress(images, total=len(images)) if progress else images:
+        relative = path.relative_to(root).as_posix()
+        stat = file_stat(path)  # before the read: a change after it is a new stat next time
+        file_digest = known.digest(relative, stat)
+        if file_digest is None:
+            data, problem, noted = _read_image(path, name_of_image)
+            if problem:
+                if not skip_bad_images:
+                    raise DataError(f"image {name_of_image(path)}: {problem}; {bad_image_hint}")
+                skipped.append(path)
+                continue
+            file_digest = hashlib.sha256(data).digest()
+            if not noted:  # a very large image's warning is said at every scan
+                known.found(relative, stat, file_digest)
+        # fsencode: a name that is not UTF-8 (a Latin-1 folder) hashes as its bytes
+        digest.update(os.fsencode(relative) + b"\0")
+        digest.update(file_digest)
+        samples.append((path, label))
+        kept[label] += 1
+    for (class_dir, files), count in zip(folders, kept):
+        if count == 0:
             raise no_images(class_dir, unreadable=len(files))
     if record != "off":
         known.save()

@@ -179,11 +179,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
+def prepare(config: TrainConfig, ranks: Ranks = Ranks(), reporter: Reporter = Reporter()) -> Prepared:
     """Check every input, load the data set and build the model; no tracking happens here.
 
     With the ``ranks`` of a distributed training (:func:`plantml.training.distributed.session`),
-    the loaders give this rank its share and CUDA means this rank's GPU.
+    the loaders give this rank its share and CUDA means this rank's GPU. ``reporter`` sees the data folder's scan.
     """
     device = check_config(config)
     if config.output_dir is not None and ranks.is_main:  # rank 0 alone keeps the outputs
@@ -194,8 +194,9 @@ def prepare(config: TrainConfig, ranks: Ranks = Ranks()) -> Prepared:
     # under torchrun, one rank per machine makes or pulls the set into the cache, then the others read it
     source = ranks.local_main_first(lambda: locate(config.data_dir, lambda: synth.ensure_cached(config.synthetic)))
     synthetic = source.kind == "synthetic" or synth.is_synthetic(source.folder)
+    # the images unchanged since the last training are not read again
     scan = data_mod.scan_image_folder(source.folder, skip_bad_images=config.skip_bad_images, name_of=source.origin_of,
-                                     record="use")  # the images unchanged since the last training are not read again
+                                     record="use", progress=reporter.images)
     source.check_digest(scan.content_hash, len(scan.skipped))
     split = data_mod.stratified_split([label for _, label in scan.samples], config.val_split, config.test_split,
                                       seed=config.seed, class_names=scan.classes)

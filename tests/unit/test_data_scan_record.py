@@ -246,3 +246,63 @@ def test_trainings_scanning_one_folder_at_once_each_get_its_hash_and_leave_a_who
     assert outputs == [[full] * 4] * 4
     assert scan_image_folder(leaves, record="use").unchanged == 12
     assert [path.name for path in (cache / scan_record.FOLDER).iterdir()] == [_record_of(cache).name]  # nothing aside
+
+
+def test_the_scan_shows_its_progress_over_every_image(cache: Path, leaves: Path) -> None:
+    seen: list[tuple[int, Path]] = []
+
+    def progress(images, *, total):
+        assert total == 12
+        for image in images:
+            seen.append(image)
+            yield image
+
+    scan = scan_image_folder(leaves, progress=progress)
+
+    assert [path for _, path in seen] == [path for path, _ in scan.samples]
+    assert scan.content_hash == scan_image_folder(leaves).content_hash
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
+def test_inspect_draws_a_scan_bar_on_a_terminal_only(leaves: Path, terminal: bool) -> None:
+    """A first scan of 50,000 photos takes half a minute: on a terminal a bar says how far it is, then is gone; a log
+    or a pipe gets the same lines as before."""
+    import subprocess
+    import sys
+
+    if terminal:
+        import fcntl
+        import struct
+        import termios
+
+        controller, stderr = os.openpty()
+        fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new one is 0 columns wide
+    else:
+        controller, stderr = os.pipe()
+    done = subprocess.run([sys.executable, "-m", "plantml", "data", "inspect", str(leaves)], stdout=subprocess.PIPE,
+                          stderr=stderr, text=True, timeout=120)
+    os.close(stderr)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # a terminal whose other end closed (EIO)
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+
+    assert done.returncode == 0 and done.stdout.splitlines()[-2] == "total\t12"
+    assert (b"scan: " in shown and b"/12 [" in shown) is terminal, shown
+    assert shown.endswith(b" \r") if terminal else shown == b""  # the bar is wiped once done
+
+
+def test_train_gives_its_scan_the_same_bar_on_a_terminal_only() -> None:
+    from tqdm import tqdm
+
+    from plantml.cli.train import _console_reporter
+
+    images = [("healthy", 1), ("healthy", 2)]
+    assert isinstance(_console_reporter(True).images(images, total=2), tqdm)
+    assert _console_reporter(False).images(images, total=2) is images
