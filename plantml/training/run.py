@@ -385,5 +385,6 @@ def _train_and_record(prepared: Prepared, tracker: Any, reporter: Reporter) -> T
 
 def train(config: TrainConfig, tracker: Any = None, reporter: Reporter | None = None) -> TrainResult:
     """:func:`prepare` then :func:`fit`: the whole run in one call."""
-    return fit(prepare(config), tracker, reporter)
+    reporter = reporter or Reporter()
+    return fit(prepare(config, reporter=reporter), tracker, reporter)
 
