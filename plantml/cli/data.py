@@ -145,7 +145,11 @@ def _cached_line(cached: Any, now: float) -> str:
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--skip-bad-images", is_flag=True, help="Count unreadable images instead of failing.")
 def inspect(directory: Path, skip_bad_images: bool) -> None:
-    """Check DIRECTORY as a data set: classes, image counts, unreadable files, content hash."""
+    """Check DIRECTORY as a data set: classes, image counts, unreadable files, content hash.
+
+    Every image is read, decoded and hashed (a training reads only those changed since its last scan of the
+    folder), and what was found is recorded for the next training.
+    """
     from plantml.cli.warnings_output import show_warnings
     from plantml.text import shown_text
     from plantml.training.data import scan_image_folder, stratified_split
