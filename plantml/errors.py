@@ -6,6 +6,7 @@ them into a message and an exit code, in one place.
 
 from __future__ import annotations
 
+import os
 import re
 
 from plantml.text import mask_passwords, shown_text
@@ -149,6 +150,11 @@ def foreign_answer(exc: BaseException) -> str | None:
 def os_reason(exc: OSError) -> str:
     """Why the system refused a file operation, in its own words (``Permission denied``), for a one-line error."""
     return exc.strerror or type(exc).__name__
+
+
+def no_home_reason() -> str:
+    """Why this account has no home folder, when pathlib says ``Could not determine home directory.``"""
+    return f"HOME is unset, and uid {os.getuid()} has no /etc/passwd line"
 
 
 def connection_reason(exc: BaseException) -> str:

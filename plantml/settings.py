@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from plantml.errors import ConfigError, UsageError, os_reason
+from plantml.errors import ConfigError, UsageError, no_home_reason, os_reason
 from plantml.text import MASK, NOT_UTF8, is_utf8, mask_passwords, safe_text
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -151,8 +151,8 @@ def env_path(name: str, explicit: Any = None, environ: Mapping[str, str] | None 
     try:
         return None if text is None else Path(text).expanduser()
     except RuntimeError:  # pathlib: "Could not determine home directory."
-        raise ConfigError(f"{name} {text}: no home folder to put it in (HOME is unset, and uid {os.getuid()} has no "
-                          f"/etc/passwd line): set HOME, or {name} to a folder") from None
+        raise ConfigError(f"{name} {text}: no home folder to put it in ({no_home_reason()}): set HOME, or {name} to a "
+                          "folder") from None
 
 
 #: Every variable that sends HTTP through a proxy, as requests, botocore and urllib read them.

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from plantml.errors import ConfigError, Interrupted, PlantmlError, os_reason
+from plantml.errors import ConfigError, Interrupted, PlantmlError, no_home_reason, os_reason
 from plantml.text import mask_passwords, safe_text, unescaped_bytes
 
 #: command name -> (module, attribute, one-line help shown by ``plantml --help``)
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow calls it when imported
         if debug or str(exc) != "Could not determine home directory.":
             raise
-        click.echo(f"{prog}: error: no home folder (HOME is unset, and uid {os.getuid()} has no /etc/passwd line), "
-                   "which MLflow needs: set HOME to a folder this account can write", err=True)
+        click.echo(f"{prog}: error: no home folder ({no_home_reason()}), which MLflow needs: set HOME to a folder this "
+                   "account can write", err=True)
         return 2
     except OSError as exc:
         # Python 3.11's Path.exists() and is_file() raise on a name too long for the file system (3.12's answer False),

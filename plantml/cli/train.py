@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from plantml.cli.bars import scan_bar
+from plantml.cli.bars import iteration_bar, scan_bar
 from plantml.cli.params import NON_BLANK
 from plantml.cli.warnings_output import show_warnings
 from plantml.text import mask_passwords
@@ -33,11 +33,8 @@ def _console_reporter(stream_is_tty: bool):
             return scan_bar(iterable, total=total, stream_is_tty=stream_is_tty)
 
         def batches(self, iterable: Iterable, *, epoch: int, epochs: int, total: int) -> Iterable:
-            if not stream_is_tty:
-                return iterable
-            from tqdm import tqdm
-
-            return tqdm(iterable, total=total, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, file=sys.stderr)
+            return iteration_bar(iterable, total=total, desc=f"epoch {epoch}/{epochs}", unit="batch",
+                                 stream_is_tty=stream_is_tty)
 
         def epoch_end(self, record: dict[str, float]) -> None:
             click.echo(

@@ -25,6 +25,7 @@ import os
 import stat as stat_mod
 import time
 from pathlib import Path
+from typing import Literal
 
 from plantml.errors import PlantmlError
 from plantml.settings import cache_dir
@@ -57,18 +58,20 @@ def file_stat(path: Path) -> Stat | None:
 class ScanRecord:
     """The SHA-256 of each image a folder's last scan read, by relative path and stat; and what this scan finds.
 
-    ``trusted``: whether the last scan's digests are used (else every file is read, and the record renewed).
+    ``mode``: ``use`` trusts the last scan's digests and records this one; ``renew`` records this one only (every
+    file is read); ``off`` neither reads nor writes a record.
     """
 
-    def __init__(self, root: Path, *, trusted: bool, folder: Path | None = None) -> None:
+    def __init__(self, root: Path, mode: Literal["off", "use", "renew"], *, folder: Path | None = None) -> None:
         self._folder_name = os.fsdecode(os.path.realpath(root))
-        try:
-            folder = folder or cache_dir() / FOLDER
-        except PlantmlError as exc:  # no home for the cache folder: nothing is recorded, nothing stops
-            logger.debug("no scan record: %s", exc)
-            folder = None
-        self._path = folder and folder / f"{hashlib.sha256(os.fsencode(self._folder_name)).hexdigest()[:32]}.json"
-        self._known = _load(self._path, self._folder_name) if trusted and self._path else {}
+        self._path: Path | None = None
+        if mode != "off":
+            try:
+                folder = folder or cache_dir() / FOLDER
+                self._path = folder / f"{hashlib.sha256(os.fsencode(self._folder_name)).hexdigest()[:32]}.json"
+            except PlantmlError as exc:  # no home for the cache folder: nothing is recorded, nothing stops
+                logger.debug("no scan record: %s", exc)
+        self._known = _load(self._path, self._folder_name) if mode == "use" and self._path else {}
         self._found: dict[str, list] = {}
         self._settled_before = time.time_ns() - SETTLE_NS
         self.reused = 0
@@ -84,7 +87,7 @@ class ScanRecord:
 
     def found(self, relative: str, stat: Stat | None, digest: bytes) -> None:
         """Record that the image at ``relative``, of ``stat`` when it was read, decoded whole and hashed to ``digest``."""
-        if stat is not None and max(stat[3], stat[4]) < self._settled_before:
+        if self._path is not None and stat is not None and max(stat[3], stat[4]) < self._settled_before:
             self._found[relative] = [*stat, digest.hex()]
 
     def save(self) -> None:

@@ -109,7 +109,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     samples: list[tuple[Path, int]] = []
     skipped: list[Path] = []
     kept = [0] * len(folders)
-    known = ScanRecord(root, trusted=record == "use")
+    known = ScanRecord(root, record)
     images = [(label, path) for label, (_, files) in enumerate(folders) for path in files]
     for label, path in progress(images, total=len(images)) if progress else images:
         relative = path.relative_to(root).as_posix()
@@ -133,8 +133,7 @@ def scan_image_folder(root: str | os.PathLike[str], *, skip_bad_images: bool = F
     for (class_dir, files), count in zip(folders, kept):
         if count == 0:
             raise no_images(class_dir, unreadable=len(files))
-    if record != "off":
-        known.save()
+    known.save()
     return ImageFolderScan(
         root=root,
         classes=tuple(name_text(class_dir.name) for class_dir, _ in folders),
